@@ -59,6 +59,19 @@ def exported_model(trained_run, tiny_config, tiny_world):
 
 
 @pytest.fixture(scope="session")
+def trained_ranker(trained_run, tiny_config):
+    """The ranker of the shared retrieval run (bag-of-words text), trained once."""
+    from copy import deepcopy
+
+    from tfrec.training.ranking_trainer import train_ranker
+
+    cfg = deepcopy(tiny_config)
+    cfg.ranking.epochs = 2
+    cfg.ranking.learning_rate = 0.002
+    return train_ranker(cfg, run=trained_run.run_name, retrieval=trained_run.model)
+
+
+@pytest.fixture(scope="session")
 def tiny_encoder(tiny_world, tmp_path_factory):
     """(encoder_path, preprocessor_path): a tiny random TF-Hub-format BERT, exported once.
 

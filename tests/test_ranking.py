@@ -12,6 +12,7 @@ from tfrec.data.lists import build_ranking_lists, lists_to_arrays
 from tfrec.data.split import time_split
 from tfrec.evaluation.metrics import auc, ndcg_of_scored_lists
 from tfrec.features.vocab import build_vocabularies
+from tfrec.features.catalog import CatalogLookup, catalog_statistics
 from tfrec.models.ranking import RankingModel
 
 
@@ -26,11 +27,12 @@ def ranking_data(tiny_world):
     lists = build_ranking_lists(events, history_length=20, list_size=10)
     train = lists_to_arrays(lists[lists["ts"] < split.t_val], catalog, 10, 20, popularity)
     test = lists_to_arrays(lists[lists["ts"] >= split.t_test], catalog, 10, 20, popularity)
-    return vocab, lists, train, test
+    stats = catalog_statistics(catalog, positives, split.t_val)
+    return vocab, lists, train, test, CatalogLookup(catalog, stats)
 
 
 def test_lists_have_labels_of_their_session_and_no_look_ahead(ranking_data, tiny_world):
-    _, lists, _, _ = ranking_data
+    _, lists, _, _, _ = ranking_data
     events = tiny_world.events
     clicks = set(zip(events.loc[events["event_type"] == "click", "session_id"],
                      events.loc[events["event_type"] == "click", "item_id"]))
@@ -45,9 +47,9 @@ def test_lists_have_labels_of_their_session_and_no_look_ahead(ranking_data, tiny
 
 @pytest.mark.parametrize("loss", ["softmax", "pointwise"])
 def test_ranker_learns_to_order_shown_items(ranking_data, loss):
-    vocab, _, train, test = ranking_data
-    config = RankingConfig(loss=loss, epochs=3)
-    model = RankingModel(vocab, config)
+    vocab, _, train, test, catalog = ranking_data
+    config = RankingConfig(loss=loss, epochs=3, learning_rate=0.002, use_retrieval_score=False)
+    model = RankingModel(vocab, config, catalog)
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     data = tf.data.Dataset.from_tensor_slices(train).shuffle(5000, seed=1).batch(64)
     history = model.fit(data, epochs=config.epochs, verbose=0)
@@ -65,8 +67,8 @@ def test_ranker_learns_to_order_shown_items(ranking_data, loss):
 
 
 def test_position_only_shapes_training_logits(ranking_data):
-    vocab, _, train, _ = ranking_data
-    model = RankingModel(vocab, RankingConfig(id_dropout=0.0))  # no other randomness
+    vocab, _, train, _, catalog = ranking_data
+    model = RankingModel(vocab, RankingConfig(id_dropout=0.0), catalog)  # no other randomness
     batch = {k: v[:4] for k, v in train.items()}
     shifted = dict(batch, position=np.zeros_like(batch["position"]))
     serve_a = model(batch, training=False)["click"].numpy()

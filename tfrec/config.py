@@ -65,9 +65,22 @@ class RankingConfig:
     purchase_weight: float = 1.0
     position_debias: bool = True  # shallow position tower on the click logit, training only
     id_dropout: float = 0.1
+    relevance_weight: float = 0.0  # graded relevance head (labels where they exist)
+    # Text of query and candidate: "bow" (words + char trigrams, fast, no encoder), "fast"
+    # (BERT item embeddings stored in the model, query encoded once per request) or
+    # "cross" (BERT over each (query, title) pair).
+    text_mode: str = "bow"
+    text_encoder: str = "work/text/minilm/encoder"  # TF-Hub handle: local path or hub URL
+    text_preprocessor: str = "work/text/minilm/preprocessor"
+    text_trainable: bool = False  # fine-tune the encoder
+    text_top_layers: int = 0  # PEFT: with text_trainable, train only the last N layers
+    use_retrieval_score: bool = True  # the two-tower score of each candidate is a feature
+    candidates: int = 100  # retrieval top-K the ranker re-orders (training lists, pipeline)
+    max_candidates: int = 500  # larger candidate lists are rejected at serving
+    eval_ks: Tuple[int, ...] = (10,)
     epochs: int = 5
     batch_size: int = 128
-    learning_rate: float = 0.002
+    learning_rate: float = 0.0005
 
 
 @dataclass

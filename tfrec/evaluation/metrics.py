@@ -942,3 +942,37 @@ def ndcg_of_scored_lists(scores: np.ndarray, labels: np.ndarray, k: int = 10) ->
         recommended.append([str(i) for i in np.arange(valid.sum())[order]])
         relevant.append({str(i): float(g) for i, g in enumerate(y[valid]) if g > 0})
     return ndcg_at_k(recommended, relevant, k)
+
+
+def scored_list_metrics(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (10,),
+                        groups: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Ranking metrics of fixed candidate lists: NDCG@k, MRR, and AUC/GAUC for 0/1 labels.
+
+    One function for the ranker's TensorBoard metrics, its bench and its tests, so every
+    report of "ranker quality" means the same thing.
+
+    Args:
+      scores: [N, L] model scores.
+      labels: [N, L] graded or binary labels, -1 for padding.
+      ks: NDCG cut-offs.
+      groups: [N] group (user) of each list for GAUC; default one group per list.
+    """
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, np.float64)
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be equal [N, L]")
+    out = {f"ndcg@{k}": ndcg_of_scored_lists(scores, labels, k) for k in ks}
+    valid = labels >= 0
+    reciprocal = []
+    for s, y in zip(scores, labels):
+        v = y >= 0
+        if (y[v] > 0).any():
+            order = np.argsort(-s[v], kind="stable")
+            reciprocal.append(1.0 / (1 + int(np.argmax(y[v][order] > 0))))
+    out["mrr"] = float(np.mean(reciprocal)) if reciprocal else 0.0
+    flat_labels = labels[valid]
+    if np.isin(flat_labels, (0.0, 1.0)).all() and 0 < flat_labels.sum() < flat_labels.size:
+        out["auc"] = auc(flat_labels, scores[valid])
+        rows = np.arange(len(labels)) if groups is None else np.asarray(groups)
+        out["gauc"] = gauc(np.broadcast_to(rows[:, None], labels.shape)[valid], flat_labels,
+                           scores[valid])
+    return out

@@ -18,7 +18,7 @@ from tfrec.data.schema import PAD, POSITIVE_EVENT_WEIGHTS
 from tfrec.evaluation.baselines import CooccurrenceBaseline, PopularityBaseline
 from tfrec.evaluation.business import PositionBasedClickModel, logged_impressions
 from tfrec.evaluation.html_report import CURVE_MAX_K, ReportData
-from tfrec.evaluation.report import _oracle_lists
+from tfrec.evaluation.report import oracle_lists
 from tfrec.evaluation.retrieval import (EvalSet, build_eval_set, catalog_features,
                                         embed_in_batches, evaluate_lists, retrieve_topk)
 
@@ -99,7 +99,7 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
     if cooccurrence:
         cooc = CooccurrenceBaseline().fit(events, until_ts=start_ts)
         add("cooccurrence", cooc.recommend(users, None, width, exclude=exclude))
-    oracle = _oracle_lists(data_dir, eval_set, width)
+    oracle = oracle_lists(data_dir, eval_set, width)
     if oracle is not None:
         add("oracle", oracle)
     return PeriodLists(rows=rows, lists=lists, eval_set=eval_set, item_embeddings=embeddings)

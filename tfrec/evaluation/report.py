@@ -15,17 +15,21 @@ import pandas as pd
 
 from tfrec.data.io import load_tables
 from tfrec.evaluation.baselines import PopularityBaseline
-from tfrec.evaluation.retrieval import (EvalSet, build_eval_set, evaluate_embeddings,
-                                        evaluate_lists)
+from tfrec.evaluation.retrieval import (EvalSet, build_eval_set, catalog_features,
+                                        embed_in_batches, evaluate_lists, retrieve_topk)
 
-DEFAULT_COLUMNS = ("recall@10", "recall@100", "ndcg@10", "hit_rate@10", "mrr")
+DEFAULT_COLUMNS = ("recall@10", "recall@100", "ndcg@10", "hit_rate@10", "mrr",
+                   "purchase_rate@10")
 
 
 def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, end_ts: int,
                     history_length: int, query_fn=None, candidate_fn=None,
                     ks: Sequence[int] = (10, 100), data_dir: Optional[str] = None,
-                    max_users: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+                    max_users: Optional[int] = None, ranker=None,
+                    candidates: int = 100) -> Dict[str, Dict[str, float]]:
     """Model, popularity and (when ground truth exists) oracle metrics on one period.
+
+    Every row also gets purchase_rate@10 (share of the top-10 bought in the period).
 
     Args:
       events / catalog: the tables.
@@ -35,22 +39,56 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
       ks: cut-offs.
       data_dir: synthetic world directory; its ground truth enables the oracle row.
       max_users: evaluate a seeded sample of users.
+      ranker: a trained `RankingModel` re-ordering the retrieval top-`candidates`; adds
+        the "two_tower+ranker" row (its catalog statistics are refreshed to start_ts).
+      candidates: retrieval candidates the ranker re-orders.
     """
+    from tfrec.training.candidates import period_purchases, purchase_rate
+
     eval_set = build_eval_set(events, start_ts, end_ts, history_length, max_users=max_users)
+    bought = period_purchases(events, start_ts, end_ts)
     rows: Dict[str, Dict[str, float]] = {}
+
+    def add(name: str, lists) -> None:
+        rows[name] = evaluate_lists(lists, eval_set, ks)
+        rows[name]["purchase_rate@10"] = purchase_rate(
+            np.asarray([list(r)[:10] for r in lists], dtype=object), eval_set.user_ids, bought)
+
     if query_fn is not None:
-        rows["two_tower"] = evaluate_embeddings(query_fn, candidate_fn, catalog, eval_set, ks)
+        items = catalog_features(catalog)
+        item_emb = embed_in_batches(candidate_fn, items)
+        query_emb = embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
+        add("two_tower", retrieve_topk(query_emb, item_emb, items["item_id"], max(ks),
+                                       eval_set.exclude))
+        if ranker is not None:
+            add("two_tower+ranker", rerank_period(ranker, eval_set, events, catalog, query_fn,
+                                                  candidate_fn, candidates, start_ts))
     popularity = PopularityBaseline().fit(events, until_ts=start_ts)
     recs = popularity.recommend(list(eval_set.user_ids), max(ks),
                                 exclude=dict(zip(eval_set.user_ids, eval_set.exclude)))
-    rows["popularity"] = evaluate_lists(recs, eval_set, ks)
-    oracle = _oracle_lists(data_dir, eval_set, max(ks))
+    add("popularity", recs)
+    oracle = oracle_lists(data_dir, eval_set, max(ks))
     if oracle is not None:
-        rows["oracle"] = evaluate_lists(oracle, eval_set, ks)
+        add("oracle", oracle)
     return rows
 
 
-def _oracle_lists(data_dir: Optional[str], eval_set: EvalSet, k: int) -> Optional[List[List[str]]]:
+def rerank_period(ranker, eval_set: EvalSet, events: pd.DataFrame, catalog: pd.DataFrame,
+                  query_fn, candidate_fn, candidates: int, cut_ts: int) -> np.ndarray:
+    """The retrieval top-`candidates` of each frozen user, re-ordered by the ranker."""
+    from tfrec.data.examples import positive_interactions
+    from tfrec.features.catalog import catalog_statistics
+    from tfrec.training.candidates import candidate_lists, rerank
+    from tfrec.training.ranking_trainer import predict_scores
+
+    ranker.catalog.set_statistics(
+        catalog_statistics(catalog, positive_interactions(events), cut_ts))
+    lists = candidate_lists(eval_set, query_fn, candidate_fn, catalog, candidates)
+    scores, _ = predict_scores(ranker, lists)
+    return rerank(lists["item_id"], scores)
+
+
+def oracle_lists(data_dir: Optional[str], eval_set: EvalSet, k: int) -> Optional[List[List[str]]]:
     if not data_dir or not os.path.exists(os.path.join(data_dir, "ground_truth.npz")):
         return None
     from tfrec.data.synthetic import World  # only synthetic worlds have a ground truth

@@ -14,30 +14,58 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfrec.config import RankingConfig
+from tfrec.features.catalog import CatalogLookup
 from tfrec.features.layers import (HourEmbedding, IdEmbedding, PooledSequenceEmbedding,
                                    PriceFeatures, SequenceAttributeEmbedding, TextEncoder)
 from tfrec.features.vocab import Vocabularies
 from tfrec.models.losses import get_loss
 
-TASKS = ("click", "purchase")
+TASKS = ("click", "purchase", "relevance")
+TEXT_MODES = ("bow", "fast", "cross")
 
 
 def _flat(x: tf.Tensor) -> tf.Tensor:
     return tf.reshape(x, [-1])
 
 
+def _list_zscore(x: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
+    """Standardises scores within each list: rankers compare candidates of one request."""
+    w = tf.cast(valid, x.dtype)
+    n = tf.maximum(tf.reduce_sum(w, axis=1, keepdims=True), 1.0)
+    mean = tf.reduce_sum(x * w, axis=1, keepdims=True) / n
+    var = tf.reduce_sum(tf.square(x - mean) * w, axis=1, keepdims=True) / n
+    return (x - mean) * tf.math.rsqrt(var + 1e-6) * w
+
+
 class RankingModel(tf.keras.Model):
     """Scores every candidate of a request; returns per-task logits [batch, list_size].
+
+    Inputs (a dict): request features user_id [B], history [B, H], device [B], hour [B],
+    query [B] (may be ""); candidates item_id [B, L] ("" pads); optional retrieval_score
+    [B, L] (the two-tower score) and, in training only, position [B, L].
 
     Args:
       vocab: vocabularies learned from the training period.
       config: ranking hyper-parameters.
+      catalog: the catalog lookup (candidate features come from it, in the model).
+      text_match: BERT query-item features (`tfrec.models.text_match.TextMatch`) for the
+        "fast"/"cross" text modes; None with the "bow" mode.
     """
 
-    def __init__(self, vocab: Vocabularies, config: RankingConfig, **kwargs):
+    def __init__(self, vocab: Vocabularies, config: RankingConfig, catalog: CatalogLookup,
+                 text_match: Optional[tf.keras.layers.Layer] = None, **kwargs):
         super().__init__(**kwargs)
+        if config.text_mode not in TEXT_MODES:
+            raise ValueError(f"ranking.text_mode must be one of {TEXT_MODES}, "
+                             f"got {config.text_mode!r}")
+        if (config.text_mode == "bow") != (text_match is None):
+            raise ValueError(f"text_mode {config.text_mode!r} needs "
+                             + ("no text_match" if config.text_mode == "bow"
+                                else "a TextMatch layer (see tfrec.models.text_match)"))
         self.config = config
         self.vocab = vocab
+        self.catalog = catalog
+        self.text_match = text_match
         dim = config.id_embedding_dim
         self.user = IdEmbedding(vocab.users, dim, dropout=config.id_dropout, name="user")
         self.recent_items = PooledSequenceEmbedding(
@@ -55,18 +83,33 @@ class RankingModel(tf.keras.Model):
         self.brand = IdEmbedding(vocab.brands, 16, name="brand")
         self.price = PriceFeatures(vocab.price_boundaries, vocab.log_price_mean,
                                    vocab.log_price_std, 8, name="price")
-        self.text = TextEncoder(vocab.text_tokens, config.text_embedding_dim, name="text")
+        if text_match is None:
+            self.text = TextEncoder(vocab.text_tokens, config.text_embedding_dim, name="text")
         self.crosses = [tfrs.layers.dcn.Cross(name=f"cross_{i}")
                         for i in range(config.cross_layers)]
         self.deep = tf.keras.Sequential(
             [tf.keras.layers.Dense(u, activation="relu") for u in config.deep_units], name="deep")
-        self.heads = {task: tf.keras.layers.Dense(1, name=f"{task}_head") for task in TASKS}
+        self.tasks = tuple(t for t in TASKS if self.task_weight(t) > 0)
+        if not self.tasks:
+            raise ValueError("every task weight is 0: set ranking.click_weight, "
+                             "purchase_weight or relevance_weight > 0")
+        self.heads = {task: tf.keras.layers.Dense(1, name=f"{task}_head") for task in self.tasks}
+        # The retrieval score also enters each logit linearly: the ranker starts from the
+        # retrieval order and learns corrections, instead of having to rediscover it.
+        self.retrieval_scale = {
+            task: self.add_weight(name=f"{task}_retrieval_scale", shape=(), trainable=True,
+                                  initializer=tf.keras.initializers.Constant(
+                                      5.0 if config.use_retrieval_score else 0.0))
+            for task in self.tasks}
         # Position bias as a shallow tower added to the click logit in training only:
         # clicks at the top are partly position, and serving has no position yet.
         self.position_bias = tf.keras.layers.Embedding(config.list_size + 1, 1,
                                                        name="position_bias")
         self.list_loss = (None if config.loss == "pointwise" else get_loss(config.loss))
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
+
+    def task_weight(self, task: str) -> float:
+        return float(getattr(self.config, f"{task}_weight"))
 
     def _request(self, f: Dict[str, tf.Tensor], training: Optional[bool]) -> tf.Tensor:
         return tf.concat([
@@ -77,33 +120,62 @@ class RankingModel(tf.keras.Model):
             self.device(f["device"]), self.hour(f["hour"]),
         ], axis=1)
 
-    def call(self, f: Dict[str, tf.Tensor], training: Optional[bool] = None
-             ) -> Dict[str, tf.Tensor]:
-        batch, size = tf.shape(f["item_id"])[0], tf.shape(f["item_id"])[1]
-        request = self._request(f, training)  # [B, R]
-        query_text = self.text(f["query"])  # [B, T]
-        item = tf.concat([
-            self.item(_flat(f["item_id"]), training=training),
-            self.category(_flat(f["category"])), self.brand(_flat(f["brand"])),
-            self.price(_flat(f["price"])),
-            tf.reshape(tf.cast(f["popularity"], tf.float32), [-1, 1]),
-        ], axis=1)  # [B*L, I]
-        title = self.text(_flat(f["title"]))  # [B*L, T]
+    def _affinity(self, history: tf.Tensor, item: Dict[str, tf.Tensor]) -> tf.Tensor:
+        """Share of the user's recent items in the candidate's category / brand: [B, L, 2]."""
+        past = self.catalog(history)  # [B, H]
+        valid = tf.cast(past["row"] >= 0, tf.float32)[:, tf.newaxis, :]  # [B, 1, H]
+        count = tf.maximum(tf.reduce_sum(valid, axis=2), 1.0)
+        shares = []
+        for name in ("category", "brand"):
+            same = tf.equal(item[name][:, :, tf.newaxis], past[name][:, tf.newaxis, :])
+            shares.append(tf.reduce_sum(tf.cast(same, tf.float32) * valid, axis=2) / count)
+        return tf.stack(shares, axis=2)
 
-        repeat = lambda x: tf.repeat(x, size, axis=0)  # noqa: E731 - request row per candidate
-        q = repeat(query_text)
+    def _text(self, query: tf.Tensor, item: Dict[str, tf.Tensor], size: tf.Tensor,
+              training: Optional[bool]) -> tf.Tensor:
+        """Query-candidate text features, one row per candidate: [B*L, T]."""
+        if self.text_match is not None:
+            features = self.text_match(query, item["row"], training=training)
+            return tf.reshape(features, [-1, self.text_match.output_size])
+        q = tf.repeat(self.text(query), size, axis=0)
+        title = self.text(_flat(item["title"]))
         match = tf.reduce_sum(tf.math.l2_normalize(q, 1) * tf.math.l2_normalize(title, 1),
                               axis=1, keepdims=True)
         has_query = tf.cast(tf.reduce_any(tf.not_equal(q, 0.0), axis=1, keepdims=True),
                             tf.float32)
-        x0 = tf.concat([repeat(request), item, title, q * title, match * has_query, has_query],
+        return tf.concat([title, q * title, match * has_query, has_query], axis=1)
+
+    def call(self, f: Dict[str, tf.Tensor], training: Optional[bool] = None
+             ) -> Dict[str, tf.Tensor]:
+        batch, size = tf.shape(f["item_id"])[0], tf.shape(f["item_id"])[1]
+        item = self.catalog(f["item_id"])  # [B, L] each
+        valid = tf.not_equal(f["item_id"], "")
+        retrieval = (tf.cast(f["retrieval_score"], tf.float32)
+                     if self.config.use_retrieval_score and "retrieval_score" in f
+                     else tf.zeros([batch, size], tf.float32))
+        numeric = tf.concat([
+            tf.stack([item["popularity"], item["recent_popularity"], item["age_days"],
+                      retrieval, _list_zscore(retrieval, valid),
+                      _list_zscore(item["recent_popularity"], valid)], axis=2),
+            self._affinity(f["history"], item),
+        ], axis=2)  # [B, L, 8]
+        candidate = tf.concat([
+            self.item(_flat(f["item_id"]), training=training),
+            self.category(_flat(item["category"])), self.brand(_flat(item["brand"])),
+            self.price(_flat(item["price"])),
+            tf.reshape(numeric, [-1, 8]),
+        ], axis=1)  # [B*L, I]
+        text = self._text(f["query"], item, size, training)
+        x0 = tf.concat([tf.repeat(self._request(f, training), size, axis=0), candidate, text],
                        axis=1)
         x = x0
         for cross in self.crosses:
             x = cross(x0, x)
         hidden = self.deep(x)
-        logits = {task: tf.reshape(head(hidden), [batch, size]) for task, head in self.heads.items()}
-        if training and self.config.position_debias and "position" in f:
+        logits = {task: tf.reshape(head(hidden), [batch, size])
+                  + self.retrieval_scale[task] * retrieval
+                  for task, head in self.heads.items()}
+        if training and self.config.position_debias and "position" in f and "click" in logits:
             position = tf.clip_by_value(tf.cast(f["position"], tf.int32) + 1, 0,
                                         self.config.list_size)
             logits["click"] += tf.squeeze(self.position_bias(position), -1)
@@ -111,24 +183,21 @@ class RankingModel(tf.keras.Model):
 
     def score(self, logits: Dict[str, tf.Tensor]) -> tf.Tensor:
         """One ranking score from the heads, weighted by the task weights."""
-        return (self.config.click_weight * logits["click"]
-                + self.config.purchase_weight * logits["purchase"])
+        return tf.add_n([self.task_weight(t) * logits[t] for t in self.tasks])
 
     def compute_loss_for(self, f: Dict[str, tf.Tensor], training: bool) -> tf.Tensor:
         logits = self(f, training=training)
         total = 0.0
-        for task, weight in (("click", self.config.click_weight),
-                             ("purchase", self.config.purchase_weight)):
-            if weight == 0:
-                continue
+        for task in self.tasks:
             labels = tf.cast(f[task], tf.float32)
             if self.list_loss is None:
                 valid = tf.cast(labels >= 0, tf.float32)
-                bce = tf.nn.sigmoid_cross_entropy_with_logits(tf.maximum(labels, 0.0), logits[task])
+                target = tf.clip_by_value(labels, 0.0, 1.0)  # graded labels: scale to [0, 1] first
+                bce = tf.nn.sigmoid_cross_entropy_with_logits(target, logits[task])
                 loss = tf.math.divide_no_nan(tf.reduce_sum(bce * valid), tf.reduce_sum(valid))
             else:
                 loss = self.list_loss(labels, logits[task])
-            total += weight * loss
+            total += self.task_weight(task) * loss
         return total
 
     @property

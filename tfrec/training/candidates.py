@@ -1,0 +1,86 @@
+"""Ranking lists built from retrieval candidates, labelled by what users did next.
+
+A ranker trained on logged impressions learns within-session choice, but in production
+it re-orders the retrieval top-K and is judged on what users do in the next days. So its
+training lists are exactly that: each user frozen at a cut time, the two-tower's top-K
+(with scores), and labels from the following period (any positive = click, purchase).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import pandas as pd
+
+from tfrec.evaluation.retrieval import EmbedFn, EvalSet, catalog_features, embed_in_batches
+
+
+def retrieve_with_scores(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndarray,
+                         k: int, exclude=None, chunk: int = 1024):
+    """Exact top-k ids and their dot-product scores, skipping excluded items per row."""
+    k = min(k, len(item_ids))
+    index = {item: i for i, item in enumerate(item_ids)}
+    ids, scores_out = [], []
+    for start in range(0, len(query_emb), chunk):
+        scores = query_emb[start:start + chunk] @ item_emb.T
+        if exclude is not None:
+            for row, items in enumerate(exclude[start:start + chunk]):
+                cols = [index[i] for i in items if i in index]
+                if cols:
+                    scores[row, cols] = -np.inf
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        values = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        ids.append(item_ids[np.take_along_axis(top, order, axis=1)])
+        scores_out.append(np.take_along_axis(values, order, axis=1))
+    return np.concatenate(ids, axis=0), np.concatenate(scores_out, axis=0).astype(np.float32)
+
+
+def period_purchases(events: pd.DataFrame, start_ts: int, end_ts: int) -> Dict[str, set]:
+    """Items each user bought in [start_ts, end_ts)."""
+    bought = events[(events["event_type"] == "purchase") & (events["ts"] >= start_ts)
+                    & (events["ts"] < end_ts)]
+    return bought.groupby("user_id")["item_id"].apply(lambda s: set(s.astype(str))).to_dict()
+
+
+def candidate_lists(eval_set: EvalSet, query_fn: EmbedFn, candidate_fn: EmbedFn,
+                    catalog: pd.DataFrame, k: int,
+                    purchases: Optional[Dict[str, set]] = None) -> Dict[str, np.ndarray]:
+    """Retrieval top-k of each frozen user as ranker input arrays, with labels.
+
+    Args:
+      eval_set: users frozen at a cut time, with their targets in the following period.
+      query_fn / candidate_fn: the retrieval model's tower functions.
+      catalog: items to retrieve from.
+      k: candidates per user.
+      purchases: user -> items bought in the period (purchase labels); zeros if None.
+
+    Returns:
+      user_id, history, device, hour, query [U(, H)]; item_id, retrieval_score, click,
+      purchase [U, k]. "click" marks any positive interaction in the period.
+    """
+    if k < 1:
+        raise ValueError(f"candidates per list must be >= 1, got {k}")
+    items = catalog_features(catalog)
+    item_emb = embed_in_batches(candidate_fn, items)
+    query_emb = embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
+    ids, scores = retrieve_with_scores(query_emb, item_emb, items["item_id"], k, eval_set.exclude)
+    targets = [set(t) for t in eval_set.targets]
+    bought = [purchases.get(u, set()) if purchases else set() for u in eval_set.user_ids]
+    click = np.array([[i in t for i in row] for row, t in zip(ids, targets)], np.float32)
+    purchase = np.array([[i in b for i in row] for row, b in zip(ids, bought)], np.float32)
+    return {**eval_set.query_features(), "item_id": ids.astype(object),
+            "retrieval_score": scores, "click": click, "purchase": purchase}
+
+
+def rerank(candidates: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Candidates re-ordered by descending score (stable: ties keep retrieval order)."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(candidates, order, axis=1)
+
+
+def purchase_rate(lists: np.ndarray, user_ids, purchases: Dict[str, set], k: int = 10) -> float:
+    """Mean share of the top-k that the user bought in the period (purchase-rate@k)."""
+    rates = [len(set(row[:k]) & purchases.get(u, set())) / k for u, row in zip(user_ids, lists)]
+    return float(np.mean(rates)) if rates else 0.0

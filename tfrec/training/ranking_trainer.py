@@ -1,0 +1,273 @@
+"""Ranker training run: retrieval candidates -> multi-task ranker under a strategy.
+
+The ranker is trained on the retrieval model's top-K for users frozen at the start of
+the validation period, labelled by what they did during it (the retrieval model never
+trained on that period, so its scores there look like its scores at serving time).
+The run lives in `<retrieval run>/ranker/`: config.yaml, catalog_stats.parquet,
+weights/ and metrics.json, so another process rebuilds exactly this ranker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+import tfrec  # noqa: F401
+import tensorflow as tf
+
+from tfrec.config import Config
+from tfrec.data.examples import positive_interactions
+from tfrec.data.io import load_tables
+from tfrec.evaluation.metrics import scored_list_metrics
+from tfrec.evaluation.retrieval import build_eval_set
+from tfrec.features.catalog import CatalogLookup, catalog_statistics
+from tfrec.features.vocab import Vocabularies
+from tfrec.models.ranking import RankingModel
+from tfrec.training.callbacks import BackupAndRestore, metric_key, tower_fn
+from tfrec.training.candidates import candidate_lists, period_purchases
+from tfrec.training.strategy import configure_devices, is_chief, make_strategy
+from tfrec.training.trainer import (WEIGHTS_DIR, WEIGHTS_PREFIX, _save_weights_atomically,
+                                    _write_json, ensure_prepared, load_trained_model,
+                                    resolve_run_dir)
+
+log = logging.getLogger(__name__)
+
+RANKER_DIR = "ranker"
+STATS_FILE = "catalog_stats.parquet"
+LABELS = ("click", "purchase", "relevance")
+
+
+@dataclass
+class RankerResult:
+    """What a ranker run produced.
+
+    Args:
+      ranker_dir: `<retrieval run>/ranker/` with config.yaml, weights/, metrics.json.
+      tensorboard_dir: `<log_dir>/<run>/ranker`.
+      model: the trained ranker (in this process).
+      val_metrics: per-task validation metrics of the saved weights.
+    """
+
+    ranker_dir: str
+    tensorboard_dir: str
+    model: RankingModel
+    history: Dict[str, List[float]] = field(default_factory=dict)
+    val_metrics: Dict[str, float] = field(default_factory=dict)
+    lists: int = 0
+    seconds: float = 0.0
+
+
+def build_text_match(cfg: Config, catalog: pd.DataFrame):
+    """The BERT text layer of the "fast"/"cross" modes (None for "bow")."""
+    r = cfg.ranking
+    if r.text_mode == "bow":
+        return None
+    from tfrec.models.text_match import TextMatch
+
+    for handle in (r.text_encoder, r.text_preprocessor):
+        if "://" not in handle and not os.path.exists(handle):
+            raise FileNotFoundError(
+                f"text encoder {handle!r} not found: run `tfrec text import-minilm` (or set "
+                "ranking.text_encoder / ranking.text_preprocessor to a TF Hub BERT)")
+    return TextMatch(r.text_mode, r.text_encoder, r.text_preprocessor,
+                     catalog["title"].astype(str).tolist(), output_dim=r.text_embedding_dim,
+                     trainable=r.text_trainable, top_layers=r.text_top_layers, name="text_match")
+
+
+def build_ranker(vocab: Vocabularies, cfg: Config, catalog: pd.DataFrame,
+                 stats: pd.DataFrame) -> RankingModel:
+    """Builds and compiles the ranker (candidate features looked up in the model)."""
+    model = RankingModel(vocab, cfg.ranking, CatalogLookup(catalog, stats, name="catalog"),
+                         text_match=build_text_match(cfg, catalog))
+    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.ranking.learning_rate))
+    return model
+
+
+def _dataset(arrays: Dict[str, np.ndarray], batch: int, shuffle: bool, seed: int
+             ) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices(arrays)
+    if shuffle:
+        ds = ds.shuffle(len(arrays["user_id"]), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def predict_scores(model: RankingModel, arrays: Dict[str, np.ndarray],
+                   batch: int = 64) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """Combined score and per-task logits [N, L] of fixed candidate lists."""
+    inputs = {k: v for k, v in arrays.items() if k not in LABELS + ("position",)}
+    scores, heads = [], {t: [] for t in model.tasks}
+    n = len(inputs["user_id"])
+    for start in range(0, n, batch):
+        chunk = {k: tf.constant(v[start:start + batch]) for k, v in inputs.items()}
+        logits = model(chunk, training=False)
+        scores.append(model.score(logits).numpy())
+        for t in model.tasks:
+            heads[t].append(logits[t].numpy())
+    return np.concatenate(scores), {t: np.concatenate(v) for t, v in heads.items()}
+
+
+class RankingEvaluation(tf.keras.callbacks.Callback):
+    """Adds per-task val_<task>_ndcg_at_k / _mrr / _auc / _gauc to the epoch logs.
+
+    Computed in this process on held-out lists (not as distributed metrics), so they are
+    the same on one worker or many.
+
+    Args:
+      arrays: validation lists with labels.
+      ks: NDCG cut-offs.
+    """
+
+    def __init__(self, arrays: Dict[str, np.ndarray], ks=(10,)):
+        super().__init__()
+        self.arrays = arrays
+        self.ks = tuple(ks)
+
+    def evaluate(self) -> Dict[str, float]:
+        score, logits = predict_scores(self.model, self.arrays)
+        out = {}
+        groups = self.arrays["user_id"]
+        for task in self.model.tasks:
+            if task not in self.arrays:
+                continue
+            for name, value in scored_list_metrics(logits[task], self.arrays[task], self.ks,
+                                                   groups).items():
+                out[f"{task}_{metric_key(name)}"] = value
+        for name, value in scored_list_metrics(score, self.arrays[self.model.tasks[0]],
+                                               self.ks, groups).items():
+            out[f"score_{metric_key(name)}"] = value
+        return out
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for name, value in self.evaluate().items():
+            logs[f"val_{name}"] = value
+
+
+def _split_lists(arrays: Dict[str, np.ndarray], fraction: float, seed: int):
+    n = len(arrays["user_id"])
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * (1 - fraction)))
+    pick = lambda rows: {k: v[rows] for k, v in arrays.items()}  # noqa: E731
+    return pick(np.sort(order[:cut])), pick(np.sort(order[cut:]))
+
+
+def ranker_dir_of(run_dir: str) -> str:
+    return os.path.join(run_dir, RANKER_DIR)
+
+
+def training_lists(cfg: Config, run_dir: str, retrieval=None, max_users: Optional[int] = None
+                   ) -> Tuple[Dict[str, np.ndarray], pd.DataFrame]:
+    """Candidate lists of the validation period and the catalog statistics at its start."""
+    if retrieval is None:
+        retrieval, _, _ = load_trained_model(run_dir)
+    meta = ensure_prepared(cfg)
+    tables = load_tables(cfg.data.data_dir)
+    t_val, t_test = int(meta["split"]["t_val"]), int(meta["split"]["t_test"])
+    users = build_eval_set(tables.events, t_val, t_test, cfg.data.history_length,
+                           max_users=max_users, seed=cfg.train.seed)
+    arrays = candidate_lists(users, tower_fn(retrieval.query_tower),
+                             tower_fn(retrieval.candidate_tower), tables.catalog,
+                             cfg.ranking.candidates,
+                             period_purchases(tables.events, t_val, t_test))
+    stats = catalog_statistics(tables.catalog, positive_interactions(tables.events), t_val)
+    return arrays, stats
+
+
+def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
+                 max_users: Optional[int] = None,
+                 extra_callbacks: Optional[List[tf.keras.callbacks.Callback]] = None
+                 ) -> RankerResult:
+    """Trains the ranker of a retrieval run on its validation-period candidate lists.
+
+    Args:
+      cfg: config (ranking and train sections; data comes from the retrieval run).
+      run: retrieval run name (default: the latest).
+      retrieval: the trained retrieval model if already in memory.
+      max_users: cap on the lists (users) used, for quick runs.
+      extra_callbacks: more Keras callbacks.
+    """
+    run_dir = resolve_run_dir(cfg.train.checkpoint_dir, run)
+    run_cfg = Config.from_yaml(os.path.join(run_dir, "config.yaml"))
+    cfg.data = run_cfg.data
+    run_name = os.path.basename(run_dir)
+    configure_devices(cfg.train.cpu_devices)
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    strategy = make_strategy(cfg.train.strategy, cfg.train.tpu)
+    chief = is_chief(strategy)
+    out_dir = ranker_dir_of(run_dir)
+    tb_dir = os.path.join(cfg.train.log_dir, run_name, RANKER_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+
+    arrays, stats = training_lists(cfg, run_dir, retrieval, max_users)
+    if len(arrays["user_id"]) < 10:
+        raise ValueError(f"only {len(arrays['user_id'])} users have positives in the validation "
+                         "period: too few ranking lists to train on")
+    train, val = _split_lists(arrays, 0.1, cfg.train.seed)
+    tables = load_tables(cfg.data.data_dir)
+    vocab = Vocabularies.load(run_dir)
+    if chief:
+        cfg.to_yaml(os.path.join(out_dir, "config.yaml"))
+        stats.assign(item_id=tables.catalog["item_id"].astype(str).to_numpy()).to_parquet(
+            os.path.join(out_dir, STATS_FILE))
+    with strategy.scope():
+        model = build_ranker(vocab, cfg, tables.catalog, stats)
+        model({k: tf.constant(v[:2]) for k, v in train.items() if k not in LABELS})
+    evaluation = RankingEvaluation(val, cfg.ranking.eval_ks)
+    first = model.tasks[0]
+    callbacks = [
+        evaluation,  # first: adds val_* metrics the others read
+        tf.keras.callbacks.TensorBoard(tb_dir if chief else tempfile.mkdtemp(),
+                                       update_freq="epoch", write_graph=False),
+        tf.keras.callbacks.EarlyStopping(
+            monitor=f"val_score_ndcg_at_{cfg.ranking.eval_ks[0]}", mode="max", patience=2,
+            restore_best_weights=True),
+        BackupAndRestore(os.path.join(out_dir, "backup")),
+    ] + list(extra_callbacks or [])
+    log.info("ranker: %d training lists of %d candidates (%s labels first)",
+             len(train["user_id"]), cfg.ranking.candidates, first)
+    start = time.perf_counter()
+    history = model.fit(_dataset(train, cfg.ranking.batch_size, True, cfg.train.seed),
+                        epochs=cfg.ranking.epochs, callbacks=callbacks,
+                        verbose=2 if chief else 0)
+    seconds = time.perf_counter() - start
+    val_metrics = evaluation.evaluate()
+    _save_weights_atomically(model, out_dir, chief)
+    plain = {k: [float(x) for x in v] for k, v in history.history.items()}
+    if chief:
+        _write_json(os.path.join(out_dir, "metrics.json"),
+                    {"validation": val_metrics, "history": plain, "seconds": seconds,
+                     "train_lists": len(train["user_id"]), "val_lists": len(val["user_id"])})
+    return RankerResult(ranker_dir=out_dir, tensorboard_dir=tb_dir, model=model, history=plain,
+                        val_metrics=val_metrics, lists=len(train["user_id"]), seconds=seconds)
+
+
+def load_ranker(run_dir: str) -> Tuple[RankingModel, Config]:
+    """Rebuilds a trained ranker from `<run_dir>/ranker/` (another process is fine)."""
+    out_dir = ranker_dir_of(run_dir)
+    weights = os.path.join(out_dir, WEIGHTS_DIR)
+    if not os.path.isdir(weights):
+        raise FileNotFoundError(f"run {run_dir!r} has no trained ranker: run `tfrec train-ranker`")
+    cfg = Config.from_yaml(os.path.join(out_dir, "config.yaml"))
+    vocab = Vocabularies.load(run_dir)
+    catalog = load_tables(cfg.data.data_dir).catalog
+    stats = pd.read_parquet(os.path.join(out_dir, STATS_FILE))
+    if stats["item_id"].tolist() != catalog["item_id"].astype(str).tolist():
+        raise ValueError(f"the catalog in {cfg.data.data_dir!r} changed since the ranker was "
+                         "trained: retrain it (`tfrec train-ranker`)")
+    stats = stats.drop(columns="item_id").set_index(catalog.index)
+    model = build_ranker(vocab, cfg, catalog, stats)
+    dummy = {"user_id": tf.constant([""]), "history": tf.constant([[""]]),
+             "device": tf.constant([""]), "hour": tf.constant([0], tf.int64),
+             "query": tf.constant([""]), "item_id": tf.constant([[""]]),
+             "retrieval_score": tf.constant([[0.0]])}
+    model(dummy)
+    model.load_weights(os.path.join(weights, WEIGHTS_PREFIX)).expect_partial()
+    return model, cfg
