@@ -30,6 +30,18 @@ def test_mirrored_strategy_on_two_logical_cpus(tiny_world_dir, tmp_path):
     assert 0.0 < metrics["validation"]["recall_at_100"] <= 1.0
     assert (run_dir / "weights").is_dir()
 
+    # The ranker of that run trains under the same strategy.
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfrec.cli", "train-ranker", "--workdir", str(tmp_path),
+         "--set", f"train.log_dir={tmp_path / 'logs'}", "--run", "dist", "--strategy",
+         "mirrored", "--cpu-devices", "2", "--epochs", "2"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranker = json.loads((run_dir / "ranker" / "metrics.json").read_text())
+    assert len(ranker["history"]["loss"]) >= 1
+    assert 0.0 < ranker["validation"]["score_ndcg_at_10"] <= 1.0
+    assert (run_dir / "ranker" / "weights").is_dir()
+
 
 def test_unknown_strategy_and_missing_tpu_are_clear_errors(tiny_world_dir, tmp_path):
     proc = _train(tiny_world_dir, tmp_path, "--set", "train.strategy=warp", "--epochs", "1")

@@ -445,3 +445,21 @@ def test_cooccurrence_history_cap_keeps_recent_items():
     # A is still a known (popular) item, but its pairs were not counted.
     assert model.similar_items("A", 3) == []
     assert model.similar_items("B", 3) == ["C"]
+
+
+def test_scored_list_metrics_by_hand():
+    from tfrec.evaluation.metrics import scored_list_metrics
+
+    scores = np.array([[0.9, 0.5, 0.1, 0.0], [0.2, 0.8, 0.4, 0.3]])
+    labels = np.array([[0.0, 1.0, 0.0, -1.0], [1.0, 0.0, 0.0, 0.0]])
+    out = scored_list_metrics(scores, labels, ks=(2,))
+    # List 1: positive ranked 2nd of 3 -> RR 1/2, NDCG@2 = 1/log2(3). List 2: 4th of 4 -> RR 1/4,
+    # NDCG@2 = 0. Padding (-1) is ignored.
+    assert out["mrr"] == pytest.approx((0.5 + 0.25) / 2)
+    assert out["ndcg@2"] == pytest.approx((1 / np.log2(3) + 0.0) / 2)
+    # AUC: positives 0.5, 0.2 vs negatives 0.9 0.1 0.8 0.4 0.3: 0.5 beats three, 0.2 one.
+    assert out["auc"] == pytest.approx(4 / 10)
+    # GAUC per list: list 1 AUC 1/2 (3 examples), list 2 AUC 0 (4 examples).
+    assert out["gauc"] == pytest.approx((0.5 * 3 + 0.0 * 4) / 7)
+    with pytest.raises(ValueError, match="must be equal"):
+        scored_list_metrics(scores, labels[:, :2])

@@ -46,6 +46,7 @@ def _config(args: argparse.Namespace) -> Config:
         "base_dir": ("export", "base_dir"), "model_name": ("export", "model_name"),
         "version": ("export", "version"), "host": ("serve", "host"), "port": ("serve", "port"),
         "poll_seconds": ("serve", "poll_seconds"),
+        "text_mode": ("ranking", "text_mode"), "ranker_epochs": ("ranking", "epochs"),
     }
     for flag, (section, name) in flag_map.items():
         value = getattr(args, flag, None)
@@ -87,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _train_flags(p)
     p.add_argument("--data-dir", dest="data_dir")
+
+    p = sub.add_parser("train-ranker", help="train the ranker of a retrieval run",
+                       description="Train the multi-task DCN ranker on the retrieval run's "
+                                   "top-K candidates for the validation period (labels: what "
+                                   "users did next), logging to tensorboard_logs/<run>/ranker.")
+    _add_common(p)
+    p.add_argument("--run", help="retrieval run name (default: latest)")
+    p.add_argument("--strategy", choices=["default", "one_device", "mirrored", "multi_worker",
+                                          "tpu"], help="tf.distribute strategy")
+    p.add_argument("--text-mode", dest="text_mode", choices=["bow", "fast", "cross"],
+                   help="query/title text: bag of words, or BERT fast / cross-encoder mode")
+    p.add_argument("--cpu-devices", type=int, dest="cpu_devices",
+                   help="split the CPU into N logical devices (e.g. Mirrored on CPU)")
+    p.add_argument("--epochs", type=int, dest="ranker_epochs")
 
     p = sub.add_parser("evaluate", help="test-period metrics beside baselines",
                        description="Recall@k / NDCG of a trained run (or exported model) beside "
@@ -201,6 +216,11 @@ def _run(args: argparse.Namespace) -> int:
               f"{result.examples_per_second:,.0f} examples/s")
         print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in result.val_metrics.items()))
         print(f"run dir {result.run_dir}; TensorBoard logs {result.tensorboard_dir}")
+    elif cmd == "train-ranker":
+        result = pipeline.train_ranker(cfg, run=args.run)
+        print(f"ranker trained on {result.lists} lists in {result.seconds:.0f}s")
+        print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in result.val_metrics.items()))
+        print(f"ranker dir {result.ranker_dir}; TensorBoard logs {result.tensorboard_dir}")
     elif cmd == "evaluate":
         from tfrec.evaluation.report import format_table
 

@@ -36,6 +36,13 @@ def train(cfg: Config):
     return train_retrieval(cfg)
 
 
+def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None):
+    """Trains the ranker of a retrieval run on its validation-period candidate lists."""
+    from tfrec.training.ranking_trainer import train_ranker as _train_ranker
+
+    return _train_ranker(cfg, run=run, retrieval=retrieval)
+
+
 def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] = None,
              split: str = "test", max_users: Optional[int] = None,
              report_dir: Optional[str] = None) -> Dict[str, Dict[str, float]]:
@@ -60,15 +67,21 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
 
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    ranker = None
     if saved_model:
         loaded = _load_saved_model(saved_model)
         query_fn = _signature_fn(loaded.signatures["query_embedding"])
         candidate_fn = _signature_fn(loaded.signatures["candidate_embedding"])
     else:
+        from tfrec.training.ranking_trainer import load_ranker, ranker_dir_of
+
         run_dir = resolve_run_dir(cfg.train.checkpoint_dir, run)
         model, run_cfg, _ = load_trained_model(run_dir)
         cfg.data = run_cfg.data
         query_fn, candidate_fn = tower_fn(model.query_tower), tower_fn(model.candidate_tower)
+        if os.path.isdir(os.path.join(ranker_dir_of(run_dir), "weights")):
+            ranker, ranker_cfg = load_ranker(run_dir)  # adds the two_tower+ranker row
+            cfg.ranking = ranker_cfg.ranking
     meta = ensure_prepared(cfg)
     tables = load_tables(cfg.data.data_dir)
     times = meta["split"]
@@ -81,10 +94,11 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
                   os.path.join(cfg.train.log_dir, os.path.basename(run_dir), "evaluation"))
         return write_period_report(report_dir, tables, start, end, cfg, query_fn, candidate_fn,
                                    split=split, max_users=max_users, tensorboard_dir=tb_dir,
-                                   source=saved_model or run_dir)
+                                   source=saved_model or run_dir, ranker=ranker)
     return evaluate_period(tables.events, tables.catalog, start, end, cfg.data.history_length,
                            query_fn, candidate_fn, ks=cfg.train.eval_ks,
-                           data_dir=cfg.data.data_dir, max_users=max_users)
+                           data_dir=cfg.data.data_dir, max_users=max_users, ranker=ranker,
+                           candidates=cfg.ranking.candidates)
 
 
 def _load_saved_model(path: str):

@@ -1,38 +1,71 @@
-"""Offline evaluation: ranking metrics and the non-learned baselines models must beat.
+"""Offline evaluation: ranking metrics, business metrics and the baselines models must beat.
 
 Metrics work on ranked id lists and plain score arrays (numpy only), so models,
 baselines and exported servables are all judged by exactly the same code.
 """
 
-from tfrec.evaluation.baselines import CooccurrenceBaseline, PopularityBaseline
+from tfrec.evaluation.baselines import BM25Baseline, CooccurrenceBaseline, PopularityBaseline
+from tfrec.evaluation.business import (
+    PositionBasedClickModel,
+    ab_test,
+    calibration_table,
+    expected_business_metrics,
+    ips_estimate,
+    snips_estimate,
+)
 from tfrec.evaluation.metrics import (
     auc,
     average_precision_at_k,
     catalog_coverage,
+    embedding_diversity,
     evaluate_topk,
     gauc,
     hit_rate_at_k,
+    intra_list_diversity,
     map_at_k,
+    metric_curve,
     mrr,
     ndcg_at_k,
+    ndcg_of_scored_lists,
+    novelty,
+    popularity_bias,
     precision_at_k,
     recall_at_k,
+    scored_list_metrics,
     topk_ids,
 )
+from tfrec.evaluation.slices import activity_slices, cold_start_slices, evaluate_slices
 
 __all__ = [
+    "BM25Baseline",
     "CooccurrenceBaseline",
     "PopularityBaseline",
+    "PositionBasedClickModel",
+    "ab_test",
+    "activity_slices",
     "auc",
     "average_precision_at_k",
+    "calibration_table",
     "catalog_coverage",
+    "cold_start_slices",
+    "embedding_diversity",
+    "evaluate_slices",
     "evaluate_topk",
+    "expected_business_metrics",
     "gauc",
     "hit_rate_at_k",
+    "intra_list_diversity",
+    "ips_estimate",
     "map_at_k",
+    "metric_curve",
     "mrr",
     "ndcg_at_k",
+    "ndcg_of_scored_lists",
+    "novelty",
+    "popularity_bias",
     "precision_at_k",
     "recall_at_k",
+    "scored_list_metrics",
+    "snips_estimate",
     "topk_ids",
 ]

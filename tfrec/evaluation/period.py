@@ -18,7 +18,7 @@ from tfrec.data.schema import PAD, POSITIVE_EVENT_WEIGHTS
 from tfrec.evaluation.baselines import CooccurrenceBaseline, PopularityBaseline
 from tfrec.evaluation.business import PositionBasedClickModel, logged_impressions
 from tfrec.evaluation.html_report import CURVE_MAX_K, ReportData
-from tfrec.evaluation.report import oracle_lists
+from tfrec.evaluation.report import oracle_lists, rerank_period
 from tfrec.evaluation.retrieval import (EvalSet, build_eval_set, catalog_features,
                                         embed_in_batches, evaluate_lists, retrieve_topk)
 
@@ -58,7 +58,8 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
                           end_ts: int, history_length: int, query_fn: Optional[EmbedFn] = None,
                           candidate_fn: Optional[EmbedFn] = None, ks: Sequence[int] = (10, 100),
                           data_dir: Optional[str] = None, max_users: Optional[int] = None,
-                          cooccurrence: bool = True) -> PeriodLists:
+                          cooccurrence: bool = True, ranker=None,
+                          candidates: int = 100) -> PeriodLists:
     """Model, popularity, co-occurrence and oracle lists and metrics on one period.
 
     Metrics use lists cut at max(ks), so rows equal `evaluate_period`'s; the stored
@@ -73,7 +74,11 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
       data_dir: synthetic world directory (oracle row when it has a ground truth).
       max_users: seeded sample of users.
       cooccurrence: also evaluate the item-item co-occurrence baseline.
+      ranker / candidates: a trained ranker re-ordering the retrieval top-`candidates`
+        (adds the "two_tower+ranker" row).
     """
+    from tfrec.training.candidates import period_purchases, purchase_rate
+
     eval_set = build_eval_set(events, start_ts, end_ts, history_length, max_users=max_users)
     cut = max(ks)
     width = max(cut, CURVE_MAX_K)
@@ -83,9 +88,12 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
     lists: Dict[str, np.ndarray] = {}
     embeddings = None
 
+    bought = period_purchases(events, start_ts, end_ts)
+
     def add(name: str, recommended: Sequence[Sequence[str]]) -> None:
         lists[name] = _padded(recommended, width)
         rows[name] = evaluate_lists(lists[name][:, :cut], eval_set, ks)
+        rows[name]["purchase_rate@10"] = purchase_rate(lists[name], eval_set.user_ids, bought)
 
     if query_fn is not None:
         items = catalog_features(catalog)
@@ -94,6 +102,9 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
         add("two_tower", retrieve_topk(query_emb, item_emb, items["item_id"], width,
                                        eval_set.exclude))
         embeddings = (items["item_id"], item_emb)
+        if ranker is not None:
+            add("two_tower+ranker", rerank_period(ranker, eval_set, events, catalog, query_fn,
+                                                  candidate_fn, candidates, start_ts))
     popularity = PopularityBaseline().fit(events, until_ts=start_ts)
     add("popularity", popularity.recommend(users, width, exclude=exclude))
     if cooccurrence:
@@ -159,7 +170,7 @@ def write_period_report(report_dir: str, tables, start_ts: int, end_ts: int, cfg
                         query_fn: Optional[EmbedFn], candidate_fn: Optional[EmbedFn],
                         split: str = "test", max_users: Optional[int] = None,
                         tensorboard_dir: Optional[str] = None,
-                        source: str = "") -> Dict[str, Dict[str, float]]:
+                        source: str = "", ranker=None) -> Dict[str, Dict[str, float]]:
     """Evaluates a period with lists, writes the report, returns the metric rows.
 
     Args:
@@ -172,13 +183,15 @@ def write_period_report(report_dir: str, tables, start_ts: int, end_ts: int, cfg
       max_users: seeded sample of users.
       tensorboard_dir: TensorBoard directory of the report ("" disables it).
       source: run directory or SavedModel evaluated (shown in the report).
+      ranker: the run's trained ranker (adds the "two_tower+ranker" row).
     """
     from tfrec.evaluation.html_report import write_report
 
     period = evaluate_period_lists(tables.events, tables.catalog, start_ts, end_ts,
                                    cfg.data.history_length, query_fn, candidate_fn,
                                    ks=cfg.train.eval_ks, data_dir=cfg.data.data_dir,
-                                   max_users=max_users)
+                                   max_users=max_users, ranker=ranker,
+                                   candidates=cfg.ranking.candidates)
     data = period_report_data(period, tables.events, tables.catalog,
                               title=f"tfrec evaluation: {split} period",
                               metadata={"model": source, "split": split,

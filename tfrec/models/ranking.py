@@ -208,6 +208,9 @@ class RankingModel(tf.keras.Model):
         with tf.GradientTape() as tape:
             loss = self.compute_loss_for(f, training=True)
             total = loss + tf.reduce_sum(self.losses) if self.losses else loss
+            # A per-replica mean: gradients are summed over replicas, so divide by their
+            # number to keep the global-batch mean (same step size on 1 or N devices).
+            total = total / tf.distribute.get_strategy().num_replicas_in_sync
         self.optimizer.minimize(total, self.trainable_variables, tape=tape)
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}

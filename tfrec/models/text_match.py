@@ -11,7 +11,8 @@ export (tfrec.text.hub_export, e.g. the converted MiniLM) or a TF Hub URL work a
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
+import weakref
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,6 +29,22 @@ MODES = ("fast", "cross")
 # Block index in encoder variable names: ours ("bert_encoder/layer_3/...") and TF Model
 # Garden's TF Hub encoders ("transformer/layer_3/...").
 _LAYER = re.compile(r"(?:^|/)layer_(\d+)/")
+_PREPROCESSORS: "weakref.WeakValueDictionary[Tuple[str, int], Any]" = (
+    weakref.WeakValueDictionary())
+
+
+def _load_preprocessor(handle: str) -> Any:
+    """hub.load(handle), one copy per handle (and distribution strategy) while in use.
+
+    A preprocessor holds no trainable state, so layers can share it; loading one takes
+    about a second (many traced functions), which adds up over several layers.
+    """
+    key = (handle, id(tf.distribute.get_strategy()))
+    loaded = _PREPROCESSORS.get(key)
+    if loaded is None:
+        loaded = hub.load(handle)
+        _PREPROCESSORS[key] = loaded
+    return loaded
 
 
 def encoder_trainable_names(names: Sequence[str], top_layers: int,
@@ -162,11 +179,11 @@ class TextMatch(tf.keras.layers.Layer):
         self.num_items = len(item_texts)
         self._item_texts_config = np.asarray(item_texts, dtype=object)  # get_config only
 
-        self._preprocessor = hub.load(preprocessor)
         encoder_object = hub.load(encoder)
         names = [v.name for v in getattr(encoder_object, "trainable_variables", [])]
         train_names = encoder_trainable_names(names, self.top_layers,
                                               include_pooler=(mode == "cross"))
+        self._preprocessor = _load_preprocessor(preprocessor)
         self.encoder = _EncoderLayer(encoder_object, trainable=self.fine_tune,
                                      train_names=train_names, dtype="float32", name="encoder")
         self.tokenize = hub.KerasLayer(self._preprocessor.tokenize, name="tokenize")
@@ -201,8 +218,7 @@ class TextMatch(tf.keras.layers.Layer):
         """
         pre = self._preprocessor
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-        def embed(batch: tf.Tensor) -> tf.Tensor:
+        def embed(batch: tf.Tensor) -> tf.Tensor:  # eager: the SavedModel functions are graphs
             inputs = _trim(pre.bert_pack_inputs([pre.tokenize(batch)],
                                                 seq_length=self.item_length))
             out = encoder_object(inputs, training=False)
