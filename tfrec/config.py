@@ -62,7 +62,7 @@ class RankingConfig:
     deep_units: Tuple[int, ...] = (128, 64)
     loss: str = "softmax"  # pointwise|pairwise|softmax|list_mle
     click_weight: float = 1.0
-    purchase_weight: float = 1.0
+    purchase_weight: float = 3.0  # purchases are rarer and worth more: weight them up
     position_debias: bool = True  # shallow position tower on the click logit, training only
     id_dropout: float = 0.1
     relevance_weight: float = 0.0  # graded relevance head (labels where they exist)

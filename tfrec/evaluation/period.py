@@ -199,4 +199,9 @@ def write_period_report(report_dir: str, tables, start_ts: int, end_ts: int, cfg
                                         "users": len(period.eval_set),
                                         "data_dir": os.path.abspath(cfg.data.data_dir)})
     write_report(report_dir, data, tensorboard_dir=tensorboard_dir)
-    return period.rows
+    from tfrec.evaluation.report import evaluate_search
+
+    return {**period.rows, **evaluate_search(
+        tables.events, tables.catalog, start_ts, end_ts, cfg.data.history_length, query_fn,
+        candidate_fn, ranker=ranker, candidates=cfg.ranking.candidates, ks=cfg.train.eval_ks,
+        max_sessions=max_users)}

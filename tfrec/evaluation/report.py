@@ -14,7 +14,10 @@ import numpy as np
 import pandas as pd
 
 from tfrec.data.io import load_tables
-from tfrec.evaluation.baselines import PopularityBaseline
+from tfrec.evaluation.baselines import BM25Baseline, PopularityBaseline
+from tfrec.evaluation.metrics import evaluate_topk
+from tfrec.training.candidates import (candidate_lists, period_purchases, purchase_rate, rerank,
+                                       search_candidate_lists, search_sessions)
 from tfrec.evaluation.retrieval import (EvalSet, build_eval_set, catalog_features,
                                         embed_in_batches, evaluate_lists, retrieve_topk)
 
@@ -26,7 +29,7 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
                     history_length: int, query_fn=None, candidate_fn=None,
                     ks: Sequence[int] = (10, 100), data_dir: Optional[str] = None,
                     max_users: Optional[int] = None, ranker=None,
-                    candidates: int = 100) -> Dict[str, Dict[str, float]]:
+                    candidates: int = 100, search: bool = True) -> Dict[str, Dict[str, float]]:
     """Model, popularity and (when ground truth exists) oracle metrics on one period.
 
     Every row also gets purchase_rate@10 (share of the top-10 bought in the period).
@@ -42,9 +45,9 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
       ranker: a trained `RankingModel` re-ordering the retrieval top-`candidates`; adds
         the "two_tower+ranker" row (its catalog statistics are refreshed to start_ts).
       candidates: retrieval candidates the ranker re-orders.
+      search: also evaluate the period's search sessions ("search:" rows; see
+        `evaluate_search`).
     """
-    from tfrec.training.candidates import period_purchases, purchase_rate
-
     eval_set = build_eval_set(events, start_ts, end_ts, history_length, max_users=max_users)
     bought = period_purchases(events, start_ts, end_ts)
     rows: Dict[str, Dict[str, float]] = {}
@@ -70,22 +73,72 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
     oracle = oracle_lists(data_dir, eval_set, max(ks))
     if oracle is not None:
         add("oracle", oracle)
+    if search:
+        rows.update(evaluate_search(events, catalog, start_ts, end_ts, history_length, query_fn,
+                                    candidate_fn, ranker=ranker, candidates=candidates, ks=ks,
+                                    max_sessions=max_users))
     return rows
 
 
 def rerank_period(ranker, eval_set: EvalSet, events: pd.DataFrame, catalog: pd.DataFrame,
                   query_fn, candidate_fn, candidates: int, cut_ts: int) -> np.ndarray:
     """The retrieval top-`candidates` of each frozen user, re-ordered by the ranker."""
+    lists = candidate_lists(eval_set, query_fn, candidate_fn, catalog, candidates)
+    return rank_lists(ranker, lists, events, catalog, cut_ts)
+
+
+def rank_lists(ranker, lists: Dict[str, np.ndarray], events: pd.DataFrame,
+               catalog: pd.DataFrame, cut_ts: int) -> np.ndarray:
+    """Candidate ids of `lists` re-ordered by the ranker, its catalog popularity features
+    refreshed to `cut_ts` (what serving at that time would know)."""
     from tfrec.data.examples import positive_interactions
     from tfrec.features.catalog import catalog_statistics
-    from tfrec.training.candidates import candidate_lists, rerank
     from tfrec.training.ranking_trainer import predict_scores
 
     ranker.catalog.set_statistics(
         catalog_statistics(catalog, positive_interactions(events), cut_ts))
-    lists = candidate_lists(eval_set, query_fn, candidate_fn, catalog, candidates)
     scores, _ = predict_scores(ranker, lists)
     return rerank(lists["item_id"], scores)
+
+
+def evaluate_search(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, end_ts: int,
+                    history_length: int, query_fn=None, candidate_fn=None, ranker=None,
+                    candidates: int = 100, ks: Sequence[int] = (10, 100),
+                    max_sessions: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+    """Search sessions of a period: did the results hold what the searcher engaged with?
+
+    Each session's user is frozen at the search (history before it); hits are the items
+    with a positive event in that session. BM25 over titles is the lexical baseline.
+    Rows are named "search:<model>".
+    """
+    sessions = search_sessions(events, start_ts, end_ts, history_length, max_sessions)
+    if len(sessions) == 0:
+        return {}
+    targets = [sorted(t) for t in sessions["clicked"]]
+    bought = dict(enumerate(sessions["bought"]))
+    keys = np.arange(len(sessions))
+    rows: Dict[str, Dict[str, float]] = {}
+
+    def add(name: str, lists) -> None:
+        padded = np.full((len(lists), max(ks)), "", dtype=object)
+        for row, items in enumerate(lists):
+            items = list(items)[:max(ks)]
+            padded[row, :len(items)] = items
+        rows[f"search:{name}"] = evaluate_topk(padded, targets, ks=ks)
+        rows[f"search:{name}"]["purchase_rate@10"] = purchase_rate(padded, keys, bought)
+
+    if query_fn is not None:
+        lists = search_candidate_lists(sessions, query_fn, candidate_fn, catalog,
+                                       max(candidates, max(ks)), history_length)
+        add("two_tower", lists["item_id"])
+        if ranker is not None:
+            top = {k: v[:, :candidates] if k in ("item_id", "retrieval_score") else v
+                   for k, v in lists.items()}
+            add("two_tower+ranker", rank_lists(ranker, top, events, catalog, start_ts))
+    bm25 = BM25Baseline().fit(catalog["item_id"].astype(str).tolist(),
+                              catalog["title"].astype(str).tolist())
+    add("bm25", bm25.search(sessions["query"].tolist(), max(ks)))
+    return rows
 
 
 def oracle_lists(data_dir: Optional[str], eval_set: EvalSet, k: int) -> Optional[List[List[str]]]:

@@ -218,7 +218,8 @@ class TextMatch(tf.keras.layers.Layer):
         """
         pre = self._preprocessor
 
-        def embed(batch: tf.Tensor) -> tf.Tensor:  # eager: the SavedModel functions are graphs
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def embed(batch: tf.Tensor) -> tf.Tensor:
             inputs = _trim(pre.bert_pack_inputs([pre.tokenize(batch)],
                                                 seq_length=self.item_length))
             out = encoder_object(inputs, training=False)

@@ -84,3 +84,83 @@ def purchase_rate(lists: np.ndarray, user_ids, purchases: Dict[str, set], k: int
     """Mean share of the top-k that the user bought in the period (purchase-rate@k)."""
     rates = [len(set(row[:k]) & purchases.get(u, set())) / k for u, row in zip(user_ids, lists)]
     return float(np.mean(rates)) if rates else 0.0
+
+
+def search_sessions(events: pd.DataFrame, start_ts: int, end_ts: int, history_length: int,
+                    max_sessions: Optional[int] = None, seed: int = 0) -> pd.DataFrame:
+    """Search sessions in [start_ts, end_ts) with a positive, and their labels.
+
+    Args:
+      events: the events table.
+      start_ts / end_ts: the period.
+      history_length: history items per session (positives strictly before it).
+      max_sessions: seeded sample cap.
+      seed: sampling seed.
+
+    Returns:
+      DataFrame(user_id, ts, query, device, hour, history, clicked, bought): clicked =
+      items with any positive event in the session, bought = purchased items.
+    """
+    from tfrec.data.examples import histories_before, hour_of_day, positive_interactions
+
+    period = events[(events["ts"] >= start_ts) & (events["ts"] < end_ts)]
+    searches = period[(period["event_type"] == "search") & (period["query"].astype(str) != "")]
+    searches = searches.sort_values("ts", kind="stable").drop_duplicates("session_id")
+    positives = positive_interactions(period)
+    bought_events = period[period["event_type"] == "purchase"]
+    clicked = positives.groupby("session_id")["item_id"].apply(lambda s: set(s.astype(str)))
+    bought = bought_events.groupby("session_id")["item_id"].apply(lambda s: set(s.astype(str)))
+    searches = searches[searches["session_id"].isin(clicked.index)]
+    if max_sessions and len(searches) > max_sessions:
+        searches = searches.sample(max_sessions, random_state=seed).sort_values("ts")
+    history_pool = positive_interactions(events).sort_values(["user_id", "ts"], kind="stable")
+    history = histories_before(
+        history_pool["user_id"].to_numpy(), history_pool["item_id"].to_numpy(),
+        history_pool["ts"].to_numpy(), searches["user_id"].to_numpy(dtype=object),
+        searches["ts"].to_numpy(dtype=np.int64), history_length)
+    return pd.DataFrame({
+        "user_id": searches["user_id"].astype(str).to_numpy(object),
+        "ts": searches["ts"].to_numpy(np.int64),
+        "query": searches["query"].astype(str).to_numpy(object),
+        "device": searches["device"].astype(str).to_numpy(object),
+        "hour": hour_of_day(searches["ts"].to_numpy()),
+        "history": history,
+        "clicked": [clicked[s] for s in searches["session_id"]],
+        "bought": [bought.get(s, set()) for s in searches["session_id"]],
+    })
+
+
+def search_candidate_lists(sessions: pd.DataFrame, query_fn: EmbedFn, candidate_fn: EmbedFn,
+                           catalog: pd.DataFrame, k: int, history_length: int
+                           ) -> Dict[str, np.ndarray]:
+    """Retrieval top-k for each search session's (user, query), labelled by the session.
+
+    Search lists teach the ranker's text features: recommendation lists have no query.
+    Items seen before the session are not excluded (people re-buy what they search for).
+    """
+    from tfrec.data.schema import PAD
+
+    n = len(sessions)
+    history = np.full((n, history_length), PAD, dtype=object)
+    for row, items in enumerate(sessions["history"]):
+        history[row, :len(items[:history_length])] = items[:history_length]
+    features = {"user_id": sessions["user_id"].to_numpy(object), "history": history,
+                "query": sessions["query"].to_numpy(object),
+                "device": sessions["device"].to_numpy(object),
+                "hour": sessions["hour"].to_numpy(np.int64)}
+    items = catalog_features(catalog)
+    item_emb = embed_in_batches(candidate_fn, items)
+    query_emb = embed_in_batches(query_fn, features, batch_size=1024)
+    ids, scores = retrieve_with_scores(query_emb, item_emb, items["item_id"], k)
+    click = np.array([[i in t for i in row] for row, t in zip(ids, sessions["clicked"])],
+                     np.float32)
+    purchase = np.array([[i in t for i in row] for row, t in zip(ids, sessions["bought"])],
+                        np.float32)
+    return {**features, "item_id": ids.astype(object), "retrieval_score": scores,
+            "click": click, "purchase": purchase}
+
+
+def concat_lists(*arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Stacks list arrays of the same keys and widths (e.g. recommendation + search)."""
+    keys = arrays[0].keys()
+    return {k: np.concatenate([a[k] for a in arrays], axis=0) for k in keys}

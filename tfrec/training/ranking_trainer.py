@@ -31,7 +31,8 @@ from tfrec.features.catalog import CatalogLookup, catalog_statistics
 from tfrec.features.vocab import Vocabularies
 from tfrec.models.ranking import RankingModel
 from tfrec.training.callbacks import BackupAndRestore, metric_key, tower_fn
-from tfrec.training.candidates import candidate_lists, period_purchases
+from tfrec.training.candidates import (candidate_lists, concat_lists, period_purchases,
+                                       search_candidate_lists, search_sessions)
 from tfrec.training.strategy import configure_devices, is_chief, make_strategy
 from tfrec.training.trainer import (WEIGHTS_DIR, WEIGHTS_PREFIX, _save_weights_atomically,
                                     _write_json, ensure_prepared, load_trained_model,
@@ -165,7 +166,11 @@ def ranker_dir_of(run_dir: str) -> str:
 
 def training_lists(cfg: Config, run_dir: str, retrieval=None, max_users: Optional[int] = None
                    ) -> Tuple[Dict[str, np.ndarray], pd.DataFrame]:
-    """Candidate lists of the validation period and the catalog statistics at its start."""
+    """Candidate lists of the validation period and the catalog statistics at its start.
+
+    Recommendation lists (users frozen at the period start, labels = their positives in
+    the period) plus search lists (each search session's query, labels = its positives).
+    """
     if retrieval is None:
         retrieval, _, _ = load_trained_model(run_dir)
     meta = ensure_prepared(cfg)
@@ -173,10 +178,16 @@ def training_lists(cfg: Config, run_dir: str, retrieval=None, max_users: Optiona
     t_val, t_test = int(meta["split"]["t_val"]), int(meta["split"]["t_test"])
     users = build_eval_set(tables.events, t_val, t_test, cfg.data.history_length,
                            max_users=max_users, seed=cfg.train.seed)
-    arrays = candidate_lists(users, tower_fn(retrieval.query_tower),
-                             tower_fn(retrieval.candidate_tower), tables.catalog,
+    query_fn, candidate_fn = tower_fn(retrieval.query_tower), tower_fn(retrieval.candidate_tower)
+    arrays = candidate_lists(users, query_fn, candidate_fn, tables.catalog,
                              cfg.ranking.candidates,
                              period_purchases(tables.events, t_val, t_test))
+    sessions = search_sessions(tables.events, t_val, t_test, cfg.data.history_length,
+                               max_sessions=max_users, seed=cfg.train.seed)
+    if len(sessions):
+        arrays = concat_lists(arrays, search_candidate_lists(
+            sessions, query_fn, candidate_fn, tables.catalog, cfg.ranking.candidates,
+            cfg.data.history_length))
     stats = catalog_statistics(tables.catalog, positive_interactions(tables.events), t_val)
     return arrays, stats
 
