@@ -556,7 +556,9 @@ model_config_list {
     assert (entry.version_policy, entry.num_versions) == ("latest", 2)
 
     repo_config = os.path.join(os.path.dirname(__file__), "..", "serving", "models.config")
-    assert load_model_config(repo_config) == {"retrieval": "/models/retrieval"}
+    assert load_model_config(repo_config) == {"retrieval": "/models/retrieval",
+                                              "ranker": "/models/ranker",
+                                              "pipeline": "/models/pipeline"}
 
     config.write_text("model_config_list { config { name: 'x' base_pth: 'y' } }")
     with pytest.raises(ValueError, match="not a valid ModelServerConfig"):

@@ -222,6 +222,102 @@ class PredictClient:
         return rows_from(self.predict(model, inputs, "similar_items", version))
 
 
+    # -- ranker and pipeline contracts (tfrec.export.ranking / .pipeline) ---------
+
+    def rank(self, model: str, user_id: str, candidates: Sequence[str], query: str = "",
+             history: Iterable[str] = (), device: str = "desktop", hour: int = 12,
+             version: Optional[int] = None, history_width: Optional[int] = None,
+             candidates_width: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Re-orders `candidates` for one request via the ranker's `serving_default`.
+
+        Rows carry rank, item_id, score (ranker), title, retrieval_score, the per-task
+        scores (e.g. click_score) and candidate_index (position in `candidates`).
+
+        Args:
+          model: Model name, e.g. "ranker".
+          user_id: User id; unknown ids are fine (cold start).
+          candidates: Catalog item ids to order (unknown ids -> INVALID_ARGUMENT).
+          query: Search text; "" for recommendation lists.
+          history: Recently interacted item ids, oldest first.
+          device: Device name.
+          hour: Hour of day, 0-23.
+          version: Specific model version; None for the latest.
+          history_width / candidates_width: Pad to these widths ("" padding); behind TF
+            Serving batching a fixed width avoids its padding with the first element,
+            which would add a copy of another request's candidate.
+        """
+        inputs = {
+            **self._context(user_id, history, device, hour, history_width),
+            "query": np.array([query], dtype=object),
+            "candidate_ids": _padded(candidates, candidates_width),
+        }
+        return rows_from(self.predict(model, inputs, "serving_default", version))
+
+    def recommend_pipeline(self, model: str, user_id: str, k: int = 10,
+                           history: Iterable[str] = (), device: str = "desktop", hour: int = 12,
+                           exclude: Iterable[str] = (), purchased: Iterable[str] = (),
+                           version: Optional[int] = None, history_width: Optional[int] = None,
+                           list_width: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Top-k after retrieval, ranker and business rules via the pipeline's `recommend`.
+
+        Rows carry rank, item_id, score (final), title, brand, retrieval_score and
+        ranker_score.
+
+        Args:
+          model: Model name, e.g. "pipeline".
+          user_id: User id; unknown ids are fine (cold start).
+          k: Number of results (1..the export's retrieval candidates).
+          history: Recently interacted item ids, oldest first (never recommended).
+          device: Device name.
+          hour: Hour of day, 0-23.
+          exclude: Item ids not to return for this request (e.g. out of stock right now).
+          purchased: Item ids the user already bought (not returned).
+          version: Specific model version; None for the latest.
+          history_width / list_width: Pad history / exclude and purchased to these widths.
+        """
+        inputs = self._pipeline_inputs(user_id, k, history, device, hour, exclude, purchased,
+                                       history_width, list_width)
+        return rows_from(self.predict(model, inputs, "recommend", version))
+
+    def search(self, model: str, user_id: str, query: str, k: int = 10,
+               history: Iterable[str] = (), device: str = "desktop", hour: int = 12,
+               exclude: Iterable[str] = (), purchased: Iterable[str] = (),
+               version: Optional[int] = None, history_width: Optional[int] = None,
+               list_width: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Personalised search through the pipeline's `search` signature.
+
+        An empty `query` is answered with INVALID_ARGUMENT (use `recommend_pipeline`).
+
+        Args: as `recommend_pipeline`, plus `query`, the search text.
+        """
+        inputs = self._pipeline_inputs(user_id, k, history, device, hour, exclude, purchased,
+                                       history_width, list_width)
+        inputs["query"] = np.array([query], dtype=object)
+        return rows_from(self.predict(model, inputs, "search", version))
+
+    @staticmethod
+    def _context(user_id: str, history: Iterable[str], device: str, hour: int,
+                 history_width: Optional[int]) -> Dict[str, np.ndarray]:
+        return {"user_id": np.array([user_id], dtype=object),
+                "history": _padded(history, history_width),
+                "device": np.array([device], dtype=object),
+                "hour": np.array([hour], dtype=np.int64)}
+
+    def _pipeline_inputs(self, user_id, k, history, device, hour, exclude, purchased,
+                         history_width, list_width) -> Dict[str, np.ndarray]:
+        return {**self._context(user_id, history, device, hour, history_width),
+                "k": np.array([k], dtype=np.int32),
+                "exclude_item_ids": _padded(exclude, list_width),
+                "purchased_item_ids": _padded(purchased, list_width)}
+
+
+def _padded(values: Iterable[str], width: Optional[int] = None) -> np.ndarray:
+    """One request row [1, W] of strings, "" padded to max(1, len, width)."""
+    values = [str(v) for v in values]
+    size = max(1, len(values), width or 0)
+    return np.array([values + [""] * (size - len(values))], dtype=object)
+
+
 def _describe(tensor_info) -> Tuple[str, Optional[Tuple]]:
     dtype = tf.as_dtype(tensor_info.dtype).name if tensor_info.dtype else "invalid"
     return dtype, tensors.shape_proto_to_tuple(tensor_info.tensor_shape)
@@ -232,30 +328,68 @@ def _text(value: Any) -> str:
 
 
 def rows_from(outputs: Mapping[str, np.ndarray], row: int = 0) -> List[Dict[str, Any]]:
-    """Result rows of one batch row of item_ids/scores/titles outputs, padding dropped."""
+    """Result rows of one batch row of item_ids/scores/titles outputs, padding dropped.
+
+    Other per-item outputs (same shape as item_ids, e.g. brands, retrieval_scores) are
+    added under their singular name (brand, retrieval_score).
+    """
     item_ids = outputs["item_ids"][row]
     scores = outputs["scores"][row]
     titles = outputs["titles"][row] if "titles" in outputs else [b""] * len(item_ids)
+    shape = np.shape(outputs["item_ids"])
+    extras = {name: outputs[name][row] for name in sorted(outputs)
+              if name not in ("item_ids", "scores", "titles")
+              and np.shape(outputs[name]) == shape}
     rows = []
-    for item_id, score, title in zip(item_ids, scores, titles):
+    for i, (item_id, score, title) in enumerate(zip(item_ids, scores, titles)):
         item_id = _text(item_id)
         if not item_id or score == -math.inf:
             continue
-        rows.append({"rank": len(rows) + 1, "item_id": item_id, "score": float(score),
-                     "title": _text(title)})
+        entry = {"rank": len(rows) + 1, "item_id": item_id, "score": float(score),
+                 "title": _text(title)}
+        for name, values in extras.items():
+            entry[name[:-1] if name.endswith("s") else name] = _value(values[i])
+        rows.append(entry)
     return rows
 
 
+def _value(value: Any) -> Any:
+    """A numpy element as a plain Python value (bytes decoded)."""
+    if isinstance(value, bytes):
+        return _text(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def format_results(rows: Sequence[Mapping[str, Any]], max_title: int = 60) -> str:
-    """Fixed-width table of result rows (rank, item_id, score, title)."""
+    """Fixed-width table of result rows (rank, item_id, score, title).
+
+    Pipeline and ranker rows also show their brand and retrieval score when present.
+    """
     if not rows:
         return "(no results)"
     id_width = max(len("item_id"), *(len(str(r["item_id"])) for r in rows))
-    lines = [f"{'rank':>4}  {'item_id':<{id_width}}  {'score':>9}  title"]
+    show_brand = all("brand" in r for r in rows)
+    brand_width = max([len("brand")] + [len(str(r["brand"])) for r in rows]) if show_brand else 0
+    show_retrieval = all("retrieval_score" in r for r in rows)
+    header = f"{'rank':>4}  {'item_id':<{id_width}}  {'score':>9}  "
+    if show_retrieval:
+        header += f"{'retrieval':>9}  "
+    if show_brand:
+        header += f"{'brand':<{brand_width}}  "
+    lines = [header + "title"]
     for r in rows:
         title = str(r.get("title", ""))
         if len(title) > max_title:
             title = title[: max_title - 3] + "..."
         item_id = str(r["item_id"])
-        lines.append(f"{r['rank']:>4}  {item_id:<{id_width}}  {r['score']:>9.4f}  {title}")
+        line = f"{r['rank']:>4}  {item_id:<{id_width}}  {r['score']:>9.4f}  "
+        if show_retrieval:
+            line += f"{r['retrieval_score']:>9.4f}  "
+        if show_brand:
+            line += f"{str(r['brand']):<{brand_width}}  "
+        lines.append(line + title)
     return "\n".join(lines)

@@ -26,6 +26,7 @@ POLICIES = ("latest", "all", "specific")
 # Libraries whose import registers custom ops some exported models use.
 _OP_LIBRARIES = ("tensorflow_text",)
 _VERSION_DIR = re.compile(r"\d+")
+_DATA_SHARD = re.compile(r"variables\.data-(\d+)-of-(\d+)")
 _ops_lock = threading.Lock()
 _ops_imported = False
 
@@ -142,6 +143,54 @@ def read_signature_defs(path: str) -> Dict[str, meta_graph_pb2.SignatureDef]:
       FileNotFoundError: neither file exists (partial or wrong export).
       ValueError: the file is not a SavedModel proto.
     """
+    meta_graph = read_meta_graph(path)
+    return {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
+
+
+def check_complete(path: str, meta_graph: meta_graph_pb2.MetaGraphDef) -> None:
+    """Refuses a version directory whose variables or assets files are missing.
+
+    An interrupted or still-running copy would otherwise cost a full (slow) load
+    attempt before failing with an obscure restore error.
+
+    Args:
+      path: The version directory.
+      meta_graph: Its MetaGraph (`read_meta_graph`).
+
+    Raises:
+      FileNotFoundError: naming every missing file.
+    """
+    missing = []
+    has_variables = any(node.WhichOneof("kind") == "variable"
+                        for node in meta_graph.object_graph_def.nodes)
+    if has_variables:
+        variables = os.path.join(path, "variables")
+        if not os.path.isfile(os.path.join(variables, "variables.index")):
+            missing.append("variables/variables.index")
+        names = os.listdir(variables) if os.path.isdir(variables) else []
+        shards = [m for m in map(_DATA_SHARD.fullmatch, names) if m]
+        if not shards:
+            missing.append("variables/variables.data-*")
+        else:
+            total = int(shards[0].group(2))
+            missing += [f"variables/variables.data-{i:05d}-of-{total:05d}" for i in range(total)
+                        if f"variables.data-{i:05d}-of-{total:05d}" not in names]
+    for asset in meta_graph.asset_file_def:
+        if not os.path.isfile(os.path.join(path, "assets", asset.filename)):
+            missing.append(f"assets/{asset.filename}")
+    if missing:
+        raise FileNotFoundError(
+            f"incomplete version directory {path}: missing {', '.join(missing)}; copy an "
+            f"export under a temporary name and rename it into place when complete")
+
+
+def read_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
+    """The MetaGraph tagged "serve" of `saved_model.pb` (or `.pbtxt`) in a version directory.
+
+    Raises:
+      FileNotFoundError: neither file exists (partial or wrong export).
+      ValueError: the file is not a SavedModel proto.
+    """
     saved_model = saved_model_pb2.SavedModel()
     pb = os.path.join(path, "saved_model.pb")
     pbtxt = os.path.join(path, "saved_model.pbtxt")
@@ -165,9 +214,8 @@ def read_signature_defs(path: str) -> Dict[str, meta_graph_pb2.SignatureDef]:
     if not saved_model.meta_graphs:
         raise ValueError(f"SavedModel in {path} contains no MetaGraph")
     # TF2 exports have one MetaGraph; TF Serving uses the one tagged "serve".
-    meta_graph = next((m for m in saved_model.meta_graphs if "serve" in m.meta_info_def.tags),
-                      saved_model.meta_graphs[0])
-    return {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
+    return next((m for m in saved_model.meta_graphs if "serve" in m.meta_info_def.tags),
+                saved_model.meta_graphs[0])
 
 
 def _spec_of(value: object, name: str) -> tf.TensorSpec:
@@ -186,7 +234,9 @@ def load_version(version: int, path: str) -> LoadedVersion:
       path: The version directory.
     """
     import_op_libraries()
-    signature_defs = read_signature_defs(path)
+    meta_graph = read_meta_graph(path)
+    check_complete(path, meta_graph)
+    signature_defs = {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
     obj = tf.saved_model.load(path, tags=["serve"])
     signatures = {}
     for key, fn in obj.signatures.items():
@@ -458,6 +508,6 @@ def managers_from(models: Mapping[str, str], poll_seconds: float = 1.0,
 
 __all__: Sequence[str] = (
     "LoadedVersion", "ModelManager", "ServableNotFoundError", "Signature", "VersionState",
-    "VersionStatus", "grpc_code", "import_op_libraries", "list_versions", "load_version",
-    "managers_from", "read_signature_defs",
+    "VersionStatus", "check_complete", "grpc_code", "import_op_libraries", "list_versions",
+    "load_version", "managers_from", "read_meta_graph", "read_signature_defs",
 )

@@ -12,7 +12,8 @@ import functools
 import logging
 import os
 import re
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import grpc
 import numpy as np
@@ -28,6 +29,7 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.config import model_server_config_pb2
 
 from tfrec.serving import tensors
+from tfrec.serving.batching import Batcher, BatchError, BatchingOptions
 from tfrec.serving.model_manager import (
     LoadedVersion,
     ModelManager,
@@ -35,6 +37,7 @@ from tfrec.serving.model_manager import (
     grpc_code,
     managers_from,
 )
+from tfrec.serving.monitoring import UNKNOWN, MetricsHTTPServer, ServingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +77,40 @@ def short_tf_message(error: tf.errors.OpError, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@dataclasses.dataclass
+class _Call:
+    """Metric labels of one RPC, filled in as far as the request was understood."""
+
+    method: str
+    model: str = UNKNOWN
+    signature: str = ""
+
+
 def _rpc(method: Callable) -> Callable:
-    """Maps exceptions of a handler to gRPC statuses; the server keeps running."""
+    """Maps exceptions of a handler to gRPC statuses and records the RPC's metrics.
+
+    The handler gets a `_Call` to fill in its labels; the server keeps running whatever
+    the handler raises.
+    """
 
     @functools.wraps(method)
     def wrapper(self, request, context):
+        start = time.perf_counter()
+        spec = getattr(request, "model_spec", None)  # absent in e.g. ReloadConfigRequest
+        name = spec.name if spec is not None else ""
+        call = _Call(method.__name__, name if name in self._models.managers else UNKNOWN)
+        code = grpc.StatusCode.OK
         try:
-            return method(self, request, context)
+            return method(self, request, context, call)
         except RpcAbort as e:
             code, message = e.code, e.message
         except Exception as e:  # a bug or an unexpected model failure
             logger.exception("%s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+        finally:
+            if self._metrics is not None:
+                self._metrics.record_request(call.method, call.model, call.signature, code.name,
+                                             time.perf_counter() - start)
         if code != grpc.StatusCode.INTERNAL:
             logger.info("%s -> %s: %s", method.__name__, code.name, message)
         context.abort(code, message)
@@ -112,6 +137,19 @@ class _Models:
                 f"{sorted(self.managers)}")
         return manager
 
+    def signature_label(self, model: str, signature: str) -> str:
+        """`signature` if a served version of `model` has it, else UNKNOWN (bounded labels)."""
+        manager = self.managers.get(model)
+        if manager is None:
+            return UNKNOWN
+        for version in manager.versions():
+            try:
+                if signature in manager.get(version).signatures:
+                    return signature
+            except ServableNotFoundError:
+                continue  # unloaded meanwhile
+        return UNKNOWN
+
     def resolve(self, spec) -> LoadedVersion:
         manager = self.manager(spec)
         if spec.version_label:
@@ -126,14 +164,27 @@ class _Models:
             raise RpcAbort(grpc.StatusCode.NOT_FOUND, str(e)) from None
 
 
+def _batched(signature) -> bool:
+    """Every input has a variable batch (first) dimension, as TF Serving batching needs."""
+    return bool(signature.inputs) and all(
+        spec.shape.rank is not None and spec.shape.rank >= 1 and spec.shape[0] is None
+        for spec in signature.inputs.values())
+
+
+def _batchable(signature) -> bool:
+    """Requests of this signature can be merged: batched inputs and batched outputs."""
+    return _batched(signature) and all(
+        spec.shape.rank is None or spec.shape.rank >= 1 for spec in signature.outputs.values())
+
+
 def _check_batch_sizes(signature, arrays: Mapping[str, np.ndarray]) -> None:
     """Inputs of a batched signature must agree on dim 0, as TF Serving batching demands.
 
-    Without this, broadcasting in the model could silently answer a malformed request.
+    Without this, broadcasting in the model could silently answer a malformed request;
+    an empty batch would fail deep inside the model with a cryptic message.
     """
-    if not signature.inputs or any(
-            spec.shape.rank is None or spec.shape.rank < 1 for spec in signature.inputs.values()):
-        return  # not a batched signature
+    if not _batched(signature):
+        return
     sizes = {name: arrays[name].shape[0] for name in sorted(signature.inputs)}
     if len(set(sizes.values())) > 1:
         detail = ", ".join(f"{name}={size}" for name, size in sizes.items())
@@ -141,6 +192,22 @@ def _check_batch_sizes(signature, arrays: Mapping[str, np.ndarray]) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             f"inputs of signature '{signature.name}' must have the same batch size "
             f"(0th dimension); got {detail}")
+    if not next(iter(sizes.values())):
+        raise RpcAbort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"inputs of signature '{signature.name}' have batch size 0 (0th dimension); "
+            f"send at least one row")
+
+
+def _call_signature(signature, arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Runs a signature on numpy inputs (cast to its dtypes) and returns numpy outputs."""
+    inputs = {name: tf.constant(array, dtype=signature.inputs[name].dtype)
+              for name, array in arrays.items()}
+    return {name: value.numpy() for name, value in signature.function(**inputs).items()}
+
+
+def _rows(signature, arrays: Mapping[str, np.ndarray]) -> int:
+    return int(next(iter(arrays.values())).shape[0]) if _batched(signature) else 1
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -148,23 +215,37 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     Args:
       managers: Model name -> started ModelManager.
+      metrics: Where RPCs and model calls are counted; None records nothing.
+      batcher: Started Batcher merging concurrent Predict calls; None runs each alone.
+      max_string_bytes: Longest string element accepted in a request (0: no limit).
+      allow_non_finite: Accept NaN/Inf in float inputs (rejected by default).
     """
 
-    def __init__(self, managers: Mapping[str, ModelManager]):
+    def __init__(self, managers: Mapping[str, ModelManager],
+                 metrics: Optional[ServingMetrics] = None, batcher: Optional[Batcher] = None,
+                 max_string_bytes: int = 0, allow_non_finite: bool = False):
         self._models = _Models(managers)
+        self._metrics = metrics
+        self._batcher = batcher
+        self._max_string_bytes = int(max_string_bytes)
+        self._allow_non_finite = bool(allow_non_finite)
 
     @_rpc
-    def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        loaded = self._models.resolve(request.model_spec)
-        signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    def Predict(self, request: predict_pb2.PredictRequest, context,
+                call: _Call) -> predict_pb2.PredictResponse:
+        spec = request.model_spec
+        signature_name = spec.signature_name or DEFAULT_SIGNATURE
+        call.signature = self._models.signature_label(spec.name, signature_name)
+        loaded = self._models.resolve(spec)
         signature = loaded.signatures.get(signature_name)
         if signature is None:
             raise RpcAbort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f'Serving signature name: "{signature_name}" not found in signature def of '
-                f"model {request.model_spec.name!r} version {loaded.version}; available "
+                f"model {spec.name!r} version {loaded.version}; available "
                 f"signatures: {sorted(loaded.signatures)}")
-        inputs = self._decode_inputs(request, signature)
+        call.signature = signature_name
+        arrays = self._decode_inputs(request, signature)
         wanted = list(request.output_filter) or list(signature.outputs)
         unknown = [n for n in wanted if n not in signature.outputs]
         if unknown:
@@ -173,25 +254,68 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 f"output_filter names unknown output(s) {unknown} of signature "
                 f"'{signature_name}'; outputs are {sorted(signature.outputs)}")
 
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            raise RpcAbort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           "deadline exceeded before the model was called")
-        try:
-            outputs = signature.function(**inputs)
-        except tf.errors.OpError as e:
-            raise RpcAbort(grpc_code(e.error_code), short_tf_message(e)) from None
-
+        outputs = self._run(spec.name, loaded, signature, arrays, context)
         response = predict_pb2.PredictResponse()
-        response.model_spec.name = request.model_spec.name
+        response.model_spec.name = spec.name
         response.model_spec.version.value = loaded.version
         response.model_spec.signature_name = signature_name
         for name in dict.fromkeys(wanted):
             response.outputs[name].CopyFrom(tensors.to_proto(outputs[name]))
         return response
 
-    @staticmethod
-    def _decode_inputs(request: predict_pb2.PredictRequest, signature) -> Dict[str, tf.Tensor]:
+    def _record_batch(self, group: Tuple[str, int, str], rows: int, requests: int) -> None:
+        if self._metrics is not None:
+            self._metrics.record_batch(group[0], group[2], rows, requests)
+
+    def _run(self, model: str, loaded: LoadedVersion, signature,
+             arrays: Dict[str, np.ndarray], context) -> Dict[str, np.ndarray]:
+        """Calls the signature, alone or merged with concurrent requests (batching)."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise RpcAbort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           "deadline exceeded before the model was called")
+        group = (model, loaded.version, signature.name)
+        if self._batcher is not None and _batchable(signature):
+            outputs = self._run_batched(group, signature, arrays, context, remaining)
+        else:
+            try:
+                outputs = _call_signature(signature, arrays)
+            except tf.errors.OpError as e:
+                raise RpcAbort(grpc_code(e.error_code), short_tf_message(e)) from None
+            self._record_batch(group, _rows(signature, arrays), 1)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:  # the client has given up: say so
+            raise RpcAbort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           "deadline exceeded while the model ran")
+        return outputs
+
+    def _run_batched(self, group, signature, arrays, context,
+                     remaining: Optional[float]) -> Dict[str, np.ndarray]:
+        deadline = None if remaining is None else time.monotonic() + remaining
+        try:
+            task = self._batcher.submit(group, arrays, functools.partial(_call_signature,
+                                                                         signature), deadline)
+        except BatchError as e:
+            raise RpcAbort(e.code, e.message) from None
+        context.add_callback(task.cancel)  # client gone: drop the request if still queued
+        while not task.wait(0.25 if deadline is None
+                            else max(0.0, min(0.25, deadline - time.monotonic()))):
+            if deadline is not None and time.monotonic() >= deadline:
+                task.cancel()
+                raise RpcAbort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               "deadline exceeded while the request waited for its batch")
+            if not context.is_active():
+                task.cancel()
+                raise RpcAbort(grpc.StatusCode.CANCELLED, "request cancelled by the client")
+        try:
+            return task.result()
+        except BatchError as e:
+            raise RpcAbort(e.code, e.message) from None
+        except tf.errors.OpError as e:
+            raise RpcAbort(grpc_code(e.error_code), short_tf_message(e)) from None
+
+    def _decode_inputs(self, request: predict_pb2.PredictRequest,
+                       signature) -> Dict[str, np.ndarray]:
         expected = signature.inputs
         given = request.inputs
         missing = sorted(set(expected) - set(given))
@@ -211,15 +335,16 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             try:
                 tensors.check_against_spec(given[name], expected[name], name)
                 arrays[name] = tensors.to_ndarray(given[name], name)
+                tensors.check_values(arrays[name], name, self._max_string_bytes,
+                                     self._allow_non_finite)
             except tensors.TensorError as e:
                 raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         _check_batch_sizes(signature, arrays)
-        return {name: tf.constant(array, dtype=expected[name].dtype)
-                for name, array in arrays.items()}
+        return arrays
 
     @_rpc
     def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
-                         context) -> get_model_metadata_pb2.GetModelMetadataResponse:
+                         context, call: _Call) -> get_model_metadata_pb2.GetModelMetadataResponse:
         if not request.metadata_field:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
                            "GetModelMetadataRequest must specify at least one metadata_field "
@@ -245,15 +370,15 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                        f"one of the model's signatures instead")
 
     @_rpc
-    def Classify(self, request, context):
+    def Classify(self, request, context, call: _Call):
         self._unimplemented("Classify")
 
     @_rpc
-    def Regress(self, request, context):
+    def Regress(self, request, context, call: _Call):
         self._unimplemented("Regress")
 
     @_rpc
-    def MultiInference(self, request, context):
+    def MultiInference(self, request, context, call: _Call):
         self._unimplemented("MultiInference")
 
 
@@ -262,14 +387,17 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     Args:
       managers: Model name -> started ModelManager.
+      metrics: Where RPCs are counted; None records nothing.
     """
 
-    def __init__(self, managers: Mapping[str, ModelManager]):
+    def __init__(self, managers: Mapping[str, ModelManager],
+                 metrics: Optional[ServingMetrics] = None):
         self._models = _Models(managers)
+        self._metrics = metrics
 
     @_rpc
     def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
-                       context) -> get_model_status_pb2.GetModelStatusResponse:
+                       context, call: _Call) -> get_model_status_pb2.GetModelStatusResponse:
         spec = request.model_spec
         manager = self._models.manager(spec)
         states = manager.version_states()
@@ -292,7 +420,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
     @_rpc
-    def HandleReloadConfigRequest(self, request, context):
+    def HandleReloadConfigRequest(self, request, context, call: _Call):
         raise RpcAbort(grpc.StatusCode.UNIMPLEMENTED,
                        "HandleReloadConfigRequest is not supported by the tfrec model server; "
                        "new versions of configured models load automatically, restart the "
@@ -392,30 +520,69 @@ class ModelServer:
       host: Interface to bind; 127.0.0.1 keeps the server private to the machine.
       port: TCP port; 0 picks a free one (read it from `.port` after `start()`).
       poll_seconds: Seconds between scans for new versions (<= 0: never).
-      max_workers: Threads answering RPCs concurrently.
-      max_message_mb: Largest request/response message in MiB.
+      max_workers: Threads answering RPCs concurrently; with batching, also the most
+        requests that can wait for one batch.
+      max_message_mb: Largest request/response message in MiB; bigger ones are refused
+        with RESOURCE_EXHAUSTED before any decoding.
       require_models: Fail `start()` when a model has no loadable version. False
         starts anyway and answers NOT_FOUND until a version appears.
       policies: Optional model name -> ModelManager keyword arguments
         (`version_policy`, `num_versions`, `versions`).
+      batching: Merge concurrent Predict requests (TF Serving's --enable_batching):
+        BatchingOptions, True for the defaults, None/False to run each request alone.
+      monitoring_port: Serve Prometheus metrics at http://127.0.0.1:PORT/metrics;
+        0 picks a free port (`.monitoring_port`), None serves none (metrics are still
+        counted in `.metrics`).
+      max_string_bytes: Longest string element accepted in a request (0: no limit).
+      allow_non_finite: Accept NaN/Inf in float inputs (rejected by default).
+      max_concurrent_rpcs: RPCs in progress before new ones get RESOURCE_EXHAUSTED
+        (None: unbounded queueing in front of the worker threads).
     """
 
     def __init__(self, models: Mapping[str, str], host: str = "127.0.0.1", port: int = 8500,
-                 poll_seconds: float = 1.0, max_workers: int = 8, max_message_mb: int = 64,
+                 poll_seconds: float = 1.0, max_workers: int = 8, max_message_mb: float = 64,
                  require_models: bool = True,
-                 policies: Optional[Mapping[str, Mapping[str, object]]] = None):
+                 policies: Optional[Mapping[str, Mapping[str, object]]] = None,
+                 batching: Union[BatchingOptions, bool, None] = None,
+                 monitoring_port: Optional[int] = None, max_string_bytes: int = 1 << 20,
+                 allow_non_finite: bool = False, max_concurrent_rpcs: Optional[int] = None):
         if not models:
             raise ValueError("ModelServer needs at least one model (name -> base path)")
         if not 0 <= int(port) <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port}")
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        if max_message_mb <= 0:
+            raise ValueError(f"max_message_mb must be > 0, got {max_message_mb}")
+        if monitoring_port is not None and not 0 <= int(monitoring_port) <= 65535:
+            raise ValueError(f"monitoring_port must be in [0, 65535], got {monitoring_port}")
+        if max_string_bytes < 0:
+            raise ValueError(f"max_string_bytes must be >= 0 (0: no limit), got "
+                             f"{max_string_bytes}")
+        if max_concurrent_rpcs is not None and max_concurrent_rpcs < 1:
+            raise ValueError(f"max_concurrent_rpcs must be >= 1, got {max_concurrent_rpcs}")
+        if batching is True:
+            batching = BatchingOptions()
+        elif batching is False:
+            batching = None
+        elif batching is not None and not isinstance(batching, BatchingOptions):
+            raise TypeError(f"batching must be a BatchingOptions, True or None, got "
+                            f"{type(batching).__name__}")
         self.managers = managers_from(models, poll_seconds=poll_seconds, policies=policies)
         self.host = host
         self.requested_port = int(port)
         self.max_workers = int(max_workers)
         self.max_message_bytes = int(max_message_mb * 1024 * 1024)
         self.require_models = require_models
+        self.batching: Optional[BatchingOptions] = batching
+        self.requested_monitoring_port = monitoring_port
+        self.max_string_bytes = int(max_string_bytes)
+        self.allow_non_finite = bool(allow_non_finite)
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.batcher: Optional[Batcher] = None
+        queued = (lambda: self.batcher.queued_requests() if self.batcher else 0)
+        self.metrics = ServingMetrics(self.managers, queued if batching else None)
+        self._metrics_http: Optional[MetricsHTTPServer] = None
         self._server: Optional[grpc.Server] = None
         self._port: Optional[int] = None
 
@@ -432,6 +599,20 @@ class ModelServer:
         if self._port is None:
             raise RuntimeError("ModelServer is not started; call start() first")
         return self._port
+
+    @property
+    def monitoring_port(self) -> int:
+        """The bound metrics HTTP port."""
+        if self._metrics_http is None:
+            raise RuntimeError("no metrics HTTP server: pass monitoring_port and start()")
+        return self._metrics_http.port
+
+    @property
+    def metrics_url(self) -> str:
+        """`http://127.0.0.1:PORT/metrics`."""
+        if self._metrics_http is None:
+            raise RuntimeError("no metrics HTTP server: pass monitoring_port and start()")
+        return self._metrics_http.url
 
     @property
     def address(self) -> str:
@@ -453,16 +634,30 @@ class ModelServer:
             for manager in self.managers.values():
                 manager.start(require_version=self.require_models)
                 started.append(manager)
+            if self.batching is not None:
+                self.batcher = Batcher(
+                    self.batching,
+                    on_batch=lambda g, rows, n: self.metrics.record_batch(g[0], g[2], rows, n),
+                    on_retry=lambda g: self.metrics.batch_retries.inc(g[0], g[2])).start()
+                if self.batching.max_batch_size > self.max_workers:
+                    logger.info("batching: at most max_workers=%d requests wait for a batch at "
+                                "once (max_batch_size=%d counts rows)", self.max_workers,
+                                self.batching.max_batch_size)
+            if self.requested_monitoring_port is not None:
+                self._metrics_http = MetricsHTTPServer(
+                    self.metrics.render, port=self.requested_monitoring_port).start()
             server = grpc.server(
                 concurrent.futures.ThreadPoolExecutor(self.max_workers,
                                                       thread_name_prefix="tfrec-grpc"),
                 options=[("grpc.max_send_message_length", self.max_message_bytes),
                          ("grpc.max_receive_message_length", self.max_message_bytes),
-                         ("grpc.so_reuseport", 0)])  # a busy port must fail, not be shared
+                         ("grpc.so_reuseport", 0)],  # a busy port must fail, not be shared
+                maximum_concurrent_rpcs=self.max_concurrent_rpcs)
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-                PredictionServicer(self.managers), server)
+                PredictionServicer(self.managers, self.metrics, self.batcher,
+                                   self.max_string_bytes, self.allow_non_finite), server)
             model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-                ModelServicer(self.managers), server)
+                ModelServicer(self.managers, self.metrics), server)
             host = f"[{self.host}]" if ":" in self.host else self.host
             address = f"{host}:{self.requested_port}"
             try:
@@ -473,19 +668,31 @@ class ModelServer:
                 raise OSError(f"cannot bind gRPC server to {address} (port in use?)")
             server.start()
         except BaseException:
+            self._stop_helpers()
             for manager in started:
                 manager.stop()
             raise
         self._server, self._port = server, port
-        logger.info("tfrec model server listening on %s, models %s", self.address,
-                    {name: m.versions() for name, m in self.managers.items()})
+        logger.info("tfrec model server listening on %s, models %s%s%s", self.address,
+                    {name: m.versions() for name, m in self.managers.items()},
+                    f", batching {self.batching}" if self.batching else "",
+                    f", metrics at {self.metrics_url}" if self._metrics_http else "")
         return self
+
+    def _stop_helpers(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+            self.batcher = None
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
+            self._metrics_http = None
 
     def stop(self, grace: Optional[float] = None) -> None:
         """Stops accepting RPCs, lets in-flight ones finish for `grace` seconds, unloads."""
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
+        self._stop_helpers()
         for manager in self.managers.values():
             manager.stop()
         logger.info("tfrec model server stopped")

@@ -159,6 +159,38 @@ def check_against_spec(proto: tensor_pb2.TensorProto, spec: tf.TensorSpec, name:
                 f"{format_shape(spec.shape.as_list())}")
 
 
+def check_values(array: np.ndarray, name: str, max_string_bytes: int = 0,
+                 allow_non_finite: bool = False) -> None:
+    """Rejects values a model would silently turn into garbage: NaN/Inf, huge strings.
+
+    A NaN price becomes a nonsense embedding rather than an error, and a multi-MB
+    string costs tokenizer time on every request, so both stop at the server's door.
+
+    Args:
+      array: A decoded request tensor.
+      name: Input alias used in error messages.
+      max_string_bytes: Longest string element accepted; 0 disables the check.
+      allow_non_finite: Accept NaN and +-Inf in floating-point inputs.
+    """
+    if array.dtype.kind in "fc" and not allow_non_finite and array.size:
+        bad = ~np.isfinite(array)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            value = array[where]
+            raise TensorError(
+                f"input '{name}' has a non-finite value ({value}) at index {list(where)}; "
+                f"NaN and Inf are rejected, send finite numbers")
+    if array.dtype == object and max_string_bytes > 0 and array.size:
+        lengths = np.fromiter(map(len, array.ravel()), dtype=np.int64, count=array.size)
+        longest = int(lengths.argmax())
+        if lengths[longest] > max_string_bytes:
+            where = [int(i) for i in np.unravel_index(longest, array.shape)]
+            raise TensorError(
+                f"input '{name}' has a string of {lengths[longest]} bytes at index {where}; "
+                f"the server accepts at most {max_string_bytes} bytes per string "
+                f"(max_string_bytes)")
+
+
 def shape_proto_to_tuple(shape: tensor_shape_pb2.TensorShapeProto) -> Optional[Tuple]:
     """TensorShapeProto -> tuple with None for unknown dims (None for unknown rank)."""
     if shape.unknown_rank:
