@@ -11,7 +11,7 @@ import pytest
 
 from tfrec.cli import build_parser
 
-SUBCOMMANDS = ["generate", "train", "evaluate", "export", "serve", "query", "board", "demo",
+SUBCOMMANDS = ["generate", "train", "train-ranker", "evaluate", "export", "serve", "query", "board", "demo",
                "text"]
 
 

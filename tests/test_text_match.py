@@ -171,7 +171,8 @@ def test_saved_model_reloads_in_fresh_process(layers, tmp_path):
                           "imported": sorted(m for m in ("tfrec", "tensorflow_hub", "tf_keras")
                                              if m in sys.modules)}))
     """)
-    args = json.dumps({"query": [q.decode() for q in query.numpy()], "index": index.numpy().tolist()})
+    args = json.dumps({"query": [q.decode() for q in query.numpy()],
+                       "index": index.numpy().tolist()})
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     proc = subprocess.run([sys.executable, "-c", script, path, args], env=env,

@@ -118,12 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "to DIR and log it to TensorBoard")
 
     p = sub.add_parser("export", help="write a versioned SavedModel",
-                       description="Export <base>/<model>/<version>/ for TensorFlow Serving.")
+                       description="Export <base>/<model>/<version>/ for TensorFlow Serving: "
+                                   "retrieval, and when the run has a trained ranker also "
+                                   "'ranker' and the search/recommend 'pipeline'.")
     _add_common(p)
     p.add_argument("--run", help="run name (default: latest)")
     p.add_argument("--base-dir", dest="base_dir")
     p.add_argument("--model-name", dest="model_name")
     p.add_argument("--version", type=int)
+    p.add_argument("--retrieval-only", action="store_true", dest="retrieval_only",
+                   help="skip the ranker and pipeline models even if the run has a ranker")
 
     p = sub.add_parser("serve", help="embedded gRPC server (TF Serving API)",
                        description="Serve exported models over tensorflow-serving-api's "
@@ -135,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--poll-seconds", type=float, dest="poll_seconds")
+    p.add_argument("--max-workers", type=int, dest="max_workers",
+                   help="threads answering RPCs (default serve.max_workers; at least 32 "
+                        "with batching, as each waiting request holds one)")
+    p.add_argument("--max-message-mb", type=float, default=64.0, dest="max_message_mb",
+                   help="largest gRPC request/response in MiB (default 64)")
+    p.add_argument("--enable-batching", action="store_true", dest="enable_batching",
+                   help="merge concurrent Predict requests into one model call")
+    p.add_argument("--batching-parameters-file", dest="batching_parameters_file",
+                   help="TF Serving batching parameters text proto, e.g. "
+                        "serving/batching_parameters.txt (implies --enable-batching)")
+    p.add_argument("--monitoring-port", type=int, dest="monitoring_port",
+                   help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
 
     p = sub.add_parser("query", help="query a server (embedded or TF Serving)",
                        description="Ask a running server for recommendations, search results "
@@ -143,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="retrieval")
     p.add_argument("--user", default="", help="user id (new users are fine)")
     p.add_argument("--history", default="", help="comma-separated recent item ids")
-    p.add_argument("--query", default="", help="search text (personalized search)")
+    p.add_argument("--query", default="",
+                   help="search text: personalized search (with a pipeline model: retrieval "
+                        "-> ranker -> business rules)")
+    p.add_argument("--exclude", default="", help="pipeline: comma-separated ids not to return "
+                                                  "(e.g. out of stock now)")
+    p.add_argument("--purchased", default="", help="pipeline: comma-separated ids already bought")
     p.add_argument("--similar", help="item id: show similar items instead")
     p.add_argument("--device", default="desktop")
     p.add_argument("--hour", type=int, default=12)
@@ -234,6 +255,9 @@ def _run(args: argparse.Namespace) -> int:
                   f"report.json)", file=sys.stderr if args.json else sys.stdout)
     elif cmd == "export":
         print(pipeline.export(cfg, run=args.run))
+        if not args.retrieval_only and pipeline.has_ranker(cfg, run=args.run):
+            for path in pipeline.export_ranking(cfg, run=args.run).values():
+                print(path)
     elif cmd == "serve":
         return _serve(args, cfg)
     elif cmd == "demo":
@@ -242,17 +266,38 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
+    from tfrec.serving.batching import BatchingOptions, parse_batching_parameters
     from tfrec.serving.server import ModelServer, load_model_config
 
     if args.model_config_file:
         models = load_model_config(args.model_config_file)
-    else:
-        models = {cfg.export.model_name: os.path.join(cfg.export.base_dir, cfg.export.model_name)}
+    else:  # the retrieval model, plus the ranker and pipeline when they were exported
+        models = {name: os.path.join(cfg.export.base_dir, name)
+                  for name in (cfg.export.model_name, "ranker", "pipeline")
+                  if name == cfg.export.model_name
+                  or os.path.isdir(os.path.join(cfg.export.base_dir, name))}
+    batching = None
+    if args.batching_parameters_file:
+        batching = parse_batching_parameters(args.batching_parameters_file)
+    elif args.enable_batching:
+        batching = BatchingOptions()
+    max_workers = args.max_workers or cfg.serve.max_workers
+    if batching is not None and not args.max_workers:
+        max_workers = max(max_workers, 32)  # each request waiting for a batch holds a thread
     server = ModelServer(models, host=cfg.serve.host, port=cfg.serve.port,
-                         poll_seconds=cfg.serve.poll_seconds, max_workers=cfg.serve.max_workers)
+                         poll_seconds=cfg.serve.poll_seconds,
+                         max_workers=max_workers,
+                         max_message_mb=args.max_message_mb, batching=batching,
+                         monitoring_port=args.monitoring_port)
     server.start()
     print(f"serving {', '.join(models)} on {cfg.serve.host}:{server.port} (Ctrl-C to stop)",
           flush=True)
+    if batching is not None:
+        print(f"batching: max_batch_size={batching.max_batch_size} batch_timeout_micros="
+              f"{batching.batch_timeout_micros} num_batch_threads={batching.num_batch_threads}",
+              flush=True)
+    if args.monitoring_port is not None:
+        print(f"metrics at {server.metrics_url}", flush=True)
     _wait_for_stop()
     server.stop(1.0)
     return 0
@@ -273,15 +318,24 @@ def _query(args: argparse.Namespace) -> int:
     from tfrec.serving.client import PredictClient, format_results
 
     client = PredictClient(args.server, timeout=args.timeout)
+    history = _ids(args.history)
     if args.similar:
         rows = client.similar_items(args.model, args.similar, k=args.k)
+    elif "search" in client.metadata(args.model):  # the combined pipeline model
+        context = dict(history=history, device=args.device, hour=args.hour, k=args.k,
+                       exclude=_ids(args.exclude), purchased=_ids(args.purchased))
+        rows = (client.search(args.model, args.user, args.query, **context) if args.query
+                else client.recommend_pipeline(args.model, args.user, **context))
     else:
-        history = [h.strip() for h in args.history.split(",") if h.strip()]
         rows = client.recommend(args.model, args.user, history=history, query=args.query,
                                 device=args.device, hour=args.hour, k=args.k,
                                 exclude_seen=not args.include_seen)
     print(json.dumps(rows, indent=2) if args.json else format_results(rows))
     return 0
+
+
+def _ids(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _board(args: argparse.Namespace) -> int:

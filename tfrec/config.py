@@ -56,7 +56,7 @@ class RankingConfig:
     """Ranker hyper-parameters (lists of shown items, multi-task heads)."""
 
     list_size: int = 10
-    id_embedding_dim: int = 32
+    id_embedding_dim: int = 8  # small: ~2k lists per period, ids overfit easily
     text_embedding_dim: int = 32
     cross_layers: int = 2  # DCN-v2 cross layers
     deep_units: Tuple[int, ...] = (128, 64)
@@ -64,7 +64,7 @@ class RankingConfig:
     click_weight: float = 1.0
     purchase_weight: float = 3.0  # purchases are rarer and worth more: weight them up
     position_debias: bool = True  # shallow position tower on the click logit, training only
-    id_dropout: float = 0.1
+    id_dropout: float = 0.5  # ranker: rely on features that generalise across users
     relevance_weight: float = 0.0  # graded relevance head (labels where they exist)
     # Text of query and candidate: "bow" (words + char trigrams, fast, no encoder), "fast"
     # (BERT item embeddings stored in the model, query encoded once per request) or
@@ -75,7 +75,9 @@ class RankingConfig:
     text_trainable: bool = False  # fine-tune the encoder
     text_top_layers: int = 0  # PEFT: with text_trainable, train only the last N layers
     use_retrieval_score: bool = True  # the two-tower score of each candidate is a feature
+    retrieval_score_scale: float = 10.0  # initial weight of that score (1 / temperature)
     candidates: int = 100  # retrieval top-K the ranker re-orders (training lists, pipeline)
+    list_cuts: int = 1  # cut times in the validation period that freeze users for lists
     max_candidates: int = 500  # larger candidate lists are rejected at serving
     eval_ks: Tuple[int, ...] = (10,)
     epochs: int = 5
@@ -115,6 +117,7 @@ class ExportConfig:
     base_dir: str = "work/models"
     model_name: str = "retrieval"
     version: Optional[int] = None  # None: next integer after the highest present
+    max_per_brand: int = 3  # pipeline business rule: at most this many results per brand
 
 
 @dataclass

@@ -122,6 +122,7 @@ def _signature_fn(fn):
 
 
 def export(cfg: Config, run: Optional[str] = None, model=None) -> str:
+    """Exports the retrieval model of a run; returns the version directory."""
     from tfrec.data.io import load_tables
     from tfrec.export.exporter import export_retrieval
     from tfrec.training.trainer import resolve_run_dir
@@ -132,6 +133,45 @@ def export(cfg: Config, run: Optional[str] = None, model=None) -> str:
     run_cfg = _Config.from_yaml(os.path.join(run_dir, "config.yaml"))
     catalog = load_tables(run_cfg.data.data_dir).catalog
     return export_retrieval(run_dir, catalog, cfg.export, model=model)
+
+
+def has_ranker(cfg: Config, run: Optional[str] = None) -> bool:
+    from tfrec.training.ranking_trainer import ranker_dir_of
+    from tfrec.training.trainer import resolve_run_dir
+
+    run_dir = resolve_run_dir(cfg.train.checkpoint_dir, run)
+    return os.path.isdir(os.path.join(ranker_dir_of(run_dir), "weights"))
+
+
+def export_ranking(cfg: Config, run: Optional[str] = None, retrieval=None, ranker=None
+                   ) -> Dict[str, str]:
+    """Exports the run's ranker ("ranker") and the combined search/recommend pipeline
+    ("pipeline": retrieval -> ranker -> business rules in one SavedModel)."""
+    from tfrec.config import Config as _Config
+    from tfrec.data.io import load_tables
+    from tfrec.export.exporter import export_pipeline, export_ranker
+    from tfrec.training.ranking_trainer import load_ranker
+    from tfrec.training.trainer import load_trained_model, resolve_run_dir
+
+    run_dir = resolve_run_dir(cfg.train.checkpoint_dir, run)
+    run_cfg = _Config.from_yaml(os.path.join(run_dir, "config.yaml"))
+    tables = load_tables(run_cfg.data.data_dir)
+    if retrieval is None:
+        retrieval, _, _ = load_trained_model(run_dir)
+    if ranker is None:
+        ranker, _ = load_ranker(run_dir)
+    # Serve with popularity features as of the newest data, not the training cut.
+    from tfrec.data.examples import positive_interactions
+    from tfrec.features.catalog import catalog_statistics
+
+    ranker.catalog.set_statistics(catalog_statistics(
+        tables.catalog, positive_interactions(tables.events), int(tables.events["ts"].max()) + 1))
+    return {
+        "ranker": export_ranker(run_dir, tables.catalog, cfg.export, retrieval=retrieval,
+                                ranker=ranker),
+        "pipeline": export_pipeline(run_dir, tables.catalog, cfg.export, retrieval=retrieval,
+                                    ranker=ranker, max_per_brand=cfg.export.max_per_brand),
+    }
 
 
 def demo(cfg: Config, world: Optional[str] = None, regenerate: bool = False,
@@ -158,33 +198,45 @@ def demo(cfg: Config, world: Optional[str] = None, regenerate: bool = False,
     print_fn(f"  run {result.run_name}: {result.examples_per_second:,.0f} examples/s, "
              f"validation recall@100 {result.val_metrics.get('recall_at_100', float('nan')):.4f}")
 
+    step(f"train the ranker on the retrieval top-{cfg.ranking.candidates} "
+         f"({cfg.ranking.text_mode} text, click + purchase heads, DCN-v2)")
+    ranked = train_ranker(cfg, run=result.run_name, retrieval=result.model)
+    print_fn(f"  {ranked.lists} validation-period lists in {ranked.seconds:.0f}s; validation "
+             f"ndcg@10 {ranked.val_metrics.get('score_ndcg_at_10', float('nan')):.4f}")
+
     step("evaluate on the held-out test period")
     rows = evaluate(cfg, run=result.run_name)
-    print_fn(format_table(rows, title="test period (users frozen at its start, seen items excluded)"))
+    print_fn(format_table(rows, title="test period: users frozen at its start (seen items "
+                                      "excluded); search: rows = the period's search sessions"))
 
-    step("export SavedModel")
+    step("export SavedModels: retrieval, ranker, and the search/recommend pipeline")
     version_dir = export(cfg, run=result.run_name, model=result.model)
-    print_fn(f"  {version_dir}")
+    exported = export_ranking(cfg, run=result.run_name, retrieval=result.model,
+                              ranker=ranked.model)
+    for path in [version_dir, *exported.values()]:
+        print_fn(f"  {path}")
 
     step("serve over gRPC (embedded TF Serving API) and query")
-    server = ModelServer({cfg.export.model_name: os.path.join(cfg.export.base_dir,
-                                                              cfg.export.model_name)},
+    names = [cfg.export.model_name, "ranker", "pipeline"]
+    server = ModelServer({name: os.path.join(cfg.export.base_dir, name) for name in names},
                          host=cfg.serve.host, port=0, poll_seconds=cfg.serve.poll_seconds)
     server.start()
     try:
         address = f"{cfg.serve.host}:{server.port}"
         client = PredictClient(address)
-        client.wait_until_available(cfg.export.model_name, timeout=60)
+        for name in names:
+            client.wait_until_available(name, timeout=60)
         tables = load_tables(cfg.data.data_dir)
         user, history = _example_user(tables.events)
         print_fn(f"  server on {address}; user {user}, recent items: "
                  + ", ".join(_titles(tables.catalog, history[:3])))
-        recs = client.recommend(cfg.export.model_name, user, history=history, k=10)
+        print_fn("  recommendations (retrieval top-100 -> ranker -> at most "
+                 f"{cfg.export.max_per_brand} per brand), one Predict call:")
+        recs = client.recommend_pipeline("pipeline", user, history=history, k=10)
         print_fn(format_results(recs))
         query = _example_query(tables.events)
-        print_fn(f"  personalized search for {user}: {query!r}")
-        print_fn(format_results(client.recommend(cfg.export.model_name, user, history=history,
-                                                 query=query, k=5)))
+        print_fn(f"  search for {user}: {query!r}")
+        print_fn(format_results(client.search("pipeline", user, query, history=history, k=5)))
         item = recs[0]["item_id"]
         print_fn(f"  items similar to {item} ({recs[0]['title']}):")
         print_fn(format_results(client.similar_items(cfg.export.model_name, item, k=5)))
@@ -193,8 +245,8 @@ def demo(cfg: Config, world: Optional[str] = None, regenerate: bool = False,
     seconds = time.perf_counter() - started
     print_fn(f"\ndemo finished in {seconds:.0f}s; TensorBoard: tfrec board "
              f"(logs in {result.tensorboard_dir})")
-    return {"metrics": rows, "export": version_dir, "run": result.run_name, "seconds": seconds,
-            "recommendations": recs}
+    return {"metrics": rows, "export": version_dir, "exported": exported,
+            "run": result.run_name, "seconds": seconds, "recommendations": recs}
 
 
 def _stepper(print_fn):

@@ -869,6 +869,32 @@ class World:
                 result.append([str(item_ids[i]) for i in top[row][valid]])
         return result
 
+    def oracle_rerank(self, user_ids: Sequence[str], candidates: np.ndarray, ts: int,
+                      chunk: int = 256) -> np.ndarray:
+        """Each user's candidate ids re-ordered by true utility at `ts`.
+
+        The ceiling of any ranker that re-orders the same candidates (unknown ids last).
+
+        Args:
+          user_ids: one user per candidate row.
+          candidates: [U, K] item ids.
+          ts: unix seconds.
+          chunk: users scored at once.
+        """
+        item_index = self._index("item")
+        cols = np.array([[item_index.get(str(i), -1) for i in row] for row in candidates],
+                        dtype=np.int64).reshape(np.shape(candidates))
+        out = np.empty_like(np.asarray(candidates, dtype=object))
+        for start in range(0, len(user_ids), chunk):
+            scores = self.oracle_scores(list(user_ids[start:start + chunk]), ts)
+            block = cols[start:start + chunk]
+            utility = np.take_along_axis(scores, np.maximum(block, 0), axis=1)
+            utility = np.where(block >= 0, utility, -np.inf)
+            order = np.argsort(-utility, axis=1, kind="stable")
+            out[start:start + chunk] = np.take_along_axis(
+                np.asarray(candidates[start:start + chunk], dtype=object), order, axis=1)
+        return out
+
     def save(self, data_dir: str) -> None:
         """Writes tables (.parquet), ground_truth.npz and world.json, each atomically."""
         os.makedirs(data_dir, exist_ok=True)

@@ -18,7 +18,7 @@ from tfrec.data.schema import PAD, POSITIVE_EVENT_WEIGHTS
 from tfrec.evaluation.baselines import CooccurrenceBaseline, PopularityBaseline
 from tfrec.evaluation.business import PositionBasedClickModel, logged_impressions
 from tfrec.evaluation.html_report import CURVE_MAX_K, ReportData
-from tfrec.evaluation.report import oracle_lists, rerank_period
+from tfrec.evaluation.report import oracle_lists, ranked_lists
 from tfrec.evaluation.retrieval import (EvalSet, build_eval_set, catalog_features,
                                         embed_in_batches, evaluate_lists, retrieve_topk)
 
@@ -103,8 +103,9 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
                                        eval_set.exclude))
         embeddings = (items["item_id"], item_emb)
         if ranker is not None:
-            add("two_tower+ranker", rerank_period(ranker, eval_set, events, catalog, query_fn,
-                                                  candidate_fn, candidates, start_ts))
+            for name, ranked in ranked_lists(ranker, eval_set, events, catalog, query_fn,
+                                             candidate_fn, candidates, data_dir).items():
+                add(name, ranked)
     popularity = PopularityBaseline().fit(events, until_ts=start_ts)
     add("popularity", popularity.recommend(users, width, exclude=exclude))
     if cooccurrence:

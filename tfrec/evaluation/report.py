@@ -64,8 +64,9 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
         add("two_tower", retrieve_topk(query_emb, item_emb, items["item_id"], max(ks),
                                        eval_set.exclude))
         if ranker is not None:
-            add("two_tower+ranker", rerank_period(ranker, eval_set, events, catalog, query_fn,
-                                                  candidate_fn, candidates, start_ts))
+            for name, lists in ranked_lists(ranker, eval_set, events, catalog, query_fn,
+                                            candidate_fn, candidates, data_dir).items():
+                add(name, lists)
     popularity = PopularityBaseline().fit(events, until_ts=start_ts)
     recs = popularity.recommend(list(eval_set.user_ids), max(ks),
                                 exclude=dict(zip(eval_set.user_ids, eval_set.exclude)))
@@ -80,11 +81,19 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
     return rows
 
 
-def rerank_period(ranker, eval_set: EvalSet, events: pd.DataFrame, catalog: pd.DataFrame,
-                  query_fn, candidate_fn, candidates: int, cut_ts: int) -> np.ndarray:
-    """The retrieval top-`candidates` of each frozen user, re-ordered by the ranker."""
+def ranked_lists(ranker, eval_set: EvalSet, events: pd.DataFrame, catalog: pd.DataFrame,
+                 query_fn, candidate_fn, candidates: int,
+                 data_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """The retrieval top-`candidates` of each frozen user re-ordered by the ranker
+    ("two_tower+ranker") and, on a synthetic world, by true utility
+    ("two_tower+oracle_ranker": the best any ranker of these candidates could do)."""
     lists = candidate_lists(eval_set, query_fn, candidate_fn, catalog, candidates)
-    return rank_lists(ranker, lists, events, catalog, cut_ts)
+    out = {"two_tower+ranker": rank_lists(ranker, lists, events, catalog, eval_set.start_ts)}
+    world = _world(data_dir)
+    if world is not None:
+        out["two_tower+oracle_ranker"] = world.oracle_rerank(
+            eval_set.user_ids, lists["item_id"], (eval_set.start_ts + eval_set.end_ts) // 2)
+    return out
 
 
 def rank_lists(ranker, lists: Dict[str, np.ndarray], events: pd.DataFrame,
@@ -141,12 +150,19 @@ def evaluate_search(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
     return rows
 
 
-def oracle_lists(data_dir: Optional[str], eval_set: EvalSet, k: int) -> Optional[List[List[str]]]:
+def _world(data_dir: Optional[str]):
+    """The synthetic world of `data_dir`, or None (only synthetic worlds have a truth)."""
     if not data_dir or not os.path.exists(os.path.join(data_dir, "ground_truth.npz")):
         return None
-    from tfrec.data.synthetic import World  # only synthetic worlds have a ground truth
+    from tfrec.data.synthetic import World
 
-    world = World.load(data_dir)
+    return World.load(data_dir)
+
+
+def oracle_lists(data_dir: Optional[str], eval_set: EvalSet, k: int) -> Optional[List[List[str]]]:
+    world = _world(data_dir)
+    if world is None:
+        return None
     mid = (eval_set.start_ts + eval_set.end_ts) // 2
     return world.oracle_topk(list(eval_set.user_ids), mid, k,
                              exclude=dict(zip(eval_set.user_ids, eval_set.exclude)))

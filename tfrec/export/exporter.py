@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Optional
@@ -9,9 +10,15 @@ from typing import Optional
 import pandas as pd
 
 from tfrec.config import ExportConfig
+from tfrec.export.pipeline import PipelineModule
+from tfrec.export.ranking import RankerModule
 from tfrec.export.retrieval import RetrievalModule
 from tfrec.export.versioned import save_versioned
+from tfrec.training.ranking_trainer import load_ranker
 from tfrec.training.trainer import load_trained_model
+
+RANKER_NAME = "ranker"
+PIPELINE_NAME = "pipeline"
 
 
 def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
@@ -32,3 +39,89 @@ def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
             "signatures": sorted(module.signatures())}
     return save_versioned(module, module.signatures(), export.base_dir, export.model_name,
                           export.version, extra_files={"tfrec_model.json": card})
+
+
+def _signatures_only():
+    """Skips Keras' per-layer call traces while saving: serving needs only the signatures.
+
+    The traces let Keras rebuild its layers from the SavedModel; without them export
+    and load take about 40% less time. The switch is tf_keras-internal: a no-op if moved.
+    """
+    try:
+        from tf_keras.src.saving.legacy.saved_model.utils import keras_option_scope
+    except ImportError:  # pragma: no cover - depends on the tf_keras version
+        return contextlib.nullcontext()
+    return keras_option_scope(save_traces=False, in_tf_saved_model_scope=False)
+
+
+def _trained_pair(run_dir: str, retrieval, ranker):
+    """(retrieval model, ranker) of `run_dir`, loading whichever was not passed in."""
+    if retrieval is None:
+        retrieval, _, _ = load_trained_model(run_dir)
+    if ranker is None:
+        ranker, _ = load_ranker(run_dir)
+    return retrieval, ranker
+
+
+def _ranking_card(kind: str, run_dir: str, catalog: pd.DataFrame, ranker, signatures,
+                  **extra) -> dict:
+    text_mode = ranker.config.text_mode
+    return {"model": kind, "run_dir": os.path.abspath(run_dir),
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "num_items": len(catalog),
+            "tasks": list(ranker.tasks), "text_mode": text_mode,
+            # BERT text modes tokenise with TF Text ops (stock TF Serving links them).
+            "needs_tensorflow_text": text_mode != "bow",
+            "signatures": sorted(signatures), **extra}
+
+
+def export_ranker(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
+                  model_name: str = RANKER_NAME, max_candidates: Optional[int] = None,
+                  retrieval=None, ranker=None) -> str:
+    """Exports the ranker of `run_dir` (candidate ids in, re-ordered ids out).
+
+    Writes `<export.base_dir>/<model_name>/<version>/` atomically; returns that dir.
+
+    Args:
+      run_dir: retrieval run directory with a trained `ranker/`.
+      catalog: items that may be candidates (each must be known to the ranker).
+      export: base dir and optional version (its model_name is the retrieval model's).
+      model_name: model directory name.
+      max_candidates: longest candidate list accepted (default ranking.max_candidates).
+      retrieval / ranker: already-loaded models of that run (skip rebuilding them).
+    """
+    retrieval, ranker = _trained_pair(run_dir, retrieval, ranker)
+    module = RankerModule(retrieval, ranker, catalog, max_candidates=max_candidates)
+    signatures = module.signatures()
+    card = _ranking_card("ranker", run_dir, catalog, ranker, signatures,
+                         max_candidates=module.max_candidates)
+    with _signatures_only():
+        return save_versioned(module, signatures, export.base_dir, model_name,
+                              export.version, extra_files={"tfrec_model.json": card})
+
+
+def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
+                    max_per_brand: Optional[int] = 3, model_name: str = PIPELINE_NAME,
+                    candidates: Optional[int] = None, retrieval=None, ranker=None) -> str:
+    """Exports retrieval -> ranker -> business rules as one SavedModel.
+
+    Writes `<export.base_dir>/<model_name>/<version>/` atomically; returns that dir.
+
+    Args:
+      run_dir: retrieval run directory with a trained `ranker/`.
+      catalog: items that can be served (optional bool column `in_stock`).
+      export: base dir and optional version (its model_name is the retrieval model's).
+      max_per_brand: at most this many results per brand; None for no cap.
+      model_name: model directory name.
+      candidates: retrieval top-K the ranker re-orders (default ranking.candidates).
+      retrieval / ranker: already-loaded models of that run (skip rebuilding them).
+    """
+    retrieval, ranker = _trained_pair(run_dir, retrieval, ranker)
+    module = PipelineModule(retrieval, ranker, catalog, candidates=candidates,
+                            max_per_brand=max_per_brand)
+    signatures = module.signatures()
+    card = _ranking_card("pipeline", run_dir, catalog, ranker, signatures,
+                         candidates=module.candidates, max_per_brand=module.max_per_brand,
+                         in_stock_column=module.core.has_stock)
+    with _signatures_only():
+        return save_versioned(module, signatures, export.base_dir, model_name,
+                              export.version, extra_files={"tfrec_model.json": card})

@@ -83,7 +83,12 @@ class CatalogLookup(tf.keras.layers.Layer):
             return np.append(np.asarray(values, np.float32), np.float32(0.0))
 
         self._strings = {c: strings(c) for c in ("title", "category", "brand")}
+        # Price relative to the item's category (log ratio to the category median): what
+        # a price-sensitive user compares, since "cheap" means different things per aisle.
+        log_price = np.log1p(catalog["price"].astype(np.float64).clip(lower=0))
+        median = log_price.groupby(catalog["category"].astype(str)).transform("median")
         self._numbers = {"price": numbers(catalog["price"].to_numpy(np.float32)),
+                         "relative_price": numbers((log_price - median).to_numpy()),
                          **{c: numbers(stats[c].to_numpy()) for c in stats.columns}}
 
     def build(self, input_shape):
@@ -117,5 +122,5 @@ class CatalogLookup(tf.keras.layers.Layer):
             raise ValueError(f"statistics have {len(statistics)} rows, the catalog "
                              f"{self.num_items}")
         for name, column in self.number_columns.items():
-            if name in statistics:
+            if name in statistics.columns:
                 column.assign(np.append(statistics[name].to_numpy(np.float32), np.float32(0.0)))

@@ -22,6 +22,7 @@ from tfrec.models.losses import get_loss
 
 TASKS = ("click", "purchase", "relevance")
 TEXT_MODES = ("bow", "fast", "cross")
+NUMERIC_FEATURES = 12  # popularity x3, retrieval score x2, trend z-score, affinity x6
 
 
 def _flat(x: tf.Tensor) -> tf.Tensor:
@@ -93,13 +94,16 @@ class RankingModel(tf.keras.Model):
         if not self.tasks:
             raise ValueError("every task weight is 0: set ranking.click_weight, "
                              "purchase_weight or relevance_weight > 0")
-        self.heads = {task: tf.keras.layers.Dense(1, name=f"{task}_head") for task in self.tasks}
-        # The retrieval score also enters each logit linearly: the ranker starts from the
-        # retrieval order and learns corrections, instead of having to rediscover it.
+        # Zero-initialised heads plus the retrieval score on each logit: an untrained ranker
+        # reproduces the retrieval order exactly and training only learns corrections,
+        # instead of first having to undo random noise on top of it.
+        self.heads = {task: tf.keras.layers.Dense(1, kernel_initializer="zeros",
+                                                  name=f"{task}_head") for task in self.tasks}
         self.retrieval_scale = {
             task: self.add_weight(name=f"{task}_retrieval_scale", shape=(), trainable=True,
                                   initializer=tf.keras.initializers.Constant(
-                                      5.0 if config.use_retrieval_score else 0.0))
+                                      config.retrieval_score_scale
+                                      if config.use_retrieval_score else 0.0))
             for task in self.tasks}
         # Position bias as a shallow tower added to the click logit in training only:
         # clicks at the top are partly position, and serving has no position yet.
@@ -121,15 +125,29 @@ class RankingModel(tf.keras.Model):
         ], axis=1)
 
     def _affinity(self, history: tf.Tensor, item: Dict[str, tf.Tensor]) -> tf.Tensor:
-        """Share of the user's recent items in the candidate's category / brand: [B, L, 2]."""
+        """How the candidate fits the user's recent items: [B, L, AFFINITY_FEATURES].
+
+        Shares of recent items in the candidate's category and brand, and the distance of
+        the candidate's category-relative price from the user's usual one (plain, squared
+        and in units of the user's own spread): price fit is quadratic, which a dot
+        product of tower embeddings expresses poorly.
+        """
         past = self.catalog(history)  # [B, H]
-        valid = tf.cast(past["row"] >= 0, tf.float32)[:, tf.newaxis, :]  # [B, 1, H]
-        count = tf.maximum(tf.reduce_sum(valid, axis=2), 1.0)
-        shares = []
+        valid = tf.cast(past["row"] >= 0, tf.float32)  # [B, H]
+        count = tf.maximum(tf.reduce_sum(valid, axis=1, keepdims=True), 1.0)  # [B, 1]
+        features = []
         for name in ("category", "brand"):
             same = tf.equal(item[name][:, :, tf.newaxis], past[name][:, tf.newaxis, :])
-            shares.append(tf.reduce_sum(tf.cast(same, tf.float32) * valid, axis=2) / count)
-        return tf.stack(shares, axis=2)
+            features.append(tf.reduce_sum(tf.cast(same, tf.float32) * valid[:, tf.newaxis, :],
+                                          axis=2) / count)
+        mean = tf.reduce_sum(past["relative_price"] * valid, axis=1, keepdims=True) / count
+        var = tf.reduce_sum(tf.square(past["relative_price"] - mean) * valid, axis=1,
+                            keepdims=True) / count
+        has_history = tf.cast(tf.reduce_sum(valid, axis=1, keepdims=True) > 0, tf.float32)
+        gap = (item["relative_price"] - mean) * has_history  # [B, L]
+        scaled = gap * tf.math.rsqrt(var + 0.01)
+        features += [gap, tf.square(gap), scaled, tf.square(scaled)]
+        return tf.stack(features, axis=2)
 
     def _text(self, query: tf.Tensor, item: Dict[str, tf.Tensor], size: tf.Tensor,
               training: Optional[bool]) -> tf.Tensor:
@@ -158,12 +176,12 @@ class RankingModel(tf.keras.Model):
                       retrieval, _list_zscore(retrieval, valid),
                       _list_zscore(item["recent_popularity"], valid)], axis=2),
             self._affinity(f["history"], item),
-        ], axis=2)  # [B, L, 8]
+        ], axis=2)  # [B, L, NUMERIC_FEATURES]
         candidate = tf.concat([
             self.item(_flat(f["item_id"]), training=training),
             self.category(_flat(item["category"])), self.brand(_flat(item["brand"])),
             self.price(_flat(item["price"])),
-            tf.reshape(numeric, [-1, 8]),
+            tf.reshape(numeric, [-1, NUMERIC_FEATURES]),
         ], axis=1)  # [B*L, I]
         text = self._text(f["query"], item, size, training)
         x0 = tf.concat([tf.repeat(self._request(f, training), size, axis=0), candidate, text],

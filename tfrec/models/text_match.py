@@ -218,8 +218,7 @@ class TextMatch(tf.keras.layers.Layer):
         """
         pre = self._preprocessor
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-        def embed(batch: tf.Tensor) -> tf.Tensor:
+        def embed(batch: tf.Tensor) -> tf.Tensor:  # eager: the SavedModel parts are graphs
             inputs = _trim(pre.bert_pack_inputs([pre.tokenize(batch)],
                                                 seq_length=self.item_length))
             out = encoder_object(inputs, training=False)

@@ -168,20 +168,27 @@ def training_lists(cfg: Config, run_dir: str, retrieval=None, max_users: Optiona
                    ) -> Tuple[Dict[str, np.ndarray], pd.DataFrame]:
     """Candidate lists of the validation period and the catalog statistics at its start.
 
-    Recommendation lists (users frozen at the period start, labels = their positives in
-    the period) plus search lists (each search session's query, labels = its positives).
+    Recommendation lists (users frozen at `ranking.list_cuts` evenly spaced times from the
+    period start, labels = their positives from then to the period end) plus search lists
+    (each search session's query, labels = its positives).
     """
     if retrieval is None:
         retrieval, _, _ = load_trained_model(run_dir)
     meta = ensure_prepared(cfg)
     tables = load_tables(cfg.data.data_dir)
     t_val, t_test = int(meta["split"]["t_val"]), int(meta["split"]["t_test"])
-    users = build_eval_set(tables.events, t_val, t_test, cfg.data.history_length,
-                           max_users=max_users, seed=cfg.train.seed)
     query_fn, candidate_fn = tower_fn(retrieval.query_tower), tower_fn(retrieval.candidate_tower)
-    arrays = candidate_lists(users, query_fn, candidate_fn, tables.catalog,
-                             cfg.ranking.candidates,
-                             period_purchases(tables.events, t_val, t_test))
+    # Several cut times inside the period: the same retrieval model (which never saw the
+    # period) scores users at different points of their histories, giving more lists.
+    cuts = max(1, cfg.ranking.list_cuts)
+    parts = []
+    for cut in np.linspace(t_val, t_test, cuts + 1)[:-1].astype(np.int64):
+        users = build_eval_set(tables.events, int(cut), t_test, cfg.data.history_length,
+                               max_users=max_users, seed=cfg.train.seed)
+        parts.append(candidate_lists(users, query_fn, candidate_fn, tables.catalog,
+                                     cfg.ranking.candidates,
+                                     period_purchases(tables.events, int(cut), t_test)))
+    arrays = concat_lists(*parts)
     sessions = search_sessions(tables.events, t_val, t_test, cfg.data.history_length,
                                max_sessions=max_users, seed=cfg.train.seed)
     if len(sessions):
