@@ -57,7 +57,14 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=["default", "one_device", "mirrored", "multi_worker",
-                                          "tpu"], help="tf.distribute strategy")
+                                          "parameter_server", "tpu"],
+                   help="tf.distribute strategy (multi_worker / parameter_server read TF_CONFIG)")
+    if p.prog.endswith(" train"):  # shared with `demo`, which trains in one process
+        p.add_argument("--cluster", metavar="SPEC",
+                       help="train on a cluster of local processes: local:N (N "
+                            "MultiWorkerMirrored workers, worker 0 is the chief) or "
+                            "local:ps=M,workers=N (ParameterServerStrategy, this process "
+                            "coordinating); a failed worker stops the run with exit code 1")
     p.add_argument("--tpu", help="TPU address or name (with --strategy tpu)")
     p.add_argument("--cpu-devices", type=int, dest="cpu_devices",
                    help="split the CPU into N logical devices (e.g. Mirrored on CPU)")
@@ -232,9 +239,25 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {info['items']} items, {info['users']} users, {info['events']} events "
               f"({info['world']}, seed {info['seed']}) to {info['data_dir']} in {info['seconds']}s")
     elif cmd == "train":
-        result = pipeline.train(cfg)
-        print(f"run {result.run_name} ({result.strategy}, {result.replicas} replicas): "
-              f"{result.examples_per_second:,.0f} examples/s")
+        from tfrec.training import cluster
+
+        if cluster.is_server_task(cfg):  # a parameter-server cluster's worker or PS task
+            return cluster.run_server()
+        try:
+            result = (cluster.launch(args.cluster, cfg, verbose=args.verbose)
+                      if args.cluster else pipeline.train(cfg))
+        except cluster.ClusterError as e:
+            print(f"tfrec: error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(result, str):  # multi-worker: the workers printed their results
+            print(f"run {cfg.train.run_name} finished on cluster {args.cluster}; "
+                  f"run dir {result}")
+            return 0
+        cluster_info = (f", {result.workers} workers" if result.workers > 1
+                        or result.strategy == "parameter_server" else "")
+        cluster_info += f", {result.ps} ps" if result.ps else ""
+        print(f"run {result.run_name} ({result.strategy}, {result.replicas} replicas"
+              f"{cluster_info}): {result.examples_per_second:,.0f} examples/s")
         print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in result.val_metrics.items()))
         print(f"run dir {result.run_dir}; TensorBoard logs {result.tensorboard_dir}")
     elif cmd == "train-ranker":

@@ -91,6 +91,9 @@ class TrainConfig:
 
     strategy: str = "default"  # default|one_device|mirrored|multi_worker|parameter_server|tpu
     tpu: Optional[str] = None
+    # parameter_server: variables are split across PS tasks in shards of at least this
+    # many bytes (MinSizePartitioner), so only large tables (ids, text) get sharded.
+    ps_min_shard_bytes: int = 256 << 10
     cpu_devices: int = 0  # >1 splits the CPU into logical devices (tests of Mirrored)
     batch_size: int = 512
     epochs: int = 8

@@ -3,6 +3,10 @@
 A run directory (`<checkpoint_dir>/<run>/`) holds everything needed to rebuild the
 model in another process: config.yaml, vocab.json and the final weights. Re-running
 the same run name resumes from its BackupAndRestore state.
+
+Under ParameterServerStrategy Keras cannot run the distributed validation pass with
+this model's evaluation callbacks, so validation happens on the coordinator: recall
+every epoch (in-process, as always), loss and TFRS top-k metrics once after fit.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from tfrec.evaluation.retrieval import build_eval_set, catalog_features, embed_i
 from tfrec.features.vocab import Vocabularies, build_vocabularies
 from tfrec.models.retrieval import TwoTowerModel
 from tfrec.training.callbacks import (BackupAndRestore, RefreshCatalogIndex, RetrievalEvaluation, metric_key,
-                                      tower_fn, write_hparams, write_projector)
-from tfrec.training.strategy import configure_devices, is_chief, make_strategy, resolve_precision
+                                      refresh_index, tower_fn, write_hparams, write_projector)
+from tfrec.training.strategy import (configure_devices, is_chief, make_strategy, num_workers,
+                                     resolve_precision)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,8 @@ class TrainResult:
       history: Keras history (loss and validation metrics per epoch).
       val_metrics: validation metrics of the last epoch.
       examples_per_second: training throughput over the whole fit.
+      strategy / replicas / workers / ps: how it was distributed.
+      initial_epoch: first epoch this fit ran (> 0 when resumed from a backup).
     """
 
     run_name: str
@@ -63,6 +70,9 @@ class TrainResult:
     examples_per_second: float = 0.0
     strategy: str = "default"
     replicas: int = 1
+    workers: int = 1
+    ps: int = 0
+    initial_epoch: int = 0
 
 
 def default_run_name() -> str:
@@ -160,8 +170,9 @@ def train_retrieval(cfg: Config,
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     precision = resolve_precision(cfg.train.mixed_precision)
-    strategy = make_strategy(cfg.train.strategy, cfg.train.tpu)
+    strategy = make_strategy(cfg.train.strategy, cfg.train.tpu, cfg.train.ps_min_shard_bytes)
     chief = is_chief(strategy)
+    parameter_server = isinstance(strategy, tf.distribute.ParameterServerStrategy)
 
     meta = ensure_prepared(cfg)
     tables = load_tables(cfg.data.data_dir)
@@ -187,16 +198,37 @@ def train_retrieval(cfg: Config,
     with strategy.scope():
         model = build_model(vocab, cfg, precision)
         model.build_from_features()  # BackupAndRestore needs variables before fit()
+    workers, num_ps = num_workers(strategy), 0
+    if parameter_server:
+        jobs = strategy.cluster_resolver.cluster_spec().as_dict()
+        workers, num_ps = len(jobs["worker"]), len(jobs["ps"])
+    elif workers > 1:
+        # Keras' default ("auto" = "sum") all-reduces the metric results of every worker,
+        # which are already global: loss and TFRS top-k metrics came out x workers.
+        model.distribute_reduction_method = "first"
+    if parameter_server:
+        _log_sharding(model)
 
     patterns = meta["patterns"]
-    train_ds = make_dataset(patterns["train"], cfg.train.batch_size, cfg.data.history_length,
-                            shuffle=True, seed=cfg.train.seed,
-                            deterministic=cfg.train.deterministic,
-                            repeat=cfg.train.steps_per_epoch is not None,
-                            # A tiny last batch is a softmax with almost no negatives.
-                            drop_remainder=int(meta["counts"]["train"]) >= 2 * cfg.train.batch_size)
-    val_ds = make_dataset(patterns["val"], cfg.train.batch_size, cfg.data.history_length,
-                          shuffle=False, deterministic=True)
+    # A tiny last batch is a softmax with almost no negatives.
+    drop_remainder = int(meta["counts"]["train"]) >= 2 * cfg.train.batch_size
+    steps_per_epoch = cfg.train.steps_per_epoch
+    if parameter_server:
+        # Workers pull batches forever from their own input pipeline: Keras needs a
+        # dataset function and a fixed number of steps per epoch.
+        steps_per_epoch = steps_per_epoch or max(
+            1, int(meta["counts"]["train"]) // cfg.train.batch_size)
+        train_ds = tf.keras.utils.experimental.DatasetCreator(
+            _ps_dataset_fn(patterns["train"], cfg, drop_remainder))
+        val_ds = None
+    else:
+        train_ds = make_dataset(patterns["train"], cfg.train.batch_size,
+                                cfg.data.history_length, shuffle=True, seed=cfg.train.seed,
+                                deterministic=cfg.train.deterministic,
+                                repeat=steps_per_epoch is not None,
+                                drop_remainder=drop_remainder)
+        val_ds = make_dataset(patterns["val"], cfg.train.batch_size, cfg.data.history_length,
+                              shuffle=False, deterministic=True)
     eval_set = build_eval_set(tables.events, t_val, t_test, cfg.data.history_length,
                               max_users=cfg.train.eval_max_users, seed=cfg.train.seed)
     evaluation = RetrievalEvaluation(eval_set, tables.catalog, cfg.train.eval_ks)
@@ -211,6 +243,7 @@ def train_retrieval(cfg: Config,
                                          patience=cfg.train.early_stopping_patience,
                                          restore_best_weights=True),
         BackupAndRestore(os.path.join(run_dir, "backup")),
+        _ResumeLog(),
     ] + list(extra_callbacks or [])
     if chief:
         write_hparams(tb_dir, _hparams(cfg, precision, strategy),
@@ -220,16 +253,19 @@ def train_retrieval(cfg: Config,
     examples = int(meta["counts"]["train"])
     start = time.perf_counter()
     history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
-                        steps_per_epoch=cfg.train.steps_per_epoch, callbacks=callbacks,
+                        steps_per_epoch=steps_per_epoch, callbacks=callbacks,
                         verbose=2 if chief else 0)
     elapsed = time.perf_counter() - start
     epochs_run = max(1, len(history.history.get("loss", [])))
-    seen = (cfg.train.steps_per_epoch * cfg.train.batch_size
-            if cfg.train.steps_per_epoch else examples) * epochs_run
+    seen = (steps_per_epoch * cfg.train.batch_size if steps_per_epoch else examples) * epochs_run
+    initial_epoch = int(history.epoch[0]) if history.epoch else int(cfg.train.epochs)
 
     # Final metrics on the weights actually saved (EarlyStopping may restore best ones).
     val_metrics = evaluation.evaluate()
     _save_weights_atomically(model, run_dir, chief)
+    if parameter_server:
+        val_metrics.update(evaluate_keras_metrics(
+            run_dir, patterns["val"], tables.catalog, cfg.train.batch_size))
     if chief:
         items = catalog_features(tables.catalog)
         item_emb = embed_in_batches(tower_fn(model.candidate_tower), items)
@@ -237,14 +273,80 @@ def train_retrieval(cfg: Config,
                         {"item_id": items["item_id"], "category": items["category"]})
         _write_json(os.path.join(run_dir, "metrics.json"),
                     {"validation": val_metrics, "history": _plain_history(history.history),
-                     "examples_per_second": seen / elapsed, "seconds": elapsed})
+                     "initial_epoch": initial_epoch, "strategy": cfg.train.strategy,
+                     "workers": workers, "examples_per_second": seen / elapsed,
+                     "seconds": elapsed})
         with open(os.path.join(cfg.train.checkpoint_dir, LATEST_FILE), "w") as f:
             f.write(run_name)
     return TrainResult(run_name=run_name, run_dir=run_dir, tensorboard_dir=tb_dir,
                        model=model, history=_plain_history(history.history),
                        val_metrics=val_metrics, examples_per_second=seen / elapsed,
                        strategy=cfg.train.strategy,
-                       replicas=strategy.num_replicas_in_sync)
+                       replicas=strategy.num_replicas_in_sync,
+                       workers=workers, ps=num_ps,
+                       initial_epoch=initial_epoch)
+
+
+class _ResumeLog(tf.keras.callbacks.Callback):
+    """Logs where a resumed fit starts (BackupAndRestore moves the first epoch on)."""
+
+    def __init__(self):
+        super().__init__()
+        self._first = True
+
+    def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
+        if self._first and epoch > 0:
+            log.info("resumed from backup: epochs 1-%d done, starting at epoch %d",
+                     epoch, epoch + 1)
+        self._first = False
+
+
+def _ps_dataset_fn(pattern: str, cfg: Config, drop_remainder: bool):
+    """Per-worker input of ParameterServerStrategy: each worker shuffles its own stream."""
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return make_dataset(pattern, context.get_per_replica_batch_size(cfg.train.batch_size),
+                            cfg.data.history_length, shuffle=True,
+                            seed=cfg.train.seed + context.input_pipeline_id,
+                            deterministic=cfg.train.deterministic, repeat=True,
+                            drop_remainder=drop_remainder)
+
+    return dataset_fn
+
+
+def _log_sharding(model: tf.keras.Model) -> None:
+    """Logs which variables ParameterServerStrategy split across PS tasks, and where."""
+    sharded = {}
+    for var in model.variables:
+        shards = getattr(var, "variables", None)
+        if shards and len(shards) > 1:
+            sharded[var.name] = [f"{tuple(s.shape)}@{s.device.split('/job:')[-1]}"
+                                 for s in shards]
+    for name, shards in sharded.items():
+        log.info("sharded %s into %d: %s", name, len(shards), " ".join(shards))
+    log.info("parameter_server: %d variables sharded across ps tasks", len(sharded))
+
+
+def evaluate_keras_metrics(run_dir: str, val_pattern: str, catalog: pd.DataFrame,
+                           batch_size: int) -> Dict[str, float]:
+    """Validation loss and TFRS top-k metrics of a run's saved weights, in this process.
+
+    One process, no strategy: the figures do not depend on how training was
+    distributed (the parameter-server coordinator runs this after fit).
+
+    Args:
+      run_dir: a finished run directory (config.yaml, vocab.json, weights/).
+      val_pattern: TFRecord glob of the validation examples.
+      catalog: the items of the factorized-metrics index (if the config enables it).
+      batch_size: evaluation batch size (the in-batch softmax loss depends on it).
+    """
+    model, cfg, _ = load_trained_model(run_dir)
+    model.compile(optimizer="sgd")
+    refresh_index(model, catalog)
+    dataset = make_dataset(val_pattern, batch_size, cfg.data.history_length, shuffle=False,
+                           deterministic=True)
+    results = model.evaluate(dataset, return_dict=True, verbose=0)
+    return {k: float(v) for k, v in results.items()}
 
 
 def _save_weights_atomically(model: tf.keras.Model, run_dir: str, chief: bool) -> None:
