@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -254,3 +255,53 @@ def test_brand_cap_keeps_the_first_items_of_each_brand():
     keep = brand_cap(brands, valid, 2).numpy()[0].tolist()
     # The invalid "a" does not count; "" has no cap.
     assert keep == [True, True, False, True, True, True, True, False]
+
+
+def test_cli_query_searches_and_recommends_through_the_pipeline(served, world):
+    """`tfrec query --model pipeline --query ...` is a search; without --query, recommend."""
+    address = served.address
+    base = [sys.executable, "-m", "tfrec.cli", "query", "--server", address, "--model",
+            "pipeline", "--user", world["user"], "--history", ",".join(world["history"]),
+            "--k", "4", "--json"]
+    search = subprocess.run(base + ["--query", "running shoes"], capture_output=True,
+                            text=True, timeout=120)
+    assert search.returncode == 0, search.stderr[-2000:]
+    rows = json.loads(search.stdout)
+    assert len(rows) == 4 and all("ranker_score" in r and r["title"] for r in rows)
+    recommend = subprocess.run(base + ["--exclude", rows[0]["item_id"]], capture_output=True,
+                               text=True, timeout=120)
+    assert recommend.returncode == 0, recommend.stderr[-2000:]
+    assert rows[0]["item_id"] not in [r["item_id"] for r in json.loads(recommend.stdout)]
+    empty = subprocess.run(base + ["--query", "   "], capture_output=True, text=True,
+                           timeout=120)  # blank text is not a search: it recommends
+    assert empty.returncode == 0, empty.stderr[-2000:]
+
+
+def test_bert_fast_mode_ranker_trains_and_exports(trained_run, tiny_config, tiny_encoder,
+                                                  world, tmp_path):
+    """The ranker with BERT text (TF-Hub tiny encoder, fast mode) end to end."""
+    from copy import deepcopy
+
+    from tfrec.export.exporter import export_pipeline
+    from tfrec.training.ranking_trainer import train_ranker
+
+    cfg = deepcopy(tiny_config)
+    cfg.train.checkpoint_dir = str(tmp_path / "checkpoints")
+    cfg.train.log_dir = str(tmp_path / "logs")
+    shutil.copytree(trained_run.run_dir, os.path.join(cfg.train.checkpoint_dir, "tiny"))
+    cfg.ranking.text_mode = "fast"
+    cfg.ranking.text_encoder, cfg.ranking.text_preprocessor = tiny_encoder
+    cfg.ranking.epochs = 1
+    result = train_ranker(cfg, run="tiny", retrieval=trained_run.model, max_users=60)
+    assert result.model.text_match is not None and result.history["loss"]
+    path = export_pipeline(os.path.join(cfg.train.checkpoint_dir, "tiny"), world["catalog"],
+                           ExportConfig(base_dir=str(tmp_path / "models")),
+                           retrieval=trained_run.model, ranker=result.model)
+    import tensorflow_text  # noqa: F401  (the BERT preprocessor's ops)
+    loaded = tf.saved_model.load(path)
+    out = loaded.signatures["search"](
+        query=tf.constant(["mat"]), user_id=tf.constant([world["user"]]),
+        history=tf.constant([world["history"]]), device=tf.constant(["mobile"]),
+        hour=tf.constant([9], tf.int64), k=tf.constant([3], tf.int32),
+        exclude_item_ids=tf.constant([[""]]), purchased_item_ids=tf.constant([[""]]))
+    assert out["item_ids"].shape == (1, 3) and np.all(np.isfinite(out["scores"].numpy()))

@@ -347,7 +347,8 @@ def _query(args: argparse.Namespace) -> int:
     elif "search" in client.metadata(args.model):  # the combined pipeline model
         context = dict(history=history, device=args.device, hour=args.hour, k=args.k,
                        exclude=_ids(args.exclude), purchased=_ids(args.purchased))
-        rows = (client.search(args.model, args.user, args.query, **context) if args.query
+        query = args.query.strip()  # blank text is no search: recommend instead
+        rows = (client.search(args.model, args.user, query, **context) if query
                 else client.recommend_pipeline(args.model, args.user, **context))
     else:
         rows = client.recommend(args.model, args.user, history=history, query=args.query,
