@@ -40,6 +40,7 @@ from tfrec.serving import (
     parse_model_config,
 )
 from tfrec.serving import tensors
+from tests.helpers import wait_for
 
 MODEL = "retrieval"
 NUM_ITEMS = 20
@@ -178,16 +179,6 @@ def write_corrupt_version(base_path: str, version: int) -> str:
     final = os.path.join(base_path, str(version))
     os.rename(tmp, final)
     return final
-
-
-def wait_for(condition, timeout: float = 15.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def request_inputs(k=5, hour=9, history=("I001", "I002", ""), batch=1):

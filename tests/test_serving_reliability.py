@@ -32,6 +32,7 @@ from tfrec.serving.batching import (
     parse_batching_parameters,
 )
 from tfrec.serving.monitoring import UNKNOWN, parse_exposition
+from tests.helpers import wait_for
 
 MODEL = "retrieval"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,16 +70,6 @@ def copy_version(source: str, base: str, version: int) -> str:
     final = os.path.join(base, str(version))
     os.rename(tmp, final)
     return final
-
-
-def wait_for(condition, timeout: float = 30.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def scrape(server: ModelServer) -> dict:

@@ -116,9 +116,16 @@ def retrieve_topk(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndar
       exclude: per-user sets of item ids never to return.
       chunk: users scored per matmul (bounds memory at large catalogs).
     """
+    return retrieve_with_scores(query_emb, item_emb, item_ids, k, exclude, chunk)[0]
+
+
+def retrieve_with_scores(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndarray,
+                         k: int, exclude: Optional[Sequence[Set[str]]] = None,
+                         chunk: int = 1024):
+    """`retrieve_topk` that also returns each id's dot-product score ([U, k] float32)."""
     k = min(k, len(item_ids))
     index = {item: i for i, item in enumerate(item_ids)}
-    results = []
+    ids, scores_out = [], []
     for start in range(0, len(query_emb), chunk):
         scores = query_emb[start:start + chunk] @ item_emb.T
         if exclude is not None:
@@ -127,9 +134,11 @@ def retrieve_topk(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndar
                 if cols:
                     scores[row, cols] = -np.inf
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-        results.append(item_ids[np.take_along_axis(top, order, axis=1)])
-    return np.concatenate(results, axis=0)
+        values = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        ids.append(item_ids[np.take_along_axis(top, order, axis=1)])
+        scores_out.append(np.take_along_axis(values, order, axis=1))
+    return np.concatenate(ids, axis=0), np.concatenate(scores_out, axis=0).astype(np.float32)
 
 
 def evaluate_embeddings(query_fn: EmbedFn, candidate_fn: EmbedFn, catalog: pd.DataFrame,

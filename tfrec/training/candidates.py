@@ -13,28 +13,8 @@ from typing import Dict, Optional
 import numpy as np
 import pandas as pd
 
-from tfrec.evaluation.retrieval import EmbedFn, EvalSet, catalog_features, embed_in_batches
-
-
-def retrieve_with_scores(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndarray,
-                         k: int, exclude=None, chunk: int = 1024):
-    """Exact top-k ids and their dot-product scores, skipping excluded items per row."""
-    k = min(k, len(item_ids))
-    index = {item: i for i, item in enumerate(item_ids)}
-    ids, scores_out = [], []
-    for start in range(0, len(query_emb), chunk):
-        scores = query_emb[start:start + chunk] @ item_emb.T
-        if exclude is not None:
-            for row, items in enumerate(exclude[start:start + chunk]):
-                cols = [index[i] for i in items if i in index]
-                if cols:
-                    scores[row, cols] = -np.inf
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        values = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-values, axis=1, kind="stable")
-        ids.append(item_ids[np.take_along_axis(top, order, axis=1)])
-        scores_out.append(np.take_along_axis(values, order, axis=1))
-    return np.concatenate(ids, axis=0), np.concatenate(scores_out, axis=0).astype(np.float32)
+from tfrec.evaluation.retrieval import (EmbedFn, EvalSet, catalog_features, embed_in_batches,
+                                        retrieve_with_scores)
 
 
 def period_purchases(events: pd.DataFrame, start_ts: int, end_ts: int) -> Dict[str, set]:
