@@ -109,7 +109,11 @@ class RankingModel(tf.keras.Model):
         # clicks at the top are partly position, and serving has no position yet.
         self.position_bias = tf.keras.layers.Embedding(config.list_size + 1, 1,
                                                        name="position_bias")
+        # Per-list losses averaged here: Keras' AUTO reduction is refused under
+        # tf.distribute strategies outside compile().
         self.list_loss = (None if config.loss == "pointwise" else get_loss(config.loss))
+        if self.list_loss is not None:
+            self.list_loss.reduction = tf.keras.losses.Reduction.NONE
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
 
     def task_weight(self, task: str) -> float:
@@ -214,7 +218,7 @@ class RankingModel(tf.keras.Model):
                 bce = tf.nn.sigmoid_cross_entropy_with_logits(target, logits[task])
                 loss = tf.math.divide_no_nan(tf.reduce_sum(bce * valid), tf.reduce_sum(valid))
             else:
-                loss = self.list_loss(labels, logits[task])
+                loss = tf.reduce_mean(self.list_loss(labels, logits[task]))
             total += self.task_weight(task) * loss
         return total
 
