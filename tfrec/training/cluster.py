@@ -125,12 +125,15 @@ def tf_config(cluster: Dict[str, List[str]], task_type: str, index: int) -> str:
     return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})
 
 
+_DIE_WITH_PARENT = sys.platform.startswith("linux")
+
+
 def _die_with_parent() -> None:
-    """Linux: the child gets SIGKILL if the launcher dies, so no worker outlives it."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    """Linux: the child gets SIGKILL when the launcher dies, so no worker outlives it.
+
+    (The signal follows the thread that started the child: always the main thread here.)
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class _Task:
@@ -142,7 +145,7 @@ class _Task:
         self.proc = subprocess.Popen(
             argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace",
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            preexec_fn=_die_with_parent if _DIE_WITH_PARENT else None)
         self._thread = threading.Thread(target=self._pump, args=(out, lock), daemon=True,
                                         name=f"log-{name}")
         self._thread.start()
@@ -345,7 +348,15 @@ def run_parameter_server(cluster: LocalCluster, cfg: Config, verbose: bool = Fal
         threading.Thread(target=_watch_servers, args=(launcher,), daemon=True,
                          name="watch-servers").start()
         os.environ["TF_CONFIG"] = tf_config(addresses, "chief", 0)
-        return train_retrieval(cfg)
+        result = train_retrieval(cfg)  # its model is a local copy, off the cluster
+        if _DIE_WITH_PARENT:
+            # Every tf.function is registered on the servers and unregistered when it is
+            # freed, up to interpreter exit; stopping them now would log one gRPC error
+            # per function. They get SIGKILL when this process ends instead.
+            launcher.stopping = True
+            launcher.say("training done; the servers stop when this process exits")
+            launcher.tasks = []
+        return result
     finally:
         launcher.stop_all()
         signal.signal(signal.SIGTERM, previous)
@@ -384,6 +395,9 @@ def launch(spec: str, cfg: Config, verbose: bool = False, out: Optional[TextIO] 
       directory for a multi-worker one.
     """
     cluster = parse_cluster(spec)
+    if cfg.train.strategy not in ("default", cluster.strategy):
+        raise ValueError(f"--cluster {spec} trains with strategy {cluster.strategy!r}, not "
+                         f"{cfg.train.strategy!r}: drop --strategy (or train.strategy)")
     if cluster.strategy == "multi_worker":
         return run_multi_worker(cluster, cfg, verbose=verbose, out=out)
     return run_parameter_server(cluster, cfg, verbose=verbose, out=out)
@@ -391,9 +405,11 @@ def launch(spec: str, cfg: Config, verbose: bool = False, out: Optional[TextIO] 
 
 def is_server_task(cfg: Config) -> bool:
     """True for the worker and PS tasks of a parameter-server cluster (they only serve)."""
+    if cfg.train.strategy != "parameter_server":
+        return False  # no TensorFlow import on the common path
     from tfrec.training.strategy import task_role
 
-    return cfg.train.strategy == "parameter_server" and task_role()[0] in ("worker", "ps")
+    return task_role()[0] in ("worker", "ps")
 
 
 def run_server() -> int:

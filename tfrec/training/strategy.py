@@ -148,10 +148,10 @@ def _parameter_server_strategy(min_shard_bytes: int) -> tf.distribute.Strategy:
             "process as task 'chief' (the coordinator); for a cluster on this machine run "
             "`tfrec train --cluster local:ps=1,workers=2`")
     task_type, _ = task_role()
-    if task_type not in ("chief", None):
+    if task_type != "chief":
         raise ValueError(f"the parameter_server coordinator must be TF_CONFIG task 'chief', "
-                         f"this process is {task_type!r} (workers and PS tasks only serve: "
-                         "tfrec.training.cluster.run_server)")
+                         f"this process is {task_type!r}; on worker and ps hosts "
+                         "`tfrec train --strategy parameter_server` serves instead of training")
     if min_shard_bytes < 1:
         raise ValueError(f"ps_min_shard_bytes must be >= 1, got {min_shard_bytes}")
     # Workers report errors to the coordinator instead of retrying forever.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,7 +38,7 @@ from tfrec.models.retrieval import TwoTowerModel
 from tfrec.training.callbacks import (BackupAndRestore, RefreshCatalogIndex, RetrievalEvaluation, metric_key,
                                       refresh_index, tower_fn, write_hparams, write_projector)
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy, num_workers,
-                                     resolve_precision)
+                                     resolve_precision, tf_config)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class TrainResult:
       examples_per_second: training throughput over the whole fit.
       strategy / replicas / workers / ps: how it was distributed.
       initial_epoch: first epoch this fit ran (> 0 when resumed from a backup).
+      epoch_seconds: wall time of each epoch's training steps (no validation/callbacks).
     """
 
     run_name: str
@@ -73,6 +75,7 @@ class TrainResult:
     workers: int = 1
     ps: int = 0
     initial_epoch: int = 0
+    epoch_seconds: List[float] = field(default_factory=list)
 
 
 def default_run_name() -> str:
@@ -199,13 +202,17 @@ def train_retrieval(cfg: Config,
         model = build_model(vocab, cfg, precision)
         model.build_from_features()  # BackupAndRestore needs variables before fit()
     workers, num_ps = num_workers(strategy), 0
-    if parameter_server:
-        jobs = strategy.cluster_resolver.cluster_spec().as_dict()
+    if parameter_server:  # the strategy was built from TF_CONFIG
+        jobs = (tf_config() or {})["cluster"]
         workers, num_ps = len(jobs["worker"]), len(jobs["ps"])
     elif workers > 1:
-        # Keras' default ("auto" = "sum") all-reduces the metric results of every worker,
-        # which are already global: loss and TFRS top-k metrics came out x workers.
+        # Metric results (loss, TFRS top-k) are already aggregated over all workers when a
+        # step returns them; take them as they are rather than Keras' "auto" ("sum" across
+        # workers). tests/test_cluster.py checks them against a single-process evaluation.
         model.distribute_reduction_method = "first"
+    if (workers > 1 or parameter_server) and not log.isEnabledFor(logging.DEBUG):
+        # TensorFlow logs one INFO line per step and cluster (all-reduce, closures).
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
     if parameter_server:
         _log_sharding(model)
 
@@ -233,7 +240,9 @@ def train_retrieval(cfg: Config,
                               max_users=cfg.train.eval_max_users, seed=cfg.train.seed)
     evaluation = RetrievalEvaluation(eval_set, tables.catalog, cfg.train.eval_ks)
     monitor = "val_" + metric_key(cfg.train.early_stopping_metric.replace("_at_", "@"))
+    timer = _EpochTimer()
     callbacks = [
+        timer,  # first: its epoch end comes before the evaluation callbacks'
         RefreshCatalogIndex(tables.catalog),  # no-op unless factorized metrics are on
         evaluation,  # first: adds val_recall_at_k to the logs the others read
         tf.keras.callbacks.TensorBoard(tb_dir if chief else tempfile.mkdtemp(),
@@ -264,8 +273,12 @@ def train_retrieval(cfg: Config,
     val_metrics = evaluation.evaluate()
     _save_weights_atomically(model, run_dir, chief)
     if parameter_server:
-        val_metrics.update(evaluate_keras_metrics(
-            run_dir, patterns["val"], tables.catalog, cfg.train.batch_size))
+        # The coordinator continues with a local copy: Keras' distributed evaluation is not
+        # used under PS, and callers keep a model that works after the servers stop.
+        model, _, _ = load_trained_model(run_dir)
+        val_metrics.update(evaluate_keras_metrics(model, patterns["val"], tables.catalog,
+                                                  cfg.train.batch_size,
+                                                  cfg.data.history_length))
     if chief:
         items = catalog_features(tables.catalog)
         item_emb = embed_in_batches(tower_fn(model.candidate_tower), items)
@@ -275,7 +288,8 @@ def train_retrieval(cfg: Config,
                     {"validation": val_metrics, "history": _plain_history(history.history),
                      "initial_epoch": initial_epoch, "strategy": cfg.train.strategy,
                      "workers": workers, "examples_per_second": seen / elapsed,
-                     "seconds": elapsed})
+                     "seconds": elapsed, "epoch_seconds": timer.seconds,
+                     "examples_per_epoch": seen // epochs_run})
         with open(os.path.join(cfg.train.checkpoint_dir, LATEST_FILE), "w") as f:
             f.write(run_name)
     return TrainResult(run_name=run_name, run_dir=run_dir, tensorboard_dir=tb_dir,
@@ -284,7 +298,30 @@ def train_retrieval(cfg: Config,
                        strategy=cfg.train.strategy,
                        replicas=strategy.num_replicas_in_sync,
                        workers=workers, ps=num_ps,
-                       initial_epoch=initial_epoch)
+                       initial_epoch=initial_epoch, epoch_seconds=timer.seconds)
+
+
+class _EpochTimer(tf.keras.callbacks.Callback):
+    """Wall seconds of each epoch's training steps, before validation and other callbacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: List[float] = []
+        self._start: Optional[float] = None
+
+    def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
+        self._start = time.perf_counter()
+
+    def _stop(self) -> None:
+        if self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+    def on_test_begin(self, logs: Optional[dict] = None) -> None:
+        self._stop()  # validation starts: the epoch's training steps are done
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        self._stop()  # no validation data (parameter servers)
 
 
 class _ResumeLog(tf.keras.callbacks.Callback):
@@ -314,36 +351,41 @@ def _ps_dataset_fn(pattern: str, cfg: Config, drop_remainder: bool):
     return dataset_fn
 
 
-def _log_sharding(model: tf.keras.Model) -> None:
-    """Logs which variables ParameterServerStrategy split across PS tasks, and where."""
-    sharded = {}
+def _log_sharding(model: tf.keras.Model) -> Dict[str, List[str]]:
+    """Logs which variables ParameterServerStrategy split across PS tasks, and where.
+
+    Keras lists the shards themselves (`<name>/part_<i>`), each placed on one PS task.
+    """
+    sharded: Dict[str, List[str]] = {}
     for var in model.variables:
-        shards = getattr(var, "variables", None)
-        if shards and len(shards) > 1:
-            sharded[var.name] = [f"{tuple(s.shape)}@{s.device.split('/job:')[-1]}"
-                                 for s in shards]
+        match = re.fullmatch(r"(.*)/part_(\d+)(:\d+)?", var.name)
+        if match:
+            task = var.device.split("/job:")[-1].split("/device")[0]
+            sharded.setdefault(match.group(1), []).append(f"{var.shape[0]} rows on {task}")
     for name, shards in sharded.items():
-        log.info("sharded %s into %d: %s", name, len(shards), " ".join(shards))
+        log.info("sharded %s: %s", name, ", ".join(shards))
     log.info("parameter_server: %d variables sharded across ps tasks", len(sharded))
+    return sharded
 
 
-def evaluate_keras_metrics(run_dir: str, val_pattern: str, catalog: pd.DataFrame,
-                           batch_size: int) -> Dict[str, float]:
-    """Validation loss and TFRS top-k metrics of a run's saved weights, in this process.
+def evaluate_keras_metrics(model: TwoTowerModel, val_pattern: str, catalog: pd.DataFrame,
+                           batch_size: int, history_length: int) -> Dict[str, float]:
+    """Validation loss and TFRS top-k metrics of a model, in this process.
 
-    One process, no strategy: the figures do not depend on how training was
+    Run on a model without a strategy, the figures do not depend on how training was
     distributed (the parameter-server coordinator runs this after fit).
 
     Args:
-      run_dir: a finished run directory (config.yaml, vocab.json, weights/).
+      model: a two-tower model built outside any strategy scope (e.g. `load_trained_model`).
       val_pattern: TFRecord glob of the validation examples.
       catalog: the items of the factorized-metrics index (if the config enables it).
       batch_size: evaluation batch size (the in-batch softmax loss depends on it).
+      history_length: history items per example.
     """
-    model, cfg, _ = load_trained_model(run_dir)
-    model.compile(optimizer="sgd")
+    if model.optimizer is None:
+        model.compile(optimizer="sgd")  # evaluate() needs a compiled model; no training
     refresh_index(model, catalog)
-    dataset = make_dataset(val_pattern, batch_size, cfg.data.history_length, shuffle=False,
+    dataset = make_dataset(val_pattern, batch_size, history_length, shuffle=False,
                            deterministic=True)
     results = model.evaluate(dataset, return_dict=True, verbose=0)
     return {k: float(v) for k, v in results.items()}
