@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import os
 import re
 import shutil
@@ -30,8 +29,6 @@ from typing import Dict, List, Optional, Sequence, TextIO
 import tfrec  # noqa: F401
 
 from tfrec.config import Config
-
-log = logging.getLogger(__name__)
 
 SPEC_HELP = ("local:N for N MultiWorkerMirrored worker processes, or local:ps=M,workers=N "
              "for a parameter-server cluster (M PS + N worker processes, this process "
@@ -137,7 +134,11 @@ def _die_with_parent() -> None:
 
 
 class _Task:
-    """One cluster process whose output is copied to `out` line by line with a prefix."""
+    """One cluster process whose output is copied to `out` line by line with a prefix.
+
+    A waiter thread stamps the exit time, so when one worker's death makes its peers
+    fail too, the launcher still names the one that died first.
+    """
 
     def __init__(self, name: str, argv: List[str], env: Dict[str, str], out: TextIO,
                  lock: threading.Lock):
@@ -146,9 +147,15 @@ class _Task:
             argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace",
             preexec_fn=_die_with_parent if _DIE_WITH_PARENT else None)
+        self.exit_time: Optional[float] = None
         self._thread = threading.Thread(target=self._pump, args=(out, lock), daemon=True,
                                         name=f"log-{name}")
         self._thread.start()
+        threading.Thread(target=self._wait, daemon=True, name=f"wait-{name}").start()
+
+    def _wait(self) -> None:
+        self.proc.wait()
+        self.exit_time = time.monotonic()
 
     def _pump(self, out: TextIO, lock: threading.Lock) -> None:
         for line in self.proc.stdout:
@@ -206,12 +213,9 @@ class _Launcher:
             self.out.flush()
 
     def failed(self) -> Optional[_Task]:
-        """The first task that exited with an error, if any."""
-        for task in self.tasks:
-            code = task.poll()
-            if code is not None and code != 0:
-                return task
-        return None
+        """The task that exited with an error first, if any."""
+        dead = [t for t in self.tasks if t.exit_time is not None and t.poll() != 0]
+        return min(dead, key=lambda t: t.exit_time) if dead else None
 
     def stop_all(self) -> None:
         self.stopping = True
@@ -222,8 +226,12 @@ class _Launcher:
             task.stop()
 
     def failure(self, task: _Task, what: str) -> ClusterError:
+        """The error naming `task`, and the peers that failed after it (e.g. in collectives)."""
+        after = [f"{t.name}: {_describe_exit(t.poll())}" for t in self.tasks
+                 if t is not task and t.exit_time is not None and t.poll() != 0]
+        then = f" (then {', '.join(after)})" if after else ""
         return ClusterError(
-            f"{task.name} (pid {task.pid}) {_describe_exit(task.poll())} during {what}; "
+            f"{task.name} (pid {task.pid}) {_describe_exit(task.poll())} during {what}{then}; "
             "the other processes were stopped. Re-run the same command with the same "
             "--run-name to resume from the last epoch backed up")
 
@@ -285,7 +293,7 @@ def run_multi_worker(cluster: LocalCluster, cfg: Config, verbose: bool = False,
     ensure_prepared(cfg)
     launcher = _Launcher(out)
     tmp = tempfile.mkdtemp(prefix="tfrec-cluster-")
-    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    previous = _on_sigterm(_raise_exit)
     try:
         config_path = os.path.join(tmp, "config.yaml")
         cfg.to_yaml(config_path)
@@ -297,14 +305,15 @@ def run_multi_worker(cluster: LocalCluster, cfg: Config, verbose: bool = False,
             dead = launcher.failed()
             if dead is not None:
                 raise launcher.failure(dead, "training")
-            if all(task.poll() == 0 for task in launcher.tasks):
+            if all(task.exit_time is not None and task.poll() == 0
+                   for task in launcher.tasks):
                 break
             time.sleep(0.2)
         launcher.say(f"all {cluster.workers} workers finished run {cfg.train.run_name}")
         return os.path.join(cfg.train.checkpoint_dir, cfg.train.run_name)
     finally:
         launcher.stop_all()
-        signal.signal(signal.SIGTERM, previous)
+        _on_sigterm(previous)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -329,7 +338,7 @@ def run_parameter_server(cluster: LocalCluster, cfg: Config, verbose: bool = Fal
     launcher = _Launcher(out)
     tmp = tempfile.mkdtemp(prefix="tfrec-cluster-")
     previous_env = os.environ.get("TF_CONFIG")
-    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    previous = _on_sigterm(_raise_exit)
     try:
         config_path = os.path.join(tmp, "config.yaml")
         cfg.to_yaml(config_path)
@@ -348,7 +357,13 @@ def run_parameter_server(cluster: LocalCluster, cfg: Config, verbose: bool = Fal
         threading.Thread(target=_watch_servers, args=(launcher,), daemon=True,
                          name="watch-servers").start()
         os.environ["TF_CONFIG"] = tf_config(addresses, "chief", 0)
-        result = train_retrieval(cfg)  # its model is a local copy, off the cluster
+        try:
+            result = train_retrieval(cfg)  # its model is a local copy, off the cluster
+        except Exception as e:
+            dead = _first_failure(launcher, grace=2.0)
+            if dead is not None:  # TF's UnavailableError does not say which task died
+                raise launcher.failure(dead, "training") from e
+            raise
         if _DIE_WITH_PARENT:
             # Every tf.function is registered on the servers and unregistered when it is
             # freed, up to interpreter exit; stopping them now would log one gRPC error
@@ -359,12 +374,22 @@ def run_parameter_server(cluster: LocalCluster, cfg: Config, verbose: bool = Fal
         return result
     finally:
         launcher.stop_all()
-        signal.signal(signal.SIGTERM, previous)
+        _on_sigterm(previous)
         if previous_env is None:
             os.environ.pop("TF_CONFIG", None)
         else:
             os.environ["TF_CONFIG"] = previous_env
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _first_failure(launcher: _Launcher, grace: float) -> Optional[_Task]:
+    """The first failed task, waiting up to `grace` seconds for exits to be recorded."""
+    deadline = time.monotonic() + grace
+    while True:
+        dead = launcher.failed()
+        if dead is not None or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.1)
 
 
 def _watch_servers(launcher: _Launcher) -> None:
@@ -381,6 +406,13 @@ def _watch_servers(launcher: _Launcher) -> None:
             sys.stderr.flush()
             os._exit(1)  # the main thread is blocked inside TensorFlow's coordinator
         time.sleep(0.5)
+
+
+def _on_sigterm(handler):
+    """Installs a SIGTERM handler (main thread only); returns the previous one."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _raise_exit(signum, frame) -> None:
