@@ -33,7 +33,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
@@ -47,13 +46,13 @@ from tfrec.export.retrieval import RetrievalModule
 from tfrec.export.versioned import save_versioned
 from tfrec.features.vocab import build_vocabularies
 from tfrec.models.retrieval import TwoTowerModel
-from tfrec.serving.client import PredictClient, ServingError
+from tfrec.serving.client import PredictClient
 from tfrec.serving.model_manager import load_version
 from tfrec.serving.server import ModelServer
 
 tf.get_logger().setLevel("ERROR")  # Python-side TF notices (e.g. retracing) off
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line  # noqa: E402
+from _common import closed_loop, format_table, machine_line  # noqa: E402
 
 
 def export_model(num_items, base_dir, args):
@@ -101,43 +100,6 @@ def check_response(outputs, request, k):
     if len(ids) != k or "" in ids or seen & set(ids):
         raise RuntimeError(f"unexpected response: {len(ids)} ids, "
                            f"{len(seen & set(ids))} history items not excluded")
-
-
-def closed_loop(address, model, pool, threads, seconds, max_requests):
-    """`threads` clients send back to back; returns (latencies s, errors, wall s)."""
-    clients = [PredictClient(address, timeout=30) for _ in range(threads)]
-    for client in clients:  # connect outside the timed window
-        client.predict(model, pool[0])
-    latencies = [[] for _ in range(threads)]
-    errors = [0] * threads
-    sent = iter(range(max_requests))  # shared budget; next() is atomic under the GIL
-    barrier = threading.Barrier(threads + 1)
-
-    def worker(t):
-        barrier.wait()
-        deadline = time.perf_counter() + seconds
-        client, n = clients[t], t
-        while time.perf_counter() < deadline and next(sent, None) is not None:
-            start = time.perf_counter()
-            try:
-                client.predict(model, pool[n % len(pool)])
-            except ServingError:
-                errors[t] += 1
-            else:
-                latencies[t].append(time.perf_counter() - start)
-            n += threads
-
-    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for w in workers:
-        w.join()
-    wall = time.perf_counter() - start
-    for client in clients:
-        client.close()
-    return np.concatenate([np.asarray(l) for l in latencies]), sum(errors), wall
 
 
 def direct_calls(version_dir, pool, requests):
@@ -203,7 +165,8 @@ def summarize(runs):
     stats = [(len(lat) / wall, *np.percentile(lat * 1000, [50, 95, 99]))
              for lat, _, wall in runs]
     medians = [statistics.median(s[i] for s in stats) for i in range(4)]
-    return {"requests": sum(len(r[0]) + r[1] for r in runs), "errors": sum(r[1] for r in runs),
+    return {"requests": sum(len(r[0]) + len(r[1]) for r in runs),
+            "errors": sum(len(r[1]) for r in runs),
             "qps": medians[0], "p50": medians[1], "p95": medians[2], "p99": medians[3]}
 
 

@@ -35,7 +35,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
@@ -43,7 +42,7 @@ import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line, ratio  # noqa: E402
+from _common import closed_loop, format_table, machine_line, ratio  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "retrieval"
@@ -165,57 +164,15 @@ class ServerProcess:
 
 # -- load -----------------------------------------------------------------------------------
 
-def closed_loop(address, pool, threads, seconds, max_requests, start_event=None, offset=0):
-    """`threads` clients send back to back; returns (latencies s, error codes, wall s)."""
-    from tfrec.serving.client import PredictClient, ServingError
-
-    clients = [PredictClient(address, timeout=30) for _ in range(threads)]
-    for client in clients:  # connect outside the timed window
-        client.predict(MODEL, pool[0])
-    latencies = [[] for _ in range(threads)]
-    errors = [[] for _ in range(threads)]
-    budget = iter(range(max_requests))  # shared; next() is atomic under the GIL
-    barrier = threading.Barrier(threads + 1)
-
-    def worker(t):
-        barrier.wait()
-        deadline = time.perf_counter() + seconds
-        client, n = clients[t], offset + t
-        while time.perf_counter() < deadline and next(budget, None) is not None:
-            start = time.perf_counter()
-            try:
-                client.predict(MODEL, pool[n % len(pool)])
-            except ServingError as e:
-                errors[t].append(e.code.name)
-            else:
-                latencies[t].append(time.perf_counter() - start)
-            n += threads
-
-    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    if start_event is not None:
-        start_event.wait()
-    barrier.wait()
-    start = time.perf_counter()
-    for w in workers:
-        w.join()
-    wall = time.perf_counter() - start
-    for client in clients:
-        client.close()
-    return (np.concatenate([np.asarray(x, dtype=float) for x in latencies]),
-            sum(errors, []), wall)
-
-
 def _client_process(address, pool, threads, seconds, max_requests, offset, ready, go, queue):
     ready.set()  # imports and channel set-up are done
-    queue.put(closed_loop(address, pool, threads, seconds, max_requests, go, offset))
+    queue.put(closed_loop(address, MODEL, pool, threads, seconds, max_requests, go, offset))
 
 
 def run_clients(address, pool, clients, processes, seconds, max_requests):
     """Latencies, errors and wall time of `clients` concurrent clients."""
     if processes <= 1 or clients < 2:
-        return closed_loop(address, pool, clients, seconds, max_requests)
+        return closed_loop(address, MODEL, pool, clients, seconds, max_requests)
     context = multiprocessing.get_context("spawn")
     go, queue = context.Event(), context.Queue()
     shares = [clients // processes + (i < clients % processes) for i in range(processes)]
