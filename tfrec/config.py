@@ -220,3 +220,63 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
+
+
+@dataclass
+class SearchConfig:
+    """Catalog search run (tfrec search train): judgments -> two-tower + BM25 -> ranker.
+
+    A separate top-level config: a search run has its own data (graded query-product
+    judgments) and no users, so it shares no section with the recommendation Config.
+    """
+
+    judgments: str = ""  # CSV (Home Depot columns) or "synthetic:<spec>" (search log of a world)
+    data_dir: Optional[str] = None  # for the default Home Depot file when judgments == ""
+    seed: int = 0  # query split and initialisation
+    split: Tuple[float, float, float] = (0.7, 0.1, 0.2)  # distinct queries: train/val/test
+    encoder: str = os.path.join("work", "text", "minilm", "encoder")
+    preprocessor: str = os.path.join("work", "text", "minilm", "preprocessor")
+    query_length: int = 16  # BERT tokens per query
+    title_length: int = 48  # BERT tokens per title (frozen title embeddings)
+    top_layers: int = 0  # fine-tune only the last N query-encoder blocks (0 = all)
+    fine_tune: bool = True  # train the query encoder (False: frozen BERT + learned residuals)
+    epochs: int = 1  # two-tower epochs (the best by validation NDCG@10 is kept)
+    batch_size: int = 64  # queries per two-tower step
+    negatives: int = 2048  # sampled catalog negatives per step
+    temperature: float = 0.05
+    encoder_lr: float = 3e-5
+    lr: float = 1e-3
+    word_min_count: int = 2  # words in the learned bag-of-words vocabulary
+    candidates: int = 100  # per retriever; the ranker re-scores their union (<= 2x)
+    hybrid_weight: float = 0.2  # BM25 share of the fused retrieval score
+    ranker_epochs: int = 30
+    ranker_lr: float = 1e-3
+    ranker_holdout: float = 0.2  # share of validation queries that picks the ranker epoch
+    ranker_batch_size: int = 32
+    results: int = 10  # products the exported model returns
+    embed_batch_size: int = 128
+
+    def to_yaml(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            yaml.safe_dump(_plain(dataclasses.asdict(self)), f, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any]) -> "SearchConfig":
+        cfg = cls()
+        for key, value in (raw or {}).items():
+            set_field(cfg, key, value, prefix="search")
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "SearchConfig":
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"search config file {path!r} does not exist")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"search config {path!r} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"search config {path!r} must hold a mapping of fields")
+        return cls.from_dict(raw)

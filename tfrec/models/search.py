@@ -1,0 +1,254 @@
+"""Query -> product two-tower for catalog search, on a TF-Hub-format BERT.
+
+The query tower fine-tunes BERT (queries are short, so this is cheap); the product tower
+keeps the pretrained title embeddings frozen and learns a residual on top from title
+words and the product id, so a product never seen in training still gets a vector from
+its title. Every learned residual starts at zero: the untrained model is zero-shot
+BERT cosine search, and training can only move it from there.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+import tensorflow_hub as hub
+import tensorflow_text  # noqa: F401  (ops of the preprocessor SavedModel)
+
+from tfrec.evaluation.baselines import bm25_tokenize
+from tfrec.models.text_match import (_EncoderLayer, _load_preprocessor, _trim,
+                                     encoder_trainable_names)
+from tfrec.text.embedding import mean_pool
+
+__all__ = ["QueryEncoder", "SearchTwoTower", "word_tokens", "word_vocabulary",
+           "catalog_word_ids"]
+
+# Words kept per title by the product tower's bag of words (titles are ~15 words).
+MAX_TITLE_WORDS = 32
+
+
+def word_tokens(text: tf.Tensor) -> tf.RaggedTensor:
+    """[B] strings -> ragged lowercase [a-z0-9]+ words (the BM25 tokenizer, in TF ops)."""
+    text = tf.strings.regex_replace(tf.strings.lower(text), "[^a-z0-9]+", " ")
+    return tf.strings.split(tf.strings.strip(text))
+
+
+def word_vocabulary(texts: Sequence[str], min_count: int = 2) -> List[str]:
+    """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
+    counts: Dict[str, int] = {}
+    for text in texts:
+        for word in bm25_tokenize(str(text)):
+            counts[word] = counts.get(word, 0) + 1
+    kept = [w for w, c in counts.items() if c >= min_count]
+    return sorted(kept, key=lambda w: (-counts[w], w))
+
+
+def catalog_word_ids(titles: Sequence[str], vocabulary: Sequence[str],
+                     max_words: int = MAX_TITLE_WORDS) -> np.ndarray:
+    """[N, max_words] int32 word ids per title: 1 + vocabulary index, 0 = pad/unknown."""
+    index = {w: i + 1 for i, w in enumerate(vocabulary)}
+    out = np.zeros([len(titles), max_words], np.int32)
+    for row, title in enumerate(titles):
+        ids = [index[w] for w in bm25_tokenize(str(title)) if w in index][:max_words]
+        out[row, :len(ids)] = ids
+    return out
+
+
+class QueryEncoder(tf.keras.layers.Layer):
+    """[B] query strings -> [B, H] mean-pooled BERT token vectors (not normalised).
+
+    Args:
+      encoder: TF-Hub handle of a BERT encoder (local path or URL).
+      preprocessor: handle of its preprocessor (`tokenize`, `bert_pack_inputs`).
+      seq_length: packed query length (queries are short; longer ones are truncated).
+      trainable: fine-tune the encoder.
+      top_layers: with `trainable`, only the last N transformer blocks (0 = all).
+    """
+
+    def __init__(self, encoder: str, preprocessor: str, seq_length: int = 16,
+                 trainable: bool = True, top_layers: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(seq_length, int) or seq_length < 3:
+            raise ValueError(f"seq_length must be an integer >= 3, got {seq_length!r}")
+        self.encoder_handle, self.preprocessor_handle = encoder, preprocessor
+        self.seq_length, self.fine_tune, self.top_layers = seq_length, bool(trainable), top_layers
+        encoder_object = hub.load(encoder)
+        names = [v.name for v in getattr(encoder_object, "trainable_variables", [])]
+        train_names = encoder_trainable_names(names, int(top_layers), include_pooler=False)
+        self._preprocessor = _load_preprocessor(preprocessor)
+        self.encoder = _EncoderLayer(encoder_object, trainable=self.fine_tune,
+                                     train_names=train_names, dtype="float32", name="encoder")
+        self.tokenize = hub.KerasLayer(self._preprocessor.tokenize, name="tokenize")
+        self.pack = hub.KerasLayer(self._preprocessor.bert_pack_inputs, name="bert_pack_inputs",
+                                   arguments={"seq_length": int(seq_length)})
+
+    def call(self, queries: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+        inputs = _trim(self.pack([self.tokenize(queries)]))
+        outputs = self.encoder(inputs, training=training)
+        return mean_pool(tf.cast(outputs["sequence_output"], tf.float32), inputs["input_mask"])
+
+
+class SearchTwoTower(tf.keras.Model):
+    """Query and product towers scored by a scaled cosine; graded multi-positive softmax.
+
+    Training batches hold one query each with its judged products (`rows` [B, P], -1
+    pads) and gains (`gains` [B, P], grade - 1). Each query's softmax runs over every
+    judged product of the batch plus `negatives` products drawn uniformly from the
+    catalog; its target spreads over its own products in proportion to their gains.
+    The encoder gets its own (small) learning rate: `encoder_optimizer`.
+
+    Args:
+      query_encoder: QueryEncoder (BERT, fine-tuned or not).
+      title_vectors: [N, H] frozen sentence embeddings of the catalog titles.
+      title_words: [N, W] int word ids of the titles (catalog_word_ids).
+      num_words: vocabulary size (ids 1..num_words; 0 = pad).
+      product_ids: [N] catalog ids; `id_vocabulary` decides which get an id embedding.
+      id_vocabulary: product ids with a learned embedding (e.g. those in training data).
+      negatives: uniform catalog negatives per batch.
+      id_dropout: probability of zeroing a product's id embedding in training, so the
+        tower also learns to work from text alone (unseen products).
+      temperature: initial softmax temperature (learned, as a log scale).
+      negative_rows: catalog rows negatives are drawn from (default: all). Draw them
+        from the products the training judgments cover, or the model learns "judged
+        at all" as a product prior instead of query relevance.
+    """
+
+    def __init__(self, query_encoder: QueryEncoder, title_vectors: np.ndarray,
+                 title_words: np.ndarray, num_words: int, product_ids: Sequence[str],
+                 id_vocabulary: Sequence[str] = (), negatives: int = 2048,
+                 id_dropout: float = 0.5, temperature: float = 0.05,
+                 negative_rows: Optional[Sequence[int]] = None, **kwargs):
+        super().__init__(**kwargs)
+        title_vectors = np.asarray(title_vectors, np.float32)
+        if title_vectors.ndim != 2 or len(title_vectors) != len(product_ids):
+            raise ValueError(f"title_vectors must be [num_products, dim] with one row per "
+                             f"product id ({len(product_ids)}), got {title_vectors.shape}")
+        if len(title_words) != len(product_ids):
+            raise ValueError(f"title_words has {len(title_words)} rows for "
+                             f"{len(product_ids)} products")
+        if negatives < 0:
+            raise ValueError(f"negatives must be >= 0, got {negatives}")
+        if not 0.0 <= id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {id_dropout}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        pool = np.arange(len(product_ids)) if negative_rows is None else np.unique(
+            np.asarray(negative_rows, np.int64))
+        if pool.size == 0 or pool.min() < 0 or pool.max() >= len(product_ids):
+            raise ValueError("negative_rows must be a non-empty set of catalog rows in "
+                             f"[0, {len(product_ids)})")
+        self.negative_rows = tf.constant(pool.astype(np.int32))
+        dim = title_vectors.shape[1]
+        self.num_products, self.dim = len(product_ids), dim
+        self.negatives, self.id_dropout = int(negatives), float(id_dropout)
+        self.query_encoder = query_encoder
+        self.encoder_optimizer: Optional[tf.keras.optimizers.Optimizer] = None
+        self.title_vectors = tf.Variable(title_vectors, trainable=False, name="title_vectors")
+        self.title_words = tf.Variable(np.asarray(title_words, np.int32), trainable=False,
+                                       name="title_words")
+        id_row = {p: i + 1 for i, p in enumerate(dict.fromkeys(str(x) for x in id_vocabulary))}
+        self.id_index = tf.Variable(
+            np.asarray([id_row.get(str(p), 0) for p in product_ids], np.int32),
+            trainable=False, name="id_index")
+        zeros = tf.keras.initializers.Zeros()
+        # Word embeddings shared by both towers: a query word and the same title word
+        # move together, so lexical matches the pretrained encoder misses can be learned.
+        self.words = tf.keras.layers.Embedding(num_words + 1, dim, embeddings_initializer=zeros,
+                                               name="words")
+        self.ids = tf.keras.layers.Embedding(len(id_row) + 1, dim, embeddings_initializer=zeros,
+                                             name="product_ids")
+        self.query_adapter = tf.keras.layers.Dense(dim, kernel_initializer=zeros,
+                                                   name="query_adapter")
+        self.product_adapter = tf.keras.layers.Dense(dim, kernel_initializer=zeros,
+                                                     name="product_adapter")
+        self.log_scale = tf.Variable(float(np.log(1.0 / temperature)), name="log_scale")
+        self.word_lookup: Optional[tf.keras.layers.StringLookup] = None
+        self.loss_tracker = tf.keras.metrics.Mean(name="loss")
+
+    def set_word_lookup(self, vocabulary: Sequence[str]) -> None:
+        """Word -> id for query words (the vocabulary behind title_words)."""
+        self.word_lookup = tf.keras.layers.StringLookup(
+            vocabulary=list(vocabulary), num_oov_indices=1, name="word_lookup")
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+    def _bag(self, ids: tf.Tensor) -> tf.Tensor:
+        """Sum of word vectors of [B, W] ids (0 = pad, zero vector)."""
+        vectors = self.words(ids) * tf.cast(ids > 0, tf.float32)[..., tf.newaxis]
+        return tf.reduce_sum(vectors, axis=-2)
+
+    def query_vectors(self, queries: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+        """[B] query strings -> [B, H] unit vectors."""
+        queries = tf.reshape(tf.convert_to_tensor(queries, tf.string), [-1])
+        base = tf.math.l2_normalize(self.query_encoder(queries, training=training), axis=-1)
+        words = self.word_lookup(word_tokens(queries))  # OOV -> 0, also the pad id
+        words = words.to_tensor(default_value=0, shape=[None, MAX_TITLE_WORDS])
+        return tf.math.l2_normalize(base + self.query_adapter(base) + self._bag(words), axis=-1)
+
+    def product_vectors(self, rows: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+        """[...] catalog rows -> [..., H] unit vectors."""
+        rows = tf.cast(rows, tf.int32)
+        base = tf.gather(self.title_vectors, rows)
+        ids = self.ids(tf.gather(self.id_index, rows))
+        if training and self.id_dropout > 0:
+            keep = tf.random.uniform(tf.shape(rows)) >= self.id_dropout
+            ids *= tf.cast(keep, tf.float32)[..., tf.newaxis]
+        out = base + self.product_adapter(base) + self._bag(tf.gather(self.title_words, rows))
+        return tf.math.l2_normalize(out + ids, axis=-1)
+
+    def catalog_vectors(self, batch_size: int = 8192) -> tf.Tensor:
+        """[N, H] unit vectors of every catalog product (inference mode)."""
+        parts = [self.product_vectors(tf.range(s, min(s + batch_size, self.num_products)))
+                 for s in range(0, self.num_products, batch_size)]
+        return tf.concat(parts, axis=0)
+
+    def call(self, inputs: Dict[str, tf.Tensor], training: Optional[bool] = None) -> tf.Tensor:
+        """Scaled cosine [B, L] of `query` [B] against catalog `rows` [B, L]."""
+        q = self.query_vectors(inputs["query"], training=training)
+        p = self.product_vectors(tf.maximum(inputs["rows"], 0), training=training)
+        return tf.exp(self.log_scale) * tf.einsum("bh,blh->bl", q, p)
+
+    def _loss(self, batch: Dict[str, tf.Tensor], training: bool) -> tf.Tensor:
+        rows, gains = tf.cast(batch["rows"], tf.int32), tf.cast(batch["gains"], tf.float32)
+        valid = rows >= 0
+        gains = tf.where(valid, tf.maximum(gains, 0.0), 0.0)
+        candidates = tf.boolean_mask(rows, valid)
+        if self.negatives:
+            picks = tf.random.uniform([self.negatives], 0, tf.size(self.negative_rows), tf.int32)
+            sampled = tf.gather(self.negative_rows, picks)
+            candidates = tf.concat([candidates, sampled], axis=0)
+        q = self.query_vectors(batch["query"], training=training)  # [B, H]
+        p = self.product_vectors(candidates, training=training)  # [C, H]
+        logits = tf.exp(self.log_scale) * tf.matmul(q, p, transpose_b=True)  # [B, C]
+        # Target mass of candidate c for query b: the gain b gave that product, if any.
+        same = tf.cast(tf.equal(rows[:, :, tf.newaxis], candidates[tf.newaxis, tf.newaxis, :]),
+                       tf.float32)  # [B, P, C]
+        target = tf.reduce_sum(same * gains[:, :, tf.newaxis], axis=1)  # [B, C]
+        total = tf.reduce_sum(target, axis=1)
+        has = total > 0
+        target = tf.math.divide_no_nan(target, total[:, tf.newaxis])
+        losses = tf.nn.softmax_cross_entropy_with_logits(target, logits)
+        return tf.math.divide_no_nan(tf.reduce_sum(tf.where(has, losses, 0.0)),
+                                     tf.reduce_sum(tf.cast(has, tf.float32)))
+
+    def train_step(self, batch):
+        with tf.GradientTape() as tape:
+            loss = self._loss(batch, training=True)
+        encoder_vars = self.query_encoder.trainable_variables
+        encoder_ids = {id(v) for v in encoder_vars}
+        head_vars = [v for v in self.trainable_variables if id(v) not in encoder_ids]
+        grads = tape.gradient(loss, encoder_vars + head_vars)
+        if encoder_vars and self.encoder_optimizer is not None:
+            self.encoder_optimizer.apply_gradients(zip(grads[:len(encoder_vars)], encoder_vars))
+        self.optimizer.apply_gradients(zip(grads[len(encoder_vars):], head_vars))
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+    def test_step(self, batch):
+        self.loss_tracker.update_state(self._loss(batch, training=False))
+        return {"loss": self.loss_tracker.result()}

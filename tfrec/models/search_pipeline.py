@@ -1,0 +1,149 @@
+"""Catalog search in TF ops: two-tower + BM25 retrieval, union of candidates, re-ranking.
+
+One object serves training (ranker lists), evaluation (full-catalog metrics of every
+stage) and export (the SavedModel signature), so what is measured is what is served.
+Two retrievers with different failure modes (BERT misses part numbers, BM25 misses
+synonyms and typos) feed the ranker: the union of their top lists.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from tfrec.features.lexical import LexicalIndex
+from tfrec.models.search import SearchTwoTower
+from tfrec.models.search_ranker import SearchRanker, candidate_features
+
+__all__ = ["SearchPipeline", "MAX_QUERY_CHARS"]
+
+# Longer queries are cut before tokenising: bounds the cost of junk input.
+MAX_QUERY_CHARS = 512
+
+
+def _catalog_zscore(x: tf.Tensor) -> tf.Tensor:
+    mean, var = tf.nn.moments(x, axes=[1], keepdims=True)
+    return (x - mean) * tf.math.rsqrt(var + 1e-9)
+
+
+class SearchPipeline(tf.Module):
+    """Query strings -> ranked catalog rows with per-stage scores.
+
+    Args:
+      two_tower: trained (or zero-shot) SearchTwoTower; its product vectors are stored
+        here (`refresh_product_vectors` after training it).
+      lexical: LexicalIndex over the same catalog rows (titles).
+      ranker: SearchRanker (None: rank by the hybrid score).
+      product_ids: [N] catalog ids.
+      titles: [N] titles.
+      candidates: products each retriever contributes (the ranker sees up to twice this).
+      hybrid_weight: weight of the catalog-z-scored BM25 in the fused retrieval score
+        (1 - weight for the two-tower cosine).
+    """
+
+    def __init__(self, two_tower: SearchTwoTower, lexical: LexicalIndex,
+                 ranker: Optional[SearchRanker], product_ids: Sequence[str],
+                 titles: Sequence[str], candidates: int = 100, hybrid_weight: float = 0.2,
+                 name: str = "search_pipeline"):
+        super().__init__(name=name)
+        if lexical.num_docs != two_tower.num_products or len(product_ids) != lexical.num_docs:
+            raise ValueError(f"catalog sizes differ: two-tower {two_tower.num_products}, "
+                             f"lexical index {lexical.num_docs}, ids {len(product_ids)}")
+        if len(titles) != len(product_ids):
+            raise ValueError(f"{len(titles)} titles for {len(product_ids)} product ids")
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        if not 0.0 <= hybrid_weight <= 1.0:
+            raise ValueError(f"hybrid_weight must be in [0, 1], got {hybrid_weight}")
+        self.two_tower, self.lexical, self.ranker = two_tower, lexical, ranker
+        self.num_products = len(product_ids)
+        self.candidates = int(min(candidates, self.num_products))
+        self.hybrid_weight = float(hybrid_weight)
+        self.product_ids = tf.constant(np.asarray(product_ids, dtype=str))
+        self.titles = tf.constant(np.asarray(titles, dtype=str))
+        self.product_vectors = tf.Variable(two_tower.catalog_vectors(), trainable=False,
+                                           name="product_vectors")
+
+    def refresh_product_vectors(self) -> None:
+        """Re-embeds the catalog with the two-tower's current weights."""
+        self.product_vectors.assign(self.two_tower.catalog_vectors())
+
+    @staticmethod
+    def clean_queries(queries: tf.Tensor) -> tf.Tensor:
+        """[B] strings, whitespace-stripped and cut to MAX_QUERY_CHARS characters."""
+        queries = tf.strings.strip(tf.reshape(tf.convert_to_tensor(queries, tf.string), [-1]))
+        return tf.strings.substr(queries, 0, MAX_QUERY_CHARS, unit="UTF8_CHAR")
+
+    def catalog_scores(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:
+        """Every product's dense, bm25, coverage and hybrid score [B, N] (+ query_vectors)."""
+        queries = self.clean_queries(queries)
+        q = self.two_tower.query_vectors(queries, training=False)
+        dense = tf.matmul(q, self.product_vectors, transpose_b=True)
+        bm25, coverage = self.lexical.scores_and_coverage(queries)
+        hybrid = ((1.0 - self.hybrid_weight) * _catalog_zscore(dense)
+                  + self.hybrid_weight * _catalog_zscore(bm25))
+        return {"query_vectors": q, "dense": dense, "bm25": bm25, "coverage": coverage,
+                "hybrid": hybrid}
+
+    def retrieve(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:
+        """Union of the two-tower and BM25 top lists, [B, 2 * candidates] with features.
+
+        Slots of BM25 results already in the two-tower list, or scoring 0 (no query word
+        in the title), are invalid (row -1).
+        """
+        s = self.catalog_scores(queries)
+        k = self.candidates
+        _, dense_rows = tf.math.top_k(s["dense"], k)
+        bm25_top, bm25_rows = tf.math.top_k(s["bm25"], k)
+        same = tf.equal(dense_rows[:, :, tf.newaxis], bm25_rows[:, tf.newaxis, :])  # [B, k, k]
+        in_bm25 = tf.reduce_any(same, axis=2)
+        in_dense = tf.reduce_any(same, axis=1)
+        positions = tf.range(k)[tf.newaxis, :]
+        rows = tf.concat([dense_rows, bm25_rows], axis=1)
+        valid = tf.concat([tf.ones_like(in_bm25), tf.logical_and(~in_dense, bm25_top > 0)], 1)
+        dense_rank = tf.concat([tf.broadcast_to(positions, tf.shape(dense_rows)),
+                                tf.fill(tf.shape(bm25_rows), k)], axis=1)
+        bm25_pos = tf.where(in_bm25, tf.argmax(tf.cast(same, tf.int32), axis=2,
+                                                output_type=tf.int32), k)
+        bm25_rank = tf.concat([bm25_pos, tf.broadcast_to(positions, tf.shape(bm25_rows))], 1)
+        gathered = {name: tf.gather(s[name], rows, batch_dims=1)
+                    for name in ("dense", "bm25", "coverage", "hybrid")}
+        features = candidate_features(gathered["dense"], gathered["bm25"],
+                                      gathered["coverage"], gathered["hybrid"], dense_rank,
+                                      bm25_rank, valid)
+        return {"rows": tf.where(valid, rows, -1), "valid": valid, "features": features,
+                "query_vectors": s["query_vectors"],
+                "product_vectors": tf.gather(self.product_vectors, tf.maximum(rows, 0)),
+                **gathered}
+
+    def ranker_inputs(self, retrieved: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        return {k: retrieved[k] for k in ("query_vectors", "product_vectors", "features",
+                                          "valid")}
+
+    def search(self, queries: tf.Tensor, num_results: int = 10) -> Dict[str, tf.Tensor]:
+        """Top `num_results` products per query after re-ranking the retrieved union.
+
+        Returns rows [B, n] (-1 past the valid candidates), product_ids, titles, scores
+        (ranker logits, or hybrid without a ranker) and the dense / bm25 / hybrid
+        scores of the same products.
+        """
+        r = self.retrieve(queries)
+        if self.ranker is not None:
+            scores = self.ranker(self.ranker_inputs(r), training=False)
+        else:
+            scores = tf.where(r["valid"], r["hybrid"], -1e9)
+        n = tf.minimum(num_results, tf.shape(scores)[1])
+        top, order = tf.math.top_k(scores, n)
+        rows = tf.gather(r["rows"], order, batch_dims=1)
+        found = rows >= 0
+        safe = tf.maximum(rows, 0)
+        out = {"rows": rows, "scores": tf.where(found, top, 0.0),
+               "product_ids": tf.where(found, tf.gather(self.product_ids, safe), ""),
+               "titles": tf.where(found, tf.gather(self.titles, safe), "")}
+        for name in ("dense", "bm25", "hybrid"):
+            out[f"{name}_scores"] = tf.where(found, tf.gather(r[name], order, batch_dims=1), 0.0)
+        return out

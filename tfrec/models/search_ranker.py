@@ -1,0 +1,99 @@
+"""Re-ranker of retrieved search candidates: BERT vectors + lexical and retrieval signals.
+
+Fast mode: the query is encoded once by the (fine-tuned) BERT query tower, product
+vectors are stored, so a request costs one BERT pass however many candidates it has.
+Their element-wise product, BM25, query-term coverage and both retrievers' scores and
+ranks meet in a DCN-v2 cross layer; lexical and semantic evidence are combined per
+candidate instead of by one global fusion weight.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+__all__ = ["FEATURES", "SearchRanker", "candidate_features", "masked_zscore"]
+
+# Columns of candidate_features, in order.
+FEATURES = ("dense", "dense_z", "bm25_rel", "bm25_z", "coverage", "hybrid", "dense_rank",
+            "bm25_rank", "bm25_hit")
+_NEG = -1e9
+
+
+def masked_zscore(x: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
+    """(x - mean) / std over the valid entries of each row; 0 where invalid."""
+    w = tf.cast(valid, x.dtype)
+    count = tf.maximum(tf.reduce_sum(w, axis=-1, keepdims=True), 1.0)
+    mean = tf.reduce_sum(x * w, axis=-1, keepdims=True) / count
+    var = tf.reduce_sum(tf.square(x - mean) * w, axis=-1, keepdims=True) / count
+    return (x - mean) * tf.math.rsqrt(var + 1e-9) * w
+
+
+def candidate_features(dense: tf.Tensor, bm25: tf.Tensor, coverage: tf.Tensor,
+                       hybrid: tf.Tensor, dense_rank: tf.Tensor, bm25_rank: tf.Tensor,
+                       valid: tf.Tensor) -> tf.Tensor:
+    """[B, C, len(FEATURES)] float32 ranker inputs from per-candidate signals [B, C].
+
+    Scores are made comparable across queries (z-scores and max-normalised BM25 within
+    the list); ranks (0-based, in each retriever's own top list) become 1 / (1 + r / 10).
+
+    Args:
+      dense: two-tower cosine.
+      bm25: BM25 score.
+      coverage: share of the query's words in the title.
+      hybrid: catalog-wide fused retrieval score.
+      dense_rank: rank in the two-tower list (its list length if absent).
+      bm25_rank: rank in the BM25 list (its list length if absent).
+      valid: candidate slots that hold a product.
+    """
+    w = tf.cast(valid, tf.float32)
+    top_bm25 = tf.reduce_max(bm25 * w, axis=-1, keepdims=True)
+    columns = [dense, masked_zscore(dense, valid), tf.math.divide_no_nan(bm25, top_bm25),
+               masked_zscore(bm25, valid), coverage, hybrid,
+               1.0 / (1.0 + tf.cast(dense_rank, tf.float32) / 10.0),
+               1.0 / (1.0 + tf.cast(bm25_rank, tf.float32) / 10.0),
+               tf.cast(bm25 > 0, tf.float32)]
+    return tf.stack([tf.cast(c, tf.float32) for c in columns], axis=-1) * w[..., tf.newaxis]
+
+
+class SearchRanker(tf.keras.Model):
+    """Scores [B, C] candidates from query/product vectors and `candidate_features`.
+
+    Inputs (dict): query_vectors [B, H], product_vectors [B, C, H], features [B, C, F],
+    valid [B, C] bool. Invalid slots get -1e9 so softmax losses and top-k ignore them.
+
+    Args:
+      interaction_dim: width of the learned projection of query * product.
+      hidden: widths of the deep layers after the cross layer.
+      dropout: dropout after the first deep layer.
+    """
+
+    def __init__(self, interaction_dim: int = 16, hidden: Sequence[int] = (64, 32),
+                 dropout: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        if interaction_dim < 1 or not hidden or min(hidden) < 1:
+            raise ValueError(f"interaction_dim and hidden widths must be >= 1, got "
+                             f"{interaction_dim}, {tuple(hidden)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.interaction = tf.keras.layers.Dense(interaction_dim, name="interaction")
+        self.cross = tfrs.layers.dcn.Cross(name="cross")
+        self.deep = [tf.keras.layers.Dense(h, activation="relu", name=f"deep_{i}")
+                     for i, h in enumerate(hidden)]
+        self.dropout = tf.keras.layers.Dropout(dropout)
+        self.score = tf.keras.layers.Dense(1, name="score")
+
+    def call(self, inputs: Dict[str, tf.Tensor], training: Optional[bool] = None) -> tf.Tensor:
+        q = tf.cast(inputs["query_vectors"], tf.float32)[:, tf.newaxis, :]
+        p = tf.cast(inputs["product_vectors"], tf.float32)
+        x = tf.concat([tf.cast(inputs["features"], tf.float32), self.interaction(q * p)], -1)
+        x = self.cross(x, x)
+        for i, layer in enumerate(self.deep):
+            x = layer(x)
+            if i == 0:
+                x = self.dropout(x, training=training)
+        logits = tf.squeeze(self.score(x), axis=-1)
+        return tf.where(tf.cast(inputs["valid"], tf.bool), logits, _NEG)

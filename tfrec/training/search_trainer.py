@@ -1,0 +1,350 @@
+"""Trains catalog search from graded judgments: two-tower, then the ranker on held-out lists.
+
+The two-tower learns from the train queries. The ranker must not learn from lists the
+two-tower was fitted on (their dense scores are over-confident there), so it trains on
+the validation queries' retrieved lists, with a share of them held out to pick its epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from tfrec.config import SearchConfig
+from tfrec.data.homedepot import load_homedepot, split_by_query
+from tfrec.data.judgments import judgments_from_events, product_catalog
+from tfrec.evaluation.search import SearchMetrics, catalog_search_metrics, query_gains
+from tfrec.features.lexical import LexicalIndex
+from tfrec.models.losses import SoftmaxListwiseLoss
+from tfrec.models.search import (QueryEncoder, SearchTwoTower, catalog_word_ids,
+                                 word_vocabulary)
+from tfrec.models.search_pipeline import SearchPipeline
+from tfrec.models.search_ranker import SearchRanker
+
+__all__ = ["SearchData", "SearchRun", "load_search_data", "title_vectors", "build_pipeline",
+           "train_two_tower", "retrieved_lists", "train_ranker", "evaluate_stages",
+           "train_search", "STAGES"]
+
+STAGES = ("bm25", "two_tower", "hybrid", "two_tower+ranker")
+_DEPTH = 100  # ranked products per query kept for metrics (Recall@100)
+
+
+@dataclasses.dataclass
+class SearchData:
+    """Judgments, the catalog they define, and the seeded query split."""
+
+    judgments: pd.DataFrame
+    catalog: pd.DataFrame  # product_id, title; row i = catalog row i
+    splits: Dict[str, pd.DataFrame]
+
+    @property
+    def row_of(self) -> Dict[str, int]:
+        return {p: i for i, p in enumerate(self.catalog["product_id"])}
+
+
+@dataclasses.dataclass
+class SearchRun:
+    """A trained search pipeline with what it measured."""
+
+    pipeline: SearchPipeline
+    data: SearchData
+    metrics: Dict[str, Dict[str, float]]
+    timings: Dict[str, float]
+    history: Dict[str, List[float]]
+
+
+def load_search_data(cfg: SearchConfig) -> SearchData:
+    """Judgments named by the config, their catalog and the train/val/test query split."""
+    source = cfg.judgments
+    if source.startswith("synthetic:"):
+        from tfrec.data.synthetic import generate_world
+        world = generate_world(source.split(":", 1)[1] or "tiny", seed=42)
+        judgments = judgments_from_events(world.events, world.catalog)
+    else:
+        judgments = load_homedepot(path=source or None, data_dir=cfg.data_dir)
+    catalog = product_catalog(judgments)
+    return SearchData(judgments, catalog, split_by_query(judgments, cfg.split, seed=cfg.seed))
+
+
+def title_vectors(cfg: SearchConfig, titles: Sequence[str],
+                  cache_dir: Optional[str] = None) -> np.ndarray:
+    """Frozen sentence embeddings [N, H] of the titles, cached on disk by content.
+
+    The product tower keeps them frozen, so they are computed once per catalog and
+    encoder (about 5 minutes for 41k titles with MiniLM on 2 cores) and shared by runs.
+    """
+    from tfrec.text.embedding import SentenceEncoder
+    titles = [str(t) for t in titles]
+    key = hashlib.sha1("\n".join([os.path.abspath(cfg.encoder), str(cfg.title_length)]
+                                 + titles).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"title_vectors_{key}.npy") if cache_dir else None
+    if path and os.path.exists(path):
+        return np.load(path)
+    encoder = SentenceEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.title_length,
+                              batch_size=cfg.embed_batch_size)
+    order = np.argsort([len(t) for t in titles], kind="stable")  # similar lengths batch well
+    vectors = np.zeros([len(titles), encoder.model.output_shape[-1]], np.float32)
+    vectors[order] = encoder.encode([titles[i] for i in order])
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}.npy"
+        np.save(tmp, vectors)
+        os.replace(tmp, path)
+    return vectors
+
+
+def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray) -> SearchPipeline:
+    """Zero-shot pipeline: untrained residuals (= BERT cosine), BM25, no ranker yet."""
+    titles = data.catalog["title"].tolist()
+    train = data.splits["train"]
+    vocabulary = word_vocabulary(titles + train["query"].unique().tolist(),
+                                 min_count=cfg.word_min_count)
+    row_of = data.row_of
+    encoder = QueryEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.query_length,
+                           trainable=cfg.fine_tune, top_layers=cfg.top_layers if cfg.fine_tune
+                           else 0)
+    two_tower = SearchTwoTower(
+        encoder, vectors, catalog_word_ids(titles, vocabulary), len(vocabulary),
+        data.catalog["product_id"].tolist(), id_vocabulary=(), negatives=cfg.negatives,
+        temperature=cfg.temperature,
+        negative_rows=sorted({row_of[p] for p in train["product_id"]}))
+    two_tower.set_word_lookup(vocabulary)
+    return SearchPipeline(two_tower, LexicalIndex(titles), None,
+                          data.catalog["product_id"].tolist(), titles,
+                          candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight)
+
+
+def _query_lists(judgments: pd.DataFrame, row_of: Dict[str, int], width: int):
+    grouped = judgments.groupby("query", sort=True)
+    queries = np.asarray(list(grouped.groups), dtype=object)
+    rows = np.full([len(queries), width], -1, np.int32)
+    gains = np.zeros([len(queries), width], np.float32)
+    for i, (_, g) in enumerate(grouped):
+        g = g.sort_values("relevance", ascending=False).head(width)
+        rows[i, :len(g)] = [row_of[p] for p in g["product_id"]]
+        gains[i, :len(g)] = g["relevance"].to_numpy() - 1.0
+    return queries, rows, gains
+
+
+def _ranked(pipeline: SearchPipeline, queries: Sequence[str], stage: str,
+            batch: int = 64) -> np.ndarray:
+    """[Q, 100] catalog rows of one stage, best first (-1 pads)."""
+    parts = []
+    for start in range(0, len(queries), batch):
+        q = tf.constant(list(queries[start:start + batch]))
+        if stage == "two_tower+ranker":
+            rows = pipeline.search(q, num_results=2 * pipeline.candidates)["rows"].numpy()
+        else:
+            key = {"two_tower": "dense", "bm25": "bm25", "hybrid": "hybrid"}[stage]
+            scores = pipeline.catalog_scores(q)[key]
+            rows = tf.math.top_k(scores, min(_DEPTH, pipeline.num_products))[1].numpy()
+        if rows.shape[1] < _DEPTH:
+            rows = np.pad(rows, ((0, 0), (0, _DEPTH - rows.shape[1])), constant_values=-1)
+        parts.append(rows[:, :_DEPTH])
+    return np.concatenate(parts) if parts else np.zeros([0, _DEPTH], np.int64)
+
+
+def evaluate_stages(pipeline: SearchPipeline, judgments: pd.DataFrame,
+                    row_of: Dict[str, int], stages: Sequence[str] = STAGES
+                    ) -> Dict[str, SearchMetrics]:
+    """Full-catalog NDCG@10 / Recall@100 / MRR of each stage on the judged queries."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {STAGES}")
+    if "two_tower+ranker" in stages and pipeline.ranker is None:
+        raise ValueError("stage 'two_tower+ranker' needs a trained ranker (train_ranker)")
+    queries = sorted(judgments["query"].unique())
+    gains = query_gains(judgments, row_of, queries)
+    return {s: catalog_search_metrics(_ranked(pipeline, queries, s), gains) for s in stages}
+
+
+def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
+                    log_dir: Optional[str] = None) -> Dict[str, List[float]]:
+    """Fits the two-tower on the train queries; keeps the epoch with the best val NDCG@10.
+
+    Validation ranks the whole catalog by the hybrid score, the list the ranker sees.
+    """
+    model = pipeline.two_tower
+    row_of = data.row_of
+    queries, rows, gains = _query_lists(data.splits["train"], row_of, width=16)
+    if len(queries) == 0:
+        raise ValueError("no training queries: the split left the train share empty")
+    tf.random.set_seed(cfg.seed)
+    dataset = (tf.data.Dataset.from_tensor_slices(
+        {"query": queries.astype(str), "rows": rows, "gains": gains})
+        .shuffle(len(queries), seed=cfg.seed, reshuffle_each_iteration=True)
+        .batch(cfg.batch_size, drop_remainder=len(queries) >= cfg.batch_size))
+    model.encoder_optimizer = tf.keras.optimizers.Adam(cfg.encoder_lr)
+    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.lr))
+    callbacks = [tf.keras.callbacks.TensorBoard(os.path.join(log_dir, "two_tower"),
+                                                update_freq=20)] if log_dir else []
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "two_tower",
+                                                        "validation")) if log_dir else None
+    val = data.splits["val"]
+    history: Dict[str, List[float]] = {"loss": [], "val_ndcg@10": []}
+
+    def val_ndcg() -> float:
+        pipeline.refresh_product_vectors()
+        return evaluate_stages(pipeline, val, row_of, ("hybrid",))["hybrid"].summary()[
+            "ndcg@10"] if len(val) else float("nan")
+
+    best, best_weights = val_ndcg(), [w.numpy() for w in model.weights]
+    history["val_ndcg@10"].append(best)
+    for epoch in range(cfg.epochs):
+        fit = model.fit(dataset, epochs=epoch + 1, initial_epoch=epoch, verbose=0,
+                        callbacks=callbacks)
+        history["loss"].append(float(fit.history["loss"][-1]))
+        score = val_ndcg()
+        history["val_ndcg@10"].append(score)
+        if writer is not None:
+            with writer.as_default():
+                tf.summary.scalar("epoch_hybrid_ndcg@10", score, step=epoch)
+        if not score <= best:  # NaN (no val queries) keeps the last epoch
+            best, best_weights = score, [w.numpy() for w in model.weights]
+    model.set_weights(best_weights)
+    pipeline.refresh_product_vectors()
+    return history
+
+
+def retrieved_lists(pipeline: SearchPipeline, judgments: pd.DataFrame,
+                    row_of: Dict[str, int], batch: int = 64) -> Dict[str, np.ndarray]:
+    """The retrieved union per judged query, with ranker inputs and graded labels."""
+    queries = sorted(judgments["query"].unique())
+    gains = query_gains(judgments, row_of, queries)
+    parts: Dict[str, List[np.ndarray]] = {}
+    for start in range(0, len(queries), batch):
+        r = pipeline.retrieve(tf.constant(queries[start:start + batch]))
+        for key in ("rows", "valid", "features", "query_vectors"):
+            parts.setdefault(key, []).append(r[key].numpy())
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out["labels"] = np.asarray([[g.get(int(r), 0.0) if r >= 0 else -1.0 for r in rows]
+                                for rows, g in zip(out["rows"], gains)], np.float32)
+    out["queries"] = np.asarray(queries, dtype=object)
+    return out
+
+
+def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
+                 log_dir: Optional[str] = None) -> Dict[str, List[float]]:
+    """Fits a SearchRanker on the validation queries' retrieved lists; sets pipeline.ranker.
+
+    A `ranker_holdout` share of those queries is never trained on and picks the epoch
+    (NDCG@10 of the re-ranked list); the ranker can only improve on the retrieval order
+    it is given if that held-out score says so.
+    """
+    row_of = data.row_of
+    lists = retrieved_lists(pipeline, data.splits["val"], row_of)
+    n = len(lists["queries"])
+    if n < 2:
+        raise ValueError(f"the ranker needs >= 2 validation queries, got {n}; enlarge the "
+                         "validation share of `split`")
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    held = max(1, int(round(cfg.ranker_holdout * n)))
+    fit_rows, held_rows = order[held:], order[:held]
+    tf.random.set_seed(cfg.seed)
+    ranker = SearchRanker()
+    loss_fn = SoftmaxListwiseLoss()
+    optimizer = tf.keras.optimizers.Adam(cfg.ranker_lr)
+    vectors = pipeline.product_vectors
+
+    def inputs(rows: np.ndarray) -> Dict[str, tf.Tensor]:
+        return {"query_vectors": tf.constant(lists["query_vectors"][rows]),
+                "product_vectors": tf.gather(vectors, np.maximum(lists["rows"][rows], 0)),
+                "features": tf.constant(lists["features"][rows]),
+                "valid": tf.constant(lists["valid"][rows])}
+
+    @tf.function
+    def step(x, labels):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, ranker(x, training=True))
+        grads = tape.gradient(loss, ranker.trainable_variables)
+        optimizer.apply_gradients(zip(grads, ranker.trainable_variables))
+        return loss
+
+    held_gains = query_gains(data.splits["val"], row_of, list(lists["queries"][held_rows]))
+
+    def held_ndcg() -> float:
+        scores = ranker(inputs(held_rows), training=False).numpy()
+        ranked = np.take_along_axis(lists["rows"][held_rows], np.argsort(-scores, axis=1), 1)
+        if ranked.shape[1] < _DEPTH:
+            ranked = np.pad(ranked, ((0, 0), (0, _DEPTH - ranked.shape[1])), constant_values=-1)
+        return catalog_search_metrics(ranked, held_gains).summary()["ndcg@10"]
+
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "ranker")) if log_dir else None
+    rng = np.random.default_rng(cfg.seed + 1)
+    history: Dict[str, List[float]] = {"loss": [], "holdout_ndcg@10": []}
+    best, best_weights = -np.inf, None
+    for epoch in range(cfg.ranker_epochs):
+        losses = []
+        shuffled = rng.permutation(fit_rows)
+        for start in range(0, len(shuffled), cfg.ranker_batch_size):
+            rows = shuffled[start:start + cfg.ranker_batch_size]
+            losses.append(float(step(inputs(rows), tf.constant(lists["labels"][rows]))))
+        score = held_ndcg()
+        history["loss"].append(float(np.mean(losses)))
+        history["holdout_ndcg@10"].append(score)
+        if writer is not None:
+            with writer.as_default():
+                tf.summary.scalar("loss", history["loss"][-1], step=epoch)
+                tf.summary.scalar("holdout_ndcg@10", score, step=epoch)
+        if score > best:
+            best, best_weights = score, [w.numpy() for w in ranker.weights]
+    if best_weights is not None:
+        ranker.set_weights(best_weights)
+    pipeline.ranker = ranker
+    return history
+
+
+def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = None,
+                 zero_shot: bool = False, log_dir: Optional[str] = None) -> SearchRun:
+    """The whole search run: data -> frozen title vectors -> two-tower -> ranker -> test.
+
+    Args:
+      cfg: the run's SearchConfig.
+      workdir: holds the title-vector cache and `search/metrics.json`.
+      data: preloaded SearchData (default: load_search_data(cfg)).
+      zero_shot: also measure the untrained pipeline (BERT cosine) on the test queries.
+      log_dir: TensorBoard directory (default `tensorboard_logs/search/seed<seed>`).
+    """
+    timings: Dict[str, float] = {}
+    start = time.perf_counter()
+    data = data or load_search_data(cfg)
+    vectors = title_vectors(cfg, data.catalog["title"].tolist(),
+                            cache_dir=os.path.join(workdir, "cache"))
+    timings["title_vectors_s"] = time.perf_counter() - start
+    log_dir = log_dir or os.path.join("tensorboard_logs", "search", f"seed{cfg.seed}")
+    pipeline = build_pipeline(cfg, data, vectors)
+    row_of, test = data.row_of, data.splits["test"]
+    metrics: Dict[str, Dict[str, float]] = {}
+    if zero_shot:
+        metrics["minilm_zero_shot"] = evaluate_stages(
+            pipeline, test, row_of, ("two_tower",))["two_tower"].summary()
+    t = time.perf_counter()
+    history = {f"two_tower_{k}": v for k, v in train_two_tower(pipeline, cfg, data,
+                                                               log_dir).items()}
+    timings["two_tower_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    history.update({f"ranker_{k}": v for k, v in train_ranker(pipeline, cfg, data,
+                                                             log_dir).items()})
+    timings["ranker_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for stage, m in evaluate_stages(pipeline, test, row_of).items():
+        metrics[stage] = m.summary()
+    timings["evaluate_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+    out = os.path.join(workdir, "search")
+    os.makedirs(out, exist_ok=True)
+    cfg.to_yaml(os.path.join(out, "config.yaml"))
+    with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
+        json.dump({"metrics": metrics, "timings": timings, "history": history}, f, indent=2)
+    os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
+    return SearchRun(pipeline, data, metrics, timings, history)
