@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", default="", help="comma-separated recent item ids")
     p.add_argument("--query", default="",
                    help="search text: personalized search (with a pipeline model: retrieval "
-                        "-> ranker -> business rules)")
+                        "-> ranker -> business rules), or catalog search with a `tfrec "
+                        "search train` model (e.g. --model search)")
     p.add_argument("--exclude", default="", help="pipeline: comma-separated ids not to return "
                                                   "(e.g. out of stock now)")
     p.add_argument("--purchased", default="", help="pipeline: comma-separated ids already bought")
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regenerate", action="store_true", help="regenerate the world")
     from tfrec.text.cli import add_text_commands
     add_text_commands(sub)
+    from tfrec.search_cli import add_search_commands
+    add_search_commands(sub)
     return parser
 
 
@@ -229,6 +232,9 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "text":
         from tfrec.text.cli import run_text
         return run_text(args)
+    if cmd == "search":
+        from tfrec.search_cli import run_search
+        return run_search(args)
     if cmd == "query":
         return _query(args)
     if cmd == "board":
@@ -294,9 +300,9 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
 
     if args.model_config_file:
         models = load_model_config(args.model_config_file)
-    else:  # the retrieval model, plus the ranker and pipeline when they were exported
+    else:  # the retrieval model, plus the ranker, pipeline and search when exported
         models = {name: os.path.join(cfg.export.base_dir, name)
-                  for name in (cfg.export.model_name, "ranker", "pipeline")
+                  for name in (cfg.export.model_name, "ranker", "pipeline", "search")
                   if name == cfg.export.model_name
                   or os.path.isdir(os.path.join(cfg.export.base_dir, name))}
     batching = None
@@ -338,13 +344,19 @@ def _wait_for_stop() -> None:
 
 
 def _query(args: argparse.Namespace) -> int:
+    from tfrec.search_cli import format_search_results, is_catalog_search
     from tfrec.serving.client import PredictClient, format_results
 
     client = PredictClient(args.server, timeout=args.timeout)
     history = _ids(args.history)
+    signatures = {} if args.similar else client.metadata(args.model)
+    if is_catalog_search(signatures):  # `tfrec search train` export: query -> products
+        rows = client.catalog_search(args.query, model=args.model, k=args.k)
+        print(json.dumps(rows, indent=2) if args.json else format_search_results(rows))
+        return 0
     if args.similar:
         rows = client.similar_items(args.model, args.similar, k=args.k)
-    elif "search" in client.metadata(args.model):  # the combined pipeline model
+    elif "search" in signatures:  # the combined pipeline model
         context = dict(history=history, device=args.device, hour=args.hour, k=args.k,
                        exclude=_ids(args.exclude), purchased=_ids(args.purchased))
         query = args.query.strip()  # blank text is no search: recommend instead

@@ -295,6 +295,40 @@ class PredictClient:
         inputs["query"] = np.array([query], dtype=object)
         return rows_from(self.predict(model, inputs, "search", version))
 
+    # -- catalog search contract (tfrec.export.search) ---------------------------
+
+    def catalog_search(self, query: str, model: str = "search", k: Optional[int] = None,
+                       version: Optional[int] = None,
+                       timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Catalog search (`tfrec search train` export): raw query in, top products out.
+
+        Rows carry rank, product_id, title, score (the ranker's), dense_score (two-tower
+        cosine), bm25_score and hybrid_score; padding (fewer products found) is dropped.
+        An empty or whitespace-only query is answered with INVALID_ARGUMENT.
+
+        Args:
+          query: Search text (cut to the model's max length server-side).
+          model: Model name.
+          k: Keep at most this many rows (the export returns a fixed number).
+          version: Specific model version; None for the latest.
+          timeout: Per-call deadline overriding the client's.
+        """
+        outputs = self.predict(model, {"query": np.array([query], dtype=object)},
+                               "serving_default", version, timeout=timeout)
+        rows: List[Dict[str, Any]] = []
+        for i, product_id in enumerate(outputs["product_ids"][0]):
+            product_id = _text(product_id)
+            if not product_id:
+                continue
+            row = {"rank": len(rows) + 1, "product_id": product_id,
+                   "title": _text(outputs["titles"][0][i]),
+                   "score": float(outputs["scores"][0][i])}
+            for name in ("dense_scores", "bm25_scores", "hybrid_scores"):
+                if name in outputs:
+                    row[name[:-1]] = float(outputs[name][0][i])
+            rows.append(row)
+        return rows if k is None else rows[:max(0, int(k))]
+
     @staticmethod
     def _context(user_id: str, history: Iterable[str], device: str, hour: int,
                  history_width: Optional[int]) -> Dict[str, np.ndarray]:

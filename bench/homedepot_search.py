@@ -1,0 +1,175 @@
+"""Home Depot full-catalog search: BM25 vs MiniLM zero-shot vs two-tower vs hybrid vs ranker.
+
+Protocol (bench/README.md, "Home Depot full-catalog search"):
+  catalog    every distinct product (product_uid, first title) in
+             ../shared/data/homedepot/queries_dev.csv (41,127 products).
+  split      distinct queries, seeded, 70/10/20 train/validation/test
+             (tfrec.data.homedepot.split_by_query); one run per seed (--seeds).
+  metrics    each test query ranks the WHOLE catalog (tfrec.evaluation.search):
+             NDCG@10 with gain = relevance - 1 (unjudged products gain 0),
+             Recall@100 of products graded >= 2.0, MRR of the first product graded
+             >= 2.5; each averaged over the test queries with such a product.
+Rows (one tfrec.models.search_pipeline.SearchPipeline per seed; same code path as the
+exported model):
+  BM25                 Okapi BM25 over titles (k1 1.2, b 0.75, lowercase [a-z0-9]+ tokens),
+                       in-graph (tfrec.features.lexical.LexicalIndex).
+  MiniLM zero-shot     cosine of mean-pooled all-MiniLM-L6-v2 embeddings: the untrained
+                       two-tower (its learned residuals start at zero).
+  two-tower            query tower = MiniLM fine-tuned on the train queries' graded
+                       judgments (graded multi-positive softmax, catalog negatives),
+                       product tower = frozen MiniLM title vector + learned residual from
+                       title words; epoch picked on validation.
+  hybrid               catalog-z-scored fusion 0.8 two-tower + 0.2 BM25.
+  two-tower+ranker     union of the two-tower and BM25 top-100 lists re-scored by the
+                       DCN ranker (BERT query / product vectors, BM25, coverage,
+                       retrieval scores and ranks), trained on the validation queries'
+                       lists (20% of them held out to pick its epoch).
+"train s": two-tower fine-tuning (+ ranker training on its row); the shared MiniLM
+title embedding of the catalog (once per run) is printed separately. "ms/query": batch-1
+latency of that stage on the CPU (median over --latency-queries test queries, in-process
+tf.function); the last seed's pipeline is also exported and its SavedModel timed.
+
+Run from the repository root (needs `tfrec text import-minilm`, i.e. work/text/minilm):
+
+    python bench/homedepot_search.py [--seeds 0,1,2] [--workdir work/bench-homedepot]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
+import numpy as np
+import tensorflow as tf
+
+from tfrec.config import SearchConfig
+from tfrec.training.search_trainer import load_search_data, train_search
+
+tf.get_logger().setLevel("ERROR")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import format_table, machine_line, ratio  # noqa: E402
+
+ROWS = (("BM25", "bm25"), ("MiniLM zero-shot", "minilm_zero_shot"), ("two-tower", "two_tower"),
+        ("hybrid (two-tower + BM25)", "hybrid"), ("two-tower+ranker", "two_tower+ranker"))
+METRICS = ("ndcg@10", "recall@100", "mrr")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0,1,2", help="query-split seeds, comma separated")
+    p.add_argument("--workdir", default=None,
+                   help="keeps the title-vector cache between runs (default: a temp dir, "
+                        "so the timed run embeds the catalog once)")
+    p.add_argument("--data-dir", default=None, help="real-data dir (default ../shared/data)")
+    p.add_argument("--epochs", type=int, default=SearchConfig.epochs)
+    p.add_argument("--latency-queries", type=int, default=50)
+    p.add_argument("--no-export", dest="export", action="store_false",
+                   help="skip exporting the last seed's pipeline and timing the SavedModel")
+    return p.parse_args(argv)
+
+
+def stage_latency(run, queries: Sequence[str]) -> Dict[str, float]:
+    """Median batch-1 ms per query of each stage (tf.functions, after a warm-up)."""
+    pipe = run.pipeline
+    spec = [tf.TensorSpec([None], tf.string)]
+    fns = {
+        "bm25": tf.function(lambda q: tf.math.top_k(pipe.lexical(pipe.clean_queries(q)), 100),
+                            input_signature=spec),
+        "two_tower": tf.function(lambda q: tf.math.top_k(tf.matmul(
+            pipe.two_tower.query_vectors(pipe.clean_queries(q)), pipe.product_vectors,
+            transpose_b=True), 100), input_signature=spec),
+        "hybrid": tf.function(lambda q: tf.math.top_k(pipe.catalog_scores(q)["hybrid"], 100),
+                              input_signature=spec),
+        "two_tower+ranker": tf.function(lambda q: pipe.search(q, 10), input_signature=spec),
+    }
+    out = {}
+    for name, fn in fns.items():
+        fn(tf.constant(queries[:1]))
+        times = []
+        for q in queries:
+            start = time.perf_counter()
+            fn(tf.constant([q]))
+            times.append(time.perf_counter() - start)
+        out[name] = 1000 * float(np.median(times))
+    out["minilm_zero_shot"] = out["two_tower"]  # same computation, other weights
+    return out
+
+
+def exported_latency(run, queries: Sequence[str], base: str) -> float:
+    """Median batch-1 ms of the exported search SavedModel (loaded back in this process)."""
+    from tfrec.export.search import export_search
+    path = export_search(run.pipeline, base)
+    fn = tf.saved_model.load(path).signatures["serving_default"]
+    fn(query=tf.constant(queries[:1]))
+    times = []
+    for q in queries:
+        start = time.perf_counter()
+        fn(query=tf.constant([q]))
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    wall = time.perf_counter()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="tfrec-homedepot-")
+    runs, latencies = [], []
+    exported_ms = None
+    for i, seed in enumerate(seeds):
+        cfg = SearchConfig(seed=seed, epochs=args.epochs, data_dir=args.data_dir)
+        data = load_search_data(cfg)
+        run = train_search(cfg, workdir, data=data, zero_shot=True,
+                           log_dir=os.path.join(workdir, "tensorboard_logs", f"seed{seed}"))
+        runs.append(run)
+        queries = sorted(data.splits["test"]["query"].unique())[:args.latency_queries]
+        latencies.append(stage_latency(run, queries))
+        if args.export and i == len(seeds) - 1:
+            exported_ms = exported_latency(run, queries, os.path.join(workdir, "export"))
+        print(f"seed {seed}: " + ", ".join(f"{k} ndcg@10 {v['ndcg@10']:.4f}"
+                                            for k, v in run.metrics.items())
+              + f" | {run.timings['total_s']:.0f} s", flush=True)
+    data = runs[0].data
+    print()
+    print(machine_line())
+    print(f"catalog {len(data.catalog):,} products, {data.judgments['query'].nunique():,} "
+          f"queries; test queries per seed: "
+          + ", ".join(str(r.metrics["bm25"]["queries"]) for r in runs)
+          + f"; seeds {seeds}")
+    reference = {m: np.mean([r.metrics["bm25"][m] for r in runs]) for m in METRICS}
+    rows = []
+    for label, key in ROWS:
+        values = {m: np.array([r.metrics[key][m] for r in runs]) for m in METRICS}
+        train = [r.timings["two_tower_s"] + (r.timings["ranker_s"] if "ranker" in key else 0)
+                 for r in runs] if key not in ("bm25", "minilm_zero_shot") else [0.0]
+        rows.append([label] + [f"{values[m].mean():.4f} ± {values[m].std():.4f}"
+                               for m in METRICS]
+                    + [ratio(values["ndcg@10"].mean(), reference["ndcg@10"]),
+                       ratio(values["recall@100"].mean(), reference["recall@100"]),
+                       f"{np.mean(train):.0f}",
+                       f"{np.median([lat[key] for lat in latencies]):.1f}"])
+    print(format_table(["model", "NDCG@10", "Recall@100", "MRR", "NDCG vs BM25",
+                        "R@100 vs BM25", "train s", "ms/query"], rows,
+                       title="Home Depot full-catalog search, test queries "
+                             "(mean ± sd over seeds)"))
+    gains = [[r.metrics["two_tower+ranker"][m] - r.metrics["bm25"][m] for r in runs]
+             for m in METRICS]
+    print("two-tower+ranker minus BM25 per seed: " + "; ".join(
+        f"{m} " + ", ".join(f"{g:+.4f}" for g in gain) for m, gain in zip(METRICS, gains)))
+    print(f"title embedding (MiniLM, {len(data.catalog):,} titles, once per run): "
+          f"{runs[0].timings['title_vectors_s']:.0f} s")
+    if exported_ms is not None:
+        print(f"exported search SavedModel, batch 1: {exported_ms:.1f} ms/query (median)")
+    print(f"bench wall time: {(time.perf_counter() - wall) / 60:.1f} min")
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Catalog search end to end: training, export, fresh-process reload, gRPC, CLI.
+
+One search run on the tiny world's judgments (tiny random BERT) is trained and exported
+once per session; the embedded server serves that export on loopback.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+
+import tfrec  # noqa: F401
+import tensorflow as tf
+
+from tfrec.config import SearchConfig
+from tfrec.serving import ModelServer, PredictClient, ServingError
+
+NUM_RESULTS = 10
+STAGES = ("minilm_zero_shot", "bm25", "two_tower", "hybrid", "two_tower+ranker")
+LONG_QUERY = "wireless headphones " * 5000  # 100 KB
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The same small run the CLI test repeats through `--set`.
+TINY_FIELDS = dict(epochs=1, negatives=64, candidates=20, ranker_epochs=3, query_length=8,
+                   title_length=16, batch_size=32)
+
+
+def _tiny_config(tiny_encoder, judgments: str = "synthetic:tiny") -> SearchConfig:
+    encoder, preprocessor = tiny_encoder
+    return SearchConfig(judgments=judgments, encoder=encoder, preprocessor=preprocessor,
+                        **TINY_FIELDS)
+
+
+@pytest.fixture(scope="session")
+def search_workdir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("search_work"))
+
+
+@pytest.fixture(scope="session")
+def search_run(tiny_encoder, search_workdir, tmp_path_factory):
+    from tfrec.training.search_trainer import train_search
+
+    log_dir = str(tmp_path_factory.mktemp("search_logs"))
+    run = train_search(_tiny_config(tiny_encoder), search_workdir, zero_shot=True,
+                       log_dir=log_dir)
+    run.log_dir = log_dir
+    return run
+
+
+@pytest.fixture(scope="session")
+def search_export(search_run, tmp_path_factory):
+    from tfrec.export.search import export_search
+
+    base = str(tmp_path_factory.mktemp("search_models"))
+    path = export_search(search_run.pipeline, base, num_results=NUM_RESULTS,
+                         card={"metrics": search_run.metrics})
+    return {"base": base, "path": path}
+
+
+@pytest.fixture(scope="module")
+def search_served(search_export):
+    server = ModelServer({"search": os.path.join(search_export["base"], "search")},
+                         port=0, poll_seconds=0).start()
+    client = PredictClient(server.address, timeout=60.0)
+    yield client
+    client.close()
+    server.stop(grace=0)
+
+
+def _queries(run) -> list:
+    """A test query, a title-word query and an over-long non-ASCII one."""
+    test_query = sorted(run.data.splits["test"]["query"].unique())[0]
+    title_words = " ".join(run.data.catalog["title"].iloc[7].lower().split()[:2])
+    return [test_query, title_words, "Stiefel \u00e9t\u00e9 " * 300]
+
+
+def test_train_search_measures_every_stage_and_logs_to_tensorboard(search_run):
+    metrics = search_run.metrics
+    assert set(metrics) == set(STAGES)
+    for stage, values in metrics.items():
+        for name in ("ndcg@10", "recall@100", "mrr"):
+            assert math.isfinite(values[name]) and 0.0 <= values[name] <= 1.0, (stage, name)
+        assert values["queries"] > 0
+    events = glob.glob(os.path.join(search_run.log_dir, "**", "events.out.tfevents.*"),
+                       recursive=True)
+    assert any(os.sep + "two_tower" + os.sep in e for e in events), events
+    assert any(os.sep + "ranker" + os.sep in e for e in events), events
+    assert search_run.history["two_tower_loss"] and search_run.history["ranker_loss"]
+
+
+def test_search_module_pads_checks_and_answers_empty_batches(search_run):
+    from tfrec.export.search import SearchModule
+
+    pipeline = search_run.pipeline
+    wide = 2 * pipeline.candidates + 5  # more than the retrieved union: padded
+    module = SearchModule(pipeline, num_results=wide)
+    out = module.search(tf.constant(["  mat  ", LONG_QUERY]))
+    assert out["product_ids"].shape == (2, wide) and out["scores"].dtype == tf.float32
+    ids = out["product_ids"].numpy().astype(str)
+    assert (ids[:, -5:] == "").all() and (out["scores"].numpy()[:, -5:] == 0).all()
+    assert (out["titles"].numpy()[ids == ""] == b"").all()
+    want = pipeline.search(tf.constant(["mat"]), num_results=wide)["product_ids"].numpy()
+    assert ids[0, :want.shape[1]].tolist() == want[0].astype(str).tolist()
+
+    empty = module.search(tf.constant([], tf.string))
+    assert {k: tuple(v.shape) for k, v in empty.items()} == {
+        k: (0, wide) for k in ("product_ids", "titles", "scores", "dense_scores",
+                               "bm25_scores", "hybrid_scores")}
+    with pytest.raises(tf.errors.InvalidArgumentError, match="query 1 is empty"):
+        module.search(tf.constant(["mat", " \t "]))
+    with pytest.raises(ValueError, match="num_results"):
+        SearchModule(pipeline, num_results=0)
+
+
+FRESH_PROCESS = textwrap.dedent(r"""
+    import json, sys
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401  (the BERT preprocessor's ops; stock TF Serving has them)
+
+    path, queries = json.load(open(sys.argv[1]))
+    fn = tf.saved_model.load(path).signatures["serving_default"]
+    out = fn(query=tf.constant(queries))
+    result = {k: (v.numpy().astype(str).tolist() if v.dtype == tf.string else v.numpy().tolist())
+              for k, v in out.items()}
+    empty = {k: list(v.shape) for k, v in fn(query=tf.constant([], tf.string)).items()}
+    try:
+        fn(query=tf.constant(["ok", "   "]))
+        error = None
+    except tf.errors.InvalidArgumentError as e:
+        error = e.message
+    inputs = {k: [v.dtype.name, v.shape.as_list()]
+              for k, v in fn.structured_input_signature[1].items()}
+    ops = sorted({n.op for f in fn.graph.as_graph_def().library.function for n in f.node_def}
+                 | {n.op for n in fn.graph.as_graph_def().node})
+    loaded = sorted(n for n in sys.modules if n.split(".")[0] in (
+        "tfrec", "tensorflow_recommenders", "tf_keras", "tensorflow_hub"))
+    print("RESULT" + json.dumps({"result": result, "empty": empty, "error": error,
+                                 "inputs": inputs, "ops": ops, "modules": loaded}))
+""")
+
+
+def test_export_reloads_in_a_fresh_process_with_the_same_answers(search_run, search_export,
+                                                                  tmp_path):
+    path = search_export["path"]
+    assert os.path.basename(path) == "1" and os.path.basename(os.path.dirname(path)) == "search"
+    with open(os.path.join(path, "assets.extra", "tfrec_model.json")) as f:
+        card = json.load(f)
+    assert card["num_products"] == len(search_run.data.catalog)
+    assert card["encoder"] == search_run.pipeline.two_tower.query_encoder.encoder_handle
+    assert card["metrics"]["hybrid"]["ndcg@10"] == search_run.metrics["hybrid"]["ndcg@10"]
+    assert card["num_results"] == NUM_RESULTS and card["ranker"] is True
+
+    queries = _queries(search_run)
+    spec = tmp_path / "request.json"
+    spec.write_text(json.dumps([path, queries]))
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(spec)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert fresh["modules"] == [], "the fresh process must need TensorFlow (+ TF Text) only"
+    assert fresh["inputs"] == {"query": ["string", [None]]}
+    assert not {"PyFunc", "EagerPyFunc", "PyFuncStateless"} & set(fresh["ops"])
+    assert fresh["empty"] == {k: [0, NUM_RESULTS] for k in fresh["result"]}
+    assert fresh["error"] and "query 1 is empty" in fresh["error"]
+
+    want = search_run.pipeline.search(tf.constant(queries), num_results=NUM_RESULTS)
+    got = fresh["result"]
+    assert sorted(got) == ["bm25_scores", "dense_scores", "hybrid_scores", "product_ids",
+                           "scores", "titles"]
+    for name in ("product_ids", "titles"):
+        assert got[name] == want[name].numpy().astype(str).tolist(), name
+    for name in ("scores", "dense_scores", "bm25_scores", "hybrid_scores"):
+        np.testing.assert_allclose(np.array(got[name]), want[name].numpy(), rtol=1e-4,
+                                   atol=1e-4, err_msg=name)
+    assert all(len(ids) == NUM_RESULTS and ids[0] for ids in got["product_ids"])
+
+
+def _invalid(call, *substrings):
+    with pytest.raises(ServingError) as info:
+        call()
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, str(info.value)
+    for s in substrings:
+        assert s in info.value.message, f"{s!r} not in {info.value.message!r}"
+
+
+def test_grpc_search_round_trip_and_bad_requests(search_served, search_run):
+    client = search_served
+    assert client.wait_until_available("search", timeout=30) == 1
+    titles = dict(zip(search_run.data.catalog["product_id"].astype(str),
+                      search_run.data.catalog["title"].astype(str)))
+    query = _queries(search_run)[1]
+    rows = client.catalog_search(query)
+    assert 0 < len(rows) <= NUM_RESULTS
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    for r in rows:
+        assert r["title"] == titles[r["product_id"]]
+        assert {"score", "dense_score", "bm25_score", "hybrid_score"} <= set(r)
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    want = search_run.pipeline.search(tf.constant([query]), num_results=NUM_RESULTS)
+    assert [r["product_id"] for r in rows] == [
+        p for p in want["product_ids"].numpy()[0].astype(str) if p]
+    assert len(client.catalog_search(query, k=3)) == 3
+
+    _invalid(lambda: client.catalog_search(""), "query 0 is empty")
+    _invalid(lambda: client.catalog_search(" \n\t "), "query 0 is empty")
+    _invalid(lambda: client.predict("search", {"query": np.array(["mat", ""], dtype=object)}),
+             "query 1 is empty")
+    _invalid(lambda: client.predict("search", {"query": np.array([7], np.int64)}), "query")
+    assert len(client.catalog_search(LONG_QUERY)) > 0  # cut and answered
+    assert [r["product_id"] for r in client.catalog_search(query)] == [
+        r["product_id"] for r in rows]  # still healthy after the bad requests
+
+
+def test_cli_query_prints_search_results(search_served, search_run, capsys):
+    """`tfrec query --model search --query ...` (one real process, the rest in-process)."""
+    from tfrec.cli import main
+
+    query = _queries(search_run)[1]
+    args = ["query", "--server", search_served.address, "--model", "search", "--k", "3"]
+    proc = subprocess.run([sys.executable, "-m", "tfrec.cli", *args, "--query", query,
+                           "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 3 and all(r["product_id"] and r["title"] for r in rows)
+    assert main(args + ["--query", query]) == 0
+    table = capsys.readouterr().out
+    assert "product_id" in table and rows[0]["product_id"] in table and "bm25" in table
+    assert main(args + ["--query", "  "]) == 2
+    assert "query 0 is empty" in capsys.readouterr().err
+
+
+def _cli(args, cwd, timeout=300):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "tfrec.cli", "search", "train", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def test_cli_search_train_prints_the_table_and_exports(tiny_encoder, search_run,
+                                                       search_workdir, tmp_path, capsys):
+    from tfrec.cli import main
+
+    missing = str(tmp_path / "no_such_judgments.csv")  # in-process: the exit code main returns
+    assert main(["search", "train", "--judgments", missing,
+                 "--workdir", str(tmp_path / "w")]) == 2
+    assert missing in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # failed before training
+
+    encoder, preprocessor = tiny_encoder
+    sets = [f"{k}={v}" for k, v in TINY_FIELDS.items()] + [
+        f"encoder={encoder}", f"preprocessor={preprocessor}"]
+    export_base = tmp_path / "export"
+    # The session run's workdir: its title-vector cache spares the CLI the title encoding.
+    proc = _cli(["--judgments", "synthetic:tiny", "--workdir", search_workdir,
+                 "--export-base", str(export_base), "--log-dir", str(tmp_path / "logs"),
+                 *[a for s in sets for a in ("--set", s)]], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for stage in ("bm25", "two_tower", "hybrid", "two_tower+ranker"):
+        assert any(line.split()[:1] == [stage] for line in out.splitlines()), out
+    assert "ndcg@10" in out and "recall@100" in out and "mrr" in out
+    exported = [line.split(" ", 1)[1] for line in out.splitlines()
+                if line.startswith("exported ")]
+    assert exported == [str(export_base / "search" / "1")], out
+    assert os.path.isfile(os.path.join(exported[0], "saved_model.pb"))
+    assert glob.glob(str(tmp_path / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
+
+
+def _homedepot_file() -> str:
+    data_dir = os.environ.get("TFREC_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
+    return os.path.join(data_dir, "homedepot", "queries_dev.csv")
+
+
+def test_search_trains_on_a_home_depot_slice(tiny_encoder, tmp_path):
+    from tfrec.training.search_trainer import train_search
+
+    path = _homedepot_file()
+    if not os.path.isfile(path):
+        pytest.skip(f"Home Depot judgments not found at {path} (set TFREC_DATA_DIR)")
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="latin-1")
+    queries = sorted(raw["search_term"].str.strip().unique())
+    picked = set(np.random.default_rng(0).choice(queries, 120, replace=False))
+    sliced = raw[raw["search_term"].str.strip().isin(picked)]
+    csv = tmp_path / "homedepot_slice.csv"
+    sliced.to_csv(csv, index=False)
+
+    cfg = _tiny_config(tiny_encoder, judgments=str(csv))
+    run = train_search(cfg, str(tmp_path / "work"), log_dir=str(tmp_path / "logs"))
+    assert set(run.metrics) == set(STAGES) - {"minilm_zero_shot"}
+    for stage, values in run.metrics.items():
+        for name in ("ndcg@10", "recall@100", "mrr"):
+            assert math.isfinite(values[name]) and 0.0 <= values[name] <= 1.0, (stage, name)
+    assert run.data.judgments["query"].nunique() == 120
+    found = run.pipeline.search(tf.constant([sorted(picked)[0]]), num_results=5)
+    assert found["product_ids"].shape == (1, 5)
+
+
+def test_search_cli_helpers(capsys):
+    from tfrec.cli import main
+    from tfrec.search_cli import apply_overrides, format_metrics, is_catalog_search
+
+    cfg = apply_overrides(SearchConfig(), ["epochs=3", "search.hybrid_weight=0.5",
+                                           "split=[0.6, 0.2, 0.2]"])
+    assert (cfg.epochs, cfg.hybrid_weight, cfg.split) == (3, 0.5, (0.6, 0.2, 0.2))
+    for item, message in (("epochs", "field=value"), ("nope=1", "unknown config field"),
+                          ("epochs=1.5", "integer")):
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(SearchConfig(), [item])
+    table = format_metrics({"hybrid": {"ndcg@10": 0.5, "recall@100": 0.9, "mrr": 0.4,
+                                       "queries": 7},
+                            "bm25": {"ndcg@10": 0.25, "recall@100": 0.8, "mrr": 0.2,
+                                     "queries": 7}})
+    lines = table.splitlines()
+    assert lines[0] == "test queries (7)" and lines[2].startswith("bm25")
+    assert "0.5000" in lines[3] and "0.9000" in lines[3]
+    assert is_catalog_search({"serving_default": {"inputs": {"query": ()},
+                                                  "outputs": {"product_ids": ()}}})
+    assert not is_catalog_search({"serving_default": {"inputs": {"query": (), "k": ()},
+                                                      "outputs": {"item_ids": ()}}})
+    assert main(["search", "train", "--set", "epochs=two"]) == 2
+    assert "search.epochs" in capsys.readouterr().err

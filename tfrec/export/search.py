@@ -1,0 +1,156 @@
+"""Export of catalog search as a TF Serving SavedModel: raw query in, top products out.
+
+One Predict call runs the whole SearchPipeline in the graph: BERT query tower (TF Text
+tokeniser ops, which stock TF Serving links in), in-graph BM25 (core ops), the union of
+both top lists, the ranker and the top `num_results`, with every stage's score returned
+for debugging and logging. What the exported model answers is what
+`SearchPipeline.search` answers in the training process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, Optional
+
+import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from tfrec.export.versioned import save_versioned
+from tfrec.models.search_pipeline import MAX_QUERY_CHARS, SearchPipeline
+
+__all__ = ["SearchModule", "export_search", "SEARCH_NAME", "QUERY_SPEC", "EMPTY_QUERY",
+           "OUTPUTS"]
+
+SEARCH_NAME = "search"
+QUERY_SPEC = tf.TensorSpec([None], tf.string, name="query")
+# In-graph message of an empty query; {} is the index of the first one in the batch.
+EMPTY_QUERY = "query {} is empty (blank or whitespace only); search needs query text"
+OUTPUTS = ("product_ids", "titles", "scores", "dense_scores", "bm25_scores", "hybrid_scores")
+
+
+def clean_search_queries(query: tf.Tensor) -> tf.Tensor:
+    """[B] raw queries -> stripped, valid UTF-8, at most MAX_QUERY_CHARS characters.
+
+    The text is first cut to 4 * MAX_QUERY_CHARS bytes (a UTF-8 character has at most 4)
+    so a 100 KB query costs what a normal one does; a character cut in half there lies
+    past the first MAX_QUERY_CHARS characters, so for valid UTF-8 the result equals
+    `SearchPipeline.clean_queries`. Invalid UTF-8 bytes are dropped (the character-based
+    cut would otherwise fail on them).
+    """
+    text = tf.strings.substr(tf.strings.strip(query), 0, 4 * MAX_QUERY_CHARS, unit="BYTE")
+    text = tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="ignore")
+    return SearchPipeline.clean_queries(text)
+
+
+class SearchModule(tf.Module):
+    """Serving graph of a SearchPipeline.
+
+    `serving_default` input: query [B] string. Outputs, all [B, num_results] in final
+    order (the ranker's, or the hybrid score's without a ranker): product_ids, titles
+    (both "" past the products found), scores, dense_scores (two-tower cosine),
+    bm25_scores, hybrid_scores (float32, 0 for padding). An empty or whitespace-only
+    query fails with InvalidArgument naming its index (INVALID_ARGUMENT over gRPC);
+    over-long queries are cut to MAX_QUERY_CHARS characters and answered; an empty batch
+    gets empty [0, num_results] outputs.
+
+    Only the parts the signature runs are tracked (query tower, word lookup, BM25 index,
+    ranker, product vectors), so training state such as optimizer slots stays out of
+    the SavedModel.
+
+    Args:
+      pipeline: trained SearchPipeline (its product vectors current).
+      num_results: products returned per query, >= 1.
+    """
+
+    def __init__(self, pipeline: SearchPipeline, num_results: int = 10):
+        super().__init__(name="tfrec_search")
+        if not isinstance(num_results, int) or isinstance(num_results, bool) or num_results < 1:
+            raise ValueError(f"num_results must be an integer >= 1, got {num_results!r}")
+        two_tower = pipeline.two_tower
+        if two_tower.word_lookup is None:
+            raise ValueError("the pipeline's two-tower has no word lookup (set_word_lookup); "
+                             "build it with tfrec.training.search_trainer.build_pipeline")
+        # Not tracked (object.__setattr__): saving the whole pipeline would also write the
+        # two-tower's optimizers; the pieces the graph uses are tracked below instead.
+        object.__setattr__(self, "_pipeline", pipeline)
+        self.num_results = int(num_results)
+        self.num_products = pipeline.num_products
+        self.query_encoder = two_tower.query_encoder
+        self.query_adapter = two_tower.query_adapter
+        self.words = two_tower.words
+        self.word_lookup = two_tower.word_lookup
+        self.lexical = pipeline.lexical
+        self.ranker = pipeline.ranker
+        self.product_vectors = pipeline.product_vectors
+
+    def _search(self, query: tf.Tensor) -> Dict[str, tf.Tensor]:
+        cleaned = clean_search_queries(query)
+        empty = tf.equal(tf.strings.length(cleaned), 0)
+        batch = tf.size(cleaned)
+        first = tf.reduce_min(tf.where(empty, tf.range(batch), batch))
+        check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(empty)),
+                                    [tf.strings.format(EMPTY_QUERY, first)])
+        with tf.control_dependencies([check]):
+            found = self._pipeline.search(tf.identity(cleaned), num_results=self.num_results)
+        width = self.num_results
+        # pipeline.search returns min(width, retrieved union) columns: pad the rest.
+        pad = width - min(width, 2 * self._pipeline.candidates)
+        out = {}
+        for name in OUTPUTS:
+            value = found[name]
+            if pad:
+                value = tf.pad(value, [[0, 0], [0, pad]],
+                               constant_values="" if value.dtype == tf.string else 0.0)
+            out[name] = tf.ensure_shape(value, [None, width])
+        return out
+
+    @tf.function(input_signature=[QUERY_SPEC], autograph=False)
+    def search(self, query):
+        return self._search(query)
+
+    def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
+        return {"serving_default": self.search.get_concrete_function()}
+
+
+def search_card(pipeline: SearchPipeline, num_results: int, **extra: Any) -> Dict[str, Any]:
+    """The JSON model card of a search export (assets.extra/tfrec_model.json)."""
+    encoder = pipeline.two_tower.query_encoder
+    return {"model": "catalog_search",
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "num_products": pipeline.num_products,
+            "encoder": encoder.encoder_handle, "preprocessor": encoder.preprocessor_handle,
+            "query_length": encoder.seq_length,
+            "candidates_per_retriever": pipeline.candidates,
+            "hybrid_weight": pipeline.hybrid_weight,
+            "ranker": pipeline.ranker is not None,
+            "num_results": int(num_results), "max_query_chars": MAX_QUERY_CHARS,
+            # The BERT preprocessor tokenises with TF Text ops (stock TF Serving links them).
+            "needs_tensorflow_text": True,
+            "signatures": ["serving_default"], **extra}
+
+
+def export_search(pipeline: SearchPipeline, base_dir: str, model_name: str = SEARCH_NAME,
+                  version: Optional[int] = None, num_results: int = 10,
+                  card: Optional[Dict[str, Any]] = None) -> str:
+    """Exports `pipeline` as `<base_dir>/<model_name>/<version>/`, atomically.
+
+    Args:
+      pipeline: trained SearchPipeline.
+      base_dir: export root (the server's base path is `<base_dir>/<model_name>`).
+      model_name: model directory name.
+      version: explicit version (refuses to overwrite); default the next integer.
+      num_results: products returned per query.
+      card: extra model-card fields, e.g. {"metrics": run.metrics, "config": ...}.
+
+    Returns:
+      The version directory.
+    """
+    from tfrec.export.exporter import _signatures_only
+
+    module = SearchModule(pipeline, num_results=num_results)
+    signatures = module.signatures()
+    extra = search_card(pipeline, num_results, **(card or {}))
+    with _signatures_only():
+        return save_versioned(module, signatures, os.fspath(base_dir), model_name, version,
+                              extra_files={"tfrec_model.json": extra})

@@ -1,0 +1,195 @@
+"""`tfrec search ...`: train catalog search from graded judgments and export it.
+
+Hooked into the main parser by tfrec.cli; TensorFlow is imported by the handlers only
+(after the cheap checks), so `tfrec --help` stays fast and a bad argument fails at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+from tfrec.config import SearchConfig, set_field
+
+DEFAULT_WORKDIR = os.path.join("work", "search")
+# Rows of the metrics table, in pipeline order; absent stages are skipped.
+STAGE_ORDER = ("minilm_zero_shot", "bm25", "two_tower", "hybrid", "two_tower+ranker")
+METRIC_COLUMNS = ("ndcg@10", "recall@100", "mrr")
+
+
+def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `tfrec search train`."""
+    search = subparsers.add_parser(
+        "search", help="catalog search: two-tower + BM25 retrieval and a re-ranker",
+        description="Catalog search trained from graded query-product judgments (Home "
+                    "Depot CSV or the synthetic world's search log).")
+    sub = search.add_subparsers(dest="search_command", metavar="SEARCH_COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "train", help="train, evaluate every stage on the test queries, export",
+        description="Train the search two-tower and ranker (tfrec.training.search_trainer), "
+                    "print test NDCG@10 / Recall@100 / MRR per stage, and export the "
+                    "SavedModel `<export base>/search/<version>/` (raw query in, top "
+                    "products out) for `tfrec serve`.")
+    p.add_argument("--config", help="search YAML config (e.g. configs/search.yaml)")
+    p.add_argument("--judgments", metavar="PATH|synthetic:SPEC",
+                   help="Home Depot style CSV (search_term, product_uid, product_title, "
+                        "relevance) or synthetic:tiny (the synthetic world's search log)")
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR,
+                   help=f"title-vector cache and search/metrics.json (default {DEFAULT_WORKDIR})")
+    p.add_argument("--seed", type=int, help="query split and initialisation seed")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one SearchConfig field, e.g. --set epochs=2 (repeatable)")
+    p.add_argument("--log-dir", dest="log_dir",
+                   help="TensorBoard directory (default tensorboard_logs/search/seed<seed>)")
+    p.add_argument("--zero-shot", action="store_true", dest="zero_shot",
+                   help="also measure the untrained encoder (row minilm_zero_shot)")
+    p.add_argument("--export-base", dest="export_base",
+                   help="export root (default <workdir>/export); the model is written to "
+                        "<export base>/<model name>/<version>/")
+    p.add_argument("--model-name", dest="model_name", default="search")
+    p.add_argument("--version", type=int, help="export version (default: the next one)")
+    p.add_argument("--no-export", action="store_true", dest="no_export",
+                   help="train and evaluate only")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """Dispatches a parsed `tfrec search ...` command."""
+    handlers = {"train": _train}
+    return handlers[args.search_command](args)
+
+
+def apply_overrides(cfg: SearchConfig, items: Sequence[str]) -> SearchConfig:
+    """Applies `field=value` strings (values parsed as YAML) with SearchConfig's type checks.
+
+    A leading `search.` is accepted (`--set search.epochs=2`).
+
+    Raises:
+      ValueError: malformed item, unknown field or a value of the wrong type.
+    """
+    import yaml
+
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects field=value (e.g. --set epochs=2), got {item!r}")
+        if key.startswith("search."):
+            key = key[len("search."):]
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({e})") from e
+        set_field(cfg, key, parsed, prefix="search")
+    return cfg
+
+
+def search_config(args: argparse.Namespace) -> SearchConfig:
+    """Config file, then --set, then the explicit flags (--judgments, --seed)."""
+    cfg = SearchConfig.from_yaml(args.config) if args.config else SearchConfig()
+    apply_overrides(cfg, args.set)
+    if args.judgments is not None:
+        cfg.judgments = args.judgments
+    if args.seed is not None:
+        cfg.seed = args.seed
+    return cfg
+
+
+def check_inputs(cfg: SearchConfig) -> None:
+    """Fails fast (before TensorFlow loads) on inputs that do not exist.
+
+    Raises:
+      FileNotFoundError: naming the missing judgments file or encoder directory.
+    """
+    source = cfg.judgments
+    if source and not source.startswith("synthetic:") and not os.path.isfile(source):
+        raise FileNotFoundError(f"judgments file {source!r} does not exist (pass a Home Depot "
+                                f"style CSV or synthetic:tiny with --judgments)")
+    for what, handle in (("encoder", cfg.encoder), ("preprocessor", cfg.preprocessor)):
+        if "://" not in handle and not os.path.isdir(handle):
+            raise FileNotFoundError(
+                f"{what} {handle!r} does not exist; run `tfrec text import-minilm` or point "
+                f"--set {what}=DIR at a TF-Hub-format BERT {what}")
+
+
+def format_metrics(metrics: Mapping[str, Mapping[str, float]], title: str = "test") -> str:
+    """Fixed-width table: one row per stage (pipeline order), ndcg@10 / recall@100 / mrr."""
+    stages = [s for s in STAGE_ORDER if s in metrics] + sorted(
+        s for s in metrics if s not in STAGE_ORDER)
+    width = max([len("stage")] + [len(s) for s in stages])
+    queries = next((int(metrics[s]["queries"]) for s in stages if "queries" in metrics[s]),
+                   None)
+    head = f"{title} queries" + (f" ({queries})" if queries is not None else "")
+    lines = [head, f"{'stage':<{width}}  " + "  ".join(f"{c:>10}" for c in METRIC_COLUMNS)]
+    for stage in stages:
+        cells = []
+        for column in METRIC_COLUMNS:
+            value = metrics[stage].get(column, math.nan)
+            cells.append(f"{value:>10.4f}")
+        lines.append(f"{stage:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = search_config(args)
+    check_inputs(cfg)
+    export_base = args.export_base or os.path.join(args.workdir, "export")
+
+    from tfrec.export.search import export_search
+    from tfrec.training.search_trainer import train_search
+
+    log_dir = args.log_dir or os.path.join("tensorboard_logs", "search", f"seed{cfg.seed}")
+    run = train_search(cfg, args.workdir, zero_shot=args.zero_shot, log_dir=log_dir)
+    path: Optional[str] = None
+    if not args.no_export:
+        path = export_search(run.pipeline, export_base, model_name=args.model_name,
+                             version=args.version, num_results=cfg.results,
+                             card={"metrics": run.metrics, "judgments": cfg.judgments,
+                                   "seed": cfg.seed, "config": dataclasses.asdict(cfg)})
+    if args.json:
+        print(json.dumps({"metrics": run.metrics, "timings": run.timings, "export": path},
+                         indent=2))
+        return 0
+    sizes = {k: int(v["query"].nunique()) for k, v in run.data.splits.items()}
+    print(f"catalog {len(run.data.catalog)} products; queries train {sizes.get('train', 0)} / "
+          f"val {sizes.get('val', 0)} / test {sizes.get('test', 0)}; trained in "
+          f"{run.timings.get('total_s', 0.0):.0f}s")
+    print(format_metrics(run.metrics))
+    print(f"metrics {os.path.join(args.workdir, 'search', 'metrics.json')}; "
+          f"TensorBoard logs {log_dir}")
+    if path:
+        print(f"exported {path}")
+        print(f"serve it: tfrec serve --base-dir {export_base} --model-name {args.model_name}; "
+              f"then: tfrec query --model {args.model_name} --query \"...\"")
+    return 0
+
+
+def format_search_results(rows: Sequence[Mapping[str, Any]], max_title: int = 60) -> str:
+    """Fixed-width table of catalog search rows (PredictClient.catalog_search)."""
+    if not rows:
+        return "(no results)"
+    id_width = max(len("product_id"), *(len(str(r["product_id"])) for r in rows))
+    lines = [f"{'rank':>4}  {'product_id':<{id_width}}  {'score':>9}  {'dense':>7}  "
+             f"{'bm25':>7}  title"]
+    for r in rows:
+        title = str(r.get("title", ""))
+        if len(title) > max_title:
+            title = title[: max_title - 3] + "..."
+        lines.append(f"{r['rank']:>4}  {str(r['product_id']):<{id_width}}  {r['score']:>9.4f}  "
+                     f"{r['dense_score']:>7.4f}  {r['bm25_score']:>7.3f}  {title}")
+    return "\n".join(lines)
+
+
+def is_catalog_search(signatures: Mapping[str, Any]) -> bool:
+    """Whether model metadata (PredictClient.metadata) is a search export's."""
+    default = signatures.get("serving_default") or {}
+    return (set(default.get("inputs", {})) == {"query"}
+            and "product_ids" in default.get("outputs", {}))
+
