@@ -12,3 +12,21 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def serve_models(models: dict, timeout: float = 60.0):
+    """Generator for module fixtures: a real server on 127.0.0.1 and a client to it.
+
+    Args:
+      models: model name -> `<base>/<name>` directory of versions.
+      timeout: client deadline per call, seconds.
+    """
+    from tfrec.serving import ModelServer, PredictClient
+
+    server = ModelServer(models, port=0, poll_seconds=0).start()
+    client = PredictClient(server.address, timeout=timeout)
+    try:
+        yield client
+    finally:
+        client.close()
+        server.stop(grace=0)

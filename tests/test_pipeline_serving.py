@@ -23,7 +23,8 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import ExportConfig
-from tfrec.serving import ModelServer, PredictClient, ServingError, format_results
+from tfrec.serving import ServingError, format_results
+from tests.helpers import serve_models
 
 MAX_PER_BRAND = 2
 LONG_QUERY = "wireless headphones " * 5000  # 100 KB
@@ -66,13 +67,8 @@ def exported(trained_run, trained_ranker, world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(exported):
-    server = ModelServer({"ranker": os.path.join(exported["base"], "ranker"),
-                          "pipeline": os.path.join(exported["base"], "pipeline")},
-                         port=0, poll_seconds=0).start()
-    client = PredictClient(server.address, timeout=60.0)
-    yield client
-    client.close()
-    server.stop(grace=0)
+    yield from serve_models({"ranker": os.path.join(exported["base"], "ranker"),
+                             "pipeline": os.path.join(exported["base"], "pipeline")})
 
 
 def _requests(world) -> list:

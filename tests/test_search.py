@@ -23,7 +23,8 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import SearchConfig
-from tfrec.serving import ModelServer, PredictClient, ServingError
+from tfrec.serving import ServingError
+from tests.helpers import serve_models
 
 NUM_RESULTS = 10
 STAGES = ("minilm_zero_shot", "bm25", "two_tower", "hybrid", "two_tower+ranker")
@@ -68,12 +69,7 @@ def search_export(search_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def search_served(search_export):
-    server = ModelServer({"search": os.path.join(search_export["base"], "search")},
-                         port=0, poll_seconds=0).start()
-    client = PredictClient(server.address, timeout=60.0)
-    yield client
-    client.close()
-    server.stop(grace=0)
+    yield from serve_models({"search": os.path.join(search_export["base"], "search")})
 
 
 def _queries(run) -> list:

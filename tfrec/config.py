@@ -158,16 +158,7 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str) -> "Config":
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"config file {path!r} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"config file {path!r} must hold a mapping of sections")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_yaml_mapping(path, "config file", "sections"))
 
     def update(self, raw: Dict[str, Any]) -> "Config":
         """Overrides fields from a nested mapping, rejecting unknown names."""
@@ -192,6 +183,20 @@ class Config:
             section, name = key.split(".", 1)
             self.update({section: {name: yaml.safe_load(value)}})
         return self
+
+
+def read_yaml_mapping(path: str, what: str, holds: str) -> Dict[str, Any]:
+    """The mapping in a YAML file ({} if empty); clear errors for missing / invalid files."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{what} {path!r} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} {path!r} must hold a mapping of {holds}")
+    return raw
 
 
 def set_field(target: Any, key: str, value: Any, prefix: str = "") -> None:
@@ -270,13 +275,4 @@ class SearchConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "SearchConfig":
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"search config file {path!r} does not exist")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"search config {path!r} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"search config {path!r} must hold a mapping of fields")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_yaml_mapping(path, "search config file", "fields"))
