@@ -252,6 +252,7 @@ class SearchConfig:
     encoder_lr: float = 3e-5
     lr: float = 1e-3
     word_min_count: int = 2  # words in the learned bag-of-words vocabulary
+    id_embeddings: bool = False  # product-id embeddings for products judged in training
     candidates: int = 100  # per retriever; the ranker re-scores their union (<= 2x)
     hybrid_weight: float = 0.2  # BM25 share of the fused retrieval score
     ranker_epochs: int = 30

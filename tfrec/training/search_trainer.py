@@ -115,7 +115,9 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray) -> 
                            else 0)
     two_tower = SearchTwoTower(
         encoder, vectors, catalog_word_ids(titles, vocabulary), len(vocabulary),
-        data.catalog["product_id"].tolist(), id_vocabulary=(), negatives=cfg.negatives,
+        data.catalog["product_id"].tolist(),
+        id_vocabulary=sorted(set(train["product_id"])) if cfg.id_embeddings else (),
+        negatives=cfg.negatives,
         temperature=cfg.temperature,
         negative_rows=sorted({row_of[p] for p in train["product_id"]}))
     two_tower.set_word_lookup(vocabulary)
