@@ -30,3 +30,17 @@ def serve_models(models: dict, timeout: float = 60.0):
     finally:
         client.close()
         server.stop(grace=0)
+
+
+def assert_invalid_argument(call, *substrings):
+    """`call()` fails with gRPC INVALID_ARGUMENT whose message holds every substring."""
+    import grpc
+    import pytest
+
+    from tfrec.serving import ServingError
+
+    with pytest.raises(ServingError) as info:
+        call()
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, str(info.value)
+    for s in substrings:
+        assert s in info.value.message, f"{s!r} not in {info.value.message!r}"

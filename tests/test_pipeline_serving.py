@@ -15,7 +15,6 @@ import textwrap
 import time
 from collections import Counter
 
-import grpc
 import numpy as np
 import pytest
 
@@ -23,8 +22,8 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import ExportConfig
-from tfrec.serving import ServingError, format_results
-from tests.helpers import serve_models
+from tfrec.serving import format_results
+from tests.helpers import assert_invalid_argument as _invalid, serve_models
 
 MAX_PER_BRAND = 2
 LONG_QUERY = "wireless headphones " * 5000  # 100 KB
@@ -203,14 +202,6 @@ def test_pipeline_over_grpc_applies_the_business_rules(served, exported, world):
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
     assert {"click_score", "purchase_score", "retrieval_score", "candidate_index"} <= set(
         ranked[0])
-
-
-def _invalid(call, *substrings):
-    with pytest.raises(ServingError) as info:
-        call()
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, str(info.value)
-    for s in substrings:
-        assert s in info.value.message, f"{s!r} not in {info.value.message!r}"
 
 
 def test_bad_requests_are_invalid_argument_and_long_queries_answer(served, exported, world):

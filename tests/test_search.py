@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 
-import grpc
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,8 +22,8 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import SearchConfig
-from tfrec.serving import ServingError
-from tests.helpers import serve_models
+
+from tests.helpers import assert_invalid_argument as _invalid, serve_models
 
 NUM_RESULTS = 10
 STAGES = ("minilm_zero_shot", "bm25", "two_tower", "hybrid", "two_tower+ranker")
@@ -179,14 +178,6 @@ def test_export_reloads_in_a_fresh_process_with_the_same_answers(search_run, sea
         np.testing.assert_allclose(np.array(got[name]), want[name].numpy(), rtol=1e-4,
                                    atol=1e-4, err_msg=name)
     assert all(len(ids) == NUM_RESULTS and ids[0] for ids in got["product_ids"])
-
-
-def _invalid(call, *substrings):
-    with pytest.raises(ServingError) as info:
-        call()
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, str(info.value)
-    for s in substrings:
-        assert s in info.value.message, f"{s!r} not in {info.value.message!r}"
 
 
 def test_grpc_search_round_trip_and_bad_requests(search_served, search_run):
