@@ -177,12 +177,24 @@ class Config:
     def override(self, dotted: List[str]) -> "Config":
         """Applies `section.field=value` strings (CLI `--set`), values parsed as YAML."""
         for item in dotted:
-            if "=" not in item or "." not in item.split("=", 1)[0]:
+            key, value = parse_assignment(item, "section.field=value")
+            if "." not in key:
                 raise ValueError(f"--set expects section.field=value, got {item!r}")
-            key, value = item.split("=", 1)
             section, name = key.split(".", 1)
-            self.update({section: {name: yaml.safe_load(value)}})
+            self.update({section: {name: value}})
         return self
+
+
+def parse_assignment(item: str, usage: str) -> Tuple[str, Any]:
+    """`key=value` (CLI `--set`) -> (key, value parsed as YAML), or a ValueError."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"--set expects {usage}, got {item!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {item!r}: the value is not valid YAML ({e})") from e
 
 
 def read_yaml_mapping(path: str, what: str, holds: str) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from tfrec.config import SearchConfig, set_field
+from tfrec.config import SearchConfig, parse_assignment, set_field
 
 DEFAULT_WORKDIR = os.path.join("work", "search")
 # Rows of the metrics table, in pipeline order; absent stages are skipped.
@@ -74,20 +74,11 @@ def apply_overrides(cfg: SearchConfig, items: Sequence[str]) -> SearchConfig:
     Raises:
       ValueError: malformed item, unknown field or a value of the wrong type.
     """
-    import yaml
-
     for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set expects field=value (e.g. --set epochs=2), got {item!r}")
+        key, value = parse_assignment(item, "field=value (e.g. --set epochs=2)")
         if key.startswith("search."):
             key = key[len("search."):]
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ValueError(f"--set {item!r}: the value is not valid YAML ({e})") from e
-        set_field(cfg, key, parsed, prefix="search")
+        set_field(cfg, key, value, prefix="search")
     return cfg
 
 

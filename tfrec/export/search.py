@@ -29,20 +29,6 @@ EMPTY_QUERY = "query {} is empty (blank or whitespace only); search needs query 
 OUTPUTS = ("product_ids", "titles", "scores", "dense_scores", "bm25_scores", "hybrid_scores")
 
 
-def clean_search_queries(query: tf.Tensor) -> tf.Tensor:
-    """[B] raw queries -> stripped, valid UTF-8, at most MAX_QUERY_CHARS characters.
-
-    The text is first cut to 4 * MAX_QUERY_CHARS bytes (a UTF-8 character has at most 4)
-    so a 100 KB query costs what a normal one does; a character cut in half there lies
-    past the first MAX_QUERY_CHARS characters, so for valid UTF-8 the result equals
-    `SearchPipeline.clean_queries`. Invalid UTF-8 bytes are dropped (the character-based
-    cut would otherwise fail on them).
-    """
-    text = tf.strings.substr(tf.strings.strip(query), 0, 4 * MAX_QUERY_CHARS, unit="BYTE")
-    text = tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="ignore")
-    return SearchPipeline.clean_queries(text)
-
-
 class SearchModule(tf.Module):
     """Serving graph of a SearchPipeline.
 
@@ -85,7 +71,7 @@ class SearchModule(tf.Module):
         self.product_vectors = pipeline.product_vectors
 
     def _search(self, query: tf.Tensor) -> Dict[str, tf.Tensor]:
-        cleaned = clean_search_queries(query)
+        cleaned = SearchPipeline.clean_queries(query)
         empty = tf.equal(tf.strings.length(cleaned), 0)
         batch = tf.size(cleaned)
         first = tf.reduce_min(tf.where(empty, tf.range(batch), batch))

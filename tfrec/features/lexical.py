@@ -21,10 +21,20 @@ import tensorflow as tf
 
 from tfrec.evaluation.baselines import BM25Baseline, _expand_ranges
 
-__all__ = ["LexicalIndex"]
+__all__ = ["LexicalIndex", "lexical_tokens"]
 
 _HASH_BUCKETS = 2**63 - 1  # to_hash_bucket_fast returns fingerprints in [0, 2**63 - 2]
 _SENTINEL = np.int64(2**63 - 1)  # fingerprint of the sentinel term, above any real one
+
+
+def lexical_tokens(text: tf.Tensor) -> tf.RaggedTensor:
+    """[B] strings -> ragged lowercase `[a-z0-9]+` tokens, as `bm25_tokenize` splits them.
+
+    UTF-8 lowering (not the ASCII default) matches `str.lower()` on the two non-ASCII
+    characters whose lowercase is ASCII; every other non-ASCII character is dropped.
+    """
+    text = tf.strings.lower(text, encoding="utf-8")
+    return tf.strings.split(tf.strings.regex_replace(text, "[^a-z0-9]+", " "))
 
 
 class LexicalIndex(tf.keras.layers.Layer):
@@ -113,10 +123,7 @@ class LexicalIndex(tf.keras.layers.Layer):
 
     def tokenize(self, queries: tf.Tensor) -> tf.RaggedTensor:
         """[B] strings -> ragged [B, None] tokens, as `bm25_tokenize` would split them."""
-        queries = _check_queries(queries)
-        text = tf.strings.lower(queries, encoding="utf-8")
-        text = tf.strings.regex_replace(text, "[^a-z0-9]+", " ")
-        return tf.strings.split(text)
+        return lexical_tokens(_check_queries(queries))
 
     def call(self, queries: tf.Tensor) -> tf.Tensor:
         """[B] tf.string -> [B, num_docs] float32 BM25 scores."""

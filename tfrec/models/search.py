@@ -19,21 +19,16 @@ import tensorflow_hub as hub
 import tensorflow_text  # noqa: F401  (ops of the preprocessor SavedModel)
 
 from tfrec.evaluation.baselines import bm25_tokenize
+from tfrec.features.lexical import lexical_tokens
 from tfrec.models.text_match import (_EncoderLayer, _load_preprocessor, _trim,
                                      encoder_trainable_names)
 from tfrec.text.embedding import mean_pool
 
-__all__ = ["QueryEncoder", "SearchTwoTower", "word_tokens", "word_vocabulary",
+__all__ = ["QueryEncoder", "SearchTwoTower", "word_vocabulary",
            "catalog_word_ids"]
 
 # Words kept per title by the product tower's bag of words (titles are ~15 words).
 MAX_TITLE_WORDS = 32
-
-
-def word_tokens(text: tf.Tensor) -> tf.RaggedTensor:
-    """[B] strings -> ragged lowercase [a-z0-9]+ words (the BM25 tokenizer, in TF ops)."""
-    text = tf.strings.regex_replace(tf.strings.lower(text), "[^a-z0-9]+", " ")
-    return tf.strings.split(tf.strings.strip(text))
 
 
 def word_vocabulary(texts: Sequence[str], min_count: int = 2) -> List[str]:
@@ -186,7 +181,7 @@ class SearchTwoTower(tf.keras.Model):
         """[B] query strings -> [B, H] unit vectors."""
         queries = tf.reshape(tf.convert_to_tensor(queries, tf.string), [-1])
         base = tf.math.l2_normalize(self.query_encoder(queries, training=training), axis=-1)
-        words = self.word_lookup(word_tokens(queries))  # OOV -> 0, also the pad id
+        words = self.word_lookup(lexical_tokens(queries))  # OOV -> 0, also the pad id
         words = words.to_tensor(default_value=0, shape=[None, MAX_TITLE_WORDS])
         return tf.math.l2_normalize(base + self.query_adapter(base) + self._bag(words), axis=-1)
 

@@ -74,8 +74,16 @@ class SearchPipeline(tf.Module):
 
     @staticmethod
     def clean_queries(queries: tf.Tensor) -> tf.Tensor:
-        """[B] strings, whitespace-stripped and cut to MAX_QUERY_CHARS characters."""
+        """[B] strings: stripped, valid UTF-8, at most MAX_QUERY_CHARS characters.
+
+        The text is first cut to 4 * MAX_QUERY_CHARS bytes (a UTF-8 character has at most
+        4), so a 100 KB query costs what a normal one does; a character cut in half there
+        lies past the first MAX_QUERY_CHARS characters. Invalid UTF-8 bytes are dropped
+        (the character-based cut would otherwise fail on them).
+        """
         queries = tf.strings.strip(tf.reshape(tf.convert_to_tensor(queries, tf.string), [-1]))
+        queries = tf.strings.substr(queries, 0, 4 * MAX_QUERY_CHARS, unit="BYTE")
+        queries = tf.strings.unicode_transcode(queries, "UTF-8", "UTF-8", errors="ignore")
         return tf.strings.substr(queries, 0, MAX_QUERY_CHARS, unit="UTF8_CHAR")
 
     def catalog_scores(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:

@@ -315,18 +315,7 @@ class PredictClient:
         """
         outputs = self.predict(model, {"query": np.array([query], dtype=object)},
                                "serving_default", version, timeout=timeout)
-        rows: List[Dict[str, Any]] = []
-        for i, product_id in enumerate(outputs["product_ids"][0]):
-            product_id = _text(product_id)
-            if not product_id:
-                continue
-            row = {"rank": len(rows) + 1, "product_id": product_id,
-                   "title": _text(outputs["titles"][0][i]),
-                   "score": float(outputs["scores"][0][i])}
-            for name in ("dense_scores", "bm25_scores", "hybrid_scores"):
-                if name in outputs:
-                    row[name[:-1]] = float(outputs[name][0][i])
-            rows.append(row)
+        rows = rows_from(outputs, ids="product_ids")
         return rows if k is None else rows[:max(0, int(k))]
 
     @staticmethod
@@ -361,25 +350,27 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def rows_from(outputs: Mapping[str, np.ndarray], row: int = 0) -> List[Dict[str, Any]]:
-    """Result rows of one batch row of item_ids/scores/titles outputs, padding dropped.
+def rows_from(outputs: Mapping[str, np.ndarray], row: int = 0,
+              ids: str = "item_ids") -> List[Dict[str, Any]]:
+    """Result rows of one batch row of <ids>/scores/titles outputs, padding dropped.
 
-    Other per-item outputs (same shape as item_ids, e.g. brands, retrieval_scores) are
-    added under their singular name (brand, retrieval_score).
+    Other per-item outputs (same shape as the ids, e.g. brands, retrieval_scores) are
+    added under their singular name (brand, retrieval_score); so is the id
+    (item_ids -> item_id, product_ids -> product_id).
     """
-    item_ids = outputs["item_ids"][row]
+    item_ids = outputs[ids][row]
     scores = outputs["scores"][row]
     titles = outputs["titles"][row] if "titles" in outputs else [b""] * len(item_ids)
-    shape = np.shape(outputs["item_ids"])
+    shape = np.shape(outputs[ids])
     extras = {name: outputs[name][row] for name in sorted(outputs)
-              if name not in ("item_ids", "scores", "titles")
+              if name not in (ids, "scores", "titles")
               and np.shape(outputs[name]) == shape}
     rows = []
     for i, (item_id, score, title) in enumerate(zip(item_ids, scores, titles)):
         item_id = _text(item_id)
         if not item_id or score == -math.inf:
             continue
-        entry = {"rank": len(rows) + 1, "item_id": item_id, "score": float(score),
+        entry = {"rank": len(rows) + 1, ids[:-1]: item_id, "score": float(score),
                  "title": _text(title)}
         for name, values in extras.items():
             entry[name[:-1] if name.endswith("s") else name] = _value(values[i])

@@ -138,6 +138,13 @@ def _query_lists(judgments: pd.DataFrame, row_of: Dict[str, int], width: int):
     return queries, rows, gains
 
 
+def _to_depth(rows: np.ndarray) -> np.ndarray:
+    """[Q, n] ranked rows padded with -1 / cut to exactly _DEPTH columns."""
+    if rows.shape[1] < _DEPTH:
+        rows = np.pad(rows, ((0, 0), (0, _DEPTH - rows.shape[1])), constant_values=-1)
+    return rows[:, :_DEPTH]
+
+
 def _ranked(pipeline: SearchPipeline, queries: Sequence[str], stage: str,
             batch: int = 64) -> np.ndarray:
     """[Q, 100] catalog rows of one stage, best first (-1 pads)."""
@@ -150,9 +157,7 @@ def _ranked(pipeline: SearchPipeline, queries: Sequence[str], stage: str,
             key = {"two_tower": "dense", "bm25": "bm25", "hybrid": "hybrid"}[stage]
             scores = pipeline.catalog_scores(q)[key]
             rows = tf.math.top_k(scores, min(_DEPTH, pipeline.num_products))[1].numpy()
-        if rows.shape[1] < _DEPTH:
-            rows = np.pad(rows, ((0, 0), (0, _DEPTH - rows.shape[1])), constant_values=-1)
-        parts.append(rows[:, :_DEPTH])
+        parts.append(_to_depth(rows))
     return np.concatenate(parts) if parts else np.zeros([0, _DEPTH], np.int64)
 
 
@@ -200,7 +205,8 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
         return evaluate_stages(pipeline, val, row_of, ("hybrid",))["hybrid"].summary()[
             "ndcg@10"] if len(val) else float("nan")
 
-    best, best_weights = val_ndcg(), [w.numpy() for w in model.weights]
+    # Only trainable variables change; the frozen title table alone is 63 MB on Home Depot.
+    best, best_weights = val_ndcg(), [v.numpy() for v in model.trainable_variables]
     history["val_ndcg@10"].append(best)
     for epoch in range(cfg.epochs):
         fit = model.fit(dataset, epochs=epoch + 1, initial_epoch=epoch, verbose=0,
@@ -212,8 +218,9 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
             with writer.as_default():
                 tf.summary.scalar("epoch_hybrid_ndcg@10", score, step=epoch)
         if not score <= best:  # NaN (no val queries) keeps the last epoch
-            best, best_weights = score, [w.numpy() for w in model.weights]
-    model.set_weights(best_weights)
+            best, best_weights = score, [v.numpy() for v in model.trainable_variables]
+    for variable, value in zip(model.trainable_variables, best_weights):
+        variable.assign(value)
     pipeline.refresh_product_vectors()
     return history
 
@@ -277,9 +284,7 @@ def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
     def held_ndcg() -> float:
         scores = ranker(inputs(held_rows), training=False).numpy()
         ranked = np.take_along_axis(lists["rows"][held_rows], np.argsort(-scores, axis=1), 1)
-        if ranked.shape[1] < _DEPTH:
-            ranked = np.pad(ranked, ((0, 0), (0, _DEPTH - ranked.shape[1])), constant_values=-1)
-        return catalog_search_metrics(ranked, held_gains).summary()["ndcg@10"]
+        return catalog_search_metrics(_to_depth(ranked), held_gains).summary()["ndcg@10"]
 
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "ranker")) if log_dir else None
     rng = np.random.default_rng(cfg.seed + 1)
