@@ -37,6 +37,7 @@ from tfrec.training.trainer import load_trained_model, resolve_run_dir
 
 def train_ranker(vocab, arrays, config: RankingConfig, catalog) -> RankingModel:
     model = RankingModel(vocab, config, catalog)
+    model.adapt_numeric(arrays)
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     data = tf.data.Dataset.from_tensor_slices(arrays).shuffle(50000, seed=1)
     model.fit(data.batch(config.batch_size), epochs=config.epochs, verbose=0)

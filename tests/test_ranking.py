@@ -52,6 +52,7 @@ def test_ranker_learns_to_order_shown_items(ranking_data, loss):
     vocab, _, train, test, catalog = ranking_data
     config = RankingConfig(loss=loss, epochs=3, learning_rate=0.002, use_retrieval_score=False)
     model = RankingModel(vocab, config, catalog)
+    model.adapt_numeric(train)
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     data = tf.data.Dataset.from_tensor_slices(train).shuffle(5000, seed=1).batch(64)
     history = model.fit(data, epochs=config.epochs, verbose=0)
@@ -106,6 +107,9 @@ def test_ranker_run_logs_metrics_and_reloads(trained_ranker, trained_run, tiny_c
             "epoch_score_ndcg_at_10"} <= tags, tags
 
     reloaded, _ = load_ranker(trained_run.run_dir)
+    # The numeric features' scaling was set from the training lists and saved with them.
+    assert not np.allclose(result.model.numeric_std.numpy(), 1.0)
+    np.testing.assert_allclose(reloaded.numeric_mean.numpy(), result.model.numeric_mean.numpy())
     batch = {"user_id": tf.constant(["U0", "nobody"]),
              "history": tf.constant([["I000001", ""], ["", ""]]),
              "device": tf.constant(["mobile", "desktop"]), "hour": tf.constant([3, 20], tf.int64),

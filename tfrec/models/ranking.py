@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import numpy as np
+
 import tfrec  # noqa: F401
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -22,7 +24,8 @@ from tfrec.models.losses import get_loss
 
 TASKS = ("click", "purchase", "relevance")
 TEXT_MODES = ("bow", "fast", "cross")
-NUMERIC_FEATURES = 12  # popularity x3, retrieval score x2, trend z-score, affinity x6
+NUMERIC_FEATURES = 14  # popularity x3, retrieval score x2, trend z-score, affinity x8
+SHARE_FLOOR = 0.02  # log(share + floor) keeps unseen categories finite
 
 
 def _flat(x: tf.Tensor) -> tf.Tensor:
@@ -99,6 +102,17 @@ class RankingModel(tf.keras.Model):
         # instead of first having to undo random noise on top of it.
         self.heads = {task: tf.keras.layers.Dense(1, kernel_initializer="zeros",
                                                   name=f"{task}_head") for task in self.tasks}
+        # Wide part: a linear score of the standardised numeric features per task. A few
+        # thousand lists teach monotone effects (category share, price fit, popularity)
+        # reliably to a linear term; the crosses and deep layers learn the rest.
+        self.wide = {task: tf.keras.layers.Dense(1, kernel_initializer="zeros", use_bias=False,
+                                                 name=f"{task}_wide") for task in self.tasks}
+        # Standardisation of the numeric features, set from training lists by
+        # `adapt_numeric` and saved with the weights (serving uses the same scaling).
+        self.numeric_mean = self.add_weight(name="numeric_mean", shape=(NUMERIC_FEATURES,),
+                                            initializer="zeros", trainable=False)
+        self.numeric_std = self.add_weight(name="numeric_std", shape=(NUMERIC_FEATURES,),
+                                           initializer="ones", trainable=False)
         self.retrieval_scale = {
             task: self.add_weight(name=f"{task}_retrieval_scale", shape=(), trainable=True,
                                   initializer=tf.keras.initializers.Constant(
@@ -129,12 +143,12 @@ class RankingModel(tf.keras.Model):
         ], axis=1)
 
     def _affinity(self, history: tf.Tensor, item: Dict[str, tf.Tensor]) -> tf.Tensor:
-        """How the candidate fits the user's recent items: [B, L, AFFINITY_FEATURES].
+        """How the candidate fits the user's recent items: [B, L, 8].
 
-        Shares of recent items in the candidate's category and brand, and the distance of
-        the candidate's category-relative price from the user's usual one (plain, squared
-        and in units of the user's own spread): price fit is quadratic, which a dot
-        product of tower embeddings expresses poorly.
+        Shares of recent items in the candidate's category and brand (plain and log: taste
+        is multiplicative), and the distance of the candidate's category-relative price
+        from the user's usual one (plain, squared and in units of the user's own spread):
+        price fit is quadratic, which a dot product of tower embeddings expresses poorly.
         """
         past = self.catalog(history)  # [B, H]
         valid = tf.cast(past["row"] >= 0, tf.float32)  # [B, H]
@@ -142,8 +156,9 @@ class RankingModel(tf.keras.Model):
         features = []
         for name in ("category", "brand"):
             same = tf.equal(item[name][:, :, tf.newaxis], past[name][:, tf.newaxis, :])
-            features.append(tf.reduce_sum(tf.cast(same, tf.float32) * valid[:, tf.newaxis, :],
-                                          axis=2) / count)
+            share = tf.reduce_sum(tf.cast(same, tf.float32) * valid[:, tf.newaxis, :],
+                                  axis=2) / count
+            features += [share, tf.math.log(share + SHARE_FLOOR)]
         mean = tf.reduce_sum(past["relative_price"] * valid, axis=1, keepdims=True) / count
         var = tf.reduce_sum(tf.square(past["relative_price"] - mean) * valid, axis=1,
                             keepdims=True) / count
@@ -167,20 +182,46 @@ class RankingModel(tf.keras.Model):
                             tf.float32)
         return tf.concat([title, q * title, match * has_query, has_query], axis=1)
 
-    def call(self, f: Dict[str, tf.Tensor], training: Optional[bool] = None
-             ) -> Dict[str, tf.Tensor]:
-        batch, size = tf.shape(f["item_id"])[0], tf.shape(f["item_id"])[1]
-        item = self.catalog(f["item_id"])  # [B, L] each
+    def _retrieval(self, f: Dict[str, tf.Tensor]) -> tf.Tensor:
+        if self.config.use_retrieval_score and "retrieval_score" in f:
+            return tf.cast(f["retrieval_score"], tf.float32)
+        return tf.zeros(tf.shape(f["item_id"]), tf.float32)
+
+    def _numeric(self, f: Dict[str, tf.Tensor], item: Dict[str, tf.Tensor]) -> tf.Tensor:
+        """Unscaled numeric features of each candidate: [B, L, NUMERIC_FEATURES]."""
         valid = tf.not_equal(f["item_id"], "")
-        retrieval = (tf.cast(f["retrieval_score"], tf.float32)
-                     if self.config.use_retrieval_score and "retrieval_score" in f
-                     else tf.zeros([batch, size], tf.float32))
-        numeric = tf.concat([
+        retrieval = self._retrieval(f)
+        return tf.concat([
             tf.stack([item["popularity"], item["recent_popularity"], item["age_days"],
                       retrieval, _list_zscore(retrieval, valid),
                       _list_zscore(item["recent_popularity"], valid)], axis=2),
             self._affinity(f["history"], item),
-        ], axis=2)  # [B, L, NUMERIC_FEATURES]
+        ], axis=2)
+
+    def adapt_numeric(self, f: Dict[str, np.ndarray], max_lists: int = 2048) -> None:
+        """Sets the numeric features' standardisation from (a sample of) training lists.
+
+        Args:
+          f: training list arrays (as fed to the model).
+          max_lists: lists used, from the start of `f`.
+        """
+        inputs = {k: tf.constant(v[:max_lists]) for k, v in f.items()
+                  if k in ("item_id", "history", "retrieval_score")}
+        numeric = self._numeric(inputs, self.catalog(inputs["item_id"]))
+        values = tf.boolean_mask(numeric, tf.not_equal(inputs["item_id"], ""))
+        if int(tf.shape(values)[0]) == 0:
+            raise ValueError("adapt_numeric: the lists have no candidates")
+        mean, var = tf.nn.moments(values, axes=[0])
+        self.numeric_mean.assign(mean)
+        self.numeric_std.assign(tf.sqrt(var) + 1e-3)
+
+    def call(self, f: Dict[str, tf.Tensor], training: Optional[bool] = None
+             ) -> Dict[str, tf.Tensor]:
+        batch, size = tf.shape(f["item_id"])[0], tf.shape(f["item_id"])[1]
+        item = self.catalog(f["item_id"])  # [B, L] each
+        valid = tf.cast(tf.not_equal(f["item_id"], ""), tf.float32)[:, :, tf.newaxis]
+        retrieval = self._retrieval(f)
+        numeric = (self._numeric(f, item) - self.numeric_mean) / self.numeric_std * valid
         candidate = tf.concat([
             self.item(_flat(f["item_id"]), training=training),
             self.category(_flat(item["category"])), self.brand(_flat(item["brand"])),
@@ -195,6 +236,7 @@ class RankingModel(tf.keras.Model):
             x = cross(x0, x)
         hidden = self.deep(x)
         logits = {task: tf.reshape(head(hidden), [batch, size])
+                  + tf.squeeze(self.wide[task](numeric), -1)
                   + self.retrieval_scale[task] * retrieval
                   for task, head in self.heads.items()}
         if training and self.config.position_debias and "position" in f and "click" in logits:

@@ -153,11 +153,16 @@ class RankingEvaluation(tf.keras.callbacks.Callback):
 
 
 def _split_lists(arrays: Dict[str, np.ndarray], fraction: float, seed: int):
-    n = len(arrays["user_id"])
-    order = np.random.default_rng(seed).permutation(n)
-    cut = int(round(n * (1 - fraction)))
+    """Holds out `fraction` of the users with all their lists.
+
+    A user's recommendation and search lists share labels (a search session's clicks are
+    also period positives), so a per-list split would score memorised users.
+    """
+    users = np.unique(arrays["user_id"].astype(str))
+    held = set(np.random.default_rng(seed).permutation(users)[:int(round(len(users) * fraction))])
+    is_held = np.array([u in held for u in arrays["user_id"].astype(str)])
     pick = lambda rows: {k: v[rows] for k, v in arrays.items()}  # noqa: E731
-    return pick(np.sort(order[:cut])), pick(np.sort(order[cut:]))
+    return pick(~is_held), pick(is_held)
 
 
 def ranker_dir_of(run_dir: str) -> str:
@@ -238,6 +243,7 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
     with strategy.scope():
         model = build_ranker(vocab, cfg, tables.catalog, stats)
         model({k: tf.constant(v[:2]) for k, v in train.items() if k not in LABELS})
+        model.adapt_numeric(train)
     evaluation = RankingEvaluation(val, cfg.ranking.eval_ks)
     first = model.tasks[0]
     callbacks = [
