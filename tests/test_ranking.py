@@ -137,7 +137,7 @@ def test_reranked_row_reorders_the_retrieval_candidates(trained_ranker, trained_
     assert ranked["recall@100"] == pytest.approx(retrieval["recall@100"])
     for row in rows.values():
         assert 0.0 <= row["purchase_rate@10"] <= 0.1
-    assert ranked["ndcg@10"] > 0.5 * retrieval["ndcg@10"]
+    assert ranked["ndcg@10"] > 0.9 * retrieval["ndcg@10"]  # gain: tests/test_rerank_gain.py
 
 
 def test_bad_ranker_configs_are_clear_errors(ranking_data):
