@@ -77,7 +77,7 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
       ranker / candidates: a trained ranker re-ordering the retrieval top-`candidates`
         (adds the "two_tower+ranker" row).
     """
-    from tfrec.training.candidates import period_purchases, purchase_rate
+    from tfrec.evaluation.candidates import period_purchases, purchase_rate
 
     eval_set = build_eval_set(events, start_ts, end_ts, history_length, max_users=max_users)
     cut = max(ks)

@@ -16,7 +16,7 @@ import pandas as pd
 from tfrec.data.io import load_tables
 from tfrec.evaluation.baselines import BM25Baseline, PopularityBaseline
 from tfrec.evaluation.metrics import evaluate_topk
-from tfrec.training.candidates import (candidate_lists, period_purchases, purchase_rate, rerank,
+from tfrec.evaluation.candidates import (candidate_lists, period_purchases, purchase_rate, rerank,
                                        search_candidate_lists, search_sessions)
 from tfrec.evaluation.retrieval import (EvalSet, build_eval_set, catalog_features,
                                         embed_in_batches, evaluate_lists, retrieve_topk)

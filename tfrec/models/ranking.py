@@ -203,17 +203,21 @@ class RankingModel(tf.keras.Model):
 
         Args:
           f: training list arrays (as fed to the model).
-          max_lists: lists used, from the start of `f`.
+          max_lists: lists used, evenly spaced over `f` (recommendation and search lists).
         """
-        inputs = {k: tf.constant(v[:max_lists]) for k, v in f.items()
+        n = len(f["item_id"])
+        rows = np.unique(np.linspace(0, n - 1, min(n, max_lists)).astype(np.int64))
+        inputs = {k: tf.constant(v[rows]) for k, v in f.items()
                   if k in ("item_id", "history", "retrieval_score")}
         numeric = self._numeric(inputs, self.catalog(inputs["item_id"]))
         values = tf.boolean_mask(numeric, tf.not_equal(inputs["item_id"], ""))
-        if int(tf.shape(values)[0]) == 0:
-            raise ValueError("adapt_numeric: the lists have no candidates")
+        if n == 0 or int(tf.shape(values)[0]) == 0:
+            raise ValueError("adapt_numeric: the training lists have no candidates")
         mean, var = tf.nn.moments(values, axes=[0])
+        std = tf.sqrt(var)
         self.numeric_mean.assign(mean)
-        self.numeric_std.assign(tf.sqrt(var) + 1e-3)
+        # A feature constant in training (e.g. no item ages) is centred, not blown up.
+        self.numeric_std.assign(tf.where(std < 1e-3, tf.ones_like(std), std))
 
     def call(self, f: Dict[str, tf.Tensor], training: Optional[bool] = None
              ) -> Dict[str, tf.Tensor]:

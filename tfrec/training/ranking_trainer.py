@@ -31,7 +31,7 @@ from tfrec.features.catalog import CatalogLookup, catalog_statistics
 from tfrec.features.vocab import Vocabularies
 from tfrec.models.ranking import RankingModel
 from tfrec.training.callbacks import BackupAndRestore, metric_key, tower_fn
-from tfrec.training.candidates import (candidate_lists, concat_lists, period_purchases,
+from tfrec.evaluation.candidates import (candidate_lists, concat_lists, period_purchases,
                                        search_candidate_lists, search_sessions)
 from tfrec.training.strategy import configure_devices, is_chief, make_strategy
 from tfrec.training.trainer import (WEIGHTS_DIR, WEIGHTS_PREFIX, _save_weights_atomically,
@@ -159,7 +159,8 @@ def _split_lists(arrays: Dict[str, np.ndarray], fraction: float, seed: int):
     also period positives), so a per-list split would score memorised users.
     """
     users = np.unique(arrays["user_id"].astype(str))
-    held = set(np.random.default_rng(seed).permutation(users)[:int(round(len(users) * fraction))])
+    count = min(max(1, int(round(len(users) * fraction))), len(users) - 1)
+    held = set(np.random.default_rng(seed).permutation(users)[:count])
     is_held = np.array([u in held for u in arrays["user_id"].astype(str)])
     pick = lambda rows: {k: v[rows] for k, v in arrays.items()}  # noqa: E731
     return pick(~is_held), pick(is_held)
