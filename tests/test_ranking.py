@@ -140,6 +140,39 @@ def test_reranked_row_reorders_the_retrieval_candidates(trained_ranker, trained_
     assert ranked["ndcg@10"] > 0.9 * retrieval["ndcg@10"]  # gain: tests/test_rerank_gain.py
 
 
+def test_mixed_precision_ranker_trains_and_reloads_in_float32(ranking_data, tiny_world,
+                                                              tmp_path):
+    """The GPU path on CPU: dense layers in float16, logits float32, loss scaling, one real
+    training step; the float32 weights load into a float32 ranker with the same scores."""
+    from tfrec.config import Config
+    from tfrec.training.ranking_trainer import build_ranker
+
+    vocab, _, train, _, catalog = ranking_data
+    stats = catalog_statistics(tiny_world.catalog, positive_interactions(tiny_world.events),
+                               int(tiny_world.events["ts"].median()))
+    cfg = Config()
+    mixed = build_ranker(vocab, cfg, tiny_world.catalog, stats, precision="mixed_float16")
+    batch = {k: v[:32] for k, v in train.items() if k != "popularity"}
+    mixed.adapt_numeric(batch)
+    logits = mixed({k: tf.constant(v) for k, v in batch.items()})
+    assert all(v.dtype == tf.float32 for v in logits.values())
+    assert mixed.deep.layers[0].compute_dtype == "float16"
+    assert mixed.crosses[0].compute_dtype == "float16"
+    assert isinstance(mixed.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
+    history = mixed.fit(tf.data.Dataset.from_tensor_slices(batch).batch(16), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert tf.keras.mixed_precision.global_policy().name == "float32"
+
+    plain = build_ranker(vocab, cfg, tiny_world.catalog, stats)
+    inputs = {k: tf.constant(v) for k, v in batch.items() if k in
+              ("user_id", "history", "device", "hour", "query", "item_id")}
+    plain(inputs)
+    mixed.save_weights(str(tmp_path / "ranker"))  # the checkpoint load_ranker reads
+    plain.load_weights(str(tmp_path / "ranker")).expect_partial()
+    np.testing.assert_allclose(plain.score(plain(inputs)).numpy(),
+                               mixed.score(mixed(inputs)).numpy(), rtol=0.02, atol=0.05)
+
+
 def test_bad_ranker_configs_are_clear_errors(ranking_data):
     vocab, _, _, _, catalog = ranking_data
     with pytest.raises(ValueError, match="text_mode must be one of"):

@@ -54,10 +54,13 @@ class RankingModel(tf.keras.Model):
       catalog: the catalog lookup (candidate features come from it, in the model).
       text_match: BERT query-item features (`tfrec.models.text_match.TextMatch`) for the
         "fast"/"cross" text modes; None with the "bow" mode.
+      precision: dtype policy of the crosses, deep layers and heads ("float32",
+        "mixed_float16" on GPUs, ...); features and logits stay float32.
     """
 
     def __init__(self, vocab: Vocabularies, config: RankingConfig, catalog: CatalogLookup,
-                 text_match: Optional[tf.keras.layers.Layer] = None, **kwargs):
+                 text_match: Optional[tf.keras.layers.Layer] = None,
+                 precision: str = "float32", **kwargs):
         super().__init__(**kwargs)
         if config.text_mode not in TEXT_MODES:
             raise ValueError(f"ranking.text_mode must be one of {TEXT_MODES}, "
@@ -89,10 +92,11 @@ class RankingModel(tf.keras.Model):
                                    vocab.log_price_std, 8, name="price")
         if text_match is None:
             self.text = TextEncoder(vocab.text_tokens, config.text_embedding_dim, name="text")
-        self.crosses = [tfrs.layers.dcn.Cross(name=f"cross_{i}")
+        self.crosses = [tfrs.layers.dcn.Cross(dtype=precision, name=f"cross_{i}")
                         for i in range(config.cross_layers)]
         self.deep = tf.keras.Sequential(
-            [tf.keras.layers.Dense(u, activation="relu") for u in config.deep_units], name="deep")
+            [tf.keras.layers.Dense(u, activation="relu", dtype=precision)
+             for u in config.deep_units], name="deep")
         self.tasks = tuple(t for t in TASKS if self.task_weight(t) > 0)
         if not self.tasks:
             raise ValueError("every task weight is 0: set ranking.click_weight, "
@@ -100,13 +104,14 @@ class RankingModel(tf.keras.Model):
         # Zero-initialised heads plus the retrieval score on each logit: an untrained ranker
         # reproduces the retrieval order exactly and training only learns corrections,
         # instead of first having to undo random noise on top of it.
-        self.heads = {task: tf.keras.layers.Dense(1, kernel_initializer="zeros",
+        self.heads = {task: tf.keras.layers.Dense(1, kernel_initializer="zeros", dtype=precision,
                                                   name=f"{task}_head") for task in self.tasks}
         # Wide part: a linear score of the standardised numeric features per task. A few
         # thousand lists teach monotone effects (category share, price fit, popularity)
         # reliably to a linear term; the crosses and deep layers learn the rest.
         self.wide = {task: tf.keras.layers.Dense(1, kernel_initializer="zeros", use_bias=False,
-                                                 name=f"{task}_wide") for task in self.tasks}
+                                                 dtype=precision, name=f"{task}_wide")
+                     for task in self.tasks}
         # Standardisation of the numeric features, set from training lists by
         # `adapt_numeric` and saved with the weights (serving uses the same scaling).
         self.numeric_mean = self.add_weight(name="numeric_mean", shape=(NUMERIC_FEATURES,),
@@ -235,12 +240,14 @@ class RankingModel(tf.keras.Model):
         text = self._text(f["query"], item, size, training)
         x0 = tf.concat([tf.repeat(self._request(f, training), size, axis=0), candidate, text],
                        axis=1)
+        # Keras casts only a layer's first input to its compute dtype (float16 when mixed).
+        x0 = tf.cast(x0, self.deep.layers[0].compute_dtype if self.deep.layers else x0.dtype)
         x = x0
         for cross in self.crosses:
             x = cross(x0, x)
         hidden = self.deep(x)
-        logits = {task: tf.reshape(head(hidden), [batch, size])
-                  + tf.squeeze(self.wide[task](numeric), -1)
+        logits = {task: tf.reshape(tf.cast(head(hidden), tf.float32), [batch, size])
+                  + tf.squeeze(tf.cast(self.wide[task](numeric), tf.float32), -1)
                   + self.retrieval_scale[task] * retrieval
                   for task, head in self.heads.items()}
         if training and self.config.position_debias and "position" in f and "click" in logits:

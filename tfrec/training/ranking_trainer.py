@@ -33,7 +33,8 @@ from tfrec.models.ranking import RankingModel
 from tfrec.training.callbacks import BackupAndRestore, metric_key, tower_fn
 from tfrec.evaluation.candidates import (candidate_lists, concat_lists, period_purchases,
                                        search_candidate_lists, search_sessions)
-from tfrec.training.strategy import configure_devices, is_chief, make_strategy
+from tfrec.training.strategy import (configure_devices, is_chief, make_strategy,
+                                     resolve_precision)
 from tfrec.training.trainer import (WEIGHTS_DIR, WEIGHTS_PREFIX, _save_weights_atomically,
                                     _write_json, ensure_prepared, load_trained_model,
                                     resolve_run_dir)
@@ -65,7 +66,7 @@ class RankerResult:
     seconds: float = 0.0
 
 
-def build_text_match(cfg: Config, catalog: pd.DataFrame):
+def build_text_match(cfg: Config, catalog: pd.DataFrame, precision: str = "float32"):
     """The BERT text layer of the "fast"/"cross" modes (None for "bow")."""
     r = cfg.ranking
     if r.text_mode == "bow":
@@ -79,15 +80,26 @@ def build_text_match(cfg: Config, catalog: pd.DataFrame):
                 "ranking.text_encoder / ranking.text_preprocessor to a TF Hub BERT)")
     return TextMatch(r.text_mode, r.text_encoder, r.text_preprocessor,
                      catalog["title"].astype(str).tolist(), output_dim=r.text_embedding_dim,
-                     trainable=r.text_trainable, top_layers=r.text_top_layers, name="text_match")
+                     trainable=r.text_trainable, top_layers=r.text_top_layers,
+                     dtype=precision, name="text_match")
 
 
 def build_ranker(vocab: Vocabularies, cfg: Config, catalog: pd.DataFrame,
-                 stats: pd.DataFrame) -> RankingModel:
-    """Builds and compiles the ranker (candidate features looked up in the model)."""
+                 stats: pd.DataFrame, precision: str = "float32") -> RankingModel:
+    """Builds and compiles the ranker (candidate features looked up in the model).
+
+    Args:
+      precision: dtype policy of the dense layers; "mixed_float16" (GPUs) also wraps the
+        optimizer in loss scaling. Weights are float32 either way, so a ranker trained
+        in mixed precision reloads (`load_ranker`) in float32 for serving.
+    """
     model = RankingModel(vocab, cfg.ranking, CatalogLookup(catalog, stats, name="catalog"),
-                         text_match=build_text_match(cfg, catalog))
-    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.ranking.learning_rate))
+                         text_match=build_text_match(cfg, catalog, precision),
+                         precision=precision)
+    optimizer = tf.keras.optimizers.Adam(cfg.ranking.learning_rate)
+    if precision == "mixed_float16":
+        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer)
     return model
 
 
@@ -224,6 +236,7 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
     run_name = os.path.basename(run_dir)
     configure_devices(cfg.train.cpu_devices)
     tf.keras.utils.set_random_seed(cfg.train.seed)
+    precision = resolve_precision(cfg.train.mixed_precision)
     strategy = make_strategy(cfg.train.strategy, cfg.train.tpu)
     chief = is_chief(strategy)
     out_dir = ranker_dir_of(run_dir)
@@ -242,7 +255,7 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
         stats.assign(item_id=tables.catalog["item_id"].astype(str).to_numpy()).to_parquet(
             os.path.join(out_dir, STATS_FILE))
     with strategy.scope():
-        model = build_ranker(vocab, cfg, tables.catalog, stats)
+        model = build_ranker(vocab, cfg, tables.catalog, stats, precision)
         model({k: tf.constant(v[:2]) for k, v in train.items() if k not in LABELS})
         model.adapt_numeric(train)
     evaluation = RankingEvaluation(val, cfg.ranking.eval_ks)
@@ -256,8 +269,8 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
             restore_best_weights=True),
         BackupAndRestore(os.path.join(out_dir, "backup")),
     ] + list(extra_callbacks or [])
-    log.info("ranker: %d training lists of %d candidates (%s labels first)",
-             len(train["user_id"]), cfg.ranking.candidates, first)
+    log.info("ranker: %d training lists of %d candidates (%s labels first, %s)",
+             len(train["user_id"]), cfg.ranking.candidates, first, precision)
     start = time.perf_counter()
     history = model.fit(_dataset(train, cfg.ranking.batch_size, True, cfg.train.seed),
                         epochs=cfg.ranking.epochs, callbacks=callbacks,
