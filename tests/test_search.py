@@ -244,8 +244,11 @@ def test_cli_search_train_prints_the_table_and_exports(tiny_encoder, search_run,
     assert not (tmp_path / "w").exists()  # failed before training
 
     encoder, preprocessor = tiny_encoder
+    # Two logical CPUs under MirroredStrategy: the multi-device path of the two-tower (the
+    # in-process session run covers the default strategy).
     sets = [f"{k}={v}" for k, v in TINY_FIELDS.items()] + [
-        f"encoder={encoder}", f"preprocessor={preprocessor}"]
+        f"encoder={encoder}", f"preprocessor={preprocessor}", "strategy=mirrored",
+        "cpu_devices=2"]
     export_base = tmp_path / "export"
     # The session run's workdir: its title-vector cache spares the CLI the title encoding.
     proc = _cli(["--judgments", "synthetic:tiny", "--workdir", search_workdir,
@@ -253,6 +256,10 @@ def test_cli_search_train_prints_the_table_and_exports(tiny_encoder, search_run,
                  *[a for s in sets for a in ("--set", s)]], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
+    assert "(mirrored, 2 replicas)" in out, out
+    with open(os.path.join(search_workdir, "search", "metrics.json")) as f:
+        losses = json.load(f)["history"]["two_tower_loss"]
+    assert losses and all(math.isfinite(x) and x > 0 for x in losses), losses
     for stage in ("bm25", "two_tower", "hybrid", "two_tower+ranker"):
         assert any(line.split()[:1] == [stage] for line in out.splitlines()), out
     assert "ndcg@10" in out and "recall@100" in out and "mrr" in out
@@ -316,3 +323,6 @@ def test_search_cli_helpers(capsys):
                                                       "outputs": {"item_ids": ()}}})
     assert main(["search", "train", "--set", "epochs=two"]) == 2
     assert "search.epochs" in capsys.readouterr().err
+    assert main(["search", "train", "--set", "strategy=multi_worker"]) == 2
+    assert "search strategy must be one of default, one_device, mirrored" in (
+        capsys.readouterr().err)

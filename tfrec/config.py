@@ -239,6 +239,17 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+SEARCH_STRATEGIES = ("default", "one_device", "mirrored")
+
+
+def check_search_strategy(name: str) -> None:
+    """Raises a ValueError unless `name` is a strategy search training supports."""
+    if name not in SEARCH_STRATEGIES:
+        raise ValueError(f"search strategy must be one of {', '.join(SEARCH_STRATEGIES)}, got "
+                         f"{name!r} (multi-worker and parameter-server training are for "
+                         "recommendation models)")
+
+
 @dataclass
 class SearchConfig:
     """Catalog search run (tfrec search train): judgments -> two-tower + BM25 -> ranker.
@@ -273,6 +284,10 @@ class SearchConfig:
     ranker_batch_size: int = 32
     results: int = 10  # products the exported model returns
     embed_batch_size: int = 128
+    # Two-tower fine-tuning under tf.distribute: default|one_device|mirrored (the BERT
+    # query tower is the cost); the small ranker trains on one device.
+    strategy: str = "default"
+    cpu_devices: int = 0  # >1 splits the CPU into logical devices (tests of mirrored)
 
     def to_yaml(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

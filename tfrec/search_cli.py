@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from tfrec.config import SearchConfig, parse_assignment, set_field
+from tfrec.config import SearchConfig, check_search_strategy, parse_assignment, set_field
 
 DEFAULT_WORKDIR = os.path.join("work", "search")
 # Rows of the metrics table, in pipeline order; absent stages are skipped.
@@ -98,7 +98,9 @@ def check_inputs(cfg: SearchConfig) -> None:
 
     Raises:
       FileNotFoundError: naming the missing judgments file or encoder directory.
+      ValueError: a strategy search training does not support.
     """
+    check_search_strategy(cfg.strategy)
     source = cfg.judgments
     if source and not source.startswith("synthetic:") and not os.path.isfile(source):
         raise FileNotFoundError(f"judgments file {source!r} does not exist (pass a Home Depot "
@@ -151,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
     sizes = {k: int(v["query"].nunique()) for k, v in run.data.splits.items()}
     print(f"catalog {len(run.data.catalog)} products; queries train {sizes.get('train', 0)} / "
           f"val {sizes.get('val', 0)} / test {sizes.get('test', 0)}; trained in "
-          f"{run.timings.get('total_s', 0.0):.0f}s")
+          f"{run.timings.get('total_s', 0.0):.0f}s ({cfg.strategy}, {run.replicas} replicas)")
     print(format_metrics(run.metrics))
     print(f"metrics {os.path.join(args.workdir, 'search', 'metrics.json')}; "
           f"TensorBoard logs {log_dir}")

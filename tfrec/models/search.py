@@ -172,6 +172,14 @@ class SearchTwoTower(tf.keras.Model):
     def metrics(self):
         return [self.loss_tracker]
 
+    def build_layers(self) -> None:
+        """Creates the lazily built weights now: under a tf.distribute scope they must
+        exist before training, not appear on the first call outside it."""
+        for layer in (self.query_adapter, self.product_adapter):
+            layer.build((None, self.dim))
+        for layer in (self.words, self.ids):
+            layer.build((None,))
+
     def _bag(self, ids: tf.Tensor) -> tf.Tensor:
         """Sum of word vectors of [B, W] ids (0 = pad, zero vector)."""
         vectors = self.words(ids) * tf.cast(ids > 0, tf.float32)[..., tf.newaxis]
@@ -234,10 +242,12 @@ class SearchTwoTower(tf.keras.Model):
     def train_step(self, batch):
         with tf.GradientTape() as tape:
             loss = self._loss(batch, training=True)
+            # Replica gradients are summed: each replica's share keeps the global mean.
+            scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
         encoder_vars = self.query_encoder.trainable_variables
         encoder_ids = {id(v) for v in encoder_vars}
         head_vars = [v for v in self.trainable_variables if id(v) not in encoder_ids]
-        grads = tape.gradient(loss, encoder_vars + head_vars)
+        grads = tape.gradient(scaled, encoder_vars + head_vars)
         if encoder_vars and self.encoder_optimizer is not None:
             self.encoder_optimizer.apply_gradients(zip(grads[:len(encoder_vars)], encoder_vars))
         self.optimizer.apply_gradients(zip(grads[len(encoder_vars):], head_vars))

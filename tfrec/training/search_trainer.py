@@ -20,7 +20,7 @@ import pandas as pd
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tfrec.config import SearchConfig
+from tfrec.config import SearchConfig, check_search_strategy
 from tfrec.data.homedepot import load_homedepot, split_by_query
 from tfrec.data.judgments import judgments_from_events, product_catalog
 from tfrec.evaluation.search import SearchMetrics, catalog_search_metrics, query_gains
@@ -30,6 +30,7 @@ from tfrec.models.search import (QueryEncoder, SearchTwoTower, catalog_word_ids,
                                  word_vocabulary)
 from tfrec.models.search_pipeline import SearchPipeline
 from tfrec.models.search_ranker import SearchRanker
+from tfrec.training.strategy import configure_devices, make_strategy
 
 __all__ = ["SearchData", "SearchRun", "load_search_data", "title_vectors", "build_pipeline",
            "train_two_tower", "retrieved_lists", "train_ranker", "evaluate_stages",
@@ -61,6 +62,7 @@ class SearchRun:
     metrics: Dict[str, Dict[str, float]]
     timings: Dict[str, float]
     history: Dict[str, List[float]]
+    replicas: int = 1  # devices the two-tower trained on
 
 
 def load_search_data(cfg: SearchConfig) -> SearchData:
@@ -191,8 +193,9 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
         {"query": queries.astype(str), "rows": rows, "gains": gains})
         .shuffle(len(queries), seed=cfg.seed, reshuffle_each_iteration=True)
         .batch(cfg.batch_size, drop_remainder=len(queries) >= cfg.batch_size))
-    model.encoder_optimizer = tf.keras.optimizers.Adam(cfg.encoder_lr)
-    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.lr))
+    with model.distribute_strategy.scope():  # optimizer slots beside the variables
+        model.encoder_optimizer = tf.keras.optimizers.Adam(cfg.encoder_lr)
+        model.compile(optimizer=tf.keras.optimizers.Adam(cfg.lr))
     callbacks = [tf.keras.callbacks.TensorBoard(os.path.join(log_dir, "two_tower"),
                                                 update_freq=20)] if log_dir else []
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "two_tower",
@@ -322,6 +325,9 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
       zero_shot: also measure the untrained pipeline (BERT cosine) on the test queries.
       log_dir: TensorBoard directory (default `tensorboard_logs/search/seed<seed>`).
     """
+    check_search_strategy(cfg.strategy)
+    configure_devices(cfg.cpu_devices)
+    strategy = make_strategy(cfg.strategy)
     timings: Dict[str, float] = {}
     start = time.perf_counter()
     data = data or load_search_data(cfg)
@@ -329,7 +335,9 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
                             cache_dir=os.path.join(workdir, "cache"))
     timings["title_vectors_s"] = time.perf_counter() - start
     log_dir = log_dir or os.path.join("tensorboard_logs", "search", f"seed{cfg.seed}")
-    pipeline = build_pipeline(cfg, data, vectors)
+    with strategy.scope():
+        pipeline = build_pipeline(cfg, data, vectors)
+        pipeline.two_tower.build_layers()
     row_of, test = data.row_of, data.splits["test"]
     metrics: Dict[str, Dict[str, float]] = {}
     if zero_shot:
@@ -354,4 +362,5 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
         json.dump({"metrics": metrics, "timings": timings, "history": history}, f, indent=2)
     os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
-    return SearchRun(pipeline, data, metrics, timings, history)
+    return SearchRun(pipeline, data, metrics, timings, history,
+                     replicas=strategy.num_replicas_in_sync)
