@@ -5,11 +5,11 @@ Protocol (bench/README.md, "Home Depot full-catalog search"):
              ../shared/data/homedepot/queries_dev.csv (41,127 products).
   split      distinct queries, seeded, 70/10/20 train/validation/test
              (tfrec.data.homedepot.split_by_query); one run per seed (--seeds).
-  metrics    each test query ranks the WHOLE catalog (tfrec.evaluation.search):
+  metrics    each test query ranks the WHOLE catalog (tfrec.search.metrics):
              NDCG@10 with gain = relevance - 1 (unjudged products gain 0),
              Recall@100 of products graded >= 2.0, MRR of the first product graded
              >= 2.5; each averaged over the test queries with such a product.
-Rows (one tfrec.models.search_pipeline.SearchPipeline per seed; same code path as the
+Rows (one tfrec.search.pipeline.SearchPipeline per seed; same code path as the
 exported model):
   BM25                 Okapi BM25 over titles (k1 1.2, b 0.75, lowercase [a-z0-9]+ tokens),
                        in-graph (tfrec.features.lexical.LexicalIndex).
@@ -48,8 +48,8 @@ import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 import numpy as np
 import tensorflow as tf
 
-from tfrec.config import SearchConfig
-from tfrec.training.search_trainer import load_search_data, train_search
+from tfrec.search.config import SearchConfig
+from tfrec.search.train import load_search_data, train_search
 
 tf.get_logger().setLevel("ERROR")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +103,7 @@ def stage_latency(run, queries: Sequence[str]) -> Dict[str, float]:
 
 def exported_latency(run, queries: Sequence[str], base: str) -> float:
     """Median batch-1 ms of the exported search SavedModel (loaded back in this process)."""
-    from tfrec.export.search import export_search
+    from tfrec.search.export import export_search
     path = export_search(run.pipeline, base)
     fn = tf.saved_model.load(path).signatures["serving_default"]
     fn(query=tf.constant(queries[:1]))

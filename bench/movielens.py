@@ -58,10 +58,11 @@ from tfrec.data.movielens import (MovieLens, load_movielens, movielens_path, rat
                                   stratified_split, targets_by_user, tutorial_split)
 from tfrec.data.schema import PAD
 from tfrec.evaluation.baselines import CooccurrenceBaseline, PopularityBaseline
-from tfrec.evaluation.metrics import evaluate_topk, map_at_k
-from tfrec.evaluation.retrieval import catalog_features, embed_in_batches, retrieve_topk
+from tfrec.metrics.ranking import evaluate_topk, map_at_k
+from tfrec.metrics.retrieval import catalog_features, embed_in_batches, retrieve_topk
 from tfrec.features.vocab import build_vocabularies
-from tfrec.training.callbacks import refresh_index, tower_fn
+from tfrec.models.embedding import tower_fn
+from tfrec.training.callbacks import refresh_index
 from tfrec.training.trainer import build_model
 
 tf.get_logger().setLevel("ERROR")

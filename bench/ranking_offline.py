@@ -25,13 +25,13 @@ from tfrec.data.examples import positive_interactions
 from tfrec.data.lists import build_ranking_lists, lists_to_arrays
 from tfrec.data.split import time_split
 from tfrec.data.synthetic import generate_world
-from tfrec.evaluation.metrics import ndcg_of_scored_lists
+from tfrec.metrics.ranking import ndcg_of_scored_lists
 from tfrec.features.vocab import build_vocabularies
 from tfrec.data.io import load_tables
 from tfrec.data.prepare import load_meta
 from tfrec.features.catalog import CatalogLookup, catalog_statistics
 from tfrec.models.ranking import RankingModel
-from tfrec.training.callbacks import tower_fn
+from tfrec.models.embedding import tower_fn
 from tfrec.training.trainer import load_trained_model, resolve_run_dir
 
 

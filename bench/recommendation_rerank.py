@@ -21,7 +21,7 @@ import numpy as np
 import tfrec  # noqa: F401
 
 from _common import format_table, machine_line
-from tfrec import pipeline
+from tfrec import workflow
 from tfrec.config import Config
 
 ROWS = ("two_tower", "two_tower+ranker", "two_tower+oracle_ranker")
@@ -37,10 +37,10 @@ def one_seed(world: str, seed: int, root: str) -> dict:
     cfg.train.checkpoint_dir = os.path.join(root, "checkpoints")
     cfg.train.log_dir = os.path.join(root, "tensorboard_logs")
     start = time.perf_counter()
-    pipeline.generate(cfg)
-    result = pipeline.train(cfg)
-    ranked = pipeline.train_ranker(cfg, run=result.run_name, retrieval=result.model)
-    rows = pipeline.evaluate(cfg, run=result.run_name)
+    workflow.generate(cfg)
+    result = workflow.train(cfg)
+    ranked = workflow.train_ranker(cfg, run=result.run_name, retrieval=result.model)
+    rows = workflow.evaluate(cfg, run=result.run_name)
     out = {name: rows[name] for name in ROWS}
     out["seconds"] = {"total": time.perf_counter() - start, "ranker": ranked.seconds,
                       "lists": ranked.lists, "users": rows["two_tower"].get("users", 0)}

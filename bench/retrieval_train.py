@@ -53,9 +53,9 @@ from tfrec.data.examples import positive_interactions
 from tfrec.data.io import load_tables
 from tfrec.data.synthetic import generate_world
 from tfrec.data.tfrecord import make_dataset
-from tfrec.evaluation.retrieval import build_eval_set, evaluate_embeddings
+from tfrec.metrics.retrieval import build_eval_set, evaluate_embeddings
 from tfrec.features.vocab import build_vocabularies
-from tfrec.training.callbacks import tower_fn
+from tfrec.models.embedding import tower_fn
 from tfrec.training.trainer import build_model, ensure_prepared
 
 tf.get_logger().setLevel("ERROR")  # Python-side TF notices (e.g. retracing) off

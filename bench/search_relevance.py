@@ -48,7 +48,7 @@ import tensorflow_recommenders as tfrs
 
 from tfrec.data.homedepot import graded_relevance, load_homedepot, split_by_query
 from tfrec.evaluation.baselines import BM25Baseline
-from tfrec.evaluation.metrics import ndcg_of_scored_lists
+from tfrec.metrics.ranking import ndcg_of_scored_lists
 from tfrec.models.losses import get_loss
 from tfrec.models.text_match import TextMatch
 

@@ -61,7 +61,7 @@ def latest_version(model_dir: str):
 
 def train_and_export(world: str, epochs: int, workdir: str) -> str:
     """Generates a synthetic world, trains a retrieval model and exports it (tfrec demo's path)."""
-    from tfrec import pipeline
+    from tfrec import workflow
     from tfrec.config import Config
 
     cfg = Config()
@@ -71,9 +71,9 @@ def train_and_export(world: str, epochs: int, workdir: str) -> str:
     cfg.train.log_dir = os.path.join(workdir, "tensorboard_logs")
     cfg.export.base_dir = os.path.join(workdir, "models")
     cfg.train.epochs = epochs
-    pipeline.generate(cfg, world=world)
-    run = pipeline.train(cfg)
-    return pipeline.export(cfg, model=run.model)
+    workflow.generate(cfg, world=world)
+    run = workflow.train(cfg)
+    return workflow.export(cfg, model=run.model)
 
 
 def catalog_ids(version_dir: str) -> np.ndarray:

@@ -17,7 +17,8 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.data.homedepot import homedepot_path, load_homedepot
-from tfrec.evaluation.baselines import BM25Baseline, bm25_tokenize
+from tfrec.evaluation.baselines import BM25Baseline
+from tfrec.features.bm25 import bm25_tokenize
 from tfrec.features.lexical import LexicalIndex
 
 DOCS = [

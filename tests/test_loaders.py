@@ -14,8 +14,9 @@ from tfrec.data.homedepot import (graded_relevance, homedepot_path, load_homedep
                                   split_by_query)
 from tfrec.data.loaders import load_event_log, parse_timestamps, resolve_data_dir
 from tfrec.data.schema import EVENTS_SCHEMA, SchemaError
-from tfrec.evaluation.baselines import BM25Baseline, bm25_tokenize
-from tfrec.evaluation.metrics import evaluate_topk, ndcg_at_k
+from tfrec.evaluation.baselines import BM25Baseline
+from tfrec.features.bm25 import bm25_tokenize
+from tfrec.metrics.ranking import evaluate_topk, ndcg_at_k
 
 MAPPING = {"user": "uid", "item": "sku", "timestamp": "time", "type": "action"}
 TYPES = {"view": "impression", "tap": "click", "buy": "purchase"}

@@ -448,7 +448,7 @@ def test_cooccurrence_history_cap_keeps_recent_items():
 
 
 def test_scored_list_metrics_by_hand():
-    from tfrec.evaluation.metrics import scored_list_metrics
+    from tfrec.metrics.ranking import scored_list_metrics
 
     scores = np.array([[0.9, 0.5, 0.1, 0.0], [0.2, 0.8, 0.4, 0.3]])
     labels = np.array([[0.0, 1.0, 0.0, -1.0], [1.0, 0.0, 0.0, 0.0]])

@@ -12,7 +12,7 @@ from tfrec.config import RankingConfig
 from tfrec.data.examples import positive_interactions
 from tfrec.data.lists import build_ranking_lists, lists_to_arrays
 from tfrec.data.split import time_split
-from tfrec.evaluation.metrics import auc, ndcg_of_scored_lists
+from tfrec.metrics.ranking import auc, ndcg_of_scored_lists
 from tfrec.features.vocab import build_vocabularies
 from tfrec.features.catalog import CatalogLookup, catalog_statistics
 from tfrec.models.ranking import RankingModel
@@ -124,7 +124,7 @@ def test_reranked_row_reorders_the_retrieval_candidates(trained_ranker, trained_
     """The re-ranked row is evaluated with the same code and candidates as retrieval."""
     from tfrec.data.prepare import load_meta
     from tfrec.evaluation.report import evaluate_period
-    from tfrec.training.callbacks import tower_fn
+    from tfrec.models.embedding import tower_fn
 
     split = load_meta(tiny_config.data.tfrecord_dir)["split"]
     model = trained_run.model

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tfrec.evaluation.html_report import REPORT_SECTIONS, ReportData, compute_report, write_report
-from tfrec.evaluation.metrics import (embedding_diversity, intra_list_diversity, map_at_k,
+from tfrec.metrics.ranking import (embedding_diversity, intra_list_diversity, map_at_k,
                                       metric_curve, ndcg_at_k, novelty, popularity_bias)
 from tfrec.evaluation.period import evaluate_period_lists, period_report_data
 from tfrec.evaluation.report import evaluate_period

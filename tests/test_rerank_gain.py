@@ -8,7 +8,7 @@ the ranker to learn more than the retrieval score. About 2.5 minutes on 2 cores.
 
 import pytest
 
-from tfrec import pipeline
+from tfrec import workflow
 from tfrec.config import Config
 
 
@@ -20,14 +20,14 @@ def small_world_rows(tmp_path_factory):
     cfg.data.tfrecord_dir = str(root / "tfrecords")
     cfg.train.checkpoint_dir = str(root / "checkpoints")
     cfg.train.log_dir = str(root / "tensorboard_logs")
-    pipeline.generate(cfg, "small")
-    result = pipeline.train(cfg)
-    pipeline.train_ranker(cfg, run=result.run_name, retrieval=result.model)
+    workflow.generate(cfg, "small")
+    result = workflow.train(cfg)
+    workflow.train_ranker(cfg, run=result.run_name, retrieval=result.model)
     # A fresh Config as `tfrec evaluate` builds it: the ranker is reloaded from disk.
     fresh = Config()
     fresh.data.data_dir, fresh.data.tfrecord_dir = cfg.data.data_dir, cfg.data.tfrecord_dir
     fresh.train.checkpoint_dir = cfg.train.checkpoint_dir
-    return pipeline.evaluate(fresh, run=result.run_name)
+    return workflow.evaluate(fresh, run=result.run_name)
 
 
 def test_ranker_beats_retrieval_order_on_the_test_period(small_world_rows):

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from tfrec.data.prepare import load_meta
 from tfrec.evaluation.report import evaluate_period
-from tfrec.training.callbacks import tower_fn
+from tfrec.models.embedding import tower_fn
 from tfrec.training.trainer import load_trained_model, train_retrieval
 
 

@@ -21,7 +21,7 @@ import pytest
 import tfrec  # noqa: F401
 import tensorflow as tf
 
-from tfrec.config import SearchConfig
+from tfrec.search.config import SearchConfig
 
 from tests.helpers import assert_invalid_argument as _invalid, serve_models
 
@@ -47,7 +47,7 @@ def search_workdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def search_run(tiny_encoder, search_workdir, tmp_path_factory):
-    from tfrec.training.search_trainer import train_search
+    from tfrec.search.train import train_search
 
     log_dir = str(tmp_path_factory.mktemp("search_logs"))
     run = train_search(_tiny_config(tiny_encoder), search_workdir, zero_shot=True,
@@ -58,7 +58,7 @@ def search_run(tiny_encoder, search_workdir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def search_export(search_run, tmp_path_factory):
-    from tfrec.export.search import export_search
+    from tfrec.search.export import export_search
 
     base = str(tmp_path_factory.mktemp("search_models"))
     path = export_search(search_run.pipeline, base, num_results=NUM_RESULTS,
@@ -93,7 +93,7 @@ def test_train_search_measures_every_stage_and_logs_to_tensorboard(search_run):
 
 
 def test_search_module_pads_checks_and_answers_empty_batches(search_run):
-    from tfrec.export.search import SearchModule
+    from tfrec.search.export import SearchModule
 
     pipeline = search_run.pipeline
     wide = 2 * pipeline.candidates + 5  # more than the retrieved union: padded
@@ -276,7 +276,7 @@ def _homedepot_file() -> str:
 
 
 def test_search_trains_on_a_home_depot_slice(tiny_encoder, tmp_path):
-    from tfrec.training.search_trainer import train_search
+    from tfrec.search.train import train_search
 
     path = _homedepot_file()
     if not os.path.isfile(path):
@@ -301,7 +301,7 @@ def test_search_trains_on_a_home_depot_slice(tiny_encoder, tmp_path):
 
 def test_search_cli_helpers(capsys):
     from tfrec.cli import main
-    from tfrec.search_cli import apply_overrides, format_metrics, is_catalog_search
+    from tfrec.search.cli import apply_overrides, format_metrics, is_catalog_search
 
     cfg = apply_overrides(SearchConfig(), ["epochs=3", "search.hybrid_weight=0.5",
                                            "split=[0.6, 0.2, 0.2]"])

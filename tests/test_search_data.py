@@ -13,8 +13,8 @@ import pytest
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
 from tfrec.data.homedepot import JUDGMENT_COLUMNS
-from tfrec.data.judgments import judgments_from_events, product_catalog
-from tfrec.evaluation.search import catalog_search_metrics, query_gains
+from tfrec.search.data import judgments_from_events, product_catalog
+from tfrec.search.metrics import catalog_search_metrics, query_gains
 
 
 # ------------------------------------------------------------------ product_catalog

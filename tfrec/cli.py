@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regenerate", action="store_true", help="regenerate the world")
     from tfrec.text.cli import add_text_commands
     add_text_commands(sub)
-    from tfrec.search_cli import add_search_commands
+    from tfrec.search.cli import add_search_commands
     add_search_commands(sub)
     return parser
 
@@ -226,14 +226,14 @@ def _is_user_error(e: Exception) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tfrec import pipeline
+    from tfrec import workflow
 
     cmd = args.command
     if cmd == "text":
         from tfrec.text.cli import run_text
         return run_text(args)
     if cmd == "search":
-        from tfrec.search_cli import run_search
+        from tfrec.search.cli import run_search
         return run_search(args)
     if cmd == "query":
         return _query(args)
@@ -241,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
         return _board(args)
     cfg = _config(args)
     if cmd == "generate":
-        info = pipeline.generate(cfg, args.world, args.seed)
+        info = workflow.generate(cfg, args.world, args.seed)
         print(f"wrote {info['items']} items, {info['users']} users, {info['events']} events "
               f"({info['world']}, seed {info['seed']}) to {info['data_dir']} in {info['seconds']}s")
     elif cmd == "train":
@@ -251,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
             return cluster.run_server()
         try:
             result = (cluster.launch(args.cluster, cfg, verbose=args.verbose)
-                      if args.cluster else pipeline.train(cfg))
+                      if args.cluster else workflow.train(cfg))
         except cluster.ClusterError as e:
             print(f"tfrec: error: {e}", file=sys.stderr)
             return 1
@@ -267,14 +267,14 @@ def _run(args: argparse.Namespace) -> int:
         print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in result.val_metrics.items()))
         print(f"run dir {result.run_dir}; TensorBoard logs {result.tensorboard_dir}")
     elif cmd == "train-ranker":
-        result = pipeline.train_ranker(cfg, run=args.run)
+        result = workflow.train_ranker(cfg, run=args.run)
         print(f"ranker trained on {result.lists} lists in {result.seconds:.0f}s")
         print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in result.val_metrics.items()))
         print(f"ranker dir {result.ranker_dir}; TensorBoard logs {result.tensorboard_dir}")
     elif cmd == "evaluate":
         from tfrec.evaluation.report import format_table
 
-        rows = pipeline.evaluate(cfg, run=args.run, saved_model=args.saved_model,
+        rows = workflow.evaluate(cfg, run=args.run, saved_model=args.saved_model,
                                  split=args.split, max_users=args.max_users,
                                  report_dir=args.report)
         print(json.dumps(rows, indent=2) if args.json else
@@ -283,20 +283,21 @@ def _run(args: argparse.Namespace) -> int:
             print(f"report: {os.path.join(args.report, 'report.html')} (numbers in "
                   f"report.json)", file=sys.stderr if args.json else sys.stdout)
     elif cmd == "export":
-        print(pipeline.export(cfg, run=args.run))
-        if not args.retrieval_only and pipeline.has_ranker(cfg, run=args.run):
-            for path in pipeline.export_ranking(cfg, run=args.run).values():
+        print(workflow.export(cfg, run=args.run))
+        if not args.retrieval_only and workflow.has_ranker(cfg, run=args.run):
+            for path in workflow.export_ranking(cfg, run=args.run).values():
                 print(path)
     elif cmd == "serve":
         return _serve(args, cfg)
     elif cmd == "demo":
-        pipeline.demo(cfg, world=args.world, regenerate=args.regenerate)
+        workflow.demo(cfg, world=args.world, regenerate=args.regenerate)
     return 0
 
 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
     from tfrec.serving.batching import BatchingOptions, parse_batching_parameters
-    from tfrec.serving.server import ModelServer, load_model_config
+    from tfrec.serving.model_config import load_model_config
+    from tfrec.serving.server import ModelServer
 
     if args.model_config_file:
         models = load_model_config(args.model_config_file)
@@ -344,7 +345,7 @@ def _wait_for_stop() -> None:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from tfrec.search_cli import format_search_results, is_catalog_search
+    from tfrec.search.cli import format_search_results, is_catalog_search
     from tfrec.serving.client import PredictClient, format_results
 
     client = PredictClient(args.server, timeout=args.timeout)

@@ -29,6 +29,25 @@ class DataConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """Extra catalog columns as model features, and embedding sizes of the built-in ones.
+
+    Columns named here flow into the candidate tower, the ranker's catalog lookup, the
+    export signatures and evaluation (see `tfrec.data.feature_spec`).
+    """
+
+    item_categorical: Tuple[str, ...] = ()  # e.g. (color, material): embedded
+    item_numeric: Tuple[str, ...] = ()  # e.g. (rating,): standardised
+    attribute_dim: int = 8  # embedding size of each extra categorical column
+    category_dim: int = 16
+    department_dim: int = 8  # first level of the category path
+    brand_dim: int = 16
+    device_dim: int = 8
+    hour_dim: int = 8
+    price_dim: int = 8
+
+
+@dataclass
 class ModelConfig:
     """Two-tower retrieval model hyper-parameters."""
 
@@ -136,6 +155,7 @@ class ServeConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ranking: RankingConfig = field(default_factory=RankingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -148,7 +168,7 @@ class Config:
     def to_yaml(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
-            yaml.safe_dump(_plain(self.to_dict()), f, sort_keys=False)
+            yaml.safe_dump(plain(self.to_dict()), f, sort_keys=False)
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any]) -> "Config":
@@ -231,76 +251,10 @@ def set_field(target: Any, key: str, value: Any, prefix: str = "") -> None:
     setattr(target, key, value)
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
+    """Tuples -> lists, recursively: what yaml.safe_dump can write."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     return obj
-
-
-SEARCH_STRATEGIES = ("default", "one_device", "mirrored")
-
-
-def check_search_strategy(name: str) -> None:
-    """Raises a ValueError unless `name` is a strategy search training supports."""
-    if name not in SEARCH_STRATEGIES:
-        raise ValueError(f"search strategy must be one of {', '.join(SEARCH_STRATEGIES)}, got "
-                         f"{name!r} (multi-worker and parameter-server training are for "
-                         "recommendation models)")
-
-
-@dataclass
-class SearchConfig:
-    """Catalog search run (tfrec search train): judgments -> two-tower + BM25 -> ranker.
-
-    A separate top-level config: a search run has its own data (graded query-product
-    judgments) and no users, so it shares no section with the recommendation Config.
-    """
-
-    judgments: str = ""  # CSV (Home Depot columns) or "synthetic:<spec>" (search log of a world)
-    data_dir: Optional[str] = None  # for the default Home Depot file when judgments == ""
-    seed: int = 0  # query split and initialisation
-    split: Tuple[float, float, float] = (0.7, 0.1, 0.2)  # distinct queries: train/val/test
-    encoder: str = os.path.join("work", "text", "minilm", "encoder")
-    preprocessor: str = os.path.join("work", "text", "minilm", "preprocessor")
-    query_length: int = 16  # BERT tokens per query
-    title_length: int = 48  # BERT tokens per title (frozen title embeddings)
-    top_layers: int = 0  # fine-tune only the last N query-encoder blocks (0 = all)
-    fine_tune: bool = True  # train the query encoder (False: frozen BERT + learned residuals)
-    epochs: int = 1  # two-tower epochs (the best by validation NDCG@10 is kept)
-    batch_size: int = 64  # queries per two-tower step
-    negatives: int = 2048  # sampled catalog negatives per step
-    temperature: float = 0.05
-    encoder_lr: float = 3e-5
-    lr: float = 1e-3
-    word_min_count: int = 2  # words in the learned bag-of-words vocabulary
-    id_embeddings: bool = False  # product-id embeddings for products judged in training
-    candidates: int = 100  # per retriever; the ranker re-scores their union (<= 2x)
-    hybrid_weight: float = 0.2  # BM25 share of the fused retrieval score
-    ranker_epochs: int = 30
-    ranker_lr: float = 1e-3
-    ranker_holdout: float = 0.2  # share of validation queries that picks the ranker epoch
-    ranker_batch_size: int = 32
-    results: int = 10  # products the exported model returns
-    embed_batch_size: int = 128
-    # Two-tower fine-tuning under tf.distribute: default|one_device|mirrored (the BERT
-    # query tower is the cost); the small ranker trains on one device.
-    strategy: str = "default"
-    cpu_devices: int = 0  # >1 splits the CPU into logical devices (tests of mirrored)
-
-    def to_yaml(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            yaml.safe_dump(_plain(dataclasses.asdict(self)), f, sort_keys=False)
-
-    @classmethod
-    def from_dict(cls, raw: Dict[str, Any]) -> "SearchConfig":
-        cfg = cls()
-        for key, value in (raw or {}).items():
-            set_field(cfg, key, value, prefix="search")
-        return cfg
-
-    @classmethod
-    def from_yaml(cls, path: str) -> "SearchConfig":
-        return cls.from_dict(read_yaml_mapping(path, "search config file", "fields"))

@@ -12,11 +12,10 @@ from typing import Dict, Iterable, List, Optional, Set
 import numpy as np
 import pandas as pd
 
-from tfrec.data.schema import (CANDIDATE_FEATURES, EXAMPLE_EXTRAS, POSITIVE_EVENT_WEIGHTS,
-                               QUERY_FEATURES)
+from tfrec.data.feature_spec import FeatureSpec, default_spec
+from tfrec.data.schema import POSITIVE_EVENT_WEIGHTS
 from tfrec.data.split import TimeSplit
 
-EXAMPLE_COLUMNS = QUERY_FEATURES + CANDIDATE_FEATURES + EXAMPLE_EXTRAS
 UNSEEN_ITEM_COUNT = 0.5  # pseudo-count of items without training positives
 
 
@@ -115,7 +114,8 @@ def histories_before(users: np.ndarray, items: np.ndarray, ts: np.ndarray,
 
 def build_retrieval_examples(events: pd.DataFrame, catalog: pd.DataFrame,
                              history_length: int = 20,
-                             split: Optional[TimeSplit] = None) -> pd.DataFrame:
+                             split: Optional[TimeSplit] = None,
+                             features: Optional[FeatureSpec] = None) -> pd.DataFrame:
     """One example per positive interaction, with point-in-time query features.
 
     Args:
@@ -124,13 +124,16 @@ def build_retrieval_examples(events: pd.DataFrame, catalog: pd.DataFrame,
       history_length: maximum history items (most recent first).
       split: when given, candidate_prob counts training positives only
         (ts < split.t_val); otherwise all positives.
+      features: the feature specification (candidate columns come from the catalog);
+        built-in features if None.
 
     Returns:
-      DataFrame with columns EXAMPLE_COLUMNS (user_id, history, query, device, hour,
-      item_id, title, category, brand, price, weight, candidate_prob, ts), sorted by
-      ts. `history` holds Python lists of item ids; price, weight and candidate_prob
-      are float32, hour and ts int64.
+      DataFrame with the spec's `example_columns` (user_id, history, query, device,
+      hour, item_id, title, category, brand, price, declared extras, weight,
+      candidate_prob, ts), sorted by ts. `history` holds Python lists of item ids;
+      float features float32, int features int64.
     """
+    features = features or default_spec()
     if history_length < 1:
         raise ValueError(f"history_length must be >= 1, got {history_length}")
     positives = positive_interactions(events)
@@ -140,18 +143,18 @@ def build_retrieval_examples(events: pd.DataFrame, catalog: pd.DataFrame,
                          positives["ts"].to_numpy(), history_length)
     examples = positives.assign(history=pd.Series(history, index=positives.index, dtype=object),
                                 hour=hour_of_day(positives["ts"]))
-    item_columns = catalog[["item_id", "title", "category", "brand", "price"]]
+    item_columns = features.check_catalog(catalog)[list(features.catalog_columns)]
     examples = examples.merge(item_columns, on="item_id", how="inner", sort=False)
     probs = candidate_probabilities(positives, catalog,
                                     before_ts=None if split is None else split.t_val)
     examples["candidate_prob"] = probs.reindex(examples["item_id"].to_numpy()).to_numpy(
         dtype=np.float32)
-    examples["price"] = examples["price"].astype(np.float32)
-    examples["weight"] = examples["weight"].astype(np.float32)
-    examples["hour"] = examples["hour"].astype(np.int64)
-    examples["ts"] = examples["ts"].astype(np.int64)
+    columns = features.example_columns
+    for name, dtype in columns.items():
+        if dtype in ("float", "int"):
+            examples[name] = examples[name].astype(np.float32 if dtype == "float" else np.int64)
     examples = examples.sort_values(["ts", "user_id", "item_id"], kind="stable")
-    return examples[list(EXAMPLE_COLUMNS)].reset_index(drop=True)
+    return examples[list(columns)].reset_index(drop=True)
 
 
 def user_states(events: pd.DataFrame, at_ts: int, history_length: int = 20,

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from tfrec.data.examples import build_retrieval_examples
+from tfrec.data.feature_spec import FeatureSpec, default_spec
 from tfrec.data.io import atomic_write, load_tables
 from tfrec.data.split import PERIODS, time_split
 from tfrec.data.tfrecord import write_tfrecords
@@ -21,7 +22,8 @@ META_FILE = "meta.json"
 
 def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
                     val_fraction: float = 0.1, test_fraction: float = 0.1,
-                    num_shards: int = 4) -> Dict[str, Any]:
+                    num_shards: int = 4, features: Optional[FeatureSpec] = None
+                    ) -> Dict[str, Any]:
     """Loads tables, splits by time and writes train/val/test TFRecords.
 
     Examples of every period are built from the full log, so val/test histories
@@ -34,20 +36,24 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
       history_length: history items per example.
       val_fraction, test_fraction: shares of the time range (see `time_split`).
       num_shards: files per period.
+      features: the feature specification of the records (built-ins if None); its
+        fingerprint is kept in meta.json, so a feature change re-prepares the data.
 
     Returns:
       The meta dict (as `load_meta` returns it): split times, example counts per
       period, history_length, file patterns, table sizes.
     """
     started = time.time()
+    features = features or default_spec()
     tables = load_tables(data_dir)
     split = time_split(tables.events, val_fraction, test_fraction)
-    examples = build_retrieval_examples(tables.events, tables.catalog, history_length, split)
+    examples = build_retrieval_examples(tables.events, tables.catalog, history_length, split,
+                                        features)
     period = split.assign_period(examples["ts"].to_numpy())
     counts, files = {}, {}
     for name in PERIODS:
         subset = examples[period == name]
-        write_tfrecords(subset, tfrecord_dir, name, num_shards)
+        write_tfrecords(subset, tfrecord_dir, name, num_shards, features)
         counts[name] = int(len(subset))
         files[name] = f"{name}-*.tfrecord"
     meta = {
@@ -59,6 +65,7 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
         "counts": counts,
         "files": files,
         "num_shards": int(num_shards),
+        "features": features.fingerprint(),
         "num_items": int(len(tables.catalog)),
         "num_users": int(len(tables.users)),
         "num_events": int(len(tables.events)),

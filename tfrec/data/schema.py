@@ -50,10 +50,6 @@ EVENT_TYPES = ("search", "impression", "click", "add_to_cart", "purchase")
 POSITIVE_EVENT_WEIGHTS: Dict[str, float] = {"click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
 DEVICES = ("desktop", "mobile", "tablet", "app")
 
-# Feature names shared by the tf.data pipeline, the models and the export signatures.
-QUERY_FEATURES = ("user_id", "history", "query", "device", "hour")
-CANDIDATE_FEATURES = ("item_id", "title", "category", "brand", "price")
-EXAMPLE_EXTRAS = ("weight", "candidate_prob", "ts")
 PAD = ""  # padding value of history sequences
 
 
@@ -93,9 +89,10 @@ def validate_table(df: pd.DataFrame, table: str) -> pd.DataFrame:
       table: "catalog", "users" or "events".
 
     Returns:
-      A new DataFrame with exactly the schema columns in schema order and a fresh
-      RangeIndex: strings as object columns of Python `str` (missing -> ""), ints as
-      int64, floats as float64.
+      A new DataFrame with the schema columns in schema order and a fresh RangeIndex:
+      strings as object columns of Python `str` (missing -> ""), ints as int64, floats
+      as float64. Other columns follow unchanged: a shop's own attributes, which the
+      feature specification validates when a config declares them.
 
     Raises:
       SchemaError: naming the table, the column, and the first offending row.
@@ -126,6 +123,9 @@ def validate_table(df: pd.DataFrame, table: str) -> pd.DataFrame:
             out[column] = _as_int(values, table, column)
         else:
             out[column] = _as_float(values, table, column)
+    for column in df.columns:
+        if column not in schema:
+            out[column] = df[column].reset_index(drop=True)
     result = pd.DataFrame(out)
     _check_values(result, table)
     return result

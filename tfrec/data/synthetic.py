@@ -416,7 +416,14 @@ def _make_catalog(spec: WorldSpec, vocab: _Vocab, rng: np.random.Generator):
         "item_id": item_ids, "title": titles, "description": descriptions,
         "category": np.array(vocab.leaf_names, dtype=object)[item_leaf],
         "brand": np.array(brand_names, dtype=object)[item_brand],
-        "price": price.astype(np.float64), "created_ts": created.astype(np.int64)})
+        "price": price.astype(np.float64), "created_ts": created.astype(np.int64),
+        # Attributes beyond the schema (declare them under `features:` to use them).
+        "color": np.array([COLORS[c] if c >= 0 else "" for c in item_color], dtype=object),
+        "material": np.array([vocab.materials[d][m] if m >= 0 else ""
+                              for d, m in zip(item_dept, item_material)], dtype=object),
+        # Shoppers rate what sells: a 1-5 rating that follows the true popularity.
+        "rating": np.round(np.clip(3.5 + (log_pop - log_pop.mean()) / (log_pop.std() + 1e-9),
+                                   1.0, 5.0), 1)})
     truth = {
         "item_ids": item_ids.astype(str), "item_leaf": item_leaf.astype(np.int32),
         "item_brand": item_brand.astype(np.int32), "item_group": item_group.astype(np.int32),

@@ -9,47 +9,41 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import pandas as pd
 import tensorflow as tf
 
+from tfrec.data.feature_spec import FeatureSpec, default_spec
 from tfrec.data.io import atomic_write
-from tfrec.data.schema import PAD
-
-STRING_FEATURES = ("user_id", "query", "device", "item_id", "title", "category", "brand")
-INT_FEATURES = ("hour", "ts")
-FLOAT_FEATURES = ("price", "weight", "candidate_prob")
-SEQUENCE_FEATURES = ("history",)
-
 
 def shard_name(prefix: str, index: int, num_shards: int) -> str:
     """File name of one shard, e.g. "train-00001-of-00004.tfrecord"."""
     return f"{prefix}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-def _bytes(values) -> tf.train.Feature:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+def _feature(value, dtype: str) -> tf.train.Feature:
+    if dtype == "string":
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+    if dtype == "string_list":
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() for v in value]))
+    if dtype == "int":
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
 
 
-def _serialize_rows(df: pd.DataFrame) -> List[bytes]:
-    columns = {c: df[c].tolist() for c in
-               STRING_FEATURES + INT_FEATURES + FLOAT_FEATURES + SEQUENCE_FEATURES}
+def _serialize_rows(df: pd.DataFrame, columns: Mapping[str, str]) -> List[bytes]:
+    values = {c: df[c].tolist() for c in columns}
     records = []
     for i in range(len(df)):
-        feature = {c: _bytes([columns[c][i].encode()]) for c in STRING_FEATURES}
-        feature["history"] = _bytes([h.encode() for h in columns["history"][i]])
-        for c in INT_FEATURES:
-            feature[c] = tf.train.Feature(int64_list=tf.train.Int64List(value=[columns[c][i]]))
-        for c in FLOAT_FEATURES:
-            feature[c] = tf.train.Feature(float_list=tf.train.FloatList(value=[columns[c][i]]))
+        feature = {c: _feature(values[c][i], dtype) for c, dtype in columns.items()}
         example = tf.train.Example(features=tf.train.Features(feature=feature))
         records.append(example.SerializeToString())
     return records
 
 
 def write_tfrecords(examples_df: pd.DataFrame, out_dir: str, prefix: str,
-                    num_shards: int = 4) -> List[str]:
+                    num_shards: int = 4, features: Optional[FeatureSpec] = None) -> List[str]:
     """Writes examples as `<prefix>-XXXXX-of-NNNNN.tfrecord` tf.train.Example shards.
 
     Rows go round-robin to shards so each shard spans the whole time range. Each
@@ -62,19 +56,20 @@ def write_tfrecords(examples_df: pd.DataFrame, out_dir: str, prefix: str,
       out_dir: destination directory (created).
       prefix: split name, e.g. "train".
       num_shards: number of files; shards may be empty for tiny tables.
+      features: the feature specification (columns and types); built-ins if None.
 
     Returns:
       The shard paths, in order.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    missing = [c for c in STRING_FEATURES + INT_FEATURES + FLOAT_FEATURES + SEQUENCE_FEATURES
-               if c not in examples_df.columns]
+    columns = (features or default_spec()).example_columns
+    missing = [c for c in columns if c not in examples_df.columns]
     if missing:
         raise ValueError(f"examples are missing column(s) {missing}; build them with "
                          f"build_retrieval_examples")
     os.makedirs(out_dir, exist_ok=True)
-    records = _serialize_rows(examples_df)
+    records = _serialize_rows(examples_df, columns)
     paths = []
     for shard in range(num_shards):
         path = os.path.join(out_dir, shard_name(prefix, shard, num_shards))
@@ -92,27 +87,23 @@ def write_tfrecords(examples_df: pd.DataFrame, out_dir: str, prefix: str,
     return paths
 
 
-def feature_spec() -> Dict[str, object]:
-    """Parsing spec of the examples; history is variable length."""
-    spec: Dict[str, object] = {c: tf.io.FixedLenFeature([], tf.string) for c in STRING_FEATURES}
-    spec.update({c: tf.io.FixedLenFeature([], tf.int64) for c in INT_FEATURES})
-    spec.update({c: tf.io.FixedLenFeature([], tf.float32) for c in FLOAT_FEATURES})
-    spec["history"] = tf.io.RaggedFeature(tf.string)
-    return spec
-
-
-def parse_batch(serialized: tf.Tensor, history_length: int) -> Dict[str, tf.Tensor]:
-    """Parses a batch of serialized examples; history -> [B, history_length] padded with PAD."""
-    features = tf.io.parse_example(serialized, feature_spec())
-    features["history"] = features["history"].to_tensor(default_value=PAD,
-                                                        shape=[None, history_length])
-    return features
+def parse_batch(serialized: tf.Tensor, history_length: int,
+                features: Optional[FeatureSpec] = None) -> Dict[str, tf.Tensor]:
+    """Parses a batch of serialized examples; sequences -> [B, history_length] "" padded."""
+    features = features or default_spec()
+    parsed = tf.io.parse_example(serialized, features.parse_spec())
+    for f in features.features:
+        if f.kind == "sequence":
+            parsed[f.name] = parsed[f.name].to_tensor(default_value=f.default,
+                                                      shape=[None, history_length])
+    return parsed
 
 
 def make_dataset(file_pattern: str, batch_size: int, history_length: int,
                  shuffle: bool = True, seed: Optional[int] = None,
                  deterministic: bool = False, repeat: bool = False, cache: bool = False,
-                 drop_remainder: bool = False, shuffle_buffer: int = 10000) -> tf.data.Dataset:
+                 drop_remainder: bool = False, shuffle_buffer: int = 10000,
+                 features: Optional[FeatureSpec] = None) -> tf.data.Dataset:
     """Batched dict dataset of retrieval examples from TFRecord shards.
 
     Parsing runs once per batch (vectorised), and files are read in parallel; set
@@ -129,11 +120,11 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
       cache: cache serialized records in memory after the first pass.
       drop_remainder: drop the last partial batch (static batch size).
       shuffle_buffer: records held by the shuffle buffer.
+      features: the feature specification the records were written with.
 
     Returns:
-      Dataset of dicts: user_id, query, device, item_id, title, category, brand [B]
-      tf.string; history [B, history_length] tf.string; hour, ts [B] int64; price,
-      weight, candidate_prob [B] float32.
+      Dataset of dicts, one [B] tensor per feature of the specification (history
+      [B, history_length]) plus weight, candidate_prob (float32) and ts (int64).
     """
     files = sorted(tf.io.gfile.glob(file_pattern))
     if not files:
@@ -154,8 +145,8 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(lambda s: parse_batch(s, history_length), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=deterministic)
+    ds = ds.map(lambda s: parse_batch(s, history_length, features),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = deterministic

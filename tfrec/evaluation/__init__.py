@@ -5,15 +5,14 @@ baselines and exported servables are all judged by exactly the same code.
 """
 
 from tfrec.evaluation.baselines import BM25Baseline, CooccurrenceBaseline, PopularityBaseline
-from tfrec.evaluation.business import (
+from tfrec.evaluation.ab_test import ab_test
+from tfrec.evaluation.click_model import (
     PositionBasedClickModel,
-    ab_test,
     calibration_table,
     expected_business_metrics,
-    ips_estimate,
-    snips_estimate,
 )
-from tfrec.evaluation.metrics import (
+from tfrec.evaluation.off_policy import ips_estimate, snips_estimate
+from tfrec.metrics.ranking import (
     auc,
     average_precision_at_k,
     catalog_coverage,

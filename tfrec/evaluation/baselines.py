@@ -6,16 +6,16 @@ not learning personalisation; both return ranked id lists for `evaluate_topk`.
 
 from __future__ import annotations
 
-import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 import numpy as np
 import pandas as pd
 
 from tfrec.data.schema import PAD, POSITIVE_EVENT_WEIGHTS
-from tfrec.evaluation.metrics import topk_ids
+from tfrec.features.bm25 import BM25Scorer, expand_ranges
+from tfrec.metrics.ranking import topk_ids
 
-__all__ = ["PopularityBaseline", "CooccurrenceBaseline", "BM25Baseline", "bm25_tokenize"]
+__all__ = ["PopularityBaseline", "CooccurrenceBaseline", "BM25Baseline"]
 
 _REQUIRED_COLUMNS = ("ts", "user_id", "event_type", "item_id")
 _SIMILARITIES = ("jaccard", "lift", "count")
@@ -141,12 +141,6 @@ class PopularityBaseline:
         return [str(i) for i in candidates if i not in skip][:k]
 
 
-def _expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(start, start + length) for each pair, without a loop."""
-    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(starts, lengths) + offsets
-
-
 def _count_pairs(
     user_codes: np.ndarray, item_codes: np.ndarray, num_items: int, budget: int = 1 << 24
 ) -> tuple:
@@ -175,7 +169,7 @@ def _count_pairs(
     keys, counts = [], []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         rows = np.arange(lo, hi)
-        partners = _expand_ranges(group_start[rows], group_size[rows])
+        partners = expand_ranges(group_start[rows], group_size[rows])
         a = np.repeat(items[rows], group_size[rows])
         b = items[partners]
         off_diagonal = a != b
@@ -381,7 +375,7 @@ class CooccurrenceBaseline:
         rows, codes = self._codes(histories)
         starts = self._indptr[codes]
         lengths = self._indptr[codes + 1] - starts
-        slots = _expand_ranges(starts, lengths)
+        slots = expand_ranges(starts, lengths)
         cand_keys = np.repeat(rows, lengths) * n + self._neighbors[slots]
         weights = self._similarities[slots]
         banned_rows, banned_codes = self._codes([sorted(b) for b in banned])
@@ -413,105 +407,12 @@ class CooccurrenceBaseline:
         return [[str(i) for i in chunk] for chunk in chunks[:num_rows]]
 
 
-_TOKEN = re.compile(r"[a-z0-9]+")
+class BM25Baseline(BM25Scorer):
+    """Okapi BM25 search over item texts, the lexical baseline learned search must beat.
 
-
-def bm25_tokenize(text: str) -> List[str]:
-    """Lowercase alphanumeric runs: "Wood-Deck 2x4" -> ["wood", "deck", "2x4"]."""
-    if not isinstance(text, str):
-        raise ValueError(f"text must be a string, got {type(text).__name__}")
-    return _TOKEN.findall(text.lower())
-
-
-class BM25Baseline:
-    """Okapi BM25 lexical search over item texts, the baseline learned search must beat.
-
-    score(q, d) = sum over query terms t of idf(t) * tf(t, d) * (k1 + 1) /
-    (tf(t, d) + k1 * (1 - b + b * |d| / avgdl)), with the non-negative idf
-    log(1 + (N - df + 0.5) / (df + 0.5)). Postings are kept in CSR arrays and queries
-    are scored in blocks with bincount, so no Python loop runs over documents.
-
-    Args:
-      k1: term-frequency saturation.
-      b: document-length normalisation (0 = none, 1 = full).
+    Scoring is `tfrec.features.bm25.BM25Scorer` (shared with the in-graph index);
+    this adds top-k search with per-query exclusions.
     """
-
-    # Queries scored together: bounds the dense [queries, documents] block.
-    _QUERY_BLOCK = 64
-
-    def __init__(self, k1: float = 1.2, b: float = 0.75) -> None:
-        if k1 < 0:
-            raise ValueError(f"k1 must be >= 0, got {k1}")
-        if not 0.0 <= b <= 1.0:
-            raise ValueError(f"b must be in [0, 1], got {b}")
-        self.k1, self.b = float(k1), float(b)
-        self.doc_ids_: Optional[np.ndarray] = None
-
-    def fit(self, doc_ids: Sequence[str], texts: Sequence[str]) -> "BM25Baseline":
-        """Indexes documents (e.g. product titles).
-
-        Args:
-          doc_ids: id of each document (unique).
-          texts: text of each document, aligned with doc_ids.
-        """
-        doc_ids = np.asarray([str(d) for d in doc_ids], dtype=object)
-        texts = list(texts)
-        if len(doc_ids) != len(texts):
-            raise ValueError(f"doc_ids has {len(doc_ids)} entries but texts has {len(texts)}")
-        if len(doc_ids) == 0:
-            raise ValueError("no documents to index")
-        if len(set(doc_ids.tolist())) != len(doc_ids):
-            raise ValueError("doc_ids must be unique")
-        tokens = [bm25_tokenize(t) for t in texts]
-        lengths = np.fromiter((len(t) for t in tokens), dtype=np.float64, count=len(tokens))
-        flat = [w for doc in tokens for w in doc]
-        doc_of = np.repeat(np.arange(len(tokens)), lengths.astype(np.int64))
-        term_codes, vocab = pd.factorize(pd.Index(flat, dtype=object)) if flat else (
-            np.zeros(0, np.int64), pd.Index([], dtype=object))
-        num_terms = len(vocab)
-        # (term, doc) pairs with their term frequency, sorted by term then doc.
-        keys, tf = np.unique(term_codes.astype(np.int64) * len(tokens) + doc_of,
-                             return_counts=True)
-        term, doc = keys // len(tokens), keys % len(tokens)
-        df = np.bincount(term, minlength=num_terms).astype(np.float64)
-        n = float(len(tokens))
-        avgdl = lengths.mean() if lengths.mean() > 0 else 1.0
-        norm = self.k1 * (1.0 - self.b + self.b * lengths / avgdl)
-        idf = np.log1p((n - df + 0.5) / (df + 0.5))
-        self.weights_ = idf[term] * tf * (self.k1 + 1.0) / (tf + norm[doc])
-        self.postings_ = doc
-        self.indptr_ = np.concatenate([[0], np.cumsum(np.bincount(term, minlength=num_terms))])
-        self.vocab_ = {w: i for i, w in enumerate(vocab)}
-        self.idf_ = idf
-        self.doc_ids_ = doc_ids
-        self.doc_lengths_ = lengths
-        return self
-
-    def _check_fitted(self) -> None:
-        if self.doc_ids_ is None:
-            raise RuntimeError("BM25Baseline is not fitted; call fit() first")
-
-    def _query_terms(self, query: str) -> np.ndarray:
-        """Known term codes of a query, repeated terms counted once per occurrence."""
-        return np.asarray([self.vocab_[w] for w in bm25_tokenize(query) if w in self.vocab_],
-                          dtype=np.int64)
-
-    def score(self, queries: Sequence[str]) -> np.ndarray:
-        """[queries, documents] BM25 scores (columns in fit order)."""
-        self._check_fitted()
-        if isinstance(queries, str):
-            raise ValueError("queries must be a list of strings; wrap a single query in [ ]")
-        queries = list(queries)
-        num_docs = len(self.doc_ids_)
-        terms = [self._query_terms(q) for q in queries]
-        lengths = np.fromiter((t.size for t in terms), dtype=np.int64, count=len(terms))
-        codes = np.concatenate(terms) if terms else np.zeros(0, np.int64)
-        starts, sizes = self.indptr_[codes], self.indptr_[codes + 1] - self.indptr_[codes]
-        slots = _expand_ranges(starts, sizes)
-        rows = np.repeat(np.repeat(np.arange(len(queries)), lengths), sizes)
-        scores = np.bincount(rows * num_docs + self.postings_[slots], weights=self.weights_[slots],
-                             minlength=len(queries) * num_docs)
-        return scores.reshape(len(queries), num_docs)
 
     def search(self, queries: Sequence[str], k: int,
                exclude: Optional[Sequence[Set[str]]] = None) -> List[List[str]]:

@@ -18,8 +18,8 @@ from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from tfrec.evaluation.business import calibration_table
-from tfrec.evaluation.metrics import (_as_id_matrix, catalog_coverage, embedding_diversity,
+from tfrec.evaluation.click_model import calibration_table
+from tfrec.metrics.ranking import (_as_id_matrix, catalog_coverage, embedding_diversity,
                                       evaluate_topk, intra_list_diversity, metric_curve,
                                       novelty, popularity_bias)
 from tfrec.evaluation.slices import activity_slices, cold_start_slices, evaluate_slices

@@ -16,11 +16,12 @@ import pandas as pd
 
 from tfrec.data.schema import PAD, POSITIVE_EVENT_WEIGHTS
 from tfrec.evaluation.baselines import CooccurrenceBaseline, PopularityBaseline
-from tfrec.evaluation.business import PositionBasedClickModel, logged_impressions
+from tfrec.evaluation.click_model import PositionBasedClickModel, logged_impressions
 from tfrec.evaluation.html_report import CURVE_MAX_K, ReportData
 from tfrec.evaluation.report import oracle_lists, ranked_lists
-from tfrec.evaluation.retrieval import (EvalSet, build_eval_set, catalog_features,
-                                        embed_in_batches, evaluate_lists, retrieve_topk)
+from tfrec.data.feature_spec import catalog_features
+from tfrec.metrics.retrieval import (EvalSet, build_eval_set, embed_in_batches, evaluate_lists,
+                                     retrieve_topk)
 
 __all__ = ["PeriodLists", "evaluate_period_lists", "period_report_data"]
 
@@ -77,7 +78,7 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
       ranker / candidates: a trained ranker re-ordering the retrieval top-`candidates`
         (adds the "two_tower+ranker" row).
     """
-    from tfrec.evaluation.candidates import period_purchases, purchase_rate
+    from tfrec.metrics.candidates import period_purchases, purchase_rate
 
     eval_set = build_eval_set(events, start_ts, end_ts, history_length, max_users=max_users)
     cut = max(ks)
@@ -96,7 +97,7 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
         rows[name]["purchase_rate@10"] = purchase_rate(lists[name], eval_set.user_ids, bought)
 
     if query_fn is not None:
-        items = catalog_features(catalog)
+        items = catalog_features(catalog, candidate_fn)
         item_emb = embed_in_batches(candidate_fn, items)
         query_emb = embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
         add("two_tower", retrieve_topk(query_emb, item_emb, items["item_id"], width,

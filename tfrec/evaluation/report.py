@@ -15,11 +15,12 @@ import pandas as pd
 
 from tfrec.data.io import load_tables
 from tfrec.evaluation.baselines import BM25Baseline, PopularityBaseline
-from tfrec.evaluation.metrics import evaluate_topk
-from tfrec.evaluation.candidates import (candidate_lists, period_purchases, purchase_rate, rerank,
+from tfrec.metrics.ranking import evaluate_topk
+from tfrec.metrics.candidates import (candidate_lists, period_purchases, purchase_rate, rerank,
                                        search_candidate_lists, search_sessions)
-from tfrec.evaluation.retrieval import (EvalSet, build_eval_set, catalog_features,
-                                        embed_in_batches, evaluate_lists, retrieve_topk)
+from tfrec.data.feature_spec import catalog_features
+from tfrec.metrics.retrieval import (EvalSet, build_eval_set, embed_in_batches, evaluate_lists,
+                                     retrieve_topk)
 
 DEFAULT_COLUMNS = ("recall@10", "recall@100", "ndcg@10", "hit_rate@10", "mrr",
                    "purchase_rate@10")
@@ -58,7 +59,7 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
             np.asarray([list(r)[:10] for r in lists], dtype=object), eval_set.user_ids, bought)
 
     if query_fn is not None:
-        items = catalog_features(catalog)
+        items = catalog_features(catalog, candidate_fn)
         item_emb = embed_in_batches(candidate_fn, items)
         query_emb = embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
         add("two_tower", retrieve_topk(query_emb, item_emb, items["item_id"], max(ks),

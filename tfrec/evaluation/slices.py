@@ -11,7 +11,7 @@ from typing import Any, Collection, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from tfrec.evaluation.metrics import _as_id_matrix, _to_text, evaluate_topk
+from tfrec.metrics.ranking import _as_id_matrix, _to_text, evaluate_topk
 
 __all__ = ["Slice", "activity_slices", "cold_start_slices", "evaluate_slices"]
 

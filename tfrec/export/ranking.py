@@ -15,11 +15,12 @@ import pandas as pd
 import tfrec  # noqa: F401
 import tensorflow as tf
 
-from tfrec.evaluation.retrieval import catalog_features, embed_in_batches
+from tfrec.data.feature_spec import catalog_features
+from tfrec.metrics.retrieval import embed_in_batches
 from tfrec.export.retrieval import _same_batch
 from tfrec.models.ranking import RankingModel
 from tfrec.models.retrieval import TwoTowerModel
-from tfrec.training.callbacks import tower_fn
+from tfrec.models.embedding import tower_fn
 
 # Longer query text is cut (at a UTF-8 boundary) before any tokenisation: a 100 KB
 # query must cost no more than a normal one, and never fail.
@@ -82,7 +83,7 @@ class RankingCore(tf.Module):
         super().__init__(name="tfrec_ranking_core")
         if len(catalog) == 0:
             raise ValueError("cannot export a ranker over an empty catalog")
-        features = catalog_features(catalog)
+        features = catalog_features(catalog, retrieval)
         ids = features["item_id"]
         if len(set(ids)) != len(ids):
             raise ValueError("catalog has duplicated item ids; each item must appear once")

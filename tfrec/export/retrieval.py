@@ -15,13 +15,11 @@ import pandas as pd
 import tfrec  # noqa: F401
 import tensorflow as tf
 
-from tfrec.evaluation.retrieval import catalog_features, embed_in_batches
-from tfrec.features.specs import CANDIDATE_SPECS, QUERY_SPECS
+from tfrec.data.feature_spec import catalog_features
+from tfrec.metrics.retrieval import embed_in_batches
 from tfrec.models.retrieval import TwoTowerModel
-from tfrec.training.callbacks import tower_fn
+from tfrec.models.embedding import tower_fn
 
-QUERY_SIGNATURE = QUERY_SPECS
-CANDIDATE_SIGNATURE = CANDIDATE_SPECS
 K_SPEC = tf.TensorSpec([None], tf.int32, name="k")
 EXCLUDE_SPEC = tf.TensorSpec([None], tf.bool, name="exclude_seen")
 
@@ -47,7 +45,7 @@ class RetrievalModule(tf.Module):
         super().__init__(name="tfrec_retrieval")
         if len(catalog) == 0:
             raise ValueError("cannot export a retrieval model over an empty catalog")
-        features = catalog_features(catalog)
+        features = catalog_features(catalog, model)
         embeddings = embed_in_batches(tower_fn(model.candidate_tower), features)
         self.query_tower = model.query_tower
         self.candidate_tower = model.candidate_tower
@@ -63,6 +61,13 @@ class RetrievalModule(tf.Module):
                 tf.constant(features["item_id"].astype(str)),
                 tf.range(self.num_items, dtype=tf.int64)),
             default_value=-1)
+        # Input signatures from the feature specification (declared extra columns too).
+        query_specs = model.query_tower.input_specs
+        self.query_embedding = tf.function(self._query_embedding, input_signature=[query_specs])
+        self.candidate_embedding = tf.function(
+            self._candidate_embedding, input_signature=[model.candidate_tower.input_specs])
+        self.recommend = tf.function(self._recommend,
+                                     input_signature=[query_specs, K_SPEC, EXCLUDE_SPEC])
 
     def _check_k(self, k: tf.Tensor) -> list:
         return [tf.debugging.assert_greater_equal(
@@ -89,17 +94,14 @@ class RetrievalModule(tf.Module):
         with tf.control_dependencies(checks):
             return self.query_tower(features, training=False)
 
-    @tf.function(input_signature=[QUERY_SIGNATURE])
-    def query_embedding(self, features):
+    def _query_embedding(self, features):
         return {"embedding": self._query(features)}
 
-    @tf.function(input_signature=[CANDIDATE_SIGNATURE])
-    def candidate_embedding(self, features):
+    def _candidate_embedding(self, features):
         with tf.control_dependencies(_same_batch(features["item_id"], features)):
             return {"embedding": self.candidate_tower(features, training=False)}
 
-    @tf.function(input_signature=[QUERY_SIGNATURE, K_SPEC, EXCLUDE_SPEC])
-    def recommend(self, features, k, exclude_seen):
+    def _recommend(self, features, k, exclude_seen):
         checks = self._check_k(k) + _same_batch(features["user_id"], {"k": k,
                                                                        "exclude_seen": exclude_seen})
         with tf.control_dependencies(checks):

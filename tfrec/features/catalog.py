@@ -15,9 +15,9 @@ import pandas as pd
 import tfrec  # noqa: F401
 import tensorflow as tf
 
+from tfrec.data.feature_spec import FeatureSpec, default_spec
 from tfrec.features.layers import _as_array
 
-REQUIRED_COLUMNS = ("item_id", "title", "category", "brand", "price")
 DAY = 86400
 
 
@@ -52,17 +52,21 @@ class CatalogLookup(tf.keras.layers.Layer):
     """Looks up catalog rows of item ids; unknown ids and padding ("") get row -1.
 
     Args:
-      catalog: table with item_id, title, category, brand, price.
+      catalog: table with the candidate features of `features` (item_id, title,
+        category, brand, price and declared extra columns).
       statistics: output of `catalog_statistics` (aligned with `catalog`); zeros if None.
+      features: the feature specification; built-in features if None.
     """
 
     def __init__(self, catalog: pd.DataFrame, statistics: Optional[pd.DataFrame] = None,
-                 **kwargs):
+                 features: Optional[FeatureSpec] = None, **kwargs):
         super().__init__(**kwargs)
-        missing = [c for c in REQUIRED_COLUMNS if c not in catalog]
+        self.features = features = features or default_spec()
+        missing = [c for c in features.catalog_columns if c not in catalog]
         if missing:
             raise ValueError(f"catalog is missing column(s) {missing}; the ranker needs "
-                             f"{list(REQUIRED_COLUMNS)}")
+                             f"{list(features.catalog_columns)}")
+        catalog = features.check_catalog(catalog)
         if len(catalog) == 0:
             raise ValueError("the ranker needs a non-empty catalog")
         ids = catalog["item_id"].astype(str)
@@ -82,14 +86,18 @@ class CatalogLookup(tf.keras.layers.Layer):
         def numbers(values):
             return np.append(np.asarray(values, np.float32), np.float32(0.0))
 
-        self._strings = {c: strings(c) for c in ("title", "category", "brand")}
+        text = ["title", "category", "brand"] + [f.name for f in features.extras
+                                                  if f.dtype == "string"]
+        self._strings = {c: strings(c) for c in text}
         # Price relative to the item's category (log ratio to the category median): what
         # a price-sensitive user compares, since "cheap" means different things per aisle.
         log_price = np.log1p(catalog["price"].astype(np.float64).clip(lower=0))
         median = log_price.groupby(catalog["category"].astype(str)).transform("median")
         self._numbers = {"price": numbers(catalog["price"].to_numpy(np.float32)),
                          "relative_price": numbers((log_price - median).to_numpy()),
-                         **{c: numbers(stats[c].to_numpy()) for c in stats.columns}}
+                         **{c: numbers(stats[c].to_numpy()) for c in stats.columns},
+                         **{f.name: numbers(catalog[f.name].to_numpy()) for f in features.extras
+                            if f.dtype == "float"}}
 
     def build(self, input_shape):
         # Strings as non-trainable variables: saved with checkpoints and SavedModels.

@@ -19,7 +19,7 @@ import numpy as np
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tfrec.evaluation.baselines import BM25Baseline, _expand_ranges
+from tfrec.features.bm25 import BM25Scorer, expand_ranges
 
 __all__ = ["LexicalIndex", "lexical_tokens"]
 
@@ -40,7 +40,7 @@ def lexical_tokens(text: tf.Tensor) -> tf.RaggedTensor:
 class LexicalIndex(tf.keras.layers.Layer):
     """BM25 (+ query-term coverage) of raw query strings against a stored catalog.
 
-    Scores match `tfrec.evaluation.baselines.BM25Baseline` (float32 instead of float64):
+    Scores match `tfrec.features.bm25.BM25Scorer` (float32 instead of float64):
     tokens are lowercased `[a-z0-9]+` runs, a query term repeated r times adds its weight
     r times, unknown terms add nothing. An empty query, or one with only unknown tokens,
     scores 0 everywhere.
@@ -210,7 +210,7 @@ def _fingerprints(terms: np.ndarray) -> np.ndarray:
 
 
 def _build_index(texts: Sequence[str], k1: float, b: float) -> tuple:
-    """BM25Baseline's CSR weights, re-ordered by term fingerprint, plus the sentinel."""
+    """BM25Scorer's CSR weights, re-ordered by term fingerprint, plus the sentinel."""
     if isinstance(texts, (str, bytes)):
         raise ValueError("texts must be a sequence of document strings, got a single string")
     texts = list(texts)
@@ -222,7 +222,7 @@ def _build_index(texts: Sequence[str], k1: float, b: float) -> tuple:
                              "replace missing texts with '' before indexing")
     if len(texts) >= 2**31:
         raise ValueError(f"{len(texts)} documents do not fit int32 postings")
-    bm25 = BM25Baseline(k1=k1, b=b).fit([str(i) for i in range(len(texts))], texts)
+    bm25 = BM25Scorer(k1=k1, b=b).fit([str(i) for i in range(len(texts))], texts)
     vocab = np.asarray(list(bm25.vocab_), dtype=object)  # code order (dict keeps it)
     fingerprints = _fingerprints(vocab)
     order = np.argsort(fingerprints, kind="stable")
@@ -232,7 +232,7 @@ def _build_index(texts: Sequence[str], k1: float, b: float) -> tuple:
         raise ValueError(f"two catalog terms share a 63-bit fingerprint (one is {clash!r}); "
                          "rename or drop one of them")
     lengths = np.diff(bm25.indptr_)[order]
-    slots = _expand_ranges(bm25.indptr_[:-1][order], lengths)
+    slots = expand_ranges(bm25.indptr_[:-1][order], lengths)
     indptr = np.concatenate([[0], np.cumsum(lengths), [lengths.sum()]]).astype(np.int64)
     return (np.append(vocab[order], "").astype(str).astype(object),
             np.append(fingerprints, _SENTINEL).astype(np.int64), indptr,

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,7 @@ import pandas as pd
 import tfrec  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 
+from tfrec.data.feature_spec import FeatureSpec, default_spec
 from tfrec.data.schema import DEVICES
 
 VOCAB_FILE = "vocab.json"
@@ -40,6 +41,8 @@ class Vocabularies:
       log_price_mean / log_price_std: normalisation of log1p(price).
       catalog_items / catalog_categories / catalog_brands: attributes of every catalog
         item (aligned), so history items contribute their category and brand.
+      attributes: vocabulary of each declared extra categorical catalog column.
+      numeric_stats: [mean, std] of each declared extra numeric catalog column.
     """
 
     users: List[str] = field(default_factory=list)
@@ -55,6 +58,8 @@ class Vocabularies:
     catalog_items: List[str] = field(default_factory=list)
     catalog_categories: List[str] = field(default_factory=list)
     catalog_brands: List[str] = field(default_factory=list)
+    attributes: Dict[str, List[str]] = field(default_factory=dict)
+    numeric_stats: Dict[str, List[float]] = field(default_factory=dict)
 
     def save(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
@@ -84,7 +89,8 @@ def department_of(categories: Sequence[str]) -> List[str]:
 
 
 def build_vocabularies(train_examples: pd.DataFrame, catalog: pd.DataFrame,
-                       text_max_tokens: int, price_buckets: int) -> Vocabularies:
+                       text_max_tokens: int, price_buckets: int,
+                       features: Optional[FeatureSpec] = None) -> Vocabularies:
     """Learns vocabularies from training examples and the catalog.
 
     Ids come from the training period only, so validation/test users and items that
@@ -95,6 +101,7 @@ def build_vocabularies(train_examples: pd.DataFrame, catalog: pd.DataFrame,
       catalog: the catalog table (content vocabularies: brands, categories, text).
       text_max_tokens: size cap of the word vocabulary.
       price_buckets: number of price quantile buckets.
+      features: the feature specification (extra catalog columns); built-ins if None.
     """
     if len(train_examples) == 0:
         raise ValueError("no training examples: the training period has no positive events")
@@ -118,6 +125,7 @@ def build_vocabularies(train_examples: pd.DataFrame, catalog: pd.DataFrame,
     qs = np.linspace(0, 1, price_buckets + 1)[1:-1]
     boundaries = sorted(set(np.round(np.quantile(prices, qs), 4).tolist()))
     log_prices = np.log1p(prices)
+    attributes, numeric_stats = extra_vocabularies(catalog, features or default_spec())
     return Vocabularies(
         users=users, items=items, categories=categories, departments=departments,
         brands=brands, text_tokens=tokens, price_boundaries=boundaries,
@@ -125,7 +133,25 @@ def build_vocabularies(train_examples: pd.DataFrame, catalog: pd.DataFrame,
         log_price_std=float(log_prices.std() or 1.0),
         catalog_items=catalog["item_id"].astype(str).tolist(),
         catalog_categories=catalog["category"].astype(str).tolist(),
-        catalog_brands=catalog["brand"].astype(str).tolist())
+        catalog_brands=catalog["brand"].astype(str).tolist(),
+        attributes=attributes, numeric_stats=numeric_stats)
+
+
+def extra_vocabularies(catalog: pd.DataFrame, features: FeatureSpec
+                       ) -> Tuple[Dict[str, List[str]], Dict[str, List[float]]]:
+    """Vocabularies of extra categorical columns and [mean, std] of extra numeric ones.
+
+    Learned on the whole catalog (content, not behaviour), like brands and categories.
+    """
+    catalog = features.check_catalog(catalog)
+    attributes, stats = {}, {}
+    for f in features.extras:
+        if f.kind == "categorical":
+            attributes[f.name] = sorted(set(catalog[f.name].astype(str)) - {""})
+        else:
+            values = catalog[f.name].to_numpy(np.float64)
+            stats[f.name] = [float(values.mean()), float(values.std() or 1.0)]
+    return attributes, stats
 
 
 def _by_frequency(values: pd.Series) -> List[str]:

@@ -16,10 +16,12 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfrec.config import RankingConfig
+from tfrec.features.attributes import ItemAttributes
 from tfrec.features.catalog import CatalogLookup
 from tfrec.features.layers import (HourEmbedding, IdEmbedding, PooledSequenceEmbedding,
                                    PriceFeatures, SequenceAttributeEmbedding, TextEncoder)
 from tfrec.features.vocab import Vocabularies
+from tfrec.models.lists import masked_zscore
 from tfrec.models.losses import get_loss
 
 TASKS = ("click", "purchase", "relevance")
@@ -32,15 +34,6 @@ def _flat(x: tf.Tensor) -> tf.Tensor:
     return tf.reshape(x, [-1])
 
 
-def _list_zscore(x: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
-    """Standardises scores within each list: rankers compare candidates of one request."""
-    w = tf.cast(valid, x.dtype)
-    n = tf.maximum(tf.reduce_sum(w, axis=1, keepdims=True), 1.0)
-    mean = tf.reduce_sum(x * w, axis=1, keepdims=True) / n
-    var = tf.reduce_sum(tf.square(x - mean) * w, axis=1, keepdims=True) / n
-    return (x - mean) * tf.math.rsqrt(var + 1e-6) * w
-
-
 class RankingModel(tf.keras.Model):
     """Scores every candidate of a request; returns per-task logits [batch, list_size].
 
@@ -51,7 +44,8 @@ class RankingModel(tf.keras.Model):
     Args:
       vocab: vocabularies learned from the training period.
       config: ranking hyper-parameters.
-      catalog: the catalog lookup (candidate features come from it, in the model).
+      catalog: the catalog lookup (candidate features come from it, in the model, with
+        the declared extra columns of its feature specification).
       text_match: BERT query-item features (`tfrec.models.text_match.TextMatch`) for the
         "fast"/"cross" text modes; None with the "bow" mode.
       precision: dtype policy of the crosses, deep layers and heads ("float32",
@@ -73,25 +67,30 @@ class RankingModel(tf.keras.Model):
         self.vocab = vocab
         self.catalog = catalog
         self.text_match = text_match
+        self.features = features = catalog.features
         dim = config.id_embedding_dim
         self.user = IdEmbedding(vocab.users, dim, dropout=config.id_dropout, name="user")
         self.recent_items = PooledSequenceEmbedding(
             IdEmbedding(vocab.items, dim, mask_padding=True, name="history_items"),
             name="history")
         self.history_categories = SequenceAttributeEmbedding(
-            vocab.catalog_items, vocab.catalog_categories, vocab.categories, 16,
-            name="history_categories")
+            vocab.catalog_items, vocab.catalog_categories, vocab.categories,
+            features["category"].dim, name="history_categories")
         self.history_brands = SequenceAttributeEmbedding(
-            vocab.catalog_items, vocab.catalog_brands, vocab.brands, 16, name="history_brands")
-        self.device = IdEmbedding(vocab.devices, 8, name="device")
-        self.hour = HourEmbedding(8, name="hour")
+            vocab.catalog_items, vocab.catalog_brands, vocab.brands, features["brand"].dim,
+            name="history_brands")
+        self.device = IdEmbedding(vocab.devices, features["device"].dim, name="device")
+        self.hour = HourEmbedding(features["hour"].dim, name="hour")
         self.item = IdEmbedding(vocab.items, dim, dropout=config.id_dropout, name="item")
-        self.category = IdEmbedding(vocab.categories, 16, name="category")
-        self.brand = IdEmbedding(vocab.brands, 16, name="brand")
+        self.category = IdEmbedding(vocab.categories, features["category"].dim, name="category")
+        self.brand = IdEmbedding(vocab.brands, features["brand"].dim, name="brand")
         self.price = PriceFeatures(vocab.price_boundaries, vocab.log_price_mean,
-                                   vocab.log_price_std, 8, name="price")
+                                   vocab.log_price_std, features["price"].dim, name="price")
+        self.attributes = ItemAttributes(features, vocab, name="attributes")
         if text_match is None:
             self.text = TextEncoder(vocab.text_tokens, config.text_embedding_dim, name="text")
+        # Compute dtype of the crosses and deep layers (float16 under mixed precision).
+        self.dense_dtype = tf.keras.mixed_precision.Policy(precision).compute_dtype
         self.crosses = [tfrs.layers.dcn.Cross(dtype=precision, name=f"cross_{i}")
                         for i in range(config.cross_layers)]
         self.deep = tf.keras.Sequential(
@@ -198,8 +197,8 @@ class RankingModel(tf.keras.Model):
         retrieval = self._retrieval(f)
         return tf.concat([
             tf.stack([item["popularity"], item["recent_popularity"], item["age_days"],
-                      retrieval, _list_zscore(retrieval, valid),
-                      _list_zscore(item["recent_popularity"], valid)], axis=2),
+                      retrieval, masked_zscore(retrieval, valid, epsilon=1e-6),
+                      masked_zscore(item["recent_popularity"], valid, epsilon=1e-6)], axis=2),
             self._affinity(f["history"], item),
         ], axis=2)
 
@@ -211,12 +210,14 @@ class RankingModel(tf.keras.Model):
           max_lists: lists used, evenly spaced over `f` (recommendation and search lists).
         """
         n = len(f["item_id"])
+        if n == 0:
+            raise ValueError("adapt_numeric: there are no training lists")
         rows = np.unique(np.linspace(0, n - 1, min(n, max_lists)).astype(np.int64))
         inputs = {k: tf.constant(v[rows]) for k, v in f.items()
                   if k in ("item_id", "history", "retrieval_score")}
         numeric = self._numeric(inputs, self.catalog(inputs["item_id"]))
         values = tf.boolean_mask(numeric, tf.not_equal(inputs["item_id"], ""))
-        if n == 0 or int(tf.shape(values)[0]) == 0:
+        if int(tf.shape(values)[0]) == 0:
             raise ValueError("adapt_numeric: the training lists have no candidates")
         mean, var = tf.nn.moments(values, axes=[0])
         std = tf.sqrt(var)
@@ -236,12 +237,12 @@ class RankingModel(tf.keras.Model):
             self.category(_flat(item["category"])), self.brand(_flat(item["brand"])),
             self.price(_flat(item["price"])),
             tf.reshape(numeric, [-1, NUMERIC_FEATURES]),
-        ], axis=1)  # [B*L, I]
+        ] + self._attributes(item), axis=1)  # [B*L, I]
         text = self._text(f["query"], item, size, training)
         x0 = tf.concat([tf.repeat(self._request(f, training), size, axis=0), candidate, text],
                        axis=1)
         # Keras casts only a layer's first input to its compute dtype (float16 when mixed).
-        x0 = tf.cast(x0, self.deep.layers[0].compute_dtype if self.deep.layers else x0.dtype)
+        x0 = tf.cast(x0, self.dense_dtype)
         x = x0
         for cross in self.crosses:
             x = cross(x0, x)
@@ -255,6 +256,11 @@ class RankingModel(tf.keras.Model):
                                         self.config.list_size)
             logits["click"] += tf.squeeze(self.position_bias(position), -1)
         return logits
+
+    def _attributes(self, item: Dict[str, tf.Tensor]) -> list:
+        """Declared extra catalog columns of each candidate: [] or [[B*L, A]]."""
+        extra = self.attributes({name: _flat(item[name]) for name in self.attributes.names})
+        return [] if extra is None else [tf.cast(extra, tf.float32)]
 
     def score(self, logits: Dict[str, tf.Tensor]) -> tf.Tensor:
         """One ranking score from the heads, weighted by the task weights."""

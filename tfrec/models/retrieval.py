@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfrec.config import ModelConfig
-from tfrec.data.schema import CANDIDATE_FEATURES, QUERY_FEATURES
+from tfrec.data.feature_spec import FeatureSpec, default_spec
 from tfrec.features.layers import TextEncoder
 from tfrec.features.vocab import Vocabularies
 from tfrec.models.index import CatalogTopK
@@ -44,20 +44,23 @@ class TwoTowerModel(tfrs.Model):
       config: model hyper-parameters (temperature, logQ, hard negatives, ...).
       precision: dtype policy of the towers ("float32", "mixed_float16", ...). The
         towers' outputs, the scores and the loss stay float32 either way.
+      features: the feature specification (built-in features only if None).
     """
 
     def __init__(self, vocab: Vocabularies, config: ModelConfig, precision: str = "float32",
-                 **kwargs):
+                 features: Optional[FeatureSpec] = None, **kwargs):
         super().__init__(**kwargs)
         self.config = config
+        self.features = features or default_spec()
         self.vocab = vocab
         self.precision = precision
         with dtype_policy(precision):
             self.text = TextEncoder(vocab.text_tokens, config.text_embedding_dim,
                                     max_length=config.text_max_length,
                                     ngram_bins=config.char_ngram_bins, name="text")
-            self.query_tower = QueryTower(vocab, config, self.text, name="query_tower")
-            self.candidate_tower = CandidateTower(vocab, config, self.text,
+            self.query_tower = QueryTower(vocab, config, self.text, self.features,
+                                          name="query_tower")
+            self.candidate_tower = CandidateTower(vocab, config, self.text, self.features,
                                                   name="candidate_tower")
         self.index = None
         metrics = None
@@ -120,14 +123,6 @@ class TwoTowerModel(tfrs.Model):
 
     def build_from_features(self) -> None:
         """Creates all variables with one dummy batch (needed before restoring weights)."""
-        dummy = {
-            "user_id": tf.constant([""]), "history": tf.constant([[""]]),
-            "query": tf.constant([""]), "device": tf.constant([""]),
-            "hour": tf.constant([0], tf.int64), "item_id": tf.constant([""]),
-            "title": tf.constant([""]), "category": tf.constant([""]),
-            "brand": tf.constant([""]), "price": tf.constant([0.0]),
-        }
-        assert set(dummy) == set(QUERY_FEATURES) | set(CANDIDATE_FEATURES)
-        self(dummy, training=False)
+        self(self.features.dummy_batch(), training=False)
         if self.index is not None:
             self.index.create_variables()

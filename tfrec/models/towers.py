@@ -13,6 +13,8 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import ModelConfig
+from tfrec.data.feature_spec import FeatureSpec, default_spec
+from tfrec.features.attributes import ItemAttributes
 from tfrec.features.layers import (HourEmbedding, IdEmbedding, PooledSequenceEmbedding,
                                    PriceFeatures, SequenceAttributeEmbedding, TextEncoder)
 from tfrec.features.vocab import Vocabularies
@@ -35,12 +37,14 @@ class QueryTower(tf.keras.Model):
     Args:
       vocab: learned vocabularies.
       config: model hyper-parameters.
-      item_ids: item id embedding shared layout with the history lookup.
       text: text encoder shared with the candidate tower (query words meet title words).
+      features: the feature specification (input signature, embedding sizes).
     """
 
-    def __init__(self, vocab: Vocabularies, config: ModelConfig, text: TextEncoder, **kwargs):
+    def __init__(self, vocab: Vocabularies, config: ModelConfig, text: TextEncoder,
+                 features: Optional[FeatureSpec] = None, **kwargs):
         super().__init__(**kwargs)
+        self.features = features = features or default_spec()
         dim = config.id_embedding_dim
         self.user = IdEmbedding(vocab.users, dim, dropout=config.id_dropout,
                                 hash_bins=config.user_hash_bins, name="user")
@@ -48,14 +52,19 @@ class QueryTower(tf.keras.Model):
                                          name="history_items")
         self.history = PooledSequenceEmbedding(self.history_items, name="history")
         self.history_categories = SequenceAttributeEmbedding(
-            vocab.catalog_items, vocab.catalog_categories, vocab.categories, 16,
-            name="history_categories")
+            vocab.catalog_items, vocab.catalog_categories, vocab.categories,
+            features["category"].dim, name="history_categories")
         self.history_brands = SequenceAttributeEmbedding(
-            vocab.catalog_items, vocab.catalog_brands, vocab.brands, 16, name="history_brands")
+            vocab.catalog_items, vocab.catalog_brands, vocab.brands, features["brand"].dim,
+            name="history_brands")
         self.text = text
-        self.device = IdEmbedding(vocab.devices, 8, name="device")
-        self.hour = HourEmbedding(8, name="hour")
+        self.device = IdEmbedding(vocab.devices, features["device"].dim, name="device")
+        self.hour = HourEmbedding(features["hour"].dim, name="hour")
         self.mlp = _mlp(config.hidden_units, config.embedding_dim, "query_mlp")
+
+    @property
+    def input_specs(self) -> Dict[str, tf.TensorSpec]:
+        return self.features.query_specs
 
     def call(self, features: Dict[str, tf.Tensor], training: Optional[bool] = None) -> tf.Tensor:
         parts = [
@@ -71,25 +80,34 @@ class QueryTower(tf.keras.Model):
 
 
 class CandidateTower(tf.keras.Model):
-    """Item id + title + category + brand + price -> candidate embedding.
+    """Item id + title + category + brand + price (+ declared extra columns) -> embedding.
 
     Args:
       vocab: learned vocabularies.
       config: model hyper-parameters.
       text: text encoder shared with the query tower.
+      features: the feature specification (input signature, sizes, extra columns).
     """
 
-    def __init__(self, vocab: Vocabularies, config: ModelConfig, text: TextEncoder, **kwargs):
+    def __init__(self, vocab: Vocabularies, config: ModelConfig, text: TextEncoder,
+                 features: Optional[FeatureSpec] = None, **kwargs):
         super().__init__(**kwargs)
+        self.features = features = features or default_spec()
         dim = config.id_embedding_dim
         self.item = IdEmbedding(vocab.items, dim, dropout=config.id_dropout, name="item")
         self.text = text
-        self.category = IdEmbedding(vocab.categories, 16, name="category")
-        self.department = IdEmbedding(vocab.departments, 8, name="department")
-        self.brand = IdEmbedding(vocab.brands, 16, name="brand")
+        self.category = IdEmbedding(vocab.categories, features["category"].dim, name="category")
+        self.department = IdEmbedding(vocab.departments, features.department_dim,
+                                      name="department")
+        self.brand = IdEmbedding(vocab.brands, features["brand"].dim, name="brand")
         self.price = PriceFeatures(vocab.price_boundaries, vocab.log_price_mean,
-                                   vocab.log_price_std, 8, name="price")
+                                   vocab.log_price_std, features["price"].dim, name="price")
+        self.attributes = ItemAttributes(features, vocab, name="attributes")
         self.mlp = _mlp(config.hidden_units, config.embedding_dim, "candidate_mlp")
+
+    @property
+    def input_specs(self) -> Dict[str, tf.TensorSpec]:
+        return self.features.candidate_specs
 
     def call(self, features: Dict[str, tf.Tensor], training: Optional[bool] = None) -> tf.Tensor:
         category = tf.reshape(features["category"], [-1])
@@ -102,4 +120,7 @@ class CandidateTower(tf.keras.Model):
             self.brand(features["brand"]),
             self.price(features["price"]),
         ]
+        extra = self.attributes(features)
+        if extra is not None:
+            parts.append(extra)
         return _l2_normalize(self.mlp(tf.concat([tf.cast(p, parts[0].dtype) for p in parts], 1)))

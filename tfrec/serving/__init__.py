@@ -12,12 +12,8 @@ from tfrec.serving.model_manager import (
     VersionState,
     VersionStatus,
 )
-from tfrec.serving.server import (
-    ModelConfigEntry,
-    ModelServer,
-    load_model_config,
-    parse_model_config,
-)
+from tfrec.serving.model_config import ModelConfigEntry, load_model_config, parse_model_config
+from tfrec.serving.server import ModelServer
 from tfrec.serving.tensors import TensorError
 
 __all__ = [

@@ -295,7 +295,7 @@ class PredictClient:
         inputs["query"] = np.array([query], dtype=object)
         return rows_from(self.predict(model, inputs, "search", version))
 
-    # -- catalog search contract (tfrec.export.search) ---------------------------
+    # -- catalog search contract (tfrec.search.export) ---------------------------
 
     def catalog_search(self, query: str, model: str = "search", k: Optional[int] = None,
                        version: Optional[int] = None,

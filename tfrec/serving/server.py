@@ -10,15 +10,13 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import os
 import re
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import grpc
 import numpy as np
 import tensorflow as tf
-from google.protobuf import text_format
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -26,10 +24,10 @@ from tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
-from tensorflow_serving.config import model_server_config_pb2
 
 from tfrec.serving import tensors
 from tfrec.serving.batching import Batcher, BatchError, BatchingOptions
+from tfrec.serving.model_config import parse_model_config
 from tfrec.serving.model_manager import (
     LoadedVersion,
     ModelManager,
@@ -425,89 +423,6 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
                        "HandleReloadConfigRequest is not supported by the tfrec model server; "
                        "new versions of configured models load automatically, restart the "
                        "server to change the set of models")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfigEntry:
-    """One `config { ... }` entry of a TF Serving model config file."""
-
-    name: str
-    base_path: str
-    version_policy: str = "latest"
-    num_versions: int = 1
-    versions: Tuple[int, ...] = ()
-
-    def manager_kwargs(self) -> Dict[str, object]:
-        return {"version_policy": self.version_policy, "num_versions": self.num_versions,
-                "versions": self.versions}
-
-
-def parse_model_config(path: str) -> List[ModelConfigEntry]:
-    """Reads a TF Serving `models.config` (ModelServerConfig text proto).
-
-    Relative base paths are resolved against the config file's directory, so one
-    file works from any working directory.
-
-    Args:
-      path: The config file.
-
-    Raises:
-      FileNotFoundError: the file does not exist.
-      ValueError: the file is malformed or uses features this server lacks.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model config file {path!r} does not exist")
-    with open(path) as f:
-        text = f.read()
-    config = model_server_config_pb2.ModelServerConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as e:
-        raise ValueError(f"model config file {path!r} is not a valid ModelServerConfig "
-                         f"text proto: {e}") from e
-    kind = config.WhichOneof("config")
-    if kind != "model_config_list":
-        raise ValueError(f"model config file {path!r} must contain a model_config_list "
-                         f"(found {kind or 'nothing'})")
-    root = os.path.dirname(os.path.abspath(path))
-    entries: List[ModelConfigEntry] = []
-    for model in config.model_config_list.config:
-        where = f"model config file {path!r}, model {model.name or '<unnamed>'!r}"
-        if not model.name:
-            raise ValueError(f"{where}: every config needs a name")
-        if any(e.name == model.name for e in entries):
-            raise ValueError(f"{where}: the name is defined twice")
-        if not model.base_path:
-            raise ValueError(f"{where}: base_path is required")
-        if model.model_platform not in ("", "tensorflow"):
-            raise ValueError(f"{where}: model_platform {model.model_platform!r} is not "
-                             f"supported (only 'tensorflow')")
-        if "://" in model.base_path:
-            raise ValueError(f"{where}: remote base_path {model.base_path!r} is not supported "
-                             f"by this server (local directories only)")
-        if model.version_labels:
-            logger.warning("%s: version_labels are ignored by this server", where)
-        base_path = os.path.normpath(os.path.join(root, os.path.expanduser(model.base_path)))
-        policy = model.model_version_policy
-        choice = policy.WhichOneof("policy_choice") or "latest"
-        entries.append(ModelConfigEntry(
-            name=model.name,
-            base_path=base_path,
-            version_policy=choice,
-            num_versions=max(1, policy.latest.num_versions),
-            versions=tuple(policy.specific.versions)))
-    if not entries:
-        raise ValueError(f"model config file {path!r} defines no models")
-    return entries
-
-
-def load_model_config(path: str) -> Dict[str, str]:
-    """Model name -> absolute base path from a TF Serving `models.config`.
-
-    Args:
-      path: The config file; see `parse_model_config` for the rules.
-    """
-    return {entry.name: entry.base_path for entry in parse_model_config(path)}
 
 
 class ModelServer:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -19,9 +18,9 @@ import tensorflow as tf
 from tensorboard.plugins import projector
 from tensorboard.plugins.hparams import api as hp
 
-from tfrec.evaluation.retrieval import EvalSet, evaluate_embeddings
-from tfrec.features.specs import CANDIDATE_SPECS, QUERY_SPECS
-from tfrec.models.towers import QueryTower
+from tfrec.data.feature_spec import catalog_features
+from tfrec.metrics.retrieval import EvalSet, embed_in_batches, evaluate_embeddings
+from tfrec.models.embedding import tower_fn
 
 log = logging.getLogger(__name__)
 
@@ -29,30 +28,6 @@ log = logging.getLogger(__name__)
 def metric_key(name: str) -> str:
     """"recall@10" -> "recall_at_10": Keras log keys and TensorBoard tags."""
     return name.replace("@", "_at_")
-
-
-_EMBED_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def tower_fn(tower: tf.keras.Model):
-    """Wraps a tower as a numpy -> numpy embedding function (inference mode).
-
-    Traced once per tower with batch-agnostic specs and cached on the tower, so
-    per-epoch evaluation does not retrace.
-    """
-    if tower in _EMBED_FNS:
-        return _EMBED_FNS[tower]
-    specs = QUERY_SPECS if isinstance(tower, QueryTower) else CANDIDATE_SPECS
-
-    @tf.function(input_signature=[specs])
-    def call(features):
-        return tower(features, training=False)
-
-    def fn(features: Dict[str, np.ndarray]) -> np.ndarray:
-        return call({k: tf.constant(features[k], dtype=s.dtype) for k, s in specs.items()}).numpy()
-
-    _EMBED_FNS[tower] = fn
-    return fn
 
 
 class RetrievalEvaluation(tf.keras.callbacks.Callback):
@@ -110,9 +85,8 @@ def refresh_index(model: tf.keras.Model, catalog: pd.DataFrame) -> None:
     """Re-embeds the catalog into the model's factorized-metrics index (if it has one)."""
     if getattr(model, "index", None) is None:
         return
-    from tfrec.evaluation.retrieval import catalog_features, embed_in_batches
-
-    embeddings = embed_in_batches(tower_fn(model.candidate_tower), catalog_features(catalog))
+    embeddings = embed_in_batches(tower_fn(model.candidate_tower),
+                                  catalog_features(catalog, model))
     model.index.index(tf.constant(embeddings))
 
 

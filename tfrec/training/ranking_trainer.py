@@ -24,14 +24,16 @@ import tensorflow as tf
 
 from tfrec.config import Config
 from tfrec.data.examples import positive_interactions
+from tfrec.data.feature_spec import FeatureSpec
 from tfrec.data.io import load_tables
-from tfrec.evaluation.metrics import scored_list_metrics
-from tfrec.evaluation.retrieval import build_eval_set
+from tfrec.metrics.ranking import scored_list_metrics
+from tfrec.metrics.retrieval import build_eval_set
 from tfrec.features.catalog import CatalogLookup, catalog_statistics
 from tfrec.features.vocab import Vocabularies
 from tfrec.models.ranking import RankingModel
-from tfrec.training.callbacks import BackupAndRestore, metric_key, tower_fn
-from tfrec.evaluation.candidates import (candidate_lists, concat_lists, period_purchases,
+from tfrec.models.embedding import tower_fn
+from tfrec.training.callbacks import BackupAndRestore, metric_key
+from tfrec.metrics.candidates import (candidate_lists, concat_lists, period_purchases,
                                        search_candidate_lists, search_sessions)
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy,
                                      resolve_precision)
@@ -93,7 +95,8 @@ def build_ranker(vocab: Vocabularies, cfg: Config, catalog: pd.DataFrame,
         optimizer in loss scaling. Weights are float32 either way, so a ranker trained
         in mixed precision reloads (`load_ranker`) in float32 for serving.
     """
-    model = RankingModel(vocab, cfg.ranking, CatalogLookup(catalog, stats, name="catalog"),
+    lookup = CatalogLookup(catalog, stats, FeatureSpec.from_config(cfg.features), name="catalog")
+    model = RankingModel(vocab, cfg.ranking, lookup,
                          text_match=build_text_match(cfg, catalog, precision),
                          precision=precision)
     optimizer = tf.keras.optimizers.Adam(cfg.ranking.learning_rate)
@@ -302,10 +305,7 @@ def load_ranker(run_dir: str) -> Tuple[RankingModel, Config]:
                          "trained: retrain it (`tfrec train-ranker`)")
     stats = stats.drop(columns="item_id").set_index(catalog.index)
     model = build_ranker(vocab, cfg, catalog, stats)
-    dummy = {"user_id": tf.constant([""]), "history": tf.constant([[""]]),
-             "device": tf.constant([""]), "hour": tf.constant([0], tf.int64),
-             "query": tf.constant([""]), "item_id": tf.constant([[""]]),
-             "retrieval_score": tf.constant([[0.0]])}
-    model(dummy)
+    request = model.features.dummy_batch(model.features.query_features)
+    model({**request, "item_id": tf.constant([[""]]), "retrieval_score": tf.constant([[0.0]])})
     model.load_weights(os.path.join(weights, WEIGHTS_PREFIX)).expect_partial()
     return model, cfg

@@ -29,10 +29,12 @@ import tensorflow as tf
 
 from tfrec.config import Config
 from tfrec.data.examples import positive_interactions
+from tfrec.data.feature_spec import FeatureSpec
 from tfrec.data.io import load_tables
 from tfrec.data.prepare import load_meta, prepare_dataset
 from tfrec.data.tfrecord import make_dataset
-from tfrec.evaluation.retrieval import build_eval_set, catalog_features, embed_in_batches
+from tfrec.data.feature_spec import catalog_features
+from tfrec.metrics.retrieval import build_eval_set, embed_in_batches
 from tfrec.features.vocab import Vocabularies, build_vocabularies
 from tfrec.models.retrieval import TwoTowerModel
 from tfrec.training.callbacks import (BackupAndRestore, RefreshCatalogIndex, RetrievalEvaluation, metric_key,
@@ -98,10 +100,16 @@ def resolve_run_dir(checkpoint_dir: str, run: Optional[str] = None) -> str:
 
 
 def ensure_prepared(cfg: Config) -> dict:
-    """Writes TFRecords for the configured data once; later runs reuse them."""
+    """Writes TFRecords for the configured data once; later runs reuse them.
+
+    The cache is keyed on the raw tables, the split, the history length and the feature
+    specification, so records written for other features are never parsed.
+    """
+    features = FeatureSpec.from_config(cfg.features)
     try:
         meta = load_meta(cfg.data.tfrecord_dir)
-        if (meta.get("history_length") == cfg.data.history_length
+        if (meta.get("features") == features.fingerprint()
+                and meta.get("history_length") == cfg.data.history_length
                 and meta.get("val_fraction") == cfg.data.val_fraction
                 and meta.get("test_fraction") == cfg.data.test_fraction
                 and meta.get("source_signature") == _source_signature(cfg.data.data_dir)):
@@ -112,7 +120,7 @@ def ensure_prepared(cfg: Config) -> dict:
                            history_length=cfg.data.history_length,
                            val_fraction=cfg.data.val_fraction,
                            test_fraction=cfg.data.test_fraction,
-                           num_shards=cfg.data.num_shards)
+                           num_shards=cfg.data.num_shards, features=features)
     meta["source_signature"] = _source_signature(cfg.data.data_dir)
     _write_json(os.path.join(cfg.data.tfrecord_dir, "meta.json"),
                 {k: v for k, v in meta.items() if k != "patterns"})
@@ -132,7 +140,8 @@ def _source_signature(data_dir: str) -> str:
 
 def build_model(vocab: Vocabularies, cfg: Config, precision: str = "float32") -> TwoTowerModel:
     """Builds and compiles the model; float16 towers get a loss-scaling optimizer."""
-    model = TwoTowerModel(vocab, cfg.model, precision=precision)
+    model = TwoTowerModel(vocab, cfg.model, precision=precision,
+                          features=FeatureSpec.from_config(cfg.features))
     optimizer = {"adagrad": tf.keras.optimizers.Adagrad,
                  "adam": tf.keras.optimizers.Adam,
                  "sgd": tf.keras.optimizers.SGD}.get(cfg.train.optimizer)
@@ -153,7 +162,7 @@ def load_trained_model(run_dir: str) -> "tuple[TwoTowerModel, Config, Vocabulari
     if not os.path.isdir(weights):
         raise FileNotFoundError(
             f"run {run_dir!r} has no final weights (training did not finish?)")
-    model = TwoTowerModel(vocab, cfg.model)
+    model = TwoTowerModel(vocab, cfg.model, features=FeatureSpec.from_config(cfg.features))
     model.build_from_features()
     model.load_weights(os.path.join(weights, WEIGHTS_PREFIX)).expect_partial()
     return model, cfg, vocab
@@ -192,7 +201,8 @@ def train_retrieval(cfg: Config,
         vocab = Vocabularies.load(run_dir)  # resuming: keep the lookups the weights expect
     else:
         vocab = build_vocabularies(train_positives, tables.catalog,
-                                   cfg.model.text_max_tokens, cfg.model.price_buckets)
+                                   cfg.model.text_max_tokens, cfg.model.price_buckets,
+                                   FeatureSpec.from_config(cfg.features))
         if chief:
             vocab.save(run_dir)
     if chief:
@@ -233,9 +243,9 @@ def train_retrieval(cfg: Config,
                                 cfg.data.history_length, shuffle=True, seed=cfg.train.seed,
                                 deterministic=cfg.train.deterministic,
                                 repeat=steps_per_epoch is not None,
-                                drop_remainder=drop_remainder)
+                                drop_remainder=drop_remainder, features=model.features)
         val_ds = make_dataset(patterns["val"], cfg.train.batch_size, cfg.data.history_length,
-                              shuffle=False, deterministic=True)
+                              shuffle=False, deterministic=True, features=model.features)
     eval_set = build_eval_set(tables.events, t_val, t_test, cfg.data.history_length,
                               max_users=cfg.train.eval_max_users, seed=cfg.train.seed)
     evaluation = RetrievalEvaluation(eval_set, tables.catalog, cfg.train.eval_ks)
@@ -280,7 +290,7 @@ def train_retrieval(cfg: Config,
                                                   cfg.train.batch_size,
                                                   cfg.data.history_length))
     if chief:
-        items = catalog_features(tables.catalog)
+        items = catalog_features(tables.catalog, model)
         item_emb = embed_in_batches(tower_fn(model.candidate_tower), items)
         write_projector(tb_dir, item_emb, items["title"],
                         {"item_id": items["item_id"], "category": items["category"]})
@@ -346,7 +356,8 @@ def _ps_dataset_fn(pattern: str, cfg: Config, drop_remainder: bool):
                             cfg.data.history_length, shuffle=True,
                             seed=cfg.train.seed + context.input_pipeline_id,
                             deterministic=cfg.train.deterministic, repeat=True,
-                            drop_remainder=drop_remainder)
+                            drop_remainder=drop_remainder,
+                            features=FeatureSpec.from_config(cfg.features))
 
     return dataset_fn
 
@@ -386,7 +397,7 @@ def evaluate_keras_metrics(model: TwoTowerModel, val_pattern: str, catalog: pd.D
         model.compile(optimizer="sgd")  # evaluate() needs a compiled model; no training
     refresh_index(model, catalog)
     dataset = make_dataset(val_pattern, batch_size, history_length, shuffle=False,
-                           deterministic=True)
+                           deterministic=True, features=model.features)
     results = model.evaluate(dataset, return_dict=True, verbose=0)
     return {k: float(v) for k, v in results.items()}
 

@@ -13,8 +13,8 @@ from typing import Dict, Optional
 import numpy as np
 import pandas as pd
 
-from tfrec.evaluation.retrieval import (EmbedFn, EvalSet, catalog_features, embed_in_batches,
-                                        retrieve_with_scores)
+from tfrec.data.feature_spec import catalog_features
+from tfrec.metrics.retrieval import EmbedFn, EvalSet, embed_in_batches, retrieve_with_scores
 
 
 def period_purchases(events: pd.DataFrame, start_ts: int, end_ts: int) -> Dict[str, set]:
@@ -42,7 +42,7 @@ def candidate_lists(eval_set: EvalSet, query_fn: EmbedFn, candidate_fn: EmbedFn,
     """
     if k < 1:
         raise ValueError(f"candidates per list must be >= 1, got {k}")
-    items = catalog_features(catalog)
+    items = catalog_features(catalog, candidate_fn)
     item_emb = embed_in_batches(candidate_fn, items)
     query_emb = embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
     ids, scores = retrieve_with_scores(query_emb, item_emb, items["item_id"], k, eval_set.exclude)
@@ -128,7 +128,7 @@ def search_candidate_lists(sessions: pd.DataFrame, query_fn: EmbedFn, candidate_
                 "query": sessions["query"].to_numpy(object),
                 "device": sessions["device"].to_numpy(object),
                 "hour": sessions["hour"].to_numpy(np.int64)}
-    items = catalog_features(catalog)
+    items = catalog_features(catalog, candidate_fn)
     item_emb = embed_in_batches(candidate_fn, items)
     query_emb = embed_in_batches(query_fn, features, batch_size=1024)
     ids, scores = retrieve_with_scores(query_emb, item_emb, items["item_id"], k)

@@ -16,18 +16,14 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.features.lexical import LexicalIndex
-from tfrec.models.search import SearchTwoTower
-from tfrec.models.search_ranker import SearchRanker, candidate_features
+from tfrec.models.lists import masked_zscore
+from tfrec.search.model import SearchTwoTower
+from tfrec.search.ranker import SearchRanker, candidate_features
 
 __all__ = ["SearchPipeline", "MAX_QUERY_CHARS"]
 
 # Longer queries are cut before tokenising: bounds the cost of junk input.
 MAX_QUERY_CHARS = 512
-
-
-def _catalog_zscore(x: tf.Tensor) -> tf.Tensor:
-    mean, var = tf.nn.moments(x, axes=[1], keepdims=True)
-    return (x - mean) * tf.math.rsqrt(var + 1e-9)
 
 
 class SearchPipeline(tf.Module):
@@ -92,8 +88,8 @@ class SearchPipeline(tf.Module):
         q = self.two_tower.query_vectors(queries, training=False)
         dense = tf.matmul(q, self.product_vectors, transpose_b=True)
         bm25, coverage = self.lexical.scores_and_coverage(queries)
-        hybrid = ((1.0 - self.hybrid_weight) * _catalog_zscore(dense)
-                  + self.hybrid_weight * _catalog_zscore(bm25))
+        hybrid = ((1.0 - self.hybrid_weight) * masked_zscore(dense)
+                  + self.hybrid_weight * masked_zscore(bm25))
         return {"query_vectors": q, "dense": dense, "bm25": bm25, "coverage": coverage,
                 "hybrid": hybrid}
 

@@ -14,6 +14,8 @@ from typing import Dict, List, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from tfrec.metrics.ranking import ndcg_per_list, reciprocal_ranks
+
 __all__ = ["SearchMetrics", "query_gains", "catalog_search_metrics"]
 
 
@@ -84,20 +86,22 @@ def catalog_search_metrics(ranked: np.ndarray, gains: Sequence[Mapping[int, floa
     if ranked.shape[1] < max(k, recall_k):
         raise ValueError(f"ranked has {ranked.shape[1]} columns; need >= {max(k, recall_k)} "
                          f"for NDCG@{k} and Recall@{recall_k}")
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    ndcg = np.full(len(gains), np.nan)
+    got = np.array([[gain.get(int(r), 0.0) for r in row[:k]]
+                    for row, gain in zip(ranked, gains)]).reshape(-1, k)
+    ideal = np.zeros((len(gains), k))
+    for i, gain in enumerate(gains):
+        best = np.sort(np.fromiter(gain.values(), float))[::-1][:k]
+        ideal[i, :best.size] = best
+    ndcg = np.where(ideal[:, 0] > 0, ndcg_per_list(got, ideal, k), np.nan)
     recall = np.full(len(gains), np.nan)
-    mrr = np.full(len(gains), np.nan)
+    first_hit = np.zeros(ranked.shape, bool)
+    has_first = np.zeros(len(gains), bool)
     for i, (row, gain) in enumerate(zip(ranked, gains)):
-        ideal = np.sort(np.fromiter(gain.values(), float))[::-1][:k]
-        if ideal.size and ideal[0] > 0:
-            got = np.array([gain.get(int(r), 0.0) for r in row[:k]])
-            ndcg[i] = float(got @ discounts[:got.size]) / float(ideal @ discounts[:ideal.size])
         wanted = {r for r, g in gain.items() if g + 1.0 >= recall_grade - 1e-9}
         if wanted:
             recall[i] = len(wanted.intersection(int(r) for r in row[:recall_k])) / len(wanted)
         first = {r for r, g in gain.items() if g + 1.0 >= mrr_grade - 1e-9}
-        if first:
-            hits = [pos for pos, r in enumerate(row) if int(r) in first]
-            mrr[i] = 1.0 / (hits[0] + 1) if hits else 0.0
+        has_first[i] = bool(first)
+        first_hit[i] = [int(r) in first for r in row]
+    mrr = np.where(has_first, reciprocal_ranks(first_hit), np.nan)
     return SearchMetrics(ndcg, recall, mrr, k=k, recall_k=recall_k)

@@ -62,7 +62,7 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
 
     from tfrec.data.io import load_tables
     from tfrec.evaluation.report import evaluate_period
-    from tfrec.training.callbacks import tower_fn
+    from tfrec.models.embedding import tower_fn
     from tfrec.training.trainer import ensure_prepared, load_trained_model, resolve_run_dir
 
     if split not in ("test", "val"):

@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from tfrec.data.examples import period_targets, seen_items, user_states
+from tfrec.data.feature_spec import catalog_features
 from tfrec.data.schema import PAD
-from tfrec.evaluation.metrics import evaluate_topk
+from tfrec.metrics.ranking import evaluate_topk
 
 EmbedFn = Callable[[Dict[str, np.ndarray]], np.ndarray]
 
@@ -86,14 +87,6 @@ def build_eval_set(events: pd.DataFrame, start_ts: int, end_ts: int, history_len
         exclude=[set(seen.get(u, ())) for u in users])
 
 
-def catalog_features(catalog: pd.DataFrame) -> Dict[str, np.ndarray]:
-    return {"item_id": catalog["item_id"].astype(str).to_numpy(dtype=object),
-            "title": catalog["title"].astype(str).to_numpy(dtype=object),
-            "category": catalog["category"].astype(str).to_numpy(dtype=object),
-            "brand": catalog["brand"].astype(str).to_numpy(dtype=object),
-            "price": catalog["price"].astype(np.float32).to_numpy()}
-
-
 def embed_in_batches(fn: EmbedFn, features: Dict[str, np.ndarray],
                      batch_size: int = 4096) -> np.ndarray:
     """Runs an embedding function over feature arrays in fixed-size batches."""
@@ -144,7 +137,7 @@ def retrieve_with_scores(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: 
 def evaluate_embeddings(query_fn: EmbedFn, candidate_fn: EmbedFn, catalog: pd.DataFrame,
                         eval_set: EvalSet, ks: Sequence[int] = (10, 100)) -> Dict[str, float]:
     """Scores a two-tower model (or any pair of embedding functions) on an EvalSet."""
-    items = catalog_features(catalog)
+    items = catalog_features(catalog, candidate_fn)
     item_emb = embed_in_batches(candidate_fn, items)
     query_emb = embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
     recommended = retrieve_topk(query_emb, item_emb, items["item_id"], max(ks), eval_set.exclude)

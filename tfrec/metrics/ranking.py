@@ -255,21 +255,43 @@ def _transform_gain(gains: np.ndarray, gain: str) -> np.ndarray:
     raise ValueError(f"gain must be 'linear' or 'exponential', got {gain!r}")
 
 
+def ndcg_per_list(gains: np.ndarray, ideal: np.ndarray, k: int) -> np.ndarray:
+    """NDCG@k of each list from its slot gains and its ideal (descending) gains.
+
+    The one NDCG of the package: top-k lists, scored candidate lists and full-catalog
+    search all reduce to these two matrices.
+
+    Args:
+      gains: [N, width] gain of each ranked slot (0 for misses and padding).
+      ideal: [N, depth] the list's relevant gains sorted descending, 0 padded.
+      k: cut-off.
+
+    Returns:
+      [N] float64; 0 where a list has no positive ideal gain.
+    """
+    gains, ideal = np.asarray(gains, np.float64)[:, :k], np.asarray(ideal, np.float64)[:, :k]
+    dcg = gains @ _discounts(gains.shape[1])
+    idcg = ideal @ _discounts(ideal.shape[1])
+    return dcg / np.where(idcg > 0, idcg, 1.0)
+
+
+def reciprocal_ranks(hits: np.ndarray) -> np.ndarray:
+    """1 / rank of each row's first hit, 0 without one: [N, width] bool -> [N]."""
+    hits = np.asarray(hits, bool)
+    if hits.shape[1] == 0:
+        return np.zeros(hits.shape[0])
+    return np.where(hits.any(axis=1), 1.0 / (hits.argmax(axis=1) + 1.0), 0.0)
+
+
 def _ndcg(j: _Judgement, k: int, gain: str = "linear") -> float:
     gains = _transform_gain(j.gains[:, :k], gain)
     ideal = _transform_gain(j.ideal[:, :k], gain)
-    dcg = gains @ _discounts(gains.shape[1])
-    idcg = ideal @ _discounts(ideal.shape[1])
-    return _mean_over_evaluated(dcg / np.where(idcg > 0, idcg, 1.0), j)
+    return _mean_over_evaluated(ndcg_per_list(gains, ideal, k), j)
 
 
 def _mrr(j: _Judgement, k: Optional[int]) -> float:
     hits = j.gains[:, :k] > 0 if k is not None else j.gains > 0
-    if hits.shape[1] == 0:
-        return _mean_over_evaluated(np.zeros(hits.shape[0]), j)
-    first = hits.argmax(axis=1)
-    rr = np.where(hits.any(axis=1), 1.0 / (first + 1.0), 0.0)
-    return _mean_over_evaluated(rr, j)
+    return _mean_over_evaluated(reciprocal_ranks(hits), j)
 
 
 _AP_NORMALIZATIONS = ("min", "relevant")
@@ -922,6 +944,15 @@ def popularity_bias(
             "popularity_percentile": _mean_per_list(item_pct, present)}
 
 
+def _scored_order(scores: np.ndarray, labels: np.ndarray):
+    """Labels of fixed lists re-ordered by descending score (padding last, stable)."""
+    valid = labels >= 0
+    order = np.argsort(-np.where(valid, scores, -np.inf), axis=1, kind="stable")
+    ranked = np.take_along_axis(np.where(valid, labels, 0.0), order, axis=1)
+    has_positive = (np.where(valid, labels, 0.0) > 0).any(axis=1)
+    return ranked, has_positive
+
+
 def ndcg_of_scored_lists(scores: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
     """Mean NDCG@k of fixed candidate lists ordered by `scores`.
 
@@ -933,15 +964,13 @@ def ndcg_of_scored_lists(scores: np.ndarray, labels: np.ndarray, k: int = 10) ->
       labels: [N, L] graded or binary labels, -1 for padding.
       k: cut-off.
     """
-    recommended, relevant = [], []
-    for s, y in zip(np.asarray(scores), np.asarray(labels)):
-        valid = y >= 0
-        if y[valid].sum() <= 0:
-            continue
-        order = np.argsort(-s[valid], kind="stable")
-        recommended.append([str(i) for i in np.arange(valid.sum())[order]])
-        relevant.append({str(i): float(g) for i, g in enumerate(y[valid]) if g > 0})
-    return ndcg_at_k(recommended, relevant, k)
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, np.float64)
+    ranked, evaluated = _scored_order(scores, labels)
+    if not evaluated.any():
+        return float("nan")
+    gains = np.maximum(ranked, 0.0)
+    ideal = -np.sort(-gains, axis=1)
+    return float(ndcg_per_list(gains, ideal, k)[evaluated].mean())
 
 
 def scored_list_metrics(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (10,),
@@ -962,13 +991,8 @@ def scored_list_metrics(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be equal [N, L]")
     out = {f"ndcg@{k}": ndcg_of_scored_lists(scores, labels, k) for k in ks}
     valid = labels >= 0
-    reciprocal = []
-    for s, y in zip(scores, labels):
-        v = y >= 0
-        if (y[v] > 0).any():
-            order = np.argsort(-s[v], kind="stable")
-            reciprocal.append(1.0 / (1 + int(np.argmax(y[v][order] > 0))))
-    out["mrr"] = float(np.mean(reciprocal)) if reciprocal else 0.0
+    ranked, evaluated = _scored_order(scores, labels)
+    out["mrr"] = float(reciprocal_ranks(ranked > 0)[evaluated].mean()) if evaluated.any() else 0.0
     flat_labels = labels[valid]
     if np.isin(flat_labels, (0.0, 1.0)).all() and 0 < flat_labels.sum() < flat_labels.size:
         out["auc"] = auc(flat_labels, scores[valid])

@@ -17,7 +17,7 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.export.versioned import save_versioned
-from tfrec.models.search_pipeline import MAX_QUERY_CHARS, SearchPipeline
+from tfrec.search.pipeline import MAX_QUERY_CHARS, SearchPipeline
 
 __all__ = ["SearchModule", "export_search", "SEARCH_NAME", "QUERY_SPEC", "EMPTY_QUERY",
            "OUTPUTS"]
@@ -56,7 +56,7 @@ class SearchModule(tf.Module):
         two_tower = pipeline.two_tower
         if two_tower.word_lookup is None:
             raise ValueError("the pipeline's two-tower has no word lookup (set_word_lookup); "
-                             "build it with tfrec.training.search_trainer.build_pipeline")
+                             "build it with tfrec.search.train.build_pipeline")
         # Not tracked (object.__setattr__): saving the whole pipeline would also write the
         # two-tower's optimizers; the pieces the graph uses are tracked below instead.
         object.__setattr__(self, "_pipeline", pipeline)

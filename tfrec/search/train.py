@@ -20,16 +20,16 @@ import pandas as pd
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tfrec.config import SearchConfig, check_search_strategy
+from tfrec.search.config import SearchConfig, check_search_strategy
 from tfrec.data.homedepot import load_homedepot, split_by_query
-from tfrec.data.judgments import judgments_from_events, product_catalog
-from tfrec.evaluation.search import SearchMetrics, catalog_search_metrics, query_gains
+from tfrec.search.data import judgments_from_events, product_catalog
+from tfrec.search.metrics import SearchMetrics, catalog_search_metrics, query_gains
 from tfrec.features.lexical import LexicalIndex
 from tfrec.models.losses import SoftmaxListwiseLoss
-from tfrec.models.search import (QueryEncoder, SearchTwoTower, catalog_word_ids,
+from tfrec.search.model import (QueryEncoder, SearchTwoTower, catalog_word_ids,
                                  word_vocabulary)
-from tfrec.models.search_pipeline import SearchPipeline
-from tfrec.models.search_ranker import SearchRanker
+from tfrec.search.pipeline import SearchPipeline
+from tfrec.search.ranker import SearchRanker
 from tfrec.training.strategy import configure_devices, make_strategy
 
 __all__ = ["SearchData", "SearchRun", "load_search_data", "title_vectors", "build_pipeline",
@@ -337,7 +337,6 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     log_dir = log_dir or os.path.join("tensorboard_logs", "search", f"seed{cfg.seed}")
     with strategy.scope():
         pipeline = build_pipeline(cfg, data, vectors)
-        pipeline.two_tower.build_layers()
     row_of, test = data.row_of, data.splits["test"]
     metrics: Dict[str, Dict[str, float]] = {}
     if zero_shot:

@@ -13,7 +13,8 @@ import math
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from tfrec.config import SearchConfig, check_search_strategy, parse_assignment, set_field
+from tfrec.config import parse_assignment, set_field
+from tfrec.search.config import SearchConfig, check_search_strategy
 
 DEFAULT_WORKDIR = os.path.join("work", "search")
 # Rows of the metrics table, in pipeline order; absent stages are skipped.
@@ -32,7 +33,7 @@ def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "train", help="train, evaluate every stage on the test queries, export",
-        description="Train the search two-tower and ranker (tfrec.training.search_trainer), "
+        description="Train the search two-tower and ranker (tfrec.search.train), "
                     "print test NDCG@10 / Recall@100 / MRR per stage, and export the "
                     "SavedModel `<export base>/search/<version>/` (raw query in, top "
                     "products out) for `tfrec serve`.")
@@ -135,8 +136,8 @@ def _train(args: argparse.Namespace) -> int:
     check_inputs(cfg)
     export_base = args.export_base or os.path.join(args.workdir, "export")
 
-    from tfrec.export.search import export_search
-    from tfrec.training.search_trainer import train_search
+    from tfrec.search.export import export_search
+    from tfrec.search.train import train_search
 
     log_dir = args.log_dir or os.path.join("tensorboard_logs", "search", f"seed{cfg.seed}")
     run = train_search(cfg, args.workdir, zero_shot=args.zero_shot, log_dir=log_dir)

@@ -15,21 +15,14 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-__all__ = ["FEATURES", "SearchRanker", "candidate_features", "masked_zscore"]
+from tfrec.models.lists import masked_zscore
+
+__all__ = ["FEATURES", "SearchRanker", "candidate_features"]
 
 # Columns of candidate_features, in order.
 FEATURES = ("dense", "dense_z", "bm25_rel", "bm25_z", "coverage", "hybrid", "dense_rank",
             "bm25_rank", "bm25_hit")
 _NEG = -1e9
-
-
-def masked_zscore(x: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
-    """(x - mean) / std over the valid entries of each row; 0 where invalid."""
-    w = tf.cast(valid, x.dtype)
-    count = tf.maximum(tf.reduce_sum(w, axis=-1, keepdims=True), 1.0)
-    mean = tf.reduce_sum(x * w, axis=-1, keepdims=True) / count
-    var = tf.reduce_sum(tf.square(x - mean) * w, axis=-1, keepdims=True) / count
-    return (x - mean) * tf.math.rsqrt(var + 1e-9) * w
 
 
 def candidate_features(dense: tf.Tensor, bm25: tf.Tensor, coverage: tf.Tensor,

@@ -18,7 +18,7 @@ import tensorflow as tf
 import tensorflow_hub as hub
 import tensorflow_text  # noqa: F401  (ops of the preprocessor SavedModel)
 
-from tfrec.evaluation.baselines import bm25_tokenize
+from tfrec.features.bm25 import bm25_tokenize
 from tfrec.features.lexical import lexical_tokens
 from tfrec.models.text_match import (_EncoderLayer, _load_preprocessor, _trim,
                                      encoder_trainable_names)
@@ -159,6 +159,12 @@ class SearchTwoTower(tf.keras.Model):
                                                    name="query_adapter")
         self.product_adapter = tf.keras.layers.Dense(dim, kernel_initializer=zeros,
                                                      name="product_adapter")
+        # Weights exist from construction (not the first call): built inside a
+        # tf.distribute scope, they are distributed like the rest of the model.
+        for layer in (self.query_adapter, self.product_adapter):
+            layer.build((None, dim))
+        for layer in (self.words, self.ids):
+            layer.build((None,))
         self.log_scale = tf.Variable(float(np.log(1.0 / temperature)), name="log_scale")
         self.word_lookup: Optional[tf.keras.layers.StringLookup] = None
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
@@ -171,14 +177,6 @@ class SearchTwoTower(tf.keras.Model):
     @property
     def metrics(self):
         return [self.loss_tracker]
-
-    def build_layers(self) -> None:
-        """Creates the lazily built weights now: under a tf.distribute scope they must
-        exist before training, not appear on the first call outside it."""
-        for layer in (self.query_adapter, self.product_adapter):
-            layer.build((None, self.dim))
-        for layer in (self.words, self.ids):
-            layer.build((None,))
 
     def _bag(self, ids: tf.Tensor) -> tf.Tensor:
         """Sum of word vectors of [B, W] ids (0 = pad, zero vector)."""

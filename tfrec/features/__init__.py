@@ -1,0 +1,1 @@
+"""Preprocessing and embedding layers built from the feature specification, in-graph BM25."""

@@ -1,0 +1,1 @@
+"""Two-tower retrieval, the multi-task ranker, their towers, losses and list helpers."""

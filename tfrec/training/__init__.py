@@ -1,0 +1,1 @@
+"""Training loops, tf.distribute strategies, local clusters and their callbacks."""
