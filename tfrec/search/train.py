@@ -30,6 +30,7 @@ from tfrec.search.model import (QueryEncoder, SearchTwoTower, catalog_word_ids,
                                  word_vocabulary)
 from tfrec.search.pipeline import SearchPipeline
 from tfrec.search.ranker import SearchRanker
+from tfrec.training.best_epoch import BestEpoch
 from tfrec.training.strategy import configure_devices, make_strategy
 
 __all__ = ["SearchData", "SearchRun", "load_search_data", "title_vectors", "build_pipeline",
@@ -209,8 +210,9 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
             "ndcg@10"] if len(val) else float("nan")
 
     # Only trainable variables change; the frozen title table alone is 63 MB on Home Depot.
-    best, best_weights = val_ndcg(), [v.numpy() for v in model.trainable_variables]
-    history["val_ndcg@10"].append(best)
+    best = BestEpoch(lambda: model.trainable_variables, nan_is_better=True)
+    best.update(val_ndcg())
+    history["val_ndcg@10"].append(best.best)
     for epoch in range(cfg.epochs):
         fit = model.fit(dataset, epochs=epoch + 1, initial_epoch=epoch, verbose=0,
                         callbacks=callbacks)
@@ -220,10 +222,8 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
         if writer is not None:
             with writer.as_default():
                 tf.summary.scalar("epoch_hybrid_ndcg@10", score, step=epoch)
-        if not score <= best:  # NaN (no val queries) keeps the last epoch
-            best, best_weights = score, [v.numpy() for v in model.trainable_variables]
-    for variable, value in zip(model.trainable_variables, best_weights):
-        variable.assign(value)
+        best.update(score)  # NaN (no val queries) keeps the last epoch
+    best.restore()
     pipeline.refresh_product_vectors()
     return history
 
@@ -292,7 +292,7 @@ def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "ranker")) if log_dir else None
     rng = np.random.default_rng(cfg.seed + 1)
     history: Dict[str, List[float]] = {"loss": [], "holdout_ndcg@10": []}
-    best, best_weights = -np.inf, None
+    best = BestEpoch(lambda: ranker.weights)
     for epoch in range(cfg.ranker_epochs):
         losses = []
         shuffled = rng.permutation(fit_rows)
@@ -306,10 +306,8 @@ def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
             with writer.as_default():
                 tf.summary.scalar("loss", history["loss"][-1], step=epoch)
                 tf.summary.scalar("holdout_ndcg@10", score, step=epoch)
-        if score > best:
-            best, best_weights = score, [w.numpy() for w in ranker.weights]
-    if best_weights is not None:
-        ranker.set_weights(best_weights)
+        best.update(score)
+    best.restore()
     pipeline.ranker = ranker
     return history
 
