@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tfrec.evaluation.ab_test import ab_test, student_t_cdf
+from tfrec.evaluation.ab_testing import ab_test, student_t_cdf
 from tfrec.evaluation.click_model import (PositionBasedClickModel, calibration_table,
                                           expected_business_metrics, logged_impressions)
 from tfrec.evaluation.off_policy import ips_estimate, snips_estimate

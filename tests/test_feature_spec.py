@@ -167,3 +167,30 @@ def test_evaluate_runs_with_the_extra_columns(extra_run):
                              run=run.run_name)
     assert rows["two_tower"]["recall@100"] > 0
     assert "two_tower+ranker" in rows
+
+
+_FRESH_PIPELINE = r"""
+import json, sys
+import tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+out = model.signatures["recommend"](
+    user_id=tf.constant([sys.argv[2]]), history=tf.constant([[""]]),
+    device=tf.constant(["desktop"]), hour=tf.constant([9], tf.int64), k=tf.constant([5]),
+    exclude_item_ids=tf.constant([[""]]), purchased_item_ids=tf.constant([[""]]))
+print(json.dumps(out["item_ids"].numpy()[0].astype(str).tolist()))
+"""
+
+
+def test_pipeline_export_ranks_with_the_extra_columns(extra_run, tiny_world):
+    from tfrec.export.exporter import export_pipeline
+
+    cfg, run, ranker = extra_run
+    path = export_pipeline(run.run_dir, tiny_world.catalog, cfg.export, retrieval=run.model,
+                           ranker=ranker.model)
+    user = tiny_world.users["user_id"].iloc[0]
+    out = subprocess.run([sys.executable, "-c", _FRESH_PIPELINE, path, user],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    ids = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(ids) == 5 and set(ids) <= set(tiny_world.catalog["item_id"])

@@ -14,7 +14,7 @@ from typing import Dict, List
 
 import pytest
 
-from tfrec.cli import _is_native_noise
+from tfrec.logs import is_native_noise
 
 # One marker per kind of line users reported: CUDA probes on CPU-only machines, absl's
 # pre-initialisation warning, and absl's Python logger timing every checkpoint save.
@@ -90,11 +90,11 @@ def test_native_noise_follows_the_log_level():
     preamble = (b"WARNING: All log messages before absl::InitializeLog() is called are "
                 b"written to STDERR\n")
     python = b"UserWarning: something a user should read\n"
-    assert _is_native_noise(info, 2, has_gpu_driver=False)
-    assert _is_native_noise(preamble, 2, has_gpu_driver=False)
-    assert _is_native_noise(cuinit, 2, has_gpu_driver=False)  # expected without a GPU
-    assert not _is_native_noise(cuinit, 2, has_gpu_driver=True)  # a broken GPU setup
-    assert not _is_native_noise(error, 2, has_gpu_driver=False)
-    assert not _is_native_noise(python, 3, has_gpu_driver=False)
+    assert is_native_noise(info, 2, has_gpu_driver=False)
+    assert is_native_noise(preamble, 2, has_gpu_driver=False)
+    assert is_native_noise(cuinit, 2, has_gpu_driver=False)  # expected without a GPU
+    assert not is_native_noise(cuinit, 2, has_gpu_driver=True)  # a broken GPU setup
+    assert not is_native_noise(error, 2, has_gpu_driver=False)
+    assert not is_native_noise(python, 3, has_gpu_driver=False)
     for line in (info, cuinit, preamble):  # TF_CPP_MIN_LOG_LEVEL=0: everything
-        assert not _is_native_noise(line, 0, has_gpu_driver=False)
+        assert not is_native_noise(line, 0, has_gpu_driver=False)

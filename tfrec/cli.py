@@ -7,20 +7,17 @@ Errors a user can fix (bad input, missing files, bad config) print one line
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
-import re
 import signal
 import sys
-import tempfile
 import threading
-from typing import Callable, Iterator, List, Optional
+from typing import List, Optional
 
-import tfrec  # TF_USE_LEGACY_KERAS and the quiet log defaults, before TensorFlow
+import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS and quiet log defaults, before TensorFlow)
 
 from tfrec.config import Config
+from tfrec.logs import configure_logging
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -209,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     try:
         return _run(args) or 0
     except KeyboardInterrupt:
@@ -219,124 +216,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"tfrec: error: {e}", file=sys.stderr)
         return 2
-
-
-def _configure_logging(verbose: bool) -> None:
-    """Sets what a run prints: progress, step headers and tables; with -v, everything.
-
-    TensorFlow and absl log much that only helps when debugging (CUDA probes on CPU-only
-    machines, checkpoint sharding timings), so by default it is held back.
-
-    Args:
-      verbose: the -v / --verbose flag.
-    """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if verbose:
-        _lift_quiet_log_env()
-        return
-    from absl import logging as absl_logging
-
-    # absl's Python logger reports e.g. "Sharding callback duration" at every checkpoint.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    _import_tensorflow_quietly()
-
-
-def _lift_quiet_log_env() -> None:
-    """Under -v, drops the quiet native-log defaults tfrec set; a user's own value stays."""
-    # TensorFlow and gRPC read these once, when their libraries load. main() runs before
-    # either is imported in a `tfrec` process; called in-process after TensorFlow was
-    # imported (tests), this comes too late to change what TensorFlow's C++ code prints.
-    for name in tfrec.QUIET_LOG_ENV_SET:
-        os.environ.pop(name, None)
-
-
-# absl C++ log line: severity, MMDD, time, thread id, file:line].
-_ABSL_LINE = re.compile(rb"([IWEF])\d{4} [\d:.]+\s+\d+ ([\w.-]+):\d+\] ")
-_ABSL_SEVERITY = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
-_ABSL_PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called"
-
-
-def _import_tensorflow_quietly() -> None:
-    """Imports TensorFlow and lists its devices, dropping load-time lines below the log level.
-
-    While TensorFlow's shared libraries load they log through absl copies that have not
-    read TF_CPP_MIN_LOG_LEVEL yet (two copies: libtensorflow_framework and the profiler
-    plugin), and listing devices probes CUDA; later native lines obey the level anyway.
-    """
-    if "tensorflow" in sys.modules:
-        return  # loaded already: its load-time lines were printed (or not) back then
-    min_level = _min_log_level()
-    has_gpu_driver = os.path.exists("/proc/driver/nvidia/version")
-    with _filtered_stderr(lambda line: _is_native_noise(line, min_level, has_gpu_driver)):
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()
-
-
-def _min_log_level() -> int:
-    """TF_CPP_MIN_LOG_LEVEL as TensorFlow parses it (unset or not a number: 0)."""
-    try:
-        return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
-    except ValueError:
-        return 0
-
-
-def _is_native_noise(line: bytes, min_level: int, has_gpu_driver: bool) -> bool:
-    """Whether TensorFlow would have dropped this load-time log line at `min_level`.
-
-    Without an NVIDIA driver a missing CUDA runtime and a failed cuInit are expected, so
-    they count as INFO rather than the ERROR they are logged at.
-
-    Args:
-      line: one line written to file descriptor 2.
-      min_level: TF_CPP_MIN_LOG_LEVEL (0 INFO, 1 WARNING, 2 ERROR, 3 FATAL).
-      has_gpu_driver: whether the machine has an NVIDIA kernel driver.
-
-    Returns:
-      True for absl lines below min_level; False for everything else (Python output).
-    """
-    if line.startswith(_ABSL_PREAMBLE):
-        return min_level >= 1  # absl prints it at WARNING, once per absl copy
-    match = _ABSL_LINE.match(line)
-    if match is None:
-        return False
-    severity = _ABSL_SEVERITY[match.group(1)]
-    if not has_gpu_driver and (b"cuInit" in line or match.group(2) == b"cudart_stub.cc"):
-        severity = _ABSL_SEVERITY[b"I"]
-    return severity < min_level
-
-
-@contextlib.contextmanager
-def _filtered_stderr(is_noise: Callable[[bytes], bool]) -> Iterator[None]:
-    """Captures file descriptor 2 for the block, then writes back the lines not `is_noise`.
-
-    C++ code writes to the descriptor directly, so replacing sys.stderr would miss it.
-    A temporary file rather than a pipe: a library loading under the GIL could block on
-    a full pipe that no Python thread may drain.
-
-    Args:
-      is_noise: line (bytes, newline included) -> drop it.
-    """
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to filter
-        yield
-        return
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = b"".join(line for line in capture.read().splitlines(keepends=True)
-                            if not is_noise(line))
-            while kept:
-                kept = kept[os.write(2, kept):]
 
 
 def _is_user_error(e: Exception) -> bool:

@@ -5,7 +5,7 @@ baselines and exported servables are all judged by exactly the same code.
 """
 
 from tfrec.evaluation.baselines import BM25Baseline, CooccurrenceBaseline, PopularityBaseline
-from tfrec.evaluation.ab_test import ab_test
+from tfrec.evaluation.ab_testing import ab_test
 from tfrec.evaluation.click_model import (
     PositionBasedClickModel,
     calibration_table,

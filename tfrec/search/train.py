@@ -20,17 +20,17 @@ import pandas as pd
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tfrec.search.config import SearchConfig, check_search_strategy
 from tfrec.data.homedepot import load_homedepot, split_by_query
-from tfrec.search.data import judgments_from_events, product_catalog
-from tfrec.search.metrics import SearchMetrics, catalog_search_metrics, query_gains
 from tfrec.features.lexical import LexicalIndex
 from tfrec.models.losses import SoftmaxListwiseLoss
+from tfrec.search.config import SearchConfig, check_search_strategy
+from tfrec.search.data import judgments_from_events, product_catalog
+from tfrec.search.metrics import SearchMetrics, catalog_search_metrics, query_gains
 from tfrec.search.model import (QueryEncoder, SearchTwoTower, catalog_word_ids,
                                  word_vocabulary)
 from tfrec.search.pipeline import SearchPipeline
 from tfrec.search.ranker import SearchRanker
-from tfrec.training.best_epoch import BestEpoch
+from tfrec.training.keep_best import KeepBestEpoch, fit_keep_best
 from tfrec.training.strategy import configure_devices, make_strategy
 
 __all__ = ["SearchData", "SearchRun", "load_search_data", "title_vectors", "build_pipeline",
@@ -197,12 +197,7 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
     with model.distribute_strategy.scope():  # optimizer slots beside the variables
         model.encoder_optimizer = tf.keras.optimizers.Adam(cfg.encoder_lr)
         model.compile(optimizer=tf.keras.optimizers.Adam(cfg.lr))
-    callbacks = [tf.keras.callbacks.TensorBoard(os.path.join(log_dir, "two_tower"),
-                                                update_freq=20)] if log_dir else []
-    writer = tf.summary.create_file_writer(os.path.join(log_dir, "two_tower",
-                                                        "validation")) if log_dir else None
     val = data.splits["val"]
-    history: Dict[str, List[float]] = {"loss": [], "val_ndcg@10": []}
 
     def val_ndcg() -> float:
         pipeline.refresh_product_vectors()
@@ -210,20 +205,19 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
             "ndcg@10"] if len(val) else float("nan")
 
     # Only trainable variables change; the frozen title table alone is 63 MB on Home Depot.
-    best = BestEpoch(lambda: model.trainable_variables, nan_is_better=True)
-    best.update(val_ndcg())
-    history["val_ndcg@10"].append(best.best)
-    for epoch in range(cfg.epochs):
-        fit = model.fit(dataset, epochs=epoch + 1, initial_epoch=epoch, verbose=0,
-                        callbacks=callbacks)
-        history["loss"].append(float(fit.history["loss"][-1]))
-        score = val_ndcg()
-        history["val_ndcg@10"].append(score)
-        if writer is not None:
-            with writer.as_default():
+    # The untrained model (zero-shot encoder) competes too; NaN (no val queries) keeps
+    # the last epoch.
+    callbacks = [tf.keras.callbacks.TensorBoard(os.path.join(log_dir, "two_tower"),
+                                                update_freq=20)] if log_dir else []
+    fitted, _ = fit_keep_best(model, dataset, cfg.epochs, val_ndcg,
+                              variables=lambda: model.trainable_variables, score_initial=True,
+                              nan_is_better=True, callbacks=callbacks, verbose=0)
+    history = {"loss": fitted["loss"], "val_ndcg@10": fitted["scores"]}
+    if log_dir:
+        with tf.summary.create_file_writer(
+                os.path.join(log_dir, "two_tower", "validation")).as_default():
+            for epoch, score in enumerate(fitted["scores"][1:]):
                 tf.summary.scalar("epoch_hybrid_ndcg@10", score, step=epoch)
-        best.update(score)  # NaN (no val queries) keeps the last epoch
-    best.restore()
     pipeline.refresh_product_vectors()
     return history
 
@@ -245,6 +239,24 @@ def retrieved_lists(pipeline: SearchPipeline, judgments: pd.DataFrame,
     return out
 
 
+class _ShuffledLists(tf.keras.utils.Sequence):
+    """Batches of list rows in a new seeded order every epoch (Keras fit input)."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int, rng: np.random.Generator, make):
+        super().__init__()
+        self.rows, self.batch_size, self.rng, self.make = rows, batch_size, rng, make
+        self.order = rng.permutation(rows)
+
+    def __len__(self) -> int:
+        return int(np.ceil(len(self.rows) / self.batch_size))
+
+    def __getitem__(self, index: int):
+        return self.make(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+
+    def on_epoch_end(self) -> None:
+        self.order = self.rng.permutation(self.rows)
+
+
 def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
                  log_dir: Optional[str] = None) -> Dict[str, List[float]]:
     """Fits a SearchRanker on the validation queries' retrieved lists; sets pipeline.ranker.
@@ -264,8 +276,8 @@ def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
     fit_rows, held_rows = order[held:], order[:held]
     tf.random.set_seed(cfg.seed)
     ranker = SearchRanker()
-    loss_fn = SoftmaxListwiseLoss()
-    optimizer = tf.keras.optimizers.Adam(cfg.ranker_lr)
+    ranker.compile(optimizer=tf.keras.optimizers.Adam(cfg.ranker_lr),
+                   loss=SoftmaxListwiseLoss())
     vectors = pipeline.product_vectors
 
     def inputs(rows: np.ndarray) -> Dict[str, tf.Tensor]:
@@ -274,14 +286,6 @@ def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
                 "features": tf.constant(lists["features"][rows]),
                 "valid": tf.constant(lists["valid"][rows])}
 
-    @tf.function
-    def step(x, labels):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(labels, ranker(x, training=True))
-        grads = tape.gradient(loss, ranker.trainable_variables)
-        optimizer.apply_gradients(zip(grads, ranker.trainable_variables))
-        return loss
-
     held_gains = query_gains(data.splits["val"], row_of, list(lists["queries"][held_rows]))
 
     def held_ndcg() -> float:
@@ -289,25 +293,18 @@ def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
         ranked = np.take_along_axis(lists["rows"][held_rows], np.argsort(-scores, axis=1), 1)
         return catalog_search_metrics(_to_depth(ranked), held_gains).summary()["ndcg@10"]
 
-    writer = tf.summary.create_file_writer(os.path.join(log_dir, "ranker")) if log_dir else None
-    rng = np.random.default_rng(cfg.seed + 1)
-    history: Dict[str, List[float]] = {"loss": [], "holdout_ndcg@10": []}
-    best = BestEpoch(lambda: ranker.weights)
-    for epoch in range(cfg.ranker_epochs):
-        losses = []
-        shuffled = rng.permutation(fit_rows)
-        for start in range(0, len(shuffled), cfg.ranker_batch_size):
-            rows = shuffled[start:start + cfg.ranker_batch_size]
-            losses.append(float(step(inputs(rows), tf.constant(lists["labels"][rows]))))
-        score = held_ndcg()
-        history["loss"].append(float(np.mean(losses)))
-        history["holdout_ndcg@10"].append(score)
-        if writer is not None:
-            with writer.as_default():
-                tf.summary.scalar("loss", history["loss"][-1], step=epoch)
-                tf.summary.scalar("holdout_ndcg@10", score, step=epoch)
-        best.update(score)
-    best.restore()
+    batches = _ShuffledLists(fit_rows, cfg.ranker_batch_size,
+                             np.random.default_rng(cfg.seed + 1),
+                             lambda rows: (inputs(rows), tf.constant(lists["labels"][rows])))
+    keep = KeepBestEpoch(score_fn=held_ndcg, log_key="holdout_ndcg@10")
+    callbacks = [keep]
+    if log_dir:
+        callbacks.append(tf.keras.callbacks.TensorBoard(os.path.join(log_dir, "ranker"),
+                                                        update_freq="epoch", write_graph=False))
+    fit = ranker.fit(batches, epochs=cfg.ranker_epochs, shuffle=False, verbose=0,
+                     callbacks=callbacks)
+    history = {"loss": [float(x) for x in fit.history.get("loss", [])],
+               "holdout_ndcg@10": list(keep.scores)}
     pipeline.ranker = ranker
     return history
 

@@ -33,7 +33,7 @@ def metric_key(name: str) -> str:
 class RetrievalEvaluation(tf.keras.callbacks.Callback):
     """Adds `val_recall_at_k`, `val_ndcg_at_k`, ... and `learning_rate` to epoch logs.
 
-    Runs before TensorBoard and EarlyStopping in the callback list, which then log and
+    Runs before TensorBoard and KeepBestEpoch in the callback list, which then log and
     monitor these keys like any other validation metric.
 
     Args:

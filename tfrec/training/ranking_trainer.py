@@ -35,6 +35,7 @@ from tfrec.models.embedding import tower_fn
 from tfrec.training.callbacks import BackupAndRestore, metric_key
 from tfrec.metrics.candidates import (candidate_lists, concat_lists, period_purchases,
                                        search_candidate_lists, search_sessions)
+from tfrec.training.keep_best import KeepBestEpoch
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy,
                                      resolve_precision)
 from tfrec.training.trainer import (WEIGHTS_DIR, WEIGHTS_PREFIX, _save_weights_atomically,
@@ -267,9 +268,7 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
         evaluation,  # first: adds val_* metrics the others read
         tf.keras.callbacks.TensorBoard(tb_dir if chief else tempfile.mkdtemp(),
                                        update_freq="epoch", write_graph=False),
-        tf.keras.callbacks.EarlyStopping(
-            monitor=f"val_score_ndcg_at_{cfg.ranking.eval_ks[0]}", mode="max", patience=2,
-            restore_best_weights=True),
+        KeepBestEpoch(monitor=f"val_score_ndcg_at_{cfg.ranking.eval_ks[0]}", patience=2),
         BackupAndRestore(os.path.join(out_dir, "backup")),
     ] + list(extra_callbacks or [])
     log.info("ranker: %d training lists of %d candidates (%s labels first, %s)",

@@ -39,6 +39,7 @@ from tfrec.features.vocab import Vocabularies, build_vocabularies
 from tfrec.models.retrieval import TwoTowerModel
 from tfrec.training.callbacks import (BackupAndRestore, RefreshCatalogIndex, RetrievalEvaluation, metric_key,
                                       refresh_index, tower_fn, write_hparams, write_projector)
+from tfrec.training.keep_best import KeepBestEpoch
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy, num_workers,
                                      resolve_precision, tf_config)
 
@@ -258,9 +259,7 @@ def train_retrieval(cfg: Config,
         tf.keras.callbacks.TensorBoard(tb_dir if chief else tempfile.mkdtemp(),
                                        histogram_freq=cfg.train.histogram_freq,
                                        update_freq="epoch", write_graph=False),
-        tf.keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
-                                         patience=cfg.train.early_stopping_patience,
-                                         restore_best_weights=True),
+        KeepBestEpoch(monitor=monitor, patience=cfg.train.early_stopping_patience),
         BackupAndRestore(os.path.join(run_dir, "backup")),
         _ResumeLog(),
     ] + list(extra_callbacks or [])
@@ -279,7 +278,7 @@ def train_retrieval(cfg: Config,
     seen = (steps_per_epoch * cfg.train.batch_size if steps_per_epoch else examples) * epochs_run
     initial_epoch = int(history.epoch[0]) if history.epoch else int(cfg.train.epochs)
 
-    # Final metrics on the weights actually saved (EarlyStopping may restore best ones).
+    # Final metrics on the weights actually saved (KeepBestEpoch restored the best epoch).
     val_metrics = evaluation.evaluate()
     _save_weights_atomically(model, run_dir, chief)
     if parameter_server:
