@@ -157,6 +157,11 @@ def test_export_takes_and_uses_the_extra_columns(extra_run, tiny_world, tmp_path
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"color", "material", "rating"} <= set(result["inputs"])
     assert result["color_delta"] > 1e-6 and result["rating_delta"] > 1e-6
+    # `tfrec evaluate --saved-model` reads the extra columns the signature asks for.
+    from tfrec import workflow
+
+    rows = workflow.evaluate(cfg, saved_model=path)
+    assert rows["two_tower"]["recall@100"] > 0
 
 
 def test_evaluate_runs_with_the_extra_columns(extra_run):

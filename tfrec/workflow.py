@@ -57,9 +57,6 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
       report_dir: also write an HTML/JSON report there (adds a co-occurrence baseline
         row) and log it to TensorBoard under <log_dir>/<run>/evaluation.
     """
-    import numpy as np
-    import tensorflow as tf
-
     from tfrec.data.io import load_tables
     from tfrec.evaluation.report import evaluate_period
     from tfrec.models.embedding import tower_fn
@@ -110,7 +107,10 @@ def _load_saved_model(path: str):
 
 
 def _signature_fn(fn):
+    """An exported embedding signature as a numpy embedding function (see tower_fn)."""
     import tensorflow as tf
+
+    from tfrec.data.feature_spec import FeatureSpec
 
     specs = fn.structured_input_signature[1]
 
@@ -118,6 +118,7 @@ def _signature_fn(fn):
         args = {k: tf.constant(v, dtype=specs[k].dtype) for k, v in features.items() if k in specs}
         return fn(**args)["embedding"].numpy()
 
+    call.features = FeatureSpec.from_inputs(specs)  # the catalog columns it reads
     return call
 
 

@@ -157,6 +157,19 @@ class FeatureSpec:
                                         config.attribute_dim, extra=True))
         return cls(tuple(features), department_dim=config.department_dim)
 
+    @classmethod
+    def from_inputs(cls, specs: Mapping[str, tf.TensorSpec]) -> "FeatureSpec":
+        """The spec of an exported model, from its `candidate_embedding` input signature.
+
+        Inputs beyond the built-in ones are its extra columns: strings categorical,
+        numbers numeric (dims do not matter here: the model is already built).
+        """
+        builtin = {f.name for f in default_spec().features}
+        extras = [name for name in specs if name not in builtin]
+        return cls.from_config(FeaturesConfig(
+            item_categorical=tuple(n for n in extras if specs[n].dtype == tf.string),
+            item_numeric=tuple(n for n in extras if specs[n].dtype != tf.string)))
+
     def __getitem__(self, name: str) -> Feature:
         return self._by_name[name]
 

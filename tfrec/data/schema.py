@@ -7,7 +7,7 @@ rest of the package depends on column names here and nowhere else.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Mapping
+from typing import Dict
 
 import numpy as np
 import pandas as pd

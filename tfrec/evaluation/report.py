@@ -13,7 +13,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from tfrec.data.io import load_tables
 from tfrec.evaluation.baselines import BM25Baseline, PopularityBaseline
 from tfrec.metrics.ranking import evaluate_topk
 from tfrec.metrics.candidates import (candidate_lists, period_purchases, purchase_rate, rerank,

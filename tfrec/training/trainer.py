@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-import numpy as np
 import pandas as pd
 
 import tfrec  # noqa: F401
