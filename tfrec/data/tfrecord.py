@@ -22,23 +22,28 @@ def shard_name(prefix: str, index: int, num_shards: int) -> str:
     return f"{prefix}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-def _feature(value, dtype: str) -> tf.train.Feature:
-    if dtype == "string":
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
-    if dtype == "string_list":
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() for v in value]))
-    if dtype == "int":
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
-    return tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+def _bytes(values) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+
+
+# Column dtype (FeatureSpec.example_columns) -> one value's tf.train.Feature.
+_FEATURE_OF = {
+    "string": lambda v: _bytes([v.encode()]),
+    "string_list": lambda v: _bytes([x.encode() for x in v]),
+    "int": lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=[v])),
+    "float": lambda v: tf.train.Feature(float_list=tf.train.FloatList(value=[v])),
+}
 
 
 def _serialize_rows(df: pd.DataFrame, columns: Mapping[str, str]) -> List[bytes]:
-    values = {c: df[c].tolist() for c in columns}
+    # Row by row: protos of a whole table held at once would cost ~10 KB per example.
+    names = list(columns)
+    makers = [_FEATURE_OF[columns[c]] for c in names]
     records = []
-    for i in range(len(df)):
-        feature = {c: _feature(values[c][i], dtype) for c, dtype in columns.items()}
-        example = tf.train.Example(features=tf.train.Features(feature=feature))
-        records.append(example.SerializeToString())
+    for row in zip(*(df[c].tolist() for c in names)):
+        feature = {name: make(value) for name, make, value in zip(names, makers, row)}
+        records.append(tf.train.Example(features=tf.train.Features(feature=feature))
+                       .SerializeToString())
     return records
 
 
