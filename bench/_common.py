@@ -1,13 +1,15 @@
-"""Small helpers shared by the benchmark scripts: tables, machine facts, gRPC load."""
+"""Small helpers shared by the benchmark scripts: tables, machine facts, gRPC load, and
+the `--smoke` quick mode (tiny settings, data-absent skips, a tiny random BERT)."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -100,3 +102,82 @@ def closed_loop(address, model, pool, threads, seconds, max_requests, start_even
         client.close()
     return (np.concatenate([np.asarray(x, dtype=float) for x in latencies]),
             sum(errors, []), wall)
+
+
+# -- smoke mode ------------------------------------------------------------------------------
+
+SMOKE_HELP = ("quick smoke run (tests/test_bench_smoke.py runs it): tiny sizes and "
+              "seconds through the same code to the same table, figures meaningless "
+              "(TensorFlow's graph optimizer is off); the module docstring says what it "
+              "leaves out. Sets")
+# Set by a --smoke run for the processes it spawns: the model servers (multiprocessing
+# children import this module again) turn the graph optimizer off too; distributed.py's
+# `tfrec train` subprocesses do not read it.
+SMOKE_ENV = "TFREC_BENCH_SMOKE"
+
+
+def smoke_runtime() -> None:
+    """Turns TensorFlow's graph optimizer (grappler) off in this process.
+
+    Grappler rewrites every function graph the first time it runs; with tiny models that
+    first-call cost is a large share of a smoke run (about a quarter of large_catalog.py's
+    smoke wall time). The Python code paths and the graphs built stay the same; only
+    their optimisation (op fusion, constant folding, ...) is skipped.
+    """
+    import tensorflow as tf
+
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+
+
+if os.environ.get(SMOKE_ENV) == "1":  # a model server started by a --smoke run
+    smoke_runtime()
+
+
+def _shown(dest: str, value: object) -> str:
+    """How the option would be typed, e.g. `--max-requests 200`, `--no-export`."""
+    flag = dest.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    if isinstance(value, (list, tuple)):
+        return f"--{flag} " + " ".join(str(v) for v in value)
+    return f"--{flag} " + ('""' if value == "" else str(value))
+
+
+def parse_smoke_args(parser, argv, smoke: Dict[str, object]):
+    """Adds `--smoke` to `parser` and parses `argv`.
+
+    With --smoke, the options named in `smoke` (dest -> value) default to those tiny
+    values instead; options given on the command line still win. The settings are listed
+    in --help. A smoke run also turns TensorFlow's graph optimizer off (smoke_runtime),
+    here and in the model servers it spawns.
+    """
+    listed = ", ".join(_shown(k, v) for k, v in smoke.items())
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"{SMOKE_HELP} {listed}".replace("%", "%%"))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**smoke)
+        args = parser.parse_args(argv)
+        os.environ[SMOKE_ENV] = "1"
+        smoke_runtime()
+    return args
+
+
+def skip(reason: str) -> None:
+    """Ends a smoke run that cannot run here: prints 'skipped: <reason>', exit code 0."""
+    print(f"skipped: {reason}", flush=True)
+    sys.exit(0)
+
+
+def tiny_bert(out_dir: str, texts: Sequence[str], max_words: int = 1000,
+              seq_length: int = 64) -> Tuple[str, str]:
+    """(encoder, preprocessor) of a tiny random BERT (2 layers, hidden 64) in `out_dir`.
+
+    Smoke runs use it in place of MiniLM (work/text/minilm): same TF-Hub interface, built
+    like tests/conftest.py's tiny_encoder, its vocabulary the frequent words of `texts`.
+    """
+    from tfrec.text.hub_export import build_tiny_encoder
+    from tfrec.text.vocab import words_from_texts
+
+    return build_tiny_encoder(out_dir, vocab_tokens=words_from_texts(texts, max_words=max_words),
+                              layers=2, hidden=64, heads=2, seq_length=seq_length, seed=0)

@@ -32,6 +32,16 @@ tf.function); the last seed's pipeline is also exported and its SavedModel timed
 Run from the repository root (needs `tfrec text import-minilm`, i.e. work/text/minilm):
 
     python bench/homedepot_search.py [--seeds 0,1,2] [--workdir work/bench-homedepot]
+
+Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the judgments of the first 200
+distinct queries of the file (--queries; catalog = their products), one seed (0), 1
+two-tower epoch, 1 ranker epoch, 5 latency queries, no export (--no-export: about 8 s;
+tests/test_search.py covers export_search), and a tiny random BERT (2 layers, hidden 64,
+vocabulary from the slice's titles and queries; written to the work dir) instead of
+MiniLM, so work/text/minilm is not needed. Same pipeline and table; the figures mean
+nothing. Without the Home Depot file under the data dir, a smoke run prints "skipped:
+..." and exits 0. TensorFlow's graph optimizer is off (bench/_common.py). Options given
+explicitly still override these.
 """
 
 from __future__ import annotations
@@ -48,12 +58,19 @@ import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 import numpy as np
 import tensorflow as tf
 
+from tfrec.data.homedepot import homedepot_path, load_homedepot, split_by_query
 from tfrec.search.config import SearchConfig
-from tfrec.search.train import load_search_data, train_search
+from tfrec.search.data import product_catalog
+from tfrec.search.train import SearchData, load_search_data, train_search
 
 tf.get_logger().setLevel("ERROR")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line, ratio  # noqa: E402
+from _common import (format_table, machine_line, parse_smoke_args, ratio, skip,  # noqa: E402
+                     tiny_bert)
+
+# encoder "tiny": a tiny random BERT built into the work dir (see tiny_bert).
+SMOKE = dict(seeds="0", queries=200, epochs=1, ranker_epochs=1, latency_queries=5,
+             export=False, encoder="tiny")
 
 ROWS = (("BM25", "bm25"), ("MiniLM zero-shot", "minilm_zero_shot"), ("two-tower", "two_tower"),
         ("hybrid (two-tower + BM25)", "hybrid"), ("two-tower+ranker", "two_tower+ranker"))
@@ -68,10 +85,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "so the timed run embeds the catalog once)")
     p.add_argument("--data-dir", default=None, help="real-data dir (default ../shared/data)")
     p.add_argument("--epochs", type=int, default=SearchConfig.epochs)
+    p.add_argument("--ranker-epochs", type=int, default=SearchConfig.ranker_epochs)
     p.add_argument("--latency-queries", type=int, default=50)
+    p.add_argument("--queries", type=int, default=0,
+                   help="use only the judgments of the first N distinct queries of the "
+                        "file (0: all)")
+    p.add_argument("--encoder", default=SearchConfig.encoder,
+                   help="BERT encoder (\"tiny\": build a tiny random one in the work dir, "
+                        "with its own preprocessor)")
+    p.add_argument("--preprocessor", default=SearchConfig.preprocessor)
     p.add_argument("--no-export", dest="export", action="store_false",
                    help="skip exporting the last seed's pipeline and timing the SavedModel")
-    return p.parse_args(argv)
+    return parse_smoke_args(p, argv, SMOKE)
+
+
+def first_queries(cfg: SearchConfig, queries: int) -> SearchData:
+    """load_search_data on the judgments of the file's first `queries` distinct queries."""
+    judgments = load_homedepot(data_dir=cfg.data_dir)
+    keep = set(judgments["query"].drop_duplicates().iloc[:queries])
+    judgments = judgments[judgments["query"].isin(keep)].reset_index(drop=True)
+    return SearchData(judgments, product_catalog(judgments),
+                      split_by_query(judgments, cfg.split, seed=cfg.seed))
 
 
 def stage_latency(run, queries: Sequence[str]) -> Dict[str, float]:
@@ -118,13 +152,24 @@ def exported_latency(run, queries: Sequence[str], base: str) -> float:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.smoke and not os.path.isfile(homedepot_path(args.data_dir)):
+        skip(f"Home Depot judgments not found at {homedepot_path(args.data_dir)!r} (pass "
+             "--data-dir or set TFREC_DATA_DIR)")
     wall = time.perf_counter()
     workdir = args.workdir or tempfile.mkdtemp(prefix="tfrec-homedepot-")
     runs, latencies = [], []
-    exported_ms = None
+    exported_ms, tiny = None, None
     for i, seed in enumerate(seeds):
-        cfg = SearchConfig(seed=seed, epochs=args.epochs, data_dir=args.data_dir)
-        data = load_search_data(cfg)
+        cfg = SearchConfig(seed=seed, epochs=args.epochs, data_dir=args.data_dir,
+                           ranker_epochs=args.ranker_epochs, encoder=args.encoder,
+                           preprocessor=args.preprocessor)
+        data = first_queries(cfg, args.queries) if args.queries else load_search_data(cfg)
+        if args.encoder == "tiny":  # one for every seed (same judgments, other split)
+            if not tiny:
+                texts = (data.catalog["title"].tolist()
+                         + data.judgments["query"].unique().tolist())
+                tiny = tiny_bert(os.path.join(workdir, "tiny_bert"), texts)
+            cfg.encoder, cfg.preprocessor = tiny
         run = train_search(cfg, workdir, data=data, zero_shot=True,
                            log_dir=os.path.join(workdir, "tensorboard_logs", f"seed{seed}"))
         runs.append(run)
@@ -162,7 +207,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
              for m in METRICS]
     print("two-tower+ranker minus BM25 per seed: " + "; ".join(
         f"{m} " + ", ".join(f"{g:+.4f}" for g in gain) for m, gain in zip(METRICS, gains)))
-    print(f"title embedding (MiniLM, {len(data.catalog):,} titles, once per run): "
+    if tiny:
+        print("BERT: a tiny random encoder (--encoder tiny) stands in for MiniLM (the rows "
+              "named MiniLM use it)")
+    print(f"title embedding ({'tiny BERT' if tiny else 'MiniLM'}, {len(data.catalog):,} "
+          "titles, once per run): "
           f"{runs[0].timings['title_vectors_s']:.0f} s")
     if exported_ms is not None:
         print(f"exported search SavedModel, batch 1: {exported_ms:.1f} ms/query (median)")

@@ -23,6 +23,12 @@ and the latency of the exported serving_default (towers + history exclusion + ex
 top-100, loaded with tf.saved_model.load) at batch 1 and 32.
 
 Run from the repository root:  python bench/large_catalog.py [--sizes 100000,1000000]
+
+Smoke mode (--smoke; tests/test_bench_smoke.py runs it): a 1,000-item latency table and
+training + export at 1,000 items (100 user ids, batch 32, 1 warm-up + 2 timed steps), 2
+warm-up calls and 10 timed calls per row. Same graphs, phases and tables; the figures
+mean nothing. TensorFlow's graph optimizer is off (bench/_common.py). Options given
+explicitly still override these.
 """
 
 from __future__ import annotations
@@ -50,7 +56,10 @@ from tfrec.training.trainer import build_model
 
 tf.get_logger().setLevel("ERROR")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line  # noqa: E402
+from _common import format_table, machine_line, parse_smoke_args  # noqa: E402
+
+SMOKE = dict(sizes="1000", train_items=1000, train_steps=2, warmup_steps=1, batch_size=32,
+             users=100, warmup=2, requests=10)
 
 DIM = 64
 
@@ -237,7 +246,7 @@ def train_and_export(args, rng, work: str) -> tuple:
     return phases, rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="100000,1000000",
                         help="catalog sizes of the top-k latency table")
@@ -253,7 +262,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=30000, help="user ids in the vocabulary")
     parser.add_argument("--work-dir", help="keep the exported SavedModel here")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parse_smoke_args(parser, argv, SMOKE)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.batches = [int(b) for b in args.batches.split(",") if b]
     rng = np.random.default_rng(args.seed)

@@ -35,6 +35,14 @@ Hyper-parameters were chosen on a validation split carved out of the training ra
 (`--tune` reproduces it), never on the test split. Run from the repository root:
 
     python bench/movielens.py [--data-dir ../shared/data] [--protocol 1|2|both]
+
+Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the first 5,000 ratings of
+u.data (same splits, scaled: protocol 1 trains on 80% of them), one seed, 1 epoch for
+every model (the tutorial's included), and only the last (richest) tfrec setup of each
+protocol; both tables, the published rows and the baselines as usual. The figures mean
+nothing. Without MovieLens 100K under the data dir, a smoke run prints "skipped: ..."
+and exits 0 (a full run exits 2). TensorFlow's graph optimizer is off
+(bench/_common.py). Options given explicitly still override these.
 """
 
 from __future__ import annotations
@@ -67,7 +75,9 @@ from tfrec.training.trainer import build_model
 
 tf.get_logger().setLevel("ERROR")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line  # noqa: E402
+from _common import format_table, machine_line, parse_smoke_args, skip  # noqa: E402
+
+SMOKE = dict(seeds=1, ratings=5000, epochs=1, tutorial_epochs=1, setups="last")
 
 NO_HISTORY_TS = np.iinfo(np.int64).min  # query time before everything: empty history
 LATEST_TS = np.iinfo(np.int64).max  # query time after everything: whole history
@@ -350,14 +360,16 @@ def _spread(values: Sequence[float]) -> str:
 
 
 def protocol_1(ml: MovieLens, setups: Sequence[TwoTowerSetup], tune: bool, seeds: int = 1,
-               print_fn=print) -> List[Tuple]:
-    train, test = tutorial_split(ml.ratings, seed=42)
+               print_fn=print, tutorial_epochs: int = 3) -> List[Tuple]:
+    # 80,000 / 20,000 of the 100k ratings (80% of a --ratings slice); --tune holds out
+    # 10,000 of the 80,000 (an eighth of the training ratings).
+    train, test = tutorial_split(ml.ratings, seed=42, train_size=len(ml.ratings) * 4 // 5)
     if tune:  # validation split from the training ratings only
-        train, test = tutorial_split(train, seed=7, train_size=len(train) - 10_000)
+        train, test = tutorial_split(train, seed=7, train_size=len(train) - len(train) // 8)
         print_fn(f"[tune] validation split of train: {len(train)} / {len(test)}")
     rows: List[Tuple] = [(name, f"{v:.2f}", "", "", "") for name, v in PUBLISHED_P1]
     start = time.perf_counter()
-    acc = run_tfrs_tutorial(train, test, ml)
+    acc = run_tfrs_tutorial(train, test, ml, epochs=tutorial_epochs)
     rows.append(("TFRS tutorial model, re-run on this split", f"{acc:.4f}", "", "",
                  f"{time.perf_counter() - start:.0f}"))
     print_fn(f"  tutorial re-run: top-100 {acc:.4f}", flush=True)
@@ -475,18 +487,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, default=2,
                         help="train each tfrec configuration with this many seeds (42, 43, "
                              "...) and print mean (min-max)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--ratings", type=int, default=0,
+                        help="use only the first N ratings of u.data (0: all 100,000)")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="epochs of every tfrec setup (0: each setup's tuned epochs)")
+    parser.add_argument("--tutorial-epochs", type=int, default=3,
+                        help="epochs of the TFRS tutorial model (the tutorial's 3)")
+    parser.add_argument("--setups", choices=["all", "last"], default="all",
+                        help="tfrec setups per protocol: all, or only the last (richest)")
+    args = parse_smoke_args(parser, argv, SMOKE)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if not os.path.isdir(movielens_path(args.data_dir)):
+        if args.smoke:
+            skip(f"MovieLens 100K not found at {movielens_path(args.data_dir)!r} (pass "
+                 "--data-dir or set TFREC_DATA_DIR)")
         print(f"MovieLens 100K not found at {movielens_path(args.data_dir)!r}; pass "
               f"--data-dir or set TFREC_DATA_DIR", file=sys.stderr)
         return 2
     started = time.perf_counter()
     print(machine_line(), flush=True)
     ml = load_movielens(args.data_dir)
+    if args.ratings:
+        ml = dataclasses.replace(ml, ratings=ml.ratings.iloc[:args.ratings].reset_index(
+            drop=True))
+        print(f"using the first {len(ml.ratings):,} ratings of u.data (--ratings)", flush=True)
+
+    def chosen(setups: Sequence[TwoTowerSetup]) -> List[TwoTowerSetup]:
+        setups = list(setups[-1:] if args.setups == "last" else setups)
+        if args.epochs:
+            setups = [dataclasses.replace(s, epochs=args.epochs) for s in setups]
+        return setups
+
     if args.protocol in ("1", "both"):
-        rows = protocol_1(ml, P1_SETUPS, args.tune, args.seeds)
+        rows = protocol_1(ml, chosen(P1_SETUPS), args.tune, args.seeds,
+                          tutorial_epochs=args.tutorial_epochs)
         print()
         print(format_table(
             ["model", "top-100 acc (TFRS metric)", "numpy check", "top-10 acc", "seconds"], rows,
@@ -494,7 +529,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "42; factorized top-100 accuracy over all 1,682 movies)"))
         print(flush=True)
     if args.protocol in ("2", "both"):
-        rows = protocol_2(ml, P2_SETUPS, args.tune, args.seeds)
+        rows = protocol_2(ml, chosen(P2_SETUPS), args.tune, args.seeds)
         print()
         print(format_table(
             ["model", "MAP", "nDCG@10", "Precision@10", "Recall@10", "MAP@10 (÷min)",

@@ -9,8 +9,9 @@ Models (built on a synthetic world, --world, seeded): a two-tower retrieval mode
 one ranker per text variant, untrained (latency does not depend on the weights; the
 graphs are the ones training produces): "bow" (words + char trigrams), "fast MiniLM"
 (work/text/minilm, `tfrec text import-minilm`) and "fast tiny" (a 2-layer random BERT,
-tfrec.text.hub_export.build_tiny_encoder). BERT variants are skipped, with the reason
-printed, when tfrec.models.text_match.TextMatch does not import or MiniLM is missing.
+tfrec.text.hub_export.build_tiny_encoder); --variants picks among bow,minilm,tiny.
+BERT variants are skipped, with the reason printed, when
+tfrec.models.text_match.TextMatch does not import or MiniLM is missing.
 Each variant is exported with export_ranker / export_pipeline (K = 100 and 200, k = 10,
 max_per_brand 3) and served by tfrec's ModelServer in a child process on 127.0.0.1.
 
@@ -21,6 +22,14 @@ gRPC, server, decoding); each figure is the median over --repeats runs, and the 
 columns divide by the first row.
 
 Run from the repository root:  python bench/ranking_latency.py [--world small]
+
+Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, one K (50),
+only the bow variant (--variants bow: each variant costs two exports and a server start,
+and the tiny BERT's own export about 10 s more; `--smoke --variants tiny` runs the BERT
+path instead, without work/text/minilm, in about 50 s), 0.5 s or 20 requests per run
+after 2 warm-up requests, 1 repeat, a pool of 8 requests. Same exports, server process
+and table; the figures mean nothing. TensorFlow's graph optimizer is off
+(bench/_common.py). Options given explicitly still override these.
 """
 
 from __future__ import annotations
@@ -49,11 +58,14 @@ from tfrec.serving.client import PredictClient, ServingError
 
 tf.get_logger().setLevel("ERROR")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line, ratio  # noqa: E402
+from _common import format_table, machine_line, parse_smoke_args, ratio  # noqa: E402
 from serving_latency import Server  # noqa: E402  (ModelServer in a child process)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINILM = os.path.join(REPO, "work", "text", "minilm")
+VARIANTS = ("bow", "minilm", "tiny")
+SMOKE = dict(world="tiny", candidates="50", seconds=0.5, max_requests=20, repeats=1,
+             warmup=2, pool=8, variants="bow")
 DUMMY = {"user_id": tf.constant([""]), "history": tf.constant([[""]]),
          "device": tf.constant([""]), "hour": tf.constant([0], tf.int64),
          "query": tf.constant([""]), "item_id": tf.constant([[""]]),
@@ -86,6 +98,8 @@ def text_variants(args, world: World, workdir: str) -> Tuple[List[Tuple[str, str
     skipped = []
     if args.bow_only:
         return [], ["BERT variants: --bow-only"]
+    if not {"minilm", "tiny"} & set(args.variants):
+        return [], ["BERT variants: not in --variants"]
     try:
         from tfrec.models.text_match import TextMatch  # noqa: F401
     except Exception as e:  # not written yet, or its dependencies are missing
@@ -94,10 +108,14 @@ def text_variants(args, world: World, workdir: str) -> Tuple[List[Tuple[str, str
     variants = []
     encoder, preprocessor = (os.path.join(MINILM, "encoder"),
                              os.path.join(MINILM, "preprocessor"))
-    if os.path.isdir(encoder) and os.path.isdir(preprocessor):
+    if "minilm" not in args.variants:
+        skipped.append("fast MiniLM: not in --variants")
+    elif os.path.isdir(encoder) and os.path.isdir(preprocessor):
         variants.append(("fast MiniLM", encoder, preprocessor))
     else:
         skipped.append(f"fast MiniLM: {MINILM} not found (run `tfrec text import-minilm`)")
+    if "tiny" not in args.variants:
+        return variants, skipped + ["fast tiny: not in --variants"]
     try:
         from tfrec.text.hub_export import build_tiny_encoder
         from tfrec.text.vocab import words_from_texts
@@ -232,9 +250,16 @@ def main(argv=None):
     parser.add_argument("--pool", type=int, default=64, help="distinct requests rotated")
     parser.add_argument("--history", type=int, default=20, help="history width")
     parser.add_argument("--bow-only", action="store_true", help="skip the BERT variants")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"rankers to measure, comma list among {','.join(VARIANTS)}")
     parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
+    args = parse_smoke_args(parser, argv, SMOKE)
     args.candidates = [int(k) for k in args.candidates.split(",") if k.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown or not args.variants:
+        parser.error(f"--variants must be a comma list among {','.join(VARIANTS)}, "
+                     f"got {unknown or 'nothing'}")
 
     started = time.perf_counter()
     workdir = tempfile.mkdtemp(prefix="tfrec-bench-ranking-")
@@ -247,7 +272,10 @@ def main(argv=None):
         bert, skipped = text_variants(args, world, workdir)
         for reason in skipped:
             print(f"skipped {reason}", flush=True)
-        for text in [None] + bert:
+        if "bow" not in args.variants:
+            skipped.insert(0, "bow: not in --variants")
+            print(f"skipped {skipped[0]}", flush=True)
+        for text in ([None] if "bow" in args.variants else []) + bert:
             label = "bow" if text is None else text[0]
             name = label.replace(" ", "_").lower()
             base_dir = os.path.join(workdir, "models", name)
@@ -260,6 +288,8 @@ def main(argv=None):
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+    if not rows:
+        sys.exit("nothing measured: " + "; ".join(skipped))
     ref = rows[0][3]
     table = [[label, k, endpoint, s["requests"], s["errors"], f"{s['qps']:.1f}",
               f"{s['p50']:.1f}", f"{s['p99']:.1f}", ratio(s["p50"], ref["p50"]),

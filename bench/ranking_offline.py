@@ -7,11 +7,22 @@ trained on validation-period retrieval candidates, re-orders the retrieval top-K
 test-period users: NDCG@10 / purchase-rate@10 against retrieval order and the oracle.
 
 Usage: python bench/ranking_offline.py [--world small] [--epochs 5] [--rerank]
+
+Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, 1 ranker epoch,
+the same table. With --smoke --rerank and no --checkpoint-dir, part 2 does not read
+work/checkpoints: it first trains a throwaway retrieval run (tiny world, 1 epoch) in a
+temporary directory, then re-ranks its top-50 for 100 test users. The figures mean
+nothing. TensorFlow's graph optimizer is off (bench/_common.py). Options given
+explicitly still override these.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -33,6 +44,12 @@ from tfrec.features.catalog import CatalogLookup, catalog_statistics
 from tfrec.models.ranking import RankingModel
 from tfrec.models.embedding import tower_fn
 from tfrec.training.trainer import load_trained_model, resolve_run_dir
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import parse_smoke_args  # noqa: E402
+
+# checkpoint_dir "": --rerank trains its own throwaway retrieval run (see throwaway_run).
+SMOKE = dict(world="tiny", epochs=1, checkpoint_dir="", candidates=50, users=100)
 
 
 def train_ranker(vocab, arrays, config: RankingConfig, catalog) -> RankingModel:
@@ -81,7 +98,24 @@ def shown_items(args) -> None:
               f"{purchases:>19.4f}{purchases / reference['p']:>10.3f}x")
 
 
-def rerank(args) -> None:
+def throwaway_run(root: str) -> str:
+    """Trains a 1-epoch retrieval run on the tiny world under `root`; its checkpoint dir."""
+    from tfrec import workflow
+    from tfrec.config import Config
+
+    cfg = Config()
+    cfg.data.data_dir = os.path.join(root, "data")
+    cfg.data.tfrecord_dir = os.path.join(root, "tfrecords")
+    cfg.train.checkpoint_dir = os.path.join(root, "checkpoints")
+    cfg.train.log_dir = os.path.join(root, "tensorboard_logs")
+    cfg.train.epochs = 1
+    workflow.generate(cfg, world="tiny")
+    workflow.train(cfg)
+    return cfg.train.checkpoint_dir
+
+
+def rerank(args, log_dir: str = "") -> None:
+    """Part 2; `log_dir` holds the ranker's TensorBoard logs (default: the config's)."""
     from tfrec.config import Config
     from tfrec.evaluation.report import evaluate_period, format_table
     from tfrec.training.ranking_trainer import train_ranker as train_candidate_ranker
@@ -90,6 +124,8 @@ def rerank(args) -> None:
     cfg.train.checkpoint_dir = args.checkpoint_dir
     cfg.ranking.candidates = args.candidates
     cfg.ranking.epochs = args.epochs
+    if log_dir:
+        cfg.train.log_dir = log_dir
     run_dir = resolve_run_dir(args.checkpoint_dir)
     retrieval, run_cfg, _ = load_trained_model(run_dir)
     start = time.perf_counter()
@@ -111,21 +147,32 @@ def rerank(args) -> None:
           f"purchase_rate@10 {ranked['purchase_rate@10'] / max(base['purchase_rate@10'], 1e-12):.3f}x")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", default="small")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--loss", default="softmax")
     parser.add_argument("--rerank", action="store_true")
-    parser.add_argument("--checkpoint-dir", default="work/checkpoints")
+    parser.add_argument("--checkpoint-dir", default="work/checkpoints",
+                        help="--rerank uses its latest retrieval run (\"\": train one "
+                             "on the tiny world in a temporary directory)")
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--users", type=int, default=None)
-    args = parser.parse_args()
+    args = parse_smoke_args(parser, argv, SMOKE)
     start = time.perf_counter()
     shown_items(args)
     if args.rerank:
-        rerank(args)
+        scratch = None
+        if not args.checkpoint_dir:
+            scratch = tempfile.mkdtemp(prefix="tfrec-bench-rerank-")
+            print("\ntraining a throwaway retrieval run (tiny world, 1 epoch)", flush=True)
+            args.checkpoint_dir = throwaway_run(scratch)
+        try:
+            rerank(args, os.path.join(scratch, "tensorboard_logs") if scratch else "")
+        finally:
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
     print(f"total wall time {time.perf_counter() - start:.0f}s")
 
 

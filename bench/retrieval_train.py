@@ -30,6 +30,13 @@ recall is computed after all epochs (warm-up included) with tfrec's evaluation (
 frozen at the start of the validation period, seen items excluded, --eval-users users).
 
 Run from the repository root:  python bench/retrieval_train.py [--world small]
+
+Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, batch 256, 1
+warm-up + 1 timed epoch, recall on 50 validation users, variants baseline, tfrec and
+input_only (the cached and no-trigram variants are the tfrec model again with another
+dataset / setting, each a few seconds of tracing more), same table; the figures mean
+nothing. TensorFlow's graph optimizer is off (bench/_common.py). Options given
+explicitly still override these.
 """
 
 from __future__ import annotations
@@ -60,7 +67,10 @@ from tfrec.training.trainer import build_model, ensure_prepared
 
 tf.get_logger().setLevel("ERROR")  # Python-side TF notices (e.g. retracing) off
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line  # noqa: E402
+from _common import format_table, machine_line, parse_smoke_args  # noqa: E402
+
+SMOKE = dict(world="tiny", batch_size=256, epochs=1, eval_users=50,
+             variants="baseline,tfrec,input_only")
 
 VARIANTS = ("baseline", "tfrec", "tfrec_cached", "tfrec_no_trigrams", "input_only")
 LABELS = {"tfrec": "tfrec (TFRecord pipeline)",
@@ -156,7 +166,7 @@ def main(argv=None):
     parser.add_argument("--work-dir", default=None,
                         help="keep the world and TFRecords here and reuse them "
                              "(default: a temporary directory, deleted)")
-    args = parser.parse_args(argv)
+    args = parse_smoke_args(parser, argv, SMOKE)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:

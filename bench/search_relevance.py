@@ -29,6 +29,15 @@ work/text/minilm):
 
     python bench/search_relevance.py [--train-queries 3000] [--epochs 1] [--seed 42]
         [--modes bm25,zeroshot,fast,cross]
+
+Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the judgments of the first 200
+distinct queries of the file (--queries), 40 train / 10 validation / 20 test lists, 1
+epoch, and a tiny random BERT (2 layers, hidden 64, vocabulary from the slice's titles
+and queries; written to a temporary directory) instead of MiniLM, so work/text/minilm is
+not needed. Every mode, same table; the figures mean nothing. Without the Home Depot
+file under the data dir, a smoke run prints "skipped: ..." and exits 0. TensorFlow's
+graph optimizer is off (bench/_common.py). Options given explicitly still override
+these.
 """
 
 from __future__ import annotations
@@ -36,7 +45,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -46,7 +57,7 @@ import pandas as pd
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfrec.data.homedepot import graded_relevance, load_homedepot, split_by_query
+from tfrec.data.homedepot import graded_relevance, homedepot_path, load_homedepot, split_by_query
 from tfrec.evaluation.baselines import BM25Baseline
 from tfrec.metrics.ranking import ndcg_of_scored_lists
 from tfrec.models.losses import get_loss
@@ -54,10 +65,13 @@ from tfrec.models.text_match import TextMatch
 
 tf.get_logger().setLevel("ERROR")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line  # noqa: E402
+from _common import format_table, machine_line, parse_smoke_args, skip, tiny_bert  # noqa: E402
 
 MODES = ("bm25", "zeroshot", "fast", "cross")
 MINILM = os.path.join("work", "text", "minilm")
+TINY = "tiny"  # --encoder tiny: a tiny random BERT built for this run (see tiny_bert)
+SMOKE = dict(queries=200, train_queries=40, val_queries=10, test_queries=20, epochs=1,
+             encoder=TINY)
 K = 10
 
 
@@ -255,8 +269,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None,
                         help="holds homedepot/queries_dev.csv (default ../shared/data)")
-    parser.add_argument("--encoder", default=os.path.join(MINILM, "encoder"))
+    parser.add_argument("--encoder", default=os.path.join(MINILM, "encoder"),
+                        help=f"BERT encoder (\"{TINY}\": build a tiny random one for this "
+                             "run, with its own preprocessor)")
     parser.add_argument("--preprocessor", default=os.path.join(MINILM, "preprocessor"))
+    parser.add_argument("--queries", type=int, default=0,
+                        help="use only the judgments of the first N distinct queries of the "
+                             "file (0: all)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--seed", type=int, default=42)
@@ -276,7 +295,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--encoder-lr", type=float, default=5e-5)
     parser.add_argument("--head-lr", type=float, default=1e-3)
     parser.add_argument("--output-dim", type=int, default=32)
-    args = parser.parse_args(argv)
+    args = parse_smoke_args(parser, argv, SMOKE)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown or not args.modes:
@@ -284,7 +303,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      f"got {unknown or 'nothing'}")
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
-    for name in ("encoder", "preprocessor"):
+    if args.smoke and not os.path.isfile(homedepot_path(args.data_dir)):
+        skip(f"Home Depot judgments not found at {homedepot_path(args.data_dir)!r} (pass "
+             "--data-dir or set TFREC_DATA_DIR)")
+    for name in ("encoder", "preprocessor") if args.encoder != TINY else ():
         handle = getattr(args, name)
         if set(args.modes) - {"bm25"} and "://" not in handle and not os.path.exists(handle):
             parser.error(f"--{name} {handle!r} not found: run `tfrec text import-minilm` "
@@ -298,10 +320,23 @@ def _sample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    scratch = tempfile.mkdtemp(prefix="tfrec-bench-relevance-") if args.encoder == TINY else None
+    try:
+        run(args, scratch)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, scratch: Optional[str] = None) -> None:
+    """The benchmark; `scratch` holds the tiny BERT of --encoder tiny."""
     wall = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     tf.random.set_seed(args.seed)
     judgments = load_homedepot(data_dir=args.data_dir)
+    if args.queries:  # the judgments of the file's first N distinct queries
+        keep = set(judgments["query"].drop_duplicates().iloc[:args.queries])
+        judgments = judgments[judgments["query"].isin(keep)].reset_index(drop=True)
     split = split_by_query(judgments, seed=args.seed)
 
     # Item table: every product judged for a query we use (titles in product order).
@@ -316,6 +351,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     items = catalog.set_index("product_id").loc[used].reset_index()
     titles = items["title"].to_numpy(dtype=object)
     item_row = {p: i for i, p in enumerate(items["product_id"])}
+    if args.encoder == TINY:  # vocabulary: the words of the titles and queries used here
+        args.encoder, args.preprocessor = tiny_bert(
+            os.path.join(scratch, "tiny_bert"),
+            titles.tolist() + pd.concat(parts.values())["query"].unique().tolist())
+        print("BERT: a tiny random encoder (--encoder tiny) stands in for MiniLM (the rows "
+              "named MiniLM use it)", flush=True)
     lists = {name: build_lists(part, item_row, args.list_size, rng)
              for name, part in parts.items()}
     lengths = {name: list_lengths(lists[name], titles) for name in lists}

@@ -22,6 +22,14 @@ cost of gRPC, protobuf and the server's request handling. "p50 vs ref" divides e
 row's p50 by the p50 of the first size's 1-thread gRPC row.
 
 Run from the repository root:  python bench/serving_latency.py [--sizes 10000,100000]
+
+Smoke mode (--smoke; tests/test_bench_smoke.py runs it): a 1,000-item catalog, 1,000
+user ids, the server in a thread (--server thread: no child process to start;
+ranking_latency.py's smoke run starts this file's Server as a process), 2 client
+threads, 0.5 s or 200 requests per run, 1 repeat, 20 direct calls, a pool of 16
+requests. Same export, closed loop and table; the figures mean nothing. TensorFlow's
+graph optimizer is off (bench/_common.py). Options given explicitly still override
+these.
 """
 
 from __future__ import annotations
@@ -52,7 +60,10 @@ from tfrec.serving.server import ModelServer
 
 tf.get_logger().setLevel("ERROR")  # Python-side TF notices (e.g. retracing) off
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import closed_loop, format_table, machine_line  # noqa: E402
+from _common import closed_loop, format_table, machine_line, parse_smoke_args  # noqa: E402
+
+SMOKE = dict(sizes="1000", server="thread", threads=2, seconds=0.5, max_requests=200,
+             repeats=1, direct_requests=20, users=1000, pool=16)
 
 
 def export_model(num_items, base_dir, args):
@@ -103,7 +114,11 @@ def check_response(outputs, request, k):
 
 
 def direct_calls(version_dir, pool, requests):
-    """Sequential in-process calls of serving_default, as the server makes them."""
+    """Sequential in-process calls of serving_default, as the server makes them.
+
+    Returns (latencies s, error code names, wall s) like _common.closed_loop; a direct
+    call has no gRPC status, so the error list is always empty (a failing call raises).
+    """
     signature = load_version(1, version_dir).signatures["serving_default"]
 
     def call(request):
@@ -118,7 +133,7 @@ def direct_calls(version_dir, pool, requests):
         start = time.perf_counter()
         call(pool[n % len(pool)])
         latencies.append(time.perf_counter() - start)
-    return np.asarray(latencies), 0, time.perf_counter() - start_all
+    return np.asarray(latencies), [], time.perf_counter() - start_all
 
 
 def _serve(models, conn):
@@ -161,13 +176,20 @@ class Server:
 
 
 def summarize(runs):
-    """Median over repeats of QPS and percentiles (ms); totals of requests and errors."""
+    """Median over repeats of QPS and percentiles (ms); totals of requests and errors.
+
+    `runs` are (latencies s, error code names, wall s) as closed_loop and direct_calls
+    return them; a run without a single answer (all errors) has no percentiles and is
+    left out of the medians (NaN when no run has one).
+    """
     stats = [(len(lat) / wall, *np.percentile(lat * 1000, [50, 95, 99]))
-             for lat, _, wall in runs]
-    medians = [statistics.median(s[i] for s in stats) for i in range(4)]
+             for lat, _, wall in runs if len(lat)]
+    medians = [statistics.median(s[i] for s in stats) if stats else float("nan")
+               for i in range(4)]
     return {"requests": sum(len(r[0]) + len(r[1]) for r in runs),
             "errors": sum(len(r[1]) for r in runs),
-            "qps": medians[0], "p50": medians[1], "p95": medians[2], "p99": medians[3]}
+            "qps": medians[0] if stats else 0.0, "p50": medians[1], "p95": medians[2],
+            "p99": medians[3]}
 
 
 def main(argv=None):
@@ -186,7 +208,7 @@ def main(argv=None):
     parser.add_argument("--server", choices=("process", "thread"), default="process",
                         help="run the ModelServer in a child process or in this process")
     parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
+    args = parse_smoke_args(parser, argv, SMOKE)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
     started = time.perf_counter()

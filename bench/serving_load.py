@@ -25,6 +25,15 @@ PredictClient.predict in the client (encode, loopback gRPC, queueing, model, dec
 Ratios divide by the first row (QPS: higher is better; p50: lower is better).
 
 Run from the repository root:  python bench/serving_load.py [--clients 1,16] [--seconds 10]
+
+Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the model is always trained
+here (tiny world, 1 epoch) unless --model-dir is given, so the run does not depend on
+work/models; only batching mode file (the batching path; off is the default server,
+which serving_latency.py's smoke run serves, and eager is file with another timeout:
+each mode costs a server start), 1 and 4 clients, 0.5 s or 100 requests per row after a
+0.5 s warm-up, a pool of 16 requests. Same server process, load and table; the figures
+mean nothing. TensorFlow's graph optimizer is off (bench/_common.py). Options given
+explicitly still override these.
 """
 
 from __future__ import annotations
@@ -42,17 +51,22 @@ import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import closed_loop, format_table, machine_line, ratio  # noqa: E402
+from _common import (closed_loop, format_table, machine_line, parse_smoke_args,  # noqa: E402
+                     ratio)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "retrieval"
+DEFAULT_MODEL_DIR = os.path.join(REPO, "work", "models", MODEL)
+# model_dir "": no export to reuse, train one (a smoke run must not depend on work/models).
+SMOKE = dict(model_dir="", world="tiny", epochs=1, modes="file", clients="1,4",
+             seconds=0.5, max_requests=100, warmup_seconds=0.5, pool=16)
 
 
 # -- the model -------------------------------------------------------------------------------
 
 def latest_version(model_dir: str):
     """Path of the highest integer version holding a saved_model.pb, or None."""
-    if not os.path.isdir(model_dir):
+    if not model_dir or not os.path.isdir(model_dir):
         return None
     versions = [int(n) for n in os.listdir(model_dir)
                 if n.isdigit() and os.path.isfile(os.path.join(model_dir, n, "saved_model.pb"))]
@@ -197,7 +211,7 @@ def run_clients(address, pool, clients, processes, seconds, max_requests):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=os.path.join(REPO, "work", "models", MODEL),
+    parser.add_argument("--model-dir", default=DEFAULT_MODEL_DIR,
                         help="base dir with <version>/ exports (latest is used)")
     parser.add_argument("--world", default="tiny", choices=("tiny", "small"),
                         help="synthetic world to train on when --model-dir has no version")
@@ -209,12 +223,14 @@ def main(argv=None):
                         help="spread the clients over this many client processes")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of one run")
     parser.add_argument("--max-requests", type=int, default=20000, help="cap of one run")
+    parser.add_argument("--warmup-seconds", type=float, default=2.0,
+                        help="untimed load at the highest client level after each server start")
     parser.add_argument("--max-workers", type=int, default=32, help="server gRPC threads")
     parser.add_argument("--history", type=int, default=20, help="history items per request")
     parser.add_argument("--k", type=int, default=10, help="results per request")
     parser.add_argument("--pool", type=int, default=64, help="distinct requests rotated")
     parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
+    args = parse_smoke_args(parser, argv, SMOKE)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     levels = [int(c) for c in args.clients.split(",") if c.strip()]
     for mode in modes:
@@ -227,7 +243,8 @@ def main(argv=None):
         source = latest_version(args.model_dir)
         origin = source
         if source is None:
-            print(f"no export under {args.model_dir}: training on the {args.world!r} world "
+            where = f"no export under {args.model_dir}" if args.model_dir else "no --model-dir"
+            print(f"{where}: training on the {args.world!r} world "
                   f"({args.epochs} epochs)", flush=True)
             t0 = time.perf_counter()
             source = train_and_export(args.world, args.epochs, os.path.join(scratch, "work"))
@@ -243,7 +260,8 @@ def main(argv=None):
             server = ServerProcess(base, mode, args.max_workers)
             print(f"server ({mode}) up in {time.perf_counter() - t0:.0f}s", flush=True)
             try:
-                run_clients(server.address, pool, max(levels), 1, 2.0, 400)  # warm-up
+                run_clients(server.address, pool, max(levels), 1, args.warmup_seconds,
+                            400)  # warm-up
                 for clients in levels:
                     calls0, requests0 = server.batch_stats()
                     latencies, errors, wall = run_clients(server.address, pool, clients,

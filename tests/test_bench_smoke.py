@@ -1,0 +1,132 @@
+"""Every benchmark script runs end to end in its quick mode (`--smoke`).
+
+Nothing else runs bench/*.py, so a refactor can break one silently (issue 22: a helper
+moved to bench/_common.py and serving_latency.py crashed after its gRPC rows). Each test
+runs `python bench/<name>.py --smoke` from the repository root in a subprocess, as a
+person would: the real script on tiny sizes (see the "Smoke mode" paragraph of each
+script's docstring; TensorFlow's graph optimizer is off, see bench/_common.py), no
+mocks. It checks the exit status and that the table was printed (its header columns on
+one line, and some row labels).
+
+Benches that need real data under ../shared/data (or $TFREC_DATA_DIR) print
+"skipped: <reason>" and exit 0 without it; their test is then skipped with that reason.
+
+Marked `bench` (registered in setup.cfg): they run by default, `-m "not bench"` leaves
+them out. All of them take about 5 minutes on 2 cores (each 17-37 s: a fresh
+TensorFlow process that traces, trains and exports real models, some with a model
+server or cluster processes beside it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from typing import Dict, List, NamedTuple, Sequence, Tuple
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 300  # seconds per bench; every smoke run takes well under a minute
+
+pytestmark = pytest.mark.bench
+
+
+def row(label: str) -> str:
+    """A table row starting with `label` (then the column gap of format_table)."""
+    return re.escape(label) + r"\s{2,}\S"
+
+
+class Expect(NamedTuple):
+    headers: Sequence[Tuple[str, ...]]  # each tuple: column names printed on one line
+    rows: Sequence[str]  # regular expressions, each matching the start of a table row
+    data: bool = False  # needs ../shared/data; may print "skipped: ..."
+    forbidden: Sequence[str] = ()  # must not appear in stdout
+
+
+BENCHES: Dict[str, Expect] = {
+    "retrieval_train": Expect(
+        [("pipeline", "ex/s median", "vs baseline", "warm-up s")],
+        [row("baseline TFRS tutorial (ids)"), row("tfrec (TFRecord pipeline)"),
+         row("tfrec input pipeline only")]),
+    "serving_latency": Expect(  # the direct row is the one issue 22 crashed on
+        [("catalog", "path", "threads", "p50 ms", "errors", "p50 vs ref")],
+        [r"1,000 +gRPC +1 +\d", r"1,000 +gRPC +2 +\d", r"1,000 +direct +1 +\d"]),
+    "serving_load": Expect(
+        [("batching", "clients", "QPS", "reqs/call", "p50 vs 1st")],
+        [r"file +1 +\d", r"file +4 +\d"]),
+    "ranking_latency": Expect(
+        [("ranker", "K", "endpoint", "p50 ms", "p99 vs ref")],
+        [r"bow +50 +pipeline search +\d", r"bow +50 +ranker +\d"]),
+    "ranking_offline": Expect(
+        [("order", "ndcg@10 clicks", "ndcg@10 purchases")],
+        [row("logged order"), row("popularity"), row("ranker")]),
+    "recommendation_rerank": Expect(
+        [("seed", "order", "ndcg@10", "purchase_rate@10"),
+         ("order", "ndcg@10 (vs retrieval)", "mrr (vs retrieval)")],
+        [r"0 +two_tower +\d", row("two_tower+ranker"), row("two_tower+oracle_ranker")]),
+    "large_catalog": Expect(
+        [("catalog", "batch", "p50 ms", "queries/s")],
+        [r"1,000 +1 +\d", r"1,000 +32 +\d", r"1,000 \(exported model\) +32 +-"]),
+    "distributed": Expect(
+        [("setup", "cluster", "ex/s median", "vs 1 process")],
+        [row("PS: 1 worker + 1 ps")], forbidden=["failed"]),
+    "movielens": Expect(
+        [("model", "top-100 acc (TFRS metric)", "numpy check"),
+         ("model", "MAP", "nDCG@10", "Recall@10")],
+        [row("TFRS tutorial model, re-run on this split"),
+         row("tfrec popularity baseline"),
+         row("tfrec co-occurrence baseline (SAR-like, jaccard)")], data=True),
+    "homedepot_search": Expect(
+        [("model", "NDCG@10", "Recall@100", "MRR", "ms/query")],
+        [row("BM25"), row("MiniLM zero-shot"), row("two-tower+ranker")], data=True),
+    "search_relevance": Expect(
+        [("method", "test NDCG@10", "vs BM25", "val NDCG@10")],
+        [row("BM25"), row("MiniLM zero-shot cosine"), row("MiniLM fast, fine-tuned"),
+         row("MiniLM cross-encoder, fine-tuned")], data=True),
+}
+
+
+def run_smoke(name: str) -> subprocess.CompletedProcess:
+    """`python bench/<name>.py --smoke` from the repository root; kills its process group
+    (server and worker processes included) when it overruns TIMEOUT."""
+    proc = subprocess.Popen([sys.executable, os.path.join("bench", f"{name}.py"), "--smoke"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"bench/{name}.py --smoke ran over {TIMEOUT}s\n--- stdout:\n{out[-3000:]}"
+                    f"\n--- stderr:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_every_bench_has_a_smoke_test():
+    scripts = {f[:-3] for f in os.listdir(os.path.join(REPO, "bench"))
+               if f.endswith(".py") and not f.startswith("_")}
+    assert scripts == set(BENCHES)
+
+
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_bench_smoke(name):
+    expect = BENCHES[name]
+    result = run_smoke(name)
+    report = (f"bench/{name}.py --smoke exited {result.returncode}\n--- stdout:\n"
+              f"{result.stdout[-3000:]}\n--- stderr:\n{result.stderr[-3000:]}")
+    assert result.returncode == 0, report
+    lines: List[str] = result.stdout.splitlines()
+    if expect.data and lines and lines[-1].startswith("skipped: "):
+        pytest.skip(f"bench/{name}.py: {lines[-1]}")
+    for header in expect.headers:
+        assert any(all(column in line for column in header) for line in lines), (
+            f"no line holds the header columns {header}\n{report}")
+    for pattern in expect.rows:
+        assert any(re.match(pattern, line) for line in lines), (
+            f"no table row matching {pattern!r}\n{report}")
+    for text in expect.forbidden:
+        assert text not in result.stdout, f"{text!r} in the output\n{report}"
