@@ -20,7 +20,7 @@ import tfrec  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 
 from tfrec.config import FeaturesConfig
-from tfrec.data.schema import CATALOG_SCHEMA, PAD, SchemaError
+from tfrec.data.schema import CATALOG_SCHEMA, PAD, SchemaError, is_missing
 
 SIDES = ("query", "context", "candidate")
 KINDS = ("id", "categorical", "text", "numeric", "sequence")
@@ -59,18 +59,13 @@ class Feature:
     extra: bool = False
 
     def __post_init__(self):
-        if self.side not in SIDES:
-            raise ValueError(f"feature {self.name!r}: side must be one of {SIDES}, "
-                             f"got {self.side!r}")
-        if self.kind not in KINDS:
-            raise ValueError(f"feature {self.name!r}: kind must be one of {KINDS}, "
-                             f"got {self.kind!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"feature {self.name!r}: dtype must be one of {sorted(DTYPES)}, "
-                             f"got {self.dtype!r}")
-        if self.preprocessing not in PREPROCESSING:
-            raise ValueError(f"feature {self.name!r}: preprocessing must be one of "
-                             f"{PREPROCESSING}, got {self.preprocessing!r}")
+        for field_name, allowed in (("side", SIDES), ("kind", KINDS),
+                                    ("dtype", tuple(sorted(DTYPES))),
+                                    ("preprocessing", PREPROCESSING)):
+            value = getattr(self, field_name)
+            if value not in allowed:
+                raise ValueError(f"feature {self.name!r}: {field_name} must be one of "
+                                 f"{allowed}, got {value!r}")
 
     @property
     def tf_dtype(self) -> tf.DType:
@@ -236,7 +231,7 @@ class FeatureSpec:
                     f"add it to the catalog or remove it from the config")
             values = catalog[f.name]
             if f.dtype == "string":
-                out[f.name] = values.map(lambda v: "" if _missing(v) else str(v)).astype(object)
+                out[f.name] = values.map(lambda v: "" if is_missing(v) else str(v)).astype(object)
             else:
                 numeric = pd.to_numeric(values, errors="coerce")
                 bad = numeric.isna() | ~np.isfinite(numeric.astype(np.float64))
@@ -270,13 +265,6 @@ class FeatureSpec:
 
     def names(self) -> List[str]:
         return [f.name for f in self.features]
-
-
-def _missing(value: Any) -> bool:
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def _column(values: pd.Series, feature: Feature) -> np.ndarray:

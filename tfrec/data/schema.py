@@ -188,12 +188,12 @@ def _as_string(values: pd.Series, table: str, column: str) -> pd.Series:
     if inferred in ("integer", "floating", "mixed-integer", "mixed-integer-float",
                     "decimal") or pd.api.types.is_numeric_dtype(values.dtype):
         return values.map(lambda v: "" if pd.isna(v) else str(v)).astype(object)
-    bad = values.map(lambda v: not (isinstance(v, (str, int, np.integer)) or _isna(v)))
+    bad = values.map(lambda v: not (isinstance(v, (str, int, np.integer)) or is_missing(v)))
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise SchemaError(f"{_describe(table, column, 'string')}; row {row} has "
                           f"{_show(values.iloc[row])} ({type(values.iloc[row]).__name__})")
-    return values.map(lambda v: "" if _isna(v) else str(v)).astype(object)
+    return values.map(lambda v: "" if is_missing(v) else str(v)).astype(object)
 
 
 def _show(value: object) -> str:
@@ -201,7 +201,8 @@ def _show(value: object) -> str:
     return repr(value.item() if isinstance(value, np.generic) else value)
 
 
-def _isna(value: object) -> bool:
+def is_missing(value: object) -> bool:
+    """pd.isna for one cell; lists and arrays are values, not missing."""
     try:
         return bool(pd.isna(value))
     except (TypeError, ValueError):  # lists/arrays are not scalars: not missing

@@ -51,6 +51,15 @@ class BestEpoch:
 
         return cls(lambda: [v.numpy() for v in variables()], assign, nan_is_better)
 
+    @classmethod
+    def of_model(cls, model: tf.keras.Model,
+                 variables: Optional[Callable[[], Sequence[tf.Variable]]] = None,
+                 nan_is_better: bool = False) -> "BestEpoch":
+        """Tracks `variables` if given, else all of the model's weights."""
+        if variables is not None:
+            return cls.of_variables(variables, nan_is_better)
+        return cls(model.get_weights, model.set_weights, nan_is_better)
+
     def update(self, score: float, epoch: Optional[int] = None) -> bool:
         """Snapshots when `score` beats the best so far; True if it did."""
         # "not <=" is also true when either side is NaN.
@@ -106,11 +115,7 @@ class KeepBestEpoch(tf.keras.callbacks.Callback):
         self._wait = 0
 
     def on_train_begin(self, logs=None):
-        if self._variables is not None:
-            self.tracker = BestEpoch.of_variables(self._variables, self.nan_is_better)
-        else:
-            self.tracker = BestEpoch(self.model.get_weights, self.model.set_weights,
-                                     self.nan_is_better)
+        self.tracker = BestEpoch.of_model(self.model, self._variables, self.nan_is_better)
         self.scores, self._wait = [], 0
         if self.score_initial:
             self.scores.append(float(self.score_fn()))
@@ -163,8 +168,7 @@ def fit_keep_best(model: tf.keras.Model, data, epochs: int, score_fn: Callable[[
       (history, tracker): {"loss": per epoch, "scores": initial (if scored) then per
       epoch}, and the BestEpoch whose values are now in the model.
     """
-    tracker = (BestEpoch.of_variables(variables, nan_is_better) if variables is not None
-               else BestEpoch(model.get_weights, model.set_weights, nan_is_better))
+    tracker = BestEpoch.of_model(model, variables, nan_is_better)
     history = {"loss": [], "scores": []}
     if score_initial:
         history["scores"].append(float(score_fn()))
