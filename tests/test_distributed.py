@@ -79,11 +79,24 @@ def test_tensorboard_serves_the_training_logs(trained_run):
         assert {"tiny/train", "tiny/validation"} <= set(runs), runs
         tags = _get_json(f"{base}/plugin/scalars/tags", deadline)
         assert "epoch_recall_at_100" in tags["tiny/validation"]
+        # One projector run per training run (none for train/validation sub-runs), and
+        # every listed run has titles, category and brand as metadata.
         projector_runs = _get_json(f"{base}/plugin/projector/runs", deadline)
-        assert "tiny" in projector_runs, projector_runs
-        config = _get_json(f"{base}/plugin/projector/info?run=tiny", deadline)
-        tensors = [e["tensorName"] for e in config["embeddings"]]
-        assert any("item_embeddings" in t for t in tensors), config
+        assert projector_runs == ["tiny"], projector_runs
+        for run in projector_runs:
+            config = _get_json(f"{base}/plugin/projector/info?run={run}", deadline)
+            (embedding,) = config["embeddings"]
+            assert embedding["tensorName"] == "item_embeddings", config
+            assert embedding["metadataPath"], config
+            url = f"{base}/plugin/projector/metadata?run={run}&name=item_embeddings"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                header, first = r.read().decode("utf-8").split("\n")[:2]
+            assert header.split("\t") == ["title", "item_id", "category", "brand"]
+            assert first.split("\t")[0].strip(), first
+            url = f"{base}/plugin/projector/tensor?run={run}&name=item_embeddings"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                rows, dim = (int(x) for x in embedding["tensorShape"])
+                assert len(r.read()) == rows * dim * 4  # float32 payload
     finally:
         board.terminate()
         board.wait(timeout=30)

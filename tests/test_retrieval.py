@@ -72,7 +72,7 @@ def _scalar_tags(directory):
     return set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"]), set(acc.Tags()["histograms"])
 
 
-def test_tensorboard_logs_have_expected_tags(trained_run):
+def test_tensorboard_logs_have_expected_tags(trained_run, tiny_config):
     run = trained_run.tensorboard_dir
     train_tags, train_histograms = _scalar_tags(os.path.join(run, "train"))
     val_tags, _ = _scalar_tags(os.path.join(run, "validation"))
@@ -86,11 +86,17 @@ def test_tensorboard_logs_have_expected_tags(trained_run):
     assert any(t.startswith("_hparams_") for t in root_tags), root_tags
     with open(os.path.join(run, "projector_config.pbtxt")) as f:
         assert "metadata.tsv" in f.read()
-    with open(os.path.join(run, "metadata.tsv")) as f:
-        header = f.readline().strip().split("\t")
-        first = f.readline().strip().split("\t")
-    assert header[0] == "title" and len(first) == len(header)
-    assert glob.glob(os.path.join(run, "projector.ckpt*"))
+    with open(os.path.join(run, "metadata.tsv"), encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        rows = [line.rstrip("\n").split("\t") for line in f]
+    assert header == ["title", "item_id", "category", "brand"]
+    with open(os.path.join(run, "item_embeddings.tsv")) as f:
+        vectors = [line.split("\t") for line in f]
+    assert len(vectors) == len(rows) > 0 and all(len(r) == len(header) for r in rows)
+    assert len(vectors[0]) == tiny_config.model.embedding_dim
+    # No checkpoint beside the sub-runs: TensorBoard would lend it to train/validation.
+    assert not glob.glob(os.path.join(run, "*.ckpt*")) and not glob.glob(
+        os.path.join(run, "checkpoint"))
 
 
 @pytest.mark.parametrize("strategy", ["default", "one_device"])

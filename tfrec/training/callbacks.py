@@ -19,8 +19,14 @@ from tensorboard.plugins import projector
 from tensorboard.plugins.hparams import api as hp
 
 from tfrec.data.feature_spec import catalog_features
+from tfrec.data.io import atomic_write
 from tfrec.metrics.retrieval import EvalSet, embed_in_batches, evaluate_embeddings
 from tfrec.models.embedding import tower_fn
+
+PROJECTOR_TENSORS = "item_embeddings.tsv"
+PROJECTOR_METADATA = "metadata.tsv"
+# The projector UI samples at most 100k points; TSV costs ~0.7 kB per 64-d vector.
+PROJECTOR_MAX_POINTS = 10_000
 
 log = logging.getLogger(__name__)
 
@@ -131,26 +137,48 @@ def write_projector(run_dir: str, embeddings: np.ndarray, labels: Sequence[str],
                     columns: Optional[Dict[str, Sequence[str]]] = None) -> str:
     """Saves item embeddings with titles as metadata for TensorBoard's projector.
 
+    The vectors go to a TSV tensor file, not a checkpoint: the plugin lends a run's
+    checkpoint to every sub-run (`<run>/train`, `/validation`), which then show up as
+    embeddings without metadata. A tensor file belongs to this run's config alone.
+
     Args:
       run_dir: the run's TensorBoard directory.
       embeddings: [N, D] item embeddings.
-      labels: item titles (first metadata column).
-      columns: more metadata columns (e.g. item_id, category).
+      labels: item titles (first metadata column, the projector's default label).
+      columns: more metadata columns (e.g. item_id, category, brand).
+
+    Returns:
+      The path of the tensor file.
+
+    Raises:
+      ValueError: when a metadata column's length differs from the number of vectors.
     """
+    columns = {"title": list(labels), **{k: list(v) for k, v in (columns or {}).items()}}
+    embeddings = np.asarray(embeddings, np.float32)
+    for name, values in columns.items():
+        if len(values) != len(embeddings):
+            raise ValueError(f"projector metadata column {name!r} has {len(values)} rows "
+                             f"for {len(embeddings)} embeddings")
     os.makedirs(run_dir, exist_ok=True)
-    columns = {"title": list(labels), **(columns or {})}
-    with open(os.path.join(run_dir, "metadata.tsv"), "w", encoding="utf-8") as f:
-        f.write("\t".join(columns) + "\n")
-        for row in zip(*columns.values()):
-            f.write("\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in row) + "\n")
-    variable = tf.Variable(embeddings.astype(np.float32), name="item_embeddings")
-    checkpoint = tf.train.Checkpoint(item_embeddings=variable)
-    path = checkpoint.save(os.path.join(run_dir, "projector.ckpt"))
+    clean = lambda v: str(v).replace("\t", " ").replace("\n", " ")  # noqa: E731
+    _write_text(os.path.join(run_dir, PROJECTOR_METADATA), "".join(
+        "\t".join(clean(v) for v in row) + "\n"
+        for row in [list(columns), *zip(*columns.values())]))
+    tensor_path = os.path.join(run_dir, PROJECTOR_TENSORS)
+    _write_text(tensor_path, "".join(
+        "\t".join(f"{x:.6g}" for x in row) + "\n" for row in embeddings))
     config = projector.ProjectorConfig()
     embedding = config.embeddings.add()
-    embedding.tensor_name = "item_embeddings/.ATTRIBUTES/VARIABLE_VALUE"
-    embedding.metadata_path = "metadata.tsv"
-    # No model_checkpoint_path: the plugin finds the latest checkpoint of the run dir,
-    # which keeps logs relocatable.
+    embedding.tensor_name = "item_embeddings"
+    embedding.tensor_path = PROJECTOR_TENSORS  # relative: logs stay relocatable
+    embedding.tensor_shape.extend(embeddings.shape)
+    embedding.metadata_path = PROJECTOR_METADATA
     projector.visualize_embeddings(run_dir, config)
-    return path
+    return tensor_path
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)

@@ -37,7 +37,8 @@ from tfrec.metrics.retrieval import build_eval_set, embed_in_batches
 from tfrec.features.vocab import Vocabularies, build_vocabularies
 from tfrec.models.retrieval import TwoTowerModel
 from tfrec.training.callbacks import (BackupAndRestore, RefreshCatalogIndex, RetrievalEvaluation, metric_key,
-                                      refresh_index, tower_fn, write_hparams, write_projector)
+                                      refresh_index, tower_fn, write_hparams, write_projector,
+                                      PROJECTOR_MAX_POINTS)
 from tfrec.training.keep_best import KeepBestEpoch
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy, num_workers,
                                      resolve_precision, tf_config)
@@ -288,10 +289,13 @@ def train_retrieval(cfg: Config,
                                                   cfg.train.batch_size,
                                                   cfg.data.history_length))
     if chief:
-        items = catalog_features(tables.catalog, model)
-        item_emb = embed_in_batches(tower_fn(model.candidate_tower), items)
-        write_projector(tb_dir, item_emb, items["title"],
-                        {"item_id": items["item_id"], "category": items["category"]})
+        shown = tables.catalog
+        if len(shown) > PROJECTOR_MAX_POINTS:  # a seeded sample: cost stays bounded
+            shown = shown.sample(n=PROJECTOR_MAX_POINTS, random_state=cfg.train.seed)
+        item_emb = embed_in_batches(tower_fn(model.candidate_tower),
+                                    catalog_features(shown, model))
+        write_projector(tb_dir, item_emb, shown["title"],
+                        {c: shown[c] for c in ("item_id", "category", "brand")})
         _write_json(os.path.join(run_dir, "metrics.json"),
                     {"validation": val_metrics, "history": _plain_history(history.history),
                      "initial_epoch": initial_epoch, "strategy": cfg.train.strategy,
