@@ -190,7 +190,11 @@ def test_pipeline_over_grpc_applies_the_business_rules(served, exported, world):
     title_words = " ".join(world["catalog"]["title"].iloc[10].lower().split()[:2])
     found = client.search("pipeline", user, title_words, k=7, history=history,
                           exclude=exclude, purchased=purchased)
-    _check_rules(found, 7, world, history + exclude + purchased)
+    # Search keeps the shopper's history (search_history: keep, as the ranker trained).
+    _check_rules(found, 7, world, exclude + purchased)
+    card = json.loads(open(os.path.join(exported["pipeline_dir"], "assets.extra",
+                                        "tfrec_model.json")).read())
+    assert card["search_history"] == "keep"
     cold = client.search("pipeline", "never-seen-user", title_words, k=3)
     assert len(cold) == 3
     table = format_results(found)
@@ -234,6 +238,33 @@ def test_bad_requests_are_invalid_argument_and_long_queries_answer(served, expor
     assert len(client.recommend_pipeline("pipeline", user, k=5)) == 5  # still healthy
 
 
+def test_search_history_policy_keeps_or_excludes_the_history(trained_run, trained_ranker,
+                                                             world):
+    """With every item a candidate and no brand cap, `search` shows every eligible item:
+    the in-stock history items under "keep", none of them under "exclude"."""
+    from tfrec.export.pipeline import PipelineModule
+
+    catalog, history = world["catalog"], world["history"]
+    in_stock = set(catalog.loc[catalog["in_stock"], "item_id"])
+    shown = {}
+    for policy in ("keep", "exclude"):
+        module = PipelineModule(trained_run.model, trained_ranker.model, catalog,
+                                candidates=len(catalog), max_per_brand=None,
+                                search_history=policy)
+        out = module.search(**_tensors({
+            "query": (["wireless headphones"], "string"), "user_id": ([world["user"]], "string"),
+            "history": ([history], "string"), "device": (["app"], "string"),
+            "hour": ([9], "int64"), "k": ([module.candidates], "int32"),
+            "exclude_item_ids": ([[""]], "string"), "purchased_item_ids": ([[""]], "string")}))
+        shown[policy] = set(out["item_ids"].numpy()[0].astype(str)) - {""}
+    wanted = set(history) & in_stock
+    assert wanted, "the test user needs an in-stock history item"
+    assert wanted <= shown["keep"] and not wanted & shown["exclude"]
+    assert shown["keep"] - shown["exclude"] == wanted
+    with pytest.raises(ValueError, match="search_history must be one of"):
+        PipelineModule(trained_run.model, trained_ranker.model, catalog, search_history="drop")
+
+
 def test_brand_cap_keeps_the_first_items_of_each_brand():
     from tfrec.export.pipeline import brand_cap
 
@@ -266,7 +297,8 @@ def test_cli_query_searches_and_recommends_through_the_pipeline(served, world):
 
 def test_bert_fast_mode_ranker_trains_and_exports(trained_run, tiny_config, tiny_encoder,
                                                   world, tmp_path):
-    """The ranker with BERT text (TF-Hub tiny encoder, fast mode) end to end."""
+    """The ranker with BERT text (TF-Hub tiny encoder, fast mode) end to end, its top
+    encoder layer fine-tuning at its own warm-up rate."""
     from copy import deepcopy
 
     from tfrec.export.exporter import export_pipeline
@@ -279,8 +311,15 @@ def test_bert_fast_mode_ranker_trains_and_exports(trained_run, tiny_config, tiny
     cfg.ranking.text_mode = "fast"
     cfg.ranking.text_encoder, cfg.ranking.text_preprocessor = tiny_encoder
     cfg.ranking.epochs = 1
+    cfg.ranking.text_trainable, cfg.ranking.text_top_layers = True, 1
+    cfg.ranking.encoder_learning_rate, cfg.ranking.encoder_schedule = 1e-4, "warmup_linear"
     result = train_ranker(cfg, run="tiny", retrieval=trained_run.model, max_users=60)
-    assert result.model.text_match is not None and result.history["loss"]
+    model = result.model
+    assert model.text_match is not None and result.history["loss"]
+    encoder, heads = model.encoder_optimizer, model.optimizer
+    assert model.encoder_variables and encoder is not None
+    assert int(encoder.iterations) == int(heads.iterations) > 0
+    assert encoder.get_config()["learning_rate"]["config"]["peak"] == 1e-4
     path = export_pipeline(os.path.join(cfg.train.checkpoint_dir, "tiny"), world["catalog"],
                            ExportConfig(base_dir=str(tmp_path / "models")),
                            retrieval=trained_run.model, ranker=result.model)

@@ -96,12 +96,20 @@ class RankingConfig:
     use_retrieval_score: bool = True  # the two-tower score of each candidate is a feature
     retrieval_score_scale: float = 10.0  # initial weight of that score (1 / temperature)
     candidates: int = 100  # retrieval top-K the ranker re-orders (training lists, pipeline)
+    # The shopper's history items in search results: "keep" (people re-buy what they
+    # search for) or "exclude". One choice for training lists, evaluation and the
+    # pipeline's search signature (export.search_history overrides it at export only).
+    search_history: str = "keep"
     list_cuts: int = 1  # cut times in the validation period that freeze users for lists
     max_candidates: int = 500  # larger candidate lists are rejected at serving
     eval_ks: Tuple[int, ...] = (10,)
     epochs: int = 5
     batch_size: int = 128
     learning_rate: float = 0.0005
+    # A fine-tuned BERT encoder (text_trainable) gets its own Adam: None = learning_rate.
+    encoder_learning_rate: Optional[float] = None
+    encoder_schedule: str = "constant"  # constant|warmup_linear (BERT's warm-up + decay)
+    encoder_warmup: float = 0.1  # share of the ranker's steps spent warming up
 
 
 @dataclass
@@ -140,6 +148,9 @@ class ExportConfig:
     model_name: str = "retrieval"
     version: Optional[int] = None  # None: next integer after the highest present
     max_per_brand: int = 3  # pipeline business rule: at most this many results per brand
+    # Pipeline search signature: "keep" or "exclude" the request's history items;
+    # None: what the ranker's training lists did (ranking.search_history).
+    search_history: Optional[str] = None
 
 
 @dataclass

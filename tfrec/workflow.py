@@ -95,7 +95,8 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
     return evaluate_period(tables.events, tables.catalog, start, end, cfg.data.history_length,
                            query_fn, candidate_fn, ks=cfg.train.eval_ks,
                            data_dir=cfg.data.data_dir, max_users=max_users, ranker=ranker,
-                           candidates=cfg.ranking.candidates)
+                           candidates=cfg.ranking.candidates,
+                           search_history=cfg.ranking.search_history)
 
 
 def _load_saved_model(path: str):
@@ -171,7 +172,8 @@ def export_ranking(cfg: Config, run: Optional[str] = None, retrieval=None, ranke
         "ranker": export_ranker(run_dir, tables.catalog, cfg.export, retrieval=retrieval,
                                 ranker=ranker),
         "pipeline": export_pipeline(run_dir, tables.catalog, cfg.export, retrieval=retrieval,
-                                    ranker=ranker, max_per_brand=cfg.export.max_per_brand),
+                                    ranker=ranker, max_per_brand=cfg.export.max_per_brand,
+                                    search_history=cfg.export.search_history),
     }
 
 

@@ -206,4 +206,4 @@ def write_period_report(report_dir: str, tables, start_ts: int, end_ts: int, cfg
     return {**period.rows, **evaluate_search(
         tables.events, tables.catalog, start_ts, end_ts, cfg.data.history_length, query_fn,
         candidate_fn, ranker=ranker, candidates=cfg.ranking.candidates, ks=cfg.train.eval_ks,
-        max_sessions=max_users)}
+        max_sessions=max_users, search_history=cfg.ranking.search_history)}

@@ -15,8 +15,9 @@ import pandas as pd
 
 from tfrec.evaluation.baselines import BM25Baseline, PopularityBaseline
 from tfrec.metrics.ranking import evaluate_topk
-from tfrec.metrics.candidates import (candidate_lists, period_purchases, purchase_rate, rerank,
-                                       search_candidate_lists, search_sessions)
+from tfrec.metrics.candidates import (candidate_lists, excludes_history, period_purchases,
+                                       purchase_rate, rerank, search_candidate_lists,
+                                       search_sessions)
 from tfrec.data.feature_spec import catalog_features
 from tfrec.metrics.retrieval import (EvalSet, build_eval_set, embed_in_batches, evaluate_lists,
                                      retrieve_topk)
@@ -29,7 +30,8 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
                     history_length: int, query_fn=None, candidate_fn=None,
                     ks: Sequence[int] = (10, 100), data_dir: Optional[str] = None,
                     max_users: Optional[int] = None, ranker=None,
-                    candidates: int = 100, search: bool = True) -> Dict[str, Dict[str, float]]:
+                    candidates: int = 100, search: bool = True,
+                    search_history: str = "keep") -> Dict[str, Dict[str, float]]:
     """Model, popularity and (when ground truth exists) oracle metrics on one period.
 
     Every row also gets purchase_rate@10 (share of the top-10 bought in the period).
@@ -47,6 +49,7 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
       candidates: retrieval candidates the ranker re-orders.
       search: also evaluate the period's search sessions ("search:" rows; see
         `evaluate_search`).
+      search_history: "keep" or "exclude" the searcher's history items (as trained).
     """
     eval_set = build_eval_set(events, start_ts, end_ts, history_length, max_users=max_users)
     bought = period_purchases(events, start_ts, end_ts)
@@ -77,7 +80,7 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
     if search:
         rows.update(evaluate_search(events, catalog, start_ts, end_ts, history_length, query_fn,
                                     candidate_fn, ranker=ranker, candidates=candidates, ks=ks,
-                                    max_sessions=max_users))
+                                    max_sessions=max_users, search_history=search_history))
     return rows
 
 
@@ -113,12 +116,14 @@ def rank_lists(ranker, lists: Dict[str, np.ndarray], events: pd.DataFrame,
 def evaluate_search(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, end_ts: int,
                     history_length: int, query_fn=None, candidate_fn=None, ranker=None,
                     candidates: int = 100, ks: Sequence[int] = (10, 100),
-                    max_sessions: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+                    max_sessions: Optional[int] = None,
+                    search_history: str = "keep") -> Dict[str, Dict[str, float]]:
     """Search sessions of a period: did the results hold what the searcher engaged with?
 
     Each session's user is frozen at the search (history before it); hits are the items
-    with a positive event in that session. BM25 over titles is the lexical baseline.
-    Rows are named "search:<model>".
+    with a positive event in that session. BM25 over titles is the lexical baseline
+    (it never reads the history). Rows are named "search:<model>"; `search_history`
+    ("keep"/"exclude") treats the searcher's history items as serving would.
     """
     sessions = search_sessions(events, start_ts, end_ts, history_length, max_sessions)
     if len(sessions) == 0:
@@ -138,7 +143,8 @@ def evaluate_search(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
 
     if query_fn is not None:
         lists = search_candidate_lists(sessions, query_fn, candidate_fn, catalog,
-                                       max(candidates, max(ks)), history_length)
+                                       max(candidates, max(ks)), history_length,
+                                       excludes_history(search_history))
         add("two_tower", lists["item_id"])
         if ranker is not None:
             top = {k: v[:, :candidates] if k in ("item_id", "retrieval_score") else v

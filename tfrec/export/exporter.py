@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from typing import Optional
@@ -16,6 +17,8 @@ from tfrec.export.retrieval import RetrievalModule
 from tfrec.export.versioned import save_versioned
 from tfrec.training.ranking_trainer import load_ranker
 from tfrec.training.trainer import load_trained_model
+
+log = logging.getLogger(__name__)
 
 RANKER_NAME = "ranker"
 PIPELINE_NAME = "pipeline"
@@ -101,7 +104,8 @@ def export_ranker(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
 
 def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
                     max_per_brand: Optional[int] = 3, model_name: str = PIPELINE_NAME,
-                    candidates: Optional[int] = None, retrieval=None, ranker=None) -> str:
+                    candidates: Optional[int] = None, retrieval=None, ranker=None,
+                    search_history: Optional[str] = None) -> str:
     """Exports retrieval -> ranker -> business rules as one SavedModel.
 
     Writes `<export.base_dir>/<model_name>/<version>/` atomically; returns that dir.
@@ -114,13 +118,19 @@ def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
       model_name: model directory name.
       candidates: retrieval top-K the ranker re-orders (default ranking.candidates).
       retrieval / ranker: already-loaded models of that run (skip rebuilding them).
+      search_history: "keep"/"exclude" history items in `search` (None: as trained).
     """
     retrieval, ranker = _trained_pair(run_dir, retrieval, ranker)
     module = PipelineModule(retrieval, ranker, catalog, candidates=candidates,
-                            max_per_brand=max_per_brand)
+                            max_per_brand=max_per_brand, search_history=search_history)
+    if module.search_history != ranker.config.search_history:
+        log.warning("pipeline search %ss history items but the ranker's lists were built "
+                    "with search_history=%s", module.search_history,
+                    ranker.config.search_history)
     signatures = module.signatures()
     card = _ranking_card("pipeline", run_dir, catalog, ranker, signatures,
                          candidates=module.candidates, max_per_brand=module.max_per_brand,
+                         search_history=module.search_history,
                          in_stock_column=module.core.has_stock)
     with _signatures_only():
         return save_versioned(module, signatures, export.base_dir, model_name,

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from tfrec.export.ranking import NEG_INF, RankingCore, sort_by
 from tfrec.export.retrieval import _same_batch
+from tfrec.metrics.candidates import excludes_history
 from tfrec.models.ranking import RankingModel
 from tfrec.models.retrieval import TwoTowerModel
 
@@ -63,9 +64,10 @@ class PipelineModule(tf.Module):
     item_ids, titles, brands, scores (the final order's score: the ranker's),
     retrieval_scores and ranker_scores.
 
-    Stages: (1) two-tower scores over the catalog; history, excluded, purchased and
-    out-of-stock items (catalog column `in_stock`) are masked before the top-K, so all K
-    candidates are eligible and filtering never empties the list; (2) the ranker
+    Stages: (1) two-tower scores over the catalog; history (in `search` only under
+    `search_history="exclude"`), excluded, purchased and out-of-stock items (catalog
+    column `in_stock`) are masked before the top-K, so all K candidates are eligible
+    and filtering never empties the list; (2) the ranker
     re-scores the K; (3) at most `max_per_brand` items per brand in ranked order;
     (4) the first k survivors.
 
@@ -76,10 +78,17 @@ class PipelineModule(tf.Module):
       candidates: retrieval top-K the ranker sees (default ranking.candidates; capped
         at the catalog size).
       max_per_brand: brand diversity cap; None disables it.
+      search_history: "keep" or "exclude" the request's history items in `search`
+        results; None: as the ranker's training lists did (its `search_history`), so
+        training and serving agree. `recommend` always excludes them.
+
+    Raises:
+      ValueError: for candidates < 1, max_per_brand < 1 or an unknown search_history.
     """
 
     def __init__(self, retrieval: TwoTowerModel, ranker: RankingModel, catalog: pd.DataFrame,
-                 candidates: Optional[int] = None, max_per_brand: Optional[int] = 3):
+                 candidates: Optional[int] = None, max_per_brand: Optional[int] = 3,
+                 search_history: Optional[str] = None):
         super().__init__(name="tfrec_pipeline")
         wanted = int(candidates or ranker.config.candidates)
         if wanted < 1:
@@ -87,6 +96,8 @@ class PipelineModule(tf.Module):
         if max_per_brand is not None and int(max_per_brand) < 1:
             raise ValueError(f"max_per_brand must be >= 1 (or None for no cap), "
                              f"got {max_per_brand}")
+        self.search_history = search_history or ranker.config.search_history
+        self.search_excludes_history = excludes_history(self.search_history)
         self.core = RankingCore(retrieval, ranker, catalog)
         self.candidates = min(wanted, self.core.num_items)
         self.max_per_brand = None if max_per_brand is None else int(max_per_brand)
@@ -111,7 +122,8 @@ class PipelineModule(tf.Module):
         return (core.gather(core.item_ids, top, ""), tf.where(valid, values, 0.0), top)
 
     def _run(self, query, user_id, history, device, hour, k, exclude_item_ids,
-             purchased_item_ids, checks) -> Dict[str, tf.Tensor]:
+             purchased_item_ids, checks, exclude_history: bool = True
+             ) -> Dict[str, tf.Tensor]:
         core = self.core
         request = core.request(query, user_id, history, device, hour)
         message = f"k must be between 1 and {self.candidates} (the retrieval candidates)"
@@ -121,7 +133,9 @@ class PipelineModule(tf.Module):
             tf.debugging.assert_greater_equal(k, 1, message=message),
             tf.debugging.assert_less_equal(k, self.candidates, message=message)]
         with tf.control_dependencies(checks):
-            blocked = tf.concat([history, exclude_item_ids, purchased_item_ids], axis=1)
+            blocked = tf.concat([history, exclude_item_ids, purchased_item_ids] if
+                                exclude_history else [exclude_item_ids, purchased_item_ids],
+                                axis=1)
             return self._stages(request, k, blocked)
 
     def _stages(self, request: Dict[str, tf.Tensor], k: tf.Tensor,
@@ -167,7 +181,7 @@ class PipelineModule(tf.Module):
                                         [EMPTY_QUERY])]
 
         return self._run(query, user_id, history, device, hour, k, exclude_item_ids,
-                         purchased_item_ids, non_empty)
+                         purchased_item_ids, non_empty, self.search_excludes_history)
 
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
         recommend = self.recommend.get_concrete_function()

@@ -16,6 +16,8 @@ import pandas as pd
 from tfrec.data.feature_spec import catalog_features
 from tfrec.metrics.retrieval import EmbedFn, EvalSet, embed_in_batches, retrieve_with_scores
 
+SEARCH_HISTORY = ("keep", "exclude")
+
 
 def period_purchases(events: pd.DataFrame, start_ts: int, end_ts: int) -> Dict[str, set]:
     """Items each user bought in [start_ts, end_ts)."""
@@ -110,13 +112,29 @@ def search_sessions(events: pd.DataFrame, start_ts: int, end_ts: int, history_le
     })
 
 
+def excludes_history(policy: str) -> bool:
+    """Whether search results leave out the shopper's history items ("keep"/"exclude").
+
+    Raises:
+      ValueError: for any other policy.
+    """
+    if policy not in SEARCH_HISTORY:
+        raise ValueError(f"search_history must be one of {SEARCH_HISTORY}, got {policy!r}")
+    return policy == "exclude"
+
+
 def search_candidate_lists(sessions: pd.DataFrame, query_fn: EmbedFn, candidate_fn: EmbedFn,
-                           catalog: pd.DataFrame, k: int, history_length: int
-                           ) -> Dict[str, np.ndarray]:
+                           catalog: pd.DataFrame, k: int, history_length: int,
+                           exclude_history: bool = False) -> Dict[str, np.ndarray]:
     """Retrieval top-k for each search session's (user, query), labelled by the session.
 
     Search lists teach the ranker's text features: recommendation lists have no query.
-    Items seen before the session are not excluded (people re-buy what they search for).
+
+    Args:
+      exclude_history: leave out the session's last `history_length` history items, as
+        the pipeline's search signature does with the request's history under
+        `search_history: exclude` (by default they stay: people re-buy what they
+        search for).
     """
     from tfrec.data.schema import PAD
 
@@ -131,7 +149,8 @@ def search_candidate_lists(sessions: pd.DataFrame, query_fn: EmbedFn, candidate_
     items = catalog_features(catalog, candidate_fn)
     item_emb = embed_in_batches(candidate_fn, items)
     query_emb = embed_in_batches(query_fn, features, batch_size=1024)
-    ids, scores = retrieve_with_scores(query_emb, item_emb, items["item_id"], k)
+    exclude = [set(row) - {PAD} for row in history] if exclude_history else None
+    ids, scores = retrieve_with_scores(query_emb, item_emb, items["item_id"], k, exclude)
     click = np.array([[i in t for i in row] for row, t in zip(ids, sessions["clicked"])],
                      np.float32)
     purchase = np.array([[i in t for i in row] for row, t in zip(ids, sessions["bought"])],

@@ -7,7 +7,7 @@ several objectives (click, purchase) can shape the final order.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from tfrec.features.catalog import CatalogLookup
 from tfrec.features.layers import (HourEmbedding, IdEmbedding, PooledSequenceEmbedding,
                                    PriceFeatures, SequenceAttributeEmbedding, TextEncoder)
 from tfrec.features.vocab import Vocabularies
+from tfrec.models.encoder_rate import minimize
 from tfrec.models.lists import masked_zscore
 from tfrec.models.losses import get_loss
 
@@ -67,6 +68,8 @@ class RankingModel(tf.keras.Model):
         self.vocab = vocab
         self.catalog = catalog
         self.text_match = text_match
+        # A fine-tuned encoder's own optimizer (tfrec.models.encoder_rate); None: one rate.
+        self.encoder_optimizer: Optional[tf.keras.optimizers.Optimizer] = None
         self.features = features = catalog.features
         dim = config.id_embedding_dim
         self.user = IdEmbedding(vocab.users, dim, dropout=config.id_dropout, name="user")
@@ -285,6 +288,13 @@ class RankingModel(tf.keras.Model):
     def metrics(self):
         return [self.loss_tracker]
 
+    @property
+    def encoder_variables(self) -> List[tf.Variable]:
+        """The BERT encoder's variables that fine-tune (empty in bow mode or frozen)."""
+        if self.text_match is None:
+            return []
+        return list(self.text_match.encoder.trainable_weights)
+
     def train_step(self, f):
         with tf.GradientTape() as tape:
             loss = self.compute_loss_for(f, training=True)
@@ -292,7 +302,8 @@ class RankingModel(tf.keras.Model):
             # A per-replica mean: gradients are summed over replicas, so divide by their
             # number to keep the global-batch mean (same step size on 1 or N devices).
             total = total / tf.distribute.get_strategy().num_replicas_in_sync
-        self.optimizer.minimize(total, self.trainable_variables, tape=tape)
+        minimize(tape, total, self.trainable_variables, self.optimizer,
+                 self.encoder_variables, self.encoder_optimizer)
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
 

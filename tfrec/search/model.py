@@ -20,6 +20,7 @@ import tensorflow_text  # noqa: F401  (ops of the preprocessor SavedModel)
 
 from tfrec.features.bm25 import bm25_tokenize
 from tfrec.features.lexical import lexical_tokens
+from tfrec.models.encoder_rate import minimize
 from tfrec.models.text_match import (_EncoderLayer, _load_preprocessor, _trim,
                                      encoder_trainable_names)
 from tfrec.text.embedding import mean_pool
@@ -242,13 +243,8 @@ class SearchTwoTower(tf.keras.Model):
             loss = self._loss(batch, training=True)
             # Replica gradients are summed: each replica's share keeps the global mean.
             scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
-        encoder_vars = self.query_encoder.trainable_variables
-        encoder_ids = {id(v) for v in encoder_vars}
-        head_vars = [v for v in self.trainable_variables if id(v) not in encoder_ids]
-        grads = tape.gradient(scaled, encoder_vars + head_vars)
-        if encoder_vars and self.encoder_optimizer is not None:
-            self.encoder_optimizer.apply_gradients(zip(grads[:len(encoder_vars)], encoder_vars))
-        self.optimizer.apply_gradients(zip(grads[len(encoder_vars):], head_vars))
+        minimize(tape, scaled, self.trainable_variables, self.optimizer,
+                 self.query_encoder.trainable_variables, self.encoder_optimizer)
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
 

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tfrec.data.homedepot import load_homedepot, split_by_query
 from tfrec.features.lexical import LexicalIndex
+from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.losses import SoftmaxListwiseLoss
 from tfrec.search.config import SearchConfig, check_search_strategy
 from tfrec.search.data import judgments_from_events, product_catalog
@@ -195,7 +196,7 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
         .shuffle(len(queries), seed=cfg.seed, reshuffle_each_iteration=True)
         .batch(cfg.batch_size, drop_remainder=len(queries) >= cfg.batch_size))
     with model.distribute_strategy.scope():  # optimizer slots beside the variables
-        model.encoder_optimizer = tf.keras.optimizers.Adam(cfg.encoder_lr)
+        model.encoder_optimizer = encoder_optimizer(cfg.encoder_lr)
         model.compile(optimizer=tf.keras.optimizers.Adam(cfg.lr))
     val = data.splits["val"]
 

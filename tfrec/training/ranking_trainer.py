@@ -22,7 +22,7 @@ import pandas as pd
 import tfrec  # noqa: F401
 import tensorflow as tf
 
-from tfrec.config import Config
+from tfrec.config import Config, RankingConfig
 from tfrec.data.examples import positive_interactions
 from tfrec.data.feature_spec import FeatureSpec
 from tfrec.data.io import load_tables
@@ -30,11 +30,13 @@ from tfrec.metrics.ranking import scored_list_metrics
 from tfrec.metrics.retrieval import build_eval_set
 from tfrec.features.catalog import CatalogLookup, catalog_statistics
 from tfrec.features.vocab import Vocabularies
+from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.ranking import RankingModel
 from tfrec.models.embedding import tower_fn
 from tfrec.training.callbacks import BackupAndRestore, metric_key
-from tfrec.metrics.candidates import (candidate_lists, concat_lists, period_purchases,
-                                       search_candidate_lists, search_sessions)
+from tfrec.metrics.candidates import (candidate_lists, concat_lists, excludes_history,
+                                       period_purchases, search_candidate_lists,
+                                       search_sessions)
 from tfrec.training.keep_best import KeepBestEpoch
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy,
                                      resolve_precision)
@@ -105,6 +107,21 @@ def build_ranker(vocab: Vocabularies, cfg: Config, catalog: pd.DataFrame,
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer)
     return model
+
+
+def ranker_encoder_optimizer(model: RankingModel, ranking: RankingConfig, steps: int
+                             ) -> Optional[tf.keras.optimizers.Optimizer]:
+    """The fine-tuned encoder's own optimizer, or None (frozen/no encoder, or one rate).
+
+    Args:
+      model: the built ranker (its encoder variables decide whether one is needed).
+      ranking: encoder_learning_rate / encoder_schedule / encoder_warmup.
+      steps: optimizer steps of the run (the warm-up schedule's length).
+    """
+    if ranking.encoder_learning_rate is None or not model.encoder_variables:
+        return None
+    return encoder_optimizer(ranking.encoder_learning_rate, ranking.encoder_schedule,
+                             steps, ranking.encoder_warmup)
 
 
 def _dataset(arrays: Dict[str, np.ndarray], batch: int, shuffle: bool, seed: int
@@ -216,7 +233,7 @@ def training_lists(cfg: Config, run_dir: str, retrieval=None, max_users: Optiona
     if len(sessions):
         arrays = concat_lists(arrays, search_candidate_lists(
             sessions, query_fn, candidate_fn, tables.catalog, cfg.ranking.candidates,
-            cfg.data.history_length))
+            cfg.data.history_length, excludes_history(cfg.ranking.search_history)))
     stats = catalog_statistics(tables.catalog, positive_interactions(tables.events), t_val)
     return arrays, stats
 
@@ -262,6 +279,8 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
         model = build_ranker(vocab, cfg, tables.catalog, stats, precision)
         model({k: tf.constant(v[:2]) for k, v in train.items() if k not in LABELS})
         model.adapt_numeric(train)
+        steps = -(-len(train["user_id"]) // cfg.ranking.batch_size) * cfg.ranking.epochs
+        model.encoder_optimizer = ranker_encoder_optimizer(model, cfg.ranking, steps)
     evaluation = RankingEvaluation(val, cfg.ranking.eval_ks)
     first = model.tasks[0]
     callbacks = [
