@@ -131,6 +131,27 @@ def test_training_resumes_from_backup_after_a_crash(tiny_config, strategy):
     assert os.path.isdir(os.path.join(result.run_dir, "weights"))
 
 
+def test_a_backup_of_another_configuration_is_set_aside(tmp_path, caplog):
+    """An interrupted run's backup resumes the same configuration; another one (e.g. a
+    ranker retrained in another text mode) starts fresh instead of failing to restore."""
+    from tfrec.training.callbacks import BackupAndRestore, config_fingerprint
+    from tfrec.config import RankingConfig
+
+    backup = tmp_path / "backup"
+    same = config_fingerprint(RankingConfig())
+    assert same == config_fingerprint(RankingConfig(epochs=9)), "more epochs still resume"
+    other = config_fingerprint(RankingConfig(text_mode="fast"))
+    BackupAndRestore(str(backup), same)
+    (backup / "chief").mkdir()
+    (backup / "chief" / "state").write_text("epoch 2")
+    BackupAndRestore(str(backup), same)
+    assert (backup / "chief" / "state").exists()
+    with caplog.at_level("WARNING"):
+        BackupAndRestore(str(backup), other)
+    assert not (backup / "chief").exists() and "another configuration" in caplog.text
+    assert (backup / "fingerprint.txt").read_text() == other
+
+
 def test_factorized_topk_metrics_match_numpy(trained_run, tiny_config, tiny_world):
     """TFRS FactorizedTopK over the catalog index == top-k accuracy computed by hand."""
     from tfrec.data.tfrecord import make_dataset

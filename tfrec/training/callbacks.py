@@ -6,8 +6,12 @@ not through distributed metrics, so it is the same on one worker or many.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
+import shutil
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -23,6 +27,7 @@ from tfrec.data.io import atomic_write
 from tfrec.metrics.retrieval import EvalSet, embed_in_batches, evaluate_embeddings
 from tfrec.models.embedding import tower_fn
 
+BACKUP_FINGERPRINT = "fingerprint.txt"
 PROJECTOR_TENSORS = "item_embeddings.tsv"
 PROJECTOR_METADATA = "metadata.tsv"
 # The projector UI samples at most 100k points; TSV costs ~0.7 kB per 64-d vector.
@@ -75,16 +80,39 @@ class RetrievalEvaluation(tf.keras.callbacks.Callback):
 
 
 class BackupAndRestore(tf.keras.callbacks.BackupAndRestore):
-    """Keras BackupAndRestore that also accepts OneDeviceStrategy.
+    """Keras BackupAndRestore that also accepts OneDeviceStrategy and skips stale backups.
 
     Keras only allow-lists strategies it tested; one device is the single-worker case
     its checkpointing already handles, and a test resumes a crashed one_device run.
+    A backup left by an interrupted run of another configuration (say another text
+    mode) cannot be restored into this model: it is set aside instead of failing.
+
+    Args:
+      backup_dir: where the backup lives.
+      fingerprint: what the model's shape depends on (e.g. a hash of its config); a
+        backup written under another fingerprint is removed with a warning.
     """
 
-    def __init__(self, backup_dir: str, **kwargs):
+    def __init__(self, backup_dir: str, fingerprint: str = "", **kwargs):
+        stamp = os.path.join(backup_dir, BACKUP_FINGERPRINT)
+        if os.path.isdir(backup_dir):
+            found = open(stamp).read() if os.path.exists(stamp) else ""
+            if found != fingerprint:
+                log.warning("ignoring the backup in %s: it was written by a run of another "
+                            "configuration", backup_dir)
+                shutil.rmtree(backup_dir)
+        os.makedirs(backup_dir, exist_ok=True)
+        _write_text(stamp, fingerprint)
         super().__init__(backup_dir, **kwargs)
         self._supported_strategies = self._supported_strategies + (
             tf.distribute.OneDeviceStrategy,)
+
+
+def config_fingerprint(*sections: object, ignore: Sequence[str] = ("epochs",)) -> str:
+    """Stable hash of config dataclasses, leaving out fields a resumed run may change."""
+    raw = [{k: v for k, v in dataclasses.asdict(s).items() if k not in ignore}
+           for s in sections]
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def refresh_index(model: tf.keras.Model, catalog: pd.DataFrame) -> None:

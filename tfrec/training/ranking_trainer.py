@@ -33,7 +33,7 @@ from tfrec.features.vocab import Vocabularies
 from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.ranking import RankingModel
 from tfrec.models.embedding import tower_fn
-from tfrec.training.callbacks import BackupAndRestore, metric_key
+from tfrec.training.callbacks import BackupAndRestore, config_fingerprint, metric_key
 from tfrec.metrics.candidates import (candidate_lists, concat_lists, excludes_history,
                                        period_purchases, search_candidate_lists,
                                        search_sessions)
@@ -288,7 +288,8 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
         tf.keras.callbacks.TensorBoard(tb_dir if chief else tempfile.mkdtemp(),
                                        update_freq="epoch", write_graph=False),
         KeepBestEpoch(monitor=f"val_score_ndcg_at_{cfg.ranking.eval_ks[0]}", patience=2),
-        BackupAndRestore(os.path.join(out_dir, "backup")),
+        BackupAndRestore(os.path.join(out_dir, "backup"),
+                         config_fingerprint(cfg.ranking, cfg.features)),
     ] + list(extra_callbacks or [])
     log.info("ranker: %d training lists of %d candidates (%s labels first, %s)",
              len(train["user_id"]), cfg.ranking.candidates, first, precision)

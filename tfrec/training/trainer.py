@@ -36,9 +36,10 @@ from tfrec.data.feature_spec import catalog_features
 from tfrec.metrics.retrieval import build_eval_set, embed_in_batches
 from tfrec.features.vocab import Vocabularies, build_vocabularies
 from tfrec.models.retrieval import TwoTowerModel
-from tfrec.training.callbacks import (BackupAndRestore, RefreshCatalogIndex, RetrievalEvaluation, metric_key,
-                                      refresh_index, tower_fn, write_hparams, write_projector,
-                                      PROJECTOR_MAX_POINTS)
+from tfrec.training.callbacks import (PROJECTOR_MAX_POINTS, BackupAndRestore,
+                                      RefreshCatalogIndex, RetrievalEvaluation,
+                                      config_fingerprint, metric_key, refresh_index, tower_fn,
+                                      write_hparams, write_projector)
 from tfrec.training.keep_best import KeepBestEpoch
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy, num_workers,
                                      resolve_precision, tf_config)
@@ -260,7 +261,8 @@ def train_retrieval(cfg: Config,
                                        histogram_freq=cfg.train.histogram_freq,
                                        update_freq="epoch", write_graph=False),
         KeepBestEpoch(monitor=monitor, patience=cfg.train.early_stopping_patience),
-        BackupAndRestore(os.path.join(run_dir, "backup")),
+        BackupAndRestore(os.path.join(run_dir, "backup"),
+                         config_fingerprint(cfg.model, cfg.features)),
         _ResumeLog(),
     ] + list(extra_callbacks or [])
     if chief:
