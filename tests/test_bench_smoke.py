@@ -82,6 +82,9 @@ BENCHES: Dict[str, Expect] = {
     "homedepot_search": Expect(
         [("model", "NDCG@10", "Recall@100", "MRR", "ms/query")],
         [row("BM25"), row("MiniLM zero-shot"), row("two-tower+ranker")], data=True),
+    "title_embedding": Expect(
+        [("batching", "embedded", "titles/s", "vs before")],
+        [row("padded (before)"), row("trimmed (after)"), row("re-index, 1% changed")]),
     "search_relevance": Expect(
         [("method", "test NDCG@10", "vs BM25", "val NDCG@10")],
         [row("BM25"), row("MiniLM zero-shot cosine"), row("MiniLM fast, fine-tuned"),

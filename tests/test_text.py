@@ -323,6 +323,44 @@ def test_hub_keras_layer_fine_tunes(tiny_encoder, tiny_pre):
     assert np.abs(table.numpy() - before).max() > 0
 
 
+TEXTS = ["cordless drill", "stainless steel kitchen sink with a very long title " * 3,
+         "无线耳机 蓝牙", "café table", "Größe 42 boots", "", "mat"]
+
+
+def test_trimmed_length_batches_give_the_same_vectors_in_input_order(tiny_encoder):
+    from tfrec.text.embedding import SentenceEncoder
+
+    full = SentenceEncoder(*tiny_encoder, seq_length=64, batch_size=3, trim=False)
+    trimmed = SentenceEncoder(*tiny_encoder, seq_length=64, batch_size=3)
+    want, got = full.encode(TEXTS), trimmed.encode(TEXTS)
+    assert got.shape == (len(TEXTS), full.dim)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_allclose(trimmed.encode(TEXTS[2:3])[0], want[2], atol=2e-5)
+    assert trimmed.encode([]).shape == (0, full.dim)
+
+
+def test_text_vector_cache_embeds_only_new_or_changed_texts(tiny_encoder, tmp_path):
+    from tfrec.text.embedding import SentenceEncoder, TextVectorCache
+
+    encoder = SentenceEncoder(*tiny_encoder, seq_length=64, batch_size=4)
+    cache = TextVectorCache(str(tmp_path), "tiny\n64")
+    first = cache.vectors(TEXTS, encoder.encode)
+    assert cache.embedded == len(set(TEXTS))
+    np.testing.assert_allclose(first, encoder.encode(TEXTS), atol=1e-6)
+    # Another process (a new cache object) reads every vector back.
+    again = TextVectorCache(str(tmp_path), "tiny\n64")
+    np.testing.assert_array_equal(again.vectors(TEXTS[::-1], encoder.encode), first[::-1])
+    assert again.embedded == 0
+    changed = TEXTS[:3] + ["café table, oak", "新品 手机壳"] + TEXTS[4:]
+    out = again.vectors(changed, encoder.encode)
+    assert again.embedded == 2
+    np.testing.assert_allclose(out, encoder.encode(changed), atol=1e-6)
+    # Another encoder setting never reads these vectors.
+    other = TextVectorCache(str(tmp_path), "tiny\n32")
+    other.vectors(TEXTS[:2], encoder.encode)
+    assert other.embedded == 2
+
+
 def test_serving_signature_and_export_metadata(tiny_encoder, tiny_pre):
     enc_path = tiny_encoder[0]
     loaded = tf.saved_model.load(enc_path)

@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_hub as hub
 import tensorflow_text  # noqa: F401  (ops of the preprocessor SavedModel)
 
-from tfrec.text.embedding import mean_pool, sentence_embeddings
+from tfrec.text.embedding import mean_pool, sentence_embeddings, trim_padding
 
 __all__ = ["MODES", "TextMatch", "encoder_trainable_names"]
 
@@ -106,13 +106,6 @@ class _EncoderLayer(hub.KerasLayer):
     def non_trainable_weights(self) -> List[tf.Variable]:
         frozen = [w for w in super().trainable_weights if w.name not in self._train_names]
         return super().non_trainable_weights + frozen
-
-
-def _trim(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-    """Drops padding columns beyond the longest row: masked keys make them exact no-ops."""
-    longest = tf.reduce_max(tf.reduce_sum(inputs["input_mask"], axis=1))
-    length = tf.maximum(longest, 2)  # also safe for an empty batch
-    return {k: v[:, :length] for k, v in inputs.items()}
 
 
 def _scatter_rows(rows: tf.Tensor, values: tf.Tensor, num_rows: tf.Tensor) -> tf.Tensor:
@@ -219,8 +212,8 @@ class TextMatch(tf.keras.layers.Layer):
         pre = self._preprocessor
 
         def embed(batch: tf.Tensor) -> tf.Tensor:  # eager: the SavedModel parts are graphs
-            inputs = _trim(pre.bert_pack_inputs([pre.tokenize(batch)],
-                                                seq_length=self.item_length))
+            inputs = trim_padding(pre.bert_pack_inputs([pre.tokenize(batch)],
+                                                       seq_length=self.item_length))
             out = encoder_object(inputs, training=False)
             return sentence_embeddings(tf.cast(out["sequence_output"], tf.float32),
                                        inputs["input_mask"])
@@ -238,7 +231,7 @@ class TextMatch(tf.keras.layers.Layer):
     def _encode(self, segments: List[tf.RaggedTensor], training: Optional[bool]
                 ) -> Dict[str, tf.Tensor]:
         """Packed segments through the encoder (float32): outputs plus the packed inputs."""
-        inputs = _trim(self.pack(segments))
+        inputs = trim_padding(self.pack(segments))
         outputs = self.encoder(inputs, training=training)
         return {"sequence_output": tf.cast(outputs["sequence_output"], tf.float32),
                 "pooled_output": tf.cast(outputs["pooled_output"], tf.float32), **inputs}

@@ -21,9 +21,8 @@ import tensorflow_text  # noqa: F401  (ops of the preprocessor SavedModel)
 from tfrec.features.bm25 import bm25_tokenize
 from tfrec.features.lexical import lexical_tokens
 from tfrec.models.encoder_rate import minimize
-from tfrec.models.text_match import (_EncoderLayer, _load_preprocessor, _trim,
-                                     encoder_trainable_names)
-from tfrec.text.embedding import mean_pool
+from tfrec.models.text_match import _EncoderLayer, _load_preprocessor, encoder_trainable_names
+from tfrec.text.embedding import mean_pool, trim_padding
 
 __all__ = ["QueryEncoder", "SearchTwoTower", "word_vocabulary",
            "catalog_word_ids"]
@@ -82,7 +81,7 @@ class QueryEncoder(tf.keras.layers.Layer):
                                    arguments={"seq_length": int(seq_length)})
 
     def call(self, queries: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
-        inputs = _trim(self.pack([self.tokenize(queries)]))
+        inputs = trim_padding(self.pack([self.tokenize(queries)]))
         outputs = self.encoder(inputs, training=training)
         return mean_pool(tf.cast(outputs["sequence_output"], tf.float32), inputs["input_mask"])
 

@@ -8,8 +8,8 @@ the validation queries' retrieved lists, with a share of them held out to pick i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import logging
 import os
 import time
 from typing import Dict, List, Optional, Sequence
@@ -33,6 +33,8 @@ from tfrec.search.pipeline import SearchPipeline
 from tfrec.search.ranker import SearchRanker
 from tfrec.training.keep_best import KeepBestEpoch, fit_keep_best
 from tfrec.training.strategy import configure_devices, make_strategy
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SearchData", "SearchRun", "load_search_data", "title_vectors", "build_pipeline",
            "train_two_tower", "retrieved_lists", "train_ranker", "evaluate_stages",
@@ -82,29 +84,29 @@ def load_search_data(cfg: SearchConfig) -> SearchData:
 
 def title_vectors(cfg: SearchConfig, titles: Sequence[str],
                   cache_dir: Optional[str] = None) -> np.ndarray:
-    """Frozen sentence embeddings [N, H] of the titles, cached on disk by content.
+    """Frozen sentence embeddings [N, H] of the titles, cached on disk per title.
 
-    The product tower keeps them frozen, so they are computed once per catalog and
-    encoder (about 5 minutes for 41k titles with MiniLM on 2 cores) and shared by runs.
+    The product tower keeps them frozen, so each title is embedded once per encoder
+    setting and shared by runs; a catalog with a few new or edited titles embeds only
+    those (`TextVectorCache`).
     """
-    from tfrec.text.embedding import SentenceEncoder
+    from tfrec.text.embedding import SentenceEncoder, TextVectorCache
+
     titles = [str(t) for t in titles]
-    key = hashlib.sha1("\n".join([os.path.abspath(cfg.encoder), str(cfg.title_length)]
-                                 + titles).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"title_vectors_{key}.npy") if cache_dir else None
-    if path and os.path.exists(path):
-        return np.load(path)
-    encoder = SentenceEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.title_length,
-                              batch_size=cfg.embed_batch_size)
-    order = np.argsort([len(t) for t in titles], kind="stable")  # similar lengths batch well
-    vectors = np.zeros([len(titles), encoder.model.output_shape[-1]], np.float32)
-    vectors[order] = encoder.encode([titles[i] for i in order])
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}.npy"
-        np.save(tmp, vectors)
-        os.replace(tmp, path)
-    return vectors
+    encoder: List[SentenceEncoder] = []  # built only when some title is missing
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        if not encoder:
+            encoder.append(SentenceEncoder(cfg.encoder, cfg.preprocessor,
+                                           seq_length=cfg.title_length,
+                                           batch_size=cfg.embed_batch_size))
+        log.info("embedding %d titles with %s", len(texts), cfg.encoder)
+        return encoder[0].encode(texts)
+
+    if not cache_dir:
+        return embed(titles)
+    cache = TextVectorCache(cache_dir, f"{os.path.abspath(cfg.encoder)}\n{cfg.title_length}")
+    return cache.vectors(titles, embed)
 
 
 def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray) -> SearchPipeline:
