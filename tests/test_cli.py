@@ -145,5 +145,12 @@ def test_evaluate_the_exported_saved_model(exported_model, tiny_world_dir, tmp_p
     assert rows["two_tower"]["recall@100"] > rows["popularity"]["recall@100"]
     # Search sessions: the personalized two-tower finds what searchers engage with.
     assert rows["search:two_tower"]["recall@100"] > 0.3
+    # The searcher's history items left out, as `search_history: exclude` serves them.
+    proc = tfrec("evaluate", "--saved-model", exported_model, "--data-dir", tiny_world_dir,
+                 "--workdir", str(tmp_path), "--json", "--search-history", "exclude")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    excluded = __import__("json").loads(proc.stdout)
+    assert excluded["search:bm25"] == rows["search:bm25"]  # BM25 never reads the history
+    assert excluded["search:two_tower"] != rows["search:two_tower"]
     proc = tfrec("evaluate", "--saved-model", str(tmp_path), "--data-dir", tiny_world_dir)
     assert proc.returncode == 2 and "not a SavedModel directory" in proc.stderr

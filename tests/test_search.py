@@ -253,7 +253,7 @@ def test_cli_search_train_prints_the_table_and_exports(tiny_encoder, search_run,
     # The session run's workdir: its title-vector cache spares the CLI the title encoding.
     proc = _cli(["--judgments", "synthetic:tiny", "--workdir", search_workdir,
                  "--export-base", str(export_base), "--log-dir", str(tmp_path / "logs"),
-                 *[a for s in sets for a in ("--set", s)]], tmp_path)
+                 "--results", "4", *[a for s in sets for a in ("--set", s)]], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "(mirrored, 2 replicas)" in out, out
@@ -267,6 +267,8 @@ def test_cli_search_train_prints_the_table_and_exports(tiny_encoder, search_run,
                 if line.startswith("exported ")]
     assert exported == [str(export_base / "search" / "1")], out
     assert os.path.isfile(os.path.join(exported[0], "saved_model.pb"))
+    with open(os.path.join(exported[0], "assets.extra", "tfrec_model.json")) as f:
+        assert json.load(f)["num_results"] == 4  # --results
     assert glob.glob(str(tmp_path / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
 
 
@@ -323,6 +325,8 @@ def test_search_cli_helpers(capsys):
                                                       "outputs": {"item_ids": ()}}})
     assert main(["search", "train", "--set", "epochs=two"]) == 2
     assert "search.epochs" in capsys.readouterr().err
+    assert main(["search", "train", "--results", "0"]) == 2
+    assert "--results must be >= 1" in capsys.readouterr().err
     assert main(["search", "train", "--set", "strategy=multi_worker"]) == 2
     assert "search strategy must be one of default, one_device, mirrored" in (
         capsys.readouterr().err)

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saved-model", help="evaluate an exported version directory instead")
     p.add_argument("--data-dir", dest="data_dir", help="tables to evaluate on (with --saved-model)")
     p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--search-history", dest="search_history", choices=["keep", "exclude"],
+                   help="search rows: keep or exclude the searcher's history items "
+                        "(default: as the ranker was trained, ranking.search_history)")
     p.add_argument("--max-users", type=int)
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.add_argument("--report", metavar="DIR",
@@ -275,7 +278,7 @@ def _run(args: argparse.Namespace) -> int:
 
         rows = workflow.evaluate(cfg, run=args.run, saved_model=args.saved_model,
                                  split=args.split, max_users=args.max_users,
-                                 report_dir=args.report)
+                                 report_dir=args.report, search_history=args.search_history)
         print(json.dumps(rows, indent=2) if args.json else
               format_table(rows, title=f"{args.split} period"))
         if args.report:

@@ -45,7 +45,8 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None):
 
 def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] = None,
              split: str = "test", max_users: Optional[int] = None,
-             report_dir: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+             report_dir: Optional[str] = None, search_history: Optional[str] = None
+             ) -> Dict[str, Dict[str, float]]:
     """Metrics of a trained run (or an exported SavedModel) beside the baselines.
 
     Args:
@@ -56,14 +57,19 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
       max_users: sample of users to evaluate.
       report_dir: also write an HTML/JSON report there (adds a co-occurrence baseline
         row) and log it to TensorBoard under <log_dir>/<run>/evaluation.
+      search_history: "keep"/"exclude" the searcher's history items in the search rows
+        (default: as the ranker was trained, ranking.search_history).
     """
     from tfrec.data.io import load_tables
+    from tfrec.metrics.candidates import excludes_history
     from tfrec.evaluation.report import evaluate_period
     from tfrec.models.embedding import tower_fn
     from tfrec.training.trainer import ensure_prepared, load_trained_model, resolve_run_dir
 
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    if search_history is not None:
+        excludes_history(search_history)  # a clear error before any work
     ranker = None
     if saved_model:
         loaded = _load_saved_model(saved_model)
@@ -79,6 +85,8 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
         if os.path.isdir(os.path.join(ranker_dir_of(run_dir), "weights")):
             ranker, ranker_cfg = load_ranker(run_dir)  # adds the two_tower+ranker row
             cfg.ranking = ranker_cfg.ranking
+    if search_history is not None:
+        cfg.ranking.search_history = search_history
     meta = ensure_prepared(cfg)
     tables = load_tables(cfg.data.data_dir)
     times = meta["split"]

@@ -55,6 +55,9 @@ def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
                         "<export base>/<model name>/<version>/")
     p.add_argument("--model-name", dest="model_name", default="search")
     p.add_argument("--version", type=int, help="export version (default: the next one)")
+    p.add_argument("--results", type=int,
+                   help="products the exported model returns per query (default: the "
+                        "config's results, 10)")
     p.add_argument("--no-export", action="store_true", dest="no_export",
                    help="train and evaluate only")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -91,6 +94,10 @@ def search_config(args: argparse.Namespace) -> SearchConfig:
         cfg.judgments = args.judgments
     if args.seed is not None:
         cfg.seed = args.seed
+    if getattr(args, "results", None) is not None:
+        if args.results < 1:
+            raise ValueError(f"--results must be >= 1, got {args.results}")
+        cfg.results = args.results
     return cfg
 
 
