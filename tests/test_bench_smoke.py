@@ -12,9 +12,10 @@ Benches that need real data under ../shared/data (or $TFREC_DATA_DIR) print
 "skipped: <reason>" and exit 0 without it; their test is then skipped with that reason.
 
 Marked `bench` (registered in setup.cfg): they run by default, `-m "not bench"` leaves
-them out. All of them take about 5 minutes on 2 cores (each 17-37 s: a fresh
-TensorFlow process that traces, trains and exports real models, some with a model
-server or cluster processes beside it).
+them out. Each is a fresh TensorFlow process (17-37 s alone: import, tracing, tiny
+training and export, some with a model server or cluster processes beside it), much of
+it single-threaded, so the selected benches run two at a time (`PARALLEL`) as soon as the
+first of these tests asks, and each test waits for its own.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import re
 import signal
 import subprocess
 import sys
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # seconds per bench; every smoke run takes well under a minute
+PARALLEL = 2  # smoke processes at a time
 
 pytestmark = pytest.mark.bench
 
@@ -109,6 +112,16 @@ def run_smoke(name: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.fixture(scope="module")
+def smoke_runs(request) -> Iterator[Dict[str, Future]]:
+    """Starts every selected bench's smoke run, PARALLEL at a time, in test order."""
+    names = [item.callspec.params["name"] for item in request.session.items
+             if getattr(item, "originalname", "") == "test_bench_smoke"]
+    pool = ThreadPoolExecutor(max_workers=PARALLEL)
+    yield {name: pool.submit(run_smoke, name) for name in names}
+    pool.shutdown(wait=True, cancel_futures=True)  # e.g. after -x stopped the session
+
+
 def test_every_bench_has_a_smoke_test():
     scripts = {f[:-3] for f in os.listdir(os.path.join(REPO, "bench"))
                if f.endswith(".py") and not f.startswith("_")}
@@ -116,9 +129,9 @@ def test_every_bench_has_a_smoke_test():
 
 
 @pytest.mark.parametrize("name", sorted(BENCHES))
-def test_bench_smoke(name):
+def test_bench_smoke(name, smoke_runs):
     expect = BENCHES[name]
-    result = run_smoke(name)
+    result = smoke_runs[name].result()
     report = (f"bench/{name}.py --smoke exited {result.returncode}\n--- stdout:\n"
               f"{result.stdout[-3000:]}\n--- stderr:\n{result.stderr[-3000:]}")
     assert result.returncode == 0, report
