@@ -23,6 +23,8 @@ from tfrec.data.io import atomic_write
 
 log = logging.getLogger(__name__)
 
+KEY_DTYPE = "U40"  # hex SHA-1 of a text: TextVectorCache keys
+
 
 def mean_pool(sequence_output: tf.Tensor, input_mask: tf.Tensor) -> tf.Tensor:
     """Average of the token vectors where `input_mask` is 1: [B, L, H] -> [B, H]."""
@@ -174,8 +176,8 @@ class TextVectorCache:
     def _load(self):
         keys, vectors = self.prefix + ".keys.npy", self.prefix + ".vectors.npy"
         if not (os.path.exists(keys) and os.path.exists(vectors)):
-            return np.zeros([0], object), None
-        return np.load(keys, allow_pickle=True), np.load(vectors)
+            return np.zeros([0], KEY_DTYPE), None
+        return np.load(keys), np.load(vectors)  # plain arrays: no pickle from a cache dir
 
     def vectors(self, texts: Sequence[str],
                 embed: Callable[[Sequence[str]], np.ndarray]) -> np.ndarray:
@@ -195,7 +197,7 @@ class TextVectorCache:
         if missing:
             fresh = np.asarray(embed([first[k] for k in missing]), np.float32)
             stored = fresh if stored is None else np.concatenate([stored, fresh], axis=0)
-            keys = np.concatenate([keys, np.asarray(missing, object)])
+            keys = np.concatenate([keys, np.asarray(missing, KEY_DTYPE)])
             row.update({k: len(keys) - len(missing) + i for i, k in enumerate(missing)})
             # Vectors first: a crash between the two leaves keys that index old rows only.
             atomic_write(self.prefix + ".vectors.npy", lambda p: _save(p, stored))
@@ -207,4 +209,4 @@ class TextVectorCache:
 
 def _save(path: str, array: np.ndarray) -> None:
     with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a path
-        np.save(f, array, allow_pickle=array.dtype == object)
+        np.save(f, array, allow_pickle=False)
