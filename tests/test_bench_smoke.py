@@ -85,6 +85,12 @@ BENCHES: Dict[str, Expect] = {
     "homedepot_search": Expect(
         [("model", "NDCG@10", "Recall@100", "MRR", "ms/query")],
         [row("BM25"), row("MiniLM zero-shot"), row("two-tower+ranker")], data=True),
+    "open_catalog": Expect(  # Home Depot slice, or the synthetic world's judgments
+        [("queries", "model", "NDCG@10", "Recall@100", "MRR", "NDCG vs BM25")],
+        [r"unseen +BM25 +\d", r"unseen +two-tower\+ranker +\d", r"all +hybrid +\d"]),
+    "warm_start": Expect(
+        [("run", "steps/epoch", "val recall@100 per epoch", "steps to target")],
+        [row("scratch"), row("warm"), r"warm, last \d+ days +\d"]),
     "title_embedding": Expect(
         [("batching", "embedded", "titles/s", "vs before")],
         [row("padded (before)"), row("trimmed (after)"), row("re-index, 1% changed")]),

@@ -141,7 +141,8 @@ def test_evaluate_the_exported_saved_model(exported_model, tiny_world_dir, tmp_p
                  "--workdir", str(tmp_path), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = __import__("json").loads(proc.stdout)
-    assert set(rows) == {"two_tower", "popularity", "oracle", "search:two_tower", "search:bm25"}
+    assert set(rows) == {"two_tower", "popularity", "oracle", "search:two_tower", "search:bm25",
+                         "cold items", "warm items"}
     assert rows["two_tower"]["recall@100"] > rows["popularity"]["recall@100"]
     # Search sessions: the personalized two-tower finds what searchers engage with.
     assert rows["search:two_tower"]["recall@100"] > 0.3

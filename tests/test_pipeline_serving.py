@@ -16,6 +16,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import tfrec  # noqa: F401
@@ -331,3 +332,21 @@ def test_bert_fast_mode_ranker_trains_and_exports(trained_run, tiny_config, tiny
         hour=tf.constant([9], tf.int64), k=tf.constant([3], tf.int32),
         exclude_item_ids=tf.constant([[""]]), purchased_item_ids=tf.constant([[""]]))
     assert out["item_ids"].shape == (1, 3) and np.all(np.isfinite(out["scores"].numpy()))
+
+    # A grown catalog: only the new titles are embedded, stored vectors are kept.
+    catalog = world["catalog"]
+    new = catalog.iloc[:2].assign(item_id=["NEU-a", "NEU-b"],
+                                  title=["Tapis de yoga épais", "瑜伽垫 加厚"])
+    grown = pd.concat([catalog, new], ignore_index=True)
+    stored = model.text_match.item_embeddings.numpy()
+    weights = len(model.text_match.weights)
+    assert model.use_catalog(grown) == 2
+    after = model.text_match.item_embeddings.numpy()
+    assert after.shape == (len(grown), stored.shape[1])
+    np.testing.assert_array_equal(after[:len(catalog)], stored)
+    assert len(model.text_match.weights) == weights  # the old table is gone, not kept
+    scores = model({"user_id": tf.constant([world["user"]]), "query": tf.constant(["yoga"]),
+                    "history": tf.constant([world["history"]]), "device": tf.constant(["app"]),
+                    "hour": tf.constant([9], tf.int64),
+                    "item_id": tf.constant([["NEU-a", "NEU-b", catalog["item_id"].iloc[0]]])})
+    assert np.all(np.isfinite(scores["click"].numpy()))

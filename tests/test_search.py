@@ -330,3 +330,120 @@ def test_search_cli_helpers(capsys):
     assert main(["search", "train", "--set", "strategy=multi_worker"]) == 2
     assert "search strategy must be one of default, one_device, mirrored" in (
         capsys.readouterr().err)
+
+
+# BM25 still splits on ASCII runs only (CJK tokens are issue 16): titles mix scripts.
+NEW_PRODUCTS = {"NEU-1": "Casque Bluetooth sans fil 无线耳机 降噪",
+                "NEU-2": "Lampe de chevet à poser dorée"}
+
+
+def test_search_index_serves_a_new_product_table_without_retraining(search_run, search_workdir,
+                                                                    tiny_world, tmp_path):
+    """`tfrec search index` over the whole catalog plus new products; the server that
+    serves the training export picks the new version up (hot load)."""
+    from tfrec.search.export import export_search
+    from tfrec.serving import ModelServer, PredictClient
+    from tests.helpers import wait_for
+
+    judged = set(search_run.data.catalog["product_id"])
+    products = tiny_world.catalog.rename(columns={"item_id": "product_id"})[
+        ["product_id", "title", "brand", "category", "description"]]
+    products = pd.concat([products, pd.DataFrame({"product_id": list(NEW_PRODUCTS),
+                                                  "title": list(NEW_PRODUCTS.values())})],
+                         ignore_index=True)
+    never_judged = products[~products["product_id"].isin(judged)]
+    assert len(never_judged) > len(NEW_PRODUCTS)
+    path = tmp_path / "products.csv"
+    products.to_csv(path, index=False)
+    base = tmp_path / "models"
+    export_search(search_run.pipeline, str(base), num_results=NUM_RESULTS)
+    server = ModelServer({"search": str(base / "search")}, port=0, poll_seconds=0.2).start()
+    client = PredictClient(server.address, timeout=60)
+    try:
+        assert client.wait_until_available("search", timeout=30) == 1
+        titles = never_judged.head(10)
+
+        def found() -> int:  # never-judged products found by their own titles
+            return sum(row["product_id"] in [r["product_id"] for r in
+                                             client.catalog_search(row["title"], model="search")]
+                       for _, row in titles.iterrows())
+
+        assert found() == 0  # the training export indexes judged products only
+        proc = subprocess.run(
+            [sys.executable, "-m", "tfrec", "search", "index", "--run", search_workdir,
+             "--catalog", str(path), "--export-base", str(base), "--results", "20"],
+            capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"indexed {len(products)} products" in proc.stdout
+        wait_for(lambda: 2 in [v for v, state in client.status("search")
+                               if state == "AVAILABLE"], timeout=60)
+        for product, title in NEW_PRODUCTS.items():
+            rows = client.catalog_search(title, model="search")
+            assert len(rows) == 20
+            assert product in [r["product_id"] for r in rows[:3]], (title, rows[:3])
+            assert rows[[r["product_id"] for r in rows].index(product)]["title"] == title
+        # Products nobody judged are found by their own titles (a tiny random encoder
+        # trained one epoch: BM25 carries most of it).
+        assert found() >= 5
+    finally:
+        client.close()
+        server.stop(grace=0)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("product_id,title\nA,Lampe\nA,台灯\n", "'A' appears more than once (first repeat: row 1)"),
+    ("product_id,title\nA,Lampe\nB,\n", "'title' is empty in 1 row(s) (first: row 1)"),
+    ("product_id,name\nA,Lampe\n", "missing column(s) ['title']"),
+    ("product_id,title\n", "has no rows"),
+])
+def test_search_index_rejects_bad_product_tables(tmp_path, content, message):
+    from tfrec.cli import main
+    from tfrec.data.schema import SchemaError
+    from tfrec.search.index import read_products
+
+    path = tmp_path / "products.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(SchemaError) as info:
+        read_products(str(path))
+    assert message in str(info.value) and str(path) in str(info.value)
+    table = pd.DataFrame({"product_id": ["A", "B"], "title": [7, 8]})
+    table.to_parquet(tmp_path / "typed.parquet")
+    with pytest.raises(SchemaError, match=r"column 'title' must hold text; row 0 has 7"):
+        read_products(str(tmp_path / "typed.parquet"))
+
+
+def test_cli_search_index_errors_exit_2(search_workdir, tmp_path, capsys):
+    from tfrec.cli import main
+
+    bad = tmp_path / "products.csv"
+    bad.write_text("product_id,title\nA,Lampe\nA,台灯\n", encoding="utf-8")
+    assert main(["search", "index", "--run", search_workdir, "--catalog", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tfrec: error:") and "appears more than once" in err
+    assert main(["search", "index", "--run", str(tmp_path), "--catalog", str(bad)]) == 2
+    assert "holds no trained search run" in capsys.readouterr().err
+
+
+def test_search_warm_start_grows_vocabularies(search_run, search_workdir, tiny_encoder,
+                                              tmp_path):
+    """`tfrec search train --warm-start`: new judgments (another world: new words), the
+    saved run's words keep their rows, the new run trains and is saved in turn."""
+    from tfrec.data.homedepot import split_by_query
+    from tfrec.data.synthetic import generate_world
+    from tfrec.search.data import judgments_from_events, product_catalog
+    from tfrec.search.index import saved_vocabularies
+    from tfrec.search.train import SearchData, train_search
+
+    world = generate_world("tiny", seed=7)
+    judgments = judgments_from_events(world.events, world.catalog)
+    cfg = _tiny_config(tiny_encoder)
+    cfg.seed = 7
+    data = SearchData(judgments, product_catalog(judgments),
+                      split_by_query(judgments, cfg.split, seed=cfg.seed))
+    old = saved_vocabularies(search_workdir)
+    run = train_search(cfg, str(tmp_path), data=data, warm_start=search_workdir,
+                       log_dir=str(tmp_path / "logs"))
+    new = saved_vocabularies(str(tmp_path))
+    assert new["words"][:len(old["words"])] == old["words"]
+    assert len(new["words"]) > len(old["words"])
+    assert all(math.isfinite(m["ndcg@10"]) for m in run.metrics.values())

@@ -47,6 +47,7 @@ def _config(args: argparse.Namespace) -> Config:
         "version": ("export", "version"), "host": ("serve", "host"), "port": ("serve", "port"),
         "poll_seconds": ("serve", "poll_seconds"),
         "text_mode": ("ranking", "text_mode"), "ranker_epochs": ("ranking", "epochs"),
+        "warm_start": ("train", "warm_start"), "train_days": ("data", "train_days"),
     }
     for flag, (section, name) in flag_map.items():
         value = getattr(args, flag, None)
@@ -73,6 +74,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-per-epoch", type=int, dest="steps_per_epoch")
     p.add_argument("--run-name", dest="run_name",
                    help="run directory name; an existing run resumes from its backup")
+    p.add_argument("--warm-start", dest="warm_start", metavar="RUN",
+                   help="start from this run's weights (name or directory) on newer data: "
+                        "vocabularies grow with new ids, the optimizer starts fresh")
+    p.add_argument("--train-days", type=float, dest="train_days", metavar="N",
+                   help="train on the last N days before the validation period only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-devices", type=int, dest="cpu_devices",
                    help="split the CPU into N logical devices (e.g. Mirrored on CPU)")
     p.add_argument("--epochs", type=int, dest="ranker_epochs")
+    p.add_argument("--warm-start", dest="warm_start", metavar="RUN",
+                   help="start from the ranker of this retrieval run (name or directory); "
+                        "tables grow with the run's vocabularies, the optimizer starts fresh")
 
     p = sub.add_parser("evaluate", help="test-period metrics beside baselines",
                        description="Recall@k / NDCG of a trained run (or exported model) beside "
@@ -138,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int)
     p.add_argument("--retrieval-only", action="store_true", dest="retrieval_only",
                    help="skip the ranker and pipeline models even if the run has a ranker")
+    p.add_argument("--gate", type=float, metavar="TOL", nargs="?", const=0.01,
+                   help="export only if the run's validation recall@100 is not below the "
+                        "currently exported version's by more than TOL (default 0.01); "
+                        "both figures go into the model card, a refusal exits 2")
+    p.add_argument("--catalog", metavar="PATH",
+                   help="product table to serve (Parquet/CSV with the catalog columns; "
+                        "default: the run's data catalog): new items are embedded and "
+                        "ranked from their content, stock and prices come from it")
 
     p = sub.add_parser("serve", help="embedded gRPC server (TF Serving API)",
                        description="Serve exported models over tensorflow-serving-api's "
@@ -285,9 +302,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"report: {os.path.join(args.report, 'report.html')} (numbers in "
                   f"report.json)", file=sys.stderr if args.json else sys.stdout)
     elif cmd == "export":
-        print(workflow.export(cfg, run=args.run))
+        print(workflow.export(cfg, run=args.run, catalog=args.catalog, gate=args.gate))
         if not args.retrieval_only and workflow.has_ranker(cfg, run=args.run):
-            for path in workflow.export_ranking(cfg, run=args.run).values():
+            for path in workflow.export_ranking(cfg, run=args.run,
+                                                catalog=args.catalog).values():
                 print(path)
     elif cmd == "serve":
         return _serve(args, cfg)

@@ -26,6 +26,9 @@ class DataConfig:
     test_fraction: float = 0.1  # of the time range, the last period
     history_length: int = 20
     num_shards: int = 4
+    # Only the last N days of the training period become training examples (None: all);
+    # with train.warm_start, the recent window a refreshed model trains on.
+    train_days: Optional[float] = None
 
 
 @dataclass
@@ -139,6 +142,9 @@ class TrainConfig:
     deterministic: bool = False
     seed: int = 42
     mixed_precision: str = "auto"  # auto: mixed_float16 only when a GPU is present
+    # Run name or directory whose weights start this run (vocabularies grow; fresh
+    # optimizer): `tfrec train --warm-start RUN`.
+    warm_start: Optional[str] = None
 
 
 @dataclass

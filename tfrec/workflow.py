@@ -72,9 +72,11 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
         excludes_history(search_history)  # a clear error before any work
     ranker = None
     if saved_model:
+        from tfrec.export.gate import signature_embedding_fn
+
         loaded = _load_saved_model(saved_model)
-        query_fn = _signature_fn(loaded.signatures["query_embedding"])
-        candidate_fn = _signature_fn(loaded.signatures["candidate_embedding"])
+        query_fn = signature_embedding_fn(loaded.signatures["query_embedding"])
+        candidate_fn = signature_embedding_fn(loaded.signatures["candidate_embedding"])
     else:
         from tfrec.training.ranking_trainer import load_ranker, ranker_dir_of
 
@@ -82,13 +84,14 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
         model, run_cfg, _ = load_trained_model(run_dir)
         cfg.data = run_cfg.data
         query_fn, candidate_fn = tower_fn(model.query_tower), tower_fn(model.candidate_tower)
-        if os.path.isdir(os.path.join(ranker_dir_of(run_dir), "weights")):
-            ranker, ranker_cfg = load_ranker(run_dir)  # adds the two_tower+ranker row
-            cfg.ranking = ranker_cfg.ranking
-    if search_history is not None:
-        cfg.ranking.search_history = search_history
     meta = ensure_prepared(cfg)
     tables = load_tables(cfg.data.data_dir)
+    if not saved_model and os.path.isdir(os.path.join(ranker_dir_of(run_dir), "weights")):
+        # Adds the two_tower+ranker row, over today's catalog (items may have been added).
+        ranker, ranker_cfg = load_ranker(run_dir, catalog=tables.catalog)
+        cfg.ranking = ranker_cfg.ranking
+    if search_history is not None:
+        cfg.ranking.search_history = search_history
     times = meta["split"]
     start, end = ((int(times["t_test"]), int(times["t_end"])) if split == "test"
                   else (int(times["t_val"]), int(times["t_test"])))
@@ -115,34 +118,70 @@ def _load_saved_model(path: str):
     return tf.saved_model.load(path)
 
 
-def _signature_fn(fn):
-    """An exported embedding signature as a numpy embedding function (see tower_fn)."""
-    import tensorflow as tf
+def export(cfg: Config, run: Optional[str] = None, model=None,
+           catalog: Optional[str] = None, gate: Optional[float] = None) -> str:
+    """Exports the retrieval model of a run; returns the version directory.
 
-    from tfrec.data.feature_spec import FeatureSpec
-
-    specs = fn.structured_input_signature[1]
-
-    def call(features):
-        args = {k: tf.constant(v, dtype=specs[k].dtype) for k, v in features.items() if k in specs}
-        return fn(**args)["embedding"].numpy()
-
-    call.features = FeatureSpec.from_inputs(specs)  # the catalog columns it reads
-    return call
-
-
-def export(cfg: Config, run: Optional[str] = None, model=None) -> str:
-    """Exports the retrieval model of a run; returns the version directory."""
-    from tfrec.data.io import load_tables
+    Args:
+      catalog: Parquet/CSV product table to index (default: the run's data catalog).
+      gate: refuse (GateRefused, nothing written) when the run's validation recall@100
+        is below the currently exported version's by more than this; both figures go
+        into the model card. None: no gate.
+    """
     from tfrec.export.exporter import export_retrieval
     from tfrec.training.trainer import resolve_run_dir
 
     run_dir = resolve_run_dir(cfg.train.checkpoint_dir, run)
+    items = export_catalog(run_dir, catalog)
+    card = {}
+    if gate is not None:
+        result = gate_check(cfg, run_dir, items, gate, model)
+        card["gate"] = result.card()
+        if not result.passed:
+            from tfrec.export.gate import refusal
+            raise refusal(result)
+    return export_retrieval(run_dir, items, cfg.export, model=model, card=card)
+
+
+def gate_check(cfg: Config, run_dir: str, items, tolerance: float, model=None):
+    """The run vs the exported retrieval version on the run data's validation period."""
     from tfrec.config import Config as _Config
+    from tfrec.data.io import load_tables
+    from tfrec.data.split import time_split
+    from tfrec.export.gate import check_gate
+    from tfrec.models.embedding import tower_fn
+    from tfrec.training.trainer import load_trained_model
 
     run_cfg = _Config.from_yaml(os.path.join(run_dir, "config.yaml"))
-    catalog = load_tables(run_cfg.data.data_dir).catalog
-    return export_retrieval(run_dir, catalog, cfg.export, model=model)
+    events = load_tables(run_cfg.data.data_dir).events
+    split = time_split(events, run_cfg.data.val_fraction, run_cfg.data.test_fraction)
+    if model is None:
+        model, _, _ = load_trained_model(run_dir)
+    result = check_gate((tower_fn(model.query_tower), tower_fn(model.candidate_tower)),
+                        events, items, {"start": split.t_val, "end": split.t_test},
+                        run_cfg.data.history_length,
+                        os.path.join(cfg.export.base_dir, cfg.export.model_name), tolerance,
+                        max_users=cfg.train.eval_max_users)
+    log.info("export gate: candidate %s %.4f, exported version %s %s", result.metric,
+             result.candidate, result.current_version, result.current)
+    return result
+
+
+def export_catalog(run_dir: str, path: Optional[str] = None):
+    """The catalog an export serves: the table at `path`, or the run's data catalog.
+
+    Raises:
+      SchemaError: the table is unreadable, empty, or has bad ids, titles or types
+        (the message names the column and row).
+    """
+    from tfrec.config import Config as _Config
+    from tfrec.data.feature_spec import FeatureSpec
+    from tfrec.data.io import load_tables, read_table
+
+    run_cfg = _Config.from_yaml(os.path.join(run_dir, "config.yaml"))
+    if path is None:
+        return load_tables(run_cfg.data.data_dir).catalog
+    return FeatureSpec.from_config(run_cfg.features).check_catalog(read_table(path, "catalog"))
 
 
 def has_ranker(cfg: Config, run: Optional[str] = None) -> bool:
@@ -153,33 +192,39 @@ def has_ranker(cfg: Config, run: Optional[str] = None) -> bool:
     return os.path.isdir(os.path.join(ranker_dir_of(run_dir), "weights"))
 
 
-def export_ranking(cfg: Config, run: Optional[str] = None, retrieval=None, ranker=None
-                   ) -> Dict[str, str]:
+def export_ranking(cfg: Config, run: Optional[str] = None, retrieval=None, ranker=None,
+                   catalog: Optional[str] = None) -> Dict[str, str]:
     """Exports the run's ranker ("ranker") and the combined search/recommend pipeline
-    ("pipeline": retrieval -> ranker -> business rules in one SavedModel)."""
+    ("pipeline": retrieval -> ranker -> business rules in one SavedModel).
+
+    Args:
+      catalog: Parquet/CSV product table to serve (default: the run's data catalog);
+        items the models never saw are embedded and ranked from their content, their
+        popularity counted from the run's events (0 when they have none).
+    """
     from tfrec.config import Config as _Config
+    from tfrec.data.examples import positive_interactions
     from tfrec.data.io import load_tables
     from tfrec.export.exporter import export_pipeline, export_ranker
+    from tfrec.features.catalog import catalog_statistics
     from tfrec.training.ranking_trainer import load_ranker
     from tfrec.training.trainer import load_trained_model, resolve_run_dir
 
     run_dir = resolve_run_dir(cfg.train.checkpoint_dir, run)
     run_cfg = _Config.from_yaml(os.path.join(run_dir, "config.yaml"))
-    tables = load_tables(run_cfg.data.data_dir)
+    events = load_tables(run_cfg.data.data_dir).events
+    items = export_catalog(run_dir, catalog)
+    # Serve with popularity features as of the newest data, not the training cut.
+    stats = catalog_statistics(items, positive_interactions(events), int(events["ts"].max()) + 1)
     if retrieval is None:
         retrieval, _, _ = load_trained_model(run_dir)
     if ranker is None:
-        ranker, _ = load_ranker(run_dir)
-    # Serve with popularity features as of the newest data, not the training cut.
-    from tfrec.data.examples import positive_interactions
-    from tfrec.features.catalog import catalog_statistics
-
-    ranker.catalog.set_statistics(catalog_statistics(
-        tables.catalog, positive_interactions(tables.events), int(tables.events["ts"].max()) + 1))
+        ranker, _ = load_ranker(run_dir, catalog=items, statistics=stats)
+    else:
+        ranker.use_catalog(items, stats)
     return {
-        "ranker": export_ranker(run_dir, tables.catalog, cfg.export, retrieval=retrieval,
-                                ranker=ranker),
-        "pipeline": export_pipeline(run_dir, tables.catalog, cfg.export, retrieval=retrieval,
+        "ranker": export_ranker(run_dir, items, cfg.export, retrieval=retrieval, ranker=ranker),
+        "pipeline": export_pipeline(run_dir, items, cfg.export, retrieval=retrieval,
                                     ranker=ranker, max_per_brand=cfg.export.max_per_brand,
                                     search_history=cfg.export.search_history),
     }

@@ -20,10 +20,13 @@ from tfrec.data.tfrecord import write_tfrecords
 META_FILE = "meta.json"
 
 
+DAY = 86400
+
+
 def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
                     val_fraction: float = 0.1, test_fraction: float = 0.1,
-                    num_shards: int = 4, features: Optional[FeatureSpec] = None
-                    ) -> Dict[str, Any]:
+                    num_shards: int = 4, features: Optional[FeatureSpec] = None,
+                    train_days: Optional[float] = None) -> Dict[str, Any]:
     """Loads tables, splits by time and writes train/val/test TFRecords.
 
     Examples of every period are built from the full log, so val/test histories
@@ -38,6 +41,8 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
       num_shards: files per period.
       features: the feature specification of the records (built-ins if None); its
         fingerprint is kept in meta.json, so a feature change re-prepares the data.
+      train_days: keep only training examples of the last N days before validation
+        (None: the whole training period); histories still reach further back.
 
     Returns:
       The meta dict (as `load_meta` returns it): split times, example counts per
@@ -50,6 +55,11 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
     examples = build_retrieval_examples(tables.events, tables.catalog, history_length, split,
                                         features)
     period = split.assign_period(examples["ts"].to_numpy())
+    if train_days is not None:
+        if not train_days > 0:
+            raise ValueError(f"data.train_days must be > 0 (or null for all), got {train_days}")
+        old = (period == "train") & (examples["ts"].to_numpy() < split.t_val - train_days * DAY)
+        examples, period = examples[~old], period[~old]
     counts, files = {}, {}
     for name in PERIODS:
         subset = examples[period == name]
@@ -65,6 +75,7 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
         "counts": counts,
         "files": files,
         "num_shards": int(num_shards),
+        "train_days": train_days,
         "features": features.fingerprint(),
         "num_items": int(len(tables.catalog)),
         "num_users": int(len(tables.users)),

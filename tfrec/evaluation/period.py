@@ -18,7 +18,7 @@ from tfrec.data.schema import PAD, POSITIVE_EVENT_WEIGHTS
 from tfrec.evaluation.baselines import CooccurrenceBaseline, PopularityBaseline
 from tfrec.evaluation.click_model import PositionBasedClickModel, logged_impressions
 from tfrec.evaluation.html_report import CURVE_MAX_K, ReportData
-from tfrec.evaluation.report import oracle_lists, ranked_lists
+from tfrec.evaluation.report import item_age_rows, oracle_lists, ranked_lists
 from tfrec.data.feature_spec import catalog_features
 from tfrec.metrics.retrieval import (EvalSet, build_eval_set, embed_in_batches, evaluate_lists,
                                      retrieve_topk)
@@ -115,6 +115,9 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
     oracle = oracle_lists(data_dir, eval_set, width)
     if oracle is not None:
         add("oracle", oracle)
+    final = "two_tower+ranker" if "two_tower+ranker" in lists else "two_tower"
+    if final in lists:  # the served model on new vs established items
+        rows.update(item_age_rows(lists[final], eval_set, events, ks))
     return PeriodLists(rows=rows, lists=lists, eval_set=eval_set, item_embeddings=embeddings)
 
 

@@ -54,6 +54,7 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
     eval_set = build_eval_set(events, start_ts, end_ts, history_length, max_users=max_users)
     bought = period_purchases(events, start_ts, end_ts)
     rows: Dict[str, Dict[str, float]] = {}
+    model_lists = None  # the final model's lists (ranker's when there is one)
 
     def add(name: str, lists) -> None:
         rows[name] = evaluate_lists(lists, eval_set, ks)
@@ -64,12 +65,15 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
         items = catalog_features(catalog, candidate_fn)
         item_emb = embed_in_batches(candidate_fn, items)
         query_emb = embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
-        add("two_tower", retrieve_topk(query_emb, item_emb, items["item_id"], max(ks),
-                                       eval_set.exclude))
+        model_lists = retrieve_topk(query_emb, item_emb, items["item_id"], max(ks),
+                                    eval_set.exclude)
+        add("two_tower", model_lists)
         if ranker is not None:
-            for name, lists in ranked_lists(ranker, eval_set, events, catalog, query_fn,
-                                            candidate_fn, candidates, data_dir).items():
+            ranked = ranked_lists(ranker, eval_set, events, catalog, query_fn, candidate_fn,
+                                  candidates, data_dir)
+            for name, lists in ranked.items():
                 add(name, lists)
+            model_lists = ranked["two_tower+ranker"]
     popularity = PopularityBaseline().fit(events, until_ts=start_ts)
     recs = popularity.recommend(list(eval_set.user_ids), max(ks),
                                 exclude=dict(zip(eval_set.user_ids, eval_set.exclude)))
@@ -77,10 +81,41 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
     oracle = oracle_lists(data_dir, eval_set, max(ks))
     if oracle is not None:
         add("oracle", oracle)
+    if model_lists is not None:  # the served model on new vs established items
+        rows.update(item_age_rows(model_lists, eval_set, events, ks))
     if search:
         rows.update(evaluate_search(events, catalog, start_ts, end_ts, history_length, query_fn,
                                     candidate_fn, ranker=ranker, candidates=candidates, ks=ks,
                                     max_sessions=max_users, search_history=search_history))
+    return rows
+
+
+def item_age_rows(lists, eval_set: EvalSet, events: pd.DataFrame,
+                  ks: Sequence[int]) -> Dict[str, Dict[str, float]]:
+    """The model's lists scored on cold-item targets and on warm-item targets apart.
+
+    A catalog that grows daily is only served well if items nobody has interacted with
+    yet can be found; "cold items" keeps each user's targets without a positive event
+    before the period, "warm items" the others (users left without targets drop out).
+
+    Args:
+      lists: the final model's top-k per user of `eval_set`.
+      eval_set: the period's users and targets.
+      events: the events table (interactions before the period make an item warm).
+      ks: cut-offs.
+    """
+    from tfrec.data.examples import positive_interactions
+
+    positives = positive_interactions(events)
+    warm = set(positives.loc[positives["ts"] < eval_set.start_ts, "item_id"].astype(str))
+    padded = np.full((len(lists), max(ks)), "", dtype=object)
+    for row, items in enumerate(lists):
+        items = list(items)[:max(ks)]
+        padded[row, :len(items)] = items
+    rows = {}
+    for name, is_warm in (("cold items", False), ("warm items", True)):
+        targets = [[t for t in user if (str(t) in warm) == is_warm] for user in eval_set.targets]
+        rows[name] = evaluate_topk(padded, targets, ks=ks)
     return rows
 
 
@@ -178,13 +213,17 @@ def format_table(rows: Dict[str, Dict[str, float]],
                  columns: Sequence[str] = DEFAULT_COLUMNS, title: str = "") -> str:
     """Plain-text table: one row per model, one column per metric."""
     cols = [c for c in columns if any(c in r for r in rows.values())]
+    counts = {int(r["users"]) for r in rows.values() if "users" in r}
+    if len(counts) > 1 and "users" not in cols:  # slices (cold items...) count fewer users
+        cols.append("users")
     width = max([len(n) for n in rows] + [10])
     lines = [title] if title else []
     lines.append(f"{'model':<{width}}  " + "  ".join(f"{c:>11}" for c in cols))
     for name, metrics in rows.items():
         lines.append(f"{name:<{width}}  " + "  ".join(
+            f"{metrics.get(c, float('nan')):>11.0f}" if c == "users" else
             f"{metrics.get(c, float('nan')):>11.4f}" for c in cols))
     users = next((int(r["users"]) for r in rows.values() if "users" in r), None)
-    if users is not None:
+    if users is not None and len(counts) == 1:
         lines.append(f"({users} users)")
     return "\n".join(lines)

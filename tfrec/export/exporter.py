@@ -25,7 +25,7 @@ PIPELINE_NAME = "pipeline"
 
 
 def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
-                     model=None) -> str:
+                     model=None, card: Optional[dict] = None) -> str:
     """Exports the retrieval model of `run_dir` over `catalog`; returns the version dir.
 
     Args:
@@ -33,13 +33,14 @@ def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
       catalog: items the served index covers (new items can be added by re-exporting).
       export: base dir, model name and optional version.
       model: an already-loaded model of that run (skips rebuilding it).
+      card: extra model-card fields (e.g. the export gate's figures).
     """
     if model is None:
         model, _, _ = load_trained_model(run_dir)
     module = RetrievalModule(model, catalog)
     card = {"model": "two_tower_retrieval", "run_dir": os.path.abspath(run_dir),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "num_items": len(catalog),
-            "signatures": sorted(module.signatures())}
+            "signatures": sorted(module.signatures()), **(card or {})}
     return save_versioned(module, module.signatures(), export.base_dir, export.model_name,
                           export.version, extra_files={"tfrec_model.json": card})
 
@@ -86,7 +87,7 @@ def export_ranker(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
 
     Args:
       run_dir: retrieval run directory with a trained `ranker/`.
-      catalog: items that may be candidates (each must be known to the ranker).
+      catalog: items that may be candidates (new ones are ranked from their content).
       export: base dir and optional version (its model_name is the retrieval model's).
       model_name: model directory name.
       max_candidates: longest candidate list accepted (default ranking.max_candidates).

@@ -7,6 +7,7 @@ ranker sees exactly the retrieval_score feature it was trained with.
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, Optional
 
 import numpy as np
@@ -26,6 +27,7 @@ from tfrec.models.embedding import tower_fn
 # query must cost no more than a normal one, and never fail.
 MAX_QUERY_BYTES = 1024
 NEG_INF = -np.inf
+log = logging.getLogger(__name__)
 
 REQUEST_SPECS = (
     tf.TensorSpec([None], tf.string, name="query"),
@@ -76,7 +78,8 @@ class RankingCore(tf.Module):
     Args:
       retrieval: trained two-tower model (query tower and candidate embeddings).
       ranker: trained ranker of that retrieval run.
-      catalog: items that can be served; each must be known to the ranker's catalog.
+      catalog: items that can be served (items the ranker never saw are scored from
+        their content).
     """
 
     def __init__(self, retrieval: TwoTowerModel, ranker: RankingModel, catalog: pd.DataFrame):
@@ -88,12 +91,12 @@ class RankingCore(tf.Module):
         if len(set(ids)) != len(ids):
             raise ValueError("catalog has duplicated item ids; each item must appear once")
         known = set(np.asarray(ranker.catalog.item_ids).astype(str))
-        unknown = [i for i in ids if i not in known]
-        if unknown:
-            raise ValueError(
-                f"{len(unknown)} catalog item(s) are unknown to the ranker (e.g. {unknown[0]!r}):"
-                " it was trained on another catalog; retrain it (`tfrec train-ranker`) or "
-                "export over the catalog it was trained on")
+        if any(i not in known for i in ids):
+            # New items are ranked from their content; without statistics they count as
+            # never bought (callers with events pass them via `use_catalog` first).
+            log.info("the ranker is pointed at the export catalog (%d items, popularity 0)",
+                     len(ids))
+            ranker.use_catalog(catalog)
         self.query_tower = retrieval.query_tower
         self.ranker = ranker
         self.tasks = tuple(ranker.tasks)

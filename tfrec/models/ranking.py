@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import numpy as np
+import pandas as pd
 
 import tfrec  # noqa: F401
 import tensorflow as tf
@@ -136,6 +137,31 @@ class RankingModel(tf.keras.Model):
         if self.list_loss is not None:
             self.list_loss.reduction = tf.keras.losses.Reduction.NONE
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
+
+    def use_catalog(self, catalog: pd.DataFrame,
+                    statistics: Optional[pd.DataFrame] = None) -> int:
+        """Serves another catalog (grown, changed, a different shop's) without retraining.
+
+        Candidates are scored from their content (title, category, brand, price, extra
+        columns); ids the ranker never saw share the item embedding's OOV row.
+
+        Args:
+          catalog: the new catalog (same columns as the training one).
+          statistics: its popularity features (`catalog_statistics`); zeros if None.
+
+        Returns:
+          How many item texts the BERT text features had to embed (0 in bow mode).
+
+        Raises:
+          ValueError / SchemaError: the catalog is empty, has duplicated ids or lacks a
+            column the ranker reads.
+        """
+        lookup = CatalogLookup(catalog, statistics, self.features, name="catalog")
+        lookup(tf.constant([""]))  # builds its tables
+        self.catalog = lookup
+        if self.text_match is None:
+            return 0
+        return self.text_match.set_item_texts(catalog["title"].astype(str).tolist())
 
     def task_weight(self, task: str) -> float:
         return float(getattr(self.config, f"{task}_weight"))

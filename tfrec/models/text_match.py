@@ -169,10 +169,10 @@ class TextMatch(tf.keras.layers.Layer):
         self.query_length, self.pair_length = int(query_length), int(pair_length)
         self.item_length, self.embed_batch_size = int(item_length), int(embed_batch_size)
         self.fine_tune = bool(trainable)
-        self.num_items = len(item_texts)
-        self._item_texts_config = np.asarray(item_texts, dtype=object)  # get_config only
 
         encoder_object = hub.load(encoder)
+        # Kept untracked (the KerasLayer owns it): `set_item_texts` embeds new items.
+        self._encoder_ref = weakref.ref(encoder_object)
         names = [v.name for v in getattr(encoder_object, "trainable_variables", [])]
         train_names = encoder_trainable_names(names, self.top_layers,
                                               include_pooler=(mode == "cross"))
@@ -185,10 +185,21 @@ class TextMatch(tf.keras.layers.Layer):
                                    arguments={"seq_length": int(length)})
         self.projection = tf.keras.layers.Dense(output_dim, dtype=self.dtype_policy,
                                                 name="projection")
-        if mode == "fast":
-            vectors = self._embed_items(encoder_object, item_texts)
+        self._set_items(item_texts, self._embed_items(encoder_object, item_texts)
+                        if mode == "fast" else None)
+
+    def _set_items(self, texts: List[str], vectors: Optional[np.ndarray]) -> None:
+        """Stores the item table: embeddings (fast) or texts (cross), one row per item."""
+        self.num_items = len(texts)
+        self._item_texts_config = np.asarray(texts, dtype=object)  # get_config only
+        if self.mode == "fast":
+            old = getattr(self, "item_embeddings", None)
+            if old is not None:  # a new catalog: drop the old table from the layer's weights
+                self._non_trainable_weights = [w for w in self._non_trainable_weights
+                                               if w is not old]
             self.item_embeddings = self.add_weight(
-                "item_embeddings", shape=vectors.shape, dtype=tf.float32, trainable=False,
+                f"item_embeddings_{len(texts)}" if old is not None else "item_embeddings",
+                shape=vectors.shape, dtype=tf.float32, trainable=False,
                 initializer="zeros", experimental_autocast=False)
             self.item_embeddings.assign(vectors)
         else:
@@ -196,8 +207,39 @@ class TextMatch(tf.keras.layers.Layer):
             # would break weight histograms); rows outside the catalog look up "".
             self.item_texts = tf.lookup.StaticHashTable(
                 tf.lookup.KeyValueTensorInitializer(
-                    tf.range(self.num_items, dtype=tf.int64), tf.constant(item_texts)),
+                    tf.range(self.num_items, dtype=tf.int64), tf.constant(texts)),
                 default_value="")
+
+    def set_item_texts(self, item_texts: Sequence[str]) -> int:
+        """Points the layer at another catalog (one text per row, in its order).
+
+        Serving a grown or changed catalog needs no retraining: in fast mode only texts
+        not in the current table are embedded, the others keep their stored vectors.
+
+        Args:
+          item_texts: one text (e.g. title) per row of the new catalog.
+
+        Returns:
+          How many texts were embedded (0 in cross mode).
+
+        Raises:
+          ValueError: `item_texts` is empty.
+        """
+        texts = [str(t) for t in item_texts]
+        if not texts:
+            raise ValueError("item_texts is empty: pass one text (e.g. title) per catalog row")
+        if self.mode != "fast":
+            self._set_items(texts, None)
+            return 0
+        stored = self.item_embeddings.numpy()
+        row_of = {t: i for i, t in enumerate(self._item_texts_config.tolist())}
+        new = sorted({t for t in texts if t not in row_of})
+        if new:
+            encoder_object = self._encoder_ref()
+            fresh = dict(zip(new, self._embed_items(encoder_object, new)))
+        vectors = np.stack([stored[row_of[t]] if t in row_of else fresh[t] for t in texts])
+        self._set_items(texts, vectors.astype(np.float32))
+        return len(new)
 
     @property
     def output_size(self) -> int:

@@ -58,15 +58,39 @@ def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--results", type=int,
                    help="products the exported model returns per query (default: the "
                         "config's results, 10)")
+    p.add_argument("--warm-start", dest="warm_start", metavar="DIR",
+                   help="start from a saved search run (a --workdir of `tfrec search train`, "
+                        "e.g. this one): its word and id vocabularies grow with the new "
+                        "judgments, the optimizers start fresh")
     p.add_argument("--no-export", action="store_true", dest="no_export",
                    help="train and evaluate only")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+    p = sub.add_parser(
+        "index", help="export a trained search over any product table (no retraining)",
+        description="Rebuild the search of a `tfrec search train` run over a product table "
+                    "(product_id, title; optional brand, category, description), products "
+                    "never judged included, and export it as the next version of "
+                    "`<export base>/<model name>/` (a running `tfrec serve` picks it up). "
+                    "Only new or changed titles are embedded (per-title cache).")
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="the --workdir of `tfrec search train` (or its search/ directory)")
+    p.add_argument("--catalog", required=True, metavar="PATH",
+                   help="product table, .parquet or .csv")
+    p.add_argument("--export-base", dest="export_base",
+                   help="export root (default <run workdir>/export)")
+    p.add_argument("--model-name", dest="model_name", default="search")
+    p.add_argument("--version", type=int, help="export version (default: the next one)")
+    p.add_argument("--results", type=int,
+                   help="products returned per query (default: the run's results)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
 def run_search(args: argparse.Namespace) -> int:
     """Dispatches a parsed `tfrec search ...` command."""
-    handlers = {"train": _train}
+    handlers = {"train": _train, "index": _index}
     return handlers[args.search_command](args)
 
 
@@ -147,7 +171,11 @@ def _train(args: argparse.Namespace) -> int:
     from tfrec.search.train import train_search
 
     log_dir = args.log_dir or os.path.join("tensorboard_logs", "search", f"seed{cfg.seed}")
-    run = train_search(cfg, args.workdir, zero_shot=args.zero_shot, log_dir=log_dir)
+    if args.warm_start:
+        from tfrec.search.index import resolve_search_run
+        resolve_search_run(args.warm_start)  # a clear error before any training
+    run = train_search(cfg, args.workdir, zero_shot=args.zero_shot, log_dir=log_dir,
+                       warm_start=args.warm_start)
     path: Optional[str] = None
     if not args.no_export:
         path = export_search(run.pipeline, export_base, model_name=args.model_name,
@@ -169,6 +197,27 @@ def _train(args: argparse.Namespace) -> int:
         print(f"exported {path}")
         print(f"serve it: tfrec serve --base-dir {export_base} --model-name {args.model_name}; "
               f"then: tfrec query --model {args.model_name} --query \"...\"")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    if args.results is not None and args.results < 1:
+        raise ValueError(f"--results must be >= 1, got {args.results}")
+    from tfrec.search.export import export_search
+    from tfrec.search.index import load_search_pipeline, read_products, resolve_search_run
+
+    run_dir = resolve_search_run(args.run)
+    products = read_products(args.catalog)  # bad tables fail before TensorFlow work
+    pipeline, cfg = load_search_pipeline(run_dir, products)
+    workdir = os.path.dirname(os.path.abspath(run_dir))
+    export_base = args.export_base or os.path.join(workdir, "export")
+    results = args.results or cfg.results
+    path = export_search(pipeline, export_base, model_name=args.model_name,
+                         version=args.version, num_results=results,
+                         card={"run": os.path.abspath(run_dir),
+                               "catalog": os.path.abspath(args.catalog),
+                               "config": dataclasses.asdict(cfg)})
+    print(f"indexed {len(products)} products; exported {path}")
     return 0
 
 

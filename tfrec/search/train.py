@@ -26,6 +26,7 @@ from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.losses import SoftmaxListwiseLoss
 from tfrec.search.config import SearchConfig, check_search_strategy
 from tfrec.search.data import judgments_from_events, product_catalog
+from tfrec.search.index import load_search_pipeline, save_search_run, saved_vocabularies
 from tfrec.search.metrics import SearchMetrics, catalog_search_metrics, query_gains
 from tfrec.search.model import (QueryEncoder, SearchTwoTower, catalog_word_ids,
                                  word_vocabulary)
@@ -33,6 +34,7 @@ from tfrec.search.pipeline import SearchPipeline
 from tfrec.search.ranker import SearchRanker
 from tfrec.training.keep_best import KeepBestEpoch, fit_keep_best
 from tfrec.training.strategy import configure_devices, make_strategy
+from tfrec.training.warm_start import append_new, transfer_weights
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +111,23 @@ def title_vectors(cfg: SearchConfig, titles: Sequence[str],
     return cache.vectors(titles, embed)
 
 
-def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray) -> SearchPipeline:
-    """Zero-shot pipeline: untrained residuals (= BERT cosine), BM25, no ranker yet."""
+def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
+                   grow_from: Optional[Dict[str, List[str]]] = None) -> SearchPipeline:
+    """Zero-shot pipeline: untrained residuals (= BERT cosine), BM25, no ranker yet.
+
+    Args:
+      grow_from: vocabularies of a run to warm-start from ({"words", "id_vocabulary"}):
+        its words and ids keep their rows, new ones are appended.
+    """
     titles = data.catalog["title"].tolist()
     train = data.splits["train"]
     vocabulary = word_vocabulary(titles + train["query"].unique().tolist(),
                                  min_count=cfg.word_min_count)
+    id_vocabulary = sorted(set(train["product_id"])) if cfg.id_embeddings else []
+    if grow_from is not None:
+        vocabulary = append_new(grow_from["words"], vocabulary)
+        if cfg.id_embeddings:
+            id_vocabulary = append_new(grow_from["id_vocabulary"], id_vocabulary)
     row_of = data.row_of
     encoder = QueryEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.query_length,
                            trainable=cfg.fine_tune, top_layers=cfg.top_layers if cfg.fine_tune
@@ -122,7 +135,7 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray) -> 
     two_tower = SearchTwoTower(
         encoder, vectors, catalog_word_ids(titles, vocabulary), len(vocabulary),
         data.catalog["product_id"].tolist(),
-        id_vocabulary=sorted(set(train["product_id"])) if cfg.id_embeddings else (),
+        id_vocabulary=id_vocabulary,
         negatives=cfg.negatives,
         temperature=cfg.temperature,
         negative_rows=sorted({row_of[p] for p in train["product_id"]}))
@@ -261,12 +274,14 @@ class _ShuffledLists(tf.keras.utils.Sequence):
 
 
 def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
-                 log_dir: Optional[str] = None) -> Dict[str, List[float]]:
+                 log_dir: Optional[str] = None,
+                 start_from: Optional[SearchRanker] = None) -> Dict[str, List[float]]:
     """Fits a SearchRanker on the validation queries' retrieved lists; sets pipeline.ranker.
 
     A `ranker_holdout` share of those queries is never trained on and picks the epoch
     (NDCG@10 of the re-ranked list); the ranker can only improve on the retrieval order
-    it is given if that held-out score says so.
+    it is given if that held-out score says so. `start_from`: a trained ranker whose
+    weights this one starts from (warm start).
     """
     row_of = data.row_of
     lists = retrieved_lists(pipeline, data.splits["val"], row_of)
@@ -289,6 +304,9 @@ def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
                 "features": tf.constant(lists["features"][rows]),
                 "valid": tf.constant(lists["valid"][rows])}
 
+    if start_from is not None:
+        ranker(inputs(fit_rows[:1]))  # creates the weights
+        transfer_weights(start_from, ranker)
     held_gains = query_gains(data.splits["val"], row_of, list(lists["queries"][held_rows]))
 
     def held_ndcg() -> float:
@@ -313,7 +331,8 @@ def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
 
 
 def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = None,
-                 zero_shot: bool = False, log_dir: Optional[str] = None) -> SearchRun:
+                 zero_shot: bool = False, log_dir: Optional[str] = None,
+                 warm_start: Optional[str] = None) -> SearchRun:
     """The whole search run: data -> frozen title vectors -> two-tower -> ranker -> test.
 
     Args:
@@ -322,6 +341,8 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
       data: preloaded SearchData (default: load_search_data(cfg)).
       zero_shot: also measure the untrained pipeline (BERT cosine) on the test queries.
       log_dir: TensorBoard directory (default `tensorboard_logs/search/seed<seed>`).
+      warm_start: a saved search run (workdir or its search/ dir) whose weights start this
+        one: its word and id vocabularies grow, the optimizers start fresh.
     """
     check_search_strategy(cfg.strategy)
     configure_devices(cfg.cpu_devices)
@@ -333,8 +354,15 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
                             cache_dir=os.path.join(workdir, "cache"))
     timings["title_vectors_s"] = time.perf_counter() - start
     log_dir = log_dir or os.path.join("tensorboard_logs", "search", f"seed{cfg.seed}")
+    previous = None
+    if warm_start:
+        previous, _ = load_search_pipeline(warm_start, data.catalog,
+                                           cache_dir=os.path.join(workdir, "cache"))
     with strategy.scope():
-        pipeline = build_pipeline(cfg, data, vectors)
+        pipeline = build_pipeline(cfg, data, vectors, grow_from=None if previous is None else
+                                  saved_vocabularies(warm_start))
+        if previous is not None:
+            transfer_weights(previous.two_tower, pipeline.two_tower)
     row_of, test = data.row_of, data.splits["test"]
     metrics: Dict[str, Dict[str, float]] = {}
     if zero_shot:
@@ -345,8 +373,9 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
                                                                log_dir).items()}
     timings["two_tower_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    history.update({f"ranker_{k}": v for k, v in train_ranker(pipeline, cfg, data,
-                                                             log_dir).items()})
+    history.update({f"ranker_{k}": v for k, v in train_ranker(
+        pipeline, cfg, data, log_dir,
+        start_from=None if previous is None else previous.ranker).items()})
     timings["ranker_s"] = time.perf_counter() - t
     t = time.perf_counter()
     for stage, m in evaluate_stages(pipeline, test, row_of).items():
@@ -356,6 +385,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     out = os.path.join(workdir, "search")
     os.makedirs(out, exist_ok=True)
     cfg.to_yaml(os.path.join(out, "config.yaml"))
+    save_search_run(pipeline, cfg, out)  # `tfrec search index` rebuilds it over any catalog
     with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
         json.dump({"metrics": metrics, "timings": timings, "history": history}, f, indent=2)
     os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))

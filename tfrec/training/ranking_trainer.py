@@ -25,7 +25,7 @@ import tensorflow as tf
 from tfrec.config import Config, RankingConfig
 from tfrec.data.examples import positive_interactions
 from tfrec.data.feature_spec import FeatureSpec
-from tfrec.data.io import load_tables
+from tfrec.data.io import atomic_write, load_tables
 from tfrec.metrics.ranking import scored_list_metrics
 from tfrec.metrics.retrieval import build_eval_set
 from tfrec.features.catalog import CatalogLookup, catalog_statistics
@@ -38,6 +38,7 @@ from tfrec.metrics.candidates import (candidate_lists, concat_lists, excludes_hi
                                        period_purchases, search_candidate_lists,
                                        search_sessions)
 from tfrec.training.keep_best import KeepBestEpoch
+from tfrec.training.warm_start import transfer_weights
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy,
                                      resolve_precision)
 from tfrec.training.trainer import (WEIGHTS_DIR, WEIGHTS_PREFIX, _save_weights_atomically,
@@ -273,12 +274,20 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
     vocab = Vocabularies.load(run_dir)
     if chief:
         cfg.to_yaml(os.path.join(out_dir, "config.yaml"))
-        stats.assign(item_id=tables.catalog["item_id"].astype(str).to_numpy()).to_parquet(
-            os.path.join(out_dir, STATS_FILE))
+        _write_trained_catalog(out_dir, tables.catalog, stats, FeatureSpec.from_config(cfg.features))
     with strategy.scope():
         model = build_ranker(vocab, cfg, tables.catalog, stats, precision)
         model({k: tf.constant(v[:2]) for k, v in train.items() if k not in LABELS})
         model.adapt_numeric(train)
+        warm = None
+        if cfg.train.warm_start:  # the previous ranker's weights, tables grown
+            source = cfg.train.warm_start
+            if not os.path.isfile(os.path.join(source, "config.yaml")):
+                source = resolve_run_dir(cfg.train.checkpoint_dir, source)
+            if os.path.abspath(source) == os.path.abspath(run_dir):
+                raise ValueError("--warm-start names the run whose ranker is being trained; "
+                                 "warm-start from an earlier run")
+            warm = {"from": source, **transfer_weights(load_ranker(source)[0], model)}
         steps = -(-len(train["user_id"]) // cfg.ranking.batch_size) * cfg.ranking.epochs
         model.encoder_optimizer = ranker_encoder_optimizer(model, cfg.ranking, steps)
     evaluation = RankingEvaluation(val, cfg.ranking.eval_ks)
@@ -304,27 +313,68 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
     if chief:
         _write_json(os.path.join(out_dir, "metrics.json"),
                     {"validation": val_metrics, "history": plain, "seconds": seconds,
+                     "warm_start": warm, "train_steps": int(model.optimizer.iterations.numpy()),
                      "train_lists": len(train["user_id"]), "val_lists": len(val["user_id"])})
     return RankerResult(ranker_dir=out_dir, tensorboard_dir=tb_dir, model=model, history=plain,
                         val_metrics=val_metrics, lists=len(train["user_id"]), seconds=seconds)
 
 
-def load_ranker(run_dir: str) -> Tuple[RankingModel, Config]:
-    """Rebuilds a trained ranker from `<run_dir>/ranker/` (another process is fine)."""
+def _write_trained_catalog(out_dir: str, catalog: pd.DataFrame, stats: pd.DataFrame,
+                           features: FeatureSpec) -> None:
+    """Saves the catalog the ranker was trained over (its tables are sized by it).
+
+    With it the run reloads after the shop's catalog changed, then serves the new one
+    (`RankingModel.use_catalog`).
+    """
+    columns = catalog[list(features.catalog_columns)].reset_index(drop=True)
+    table = pd.concat([columns, stats.reset_index(drop=True)], axis=1)
+    table["item_id"] = table["item_id"].astype(str)
+    atomic_write(os.path.join(out_dir, STATS_FILE),
+                 lambda tmp: table.to_parquet(tmp, index=False))
+
+
+def _trained_catalog(out_dir: str, cfg: Config) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """(catalog, statistics) the ranker of `out_dir` was trained over."""
+    table = pd.read_parquet(os.path.join(out_dir, STATS_FILE))
+    stats_columns = ["popularity", "recent_popularity", "age_days"]
+    if "title" in table:
+        catalog = table.drop(columns=stats_columns)
+        return catalog, table[stats_columns]
+    # Runs before the catalog was saved beside the statistics: only ids to compare.
+    catalog = load_tables(cfg.data.data_dir).catalog
+    if table["item_id"].tolist() != catalog["item_id"].astype(str).tolist():
+        raise ValueError(f"the catalog in {cfg.data.data_dir!r} changed since this ranker was "
+                         "trained (an older run that did not save its catalog): retrain it "
+                         "(`tfrec train-ranker`)")
+    return catalog, table.drop(columns="item_id").set_index(catalog.index)
+
+
+def load_ranker(run_dir: str, catalog: Optional[pd.DataFrame] = None,
+                statistics: Optional[pd.DataFrame] = None) -> Tuple[RankingModel, Config]:
+    """Rebuilds a trained ranker from `<run_dir>/ranker/` (another process is fine).
+
+    Args:
+      run_dir: retrieval run directory with a trained `ranker/`.
+      catalog: serve this catalog instead of the trained one (new items are scored from
+        their content; see `RankingModel.use_catalog`).
+      statistics: popularity features of `catalog` (zeros for all items if None).
+
+    Raises:
+      FileNotFoundError: the run has no trained ranker.
+    """
     out_dir = ranker_dir_of(run_dir)
     weights = os.path.join(out_dir, WEIGHTS_DIR)
     if not os.path.isdir(weights):
         raise FileNotFoundError(f"run {run_dir!r} has no trained ranker: run `tfrec train-ranker`")
     cfg = Config.from_yaml(os.path.join(out_dir, "config.yaml"))
     vocab = Vocabularies.load(run_dir)
-    catalog = load_tables(cfg.data.data_dir).catalog
-    stats = pd.read_parquet(os.path.join(out_dir, STATS_FILE))
-    if stats["item_id"].tolist() != catalog["item_id"].astype(str).tolist():
-        raise ValueError(f"the catalog in {cfg.data.data_dir!r} changed since the ranker was "
-                         "trained: retrain it (`tfrec train-ranker`)")
-    stats = stats.drop(columns="item_id").set_index(catalog.index)
-    model = build_ranker(vocab, cfg, catalog, stats)
+    trained, stats = _trained_catalog(out_dir, cfg)
+    model = build_ranker(vocab, cfg, trained, stats)
     request = model.features.dummy_batch(model.features.query_features)
     model({**request, "item_id": tf.constant([[""]]), "retrieval_score": tf.constant([[0.0]])})
     model.load_weights(os.path.join(weights, WEIGHTS_PREFIX)).expect_partial()
+    if catalog is not None:
+        embedded = model.use_catalog(catalog, statistics)
+        log.info("ranker serves a catalog of %d items (trained over %d; %d new texts embedded)",
+                 len(catalog), len(trained), embedded)
     return model, cfg

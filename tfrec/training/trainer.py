@@ -40,6 +40,7 @@ from tfrec.training.callbacks import (PROJECTOR_MAX_POINTS, BackupAndRestore,
                                       RefreshCatalogIndex, RetrievalEvaluation,
                                       config_fingerprint, metric_key, refresh_index, tower_fn,
                                       write_hparams, write_projector)
+from tfrec.training.warm_start import grow_vocabularies, transfer_weights
 from tfrec.training.keep_best import KeepBestEpoch
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy, num_workers,
                                      resolve_precision, tf_config)
@@ -114,6 +115,7 @@ def ensure_prepared(cfg: Config) -> dict:
                 and meta.get("history_length") == cfg.data.history_length
                 and meta.get("val_fraction") == cfg.data.val_fraction
                 and meta.get("test_fraction") == cfg.data.test_fraction
+                and meta.get("train_days") == cfg.data.train_days
                 and meta.get("source_signature") == _source_signature(cfg.data.data_dir)):
             return meta
     except FileNotFoundError:
@@ -122,7 +124,8 @@ def ensure_prepared(cfg: Config) -> dict:
                            history_length=cfg.data.history_length,
                            val_fraction=cfg.data.val_fraction,
                            test_fraction=cfg.data.test_fraction,
-                           num_shards=cfg.data.num_shards, features=features)
+                           num_shards=cfg.data.num_shards, features=features,
+                           train_days=cfg.data.train_days)
     meta["source_signature"] = _source_signature(cfg.data.data_dir)
     _write_json(os.path.join(cfg.data.tfrecord_dir, "meta.json"),
                 {k: v for k, v in meta.items() if k != "patterns"})
@@ -199,12 +202,26 @@ def train_retrieval(cfg: Config,
     t_val, t_test = int(meta["split"]["t_val"]), int(meta["split"]["t_test"])
     positives = positive_interactions(tables.events)
     train_positives = positives[positives["ts"] < t_val]
+    if cfg.data.train_days is not None:
+        train_positives = train_positives[train_positives["ts"]
+                                          >= t_val - cfg.data.train_days * 86400]
+    previous = None
+    if cfg.train.warm_start:
+        source = cfg.train.warm_start
+        if not os.path.isfile(os.path.join(source, "config.yaml")):  # a run name
+            source = resolve_run_dir(cfg.train.checkpoint_dir, source)
+        if os.path.abspath(source) == os.path.abspath(run_dir):
+            raise ValueError(f"train.warm_start names this run ({run_name!r}); give the new "
+                             "run another name (train.run_name)")
+        previous = load_trained_model(source)
     if os.path.exists(os.path.join(run_dir, "vocab.json")):
         vocab = Vocabularies.load(run_dir)  # resuming: keep the lookups the weights expect
     else:
         vocab = build_vocabularies(train_positives, tables.catalog,
                                    cfg.model.text_max_tokens, cfg.model.price_buckets,
                                    FeatureSpec.from_config(cfg.features))
+        if previous is not None:  # old ids keep their rows, new ones are appended
+            vocab = grow_vocabularies(previous[2], vocab)
         if chief:
             vocab.save(run_dir)
     if chief:
@@ -213,6 +230,7 @@ def train_retrieval(cfg: Config,
     with strategy.scope():
         model = build_model(vocab, cfg, precision)
         model.build_from_features()  # BackupAndRestore needs variables before fit()
+        warm = transfer_weights(previous[0], model) if previous is not None else None
     workers, num_ps = num_workers(strategy), 0
     if parameter_server:  # the strategy was built from TF_CONFIG
         jobs = (tf_config() or {})["cluster"]
@@ -303,7 +321,9 @@ def train_retrieval(cfg: Config,
                      "initial_epoch": initial_epoch, "strategy": cfg.train.strategy,
                      "workers": workers, "examples_per_second": seen / elapsed,
                      "seconds": elapsed, "epoch_seconds": timer.seconds,
-                     "examples_per_epoch": seen // epochs_run})
+                     "examples_per_epoch": seen // epochs_run,
+                     "warm_start": ({"from": cfg.train.warm_start, **warm} if warm else None),
+                     "train_steps": int(model.optimizer.iterations.numpy())})
         with open(os.path.join(cfg.train.checkpoint_dir, LATEST_FILE), "w") as f:
             f.write(run_name)
     return TrainResult(run_name=run_name, run_dir=run_dir, tensorboard_dir=tb_dir,

@@ -1,0 +1,236 @@
+"""A trained search run kept on disk, and its index over any product table.
+
+Judgments only train the model; the products it searches are an input. The run keeps
+what was learned (adapters, word and id embeddings, the ranker, a fine-tuned encoder)
+apart from anything sized by the catalog, so `index_products` rebuilds the pipeline
+over a new table: titles embedded (cached per title), BM25 and the dense index over
+every product, judged or not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+
+from tfrec.data.schema import SchemaError
+from tfrec.features.lexical import LexicalIndex
+from tfrec.search.config import SearchConfig
+from tfrec.search.model import QueryEncoder, SearchTwoTower, catalog_word_ids
+from tfrec.search.pipeline import SearchPipeline
+from tfrec.search.ranker import SearchRanker
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RUN_DIR", "save_search_run", "load_search_pipeline", "read_products",
+           "resolve_search_run", "saved_vocabularies"]
+
+RUN_DIR = "search"  # under a `tfrec search train` workdir
+MODEL_DIR = "model"
+META_FILE = "model.json"
+CHECKPOINT = "weights"
+PRODUCT_COLUMNS = ("product_id", "title")
+OPTIONAL_PRODUCT_COLUMNS = ("brand", "category", "description")
+
+
+def _parts(two_tower: SearchTwoTower, ranker: Optional[SearchRanker]) -> Dict[str, object]:
+    """What training changed: nothing here is sized by the catalog."""
+    parts = {"words": two_tower.words, "ids": two_tower.ids,
+             "query_adapter": two_tower.query_adapter,
+             "product_adapter": two_tower.product_adapter,
+             "log_scale": two_tower.log_scale, "query_encoder": two_tower.query_encoder}
+    if ranker is not None:
+        parts["ranker"] = ranker
+    return parts
+
+
+def _id_vocabulary(two_tower: SearchTwoTower, product_ids: List[str]) -> List[str]:
+    """Product ids with a learned embedding, in embedding-row order."""
+    index = two_tower.id_index.numpy()
+    vocabulary = [""] * int(index.max(initial=0))
+    for row, slot in enumerate(index):
+        if slot > 0:
+            vocabulary[slot - 1] = product_ids[row]
+    return vocabulary
+
+
+def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str) -> str:
+    """Writes `<run_dir>/model/` (replaced atomically): config, vocabularies, weights.
+
+    Args:
+      pipeline: the trained pipeline.
+      cfg: its SearchConfig.
+      run_dir: `<workdir>/search` of the run.
+
+    Returns:
+      The model directory.
+    """
+    two_tower = pipeline.two_tower
+    product_ids = [p.decode() for p in pipeline.product_ids.numpy()]
+    meta = {"words": list(two_tower.word_lookup.get_vocabulary()[1:]),  # [UNK] is row 0
+            "id_vocabulary": _id_vocabulary(two_tower, product_ids),
+            "ranker": pipeline.ranker is not None,
+            "trained_products": len(product_ids)}
+    os.makedirs(run_dir, exist_ok=True)
+    final = os.path.join(run_dir, MODEL_DIR)
+    tmp = tempfile.mkdtemp(prefix=".model-", dir=run_dir)
+    try:
+        cfg.to_yaml(os.path.join(tmp, "config.yaml"))
+        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, ensure_ascii=False)
+        tf.train.Checkpoint(**_parts(two_tower, pipeline.ranker)).write(
+            os.path.join(tmp, CHECKPOINT))
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def resolve_search_run(path: str) -> str:
+    """The run directory holding `model/`: `path` itself or `<path>/search`.
+
+    Raises:
+      FileNotFoundError: neither holds a saved search model.
+    """
+    for candidate in (path, os.path.join(path, RUN_DIR)):
+        if os.path.isfile(os.path.join(candidate, MODEL_DIR, META_FILE)):
+            return candidate
+    raise FileNotFoundError(f"{path!r} holds no trained search run (no {RUN_DIR}/{MODEL_DIR}/"
+                            f"{META_FILE}); train one with `tfrec search train --workdir DIR`")
+
+
+def saved_vocabularies(path: str) -> Dict[str, List[str]]:
+    """{"words", "id_vocabulary"} of a saved run, in embedding-row order."""
+    with open(os.path.join(resolve_search_run(path), MODEL_DIR, META_FILE),
+              encoding="utf-8") as f:
+        meta = json.load(f)
+    return {"words": meta["words"], "id_vocabulary": meta["id_vocabulary"]}
+
+
+def read_products(path: str) -> pd.DataFrame:
+    """A product table (Parquet/CSV): product_id, title and optional brand/category/description.
+
+    Returns:
+      The table with string columns (missing optional text -> "").
+
+    Raises:
+      FileNotFoundError: no such file.
+      SchemaError: unreadable, empty, a required column missing, an id missing or
+        duplicated, an empty title (the message names the row).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"product table {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".parquet":
+            table = pd.read_parquet(path)
+        elif ext == ".csv":
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            raise SchemaError(f"product table {path!r}: unsupported extension {ext!r}; "
+                              "use .parquet or .csv")
+    except SchemaError:
+        raise
+    except Exception as e:  # pandas / pyarrow raise many types on corrupt files
+        raise SchemaError(f"could not read product table {path!r} ({type(e).__name__}: "
+                          f"{e})") from e
+    missing = [c for c in PRODUCT_COLUMNS if c not in table.columns]
+    if missing:
+        raise SchemaError(f"{path}: product table is missing column(s) {missing}; expected "
+                          f"{list(PRODUCT_COLUMNS)} (optional: {list(OPTIONAL_PRODUCT_COLUMNS)})")
+    if len(table) == 0:
+        raise SchemaError(f"{path}: product table has no rows")
+    out = {}
+    for column in PRODUCT_COLUMNS + OPTIONAL_PRODUCT_COLUMNS:
+        if column not in table.columns:
+            out[column] = np.full(len(table), "", dtype=object)
+            continue
+        values = table[column].reset_index(drop=True)
+        bad = values.map(lambda v: v is not None and not isinstance(v, str)
+                         and not (isinstance(v, float) and np.isnan(v)))
+        if column == "product_id":  # numeric ids from Parquet are fine as text
+            bad &= ~values.map(lambda v: isinstance(v, (int, np.integer)))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            value = values.iloc[row]
+            value = value.item() if isinstance(value, np.generic) else value
+            raise SchemaError(f"{path}: column {column!r} must hold text; row {row} has "
+                              f"{value!r} ({type(value).__name__})")
+        out[column] = values.map(lambda v: "" if v is None or (isinstance(v, float)
+                                                                and np.isnan(v))
+                                 else str(v).strip()).astype(object)
+    products = pd.DataFrame(out)
+    for column in PRODUCT_COLUMNS:
+        empty = products[column] == ""
+        if empty.any():
+            row = int(np.flatnonzero(empty.to_numpy())[0])
+            raise SchemaError(f"{path}: column {column!r} is empty in {int(empty.sum())} "
+                              f"row(s) (first: row {row}); every product needs a {column}")
+    duplicated = products["product_id"].duplicated()
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated.to_numpy())[0])
+        raise SchemaError(f"{path}: product_id {products['product_id'].iloc[row]!r} appears "
+                          f"more than once (first repeat: row {row}); ids must be unique")
+    return products
+
+
+def load_search_pipeline(run_dir: str, products: pd.DataFrame,
+                         cache_dir: Optional[str] = None) -> Tuple[SearchPipeline, SearchConfig]:
+    """Rebuilds a trained search pipeline over `products` (any table, no retraining).
+
+    Args:
+      run_dir: a run directory (see `resolve_search_run`).
+      products: `read_products` output.
+      cache_dir: title-vector cache (default: the run's workdir cache, so only titles
+        not embedded before cost encoder time).
+
+    Returns:
+      (pipeline, config of the run).
+    """
+    from tfrec.search.train import title_vectors
+
+    run_dir = resolve_search_run(run_dir)
+    model_dir = os.path.join(run_dir, MODEL_DIR)
+    cfg = SearchConfig.from_yaml(os.path.join(model_dir, "config.yaml"))
+    with open(os.path.join(model_dir, META_FILE), encoding="utf-8") as f:
+        meta = json.load(f)
+    titles = products["title"].astype(str).tolist()
+    ids = products["product_id"].astype(str).tolist()
+    vectors = title_vectors(cfg, titles, cache_dir=cache_dir or os.path.join(
+        os.path.dirname(os.path.abspath(run_dir)), "cache"))
+    encoder = QueryEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.query_length,
+                           trainable=cfg.fine_tune,
+                           top_layers=cfg.top_layers if cfg.fine_tune else 0)
+    words = meta["words"]
+    two_tower = SearchTwoTower(encoder, vectors, catalog_word_ids(titles, words), len(words),
+                               ids, id_vocabulary=meta["id_vocabulary"],
+                               negatives=cfg.negatives, temperature=cfg.temperature)
+    two_tower.set_word_lookup(words)
+    ranker = SearchRanker() if meta["ranker"] else None
+    pipeline = SearchPipeline(two_tower, LexicalIndex(titles), ranker, ids, titles,
+                              candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight)
+    if ranker is not None:
+        pipeline.search(tf.constant(["x"]), num_results=1)  # creates the ranker's weights
+    status = tf.train.Checkpoint(**_parts(two_tower, ranker)).read(
+        os.path.join(model_dir, CHECKPOINT))
+    status.assert_existing_objects_matched().expect_partial()
+    pipeline.refresh_product_vectors()
+    learned = set(meta["id_vocabulary"])
+    log.info("search index over %d products (%d with a learned id embedding)", len(ids),
+             sum(p in learned for p in ids))
+    return pipeline, cfg
