@@ -194,7 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           + ", ".join(f"{w:+.4f}" for w in wins))
     train = ", ".join(f"{r['train_s']:.0f}" for r in runs)
     index = ", ".join(f"{r['index_s']:.0f}" for r in runs)
-    print(f"train s per seed: {train}; index s (all products, titles from the cache): {index}")
+    print(f"train s per seed: {train}; index s (all products; titles not yet in the cache "
+          f"are embedded first): {index}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory (max RSS of this process): {peak:.0f} MB")
     if args.encoder == "tiny":

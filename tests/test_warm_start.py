@@ -80,7 +80,7 @@ def test_warm_start_grows_vocabularies_and_keeps_trained_rows(runs, periods):
     assert ranker_metrics["warm_start"]["copied"] > 0
     assert ranker_metrics["warm_start"]["grown"] >= 2  # user and item tables
 
-    # Row by row: a freshly built period-2 model gets period 1's rows, new rows keep init.
+    # Row by row: a freshly built period-2 model gets period 1's rows.
     model = build_model(new, periods[1])
     model.build_from_features()
     before = model.query_tower.user.embedding.embeddings.numpy().copy()
@@ -88,7 +88,10 @@ def test_warm_start_grows_vocabularies_and_keeps_trained_rows(runs, periods):
     table = model.query_tower.user.embedding.embeddings.numpy()
     trained = first.model.query_tower.user.embedding.embeddings.numpy()
     np.testing.assert_array_equal(table[:len(trained)], trained)
-    np.testing.assert_array_equal(table[len(trained):], before[len(trained):])
+    # New users start as the trained OOV bucket (row 0), not as random rows.
+    assert not np.allclose(before[len(trained):], trained[0])
+    np.testing.assert_array_equal(table[len(trained):],
+                                  np.broadcast_to(trained[0], table[len(trained):].shape))
 
 
 def test_warm_start_refuses_another_model_config(runs, periods):

@@ -55,6 +55,11 @@ class IdEmbedding(tf.keras.layers.Layer):
         self._oov_index = 1 if mask_padding else 0
         self.embedding = tf.keras.layers.Embedding(size, dim, name="table")
 
+    @property
+    def oov_row(self) -> Optional[int]:
+        """Row of the OOV bucket (the learned "any unknown id"); None when hashing."""
+        return None if self._hashing else self._oov_index
+
     def ids(self, values: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
         values = tf.convert_to_tensor(values)
         if self._hashing:

@@ -83,6 +83,7 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str) -
     os.makedirs(run_dir, exist_ok=True)
     final = os.path.join(run_dir, MODEL_DIR)
     tmp = tempfile.mkdtemp(prefix=".model-", dir=run_dir)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the run dir is shared like any other
     try:
         cfg.to_yaml(os.path.join(tmp, "config.yaml"))
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:

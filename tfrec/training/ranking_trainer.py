@@ -274,7 +274,8 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
     vocab = Vocabularies.load(run_dir)
     if chief:
         cfg.to_yaml(os.path.join(out_dir, "config.yaml"))
-        _write_trained_catalog(out_dir, tables.catalog, stats, FeatureSpec.from_config(cfg.features))
+        _write_trained_catalog(out_dir, tables.catalog, stats,
+                               FeatureSpec.from_config(cfg.features))
     with strategy.scope():
         model = build_ranker(vocab, cfg, tables.catalog, stats, precision)
         model({k: tf.constant(v[:2]) for k, v in train.items() if k not in LABELS})

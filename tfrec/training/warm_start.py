@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence
 import tfrec  # noqa: F401
 import tensorflow as tf
 
+from tfrec.features.layers import IdEmbedding
 from tfrec.features.vocab import Vocabularies
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ def transfer_weights(source: tf.keras.Model, target: tf.keras.Model) -> Dict[str
     """Copies `source`'s trainable weights into `target` (built from the same config).
 
     Same-shape weights are copied; a weight whose first dimension grew (an embedding
-    table of a grown vocabulary) gets the source rows in its first rows and keeps its
-    fresh initialisation below. Non-trainable weights (catalog tables, statistics) are
+    table of a grown vocabulary) gets the source rows in its first rows; its new rows
+    start as the source's OOV row for id tables (`IdEmbedding`), else keep their fresh
+    initialisation. Non-trainable weights (catalog tables, statistics) are
     rebuilt from the new data, never copied.
 
     Returns:
@@ -67,6 +69,10 @@ def transfer_weights(source: tf.keras.Model, target: tf.keras.Model) -> Dict[str
       ValueError: the models differ in structure (another config): the message names the
         first mismatching weight.
     """
+    # New ids start as the OOV bucket (what the model did for them until now), not noise.
+    oov_rows = {id(layer.embedding.embeddings): layer.oov_row for layer in target.submodules
+                if isinstance(layer, IdEmbedding) and layer.oov_row is not None
+                and layer.embedding.built}
     src, dst = source.trainable_weights, target.trainable_weights
     if len(src) != len(dst):
         raise ValueError(f"cannot warm-start: the previous run has {len(src)} trainable "
@@ -79,8 +85,10 @@ def transfer_weights(source: tf.keras.Model, target: tf.keras.Model) -> Dict[str
             b.assign(a)
             copied += 1
         elif len(old) == len(new) and old[1:] == new[1:] and new[0] > old[0]:
-            value = b.numpy()
-            value[:old[0]] = a.numpy()
+            value, trained = b.numpy(), a.numpy()
+            value[:old[0]] = trained
+            if id(b) in oov_rows:
+                value[old[0]:] = trained[oov_rows[id(b)]]
             b.assign(value)
             grown += 1
             new_rows += new[0] - old[0]
