@@ -37,7 +37,7 @@ def periods(tiny_world, tiny_world_dir, tiny_config, tmp_path_factory):
     cfg1.train.checkpoint_dir = str(root / "checkpoints")
     cfg1.train.log_dir = str(root / "logs")
     cfg1.export.base_dir = str(root / "models")
-    cfg1.train.run_name, cfg1.train.epochs = "period1", 2
+    cfg1.train.run_name, cfg1.train.epochs = "period1", 1
     cfg1.ranking.epochs = 1
     cfg2 = deepcopy(cfg1)
     cfg2.data.data_dir, cfg2.data.tfrecord_dir = tiny_world_dir, str(root / "tf2")
