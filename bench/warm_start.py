@@ -19,8 +19,8 @@ Protocol (bench/README.md, "Warm start"):
 Run from the repository root:  python bench/warm_start.py [--world small] [--seeds 1,2,3]
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, one seed, 1
-epochs, batch 256, 200 evaluation users. Same table; the figures mean nothing. TensorFlow's graph
-optimizer is off (bench/_common.py). Options given explicitly still override these.
+epoch, batch 256, 200 evaluation users. Same table; the figures mean nothing. TensorFlow's
+graph optimizer is off (bench/_common.py). Options given explicitly still override these.
 """
 
 from __future__ import annotations
