@@ -43,7 +43,7 @@ from tfrec.training.strategy import (configure_devices, is_chief, make_strategy,
                                      resolve_precision)
 from tfrec.training.trainer import (WEIGHTS_DIR, WEIGHTS_PREFIX, _save_weights_atomically,
                                     _write_json, ensure_prepared, load_trained_model,
-                                    resolve_run_dir)
+                                    resolve_run_dir, warm_start_dir)
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +282,7 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
         model.adapt_numeric(train)
         warm = None
         if cfg.train.warm_start:  # the previous ranker's weights, tables grown
-            source = cfg.train.warm_start
-            if not os.path.isfile(os.path.join(source, "config.yaml")):
-                source = resolve_run_dir(cfg.train.checkpoint_dir, source)
-            if os.path.abspath(source) == os.path.abspath(run_dir):
-                raise ValueError("--warm-start names the run whose ranker is being trained; "
-                                 "warm-start from an earlier run")
+            source = warm_start_dir(cfg, run_dir)
             warm = {"from": source, **transfer_weights(load_ranker(source)[0], model)}
         steps = -(-len(train["user_id"]) // cfg.ranking.batch_size) * cfg.ranking.epochs
         model.encoder_optimizer = ranker_encoder_optimizer(model, cfg.ranking, steps)

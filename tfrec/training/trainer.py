@@ -102,6 +102,23 @@ def resolve_run_dir(checkpoint_dir: str, run: Optional[str] = None) -> str:
     return run_dir
 
 
+def warm_start_dir(cfg: Config, run_dir: str) -> str:
+    """The run directory `train.warm_start` names (a directory or a run name).
+
+    Raises:
+      FileNotFoundError: no such run.
+      ValueError: it is `run_dir` itself (a run cannot start from its own weights).
+    """
+    source = cfg.train.warm_start
+    if not os.path.isfile(os.path.join(source, "config.yaml")):  # a run name
+        source = resolve_run_dir(cfg.train.checkpoint_dir, source)
+    if os.path.abspath(source) == os.path.abspath(run_dir):
+        raise ValueError(f"train.warm_start names the run being trained ({run_dir!r}); "
+                         "warm-start from an earlier run (or give this one another "
+                         "train.run_name)")
+    return source
+
+
 def ensure_prepared(cfg: Config) -> dict:
     """Writes TFRecords for the configured data once; later runs reuse them.
 
@@ -207,13 +224,7 @@ def train_retrieval(cfg: Config,
                                           >= t_val - cfg.data.train_days * 86400]
     previous = None
     if cfg.train.warm_start:
-        source = cfg.train.warm_start
-        if not os.path.isfile(os.path.join(source, "config.yaml")):  # a run name
-            source = resolve_run_dir(cfg.train.checkpoint_dir, source)
-        if os.path.abspath(source) == os.path.abspath(run_dir):
-            raise ValueError(f"train.warm_start names this run ({run_name!r}); give the new "
-                             "run another name (train.run_name)")
-        previous = load_trained_model(source)
+        previous = load_trained_model(warm_start_dir(cfg, run_dir))
     if os.path.exists(os.path.join(run_dir, "vocab.json")):
         vocab = Vocabularies.load(run_dir)  # resuming: keep the lookups the weights expect
     else:
