@@ -14,7 +14,7 @@ variables were created.
 Part 2, the real model at 1M items (--train-items, default 1,000,000; 0 skips): a
 synthetic catalog of that size (`WorldSpec`, no events needed), vocabularies over every
 item id (as if each had been trained on, so the id tables have N rows), the trainer's
-`build_model` (Adam, float32, trainer defaults) and --train-steps steps of `fit` on
+`build_model` (float32, trainer defaults: LazyAdam) and --train-steps steps of `fit` on
 batches of --batch-size examples whose positives are drawn from the catalog (Zipf-like),
 after --warmup-steps untimed steps (tracing). Then the export as `tfrec export` does it:
 RetrievalModule (embeds the whole catalog with the candidate tower) + save_versioned.
@@ -22,10 +22,18 @@ Reports the time of each phase, the SavedModel's size on disk, the process's pea
 and the latency of the exported serving_default (towers + history exclusion + exact
 top-100, loaded with tf.saved_model.load) at batch 1 and 32.
 
+Part 3, training step time by catalog size (--step-items, default 5,000 and 1,000,000;
+empty skips): the model of part 2 built for each size and each --optimizers value
+(`train.optimizer`: adam, whose sparse update rewrites every row of the embedding tables
+and their two moment tables; lazy_adam, which updates only the rows a batch touches),
+--train-steps timed steps at --batch-size after --warmup-steps. The key figure is the
+ms/step at each size as a ratio to the smallest size with the same optimizer.
+
 Run from the repository root:  python bench/large_catalog.py [--sizes 100000,1000000]
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): a 1,000-item latency table and
-training + export at 1,000 items (100 user ids, batch 32, 1 warm-up + 2 timed steps), 2
+training + export at 1,000 items (100 user ids, batch 32, 1 warm-up + 2 timed steps),
+step times at 1,000 items, 2
 warm-up calls and 10 timed calls per row. Same graphs, phases and tables; the figures
 mean nothing. TensorFlow's graph optimizer is off (bench/_common.py). Options given
 explicitly still override these.
@@ -41,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 import numpy as np
@@ -59,7 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import format_table, machine_line, parse_smoke_args  # noqa: E402
 
 SMOKE = dict(sizes="1000", train_items=1000, train_steps=2, warmup_steps=1, batch_size=32,
-             users=100, warmup=2, requests=10)
+             users=100, warmup=2, requests=10, step_items="1000")
 
 DIM = 64
 
@@ -165,9 +174,9 @@ def dir_size_mb(path: str) -> float:
                for root, _, files in os.walk(path) for f in files) / 2**20
 
 
-def train_and_export(args, rng, work: str) -> tuple:
-    """Part 2: phases (name, seconds, note) and latency rows of the exported model."""
-    n = args.train_items
+def large_model(n: int, args, optimizer: Optional[str] = None) -> tuple:
+    """(catalog, users, cfg, model, phases): a synthetic catalog of `n` items and the
+    trainer's model over vocabularies with every item id (as if each had been trained on)."""
     phases = []
     t0 = time.perf_counter()
     spec = WorldSpec(name=f"catalog-{n}", num_items=n, num_users=50, days=1,
@@ -182,6 +191,7 @@ def train_and_export(args, rng, work: str) -> tuple:
     seen = pd.DataFrame({"user_id": np.resize(users, rows), "item_id": np.resize(items, rows),
                          "query": ""})
     cfg = Config()
+    cfg.train.optimizer = optimizer or cfg.train.optimizer  # default: the trainer's
     vocab = build_vocabularies(seen, catalog, cfg.model.text_max_tokens,
                                cfg.model.price_buckets)
     tf.keras.utils.set_random_seed(args.seed)
@@ -191,7 +201,12 @@ def train_and_export(args, rng, work: str) -> tuple:
     phases.append(["vocabularies + model", time.perf_counter() - t0,
                    f"{params / 1e6:.0f}M trainable parameters ({params * 4 / 2**20:,.0f} MB), "
                    f"{len(vocab.items):,} item ids"])
+    return catalog, users, cfg, model, phases
 
+
+def timed_steps(model, catalog, users, cfg, args, rng) -> tuple:
+    """(seconds of args.train_steps fit steps after args.warmup_steps untimed ones,
+    warm-up seconds, last loss)."""
     examples = synthetic_examples(catalog, users, (args.warmup_steps + args.train_steps)
                                   * args.batch_size, cfg.data.history_length, rng)
     dataset = tf.data.Dataset.from_tensor_slices(examples).batch(args.batch_size,
@@ -201,13 +216,37 @@ def train_and_export(args, rng, work: str) -> tuple:
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     history = model.fit(dataset.skip(args.warmup_steps), epochs=1, verbose=0)
-    seconds = time.perf_counter() - t0
+    return time.perf_counter() - t0, warm, history.history["loss"][-1]
+
+
+def step_time_rows(args, rng) -> list:
+    """Part 3: ms per training step by catalog size and optimizer, vs the smallest size."""
+    rows = []
+    for optimizer in args.optimizers:
+        reference = None
+        for n in args.step_items:
+            catalog, users, cfg, model, _ = large_model(n, args, optimizer)
+            seconds, _, loss = timed_steps(model, catalog, users, cfg, args, rng)
+            ms = 1000 * seconds / args.train_steps
+            reference = reference or ms
+            rows.append([optimizer, f"{n:,}", args.batch_size, f"{ms:,.0f}",
+                         f"{ms / reference:.2f}x", f"{loss:.2f}"])
+            print(f"  {optimizer} {n:,} items: {ms:,.0f} ms/step", flush=True)
+            del model
+            tf.keras.backend.clear_session()
+    return rows
+
+
+def train_and_export(args, rng, work: str) -> tuple:
+    """Part 2: phases (name, seconds, note) and latency rows of the exported model."""
+    n = args.train_items
+    catalog, users, cfg, model, phases = large_model(n, args)
+    seconds, warm, loss = timed_steps(model, catalog, users, cfg, args, rng)
     phases.append(["training (timed steps)", seconds,
                    f"{args.train_steps} steps x {args.batch_size}: "
                    f"{args.train_steps * args.batch_size / seconds:,.0f} examples/s, "
                    f"{1000 * seconds / args.train_steps:,.0f} ms/step (warm-up "
-                   f"{args.warmup_steps} steps {warm:.0f}s), loss "
-                   f"{history.history['loss'][-1]:.2f}"])
+                   f"{args.warmup_steps} steps {warm:.0f}s), loss {loss:.2f}"])
 
     t0 = time.perf_counter()
     module = RetrievalModule(model, catalog)
@@ -256,6 +295,10 @@ def main(argv=None) -> None:
     parser.add_argument("--requests", type=int, default=100, help="timed calls per row")
     parser.add_argument("--train-items", type=int, default=1_000_000,
                         help="catalog size of the training + export part (0 skips it)")
+    parser.add_argument("--step-items", default="5000,1000000",
+                        help="catalog sizes of the step-time table (empty skips it)")
+    parser.add_argument("--optimizers", default="adam,lazy_adam",
+                        help="train.optimizer values of the step-time table")
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=512)
@@ -265,11 +308,17 @@ def main(argv=None) -> None:
     args = parse_smoke_args(parser, argv, SMOKE)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.batches = [int(b) for b in args.batches.split(",") if b]
+    args.step_items = [int(s) for s in args.step_items.split(",") if s]
+    args.optimizers = [o for o in args.optimizers.split(",") if o]
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
 
     print("top-k latency:", flush=True)
     rows = latency_rows(args, rng)
+    steps = []
+    if args.step_items:
+        print("training step time by catalog size:", flush=True)
+        steps = step_time_rows(args, rng)
     phases, exported = [], []
     work = args.work_dir or tempfile.mkdtemp(prefix="tfrec-large-")
     try:
@@ -288,6 +337,11 @@ def main(argv=None) -> None:
         rows + exported,
         title=f"exact top-{args.k} (matmul + tf.math.top_k over the stored embeddings, "
               f"dim {DIM}); {args.warmup} warm-up calls, then back-to-back requests"))
+    if steps:
+        print()
+        print(format_table(["optimizer", "catalog", "batch", "ms/step", "vs smallest", "loss"],
+                           steps, title=f"training step time by catalog size ({args.train_steps} "
+                                        f"steps after {args.warmup_steps} warm-up)"))
     if phases:
         print()
         print(f"retrieval model at {args.train_items:,} items (process peak RSS "

@@ -91,6 +91,9 @@ BENCHES: Dict[str, Expect] = {
     "warm_start": Expect(
         [("run", "steps/epoch", "val recall@100 per epoch", "steps to target")],
         [row("scratch"), row("warm"), r"warm, last \d+ days +\d"]),
+    "catalog_index": Expect(
+        [("catalog", "index s", "products/s", "peak MB", "export MB", "own title top-10")],
+        [r"300 +\d"]),
     "title_embedding": Expect(
         [("batching", "embedded", "titles/s", "vs before")],
         [row("padded (before)"), row("trimmed (after)"), row("re-index, 1% changed")]),

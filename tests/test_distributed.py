@@ -34,7 +34,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tiny_world_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "tfrec.cli", "train-ranker", "--workdir", str(tmp_path),
          "--set", f"train.log_dir={tmp_path / 'logs'}", "--run", "dist", "--strategy",
-         "mirrored", "--cpu-devices", "2", "--epochs", "2"],
+         "mirrored", "--cpu-devices", "2", "--epochs", "1"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranker = json.loads((run_dir / "ranker" / "metrics.json").read_text())

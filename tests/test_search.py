@@ -371,10 +371,13 @@ def test_search_index_serves_a_new_product_table_without_retraining(search_run, 
         assert found() == 0  # the training export indexes judged products only
         proc = subprocess.run(
             [sys.executable, "-m", "tfrec", "search", "index", "--run", search_workdir,
-             "--catalog", str(path), "--export-base", str(base), "--results", "20"],
+             "--catalog", str(path), "--export-base", str(base), "--results", "20",
+             "--cache-dir", str(tmp_path / "cache")],
             capture_output=True, text=True, timeout=600, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"indexed {len(products)} products" in proc.stdout
+        assert f"of {len(products)} titles embedded" in proc.stderr
+        assert glob.glob(str(tmp_path / "cache" / "text_vectors_*.keys.npy"))
         wait_for(lambda: 2 in [v for v, state in client.status("search")
                                if state == "AVAILABLE"], timeout=60)
         for product, title in NEW_PRODUCTS.items():

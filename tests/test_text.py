@@ -361,6 +361,36 @@ def test_text_vector_cache_embeds_only_new_or_changed_texts(tiny_encoder, tmp_pa
     assert other.embedded == 2
 
 
+def test_text_vector_cache_writes_shards_per_chunk_and_merges_them(tiny_encoder, tmp_path):
+    """A long pass is written chunk by chunk; many shards are merged; old caches still read."""
+    from tfrec.text.embedding import SentenceEncoder, TextVectorCache
+
+    encoder = SentenceEncoder(*tiny_encoder, seq_length=64, batch_size=4)
+    want = encoder.encode(TEXTS)
+    cache = TextVectorCache(str(tmp_path), "tiny\n64", chunk=2, max_shards=100)
+    chunks = []
+    np.testing.assert_allclose(
+        cache.vectors(TEXTS, lambda t: chunks.append(len(t)) or encoder.encode(t)), want,
+        atol=1e-6)
+    assert chunks == [2] * (len(set(TEXTS)) // 2) + [1] * (len(set(TEXTS)) % 2)
+    shards = len(glob.glob(cache.prefix + ".*.keys.npy"))
+    assert shards == len(chunks)
+    merging = TextVectorCache(str(tmp_path), "tiny\n64", chunk=2, max_shards=2)
+    out = merging.vectors(TEXTS + ["新品 手机壳"], encoder.encode)
+    assert merging.embedded == 1
+    np.testing.assert_allclose(out[-1], encoder.encode(["新品 手机壳"])[0], atol=1e-6)
+    assert len(glob.glob(cache.prefix + ".*.keys.npy")) == 1
+    np.testing.assert_array_equal(merging.vectors(TEXTS, encoder.encode), out[:-1])
+    assert merging.embedded == 0
+    # The single-file layout of caches written before shards (hex keys as str) reads too.
+    legacy = TextVectorCache(str(tmp_path / "old"), "k")
+    os.makedirs(legacy.directory)
+    np.save(legacy.prefix + ".keys.npy", np.array([legacy.text_key(TEXTS[0]).decode()], "U40"))
+    np.save(legacy.prefix + ".vectors.npy", want[:1])
+    legacy.vectors(TEXTS[:1], encoder.encode)
+    assert legacy.embedded == 0
+
+
 def test_serving_signature_and_export_metadata(tiny_encoder, tiny_pre):
     enc_path = tiny_encoder[0]
     loaded = tf.saved_model.load(enc_path)

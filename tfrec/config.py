@@ -130,7 +130,9 @@ class TrainConfig:
     epochs: int = 8
     steps_per_epoch: Optional[int] = None
     learning_rate: float = 0.002
-    optimizer: str = "adam"
+    # lazy_adam: embedding rows updated only when a batch touches them (step cost follows
+    # the batch, not the catalog); adam, adagrad, sgd also accepted.
+    optimizer: str = "lazy_adam"
     early_stopping_patience: int = 2
     early_stopping_metric: str = "recall_at_100"
     eval_ks: Tuple[int, ...] = (10, 100)

@@ -85,6 +85,9 @@ def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, help="export version (default: the next one)")
     p.add_argument("--results", type=int,
                    help="products returned per query (default: the run's results)")
+    p.add_argument("--cache-dir", dest="cache_dir",
+                   help="title-vector cache (default <run workdir>/cache): titles found "
+                        "there are not embedded again")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -208,7 +211,7 @@ def _index(args: argparse.Namespace) -> int:
 
     run_dir = resolve_search_run(args.run)
     products = read_products(args.catalog)  # bad tables fail before TensorFlow work
-    pipeline, cfg = load_search_pipeline(run_dir, products)
+    pipeline, cfg = load_search_pipeline(run_dir, products, cache_dir=args.cache_dir)
     workdir = os.path.dirname(os.path.abspath(run_dir))
     export_base = args.export_base or os.path.join(workdir, "export")
     results = args.results or cfg.results

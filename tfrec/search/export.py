@@ -41,8 +41,8 @@ class SearchModule(tf.Module):
     gets empty [0, num_results] outputs.
 
     Only the parts the signature runs are tracked (query tower, word lookup, BM25 index,
-    ranker, product vectors), so training state such as optimizer slots stays out of
-    the SavedModel.
+    ranker, product vectors, ids and titles), so training state such as optimizer slots
+    stays out of the SavedModel.
 
     Args:
       pipeline: trained SearchPipeline (its product vectors current).
@@ -69,6 +69,8 @@ class SearchModule(tf.Module):
         self.lexical = pipeline.lexical
         self.ranker = pipeline.ranker
         self.product_vectors = pipeline.product_vectors
+        self.product_ids = pipeline.product_ids
+        self.titles = pipeline.titles
 
     def _search(self, query: tf.Tensor) -> Dict[str, tf.Tensor]:
         cleaned = SearchPipeline.clean_queries(query)

@@ -221,6 +221,7 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     two_tower = SearchTwoTower(encoder, vectors, catalog_word_ids(titles, words), len(words),
                                ids, id_vocabulary=meta["id_vocabulary"],
                                negatives=cfg.negatives, temperature=cfg.temperature)
+    del vectors  # the two-tower holds its own copy: one catalog-sized array, not two
     two_tower.set_word_lookup(words)
     ranker = SearchRanker() if meta["ranker"] else None
     pipeline = SearchPipeline(two_tower, LexicalIndex(titles), ranker, ids, titles,

@@ -59,14 +59,24 @@ class SearchPipeline(tf.Module):
         self.num_products = len(product_ids)
         self.candidates = int(min(candidates, self.num_products))
         self.hybrid_weight = float(hybrid_weight)
-        self.product_ids = tf.constant(np.asarray(product_ids, dtype=str))
-        self.titles = tf.constant(np.asarray(titles, dtype=str))
-        self.product_vectors = tf.Variable(two_tower.catalog_vectors(), trainable=False,
-                                           name="product_vectors")
+        # Variables, not constants: a million titles stay out of the serving graph proto.
+        self.product_ids = tf.Variable(np.asarray(product_ids, dtype=object), trainable=False,
+                                       dtype=tf.string, name="product_ids")
+        self.titles = tf.Variable(np.asarray(titles, dtype=object), trainable=False,
+                                  dtype=tf.string, name="titles")
+        self.product_vectors = tf.Variable(
+            tf.zeros([self.num_products, two_tower.title_vectors.shape[1]]), trainable=False,
+            name="product_vectors")
+        self.refresh_product_vectors()
 
-    def refresh_product_vectors(self) -> None:
-        """Re-embeds the catalog with the two-tower's current weights."""
-        self.product_vectors.assign(self.two_tower.catalog_vectors())
+    def refresh_product_vectors(self, batch_size: int = 8192) -> None:
+        """Re-embeds the catalog with the two-tower's current weights, a slice at a time
+        (no second catalog-sized copy)."""
+        for start in range(0, self.num_products, batch_size):
+            rows = tf.range(start, min(start + batch_size, self.num_products))
+            # scatter_update, not a slice assign: distributed (mirrored) variables take it.
+            self.product_vectors.scatter_update(tf.IndexedSlices(
+                self.two_tower.product_vectors(rows, training=False), rows))
 
     @staticmethod
     def clean_queries(queries: tf.Tensor) -> tf.Tensor:

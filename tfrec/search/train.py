@@ -108,7 +108,10 @@ def title_vectors(cfg: SearchConfig, titles: Sequence[str],
     if not cache_dir:
         return embed(titles)
     cache = TextVectorCache(cache_dir, f"{os.path.abspath(cfg.encoder)}\n{cfg.title_length}")
-    return cache.vectors(titles, embed)
+    vectors = cache.vectors(titles, embed)
+    log.info("title vectors: %d of %d titles embedded, the rest read from %s", cache.embedded,
+             len(titles), cache_dir)
+    return vectors
 
 
 def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,

@@ -6,11 +6,12 @@ Sentence-transformers models such as all-MiniLM-L6-v2 were trained with this poo
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from tfrec.data.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-KEY_DTYPE = "U40"  # hex SHA-1 of a text: TextVectorCache keys
+KEY_DTYPE = "S40"  # hex SHA-1 of a text (ASCII bytes): TextVectorCache keys
 
 
 def mean_pool(sequence_output: tf.Tensor, input_mask: tf.Tensor) -> tf.Tensor:
@@ -156,28 +157,62 @@ class TextVectorCache:
     """Vectors of texts on disk, one row per distinct text (keyed by a content hash).
 
     A catalog that gains or edits a few products re-embeds only those: every other
-    text's vector is read back. One cache directory serves one encoder setting (`key`).
+    text's vector is read back. New vectors go to a new shard file, written every `chunk`
+    texts, so a re-index writes only what it embedded and an interrupted pass over a
+    million titles keeps what it finished. One cache directory serves one encoder setting
+    (`key`).
 
     Args:
       directory: where the cache lives (created when first written).
       key: what the vectors depend on besides the text (encoder path, length, ...).
+      chunk: texts embedded (and written as one shard) at a time.
+      max_shards: above this many shards, a call merges them into one.
     """
 
-    def __init__(self, directory: str, key: str):
+    def __init__(self, directory: str, key: str, chunk: int = 65536, max_shards: int = 32):
+        if chunk < 1 or max_shards < 1:
+            raise ValueError(f"chunk and max_shards must be >= 1, got {chunk}, {max_shards}")
         self.directory = directory
         self.prefix = os.path.join(directory, "text_vectors_" + hashlib.sha1(
             key.encode("utf-8")).hexdigest()[:16])
+        self.chunk, self.max_shards = int(chunk), int(max_shards)
         self.embedded = 0  # texts the last `vectors` call had to embed
 
     @staticmethod
-    def text_key(text: str) -> str:
-        return hashlib.sha1(text.encode("utf-8")).hexdigest()
+    def text_key(text: str) -> bytes:
+        return hashlib.sha1(text.encode("utf-8")).hexdigest().encode("ascii")
 
-    def _load(self):
-        keys, vectors = self.prefix + ".keys.npy", self.prefix + ".vectors.npy"
-        if not (os.path.exists(keys) and os.path.exists(vectors)):
-            return np.zeros([0], KEY_DTYPE), None
-        return np.load(keys), np.load(vectors)  # plain arrays: no pickle from a cache dir
+    def _shard_names(self) -> List[str]:
+        """Shard prefixes, oldest first (the single-file layout of older caches first)."""
+        names = [p[:-len(".keys.npy")] for p in glob.glob(glob.escape(self.prefix)
+                                                           + ".*.keys.npy")]
+        legacy = [self.prefix] if os.path.exists(self.prefix + ".keys.npy") else []
+        return legacy + sorted(names)
+
+    def _load(self) -> List[Tuple[str, np.ndarray, np.ndarray]]:
+        """[(shard, keys, vectors)]; shards half-written or merged away meanwhile are skipped."""
+        shards = []
+        for name in self._shard_names():
+            try:  # plain arrays: no pickle from a cache dir
+                keys = np.load(name + ".keys.npy").astype(KEY_DTYPE)
+                vectors = np.load(name + ".vectors.npy", mmap_mode="r")
+            except (FileNotFoundError, ValueError) as e:
+                log.warning("text-vector cache: skipping shard %s (%s)", name, e)
+                continue
+            if len(keys) != len(vectors):
+                log.warning("text-vector cache: skipping shard %s (%d keys, %d vectors)",
+                            name, len(keys), len(vectors))
+                continue
+            shards.append((name, keys, vectors))
+        return shards
+
+    def _write(self, keys: np.ndarray, vectors: np.ndarray) -> str:
+        """Writes one shard; vectors first, so keys never index rows that are not there."""
+        os.makedirs(self.directory, exist_ok=True)
+        name = f"{self.prefix}.{time.time_ns():020d}-{os.getpid()}"
+        atomic_write(name + ".vectors.npy", lambda p: _save(p, vectors))
+        atomic_write(name + ".keys.npy", lambda p: _save(p, keys.astype(KEY_DTYPE)))
+        return name
 
     def vectors(self, texts: Sequence[str],
                 embed: Callable[[Sequence[str]], np.ndarray]) -> np.ndarray:
@@ -188,23 +223,61 @@ class TextVectorCache:
           embed: texts -> [n, H] vectors (e.g. `SentenceEncoder.encode`).
         """
         texts = [str(t) for t in texts]
-        keys, stored = self._load()
-        row = {k: i for i, k in enumerate(keys)}
-        wanted = [self.text_key(t) for t in texts]
-        missing = list(dict.fromkeys(k for k in wanted if k not in row))
-        first = {k: t for k, t in zip(wanted, texts)}
+        wanted = np.array([self.text_key(t) for t in texts], KEY_DTYPE)
+        shards = self._load()
+        blocks = [vectors for _, _, vectors in shards]
+        # Every stored key as (block, row), sorted by key; the oldest copy of a key wins.
+        keys = np.concatenate([k for _, k, _ in shards] + [np.zeros([0], KEY_DTYPE)])
+        block = np.repeat(np.arange(len(shards)), [len(k) for _, k, _ in shards])
+        row = np.concatenate([np.arange(len(k)) for _, k, _ in shards] + [np.zeros([0], int)])
+        keys, first = np.unique(keys, return_index=True)
+        block, row = block[first], row[first]
+        pos = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+        found = (keys[pos] == wanted) if len(keys) else np.zeros(len(wanted), bool)
+        unfound = np.flatnonzero(~found)
+        new_keys, new_first = np.unique(wanted[unfound], return_index=True)
+        order = np.argsort(new_first)  # sorted new key -> position in `missing`
+        missing = new_keys[order]  # in the order first asked for
+        missing_texts = [texts[i] for i in unfound[new_first[order]]]
         self.embedded = len(missing)
-        if missing:
-            fresh = np.asarray(embed([first[k] for k in missing]), np.float32)
-            stored = fresh if stored is None else np.concatenate([stored, fresh], axis=0)
-            keys = np.concatenate([keys, np.asarray(missing, KEY_DTYPE)])
-            row.update({k: len(keys) - len(missing) + i for i, k in enumerate(missing)})
-            # Vectors first: a crash between the two leaves keys that index old rows only.
-            atomic_write(self.prefix + ".vectors.npy", lambda p: _save(p, stored))
-            atomic_write(self.prefix + ".keys.npy", lambda p: _save(p, keys))
-        if stored is None:
-            return np.zeros([0, 0], np.float32)
-        return stored[[row[k] for k in wanted]]
+        for start in range(0, len(missing), self.chunk):
+            fresh = np.asarray(embed(missing_texts[start:start + self.chunk]), np.float32)
+            self._write(missing[start:start + self.chunk], fresh)
+            blocks.append(fresh)
+        located_block = np.where(found, block[pos] if len(keys) else 0, 0)
+        located_row = np.where(found, row[pos] if len(keys) else 0, 0)
+        if len(missing):
+            index = np.searchsorted(new_keys, wanted[unfound])  # into the sorted new keys
+            rank = np.empty_like(order)
+            rank[order] = np.arange(len(order))
+            position = rank[index]
+            located_block[unfound] = len(shards) + position // self.chunk
+            located_row[unfound] = position % self.chunk
+        if not blocks:
+            return np.zeros([len(texts), 0], np.float32)
+        out = np.empty([len(texts), blocks[0].shape[1]], np.float32)
+        for b in np.unique(located_block):
+            rows = np.flatnonzero(located_block == b)
+            out[rows] = blocks[b][located_row[rows]]  # reads only these rows
+        if len(shards) + -(-len(missing) // self.chunk) > self.max_shards:
+            self._merge()
+        return out
+
+    def _merge(self) -> None:
+        """Rewrites every shard as one (distinct keys), then removes the old files."""
+        shards = self._load()
+        if len(shards) < 2:
+            return
+        keys = np.concatenate([k for _, k, _ in shards])
+        keep = np.sort(np.unique(keys, return_index=True)[1])
+        vectors = np.concatenate([np.asarray(v) for _, _, v in shards])[keep]
+        self._write(keys[keep], vectors)
+        for name, _, _ in shards:
+            for suffix in (".keys.npy", ".vectors.npy"):
+                try:
+                    os.remove(name + suffix)
+                except FileNotFoundError:  # another process merged it first
+                    pass
 
 
 def _save(path: str, array: np.ndarray) -> None:

@@ -42,6 +42,7 @@ from tfrec.training.callbacks import (PROJECTOR_MAX_POINTS, BackupAndRestore,
                                       write_hparams, write_projector)
 from tfrec.training.warm_start import grow_vocabularies, transfer_weights
 from tfrec.training.keep_best import KeepBestEpoch
+from tfrec.training.optimizers import make_optimizer
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy, num_workers,
                                      resolve_precision, tf_config)
 
@@ -164,12 +165,7 @@ def build_model(vocab: Vocabularies, cfg: Config, precision: str = "float32") ->
     """Builds and compiles the model; float16 towers get a loss-scaling optimizer."""
     model = TwoTowerModel(vocab, cfg.model, precision=precision,
                           features=FeatureSpec.from_config(cfg.features))
-    optimizer = {"adagrad": tf.keras.optimizers.Adagrad,
-                 "adam": tf.keras.optimizers.Adam,
-                 "sgd": tf.keras.optimizers.SGD}.get(cfg.train.optimizer)
-    if optimizer is None:
-        raise ValueError(f"unknown optimizer {cfg.train.optimizer!r}; use adagrad, adam or sgd")
-    optimizer = optimizer(learning_rate=cfg.train.learning_rate)
+    optimizer = make_optimizer(cfg.train.optimizer, cfg.train.learning_rate)
     if precision == "mixed_float16":
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer)
