@@ -6,6 +6,7 @@ applies; these run the real command line to check they stay hidden unless asked 
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
@@ -57,12 +58,27 @@ def test_generate_prints_no_native_logs(generated):
 
 
 def test_train_prints_no_native_logs(generated):
+    """Also with the profiler on: `--profile-steps` writes a trace, quietly."""
     workdir, _ = generated
     proc = tfrec("train", "--workdir", str(workdir), "--epochs", "1", "--run-name", "quiet",
-                 cwd=workdir)
+                 "--profile-steps", "2,3", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "validation: " in proc.stdout
     assert not _noise(proc), _noise(proc)
+    traces = glob.glob(str(workdir / "tensorboard_logs" / "quiet" / "**" / "*.xplane.pb"),
+                       recursive=True)
+    assert traces and os.path.getsize(traces[0]) > 0, os.listdir(workdir / "tensorboard_logs")
+    proc = tfrec("train", "--workdir", str(workdir), "--profile-steps", "3,2", cwd=workdir)
+    assert proc.returncode == 2 and "--profile-steps: need 1 <= FIRST <= LAST" in proc.stderr
+
+
+@pytest.mark.parametrize("bad", ["0,1", "ten", "1,2,3"])
+def test_bad_profile_steps_are_usage_errors(bad, capsys):
+    from tfrec.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--profile-steps", bad])
+    assert info.value.code == 2 and "--profile-steps" in capsys.readouterr().err
 
 
 def test_verbose_train_still_works_and_shows_the_logs(generated):
@@ -98,3 +114,16 @@ def test_native_noise_follows_the_log_level():
     assert not is_native_noise(python, 3, has_gpu_driver=False)
     for line in (info, cuinit, preamble):  # TF_CPP_MIN_LOG_LEVEL=0: everything
         assert not is_native_noise(line, 0, has_gpu_driver=False)
+
+
+def test_profile_steps_in_a_config_are_checked():
+    from tfrec.config import Config
+    from tfrec.training.trainer import profile_steps
+
+    cfg = Config()
+    assert profile_steps(cfg) == 0
+    cfg.override(["train.profile_steps=[10, 15]"])
+    assert profile_steps(cfg) == (10, 15)
+    cfg.train.profile_steps = (5, 2)
+    with pytest.raises(ValueError, match=r"train.profile_steps must be \[first, last\]"):
+        profile_steps(cfg)

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS and quiet log defaults, before TensorFlow)
 
@@ -48,6 +48,7 @@ def _config(args: argparse.Namespace) -> Config:
         "poll_seconds": ("serve", "poll_seconds"),
         "text_mode": ("ranking", "text_mode"), "ranker_epochs": ("ranking", "epochs"),
         "warm_start": ("train", "warm_start"), "train_days": ("data", "train_days"),
+        "profile_steps": ("train", "profile_steps"),
     }
     for flag, (section, name) in flag_map.items():
         value = getattr(args, flag, None)
@@ -79,6 +80,23 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                         "vocabularies grow with new ids, the optimizer starts fresh")
     p.add_argument("--train-days", type=float, dest="train_days", metavar="N",
                    help="train on the last N days before the validation period only")
+    if p.prog.endswith(" train"):
+        p.add_argument("--profile-steps", type=_step_range, dest="profile_steps",
+                       metavar="FIRST,LAST",
+                       help="trace training steps FIRST..LAST into the TensorBoard profile "
+                            "(<log dir>/<run>/plugins/profile; view with the "
+                            "tensorboard-plugin-profile package's trace viewer)")
+
+
+def _step_range(text: str) -> Tuple[int, int]:
+    """'10,15' -> (10, 15), for --profile-steps."""
+    try:
+        first, last = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST,LAST (e.g. 10,15), got {text!r}")
+    if not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(f"need 1 <= FIRST <= LAST, got {text!r}")
+    return first, last
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,6 +137,8 @@ class TrainConfig:
     early_stopping_metric: str = "recall_at_100"
     eval_ks: Tuple[int, ...] = (10, 100)
     eval_max_users: int = 2000  # cap per-epoch validation cost
+    # (first, last) training steps traced into TensorBoard's profile (trace viewer); () off.
+    profile_steps: Tuple[int, ...] = ()
     run_name: Optional[str] = None
     log_dir: str = "tensorboard_logs"
     checkpoint_dir: str = "work/checkpoints"

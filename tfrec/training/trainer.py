@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple, Union
 
 import pandas as pd
 
@@ -161,6 +161,22 @@ def _source_signature(data_dir: str) -> str:
     return "|".join(parts)
 
 
+def profile_steps(cfg: Config) -> Union[int, Tuple[int, int]]:
+    """`train.profile_steps` as Keras' TensorBoard `profile_batch` (0: no profile).
+
+    Raises:
+      ValueError: not () or (first, last) with 1 <= first <= last.
+    """
+    steps = tuple(cfg.train.profile_steps or ())
+    if not steps:
+        return 0
+    if (len(steps) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+            or not 1 <= steps[0] <= steps[1]):
+        raise ValueError(f"train.profile_steps must be [first, last] steps with 1 <= first <= "
+                         f"last (e.g. [10, 15]), got {list(steps)}")
+    return steps[0], steps[1]
+
+
 def build_model(vocab: Vocabularies, cfg: Config, precision: str = "float32") -> TwoTowerModel:
     """Builds and compiles the model; float16 towers get a loss-scaling optimizer."""
     model = TwoTowerModel(vocab, cfg.model, precision=precision,
@@ -195,6 +211,7 @@ def train_retrieval(cfg: Config,
       cfg: the run's config (data, model, train sections).
       extra_callbacks: more Keras callbacks, run after the built-in ones.
     """
+    profile_steps(cfg)  # a bad range fails before any data or device work
     configure_devices(cfg.train.cpu_devices)
     tf.keras.utils.set_random_seed(cfg.train.seed)
     if cfg.train.deterministic:
@@ -284,7 +301,8 @@ def train_retrieval(cfg: Config,
         evaluation,  # first: adds val_recall_at_k to the logs the others read
         tf.keras.callbacks.TensorBoard(tb_dir if chief else tempfile.mkdtemp(),
                                        histogram_freq=cfg.train.histogram_freq,
-                                       update_freq="epoch", write_graph=False),
+                                       update_freq="epoch", write_graph=False,
+                                       profile_batch=profile_steps(cfg) if chief else 0),
         KeepBestEpoch(monitor=monitor, patience=cfg.train.early_stopping_patience),
         BackupAndRestore(os.path.join(run_dir, "backup"),
                          config_fingerprint(cfg.model, cfg.features)),
