@@ -68,17 +68,18 @@ def test_train_prints_no_native_logs(generated):
     traces = glob.glob(str(workdir / "tensorboard_logs" / "quiet" / "**" / "*.xplane.pb"),
                        recursive=True)
     assert traces and os.path.getsize(traces[0]) > 0, os.listdir(workdir / "tensorboard_logs")
-    proc = tfrec("train", "--workdir", str(workdir), "--profile-steps", "3,2", cwd=workdir)
-    assert proc.returncode == 2 and "--profile-steps: need 1 <= FIRST <= LAST" in proc.stderr
 
 
-@pytest.mark.parametrize("bad", ["0,1", "ten", "1,2,3"])
+@pytest.mark.parametrize("bad", ["3,2", "0,1", "ten", "1,2,3"])
 def test_bad_profile_steps_are_usage_errors(bad, capsys):
     from tfrec.cli import main
 
     with pytest.raises(SystemExit) as info:
         main(["train", "--profile-steps", bad])
-    assert info.value.code == 2 and "--profile-steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--profile-steps" in err
+    if bad == "3,2":
+        assert "need 1 <= FIRST <= LAST" in err
 
 
 def test_verbose_train_still_works_and_shows_the_logs(generated):
