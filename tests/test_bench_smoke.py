@@ -14,7 +14,7 @@ Benches that need real data under ../shared/data (or $TFREC_DATA_DIR) print
 Marked `bench` (registered in setup.cfg): they run by default, `-m "not bench"` leaves
 them out. Each is a fresh TensorFlow process (17-37 s alone: import, tracing, tiny
 training and export, some with a model server or cluster processes beside it), much of
-it single-threaded, so the selected benches run three at a time (`PARALLEL`) as soon as the
+it single-threaded, so the selected benches run two at a time (`PARALLEL`) as soon as the
 first of these tests asks, and each test waits for its own.
 """
 
@@ -32,7 +32,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # seconds per bench; every smoke run takes well under a minute
-PARALLEL = 3  # smoke processes at a time: much of each is single-threaded start-up
+PARALLEL = 2  # smoke processes at a time (3 measured slower on 2 cores: 1917 s vs 1805 s)
 
 pytestmark = pytest.mark.bench
 
