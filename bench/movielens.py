@@ -216,11 +216,16 @@ def example_arrays(queries: pd.DataFrame, items: pd.DataFrame, history: np.ndarr
 
 
 def to_dataset(arrays: Dict[str, np.ndarray], batch_size: int, shuffle: bool,
-               seed: int) -> tf.data.Dataset:
+               seed: int, preprocess=None) -> tf.data.Dataset:
+    """Batches of the example arrays; with `preprocess` (the model's), mapped in tf.data
+    as `tfrec train` does, so the step sees integers."""
     ds = tf.data.Dataset.from_tensor_slices(arrays)
     if shuffle:
         ds = ds.shuffle(len(arrays["user_id"]), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if preprocess is not None:
+        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def sampling_probabilities(train: pd.DataFrame, items: pd.DataFrame) -> pd.Series:
@@ -262,13 +267,13 @@ def train_two_tower(setup: TwoTowerSetup, train: pd.DataFrame, items: pd.DataFra
         for epoch in range(setup.epochs):
             history = profile_history(train, train, setup.history, seed=setup.seed + epoch)
             arrays = example_arrays(train, items, history, probs, setup.hour)
-            model.fit(to_dataset(arrays, setup.batch_size, True, setup.seed + epoch), epochs=1,
-                      verbose=0)
+            model.fit(to_dataset(arrays, setup.batch_size, True, setup.seed + epoch,
+                                 model.preprocess), epochs=1, verbose=0)
         return model
     history = history_matrix(train, train, setup.history)
     arrays = example_arrays(train, items, history, probs, setup.hour)
-    model.fit(to_dataset(arrays, setup.batch_size, True, setup.seed), epochs=setup.epochs,
-              verbose=0)
+    model.fit(to_dataset(arrays, setup.batch_size, True, setup.seed, model.preprocess),
+              epochs=setup.epochs, verbose=0)
     return model
 
 

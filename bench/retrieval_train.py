@@ -3,21 +3,32 @@
 What is measured (all in one process, on the training period of one synthetic world):
 
   tfrec                TwoTowerModel built as the trainer builds it (vocabularies from
-                       training-period positives, `build_model`), fed by `make_dataset`:
-                       TFRecord shards -> shuffle -> batch -> parse, every epoch.
+                       training-period positives, `build_model`), fed as `tfrec train`
+                       feeds it: `make_dataset` with `preprocess=model.preprocess`
+                       (TFRecord shards -> shuffle -> batch -> parse -> string lookups,
+                       tokens and trigram buckets in the parallel tf.data map), so the
+                       step sees integers only.
                        Features: user id, 20-item history (ids, categories, brands),
                        query text, device, hour;
                        item id, title (words + char trigrams), category, brand, price;
                        logQ correction, accidental-hit removal, id dropout.
-  tfrec, cached input  the same model fed by the same pipeline with its parsed batches
-                       cached in memory after the warm-up epoch (shows the model cost
-                       alone; batch order then repeats, like the baseline's).
+  tfrec, uncached      the same without the cache: preprocessing runs every epoch, in
+                       parallel with the step. (`tfrec` keeps the preprocessed examples
+                       in memory after the warm-up epoch, as the trainer does when they
+                       fit `train.input_cache_mb`; examples are reshuffled every epoch.)
+  tfrec, strings in step  the same model fed raw parsed batches: every string op runs
+                       inside the training step (tfrec before preprocessing moved to
+                       tf.data).
   tfrec, no trigrams   tfrec with `char_ngram_bins=0` (the price of typo robustness).
+  tfrec, ids only      tfrec configured like the baseline: `model.query_features
+                       [user_id]`, `candidate_features [item_id]`, no hidden layer, no id
+                       dropout (logQ correction and accidental-hit removal stay on).
   baseline             TFRS basic-retrieval tutorial: StringLookup + Embedding per tower
                        on user_id / item_id only, `tfrs.tasks.Retrieval()` without
                        metrics, fed from in-memory tensors (from_tensor_slices -> shuffle
                        -> batch -> cache), Adagrad as in the tutorial.
-  tfrec input only     iterating tfrec's tf.data pipeline without a model.
+  tfrec input only     iterating tfrec's tf.data pipeline without a model (raw batches).
+  tfrec input + prep   iterating it with the model's preprocessing map.
 
 Every run uses the same batch size and drops the last partial batch, so every epoch
 sees the same number of examples. All variants are built first, then trained in
@@ -42,6 +53,7 @@ explicitly still override these.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import shutil
@@ -63,7 +75,7 @@ from tfrec.data.tfrecord import make_dataset
 from tfrec.metrics.retrieval import build_eval_set, evaluate_embeddings
 from tfrec.features.vocab import build_vocabularies
 from tfrec.models.embedding import tower_fn
-from tfrec.training.trainer import build_model, ensure_prepared
+from tfrec.training.trainer import build_model, cache_input, ensure_prepared
 
 tf.get_logger().setLevel("ERROR")  # Python-side TF notices (e.g. retracing) off
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -72,12 +84,16 @@ from _common import format_table, machine_line, parse_smoke_args  # noqa: E402
 SMOKE = dict(world="tiny", batch_size=256, epochs=1, eval_users=50,
              variants="baseline,tfrec,input_only")
 
-VARIANTS = ("baseline", "tfrec", "tfrec_cached", "tfrec_no_trigrams", "input_only")
-LABELS = {"tfrec": "tfrec (TFRecord pipeline)",
-          "tfrec_cached": "tfrec, cached parsed input",
+VARIANTS = ("baseline", "tfrec", "tfrec_uncached", "tfrec_in_step", "tfrec_no_trigrams",
+            "tfrec_ids", "input_only", "input_preprocessed")
+LABELS = {"tfrec": "tfrec (as tfrec train)",
+          "tfrec_uncached": "tfrec, input not cached",
+          "tfrec_in_step": "tfrec, strings in the step",
           "tfrec_no_trigrams": "tfrec, no char trigrams",
+          "tfrec_ids": "tfrec, ids only",
           "baseline": "baseline TFRS tutorial (ids)",
-          "input_only": "tfrec input pipeline only"}
+          "input_only": "tfrec input pipeline only",
+          "input_preprocessed": "tfrec input + preprocessing"}
 
 
 class EpochClock(tf.keras.callbacks.Callback):
@@ -227,16 +243,21 @@ def run(args, variants, cfg, meta, tables):
     vocab = build_vocabularies(positives[positives["ts"] < t_val], tables.catalog,
                                cfg.model.text_max_tokens, cfg.model.price_buckets)
 
-    def tfrec_dataset(cache=False):
+    def tfrec_dataset(model=None, cache=False):
         ds = make_dataset(pattern, args.batch_size, history_length, shuffle=True,
-                          seed=args.seed, drop_remainder=True)
+                          seed=args.seed, drop_remainder=True,
+                          preprocess=model.preprocess if model is not None else None)
         return ds.cache() if cache else ds
 
+    n_train = int(meta["counts"]["train"])
     steps, embed_fns = {}, {}
     for variant in variants:
         tf.keras.utils.set_random_seed(args.seed)
         if variant == "input_only":
             steps[variant] = functools.partial(iterate_epoch, tfrec_dataset())
+        elif variant == "input_preprocessed":
+            steps[variant] = functools.partial(iterate_epoch,
+                                               tfrec_dataset(build_model(vocab, cfg)))
         elif variant == "baseline":
             ids = {"user_id": [], "item_id": []}
             for batch in make_dataset(pattern, 8192, history_length, shuffle=False):
@@ -252,9 +273,17 @@ def run(args, variants, cfg, meta, tables):
             embed_fns[variant] = (id_embed_fn(model.user_model, "user_id"),
                                   id_embed_fn(model.item_model, "item_id"))
         else:
-            cfg.model.char_ngram_bins = 0 if variant == "tfrec_no_trigrams" else 20000
-            model = build_model(vocab, cfg)
-            ds = tfrec_dataset(cache=variant == "tfrec_cached")
+            run_cfg = copy.deepcopy(cfg)
+            if variant == "tfrec_no_trigrams":
+                run_cfg.model.char_ngram_bins = 0
+            if variant == "tfrec_ids":
+                run_cfg.model.query_features, run_cfg.model.candidate_features = (
+                    ("user_id",), ("item_id",))
+                run_cfg.model.hidden_units, run_cfg.model.id_dropout = (), 0.0
+            model = build_model(vocab, run_cfg)
+            cached = variant != "tfrec_uncached" and cache_input(run_cfg, n_train)
+            ds = tfrec_dataset(None if variant == "tfrec_in_step" else model,
+                               cache=cached and variant != "tfrec_in_step")
             steps[variant] = functools.partial(fit_epoch, model, ds)
             embed_fns[variant] = (tower_fn(model.query_tower), tower_fn(model.candidate_tower))
 

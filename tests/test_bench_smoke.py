@@ -52,8 +52,11 @@ class Expect(NamedTuple):
 BENCHES: Dict[str, Expect] = {
     "retrieval_train": Expect(
         [("pipeline", "ex/s median", "vs baseline", "warm-up s")],
-        [row("baseline TFRS tutorial (ids)"), row("tfrec (TFRecord pipeline)"),
+        [row("baseline TFRS tutorial (ids)"), row("tfrec (as tfrec train)"),
          row("tfrec input pipeline only")]),
+    "step_profile": Expect(
+        [("model", "step ms", "vs baseline", "op ms", "embedding lookups", "optimizer")],
+        [row("baseline TFRS tutorial (ids)"), row("tfrec"), row("tfrec, ids only")]),
     "serving_latency": Expect(  # the direct row is the one issue 22 crashed on
         [("catalog", "path", "threads", "p50 ms", "errors", "p50 vs ref")],
         [r"1,000 +gRPC +1 +\d", r"1,000 +gRPC +2 +\d", r"1,000 +direct +1 +\d"]),

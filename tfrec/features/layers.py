@@ -1,12 +1,14 @@
 """Preprocessing + embedding layers that live inside the models.
 
 Raw strings go in, vectors come out, so the exported SavedModel takes the same raw
-features as training and serving needs no Python-side preprocessing.
+features as training and serving needs no Python-side preprocessing. Each layer splits
+into `preprocess` (strings -> integers) and `encode` (integers -> vectors): training runs
+the first in tf.data, once per example, and the step only the second; `call` is both.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -60,37 +62,77 @@ class IdEmbedding(tf.keras.layers.Layer):
         """Row of the OOV bucket (the learned "any unknown id"); None when hashing."""
         return None if self._hashing else self._oov_index
 
-    def ids(self, values: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+    def lookup_ids(self, values: tf.Tensor) -> tf.Tensor:
+        """Raw ids -> table rows, no dropout: the preprocessing half (runs in tf.data)."""
         values = tf.convert_to_tensor(values)
-        if self._hashing:
-            idx = self.lookup(values) + 1
-            if self.mask_padding:
-                idx = tf.where(tf.equal(values, ""), tf.zeros_like(idx), idx)
-        else:
-            idx = self.lookup(values)
-        if training and self.dropout > 0:
-            drop = tf.random.uniform(tf.shape(idx)) < self.dropout
-            if self.mask_padding:
-                drop = tf.logical_and(drop, idx > 0)
-            idx = tf.where(drop, tf.cast(self._oov_index, idx.dtype), idx)
+        if not self._hashing:
+            return self.lookup(values)
+        idx = self.lookup(values) + 1
+        if self.mask_padding:
+            idx = tf.where(tf.equal(values, ""), tf.zeros_like(idx), idx)
         return idx
 
+    def drop(self, idx: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+        """Id dropout on table rows (training only; padding is never dropped)."""
+        if not training or self.dropout <= 0:
+            return idx
+        drop = tf.random.uniform(tf.shape(idx)) < self.dropout
+        if self.mask_padding:
+            drop = tf.logical_and(drop, idx > 0)
+        return tf.where(drop, tf.cast(self._oov_index, idx.dtype), idx)
+
+    def ids(self, values: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+        return self.drop(self.lookup_ids(values), training=training)
+
+    def preprocess(self, values: tf.Tensor) -> tf.Tensor:
+        return self.lookup_ids(values)
+
+    def encode(self, idx: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+        """Table rows (from `lookup_ids`) -> embeddings, with id dropout when training."""
+        return self.embedding(self.drop(idx, training=training))
+
     def call(self, values: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
-        return self.embedding(self.ids(values, training=training))
+        return self.encode(self.lookup_ids(values), training=training)
 
 
-def recency_pool(embeddings: tf.Tensor, valid: tf.Tensor, decay: float) -> tf.Tensor:
-    """Weighted mean over axis 1 with weight decay**position on valid positions.
+def table_of(embedding: tf.keras.layers.Embedding) -> tf.Variable:
+    """The table of an Embedding layer read directly (built by calling it once, so the
+    variable gets the layer's name scope as if `__call__` had created it)."""
+    if not embedding.built:
+        embedding(tf.zeros([0], tf.int64))
+    return embedding.embeddings
 
-    Histories are ordered most recent first and intent drifts, so recent items count more.
+
+def pooled_rows(table: tf.Variable, ids: tf.Tensor, valid: tf.Tensor,
+                weights: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """(Weighted) mean over axis 1 of table rows `ids` [B, L] where `valid`; zeros for
+    rows with nothing valid.
+
+    Each distinct id is gathered once, so the gradient reaching the optimizer has one
+    row per distinct id in the batch, not one per position (words, trigrams and history
+    items repeat across a batch: a tenth as many rows to update on the synthetic worlds).
     """
-    length = tf.shape(valid)[1]
-    weights = tf.pow(tf.constant(decay, embeddings.dtype),
-                     tf.cast(tf.range(length), embeddings.dtype))[tf.newaxis, :]
-    weights = tf.cast(valid, embeddings.dtype) * weights
-    total = tf.reduce_sum(weights, axis=1, keepdims=True)
-    pooled = tf.reduce_sum(embeddings * weights[:, :, tf.newaxis], axis=1)
-    return pooled / tf.maximum(total, tf.constant(1e-6, embeddings.dtype))
+    where = tf.where(valid)  # [N, 2], row-major: segment ids come sorted
+    flat = tf.gather_nd(ids, where)
+    segments = tf.cast(where[:, 0], tf.int32)
+    batch = tf.shape(ids)[0]
+    unique, position = tf.unique(flat, out_idx=tf.int32)
+    rows = tf.nn.embedding_lookup(table, unique)  # also reads sharded (PS) tables by row
+    if weights is None:
+        return tf.sparse.segment_mean(rows, position, segments, num_segments=batch)
+    w = tf.gather_nd(weights, where)
+    summed = tf.math.unsorted_segment_sum(tf.gather(rows, position) * w[:, tf.newaxis],
+                                          segments, batch)
+    total = tf.math.unsorted_segment_sum(w, segments, batch)
+    return summed / tf.maximum(total, tf.constant(1e-6, total.dtype))[:, tf.newaxis]
+
+
+def recency_weights(ids: tf.Tensor, decay: float) -> tf.Tensor:
+    """[B, L] weights decay**position (histories are ordered most recent first)."""
+    length = tf.shape(ids)[1]
+    return tf.broadcast_to(tf.pow(tf.constant(decay, tf.float32),
+                                  tf.cast(tf.range(length), tf.float32))[tf.newaxis, :],
+                           tf.shape(ids))
 
 
 class PooledSequenceEmbedding(tf.keras.layers.Layer):
@@ -108,9 +150,18 @@ class PooledSequenceEmbedding(tf.keras.layers.Layer):
         self.id_embedding = id_embedding
         self.recency_decay = float(recency_decay)
 
+    def preprocess(self, sequences: tf.Tensor) -> tf.Tensor:
+        """Id sequences -> table rows (0 = padding)."""
+        return self.id_embedding.lookup_ids(sequences)
+
+    def encode(self, idx: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+        idx = self.id_embedding.drop(idx, training=training)
+        pooled = pooled_rows(table_of(self.id_embedding.embedding), idx, idx > 0,
+                             recency_weights(idx, self.recency_decay))
+        return tf.cast(pooled, self.compute_dtype)
+
     def call(self, sequences: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
-        idx = self.id_embedding.ids(sequences, training=training)
-        return recency_pool(self.id_embedding.embedding(idx), idx > 0, self.recency_decay)
+        return self.encode(self.preprocess(sequences), training=training)
 
 
 class SequenceAttributeEmbedding(tf.keras.layers.Layer):
@@ -151,10 +202,17 @@ class SequenceAttributeEmbedding(tf.keras.layers.Layer):
             initializer=tf.keras.initializers.Constant(self._table))
         super().build(input_shape)
 
+    def preprocess(self, sequences: tf.Tensor) -> tf.Tensor:
+        """Item id sequences -> catalog rows (0 = padding, 1 = unknown item)."""
+        return self.items(sequences)
+
+    def encode(self, idx: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+        pooled = pooled_rows(table_of(self.embedding), tf.gather(self.table, idx), idx > 1,
+                             recency_weights(idx, self.recency_decay))
+        return tf.cast(pooled, self.compute_dtype)
+
     def call(self, sequences: tf.Tensor) -> tf.Tensor:
-        idx = self.items(sequences)
-        emb = self.embedding(tf.gather(self.table, idx))
-        return recency_pool(emb, idx > 1, self.recency_decay)
+        return self.encode(self.preprocess(sequences))
 
 
 class TextEncoder(tf.keras.layers.Layer):
@@ -190,28 +248,35 @@ class TextEncoder(tf.keras.layers.Layer):
         texts = tf.strings.lower(texts)
         return tf.strings.regex_replace(texts, r"[^a-z0-9 ]+", " ")
 
-    def call(self, texts: tf.Tensor) -> tf.Tensor:
+    def preprocess(self, texts: tf.Tensor) -> Dict[str, tf.Tensor]:
+        """Texts -> {"words": [B, max_length] ids (0 = padding), "grams": [B, G] trigram
+        buckets (-1 = padding; only with ngram_bins > 0)}. The string half: runs in the
+        model for serving and in tf.data for training."""
         texts = self._clean(tf.reshape(texts, [-1]))
-        word_ids = self.vectorize(texts)  # [B, L], 0 = padding
-        word_emb = self.words(word_ids)
-        mask = tf.cast(word_ids > 0, word_emb.dtype)[:, :, tf.newaxis]
-        words = tf.reduce_sum(word_emb * mask, axis=1) / tf.maximum(
-            tf.reduce_sum(mask, axis=1), tf.constant(1.0, word_emb.dtype))
-        if self.ngram_bins <= 0:
-            return words
-        return tf.concat([words, self._trigram_pool(texts, word_emb.dtype)], axis=1)
+        out = {"words": self.vectorize(texts)}
+        if self.ngram_bins > 0:
+            tokens = tf.strings.split(texts)[:, : self.max_length]  # ragged [B, W]
+            marked = tf.strings.join(["#", tokens, "#"])
+            chars = tf.strings.unicode_split(marked, "UTF-8")  # [B, W, C]
+            grams = tf.strings.ngrams(chars, 3, separator="").merge_dims(1, 2)  # [B, G]
+            buckets = tf.ragged.map_flat_values(tf.strings.to_hash_bucket_fast, grams,
+                                                self.ngram_bins)
+            out["grams"] = buckets.to_tensor(default_value=-1)
+        return out
 
-    def _trigram_pool(self, texts: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
-        tokens = tf.strings.split(texts)[:, : self.max_length]  # ragged [B, W]
-        marked = tf.strings.join(["#", tokens, "#"])
-        chars = tf.strings.unicode_split(marked, "UTF-8")  # [B, W, C]
-        grams = tf.strings.ngrams(chars, 3, separator="").merge_dims(1, 2)  # [B, G]
-        buckets = tf.strings.to_hash_bucket_fast(grams.flat_values, self.ngram_bins)
-        emb = tf.cast(self.trigrams(buckets), dtype)
-        summed = tf.math.unsorted_segment_sum(
-            emb, grams.value_rowids(), num_segments=tf.shape(texts)[0])
-        counts = tf.cast(grams.row_lengths(), dtype)[:, tf.newaxis]
-        return summed / tf.maximum(counts, tf.constant(1.0, dtype))
+    def encode(self, inputs: Mapping[str, tf.Tensor], training: Optional[bool] = None
+               ) -> tf.Tensor:
+        """Preprocessed text -> [B, dim] (words) or [B, 2 * dim] (words + trigrams)."""
+        word_ids = inputs["words"]
+        words = pooled_rows(table_of(self.words), word_ids, word_ids > 0)
+        if self.ngram_bins > 0:
+            grams = inputs["grams"]
+            words = tf.concat([words, pooled_rows(table_of(self.trigrams), grams, grams >= 0)],
+                              axis=1)
+        return tf.cast(words, self.compute_dtype)
+
+    def call(self, texts: tf.Tensor) -> tf.Tensor:
+        return self.encode(self.preprocess(texts))
 
 
 class PriceFeatures(tf.keras.layers.Layer):
@@ -232,12 +297,21 @@ class PriceFeatures(tf.keras.layers.Layer):
         self.embedding = tf.keras.layers.Embedding(len(boundaries) + 1, dim, name="buckets")
         self.mean, self.std = float(mean), float(std)
 
-    def call(self, price: tf.Tensor) -> tf.Tensor:
+    def preprocess(self, price: tf.Tensor) -> Dict[str, tf.Tensor]:
+        """Prices -> {"bucket": [B] int, "scaled": [B] normalised log price}."""
         price = tf.reshape(tf.cast(price, tf.float32), [-1])
         price = tf.where(tf.math.is_finite(price), price, tf.zeros_like(price))
-        buckets = self.embedding(self.bucketize(price))
-        scaled = (tf.math.log1p(tf.maximum(price, 0.0)) - self.mean) / self.std
-        return tf.concat([buckets, tf.cast(scaled[:, tf.newaxis], buckets.dtype)], axis=1)
+        return {"bucket": self.bucketize(price),
+                "scaled": (tf.math.log1p(tf.maximum(price, 0.0)) - self.mean) / self.std}
+
+    def encode(self, inputs: Mapping[str, tf.Tensor], training: Optional[bool] = None
+               ) -> tf.Tensor:
+        buckets = self.embedding(inputs["bucket"])
+        return tf.concat([buckets, tf.cast(inputs["scaled"][:, tf.newaxis], buckets.dtype)],
+                         axis=1)
+
+    def call(self, price: tf.Tensor) -> tf.Tensor:
+        return self.encode(self.preprocess(price))
 
 
 class HourEmbedding(tf.keras.layers.Layer):
@@ -247,7 +321,14 @@ class HourEmbedding(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.embedding = tf.keras.layers.Embedding(25, dim, name="hours")
 
-    def call(self, hour: tf.Tensor) -> tf.Tensor:
+    def preprocess(self, hour: tf.Tensor) -> tf.Tensor:
+        """Hours -> rows (24 = out of range)."""
         hour = tf.reshape(tf.cast(hour, tf.int64), [-1])
         valid = tf.logical_and(hour >= 0, hour < 24)
-        return self.embedding(tf.where(valid, hour, tf.fill(tf.shape(hour), tf.constant(24, tf.int64))))
+        return tf.where(valid, hour, tf.fill(tf.shape(hour), tf.constant(24, tf.int64)))
+
+    def encode(self, idx: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+        return self.embedding(idx)
+
+    def call(self, hour: tf.Tensor) -> tf.Tensor:
+        return self.encode(self.preprocess(hour))

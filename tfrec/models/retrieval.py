@@ -7,7 +7,7 @@ the logQ correction subtracts log(sampling probability) from their logits to und
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional
 
 import tfrec  # noqa: F401
 import tensorflow as tf
@@ -19,6 +19,9 @@ from tfrec.features.layers import TextEncoder
 from tfrec.features.vocab import Vocabularies
 from tfrec.models.index import CatalogTopK
 from tfrec.models.towers import CandidateTower, QueryTower
+
+# Key of a batch already preprocessed by `TwoTowerModel.preprocess` (in tf.data).
+PREPROCESSED = "candidate_inputs"
 
 
 @contextlib.contextmanager
@@ -77,13 +80,16 @@ class TwoTowerModel(tfrs.Model):
             name="retrieval")
         # The task returns a batch *sum*; logs show the per-example mean over the epoch.
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
+        # Variables now, through the raw-input path: a preprocessed batch reaches the layers
+        # through methods, not `__call__`, which would create them in the wrong scopes.
+        self.build_from_features()
 
     @property
     def metrics(self):
         return [self.loss_tracker] + [m for m in super().metrics if m is not self.loss_tracker]
 
-    def _track(self, loss: tf.Tensor, features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-        n = tf.cast(tf.shape(features["item_id"])[0], tf.float32)
+    def _track(self, loss: tf.Tensor, features: Mapping[str, Any]) -> Dict[str, tf.Tensor]:
+        n = tf.cast(tf.shape(tf.nest.flatten(features)[0])[0], tf.float32)
         self.loss_tracker.update_state(loss / tf.maximum(n, 1.0), sample_weight=n)
         return {m.name: m.result() for m in self.metrics}
 
@@ -102,17 +108,33 @@ class TwoTowerModel(tfrs.Model):
         return (self.query_tower(features, training=training),
                 self.candidate_tower(features, training=training))
 
-    def compute_loss(self, features: Dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        query, candidate = self(features, training=training)
-        sampling = features.get("candidate_prob") if self.config.logq_correction else None
-        # Ids serve accidental-hit removal and id-based factorized metrics. Metrics match
-        # the index's string ids; hit removal alone compares int64 hashes (a B x B string
-        # comparison costs a sixth of the step; collisions over 2^62 buckets are negligible).
-        ids = None
+    def preprocess(self, features: Mapping[str, tf.Tensor]) -> Dict[str, Any]:
+        """A raw batch -> what the training step consumes: integer ids, token ids, trigram
+        buckets, scaled numbers. Map it over the tf.data pipeline so string work runs once
+        per example in parallel with the step; serving runs the same layers in `call`.
+
+        Ids for accidental-hit removal are int64 hashes of the item id (a B x B string
+        comparison cost a sixth of the step; collisions over 2^62 buckets are negligible);
+        factorized metrics match the index's string ids, so those pass through as strings.
+        """
+        out: Dict[str, Any] = {"query_inputs": self.query_tower.preprocess(features),
+                               "candidate_inputs": self.candidate_tower.preprocess(features)}
+        for name in ("weight", "candidate_prob"):
+            if name in features:
+                out[name] = features[name]
         if self.index is not None:
-            ids = features["item_id"]
+            out["item_id"] = features["item_id"]
         elif self.config.remove_accidental_hits:
-            ids = tf.strings.to_hash_bucket_fast(features["item_id"], 2 ** 62)
+            out["item_key"] = tf.strings.to_hash_bucket_fast(features["item_id"], 2 ** 62)
+        return out
+
+    def compute_loss(self, features: Mapping[str, Any], training: bool = False) -> tf.Tensor:
+        if PREPROCESSED not in features:  # raw batch: preprocess inside the step
+            features = self.preprocess(features)
+        query = self.query_tower.encode(features["query_inputs"], training=training)
+        candidate = self.candidate_tower.encode(features[PREPROCESSED], training=training)
+        sampling = features.get("candidate_prob") if self.config.logq_correction else None
+        ids = features.get("item_id") if self.index is not None else features.get("item_key")
         return self.task(
             query, candidate,
             sample_weight=features.get("weight"),

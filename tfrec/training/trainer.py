@@ -177,6 +177,23 @@ def profile_steps(cfg: Config) -> Union[int, Tuple[int, int]]:
     return steps[0], steps[1]
 
 
+# Estimated memory of one preprocessed training example (ids, token ids, trigram buckets).
+CACHED_EXAMPLE_BYTES = 2048
+
+
+def cache_input(cfg: Config, examples: int) -> bool:
+    """Whether the preprocessed training examples fit `train.input_cache_mb`.
+
+    Raises:
+      ValueError: a negative budget.
+    """
+    if cfg.train.input_cache_mb < 0:
+        raise ValueError(f"train.input_cache_mb must be >= 0 (0 disables the cache), got "
+                         f"{cfg.train.input_cache_mb}")
+    budget = cfg.train.input_cache_mb << 20
+    return budget > 0 and examples * CACHED_EXAMPLE_BYTES <= budget
+
+
 def build_model(vocab: Vocabularies, cfg: Config, precision: str = "float32") -> TwoTowerModel:
     """Builds and compiles the model; float16 towers get a loss-scaling optimizer."""
     model = TwoTowerModel(vocab, cfg.model, precision=precision,
@@ -287,9 +304,12 @@ def train_retrieval(cfg: Config,
                                 cfg.data.history_length, shuffle=True, seed=cfg.train.seed,
                                 deterministic=cfg.train.deterministic,
                                 repeat=steps_per_epoch is not None,
-                                drop_remainder=drop_remainder, features=model.features)
+                                drop_remainder=drop_remainder, features=model.features,
+                                preprocess=model.preprocess,
+                                cache=cache_input(cfg, int(meta["counts"]["train"])))
         val_ds = make_dataset(patterns["val"], cfg.train.batch_size, cfg.data.history_length,
-                              shuffle=False, deterministic=True, features=model.features)
+                              shuffle=False, deterministic=True, features=model.features,
+                              preprocess=model.preprocess)
     eval_set = build_eval_set(tables.events, t_val, t_test, cfg.data.history_length,
                               max_users=cfg.train.eval_max_users, seed=cfg.train.seed)
     evaluation = RetrievalEvaluation(eval_set, tables.catalog, cfg.train.eval_ks)
