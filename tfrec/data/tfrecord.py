@@ -155,26 +155,25 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
         batch = parse_batch(serialized, history_length, features)
         return preprocess(batch) if preprocess is not None else batch
 
-    if cache and preprocess is not None:
-        # Parse + preprocess in batches once, keep single examples (padding stripped), then
-        # shuffle and batch again every epoch, re-padding variable-length "grams" with -1.
+    # With a cache and `preprocess`, examples are parsed and preprocessed (in batches)
+    # before the cache, kept singly without their -1 "grams" padding, and re-batched
+    # (re-padded) every epoch; otherwise records are batched, then parsed.
+    early = cache and preprocess is not None
+    if early:
         ds = ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                                       deterministic=deterministic)
         ds = ds.unbatch().map(_strip_padding, num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=deterministic).cache()
-        if shuffle:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
+                              deterministic=deterministic)
+    if cache:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    if early:
         ds = ds.padded_batch(batch_size, padding_values=_padding_values(ds.element_spec),
                              drop_remainder=drop_remainder)
     else:
-        if cache:
-            ds = ds.cache()
-        if shuffle:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     ds = ds.prefetch(tf.data.AUTOTUNE)

@@ -62,7 +62,7 @@ class IdEmbedding(tf.keras.layers.Layer):
         """Row of the OOV bucket (the learned "any unknown id"); None when hashing."""
         return None if self._hashing else self._oov_index
 
-    def lookup_ids(self, values: tf.Tensor) -> tf.Tensor:
+    def preprocess(self, values: tf.Tensor) -> tf.Tensor:
         """Raw ids -> table rows, no dropout: the preprocessing half (runs in tf.data)."""
         values = tf.convert_to_tensor(values)
         if not self._hashing:
@@ -81,18 +81,12 @@ class IdEmbedding(tf.keras.layers.Layer):
             drop = tf.logical_and(drop, idx > 0)
         return tf.where(drop, tf.cast(self._oov_index, idx.dtype), idx)
 
-    def ids(self, values: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
-        return self.drop(self.lookup_ids(values), training=training)
-
-    def preprocess(self, values: tf.Tensor) -> tf.Tensor:
-        return self.lookup_ids(values)
-
     def encode(self, idx: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
-        """Table rows (from `lookup_ids`) -> embeddings, with id dropout when training."""
+        """Table rows (from `preprocess`) -> embeddings, with id dropout when training."""
         return self.embedding(self.drop(idx, training=training))
 
     def call(self, values: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
-        return self.encode(self.lookup_ids(values), training=training)
+        return self.encode(self.preprocess(values), training=training)
 
 
 def table_of(embedding: tf.keras.layers.Embedding) -> tf.Variable:
@@ -152,7 +146,7 @@ class PooledSequenceEmbedding(tf.keras.layers.Layer):
 
     def preprocess(self, sequences: tf.Tensor) -> tf.Tensor:
         """Id sequences -> table rows (0 = padding)."""
-        return self.id_embedding.lookup_ids(sequences)
+        return self.id_embedding.preprocess(sequences)
 
     def encode(self, idx: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
         idx = self.id_embedding.drop(idx, training=training)

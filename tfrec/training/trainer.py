@@ -214,7 +214,6 @@ def load_trained_model(run_dir: str) -> "tuple[TwoTowerModel, Config, Vocabulari
         raise FileNotFoundError(
             f"run {run_dir!r} has no final weights (training did not finish?)")
     model = TwoTowerModel(vocab, cfg.model, features=FeatureSpec.from_config(cfg.features))
-    model.build_from_features()
     model.load_weights(os.path.join(weights, WEIGHTS_PREFIX)).expect_partial()
     return model, cfg, vocab
 
@@ -270,7 +269,6 @@ def train_retrieval(cfg: Config,
 
     with strategy.scope():
         model = build_model(vocab, cfg, precision)
-        model.build_from_features()  # BackupAndRestore needs variables before fit()
         warm = transfer_weights(previous[0], model) if previous is not None else None
     workers, num_ps = num_workers(strategy), 0
     if parameter_server:  # the strategy was built from TF_CONFIG
