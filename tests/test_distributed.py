@@ -70,7 +70,7 @@ def test_tensorboard_serves_the_training_logs(trained_run):
                               "--port", str(port)], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + 150
         base = f"http://127.0.0.1:{port}/data"
         runs = _get_json(f"{base}/runs", deadline)
         while "tiny/validation" not in runs and time.time() < deadline:
@@ -82,7 +82,11 @@ def test_tensorboard_serves_the_training_logs(trained_run):
         # One projector run per training run (none for train/validation sub-runs; other
         # tests may have trained into the same log dir), and every listed run has titles,
         # category and brand as metadata.
+        # TensorBoard discovers runs in the background: poll until the parent run is in.
         projector_runs = _get_json(f"{base}/plugin/projector/runs", deadline)
+        while "tiny" not in projector_runs and time.time() < deadline:
+            time.sleep(1)
+            projector_runs = _get_json(f"{base}/plugin/projector/runs", deadline)
         assert "tiny" in projector_runs and not any("/" in r for r in projector_runs), \
             projector_runs
         for run in projector_runs:
