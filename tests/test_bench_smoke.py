@@ -94,6 +94,12 @@ BENCHES: Dict[str, Expect] = {
     "warm_start": Expect(
         [("run", "steps/epoch", "val recall@100 per epoch", "steps to target")],
         [row("scratch"), row("warm"), r"warm, last \d+ days +\d"]),
+    "ann_retrieval": Expect(
+        [("catalog", "index", "recall@100", "b1 p50 ms", "vs exact", "build s"),
+         ("catalog", "signature", "b1 p50 ms", "b32 p99 ms", "vs exact")],
+        [r"2,000 trained +exact +1\.000", r"2,000 trained +ivf nprobe=8 +\d",
+         r"2,000 random +ivf nprobe=1 +\d", r"2,000 +exact serving_default +\d",
+         r"2,000 +ivf recommend_nprobe nprobe=8 +\d"]),
     "catalog_index": Expect(
         [("catalog", "index s", "products/s", "peak MB", "export MB", "own title top-10")],
         [r"300 +\d"]),

@@ -171,6 +171,16 @@ class ExportConfig:
     # Pipeline search signature: "keep" or "exclude" the request's history items;
     # None: what the ranker's training lists did (ranking.search_history).
     search_history: Optional[str] = None
+    # Top-k of the retrieval stage: "exact", "ivf" (inverted-file index, core TF ops) or
+    # "auto" (ivf from index_min_items up; below that exact search is about as fast).
+    index: str = "auto"
+    index_min_items: int = 100_000
+    nlist: int = 0  # IVF lists; 0: about 4 * sqrt(catalog size)
+    # Lists probed per query; 0: the smallest that reaches index_target_recall (recall@100
+    # against exact search on validation queries), measured at export.
+    nprobe: int = 0
+    index_target_recall: float = 0.95
+    index_recall_floor: float = 0.9  # export warns below it (and the card says so)
 
 
 @dataclass

@@ -8,9 +8,14 @@ import os
 import time
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 
-from tfrec.config import ExportConfig
+from tfrec.config import Config, ExportConfig
+from tfrec.data.io import load_tables
+from tfrec.data.split import time_split
+from tfrec.metrics.retrieval import build_eval_set, embed_in_batches
+from tfrec.models.embedding import tower_fn
 from tfrec.export.pipeline import PipelineModule
 from tfrec.export.ranking import RankerModule
 from tfrec.export.retrieval import RetrievalModule
@@ -22,6 +27,38 @@ log = logging.getLogger(__name__)
 
 RANKER_NAME = "ranker"
 PIPELINE_NAME = "pipeline"
+
+
+def wants_ivf(export: ExportConfig, num_items: int) -> bool:
+    """Whether `export.index` asks for an IVF index over `num_items` items."""
+    return export.index == "ivf" or (export.index == "auto"
+                                     and num_items >= export.index_min_items)
+
+
+def validation_queries(run_dir: str, model, max_users: int = 1000) -> Optional[np.ndarray]:
+    """Query embeddings of a seeded sample of the run's validation users.
+
+    What an IVF index's recall is measured on: real queries, not catalog items. None when
+    the run's data is no longer readable (the index then measures on catalog items).
+    """
+    run_cfg = Config.from_yaml(os.path.join(run_dir, "config.yaml"))
+    try:
+        events = load_tables(run_cfg.data.data_dir).events
+        split = time_split(events, run_cfg.data.val_fraction, run_cfg.data.test_fraction)
+        eval_set = build_eval_set(events, split.t_val, split.t_test,
+                                  run_cfg.data.history_length, max_users=max_users)
+    except (OSError, ValueError) as e:
+        log.warning("no validation queries to measure the index on (%s): using catalog "
+                    "items", e)
+        return None
+    return embed_in_batches(tower_fn(model.query_tower), eval_set.query_features(),
+                            batch_size=1024)
+
+
+def _index_inputs(run_dir: str, catalog: pd.DataFrame, export: ExportConfig, model) -> dict:
+    """The `index` / `queries` arguments of a module (validation queries only for IVF)."""
+    queries = validation_queries(run_dir, model) if wants_ivf(export, len(catalog)) else None
+    return {"index": export, "queries": queries}
 
 
 def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
@@ -37,10 +74,11 @@ def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
     """
     if model is None:
         model, _, _ = load_trained_model(run_dir)
-    module = RetrievalModule(model, catalog)
+    module = RetrievalModule(model, catalog, **_index_inputs(run_dir, catalog, export, model))
     card = {"model": "two_tower_retrieval", "run_dir": os.path.abspath(run_dir),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "num_items": len(catalog),
-            "signatures": sorted(module.signatures()), **(card or {})}
+            "signatures": sorted(module.signatures()), "retrieval_index": module.index_card,
+            **(card or {})}
     return save_versioned(module, module.signatures(), export.base_dir, export.model_name,
                           export.version, extra_files={"tfrec_model.json": card})
 
@@ -123,7 +161,8 @@ def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
     """
     retrieval, ranker = _trained_pair(run_dir, retrieval, ranker)
     module = PipelineModule(retrieval, ranker, catalog, candidates=candidates,
-                            max_per_brand=max_per_brand, search_history=search_history)
+                            max_per_brand=max_per_brand, search_history=search_history,
+                            **_index_inputs(run_dir, catalog, export, retrieval))
     if module.search_history != ranker.config.search_history:
         log.warning("pipeline search %ss history items but the ranker's lists were built "
                     "with search_history=%s", module.search_history,
@@ -132,7 +171,8 @@ def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
     card = _ranking_card("pipeline", run_dir, catalog, ranker, signatures,
                          candidates=module.candidates, max_per_brand=module.max_per_brand,
                          search_history=module.search_history,
-                         in_stock_column=module.core.has_stock)
+                         in_stock_column=module.core.has_stock,
+                         retrieval_index=module.core.index_card)
     with _signatures_only():
         return save_versioned(module, signatures, export.base_dir, model_name,
                               export.version, extra_files={"tfrec_model.json": card})

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import numpy as np
 import pandas as pd
 
 import tfrec  # noqa: F401
 import tensorflow as tf
 
+from tfrec.config import ExportConfig
+from tfrec.export.index import NPROBE_SPEC
 from tfrec.export.ranking import NEG_INF, RankingCore, sort_by
 from tfrec.export.retrieval import _same_batch
 from tfrec.metrics.candidates import excludes_history
@@ -83,12 +86,18 @@ class PipelineModule(tf.Module):
         training and serving agree. `recommend` always excludes them.
 
     Raises:
+      index: export settings of the retrieval top-k (None: exact). With an IVF index,
+        `recommend_nprobe` and `search_nprobe` take one more input, nprobe [B] int32.
+      queries: [Q, d] validation query embeddings the IVF recall is measured on.
+
+    Raises:
       ValueError: for candidates < 1, max_per_brand < 1 or an unknown search_history.
     """
 
     def __init__(self, retrieval: TwoTowerModel, ranker: RankingModel, catalog: pd.DataFrame,
                  candidates: Optional[int] = None, max_per_brand: Optional[int] = 3,
-                 search_history: Optional[str] = None):
+                 search_history: Optional[str] = None, index: Optional[ExportConfig] = None,
+                 queries: Optional[np.ndarray] = None):
         super().__init__(name="tfrec_pipeline")
         wanted = int(candidates or ranker.config.candidates)
         if wanted < 1:
@@ -98,32 +107,30 @@ class PipelineModule(tf.Module):
                              f"got {max_per_brand}")
         self.search_history = search_history or ranker.config.search_history
         self.search_excludes_history = excludes_history(self.search_history)
-        self.core = RankingCore(retrieval, ranker, catalog)
+        self.core = RankingCore(retrieval, ranker, catalog, index=index, queries=queries)
         self.candidates = min(wanted, self.core.num_items)
         self.max_per_brand = None if max_per_brand is None else int(max_per_brand)
+        if self.core.index.is_ivf:
+            self.recommend_nprobe = tf.function(
+                self._recommend, input_signature=[*CONTEXT_SPECS, NPROBE_SPEC], autograph=False)
+            self.search_nprobe = tf.function(
+                self._search, input_signature=[QUERY_SPEC, *CONTEXT_SPECS, NPROBE_SPEC],
+                autograph=False)
 
-    def _retrieve(self, request: Dict[str, tf.Tensor], blocked: tf.Tensor):
+    def _retrieve(self, request: Dict[str, tf.Tensor], blocked: tf.Tensor,
+                  nprobe: Optional[tf.Tensor] = None):
         """Top-K eligible items: ids [B, K] ("" when fewer are eligible), scores, rows."""
         core = self.core
-        scores = tf.matmul(core.query_embedding(request), core.item_embeddings,
-                           transpose_b=True)  # [B, N]
-        if core.has_stock:
-            scores = tf.where(core.in_stock[tf.newaxis, :], scores, NEG_INF)
-        rows = core.rows(blocked)  # [B, X], -1 for padding / ids outside the catalog
-        batch_rows = tf.broadcast_to(tf.range(tf.shape(rows)[0], dtype=tf.int64)[:, None],
-                                     tf.shape(rows))
-        mask = rows >= 0
-        coords = tf.stack([tf.boolean_mask(batch_rows, mask), tf.boolean_mask(rows, mask)], 1)
-        scores = tf.tensor_scatter_nd_update(
-            scores, coords, tf.fill([tf.shape(coords)[0]], tf.constant(NEG_INF, tf.float32)))
-        values, top = tf.math.top_k(scores, k=self.candidates)
-        valid = values > NEG_INF
-        top = tf.where(valid, tf.cast(top, tf.int64), -1)
+        values, top = core.index.top_k(
+            core.query_embedding(request), self.candidates,
+            blocked=core.rows(blocked),  # -1 for padding / ids outside the catalog
+            eligible=core.in_stock if core.has_stock else None, nprobe=nprobe)
+        valid = top >= 0
         return (core.gather(core.item_ids, top, ""), tf.where(valid, values, 0.0), top)
 
     def _run(self, query, user_id, history, device, hour, k, exclude_item_ids,
-             purchased_item_ids, checks, exclude_history: bool = True
-             ) -> Dict[str, tf.Tensor]:
+             purchased_item_ids, checks, exclude_history: bool = True,
+             nprobe: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
         core = self.core
         request = core.request(query, user_id, history, device, hour)
         message = f"k must be between 1 and {self.candidates} (the retrieval candidates)"
@@ -132,16 +139,18 @@ class PipelineModule(tf.Module):
             "exclude_item_ids": exclude_item_ids, "purchased_item_ids": purchased_item_ids}) + [
             tf.debugging.assert_greater_equal(k, 1, message=message),
             tf.debugging.assert_less_equal(k, self.candidates, message=message)]
+        if nprobe is not None:
+            checks += core.index.check_nprobe(nprobe) + _same_batch(user_id, {"nprobe": nprobe})
         with tf.control_dependencies(checks):
             blocked = tf.concat([history, exclude_item_ids, purchased_item_ids] if
                                 exclude_history else [exclude_item_ids, purchased_item_ids],
                                 axis=1)
-            return self._stages(request, k, blocked)
+            return self._stages(request, k, blocked, nprobe)
 
-    def _stages(self, request: Dict[str, tf.Tensor], k: tf.Tensor,
-                blocked: tf.Tensor) -> Dict[str, tf.Tensor]:
+    def _stages(self, request: Dict[str, tf.Tensor], k: tf.Tensor, blocked: tf.Tensor,
+                nprobe: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
         core = self.core
-        ids, retrieval, rows = self._retrieve(request, blocked)
+        ids, retrieval, rows = self._retrieve(request, blocked, nprobe)
         ranked = core.rank(request, ids, retrieval)
         ordered = sort_by(ranked["score"], {
             "rows": rows, "ranker_scores": ranked["score"], "retrieval_scores": retrieval})
@@ -165,25 +174,39 @@ class PipelineModule(tf.Module):
             "retrieval_scores": tf.where(shown, pick(ordered["retrieval_scores"]), NEG_INF),
         }
 
-    @tf.function(input_signature=list(CONTEXT_SPECS), autograph=False)
-    def recommend(self, user_id, history, device, hour, k, exclude_item_ids,
-                  purchased_item_ids):
+    def _recommend(self, user_id, history, device, hour, k, exclude_item_ids,
+                   purchased_item_ids, nprobe=None):
         query = tf.fill(tf.shape(user_id), "")
         return self._run(query, user_id, history, device, hour, k, exclude_item_ids,
-                         purchased_item_ids, lambda request: [])
+                         purchased_item_ids, lambda request: [], nprobe=nprobe)
 
-    @tf.function(input_signature=[QUERY_SPEC, *CONTEXT_SPECS], autograph=False)
-    def search(self, query, user_id, history, device, hour, k, exclude_item_ids,
-               purchased_item_ids):
+    def _search(self, query, user_id, history, device, hour, k, exclude_item_ids,
+                purchased_item_ids, nprobe=None):
         def non_empty(request):
             text = tf.strings.strip(request["query"])
             return [tf.debugging.Assert(tf.reduce_all(tf.strings.length(text) > 0),
                                         [EMPTY_QUERY])]
 
         return self._run(query, user_id, history, device, hour, k, exclude_item_ids,
-                         purchased_item_ids, non_empty, self.search_excludes_history)
+                         purchased_item_ids, non_empty, self.search_excludes_history, nprobe)
+
+    @tf.function(input_signature=list(CONTEXT_SPECS), autograph=False)
+    def recommend(self, user_id, history, device, hour, k, exclude_item_ids,
+                  purchased_item_ids):
+        return self._recommend(user_id, history, device, hour, k, exclude_item_ids,
+                               purchased_item_ids)
+
+    @tf.function(input_signature=[QUERY_SPEC, *CONTEXT_SPECS], autograph=False)
+    def search(self, query, user_id, history, device, hour, k, exclude_item_ids,
+               purchased_item_ids):
+        return self._search(query, user_id, history, device, hour, k, exclude_item_ids,
+                            purchased_item_ids)
 
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
         recommend = self.recommend.get_concrete_function()
-        return {"serving_default": recommend, "recommend": recommend,
-                "search": self.search.get_concrete_function()}
+        out = {"serving_default": recommend, "recommend": recommend,
+               "search": self.search.get_concrete_function()}
+        if self.core.index.is_ivf:
+            out["recommend_nprobe"] = self.recommend_nprobe.get_concrete_function()
+            out["search_nprobe"] = self.search_nprobe.get_concrete_function()
+        return out

@@ -16,7 +16,9 @@ import pandas as pd
 import tfrec  # noqa: F401
 import tensorflow as tf
 
+from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
+from tfrec.export.index import CatalogIndex, choose_index, in_index_order
 from tfrec.metrics.retrieval import embed_in_batches
 from tfrec.export.retrieval import _same_batch
 from tfrec.models.ranking import RankingModel
@@ -80,9 +82,12 @@ class RankingCore(tf.Module):
       ranker: trained ranker of that retrieval run.
       catalog: items that can be served (items the ranker never saw are scored from
         their content).
+      index: export settings of the retrieval top-k (None: exact; see `CatalogIndex`).
+      queries: [Q, d] validation query embeddings the IVF recall is measured on.
     """
 
-    def __init__(self, retrieval: TwoTowerModel, ranker: RankingModel, catalog: pd.DataFrame):
+    def __init__(self, retrieval: TwoTowerModel, ranker: RankingModel, catalog: pd.DataFrame,
+                 index: Optional[ExportConfig] = None, queries: Optional[np.ndarray] = None):
         super().__init__(name="tfrec_ranking_core")
         if len(catalog) == 0:
             raise ValueError("cannot export a ranker over an empty catalog")
@@ -102,15 +107,19 @@ class RankingCore(tf.Module):
         self.tasks = tuple(ranker.tasks)
         self.num_items = len(ids)
         embeddings = embed_in_batches(tower_fn(retrieval.candidate_tower), features)
-        self.item_embeddings = tf.Variable(embeddings.astype(np.float32), trainable=False,
-                                           name="item_embeddings")
+        stock = _in_stock(catalog)
+        choice = choose_index(embeddings, queries, index or ExportConfig(index="exact"))
+        self.index_card = choice.card
+        features, embeddings, stock = in_index_order(choice, features, embeddings, stock)
+        ids = features["item_id"]
+        self.index = CatalogIndex(embeddings, choice)
+        self.item_embeddings = self.index.item_embeddings
         self.item_ids = tf.Variable(ids.astype(str), trainable=False, dtype=tf.string,
                                     name="item_ids")
         self.titles = tf.Variable(features["title"].astype(str), trainable=False,
                                   dtype=tf.string, name="titles")
         self.brands = tf.Variable(features["brand"].astype(str), trainable=False,
                                   dtype=tf.string, name="brands")
-        stock = _in_stock(catalog)
         self.has_stock = stock is not None
         self.in_stock = tf.Variable(stock if stock is not None else np.ones(len(ids), bool),
                                     trainable=False, name="in_stock")

@@ -1,13 +1,14 @@
 """Export of a trained two-tower model as a TF Serving SavedModel.
 
 The SavedModel carries the towers (with their vocabularies), the whole catalog's
-embeddings, ids and titles, and an exact brute-force top-k. Every input is batched
-(first dimension), so TF Serving's request batching can merge requests.
+embeddings, ids and titles, and a top-k over them: exact, or an IVF index (see
+`tfrec.export.index`). Every input is batched (first dimension), so TF Serving's
+request batching can merge requests.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import pandas as pd
@@ -15,13 +16,16 @@ import pandas as pd
 import tfrec  # noqa: F401
 import tensorflow as tf
 
+from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
+from tfrec.export.index import NPROBE_SPEC, CatalogIndex, choose_index, in_index_order
 from tfrec.metrics.retrieval import embed_in_batches
 from tfrec.models.retrieval import TwoTowerModel
 from tfrec.models.embedding import tower_fn
 
 K_SPEC = tf.TensorSpec([None], tf.int32, name="k")
 EXCLUDE_SPEC = tf.TensorSpec([None], tf.bool, name="exclude_seen")
+ITEM_SPEC = tf.TensorSpec([None], tf.string, name="item_id")
 
 
 def _same_batch(reference: tf.Tensor, tensors: Dict[str, tf.Tensor]) -> list:
@@ -34,24 +38,33 @@ def _same_batch(reference: tf.Tensor, tensors: Dict[str, tf.Tensor]) -> list:
 
 
 class RetrievalModule(tf.Module):
-    """Serving graph: towers + catalog index + exact top-k.
+    """Serving graph: towers + catalog embeddings + top-k (exact or IVF).
+
+    With an IVF index, `recommend_nprobe` and `similar_items_nprobe` take one more input,
+    nprobe [B] int32 (1..nlist), for callers trading latency against recall per request.
 
     Args:
       model: trained two-tower model.
       catalog: every item that can be recommended (including items created after training).
+      index: export settings of the index (None: exact top-k).
+      queries: [Q, d] validation query embeddings the IVF recall is measured on.
     """
 
-    def __init__(self, model: TwoTowerModel, catalog: pd.DataFrame):
+    def __init__(self, model: TwoTowerModel, catalog: pd.DataFrame,
+                 index: Optional[ExportConfig] = None, queries: Optional[np.ndarray] = None):
         super().__init__(name="tfrec_retrieval")
         if len(catalog) == 0:
             raise ValueError("cannot export a retrieval model over an empty catalog")
         features = catalog_features(catalog, model)
         embeddings = embed_in_batches(tower_fn(model.candidate_tower), features)
+        choice = choose_index(embeddings, queries, index or ExportConfig(index="exact"))
+        self.index_card = choice.card
+        features, embeddings = in_index_order(choice, features, embeddings)
         self.query_tower = model.query_tower
         self.candidate_tower = model.candidate_tower
         self.num_items = len(catalog)
-        self.item_embeddings = tf.Variable(embeddings.astype(np.float32), trainable=False,
-                                           name="item_embeddings")
+        self.index = CatalogIndex(embeddings, choice)
+        self.item_embeddings = self.index.item_embeddings
         self.item_ids = tf.Variable(features["item_id"].astype(str), trainable=False,
                                     name="item_ids", dtype=tf.string)
         self.titles = tf.Variable(features["title"].astype(str), trainable=False,
@@ -68,6 +81,14 @@ class RetrievalModule(tf.Module):
             self._candidate_embedding, input_signature=[model.candidate_tower.input_specs])
         self.recommend = tf.function(self._recommend,
                                      input_signature=[query_specs, K_SPEC, EXCLUDE_SPEC])
+        if self.index.is_ivf:
+            self.recommend_nprobe = tf.function(
+                self._recommend, input_signature=[query_specs, K_SPEC, EXCLUDE_SPEC,
+                                                  NPROBE_SPEC])
+            self.similar_items_nprobe = tf.function(
+                self._similar_items, input_signature=[ITEM_SPEC, K_SPEC, NPROBE_SPEC])
+        self.similar_items = tf.function(self._similar_items,
+                                         input_signature=[ITEM_SPEC, K_SPEC])
 
     def _check_k(self, k: tf.Tensor) -> list:
         return [tf.debugging.assert_greater_equal(
@@ -76,14 +97,16 @@ class RetrievalModule(tf.Module):
                     k, self.num_items,
                     message=f"k must be <= {self.num_items} (the catalog size)")]
 
-    def _top_k(self, scores: tf.Tensor, k: tf.Tensor) -> Dict[str, tf.Tensor]:
+    def _top_k(self, query: tf.Tensor, k: tf.Tensor, blocked: tf.Tensor,
+               nprobe: Optional[tf.Tensor]) -> Dict[str, tf.Tensor]:
         """Top max(k) per row; positions past a row's own k are padded ("" / -inf)."""
         width = tf.reduce_max(k)
-        values, indices = tf.math.top_k(scores, k=width)
+        values, rows = self.index.top_k(query, width, blocked=blocked, nprobe=nprobe)
         keep = tf.range(width)[tf.newaxis, :] < k[:, tf.newaxis]
-        keep = tf.logical_and(keep, values > -np.inf)
-        ids = tf.where(keep, tf.gather(self.item_ids, indices), "")
-        titles = tf.where(keep, tf.gather(self.titles, indices), "")
+        keep = tf.logical_and(keep, rows >= 0)
+        safe = tf.maximum(rows, 0)
+        ids = tf.where(keep, tf.gather(self.item_ids, safe), "")
+        titles = tf.where(keep, tf.gather(self.titles, safe), "")
         values = tf.where(keep, values, -np.inf)
         return {"item_ids": ids, "scores": values, "titles": titles}
 
@@ -101,42 +124,42 @@ class RetrievalModule(tf.Module):
         with tf.control_dependencies(_same_batch(features["item_id"], features)):
             return {"embedding": self.candidate_tower(features, training=False)}
 
-    def _recommend(self, features, k, exclude_seen):
+    def _nprobe_checks(self, nprobe: Optional[tf.Tensor], reference: tf.Tensor) -> list:
+        if nprobe is None:
+            return []
+        return self.index.check_nprobe(nprobe) + _same_batch(reference, {"nprobe": nprobe})
+
+    def _recommend(self, features, k, exclude_seen, nprobe=None):
         checks = self._check_k(k) + _same_batch(features["user_id"], {"k": k,
                                                                        "exclude_seen": exclude_seen})
+        checks += self._nprobe_checks(nprobe, features["user_id"])
         with tf.control_dependencies(checks):
             query = self._query(features)
-            scores = tf.matmul(query, self.item_embeddings, transpose_b=True)  # [B, N]
-            # Exclude the request's history items where asked: scatter -inf at their columns.
+            # The request's history items are left out where asked.
             seen = self.item_index.lookup(features["history"])  # [B, H], -1 unknown/padding
-            rows = tf.broadcast_to(tf.range(tf.shape(seen)[0], dtype=tf.int64)[:, None],
-                                   tf.shape(seen))
-            mask = tf.logical_and(seen >= 0, exclude_seen[:, None])
-            coords = tf.stack([tf.boolean_mask(rows, mask), tf.boolean_mask(seen, mask)], axis=1)
-            scores = tf.tensor_scatter_nd_update(
-                scores, coords, tf.fill([tf.shape(coords)[0]], tf.constant(-np.inf, tf.float32)))
-            return self._top_k(scores, k)
+            blocked = tf.where(exclude_seen[:, None], seen, tf.constant(-1, tf.int64))
+            return self._top_k(query, k, blocked, nprobe)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="item_id"), K_SPEC])
-    def similar_items(self, item_id, k):
+    def _similar_items(self, item_id, k, nprobe=None):
         index = self.item_index.lookup(item_id)
         checks = self._check_k(k) + _same_batch(item_id, {"k": k}) + [
             tf.debugging.assert_non_negative(
                 index, message="unknown item_id: similar_items needs ids from the catalog")]
+        checks += self._nprobe_checks(nprobe, item_id)
         with tf.control_dependencies(checks):
             k = tf.minimum(k, self.num_items - 1)
             query = tf.gather(self.item_embeddings, index)
-            scores = tf.matmul(query, self.item_embeddings, transpose_b=True)
-            rows = tf.range(tf.shape(index)[0], dtype=tf.int64)
-            scores = tf.tensor_scatter_nd_update(  # an item is not similar to itself
-                scores, tf.stack([rows, index], axis=1),
-                tf.fill(tf.shape(rows), tf.constant(-np.inf, tf.float32)))
-            return self._top_k(scores, tf.maximum(k, 1))
+            # An item is not similar to itself.
+            return self._top_k(query, tf.maximum(k, 1), index[:, tf.newaxis], nprobe)
 
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
-        return {
+        out = {
             "serving_default": self.recommend.get_concrete_function(),
             "query_embedding": self.query_embedding.get_concrete_function(),
             "candidate_embedding": self.candidate_embedding.get_concrete_function(),
             "similar_items": self.similar_items.get_concrete_function(),
         }
+        if self.index.is_ivf:
+            out["recommend_nprobe"] = self.recommend_nprobe.get_concrete_function()
+            out["similar_items_nprobe"] = self.similar_items_nprobe.get_concrete_function()
+        return out
