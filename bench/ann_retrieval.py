@@ -7,7 +7,7 @@ For each catalog size (--sizes) two sets of vectors:
            tower's embeddings of validation users (what `tfrec export` measures on).
   random   unit-norm Gaussian vectors and queries of the same shape (no cluster
            structure: the worst case for any partitioning index).
-Rows per set: exact (tfrec.export.index.CatalogIndex, the matmul + top_k `tfrec export`
+Rows per set: exact (tfrec.models.catalog_index.CatalogIndex, the matmul + top_k `tfrec export`
 serves below export.index_min_items), IVF (the same class over an IVF plan with nlist =
 4 sqrt(N), built as the export builds it) at each --nprobes value, and as a reference on
 the same vectors faiss IVF-Flat (same nlist, inner product, each nprobe) and HNSW
@@ -49,8 +49,9 @@ import tensorflow as tf
 
 from tfrec.config import Config
 from tfrec.data.synthetic import World, WorldSpec, generate_world
-from tfrec.export.exporter import export_retrieval, validation_queries
-from tfrec.export.index import CatalogIndex, IndexChoice, exact_top_k
+from tfrec.evaluation.report import validation_queries
+from tfrec.export.exporter import export_retrieval
+from tfrec.models.catalog_index import CatalogIndex, IndexChoice, exact_top_k
 from tfrec.metrics.retrieval import embed_in_batches
 from tfrec.data.feature_spec import catalog_features
 from tfrec.models.embedding import tower_fn
@@ -98,7 +99,8 @@ def trained_vectors(n: int, args):
     catalog = World.load(cfg.data.data_dir).catalog
     features = catalog_features(catalog, run.model)
     items = embed_in_batches(tower_fn(run.model.candidate_tower), features)
-    queries = validation_queries(run.run_dir, run.model, max_users=args.queries)
+    queries = validation_queries(cfg.data, tower_fn(run.model.query_tower),
+                                 max_users=args.queries)
     return run, cfg, catalog, items, queries
 
 

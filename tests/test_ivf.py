@@ -15,7 +15,7 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import ExportConfig
-from tfrec.export.index import CatalogIndex, IndexChoice, choose_index, exact_top_k
+from tfrec.models.catalog_index import CatalogIndex, IndexChoice, choose_index, exact_top_k
 from tfrec.models.ivf import IvfIndex, build_ivf, default_nlist, train_centroids
 
 
@@ -269,3 +269,25 @@ def test_pipeline_retrieves_through_the_ivf_index(trained_run, trained_ranker, t
     with pytest.raises(tf.errors.InvalidArgumentError, match="nprobe must be between"):
         ivf.search_nprobe(query=tf.constant(["shoe", "lamp"]), **request,
                           nprobe=tf.constant([1, 99]))
+
+
+def test_evaluation_measures_what_the_ivf_export_serves(trained_run, tiny_config):
+    """`tfrec evaluate` with export.index=ivf retrieves through the index: at full probe
+    its rows are exact search's; probing one list of 16 loses recall."""
+    from copy import deepcopy
+
+    from tfrec.workflow import evaluate
+
+    def rows(**export):
+        cfg = deepcopy(tiny_config)
+        for name, value in export.items():
+            setattr(cfg.export, name, value)
+        return evaluate(cfg, run=trained_run.run_name, max_users=300)
+
+    exact = rows(index="exact")
+    full = rows(index="ivf", nlist=16, nprobe=16)
+    one = rows(index="ivf", nlist=16, nprobe=1)
+    for name in ("two_tower", "two_tower+ranker"):
+        if name in exact:
+            assert full[name] == pytest.approx(exact[name], abs=0.005), name
+    assert one["two_tower"]["recall@100"] < exact["two_tower"]["recall@100"]

@@ -92,6 +92,7 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
         cfg.ranking = ranker_cfg.ranking
     if search_history is not None:
         cfg.ranking.search_history = search_history
+    index = _evaluation_index(cfg, query_fn, len(tables.catalog)) if not saved_model else None
     times = meta["split"]
     start, end = ((int(times["t_test"]), int(times["t_end"])) if split == "test"
                   else (int(times["t_val"]), int(times["t_test"])))
@@ -102,12 +103,24 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
                   os.path.join(cfg.train.log_dir, os.path.basename(run_dir), "evaluation"))
         return write_period_report(report_dir, tables, start, end, cfg, query_fn, candidate_fn,
                                    split=split, max_users=max_users, tensorboard_dir=tb_dir,
-                                   source=saved_model or run_dir, ranker=ranker)
+                                   source=saved_model or run_dir, ranker=ranker,
+                                   index=index)
     return evaluate_period(tables.events, tables.catalog, start, end, cfg.data.history_length,
                            query_fn, candidate_fn, ks=cfg.train.eval_ks,
                            data_dir=cfg.data.data_dir, max_users=max_users, ranker=ranker,
                            candidates=cfg.ranking.candidates,
-                           search_history=cfg.ranking.search_history)
+                           search_history=cfg.ranking.search_history, index=index)
+
+
+def _evaluation_index(cfg: Config, query_fn, num_items: int):
+    """The IVF index the export would serve (None: exact), so evaluation measures it."""
+    from tfrec.evaluation.report import validation_queries
+    from tfrec.models.catalog_index import IndexSearch, wants_ivf
+
+    if not wants_ivf(cfg.export, num_items):
+        return None
+    log.info("evaluating retrieval through the IVF index (export.index=%s)", cfg.export.index)
+    return IndexSearch(cfg.export, validation_queries(cfg.data, query_fn))
 
 
 def _load_saved_model(path: str):

@@ -20,8 +20,8 @@ from tfrec.evaluation.click_model import PositionBasedClickModel, logged_impress
 from tfrec.evaluation.html_report import CURVE_MAX_K, ReportData
 from tfrec.evaluation.report import item_age_rows, oracle_lists, ranked_lists
 from tfrec.data.feature_spec import catalog_features
-from tfrec.metrics.retrieval import (EvalSet, build_eval_set, embed_in_batches, evaluate_lists,
-                                     retrieve_topk)
+from tfrec.metrics.retrieval import (EvalSet, RowSearch, build_eval_set, embed_in_batches,
+                                     evaluate_lists, retrieve_topk)
 
 __all__ = ["PeriodLists", "evaluate_period_lists", "period_report_data"]
 
@@ -60,7 +60,8 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
                           candidate_fn: Optional[EmbedFn] = None, ks: Sequence[int] = (10, 100),
                           data_dir: Optional[str] = None, max_users: Optional[int] = None,
                           cooccurrence: bool = True, ranker=None,
-                          candidates: int = 100) -> PeriodLists:
+                          candidates: int = 100,
+                          index: Optional[RowSearch] = None) -> PeriodLists:
     """Model, popularity, co-occurrence and oracle lists and metrics on one period.
 
     Metrics use lists cut at max(ks), so rows equal `evaluate_period`'s; the stored
@@ -77,6 +78,7 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
       cooccurrence: also evaluate the item-item co-occurrence baseline.
       ranker / candidates: a trained ranker re-ordering the retrieval top-`candidates`
         (adds the "two_tower+ranker" row).
+      index: retrieve through this index instead of exact search (see evaluate_period).
     """
     from tfrec.metrics.candidates import period_purchases, purchase_rate
 
@@ -101,11 +103,12 @@ def evaluate_period_lists(events: pd.DataFrame, catalog: pd.DataFrame, start_ts:
         item_emb = embed_in_batches(candidate_fn, items)
         query_emb = embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
         add("two_tower", retrieve_topk(query_emb, item_emb, items["item_id"], width,
-                                       eval_set.exclude))
+                                       eval_set.exclude, search=index))
         embeddings = (items["item_id"], item_emb)
         if ranker is not None:
             for name, ranked in ranked_lists(ranker, eval_set, events, catalog, query_fn,
-                                             candidate_fn, candidates, data_dir).items():
+                                             candidate_fn, candidates, data_dir,
+                                             index).items():
                 add(name, ranked)
     popularity = PopularityBaseline().fit(events, until_ts=start_ts)
     add("popularity", popularity.recommend(users, width, exclude=exclude))
@@ -175,7 +178,8 @@ def write_period_report(report_dir: str, tables, start_ts: int, end_ts: int, cfg
                         query_fn: Optional[EmbedFn], candidate_fn: Optional[EmbedFn],
                         split: str = "test", max_users: Optional[int] = None,
                         tensorboard_dir: Optional[str] = None,
-                        source: str = "", ranker=None) -> Dict[str, Dict[str, float]]:
+                        source: str = "", ranker=None,
+                        index: Optional[RowSearch] = None) -> Dict[str, Dict[str, float]]:
     """Evaluates a period with lists, writes the report, returns the metric rows.
 
     Args:
@@ -189,6 +193,7 @@ def write_period_report(report_dir: str, tables, start_ts: int, end_ts: int, cfg
       tensorboard_dir: TensorBoard directory of the report ("" disables it).
       source: run directory or SavedModel evaluated (shown in the report).
       ranker: the run's trained ranker (adds the "two_tower+ranker" row).
+      index: retrieve through this index instead of exact search (see evaluate_period).
     """
     from tfrec.evaluation.html_report import write_report
 
@@ -196,7 +201,7 @@ def write_period_report(report_dir: str, tables, start_ts: int, end_ts: int, cfg
                                    cfg.data.history_length, query_fn, candidate_fn,
                                    ks=cfg.train.eval_ks, data_dir=cfg.data.data_dir,
                                    max_users=max_users, ranker=ranker,
-                                   candidates=cfg.ranking.candidates)
+                                   candidates=cfg.ranking.candidates, index=index)
     data = period_report_data(period, tables.events, tables.catalog,
                               title=f"tfrec evaluation: {split} period",
                               metadata={"model": source, "split": split,

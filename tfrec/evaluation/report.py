@@ -7,23 +7,48 @@ generator's true utilities (an upper reference for the data's noise level).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
+from tfrec.config import DataConfig
 from tfrec.evaluation.baselines import BM25Baseline, PopularityBaseline
 from tfrec.metrics.ranking import evaluate_topk
 from tfrec.metrics.candidates import (candidate_lists, excludes_history, period_purchases,
                                        purchase_rate, rerank, search_candidate_lists,
                                        search_sessions)
 from tfrec.data.feature_spec import catalog_features
-from tfrec.metrics.retrieval import (EvalSet, build_eval_set, embed_in_batches, evaluate_lists,
-                                     retrieve_topk)
+from tfrec.metrics.retrieval import (EvalSet, RowSearch, build_eval_set, embed_in_batches,
+                                     evaluate_lists, retrieve_topk)
+
+log = logging.getLogger(__name__)
 
 DEFAULT_COLUMNS = ("recall@10", "recall@100", "ndcg@10", "hit_rate@10", "mrr",
                    "purchase_rate@10")
+
+
+def validation_queries(data: DataConfig, query_fn, max_users: int = 1000
+                       ) -> Optional[np.ndarray]:
+    """Query embeddings of a seeded sample of the data's validation-period users.
+
+    What an IVF index's nprobe is tuned and its recall measured on: real queries, not
+    catalog items, and never the test period. None when the data is not readable.
+    """
+    from tfrec.data.io import load_tables
+    from tfrec.data.split import time_split
+
+    try:
+        events = load_tables(data.data_dir).events
+        split = time_split(events, data.val_fraction, data.test_fraction)
+        eval_set = build_eval_set(events, split.t_val, split.t_test, data.history_length,
+                                  max_users=max_users)
+    except (OSError, ValueError) as e:
+        log.warning("no validation queries to tune the index on (%s): using catalog items", e)
+        return None
+    return embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
 
 
 def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, end_ts: int,
@@ -31,7 +56,8 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
                     ks: Sequence[int] = (10, 100), data_dir: Optional[str] = None,
                     max_users: Optional[int] = None, ranker=None,
                     candidates: int = 100, search: bool = True,
-                    search_history: str = "keep") -> Dict[str, Dict[str, float]]:
+                    search_history: str = "keep",
+                    index: Optional[RowSearch] = None) -> Dict[str, Dict[str, float]]:
     """Model, popularity and (when ground truth exists) oracle metrics on one period.
 
     Every row also gets purchase_rate@10 (share of the top-10 bought in the period).
@@ -50,6 +76,8 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
       search: also evaluate the period's search sessions ("search:" rows; see
         `evaluate_search`).
       search_history: "keep" or "exclude" the searcher's history items (as trained).
+      index: retrieve through this index (e.g. `IndexSearch` for an IVF export) instead
+        of exact search, in the two_tower and ranker rows.
     """
     eval_set = build_eval_set(events, start_ts, end_ts, history_length, max_users=max_users)
     bought = period_purchases(events, start_ts, end_ts)
@@ -66,11 +94,11 @@ def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, 
         item_emb = embed_in_batches(candidate_fn, items)
         query_emb = embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
         model_lists = retrieve_topk(query_emb, item_emb, items["item_id"], max(ks),
-                                    eval_set.exclude)
+                                    eval_set.exclude, search=index)
         add("two_tower", model_lists)
         if ranker is not None:
             ranked = ranked_lists(ranker, eval_set, events, catalog, query_fn, candidate_fn,
-                                  candidates, data_dir)
+                                  candidates, data_dir, index)
             for name, lists in ranked.items():
                 add(name, lists)
             model_lists = ranked["two_tower+ranker"]
@@ -121,11 +149,13 @@ def item_age_rows(lists, eval_set: EvalSet, events: pd.DataFrame,
 
 def ranked_lists(ranker, eval_set: EvalSet, events: pd.DataFrame, catalog: pd.DataFrame,
                  query_fn, candidate_fn, candidates: int,
-                 data_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
+                 data_dir: Optional[str] = None,
+                 index: Optional[RowSearch] = None) -> Dict[str, np.ndarray]:
     """The retrieval top-`candidates` of each frozen user re-ordered by the ranker
     ("two_tower+ranker") and, on a synthetic world, by true utility
     ("two_tower+oracle_ranker": the best any ranker of these candidates could do)."""
-    lists = candidate_lists(eval_set, query_fn, candidate_fn, catalog, candidates)
+    lists = candidate_lists(eval_set, query_fn, candidate_fn, catalog, candidates,
+                            search=index)
     out = {"two_tower+ranker": rank_lists(ranker, lists, events, catalog, eval_set.start_ts)}
     world = _world(data_dir)
     if world is not None:

@@ -8,13 +8,11 @@ import os
 import time
 from typing import Optional
 
-import numpy as np
 import pandas as pd
 
 from tfrec.config import Config, ExportConfig
-from tfrec.data.io import load_tables
-from tfrec.data.split import time_split
-from tfrec.metrics.retrieval import build_eval_set, embed_in_batches
+from tfrec.evaluation.report import validation_queries
+from tfrec.models.catalog_index import wants_ivf
 from tfrec.models.embedding import tower_fn
 from tfrec.export.pipeline import PipelineModule
 from tfrec.export.ranking import RankerModule
@@ -29,35 +27,12 @@ RANKER_NAME = "ranker"
 PIPELINE_NAME = "pipeline"
 
 
-def wants_ivf(export: ExportConfig, num_items: int) -> bool:
-    """Whether `export.index` asks for an IVF index over `num_items` items."""
-    return export.index == "ivf" or (export.index == "auto"
-                                     and num_items >= export.index_min_items)
-
-
-def validation_queries(run_dir: str, model, max_users: int = 1000) -> Optional[np.ndarray]:
-    """Query embeddings of a seeded sample of the run's validation users.
-
-    What an IVF index's recall is measured on: real queries, not catalog items. None when
-    the run's data is no longer readable (the index then measures on catalog items).
-    """
-    run_cfg = Config.from_yaml(os.path.join(run_dir, "config.yaml"))
-    try:
-        events = load_tables(run_cfg.data.data_dir).events
-        split = time_split(events, run_cfg.data.val_fraction, run_cfg.data.test_fraction)
-        eval_set = build_eval_set(events, split.t_val, split.t_test,
-                                  run_cfg.data.history_length, max_users=max_users)
-    except (OSError, ValueError) as e:
-        log.warning("no validation queries to measure the index on (%s): using catalog "
-                    "items", e)
-        return None
-    return embed_in_batches(tower_fn(model.query_tower), eval_set.query_features(),
-                            batch_size=1024)
-
-
 def _index_inputs(run_dir: str, catalog: pd.DataFrame, export: ExportConfig, model) -> dict:
     """The `index` / `queries` arguments of a module (validation queries only for IVF)."""
-    queries = validation_queries(run_dir, model) if wants_ivf(export, len(catalog)) else None
+    queries = None
+    if wants_ivf(export, len(catalog)):
+        run_cfg = Config.from_yaml(os.path.join(run_dir, "config.yaml"))
+        queries = validation_queries(run_cfg.data, tower_fn(model.query_tower))
     return {"index": export, "queries": queries}
 
 

@@ -16,7 +16,7 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import ExportConfig
-from tfrec.export.index import NPROBE_SPEC
+from tfrec.models.catalog_index import NPROBE_SPEC
 from tfrec.export.ranking import NEG_INF, RankingCore, sort_by
 from tfrec.export.retrieval import _same_batch
 from tfrec.metrics.candidates import excludes_history

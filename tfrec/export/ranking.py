@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
-from tfrec.export.index import CatalogIndex, choose_index, in_index_order
+from tfrec.models.catalog_index import CatalogIndex, choose_index, in_index_order
 from tfrec.metrics.retrieval import embed_in_batches
 from tfrec.export.retrieval import _same_batch
 from tfrec.models.ranking import RankingModel

@@ -2,7 +2,7 @@
 
 The SavedModel carries the towers (with their vocabularies), the whole catalog's
 embeddings, ids and titles, and a top-k over them: exact, or an IVF index (see
-`tfrec.export.index`). Every input is batched (first dimension), so TF Serving's
+`tfrec.models.catalog_index`). Every input is batched (first dimension), so TF Serving's
 request batching can merge requests.
 """
 
@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
-from tfrec.export.index import NPROBE_SPEC, CatalogIndex, choose_index, in_index_order
+from tfrec.models.catalog_index import NPROBE_SPEC, CatalogIndex, choose_index, in_index_order
 from tfrec.metrics.retrieval import embed_in_batches
 from tfrec.models.retrieval import TwoTowerModel
 from tfrec.models.embedding import tower_fn

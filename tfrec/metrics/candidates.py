@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from tfrec.data.feature_spec import catalog_features
-from tfrec.metrics.retrieval import EmbedFn, EvalSet, embed_in_batches, retrieve_with_scores
+from tfrec.metrics.retrieval import (EmbedFn, EvalSet, RowSearch, embed_in_batches,
+                                    retrieve_with_scores)
 
 SEARCH_HISTORY = ("keep", "exclude")
 
@@ -28,7 +29,8 @@ def period_purchases(events: pd.DataFrame, start_ts: int, end_ts: int) -> Dict[s
 
 def candidate_lists(eval_set: EvalSet, query_fn: EmbedFn, candidate_fn: EmbedFn,
                     catalog: pd.DataFrame, k: int,
-                    purchases: Optional[Dict[str, set]] = None) -> Dict[str, np.ndarray]:
+                    purchases: Optional[Dict[str, set]] = None,
+                    search: Optional[RowSearch] = None) -> Dict[str, np.ndarray]:
     """Retrieval top-k of each frozen user as ranker input arrays, with labels.
 
     Args:
@@ -37,6 +39,7 @@ def candidate_lists(eval_set: EvalSet, query_fn: EmbedFn, candidate_fn: EmbedFn,
       catalog: items to retrieve from.
       k: candidates per user.
       purchases: user -> items bought in the period (purchase labels); zeros if None.
+      search: retrieve through this index (what an IVF export serves) instead of exact.
 
     Returns:
       user_id, history, device, hour, query [U(, H)]; item_id, retrieval_score, click,
@@ -47,7 +50,8 @@ def candidate_lists(eval_set: EvalSet, query_fn: EmbedFn, candidate_fn: EmbedFn,
     items = catalog_features(catalog, candidate_fn)
     item_emb = embed_in_batches(candidate_fn, items)
     query_emb = embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
-    ids, scores = retrieve_with_scores(query_emb, item_emb, items["item_id"], k, eval_set.exclude)
+    ids, scores = retrieve_with_scores(query_emb, item_emb, items["item_id"], k, eval_set.exclude,
+                                       search=search)
     targets = [set(t) for t in eval_set.targets]
     bought = [purchases.get(u, set()) if purchases else set() for u in eval_set.user_ids]
     click = np.array([[i in t for i in row] for row, t in zip(ids, targets)], np.float32)

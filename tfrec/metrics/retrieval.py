@@ -8,7 +8,7 @@ Models, baselines and the oracle all go through the same scoring here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import pandas as pd
@@ -98,7 +98,7 @@ def embed_in_batches(fn: EmbedFn, features: Dict[str, np.ndarray],
 
 def retrieve_topk(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndarray, k: int,
                   exclude: Optional[Sequence[Set[str]]] = None,
-                  chunk: int = 1024) -> np.ndarray:
+                  chunk: int = 1024, search: Optional["RowSearch"] = None) -> np.ndarray:
     """Exact (brute-force) top-k by dot product, skipping excluded items per user.
 
     Args:
@@ -108,16 +108,34 @@ def retrieve_topk(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndar
       k: results per user.
       exclude: per-user sets of item ids never to return.
       chunk: users scored per matmul (bounds memory at large catalogs).
+      search: retrieve through this index instead (see `retrieve_with_scores`).
     """
-    return retrieve_with_scores(query_emb, item_emb, item_ids, k, exclude, chunk)[0]
+    return retrieve_with_scores(query_emb, item_emb, item_ids, k, exclude, chunk, search)[0]
+
+
+# An index search: (queries [U, d], catalog embeddings [N, d], k, excluded catalog rows per
+# query or None) -> (catalog rows [U, k] with -1 past the results, scores [U, k]).
+RowSearch = Callable[[np.ndarray, np.ndarray, int, Optional[List[List[int]]]],
+                     Tuple[np.ndarray, np.ndarray]]
 
 
 def retrieve_with_scores(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndarray,
                          k: int, exclude: Optional[Sequence[Set[str]]] = None,
-                         chunk: int = 1024):
-    """`retrieve_topk` that also returns each id's dot-product score ([U, k] float32)."""
+                         chunk: int = 1024, search: Optional[RowSearch] = None):
+    """`retrieve_topk` that also returns each id's dot-product score ([U, k] float32).
+
+    With `search` (e.g. an IVF index, `tfrec.models.catalog_index.IndexSearch`) the
+    lists come from it instead of exact search; ids past its results are PAD.
+    """
     k = min(k, len(item_ids))
     index = {item: i for i, item in enumerate(item_ids)}
+    if search is not None:
+        excluded = None if exclude is None else [
+            [index[i] for i in items if i in index] for items in exclude]
+        rows, scores = search(query_emb, item_emb, k, excluded)
+        found = rows >= 0
+        ids = np.where(found, np.asarray(item_ids, dtype=object)[np.maximum(rows, 0)], PAD)
+        return ids.astype(object), np.where(found, scores, -np.inf).astype(np.float32)
     ids, scores_out = [], []
     for start in range(0, len(query_emb), chunk):
         scores = query_emb[start:start + chunk] @ item_emb.T

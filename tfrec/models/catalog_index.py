@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,8 +21,8 @@ import tensorflow as tf
 from tfrec.config import ExportConfig
 from tfrec.models.ivf import IvfIndex, IvfPlan, build_ivf, default_nlist
 
-__all__ = ["INDEX_KINDS", "IndexChoice", "CatalogIndex", "choose_index", "index_recall",
-           "exact_top_k"]
+__all__ = ["INDEX_KINDS", "IndexChoice", "CatalogIndex", "IndexSearch", "choose_index",
+           "index_recall", "exact_top_k", "wants_ivf"]
 
 INDEX_KINDS = ("exact", "ivf", "auto")
 NEG_INF = float("-inf")
@@ -37,6 +37,11 @@ class IndexChoice:
     plan: Optional[IvfPlan]
     nprobe: int = 0
     card: Dict = field(default_factory=lambda: {"index": "exact"})
+
+
+def wants_ivf(cfg: ExportConfig, num_items: int) -> bool:
+    """Whether `cfg.index` asks for an IVF index over `num_items` items."""
+    return cfg.index == "ivf" or (cfg.index == "auto" and num_items >= cfg.index_min_items)
 
 
 def _check(cfg: ExportConfig) -> None:
@@ -102,10 +107,7 @@ def choose_index(embeddings: np.ndarray, queries: Optional[np.ndarray], cfg: Exp
     """
     _check(cfg)
     n = len(embeddings)
-    kind = cfg.index
-    if kind == "auto":
-        kind = "ivf" if n >= cfg.index_min_items else "exact"
-    if kind == "exact":
+    if not wants_ivf(cfg, n):
         return IndexChoice(plan=None)
     nlist = cfg.nlist or default_nlist(n)
     if n < 2 * nlist:
@@ -233,3 +235,68 @@ class CatalogIndex(tf.Module):
         values, top = tf.math.top_k(values, k=width)
         rows = tf.gather(rows, top, batch_dims=1)
         return values, tf.where(values > NEG_INF, rows, tf.constant(-1, tf.int64))
+
+
+class IndexSearch:
+    """Offline top-k through the index an export would serve (`retrieve_with_scores`).
+
+    Evaluation must measure what is served: with an IVF export, the lists come from the
+    IVF index, built (and nprobe tuned) as the export builds it. The index is built on
+    first use and rebuilt only when the catalog embeddings change.
+
+    Args:
+      cfg: export settings (index, nlist, nprobe, target recall).
+      tune_queries: [Q, d] validation query embeddings nprobe is tuned on.
+    """
+
+    def __init__(self, cfg: ExportConfig, tune_queries: Optional[np.ndarray] = None):
+        _check(cfg)
+        self.cfg, self.tune_queries = cfg, tune_queries
+        self._embeddings: Optional[np.ndarray] = None
+        self.card: Dict = {}
+
+    def _build(self, embeddings: np.ndarray) -> None:
+        choice = choose_index(embeddings, self.tune_queries, self.cfg)
+        self.card = choice.card
+        self._order = (choice.plan.order if choice.plan is not None
+                       else np.arange(len(embeddings), dtype=np.int64))
+        self._position = np.empty_like(self._order)
+        self._position[self._order] = np.arange(len(self._order))
+        self._index = CatalogIndex(embeddings[self._order], choice)
+        self._top_k = tf.function(
+            lambda q, k, blocked: self._index.top_k(q, k, blocked=blocked),
+            input_signature=[tf.TensorSpec([None, embeddings.shape[1]], tf.float32),
+                             tf.TensorSpec([], tf.int32),
+                             tf.TensorSpec([None, None], tf.int64)])
+        self._embeddings = embeddings
+
+    def __call__(self, queries: np.ndarray, embeddings: np.ndarray, k: int,
+                 excluded: Optional[Sequence[Sequence[int]]] = None, chunk: int = 256
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+        """Catalog rows [U, k] (-1 past the results) and scores of each query's top-k.
+
+        Args:
+          queries: [U, d] query embeddings.
+          embeddings: [N, d] catalog embeddings (catalog row order).
+          k: results per query.
+          excluded: per query, catalog rows never to return.
+          chunk: queries per call.
+        """
+        if self._embeddings is None or not (
+                self._embeddings.shape == embeddings.shape
+                and np.array_equal(self._embeddings, embeddings)):
+            self._build(np.asarray(embeddings, np.float32))
+        rows_out, scores_out = [], []
+        for start in range(0, len(queries), chunk):
+            q = np.asarray(queries[start:start + chunk], np.float32)
+            lists = excluded[start:start + chunk] if excluded is not None else [[]] * len(q)
+            width = max([1] + [len(r) for r in lists])
+            blocked = np.full([len(q), width], -1, np.int64)
+            for i, r in enumerate(lists):
+                blocked[i, :len(r)] = self._position[np.asarray(list(r), np.int64)]
+            values, rows = self._top_k(tf.constant(q), tf.constant(k, tf.int32),
+                                       tf.constant(blocked))
+            rows = rows.numpy()
+            rows_out.append(np.where(rows >= 0, self._order[np.maximum(rows, 0)], -1))
+            scores_out.append(values.numpy())
+        return np.concatenate(rows_out), np.concatenate(scores_out)
