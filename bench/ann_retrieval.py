@@ -100,7 +100,7 @@ def trained_vectors(n: int, args):
     features = catalog_features(catalog, run.model)
     items = embed_in_batches(tower_fn(run.model.candidate_tower), features)
     queries = validation_queries(cfg.data, tower_fn(run.model.query_tower),
-                                 max_users=args.queries)
+                                 max_users=args.queries).embeddings
     return run, cfg, catalog, items, queries
 
 

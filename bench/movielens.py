@@ -74,7 +74,7 @@ from tfrec.evaluation.baselines import CooccurrenceBaseline, PopularityBaseline
 from tfrec.metrics.ranking import evaluate_topk, map_at_k
 from tfrec.metrics.retrieval import catalog_features, embed_in_batches, retrieve_topk
 from tfrec.features.vocab import build_vocabularies
-from tfrec.models.catalog_index import IndexSearch
+from tfrec.models.catalog_index import IndexSearch, TuningQueries
 from tfrec.models.embedding import tower_fn
 from tfrec.training.callbacks import refresh_index
 from tfrec.training.trainer import build_model
@@ -91,11 +91,11 @@ PROFILE_SAMPLES = 8  # profile histories averaged per protocol-2 query
 INDEX = {"kind": "exact"}  # --index: "ivf" retrieves through the export's IVF index
 
 
-def index_search(tune_queries: np.ndarray) -> Optional[IndexSearch]:
+def index_search(tune_queries: np.ndarray, source: str) -> Optional[IndexSearch]:
     """The IVF index search of --index ivf (None: exact), nprobe tuned on `tune_queries`."""
     if INDEX["kind"] != "ivf":
         return None
-    return IndexSearch(ExportConfig(index="ivf"), tune_queries)
+    return IndexSearch(ExportConfig(index="ivf"), TuningQueries(tune_queries, source=source))
 
 PUBLISHED_P1 = [("TFRS basic retrieval tutorial (published)", 0.23),
                 ("TFRS deeper towers / more features (published, about)", 0.29)]
@@ -360,7 +360,7 @@ def factorized_accuracy(model, setup: TwoTowerSetup, train: pd.DataFrame, test: 
                           sampling_probabilities(train, items), setup.hour)
     train_query = embed_in_batches(tower_fn(model.query_tower), {k: tune[k] for k in fields})
     top = retrieve_topk(query_emb, item_emb, items["item_id"].to_numpy(dtype=object), 100,
-                        search=index_search(train_query))
+                        search=index_search(train_query, "training examples"))
     out["numpy_top_100"] = float(np.mean((top == arrays["item_id"][:, None]).any(axis=1)))
     return out
 
@@ -452,7 +452,7 @@ def two_tower_top10(model, setup: TwoTowerSetup, train: pd.DataFrame, users: np.
     exclude = [seen.get(u, set()) for u in users]
     # nprobe is tuned on these queries' agreement with exact search: no labels involved.
     return retrieve_topk(query_emb, item_emb, items["item_id"].to_numpy(dtype=object), k,
-                         exclude, search=index_search(query_emb))
+                         exclude, search=index_search(query_emb, "the queries (unlabelled)"))
 
 
 P2_SETUPS = [

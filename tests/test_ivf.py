@@ -15,7 +15,8 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import ExportConfig
-from tfrec.models.catalog_index import CatalogIndex, IndexChoice, choose_index, exact_top_k
+from tfrec.models.catalog_index import (CatalogIndex, IndexChoice, TuningQueries, choose_index,
+                                        exact_top_k)
 from tfrec.models.ivf import IvfIndex, build_ivf, default_nlist, train_centroids
 
 
@@ -88,7 +89,7 @@ def test_short_lists_pad_with_minus_one():
 def test_catalog_index_never_returns_blocked_or_ineligible_rows(kind):
     x = _clustered(n=2000)
     cfg = ExportConfig(index=kind, nlist=16, nprobe=16)
-    choice = choose_index(x, _queries(x), cfg)
+    choice = choose_index(x, TuningQueries(_queries(x)), cfg)
     assert (choice.plan is None) == (kind == "exact")
     ordered = x[choice.plan.order] if choice.plan is not None else x
     index = CatalogIndex(ordered, choice)
@@ -110,7 +111,7 @@ def test_catalog_index_never_returns_blocked_or_ineligible_rows(kind):
 
 def test_choose_index_tunes_nprobe_on_queries_and_falls_back_to_exact():
     x = _clustered(n=4000)
-    q = _queries(x, n=100)
+    q = TuningQueries(_queries(x, n=100))
     auto = choose_index(x, q, ExportConfig(index="auto", index_min_items=5000))
     assert auto.plan is None and auto.card == {"index": "exact"}
     choice = choose_index(x, q, ExportConfig(index="ivf", nlist=64, index_target_recall=0.9))
@@ -291,3 +292,18 @@ def test_evaluation_measures_what_the_ivf_export_serves(trained_run, tiny_config
         if name in exact:
             assert full[name] == pytest.approx(exact[name], abs=0.005), name
     assert one["two_tower"]["recall@100"] < exact["two_tower"]["recall@100"]
+
+
+def test_recall_is_measured_with_each_query_s_exclusions():
+    """Served and evaluated lists skip seen items, so the kept results lie deeper in the
+    ranking: the index is measured (and nprobe tuned) on exactly those lists."""
+    x = _clustered(n=4000)
+    q = _queries(x, n=100)
+    ids = [f"I{i}" for i in range(len(x))]
+    seen = [{ids[r] for r in row} for row in exact_top_k(q, x, 60)]
+    cfg = ExportConfig(index="ivf", nlist=64, nprobe=2)
+    plain = choose_index(x, TuningQueries(q), cfg, item_ids=ids).card["recall_vs_exact"]
+    deep = choose_index(x, TuningQueries(q, exclude=seen), cfg, item_ids=ids).card[
+        "recall_vs_exact"]
+    assert deep["with_exclusions"] and not plain["with_exclusions"]
+    assert deep["recall@100"] < plain["recall@100"]

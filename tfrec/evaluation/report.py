@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from tfrec.config import DataConfig
+from tfrec.models.catalog_index import TuningQueries
 from tfrec.evaluation.baselines import BM25Baseline, PopularityBaseline
 from tfrec.metrics.ranking import evaluate_topk
 from tfrec.metrics.candidates import (candidate_lists, excludes_history, period_purchases,
@@ -31,8 +32,9 @@ DEFAULT_COLUMNS = ("recall@10", "recall@100", "ndcg@10", "hit_rate@10", "mrr",
 
 
 def validation_queries(data: DataConfig, query_fn, max_users: int = 1000
-                       ) -> Optional[np.ndarray]:
-    """Query embeddings of a seeded sample of the data's validation-period users.
+                       ) -> Optional[TuningQueries]:
+    """Query embeddings of a seeded sample of the data's validation-period users, with
+    the items each has seen (left out of their lists).
 
     What an IVF index's nprobe is tuned and its recall measured on: real queries, not
     catalog items, and never the test period. None when the data is not readable.
@@ -48,7 +50,8 @@ def validation_queries(data: DataConfig, query_fn, max_users: int = 1000
     except (OSError, ValueError) as e:
         log.warning("no validation queries to tune the index on (%s): using catalog items", e)
         return None
-    return embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024)
+    return TuningQueries(embed_in_batches(query_fn, eval_set.query_features(), batch_size=1024),
+                         exclude=eval_set.exclude)
 
 
 def evaluate_period(events: pd.DataFrame, catalog: pd.DataFrame, start_ts: int, end_ts: int,

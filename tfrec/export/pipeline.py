@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-import numpy as np
 import pandas as pd
 
 import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import ExportConfig
-from tfrec.models.catalog_index import NPROBE_SPEC
+from tfrec.models.catalog_index import NPROBE_SPEC, TuningQueries
 from tfrec.export.ranking import NEG_INF, RankingCore, sort_by
 from tfrec.export.retrieval import _same_batch
 from tfrec.metrics.candidates import excludes_history
@@ -88,7 +87,7 @@ class PipelineModule(tf.Module):
     Raises:
       index: export settings of the retrieval top-k (None: exact). With an IVF index,
         `recommend_nprobe` and `search_nprobe` take one more input, nprobe [B] int32.
-      queries: [Q, d] validation query embeddings the IVF recall is measured on.
+      queries: validation queries the IVF recall is measured on (`validation_queries`).
 
     Raises:
       ValueError: for candidates < 1, max_per_brand < 1 or an unknown search_history.
@@ -97,7 +96,7 @@ class PipelineModule(tf.Module):
     def __init__(self, retrieval: TwoTowerModel, ranker: RankingModel, catalog: pd.DataFrame,
                  candidates: Optional[int] = None, max_per_brand: Optional[int] = 3,
                  search_history: Optional[str] = None, index: Optional[ExportConfig] = None,
-                 queries: Optional[np.ndarray] = None):
+                 queries: Optional[TuningQueries] = None):
         super().__init__(name="tfrec_pipeline")
         wanted = int(candidates or ranker.config.candidates)
         if wanted < 1:

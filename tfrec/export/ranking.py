@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
-from tfrec.models.catalog_index import CatalogIndex, choose_index, in_index_order
+from tfrec.models.catalog_index import (CatalogIndex, TuningQueries, choose_index,
+                                        in_index_order)
 from tfrec.metrics.retrieval import embed_in_batches
 from tfrec.export.retrieval import _same_batch
 from tfrec.models.ranking import RankingModel
@@ -83,11 +84,12 @@ class RankingCore(tf.Module):
       catalog: items that can be served (items the ranker never saw are scored from
         their content).
       index: export settings of the retrieval top-k (None: exact; see `CatalogIndex`).
-      queries: [Q, d] validation query embeddings the IVF recall is measured on.
+      queries: validation queries the IVF recall is measured on (`validation_queries`).
     """
 
     def __init__(self, retrieval: TwoTowerModel, ranker: RankingModel, catalog: pd.DataFrame,
-                 index: Optional[ExportConfig] = None, queries: Optional[np.ndarray] = None):
+                 index: Optional[ExportConfig] = None,
+                 queries: Optional[TuningQueries] = None):
         super().__init__(name="tfrec_ranking_core")
         if len(catalog) == 0:
             raise ValueError("cannot export a ranker over an empty catalog")
@@ -108,7 +110,8 @@ class RankingCore(tf.Module):
         self.num_items = len(ids)
         embeddings = embed_in_batches(tower_fn(retrieval.candidate_tower), features)
         stock = _in_stock(catalog)
-        choice = choose_index(embeddings, queries, index or ExportConfig(index="exact"))
+        choice = choose_index(embeddings, queries, index or ExportConfig(index="exact"),
+                              item_ids=features["item_id"])
         self.index_card = choice.card
         features, embeddings, stock = in_index_order(choice, features, embeddings, stock)
         ids = features["item_id"]

@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
-from tfrec.models.catalog_index import NPROBE_SPEC, CatalogIndex, choose_index, in_index_order
+from tfrec.models.catalog_index import (NPROBE_SPEC, CatalogIndex, TuningQueries,
+                                        choose_index, in_index_order)
 from tfrec.metrics.retrieval import embed_in_batches
 from tfrec.models.retrieval import TwoTowerModel
 from tfrec.models.embedding import tower_fn
@@ -47,17 +48,19 @@ class RetrievalModule(tf.Module):
       model: trained two-tower model.
       catalog: every item that can be recommended (including items created after training).
       index: export settings of the index (None: exact top-k).
-      queries: [Q, d] validation query embeddings the IVF recall is measured on.
+      queries: validation queries the IVF recall is measured on (`validation_queries`).
     """
 
     def __init__(self, model: TwoTowerModel, catalog: pd.DataFrame,
-                 index: Optional[ExportConfig] = None, queries: Optional[np.ndarray] = None):
+                 index: Optional[ExportConfig] = None,
+                 queries: Optional[TuningQueries] = None):
         super().__init__(name="tfrec_retrieval")
         if len(catalog) == 0:
             raise ValueError("cannot export a retrieval model over an empty catalog")
         features = catalog_features(catalog, model)
         embeddings = embed_in_batches(tower_fn(model.candidate_tower), features)
-        choice = choose_index(embeddings, queries, index or ExportConfig(index="exact"))
+        choice = choose_index(embeddings, queries, index or ExportConfig(index="exact"),
+                              item_ids=features["item_id"])
         self.index_card = choice.card
         features, embeddings = in_index_order(choice, features, embeddings)
         self.query_tower = model.query_tower

@@ -113,9 +113,11 @@ def retrieve_topk(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndar
     return retrieve_with_scores(query_emb, item_emb, item_ids, k, exclude, chunk, search)[0]
 
 
-# An index search: (queries [U, d], catalog embeddings [N, d], k, excluded catalog rows per
-# query or None) -> (catalog rows [U, k] with -1 past the results, scores [U, k]).
-RowSearch = Callable[[np.ndarray, np.ndarray, int, Optional[List[List[int]]]],
+SCORE_BUDGET = 1 << 25  # scores per retrieval step (128 MB of float32)
+
+# An index search: (queries [U, d], catalog embeddings [N, d], their ids [N], k, excluded
+# catalog rows per query or None) -> (catalog rows [U, k], -1 past the results; scores).
+RowSearch = Callable[[np.ndarray, np.ndarray, np.ndarray, int, Optional[List[List[int]]]],
                      Tuple[np.ndarray, np.ndarray]]
 
 
@@ -128,11 +130,14 @@ def retrieve_with_scores(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: 
     lists come from it instead of exact search; ids past its results are PAD.
     """
     k = min(k, len(item_ids))
+    # A [chunk, N] score matrix (and argpartition's int64 copy) per step: at a million
+    # items 1024 users would take ~16 GB, so the chunk shrinks with the catalog.
+    chunk = max(1, min(chunk, SCORE_BUDGET // max(1, len(item_ids))))
     index = {item: i for i, item in enumerate(item_ids)}
     if search is not None:
         excluded = None if exclude is None else [
             [index[i] for i in items if i in index] for items in exclude]
-        rows, scores = search(query_emb, item_emb, k, excluded)
+        rows, scores = search(query_emb, item_emb, item_ids, k, excluded)
         found = rows >= 0
         ids = np.where(found, np.asarray(item_ids, dtype=object)[np.maximum(rows, 0)], PAD)
         return ids.astype(object), np.where(found, scores, -np.inf).astype(np.float32)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -21,8 +21,8 @@ import tensorflow as tf
 from tfrec.config import ExportConfig
 from tfrec.models.ivf import IvfIndex, IvfPlan, build_ivf, default_nlist
 
-__all__ = ["INDEX_KINDS", "IndexChoice", "CatalogIndex", "IndexSearch", "choose_index",
-           "index_recall", "exact_top_k", "wants_ivf"]
+__all__ = ["INDEX_KINDS", "IndexChoice", "CatalogIndex", "IndexSearch", "TuningQueries",
+           "choose_index", "exact_top_k", "wants_ivf"]
 
 INDEX_KINDS = ("exact", "ivf", "auto")
 NEG_INF = float("-inf")
@@ -68,34 +68,65 @@ def exact_top_k(queries: np.ndarray, embeddings: np.ndarray, k: int,
     return np.concatenate(out) if out else np.zeros([0, k], np.int64)
 
 
+@dataclass
+class TuningQueries:
+    """Real queries an IVF index is tuned and measured on, with what each leaves out.
+
+    Served lists skip the user's history; evaluation skips every item seen before. The
+    exclusions push the kept results deeper into the ranking, so recall against exact
+    search is measured with them.
+    """
+
+    embeddings: np.ndarray  # [Q, d]
+    exclude: Optional[Sequence[Set[str]]] = None  # item ids left out, per query
+    source: str = "validation users"
+
+
 def _overlap(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     k = min(k, truth.shape[1])
-    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
+    hits = [len(set(f[:k]) & set(t[:k]) - {-1}) / max(1, len(set(t[:k]) - {-1}))
+            for f, t in zip(found, truth)]
+    return float(np.mean(hits))
 
 
-def index_recall(index: IvfIndex, embeddings: tf.Variable, queries: np.ndarray,
-                 truth: np.ndarray, nprobe: int, chunk: int = 16) -> Dict[str, float]:
-    """recall@10 / @100 of the index's top lists against exact top lists `truth`."""
-    k = truth.shape[1]
-    search = tf.function(lambda q, p: index.search(q, embeddings, k, p)[1])
-    found = []
+def _blocked_rows(tuning: TuningQueries, item_ids: Optional[Sequence[str]],
+                  position: np.ndarray) -> np.ndarray:
+    """[Q, X] index positions of each query's excluded items (-1 pads)."""
+    q = len(tuning.embeddings)
+    if tuning.exclude is None or item_ids is None:
+        return np.full([q, 1], -1, np.int64)
+    row_of = {item: i for i, item in enumerate(item_ids)}
+    rows = [[row_of[i] for i in items if i in row_of] for items in tuning.exclude]
+    out = np.full([q, max([1] + [len(r) for r in rows])], -1, np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = position[np.asarray(r, np.int64)]
+    return out
+
+
+def _top_rows(index: "CatalogIndex", queries: np.ndarray, blocked: np.ndarray, k: int,
+              nprobe: Optional[int], chunk: int = 16) -> np.ndarray:
+    """[Q, k] index positions of each query's top-k (exact when nprobe is None)."""
+    search = tf.function(lambda q, b, p: index.top_k(q, k, blocked=b, nprobe=p,
+                                                     exact=nprobe is None)[1],
+                         reduce_retracing=True)
+    out = []
     for i in range(0, len(queries), chunk):
         q = tf.constant(queries[i:i + chunk], tf.float32)
-        found.append(search(q, tf.fill([tf.shape(q)[0]], nprobe)).numpy())
-    found = np.concatenate(found)
-    return {f"recall@{c}": round(_overlap(found, truth, c), 4) for c in (10, 100) if c <= k}
+        p = tf.fill([tf.shape(q)[0]], nprobe or 1)
+        out.append(search(q, tf.constant(blocked[i:i + chunk]), p).numpy())
+    return np.concatenate(out)
 
 
-def choose_index(embeddings: np.ndarray, queries: Optional[np.ndarray], cfg: ExportConfig,
-                 query_source: str = "validation users", seed: int = 0) -> IndexChoice:
+def choose_index(embeddings: np.ndarray, tuning: Optional[TuningQueries], cfg: ExportConfig,
+                 item_ids: Optional[Sequence[str]] = None, seed: int = 0) -> IndexChoice:
     """Exact or IVF for this catalog; for IVF, the plan and a measured nprobe.
 
     Args:
       embeddings: [N, d] catalog embeddings (catalog row order).
-      queries: [Q, d] query embeddings to measure recall on (None: a seeded sample of
-        the catalog's own embeddings stands in, and the card says so).
+      tuning: real queries (and their excluded items) to measure recall on; None: a
+        seeded sample of the catalog's own embeddings stands in, and the card says so.
       cfg: export settings (index, nlist, nprobe, target recall, floor).
-      query_source: what `queries` are, for the card.
+      item_ids: [N] catalog ids (maps `tuning.exclude` to rows).
       seed: k-means seed.
 
     Returns:
@@ -119,20 +150,25 @@ def choose_index(embeddings: np.ndarray, queries: Optional[np.ndarray], cfg: Exp
     start = time.perf_counter()
     plan = build_ivf(embeddings, nlist, seed=seed)
     build_seconds = time.perf_counter() - start
-    if queries is None or len(queries) == 0:
+    if tuning is None or len(tuning.embeddings) == 0:
         rng = np.random.RandomState(seed)
-        queries = embeddings[rng.choice(n, min(n, 1000), replace=False)]
-        query_source = "catalog items (no validation queries)"
-    ordered = tf.constant(embeddings[plan.order], tf.float32)
-    truth = exact_top_k(queries, embeddings[plan.order], 100)
+        tuning = TuningQueries(embeddings[rng.choice(n, min(n, 1000), replace=False)],
+                               source="catalog items (no validation queries)")
+    position = np.empty_like(plan.order)
+    position[plan.order] = np.arange(n)
+    blocked = _blocked_rows(tuning, item_ids, position)
+    index = CatalogIndex(embeddings[plan.order], IndexChoice(plan=plan, nprobe=1))
+    truth = _top_rows(index, tuning.embeddings, blocked, min(100, n), None)
     ladder = {}
     candidates = [cfg.nprobe] if cfg.nprobe else [min(nlist, 2 ** i) for i in range(64)
                                                   if 2 ** (i - 1) < nlist]
-    index = IvfIndex(plan, nprobe=1)
     for nprobe in candidates:
-        ladder[nprobe] = index_recall(index, ordered, queries, truth, nprobe)
+        found = _top_rows(index, tuning.embeddings, blocked, truth.shape[1], nprobe)
+        ladder[nprobe] = {f"recall@{c}": round(_overlap(found, truth, c), 4)
+                          for c in (10, 100) if c <= truth.shape[1]}
         if ladder[nprobe]["recall@100"] >= cfg.index_target_recall:
             break
+    del index
     nprobe = max(ladder)
     recall = ladder[nprobe]
     if recall["recall@100"] < cfg.index_recall_floor:
@@ -140,18 +176,19 @@ def choose_index(embeddings: np.ndarray, queries: Optional[np.ndarray], cfg: Exp
                     "%.2f: raise export.nprobe or use export.index=exact",
                     recall["recall@100"], nprobe, cfg.index_recall_floor)
     sizes = plan.sizes
+    excluding = tuning.exclude is not None and item_ids is not None
     card = {"index": "ivf", "nlist": nlist, "nprobe": nprobe,
             "build_seconds": round(build_seconds, 2),
             "list_sizes": {"min": int(sizes.min()), "mean": round(float(sizes.mean()), 1),
                            "max": int(sizes.max())},
-            "recall_vs_exact": {**recall, "queries": int(len(queries)),
-                                "source": query_source},
+            "recall_vs_exact": {**recall, "queries": int(len(tuning.embeddings)),
+                                "source": tuning.source, "with_exclusions": excluding},
             "recall_by_nprobe": {str(p): r["recall@100"] for p, r in ladder.items()},
             "recall_floor": cfg.index_recall_floor,
             "below_floor": recall["recall@100"] < cfg.index_recall_floor}
     log.info("IVF index: %d lists, nprobe %d, recall@100 vs exact %.3f (%d %s), built in "
-             "%.1f s", nlist, nprobe, recall["recall@100"], len(queries), query_source,
-             build_seconds)
+             "%.1f s", nlist, nprobe, recall["recall@100"], len(tuning.embeddings),
+             tuning.source, build_seconds)
     return IndexChoice(plan=plan, nprobe=nprobe, card=card)
 
 
@@ -193,8 +230,8 @@ class CatalogIndex(tf.Module):
         return self.ivf.check_nprobe(nprobe) if self.ivf is not None else []
 
     def top_k(self, queries: tf.Tensor, width: tf.Tensor, blocked: Optional[tf.Tensor] = None,
-              eligible: Optional[tf.Variable] = None, nprobe: Optional[tf.Tensor] = None
-              ) -> Tuple[tf.Tensor, tf.Tensor]:
+              eligible: Optional[tf.Variable] = None, nprobe: Optional[tf.Tensor] = None,
+              exact: bool = False) -> Tuple[tf.Tensor, tf.Tensor]:
         """Best `width` rows per query, never a blocked or ineligible one.
 
         Args:
@@ -203,11 +240,12 @@ class CatalogIndex(tf.Module):
           blocked: [B, X] int64 catalog rows to leave out (-1 pads).
           eligible: [N] bool (False rows never come back).
           nprobe: [B] IVF lists per query (ignored by exact search).
+          exact: exact search even over an IVF index (to measure the index against).
 
         Returns:
           scores [B, width] (-inf past the results) and rows [B, width] (-1 there).
         """
-        if self.ivf is None:
+        if self.ivf is None or exact:
             scores = tf.matmul(queries, self.item_embeddings, transpose_b=True)  # [B, N]
             if eligible is not None:
                 scores = tf.where(eligible[tf.newaxis, :], scores, NEG_INF)
@@ -246,17 +284,17 @@ class IndexSearch:
 
     Args:
       cfg: export settings (index, nlist, nprobe, target recall).
-      tune_queries: [Q, d] validation query embeddings nprobe is tuned on.
+      tuning: validation queries nprobe is tuned on (see `choose_index`).
     """
 
-    def __init__(self, cfg: ExportConfig, tune_queries: Optional[np.ndarray] = None):
+    def __init__(self, cfg: ExportConfig, tuning: Optional[TuningQueries] = None):
         _check(cfg)
-        self.cfg, self.tune_queries = cfg, tune_queries
+        self.cfg, self.tuning = cfg, tuning
         self._embeddings: Optional[np.ndarray] = None
         self.card: Dict = {}
 
-    def _build(self, embeddings: np.ndarray) -> None:
-        choice = choose_index(embeddings, self.tune_queries, self.cfg)
+    def _build(self, embeddings: np.ndarray, item_ids: Sequence[str]) -> None:
+        choice = choose_index(embeddings, self.tuning, self.cfg, item_ids=item_ids)
         self.card = choice.card
         self._order = (choice.plan.order if choice.plan is not None
                        else np.arange(len(embeddings), dtype=np.int64))
@@ -270,14 +308,15 @@ class IndexSearch:
                              tf.TensorSpec([None, None], tf.int64)])
         self._embeddings = embeddings
 
-    def __call__(self, queries: np.ndarray, embeddings: np.ndarray, k: int,
-                 excluded: Optional[Sequence[Sequence[int]]] = None, chunk: int = 256
+    def __call__(self, queries: np.ndarray, embeddings: np.ndarray, item_ids: Sequence[str],
+                 k: int, excluded: Optional[Sequence[Sequence[int]]] = None, chunk: int = 256
                  ) -> Tuple[np.ndarray, np.ndarray]:
         """Catalog rows [U, k] (-1 past the results) and scores of each query's top-k.
 
         Args:
           queries: [U, d] query embeddings.
           embeddings: [N, d] catalog embeddings (catalog row order).
+          item_ids: [N] their ids.
           k: results per query.
           excluded: per query, catalog rows never to return.
           chunk: queries per call.
@@ -285,7 +324,7 @@ class IndexSearch:
         if self._embeddings is None or not (
                 self._embeddings.shape == embeddings.shape
                 and np.array_equal(self._embeddings, embeddings)):
-            self._build(np.asarray(embeddings, np.float32))
+            self._build(np.asarray(embeddings, np.float32), item_ids)
         rows_out, scores_out = [], []
         for start in range(0, len(queries), chunk):
             q = np.asarray(queries[start:start + chunk], np.float32)
