@@ -118,7 +118,7 @@ def test_choose_index_tunes_nprobe_on_queries_and_falls_back_to_exact():
     card = choice.card
     assert card["index"] == "ivf" and card["nlist"] == 64 and card["nprobe"] == choice.nprobe
     ladder = {int(p): r for p, r in card["recall_by_nprobe"].items()}
-    # The smallest power of two reaching the target; every smaller one fell short.
+    # The smallest ladder step reaching the target; every smaller one fell short.
     assert ladder[choice.nprobe] >= 0.9
     assert all(r < 0.9 for p, r in ladder.items() if p < choice.nprobe)
     assert card["recall_vs_exact"]["queries"] == 100

@@ -82,6 +82,17 @@ class TuningQueries:
     source: str = "validation users"
 
 
+def nprobe_ladder(nlist: int) -> list:
+    """nprobe values tried in turn: x sqrt(2) steps (1, 2, 3, 4, 6, 8, 11, 16, ...) up to
+    nlist; latency grows about linearly in nprobe, so a finer ladder saves up to 1.4x."""
+    steps, value = [], 1.0
+    while int(round(value)) < nlist:
+        if not steps or int(round(value)) > steps[-1]:
+            steps.append(int(round(value)))
+        value *= 2 ** 0.5
+    return steps + [nlist]
+
+
 def _overlap(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     k = min(k, truth.shape[1])
     hits = [len(set(f[:k]) & set(t[:k]) - {-1}) / max(1, len(set(t[:k]) - {-1}))
@@ -160,8 +171,7 @@ def choose_index(embeddings: np.ndarray, tuning: Optional[TuningQueries], cfg: E
     index = CatalogIndex(embeddings[plan.order], IndexChoice(plan=plan, nprobe=1))
     truth = _top_rows(index, tuning.embeddings, blocked, min(100, n), None)
     ladder = {}
-    candidates = [cfg.nprobe] if cfg.nprobe else [min(nlist, 2 ** i) for i in range(64)
-                                                  if 2 ** (i - 1) < nlist]
+    candidates = [cfg.nprobe] if cfg.nprobe else nprobe_ladder(nlist)
     for nprobe in candidates:
         found = _top_rows(index, tuning.embeddings, blocked, truth.shape[1], nprobe)
         ladder[nprobe] = {f"recall@{c}": round(_overlap(found, truth, c), 4)
