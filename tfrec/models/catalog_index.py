@@ -100,32 +100,45 @@ def _overlap(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean(hits))
 
 
-def _blocked_rows(tuning: TuningQueries, item_ids: Optional[Sequence[str]],
-                  position: np.ndarray) -> np.ndarray:
-    """[Q, X] index positions of each query's excluded items (-1 pads)."""
-    q = len(tuning.embeddings)
-    if tuning.exclude is None or item_ids is None:
-        return np.full([q, 1], -1, np.int64)
-    row_of = {item: i for i, item in enumerate(item_ids)}
-    rows = [[row_of[i] for i in items if i in row_of] for items in tuning.exclude]
-    out = np.full([q, max([1] + [len(r) for r in rows])], -1, np.int64)
+def _positions(order: np.ndarray) -> np.ndarray:
+    """Inverse of an index order: catalog row -> position in the index."""
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    return position
+
+
+def _padded_positions(rows: Sequence[Sequence[int]], position: np.ndarray) -> np.ndarray:
+    """[Q, X] index positions of each query's catalog rows (-1 pads; X >= 1)."""
+    out = np.full([len(rows), max([1] + [len(r) for r in rows])], -1, np.int64)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = position[np.asarray(r, np.int64)]
+        out[i, :len(r)] = position[np.asarray(list(r), np.int64)]
     return out
 
 
-def _top_rows(index: "CatalogIndex", queries: np.ndarray, blocked: np.ndarray, k: int,
-              nprobe: Optional[int], chunk: int = 16) -> np.ndarray:
-    """[Q, k] index positions of each query's top-k (exact when nprobe is None)."""
-    search = tf.function(lambda q, b, p: index.top_k(q, k, blocked=b, nprobe=p,
-                                                     exact=nprobe is None)[1],
-                         reduce_retracing=True)
-    out = []
+def _excluded_rows(tuning: TuningQueries, item_ids: Optional[Sequence[str]]) -> list:
+    """Catalog rows of each tuning query's excluded items (none without ids)."""
+    if tuning.exclude is None or item_ids is None:
+        return [[] for _ in range(len(tuning.embeddings))]
+    row_of = {item: i for i, item in enumerate(item_ids)}
+    return [[row_of[i] for i in items if i in row_of] for items in tuning.exclude]
+
+
+def _search(index: "CatalogIndex", queries: np.ndarray, blocked: np.ndarray, k: int,
+            nprobe: Optional[int] = None, exact: bool = False, chunk: int = 16
+            ) -> Tuple[np.ndarray, np.ndarray]:
+    """Scores and index positions [Q, k] of each query's top-k, a few queries at a time
+    (an IVF step gathers [chunk, candidates, d]; exact scores [chunk, N])."""
+    search = tf.function(lambda q, b: index.top_k(
+        q, k, blocked=b, exact=exact,
+        nprobe=None if nprobe is None else tf.fill([tf.shape(q)[0]], nprobe)),
+        reduce_retracing=True)
+    values, rows = [], []
     for i in range(0, len(queries), chunk):
-        q = tf.constant(queries[i:i + chunk], tf.float32)
-        p = tf.fill([tf.shape(q)[0]], nprobe or 1)
-        out.append(search(q, tf.constant(blocked[i:i + chunk]), p).numpy())
-    return np.concatenate(out)
+        v, r = search(tf.constant(queries[i:i + chunk], tf.float32),
+                      tf.constant(blocked[i:i + chunk]))
+        values.append(v.numpy())
+        rows.append(r.numpy())
+    return np.concatenate(values), np.concatenate(rows)
 
 
 def choose_index(embeddings: np.ndarray, tuning: Optional[TuningQueries], cfg: ExportConfig,
@@ -165,15 +178,13 @@ def choose_index(embeddings: np.ndarray, tuning: Optional[TuningQueries], cfg: E
         rng = np.random.RandomState(seed)
         tuning = TuningQueries(embeddings[rng.choice(n, min(n, 1000), replace=False)],
                                source="catalog items (no validation queries)")
-    position = np.empty_like(plan.order)
-    position[plan.order] = np.arange(n)
-    blocked = _blocked_rows(tuning, item_ids, position)
+    blocked = _padded_positions(_excluded_rows(tuning, item_ids), _positions(plan.order))
     index = CatalogIndex(embeddings[plan.order], IndexChoice(plan=plan, nprobe=1))
-    truth = _top_rows(index, tuning.embeddings, blocked, min(100, n), None)
+    truth = _search(index, tuning.embeddings, blocked, min(100, n), exact=True)[1]
     ladder = {}
     candidates = [cfg.nprobe] if cfg.nprobe else nprobe_ladder(nlist)
     for nprobe in candidates:
-        found = _top_rows(index, tuning.embeddings, blocked, truth.shape[1], nprobe)
+        found = _search(index, tuning.embeddings, blocked, truth.shape[1], nprobe)[1]
         ladder[nprobe] = {f"recall@{c}": round(_overlap(found, truth, c), 4)
                           for c in (10, 100) if c <= truth.shape[1]}
         if ladder[nprobe]["recall@100"] >= cfg.index_target_recall:
@@ -308,18 +319,12 @@ class IndexSearch:
         self.card = choice.card
         self._order = (choice.plan.order if choice.plan is not None
                        else np.arange(len(embeddings), dtype=np.int64))
-        self._position = np.empty_like(self._order)
-        self._position[self._order] = np.arange(len(self._order))
+        self._position = _positions(self._order)
         self._index = CatalogIndex(embeddings[self._order], choice)
-        self._top_k = tf.function(
-            lambda q, k, blocked: self._index.top_k(q, k, blocked=blocked),
-            input_signature=[tf.TensorSpec([None, embeddings.shape[1]], tf.float32),
-                             tf.TensorSpec([], tf.int32),
-                             tf.TensorSpec([None, None], tf.int64)])
         self._embeddings = embeddings
 
     def __call__(self, queries: np.ndarray, embeddings: np.ndarray, item_ids: Sequence[str],
-                 k: int, excluded: Optional[Sequence[Sequence[int]]] = None, chunk: int = 256
+                 k: int, excluded: Optional[Sequence[Sequence[int]]] = None
                  ) -> Tuple[np.ndarray, np.ndarray]:
         """Catalog rows [U, k] (-1 past the results) and scores of each query's top-k.
 
@@ -329,23 +334,13 @@ class IndexSearch:
           item_ids: [N] their ids.
           k: results per query.
           excluded: per query, catalog rows never to return.
-          chunk: queries per call.
         """
         if self._embeddings is None or not (
                 self._embeddings.shape == embeddings.shape
                 and np.array_equal(self._embeddings, embeddings)):
             self._build(np.asarray(embeddings, np.float32), item_ids)
-        rows_out, scores_out = [], []
-        for start in range(0, len(queries), chunk):
-            q = np.asarray(queries[start:start + chunk], np.float32)
-            lists = excluded[start:start + chunk] if excluded is not None else [[]] * len(q)
-            width = max([1] + [len(r) for r in lists])
-            blocked = np.full([len(q), width], -1, np.int64)
-            for i, r in enumerate(lists):
-                blocked[i, :len(r)] = self._position[np.asarray(list(r), np.int64)]
-            values, rows = self._top_k(tf.constant(q), tf.constant(k, tf.int32),
-                                       tf.constant(blocked))
-            rows = rows.numpy()
-            rows_out.append(np.where(rows >= 0, self._order[np.maximum(rows, 0)], -1))
-            scores_out.append(values.numpy())
-        return np.concatenate(rows_out), np.concatenate(scores_out)
+        blocked = _padded_positions(
+            excluded if excluded is not None else [[] for _ in range(len(queries))],
+            self._position)
+        values, rows = _search(self._index, np.asarray(queries, np.float32), blocked, k)
+        return np.where(rows >= 0, self._order[np.maximum(rows, 0)], -1), values
