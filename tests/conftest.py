@@ -5,6 +5,8 @@ import pytest
 import tfrec  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any TensorFlow import)
 from tfrec.data.synthetic import World, generate_world
 
+from tests.helpers import small_run_config
+
 TINY_SEED = 42
 
 
@@ -25,20 +27,7 @@ def tiny_world_dir(tiny_world, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_config(tiny_world_dir, tmp_path_factory):
     """Config of a small, fast retrieval run on the tiny world."""
-    from tfrec.config import Config
-
-    work = tmp_path_factory.mktemp("work")
-    cfg = Config()
-    cfg.data.data_dir = tiny_world_dir
-    cfg.data.tfrecord_dir = str(work / "tfrecords")
-    cfg.data.num_shards = 2
-    cfg.train.checkpoint_dir = str(work / "checkpoints")
-    cfg.train.log_dir = str(work / "tensorboard_logs")
-    cfg.train.epochs = 4
-    cfg.train.batch_size = 256
-    cfg.train.run_name = "tiny"
-    cfg.export.base_dir = str(work / "models")
-    return cfg
+    return small_run_config(tiny_world_dir, tmp_path_factory.mktemp("work"), "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -44,3 +44,21 @@ def assert_invalid_argument(call, *substrings):
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, str(info.value)
     for s in substrings:
         assert s in info.value.message, f"{s!r} not in {info.value.message!r}"
+
+
+def small_run_config(data_dir: str, work, run_name: str):
+    """Config of a small, fast retrieval run on the world in `data_dir`, writing under
+    the directory `work` (a pathlib.Path)."""
+    from tfrec.config import Config
+
+    cfg = Config()
+    cfg.data.data_dir = data_dir
+    cfg.data.tfrecord_dir = str(work / "tfrecords")
+    cfg.data.num_shards = 2
+    cfg.train.checkpoint_dir = str(work / "checkpoints")
+    cfg.train.log_dir = str(work / "tensorboard_logs")
+    cfg.train.epochs = 4
+    cfg.train.batch_size = 256
+    cfg.train.run_name = run_name
+    cfg.export.base_dir = str(work / "models")
+    return cfg

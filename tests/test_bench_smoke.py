@@ -106,6 +106,10 @@ BENCHES: Dict[str, Expect] = {
     "title_embedding": Expect(
         [("batching", "embedded", "titles/s", "vs before")],
         [row("padded (before)"), row("trimmed (after)"), row("re-index, 1% changed")]),
+    "text_tokenize": Expect(
+        [("texts", "n", "ascii us/text", "unicode us/text", "vs ascii")],
+        [r"synthetic titles \(en\), batch 1 +\d", r"synthetic titles \(zh\), batch 4096 +\d",
+         r"synthetic titles \(zh\), python lists +\d"]),
     "search_relevance": Expect(
         [("method", "test NDCG@10", "vs BM25", "val NDCG@10")],
         [row("BM25"), row("MiniLM zero-shot cosine"), row("MiniLM fast, fine-tuned"),

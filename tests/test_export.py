@@ -15,6 +15,7 @@ FRESH_PROCESS = textwrap.dedent(r"""
     import json, sys
     import numpy as np
     import tensorflow as tf
+    import tensorflow_text  # the text case-folding op, as TF Serving links it
 
     path, history_item, catalog_item = sys.argv[1], sys.argv[2], sys.argv[3]
     m = tf.saved_model.load(path)
@@ -66,7 +67,7 @@ def test_export_layout_and_reload_in_fresh_process(exported_model, tiny_world, t
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert out["signatures"] == ["candidate_embedding", "query_embedding", "serving_default",
                                  "similar_items"]
-    assert out["modules"] == [], "the fresh process must need TensorFlow only"
+    assert out["modules"] == [], "the fresh process must need TensorFlow (+ TF Text ops) only"
     ids = set(catalog["item_id"])
     titles = dict(zip(catalog["item_id"], catalog["title"]))
     first, second = out["item_ids"]
@@ -115,6 +116,7 @@ SCORE_PROCESS = textwrap.dedent(r"""
     import json, sys
     import numpy as np
     import tensorflow as tf
+    import tensorflow_text  # the text case-folding op, as TF Serving links it
 
     m = tf.saved_model.load(sys.argv[1])
     raw = dict(np.load(sys.argv[2], allow_pickle=True))

@@ -133,6 +133,7 @@ _FRESH = r"""
 import json, sys
 import numpy as np
 import tensorflow as tf
+import tensorflow_text  # the text case-folding op, as TF Serving links it
 model = tf.saved_model.load(sys.argv[1])
 fn = model.signatures["candidate_embedding"]
 base = dict(item_id=tf.constant(["I000001"] * 3), title=tf.constant(["Blue Cotton Shirt"] * 3),
@@ -177,6 +178,7 @@ def test_evaluate_runs_with_the_extra_columns(extra_run):
 _FRESH_PIPELINE = r"""
 import json, sys
 import tensorflow as tf
+import tensorflow_text  # the text case-folding op, as TF Serving links it
 model = tf.saved_model.load(sys.argv[1])
 out = model.signatures["recommend"](
     user_id=tf.constant([sys.argv[2]]), history=tf.constant([[""]]),

@@ -171,6 +171,7 @@ def test_ivf_export_runs_on_core_tensorflow_and_matches_exact_at_full_probe(
     script = textwrap.dedent(f"""
         import json, sys
         import tensorflow as tf
+        import tensorflow_text  # the text case-folding op, as TF Serving links it
         exact = tf.saved_model.load({ivf_exports["exact"]!r})
         ivf = tf.saved_model.load({ivf_exports["ivf"]!r})
         bad = [m for m in sys.modules if m == "tfrec" or m.startswith("tfrec.")]

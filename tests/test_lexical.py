@@ -1,7 +1,8 @@
 """LexicalIndex: in-graph BM25 must equal BM25Baseline and survive every export path.
 
-The fresh-process test loads the SavedModel with only tensorflow imported, as TF Serving
-would: any py_function or non-core op (tensorflow_text) would fail there.
+The fresh-process test loads the SavedModel with only tensorflow and tensorflow_text's op
+library imported, as TF Serving (which links TF Text's ops) would: a py_function or a
+tfrec/Keras object in the graph would fail there.
 """
 
 import json
@@ -29,9 +30,11 @@ DOCS = [
     "Café chair: élégant, 2-pack",
     "blue lamp shade",
     "lamp lamp lamp",
+    "无线蓝牙耳机 降噪 Pro2",
+    "蓝牙音箱 户外",
 ]
 QUERIES = ["red drill", "red red drill", "", "zzz unknown", "2x4 1/2 in.", "LAMP-shade!!",
-           "café", "drill drill zzz drill", "   ", "18v"]
+           "café", "drill drill zzz drill", "   ", "18v", "蓝牙耳机", "PRO2 降噪", "CAFÉ"]
 
 
 def _reference(texts, queries, **kwargs) -> np.ndarray:
@@ -68,6 +71,9 @@ def test_scores_match_baseline_on_hand_corpus(layer):
     np.testing.assert_allclose(got[1] - got[0], got[0] - layer(tf.constant(["drill"]))[0],
                                rtol=1e-5, atol=1e-6)
     assert not got[[2, 3, 8]].any()
+    # Chinese and accented queries match their documents (nothing dropped as non-ASCII).
+    assert got[10].argmax() == 7 and got[10, 7] > got[10, 8] > 0  # 蓝牙耳机: 耳机 only in 7
+    assert got[11].argmax() == 7 and got[12].argmax() == 4 and got[12, 4] == got[6, 4] > 0
     other = LexicalIndex(DOCS, k1=2.0, b=0.3)(tf.constant(QUERIES)).numpy()
     np.testing.assert_allclose(other, _reference(DOCS, QUERIES, k1=2.0, b=0.3), rtol=1e-4,
                                atol=1e-6)
@@ -127,6 +133,7 @@ def test_saved_model_runs_in_a_fresh_tensorflow_process(layer, tmp_path):
     script = textwrap.dedent("""
         import json, sys
         import tensorflow as tf
+        import tensorflow_text  # the CaseFoldUTF8 op (linked into stock TF Serving)
         serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
         out = serve(query=tf.constant(json.loads(sys.argv[2])))
         empty = serve(query=tf.constant([], tf.string))["bm25"].shape.as_list()
@@ -141,7 +148,7 @@ def test_saved_model_runs_in_a_fresh_tensorflow_process(layer, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["imported"] == [] and result["empty"] == [0, len(DOCS)]
+    assert result["imported"] == ["tensorflow_text"] and result["empty"] == [0, len(DOCS)]
     for name in ("bm25", "coverage"):
         np.testing.assert_allclose(np.asarray(result["out"][name]), expected[name], atol=1e-6)
 

@@ -39,6 +39,7 @@ def _config(args: argparse.Namespace) -> Config:
     cfg.override(args.set)
     flag_map = {
         "world": ("data", "world"), "seed": ("data", "seed"), "data_dir": ("data", "data_dir"),
+        "lang": ("data", "lang"),
         "strategy": ("train", "strategy"), "tpu": ("train", "tpu"),
         "cpu_devices": ("train", "cpu_devices"), "epochs": ("train", "epochs"),
         "batch_size": ("train", "batch_size"), "run_name": ("train", "run_name"),
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with ground truth.")
     _add_common(p)
     p.add_argument("--world", help="preset: tiny, small, medium, large")
+    p.add_argument("--lang", choices=["en", "zh"],
+                   help="language of titles, descriptions and queries (default: en)")
     p.add_argument("--seed", type=int)
     p.add_argument("--data-dir", dest="data_dir")
 
@@ -233,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _train_flags(p)
     p.add_argument("--world", help="synthetic world preset (default: small)")
+    p.add_argument("--lang", choices=["en", "zh"], help="language of the world (default: en)")
     p.add_argument("--regenerate", action="store_true", help="regenerate the world")
     from tfrec.text.cli import add_text_commands
     add_text_commands(sub)
@@ -280,7 +284,8 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "generate":
         info = workflow.generate(cfg, args.world, args.seed)
         print(f"wrote {info['items']} items, {info['users']} users, {info['events']} events "
-              f"({info['world']}, seed {info['seed']}) to {info['data_dir']} in {info['seconds']}s")
+              f"({info['world']}, {info['lang']}, seed {info['seed']}) to {info['data_dir']} in "
+              f"{info['seconds']}s")
     elif cmd == "train":
         from tfrec.training import cluster
 

@@ -21,6 +21,7 @@ class DataConfig:
     data_dir: str = "work/data"  # catalog/users/events tables
     tfrecord_dir: str = "work/tfrecords"
     world: str = "small"  # synthetic world preset used by `generate`/`demo`
+    lang: str = "en"  # language of the synthetic world's text: en or zh
     seed: int = 42
     val_fraction: float = 0.1  # of the time range, the period before test
     test_fraction: float = 0.1  # of the time range, the last period

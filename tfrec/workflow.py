@@ -4,6 +4,7 @@ evaluate -> export -> serve -> query. `demo` chains them on the synthetic world.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -18,14 +19,15 @@ log = logging.getLogger(__name__)
 
 def generate(cfg: Config, world: Optional[str] = None, seed: Optional[int] = None) -> dict:
     """Writes a synthetic world to cfg.data.data_dir and returns its summary."""
-    from tfrec.data.synthetic import generate_world
+    from tfrec.data.synthetic import generate_world, get_spec
 
     world = world or cfg.data.world
     seed = cfg.data.seed if seed is None else seed
     start = time.perf_counter()
-    w = generate_world(world, seed=seed)
+    w = generate_world(dataclasses.replace(get_spec(world), lang=cfg.data.lang), seed=seed)
     w.save(cfg.data.data_dir)
-    return {"world": world, "seed": seed, "items": len(w.catalog), "users": len(w.users),
+    return {"world": world, "lang": cfg.data.lang, "seed": seed, "items": len(w.catalog),
+            "users": len(w.users),
             "events": len(w.events), "data_dir": cfg.data.data_dir,
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -125,6 +127,7 @@ def _evaluation_index(cfg: Config, query_fn, num_items: int):
 
 def _load_saved_model(path: str):
     import tensorflow as tf
+    import tensorflow_text  # noqa: F401  (text is case-folded with a TF Text op)
 
     if not os.path.exists(os.path.join(path, "saved_model.pb")):
         raise FileNotFoundError(f"{path!r} is not a SavedModel directory (no saved_model.pb)")

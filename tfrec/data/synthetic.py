@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Set, Union
 import numpy as np
 import pandas as pd
 
+from tfrec.data import lexicon_zh as zh
 from tfrec.data.io import atomic_write, read_table, write_table
 from tfrec.data.schema import DEVICES, EVENT_TYPES, validate_table
 
@@ -139,6 +140,7 @@ _QUERY_MODIFIERS = ("cheap", "best", "new", "sale")
 HOUR_WEIGHTS = np.array([2, 1, 1, 1, 1, 1, 2, 3, 4, 5, 5, 6, 7, 6, 5, 5, 5, 6, 8, 9, 10, 9, 7, 4],
                         dtype=np.float64)
 
+LANGUAGES = ("en", "zh")  # vocabularies of the world (English tables above, Chinese in zh)
 COLD_START_FRACTION = 0.1  # cold items/users appear in this last share of the range
 CATEGORY_EPS = 1e-3  # floor of category weights: users sometimes like anything
 DAY = 86400
@@ -164,6 +166,8 @@ class WorldSpec:
       popularity_beta: weight of log popularity in the true utility.
       synonym_rate, typo_rate: query noise.
       start_ts: first second (UTC midnight keeps the hour pattern aligned).
+      lang: language of titles, descriptions, categories and queries ("en" or "zh"; the
+        same leaves, prices and behaviour either way).
     """
 
     name: str = "custom"
@@ -181,8 +185,12 @@ class WorldSpec:
     synonym_rate: float = 0.35
     typo_rate: float = 0.1
     start_ts: int = 1704067200  # 2024-01-01 00:00 UTC
+    lang: str = "en"
 
     def __post_init__(self):
+        if self.lang not in LANGUAGES:
+            raise ValueError(f"WorldSpec.lang must be one of {list(LANGUAGES)}, got "
+                             f"{self.lang!r}")
         num_leaves = sum(len(v) for v in DEPARTMENTS.values())
         if self.num_items < num_leaves:
             raise ValueError(f"num_items must be >= {num_leaves} (one per leaf category), "
@@ -236,6 +244,7 @@ def get_spec(spec: Union[WorldSpec, str]) -> WorldSpec:
 
 @dataclass
 class _Vocab:
+    lang: str
     departments: List[str]
     leaf_names: List[str]  # "department>leaf"
     leaf_dept: np.ndarray
@@ -244,13 +253,23 @@ class _Vocab:
     group_leaf: np.ndarray
     attributes: List[List[str]]  # per department
     materials: List[List[str]]  # per department, possibly empty
+    colors: List[str]
+    brand_heads: List[str]
+    brand_tails: List[str]
+    modifiers: tuple
 
 
-def _vocab() -> _Vocab:
-    departments = list(DEPARTMENTS)
+def _vocab(lang: str = "en") -> _Vocab:
+    tables = (DEPARTMENTS, ATTRIBUTES, MATERIALS, COLORS, _BRAND_HEADS, _BRAND_TAILS,
+              _QUERY_MODIFIERS)
+    if lang == "zh":
+        tables = (zh.DEPARTMENTS_ZH, zh.ATTRIBUTES_ZH, zh.MATERIALS_ZH, zh.COLORS_ZH,
+                  zh.BRAND_HEADS_ZH, zh.BRAND_TAILS_ZH, zh.MODIFIERS_ZH)
+    depts, attributes, materials, colors, heads, tails, modifiers = tables
+    departments = list(depts)
     leaf_names, leaf_dept, leaf_price, group_words, group_leaf = [], [], [], [], []
     for d, dept in enumerate(departments):
-        for leaf, (price, groups) in DEPARTMENTS[dept].items():
+        for leaf, (price, groups) in depts[dept].items():
             for group in groups:
                 group_words.append(group.split("|"))
                 group_leaf.append(len(leaf_names))
@@ -258,11 +277,13 @@ def _vocab() -> _Vocab:
             leaf_dept.append(d)
             leaf_price.append(price)
     return _Vocab(
-        departments=departments, leaf_names=leaf_names,
+        lang=lang, departments=departments, leaf_names=leaf_names,
         leaf_dept=np.array(leaf_dept), leaf_price=np.array(leaf_price, dtype=np.float64),
         group_words=group_words, group_leaf=np.array(group_leaf),
-        attributes=[ATTRIBUTES[d].split() for d in departments],
-        materials=[MATERIALS.get(d, "").split() for d in departments])
+        attributes=[attributes[d].split() for d in departments],
+        materials=[materials.get(d, "").split() for d in departments],
+        colors=list(colors), brand_heads=list(heads), brand_tails=list(tails),
+        modifiers=tuple(modifiers))
 
 
 class _GroupSampler:
@@ -305,13 +326,38 @@ def _cold_end(spec: WorldSpec) -> int:
     return spec.t_end - max(int(0.03 * span), 2 * 3600)
 
 
-def _brand_names(count: int, rng: np.random.Generator) -> List[str]:
-    names = [h + t for h in _BRAND_HEADS for t in _BRAND_TAILS]  # 480 distinct
+def _brand_names(count: int, vocab: _Vocab, rng: np.random.Generator) -> List[str]:
+    names = [h + t for h in vocab.brand_heads for t in vocab.brand_tails]  # 480 distinct
     return [names[i] for i in rng.permutation(len(names))[:count]]
 
 
 def _capitalise(words: str) -> str:
     return " ".join(w[:1].upper() + w[1:] for w in words.split())
+
+
+_FASHION = list(DEPARTMENTS).index("fashion")  # department index, the same in every language
+
+
+def _texts_en(brand: str, attrs: List[str], noun: str, other: str, model: str, leaf: str,
+              department: str, sizes: Optional[tuple]) -> tuple:
+    """(title, description) of an English item."""
+    title = " ".join([brand, _capitalise(" ".join(attrs + [noun]))] + ([model] if model else []))
+    parts = [f"This {' '.join(attrs + [other])} by {brand} belongs to our {leaf} range."]
+    if sizes:
+        parts.append(f"Available in sizes {sizes[0]} to {sizes[1]}.")
+    parts.append(f"A great {noun} for everyday {department} needs.")
+    return title, " ".join(parts)
+
+
+def _texts_zh(brand: str, attrs: List[str], noun: str, other: str, model: str, leaf: str,
+              department: str, sizes: Optional[tuple]) -> tuple:
+    """(title, description) of a Chinese item: words run together, as Chinese titles do."""
+    title = " ".join([brand, "".join(attrs + [noun])] + ([model] if model else []))
+    parts = [f"这款{''.join(attrs + [other])}来自{brand}，属于我们的{leaf}系列。"]
+    if sizes:
+        parts.append(f"尺码{sizes[0]}到{sizes[1]}可选。")
+    parts.append(f"日常{department}必备的好{noun}。")
+    return title, "".join(parts)
 
 
 def _make_catalog(spec: WorldSpec, vocab: _Vocab, rng: np.random.Generator):
@@ -333,7 +379,7 @@ def _make_catalog(spec: WorldSpec, vocab: _Vocab, rng: np.random.Generator):
     brand_dept[brand_dept[:, 1] == brand_dept[:, 0], 1] = -1
     brand_tier = rng.choice(len(BRAND_TIERS), num_brands, p=[0.3, 0.35, 0.25, 0.1])
     brand_weight = rng.lognormal(0.0, 0.7, num_brands)
-    brand_names = _brand_names(num_brands, rng)
+    brand_names = _brand_names(num_brands, vocab, rng)
     item_brand = np.zeros(n, dtype=np.int64)
     for d in range(num_depts):
         members = np.flatnonzero((brand_dept == d).any(axis=1))
@@ -355,7 +401,7 @@ def _make_catalog(spec: WorldSpec, vocab: _Vocab, rng: np.random.Generator):
     mat_count = np.array([len(m) for m in vocab.materials])[item_dept]
     item_material = np.where((mat_count > 0) & (rng.random(n) < 0.5),
                              (rng.random(n) * np.maximum(mat_count, 1)).astype(int), -1)
-    item_color = np.where(rng.random(n) < 0.6, rng.integers(len(COLORS), size=n), -1)
+    item_color = np.where(rng.random(n) < 0.6, rng.integers(len(vocab.colors), size=n), -1)
     has_model = rng.random(n) < 0.3
     model_style = rng.integers(3, size=n)
     letters = "ABCDEFGHJKLMNPRSTVXZ"
@@ -388,7 +434,7 @@ def _make_catalog(spec: WorldSpec, vocab: _Vocab, rng: np.random.Generator):
         noun = words[item_word[i]]
         attrs = []
         if item_color[i] >= 0:
-            attrs.append(COLORS[item_color[i]])
+            attrs.append(vocab.colors[item_color[i]])
         if item_attr[i] >= 0:
             attrs.append(vocab.attributes[d][item_attr[i]])
         if item_material[i] >= 0:
@@ -400,17 +446,15 @@ def _make_catalog(spec: WorldSpec, vocab: _Vocab, rng: np.random.Generator):
                      f"{a}{b}{model_number[i]}")[model_style[i]]
         models.append(model)
         brand = brand_names[item_brand[i]]
-        titles.append(" ".join([brand, _capitalise(" ".join(attrs + [noun]))] +
-                               ([model] if model else [])))
         # Descriptions use another word of the noun group: text models can learn
         # that "couch" and "sofa" go together.
         other = words[(item_word[i] + 1) % len(words)]
         leaf = vocab.leaf_names[item_leaf[i]].split(">")[1]
-        parts = [f"This {' '.join(attrs + [other])} by {brand} belongs to our {leaf} range."]
-        if d == vocab.departments.index("fashion"):
-            parts.append(f"Available in sizes {SIZES[i % 3]} to {SIZES[3 + i % 3]}.")
-        parts.append(f"A great {noun} for everyday {vocab.departments[d]} needs.")
-        descriptions.append(" ".join(parts))
+        sizes = (SIZES[i % 3], SIZES[3 + i % 3]) if d == _FASHION else None
+        title, description = (_texts_zh if vocab.lang == "zh" else _texts_en)(
+            brand, attrs, noun, other, model, leaf, vocab.departments[d], sizes)
+        titles.append(title)
+        descriptions.append(description)
 
     catalog = pd.DataFrame({
         "item_id": item_ids, "title": titles, "description": descriptions,
@@ -418,7 +462,7 @@ def _make_catalog(spec: WorldSpec, vocab: _Vocab, rng: np.random.Generator):
         "brand": np.array(brand_names, dtype=object)[item_brand],
         "price": price.astype(np.float64), "created_ts": created.astype(np.int64),
         # Attributes beyond the schema (declare them under `features:` to use them).
-        "color": np.array([COLORS[c] if c >= 0 else "" for c in item_color], dtype=object),
+        "color": np.array([vocab.colors[c] if c >= 0 else "" for c in item_color], dtype=object),
         "material": np.array([vocab.materials[d][m] if m >= 0 else ""
                               for d, m in zip(item_dept, item_material)], dtype=object),
         # Shoppers rate what sells: a 1-5 rating that follows the true popularity.
@@ -561,11 +605,11 @@ def _make_query(truth: Dict[str, np.ndarray], vocab: _Vocab, item: int, r: np.nd
     dept = truth["leaf_dept"][truth["item_leaf"][item]]
     tokens = []
     if r[2] < 0.15:
-        tokens.append(_QUERY_MODIFIERS[int(r[3] * len(_QUERY_MODIFIERS))])
+        tokens.append(vocab.modifiers[int(r[3] * len(vocab.modifiers))])
     if r[4] < 0.35:
         tokens.append(str(truth["brand_names"][truth["item_brand"][item]]).lower())
     if truth["item_color"][item] >= 0 and r[5] < 0.5:
-        tokens.append(COLORS[truth["item_color"][item]])
+        tokens.append(vocab.colors[truth["item_color"][item]])
     if truth["item_attr"][item] >= 0 and r[6] < 0.5:
         tokens.append(vocab.attributes[dept][truth["item_attr"][item]])
     if truth["item_material"][item] >= 0 and r[7] < 0.4:
@@ -576,13 +620,34 @@ def _make_query(truth: Dict[str, np.ndarray], vocab: _Vocab, item: int, r: np.nd
         tokens.append(model.lower())
     typo = False
     if r[9] < spec.typo_rate:
-        candidates = [j for j, t in enumerate(tokens) if len(t) >= 4 and t.isalpha()]
+        if vocab.lang == "zh":
+            candidates = [j for j, t in enumerate(tokens) if any(c in zh.HOMOPHONES_ZH for c in t)]
+        else:
+            candidates = [j for j, t in enumerate(tokens) if len(t) >= 4 and t.isalpha()]
         if candidates:
             j = candidates[int(r[10] * len(candidates))]
-            changed = _typo(tokens[j], r[11], r[12])
+            changed = (_typo_zh if vocab.lang == "zh" else _typo)(tokens[j], r[11], r[12])
             typo = changed != tokens[j]
             tokens[j] = changed
-    return " ".join(tokens), synonym, typo
+    return (_join_zh(tokens) if vocab.lang == "zh" else " ".join(tokens)), synonym, typo
+
+
+def _typo_zh(word: str, r1: float, r2: float) -> str:
+    """One character replaced by its homophone (a pinyin input slip)."""
+    slots = [i for i, c in enumerate(word) if c in zh.HOMOPHONES_ZH]
+    i = slots[int(r2 * len(slots))]
+    return word[:i] + zh.HOMOPHONES_ZH[word[i]] + word[i + 1:]
+
+
+def _join_zh(tokens: List[str]) -> str:
+    """Chinese words run together; a Latin token (model number) keeps spaces around it."""
+    out = ""
+    for t in tokens:
+        latin = t.isascii()
+        if out and (latin or out[-1].isascii()):
+            out += " "
+        out += t
+    return out
 
 
 # --------------------------------------------------------------------------------
@@ -954,7 +1019,7 @@ def generate_world(spec: Union[WorldSpec, str] = "small", seed: int = 42) -> Wor
     """
     spec = get_spec(spec)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
-    vocab = _vocab()
+    vocab = _vocab(spec.lang)
     catalog, truth = _make_catalog(spec, vocab, streams[0])
     users = _make_users(spec, truth, streams[1])
     events = _simulate(spec, vocab, truth, streams[2])

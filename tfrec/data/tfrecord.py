@@ -162,8 +162,10 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
     if early:
         ds = ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                                       deterministic=deterministic)
-        ds = ds.unbatch().map(_strip_padding, num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=deterministic)
+        # Slices are copied out of each batch (flat_map), not moved: `unbatch()` moves
+        # them and crashed (SIGSEGV in MaybeMoveSliceToElement) on the Chinese world.
+        ds = ds.flat_map(tf.data.Dataset.from_tensor_slices).map(
+            _strip_padding, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if cache:
         ds = ds.cache()
     if shuffle:

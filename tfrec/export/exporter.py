@@ -86,8 +86,9 @@ def _ranking_card(kind: str, run_dir: str, catalog: pd.DataFrame, ranker, signat
     return {"model": kind, "run_dir": os.path.abspath(run_dir),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "num_items": len(catalog),
             "tasks": list(ranker.tasks), "text_mode": text_mode,
-            # BERT text modes tokenise with TF Text ops (stock TF Serving links them).
-            "needs_tensorflow_text": text_mode != "bow",
+            # Text is case-folded with a TF Text op in every mode (stock TF Serving
+            # links TF Text's ops); BERT modes also tokenise with them.
+            "needs_tensorflow_text": True,
             "signatures": sorted(signatures), **extra}
 
 

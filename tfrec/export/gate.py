@@ -17,6 +17,7 @@ import pandas as pd
 
 import tfrec  # noqa: F401
 import tensorflow as tf
+import tensorflow_text  # noqa: F401  (text is case-folded with a TF Text op)
 
 from tfrec.data.feature_spec import FeatureSpec
 from tfrec.evaluation.report import evaluate_period

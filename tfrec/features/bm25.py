@@ -6,21 +6,22 @@ One implementation serves the evaluation baseline and the in-graph `LexicalIndex
 
 from __future__ import annotations
 
-import re
 from typing import List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-
-_TOKEN = re.compile(r"[a-z0-9]+")
+from tfrec.features.tokenize import tokenize
 
 
 def bm25_tokenize(text: str) -> List[str]:
-    """Lowercase alphanumeric runs: "Wood-Deck 2x4" -> ["wood", "deck", "2x4"]."""
+    """Tokens of one text, as every tfrec text path splits them (`tfrec.features.tokenize`).
+
+    "Wood-Deck 2x4" -> ["wood", "deck", "2x4"]; "无线耳机" -> 无 线 耳 机 无线 线耳 耳机.
+    """
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
-    return _TOKEN.findall(text.lower())
+    return tokenize([text])[0]
 
 
 def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -68,7 +69,7 @@ class BM25Scorer:
             raise ValueError("no documents to index")
         if len(set(doc_ids.tolist())) != len(doc_ids):
             raise ValueError("doc_ids must be unique")
-        tokens = [bm25_tokenize(t) for t in texts]
+        tokens = tokenize(texts)
         lengths = np.fromiter((len(t) for t in tokens), dtype=np.float64, count=len(tokens))
         flat = [w for doc in tokens for w in doc]
         doc_of = np.repeat(np.arange(len(tokens)), lengths.astype(np.int64))
@@ -97,10 +98,9 @@ class BM25Scorer:
         if self.doc_ids_ is None:
             raise RuntimeError("BM25Scorer is not fitted; call fit() first")
 
-    def _query_terms(self, query: str) -> np.ndarray:
-        """Known term codes of a query, repeated terms counted once per occurrence."""
-        return np.asarray([self.vocab_[w] for w in bm25_tokenize(query) if w in self.vocab_],
-                          dtype=np.int64)
+    def _query_terms(self, tokens: Sequence[str]) -> np.ndarray:
+        """Known term codes of a query's tokens, repeated terms counted once per occurrence."""
+        return np.asarray([self.vocab_[w] for w in tokens if w in self.vocab_], dtype=np.int64)
 
     def score(self, queries: Sequence[str]) -> np.ndarray:
         """[queries, documents] BM25 scores (columns in fit order)."""
@@ -109,7 +109,7 @@ class BM25Scorer:
             raise ValueError("queries must be a list of strings; wrap a single query in [ ]")
         queries = list(queries)
         num_docs = len(self.doc_ids_)
-        terms = [self._query_terms(q) for q in queries]
+        terms = [self._query_terms(t) for t in tokenize(queries)]
         lengths = np.fromiter((t.size for t in terms), dtype=np.int64, count=len(terms))
         codes = np.concatenate(terms) if terms else np.zeros(0, np.int64)
         starts, sizes = self.indptr_[codes], self.indptr_[codes + 1] - self.indptr_[codes]

@@ -15,6 +15,8 @@ import numpy as np
 import tfrec  # noqa: F401
 import tensorflow as tf
 
+from tfrec.features.tokenize import char_ngrams, normalize_text, segment_tokens, text_segments
+
 MAX_TEXT_BYTES = 1024  # longer texts are truncated: bounded cost per request
 
 
@@ -213,8 +215,9 @@ class TextEncoder(tf.keras.layers.Layer):
     """Bag of words plus hashed character trigrams, mean pooled.
 
     Words carry meaning learned from the adapted vocabulary; character trigrams make
-    misspelled or unseen words ("hedphones") land near their correct spelling.
-    Empty text gives a zero vector.
+    misspelled or unseen words ("hedphones") land near their correct spelling. Text is
+    split by `tfrec.features.tokenize` (any script: CJK characters and bigrams, NFKC
+    case-folded words); trigrams run over each segment. Empty text gives a zero vector.
 
     Args:
       tokens: adapted word vocabulary (without padding/OOV tokens).
@@ -228,31 +231,27 @@ class TextEncoder(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.max_length = max_length
         self.ngram_bins = ngram_bins
-        self.vectorize = tf.keras.layers.TextVectorization(
-            vocabulary=list(tokens) if tokens else ["[empty]"],
-            output_sequence_length=max_length)
+        # Ids as TextVectorization gave them: 0 = padding, 1 = unknown, words from 2.
+        self.vectorize = tf.keras.layers.StringLookup(
+            vocabulary=_as_array(tokens) if len(tokens) else _as_array(["[empty]"]),
+            mask_token="", num_oov_indices=1)
         self.words = tf.keras.layers.Embedding(self.vectorize.vocabulary_size(), dim,
                                                name="words")
         self.dim = dim
         if ngram_bins > 0:
             self.trigrams = tf.keras.layers.Embedding(ngram_bins, dim, name="trigrams")
 
-    def _clean(self, texts: tf.Tensor) -> tf.Tensor:
-        texts = tf.strings.substr(texts, 0, MAX_TEXT_BYTES, unit="BYTE")
-        texts = tf.strings.lower(texts)
-        return tf.strings.regex_replace(texts, r"[^a-z0-9 ]+", " ")
-
     def preprocess(self, texts: tf.Tensor) -> Dict[str, tf.Tensor]:
         """Texts -> {"words": [B, max_length] ids (0 = padding), "grams": [B, G] trigram
         buckets (-1 = padding; only with ngram_bins > 0)}. The string half: runs in the
         model for serving and in tf.data for training."""
-        texts = self._clean(tf.reshape(texts, [-1]))
-        out = {"words": self.vectorize(texts)}
+        texts = tf.strings.substr(tf.reshape(texts, [-1]), 0, MAX_TEXT_BYTES, unit="BYTE")
+        segments = text_segments(normalize_text(texts))
+        words = segment_tokens(segments)[:, : self.max_length]
+        out = {"words": self.vectorize(words).to_tensor(default_value=0,
+                                                         shape=[None, self.max_length])}
         if self.ngram_bins > 0:
-            tokens = tf.strings.split(texts)[:, : self.max_length]  # ragged [B, W]
-            marked = tf.strings.join(["#", tokens, "#"])
-            chars = tf.strings.unicode_split(marked, "UTF-8")  # [B, W, C]
-            grams = tf.strings.ngrams(chars, 3, separator="").merge_dims(1, 2)  # [B, G]
+            grams = char_ngrams(segments[:, : self.max_length])  # [B, G]
             buckets = tf.ragged.map_flat_values(tf.strings.to_hash_bucket_fast, grams,
                                                 self.ngram_bins)
             out["grams"] = buckets.to_tensor(default_value=-1)

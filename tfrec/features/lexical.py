@@ -1,7 +1,7 @@
 """BM25 of raw query strings against a fixed catalog, computed inside the TensorFlow graph.
 
 Lexical scores then ship in the same SavedModel as the learned ones: stock TF Serving runs
-it with core ops only (no py_function, no tensorflow_text) and no Python-side index.
+it with core ops plus TF Text's case folding (no py_function) and no Python-side index.
 
 Layout: the vocabulary is kept sorted by 63-bit FarmHash fingerprint, so a token is looked
 up with `tf.searchsorted` and confirmed by string equality; postings are CSR arrays
@@ -20,6 +20,7 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.features.bm25 import BM25Scorer, expand_ranges
+from tfrec.features.tokenize import text_tokens
 
 __all__ = ["LexicalIndex", "lexical_tokens"]
 
@@ -28,28 +29,19 @@ _SENTINEL = np.int64(2**63 - 1)  # fingerprint of the sentinel term, above any r
 
 
 def lexical_tokens(text: tf.Tensor) -> tf.RaggedTensor:
-    """[B] strings -> ragged lowercase `[a-z0-9]+` tokens, as `bm25_tokenize` splits them.
-
-    UTF-8 lowering (not the ASCII default) matches `str.lower()` on the two non-ASCII
-    characters whose lowercase is ASCII; every other non-ASCII character is dropped.
-    """
-    text = tf.strings.lower(text, encoding="utf-8")
-    return tf.strings.split(tf.strings.regex_replace(text, "[^a-z0-9]+", " "))
+    """[B] strings -> ragged tokens, as `bm25_tokenize` splits them (any script)."""
+    return text_tokens(text)
 
 
 class LexicalIndex(tf.keras.layers.Layer):
     """BM25 (+ query-term coverage) of raw query strings against a stored catalog.
 
-    Scores match `tfrec.features.bm25.BM25Scorer` (float32 instead of float64):
-    tokens are lowercased `[a-z0-9]+` runs, a query term repeated r times adds its weight
-    r times, unknown terms add nothing. An empty query, or one with only unknown tokens,
-    scores 0 everywhere.
-
-    Tokenisation parity with `bm25_tokenize`: `tf.strings.lower(encoding="utf-8")` applies
-    the same Unicode lowercasing as `str.lower()` on the only two non-ASCII characters
-    whose lowercase is ASCII (KELVIN SIGN -> "k", "İ" -> "i" + combining dot), and every
-    other non-ASCII character is dropped by the regex either way. Invalid UTF-8 bytes
-    (impossible in a Python str) act as separators, like U+FFFD would.
+    Scores match `tfrec.features.bm25.BM25Scorer` (float32 instead of float64): both
+    tokenise with `tfrec.features.tokenize` (NFKC case-folded words of any script, CJK
+    characters and their bigrams), a query term repeated r times adds its weight r
+    times, unknown terms add nothing. An empty query, or one with only unknown tokens,
+    scores 0 everywhere. Invalid UTF-8 bytes (impossible in a Python str) act as
+    separators, like U+FFFD would.
 
     Serialization: `get_config()` holds k1, b and the index sizes, not the texts (41k
     titles do not belong in a model JSON). `from_config` (or `texts=None` with the sizes)

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 import tfrec  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-import tensorflow as tf
 
 from tfrec.data.feature_spec import FeatureSpec, default_spec
 from tfrec.data.schema import DEVICES
+from tfrec.features.tokenize import token_vocabulary
 
 VOCAB_FILE = "vocab.json"
 
@@ -111,15 +111,14 @@ def build_vocabularies(train_examples: pd.DataFrame, catalog: pd.DataFrame,
     departments = sorted(set(department_of(categories)))
     brands = sorted(set(catalog["brand"].astype(str)))
 
-    # Text vocabulary: Keras adapt over the same standardisation the model applies.
-    texts = np.concatenate([
+    # Text vocabulary: the tokens the model's TextEncoder splits (any script).
+    texts = [str(t) for t in np.concatenate([
         catalog["title"].astype(str).to_numpy(),
         catalog["description"].astype(str).to_numpy() if "description" in catalog else [],
         train_examples["query"].astype(str).to_numpy(),
-    ]).astype(object)
-    vectorizer = tf.keras.layers.TextVectorization(max_tokens=text_max_tokens)
-    vectorizer.adapt(tf.data.Dataset.from_tensor_slices(texts).batch(4096))
-    tokens = [t for t in vectorizer.get_vocabulary() if t not in ("", "[UNK]")]
+    ])]
+    # TextVectorization counted padding and unknown in max_tokens; so does this cap.
+    tokens = token_vocabulary(texts, max_tokens=max(text_max_tokens - 2, 0))
 
     prices = catalog["price"].astype(np.float64).to_numpy()
     qs = np.linspace(0, 1, price_buckets + 1)[1:-1]

@@ -18,8 +18,7 @@ import tensorflow as tf
 import tensorflow_hub as hub
 import tensorflow_text  # noqa: F401  (ops of the preprocessor SavedModel)
 
-from tfrec.features.bm25 import bm25_tokenize
-from tfrec.features.lexical import lexical_tokens
+from tfrec.features.tokenize import text_tokens, token_vocabulary, tokenize
 from tfrec.models.encoder_rate import minimize
 from tfrec.models.text_match import _EncoderLayer, _load_preprocessor, encoder_trainable_names
 from tfrec.text.embedding import mean_pool, trim_padding
@@ -33,12 +32,7 @@ MAX_TITLE_WORDS = 32
 
 def word_vocabulary(texts: Sequence[str], min_count: int = 2) -> List[str]:
     """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
-    counts: Dict[str, int] = {}
-    for text in texts:
-        for word in bm25_tokenize(str(text)):
-            counts[word] = counts.get(word, 0) + 1
-    kept = [w for w, c in counts.items() if c >= min_count]
-    return sorted(kept, key=lambda w: (-counts[w], w))
+    return token_vocabulary([str(t) for t in texts], min_count=min_count)
 
 
 def catalog_word_ids(titles: Sequence[str], vocabulary: Sequence[str],
@@ -46,8 +40,8 @@ def catalog_word_ids(titles: Sequence[str], vocabulary: Sequence[str],
     """[N, max_words] int32 word ids per title: 1 + vocabulary index, 0 = pad/unknown."""
     index = {w: i + 1 for i, w in enumerate(vocabulary)}
     out = np.zeros([len(titles), max_words], np.int32)
-    for row, title in enumerate(titles):
-        ids = [index[w] for w in bm25_tokenize(str(title)) if w in index][:max_words]
+    for row, words in enumerate(tokenize([str(t) for t in titles])):
+        ids = [index[w] for w in words if w in index][:max_words]
         out[row, :len(ids)] = ids
     return out
 
@@ -187,7 +181,7 @@ class SearchTwoTower(tf.keras.Model):
         """[B] query strings -> [B, H] unit vectors."""
         queries = tf.reshape(tf.convert_to_tensor(queries, tf.string), [-1])
         base = tf.math.l2_normalize(self.query_encoder(queries, training=training), axis=-1)
-        words = self.word_lookup(lexical_tokens(queries))  # OOV -> 0, also the pad id
+        words = self.word_lookup(text_tokens(queries))  # OOV -> 0, also the pad id
         words = words.to_tensor(default_value=0, shape=[None, MAX_TITLE_WORDS])
         return tf.math.l2_normalize(base + self.query_adapter(base) + self._bag(words), axis=-1)
 

@@ -459,6 +459,7 @@ def run_server() -> int:
                          f"cluster {sorted(cluster)}; cannot serve")
     os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
     import tensorflow as tf
+    import tensorflow_text  # noqa: F401  (text steps run TF Text's case folding here)
 
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     server = tf.distribute.Server(resolver.cluster_spec(), job_name=task_type, task_index=index,

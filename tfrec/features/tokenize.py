@@ -1,0 +1,142 @@
+"""One text normalisation and tokenisation for every text path, in any script.
+
+The two-tower text encoder, the in-graph BM25 `LexicalIndex`, the numpy `BM25Scorer`
+and the search two-tower's word bag all split text here, so a query is tokenised the
+same way in training, evaluation and the exported SavedModel. The Python entry point
+(`tokenize`) runs the very same TensorFlow function, so parity holds by construction.
+
+Rules: invalid UTF-8 becomes U+FFFD; NFKC with case folding (TF Text `case_fold_utf8`,
+an op stock TF Serving ships: fullwidth "ＡＢＣ１" -> "abc1", "Größe" -> "grösse",
+accents kept as letters); runs of letters, marks and digits are segments, anything else
+separates. CJK (Han, kana, hangul) runs are their own segments, tokenised as single
+characters plus the bigrams of adjacent characters ("无线耳机" -> 无 线 耳 机 无线 线耳 耳机);
+other segments are one token each. Character n-grams are taken per segment, so they
+cover any script.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import List, Optional, Sequence
+
+import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+import tensorflow_text as tf_text
+
+__all__ = ["normalize_text", "text_segments", "segment_tokens", "text_tokens",
+           "char_ngrams", "tokenize", "token_vocabulary"]
+
+# CJK scripts (Han incl. the iteration marks, kana, hangul) plus the katakana-hiragana
+# prolonged sound mark, which Unicode files under the Common script.
+_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\x{3005}\x{3006}\x{30FC}"
+_CJK_RUN = f"[{_CJK}]+"
+# Separators: anything but letters, marks and digits (\p{N} also covers ² and ①,
+# which NFKC has already turned into digits).
+_SEPARATORS = r"[^\p{L}\p{M}\p{N}]+"
+
+# Texts tokenised per call of `tokenize` (bounds the eager batch on long catalogs).
+_BATCH = 65536
+
+
+def normalize_text(texts: tf.Tensor) -> tf.Tensor:
+    """[...] strings -> NFKC case-folded strings; invalid UTF-8 bytes become U+FFFD."""
+    texts = tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace",
+                                         replacement_char=0xFFFD)
+    return tf_text.case_fold_utf8(texts)
+
+
+def text_segments(normalized: tf.Tensor) -> tf.RaggedTensor:
+    """[B] normalised strings -> ragged [B, S] segments: words, digit runs, CJK runs."""
+    spaced = tf.strings.regex_replace(normalized, _SEPARATORS, " ")
+    spaced = tf.strings.regex_replace(spaced, f"({_CJK_RUN})", r" \1 ")
+    return tf.strings.split(spaced)
+
+
+def segment_tokens(segments: tf.RaggedTensor) -> tf.RaggedTensor:
+    """Ragged [B, S] segments -> ragged [B, T] tokens.
+
+    A CJK run expands to its characters then its adjacent-character bigrams; any other
+    segment is one token.
+    """
+    flat = segments.flat_values
+    cjk = tf.strings.regex_full_match(flat, _CJK_RUN)
+    chars = tf.strings.unicode_split(flat, "UTF-8")  # [N, C]
+    parts = tf.concat([chars, tf.strings.ngrams(chars, 2, separator="")], axis=1)
+    whole = tf.RaggedTensor.from_tensor(flat[:, tf.newaxis])
+    # Row n keeps its expansion if it is a CJK run, else itself.
+    keep_parts = tf.gather(cjk, parts.value_rowids())
+    parts = tf.RaggedTensor.from_value_rowids(
+        tf.boolean_mask(parts.flat_values, keep_parts),
+        tf.boolean_mask(parts.value_rowids(), keep_parts), nrows=tf.size(flat, tf.int64))
+    keep_whole = tf.logical_not(cjk)
+    whole = tf.RaggedTensor.from_value_rowids(
+        tf.boolean_mask(whole.flat_values, keep_whole),
+        tf.boolean_mask(whole.value_rowids(), keep_whole), nrows=tf.size(flat, tf.int64))
+    tokens = tf.concat([parts, whole], axis=1)  # one of the two is empty per row
+    return segments.with_flat_values(tokens).merge_dims(1, 2)
+
+
+def text_tokens(texts: tf.Tensor) -> tf.RaggedTensor:
+    """[B] raw strings -> ragged [B, T] tokens (normalise, segment, expand CJK)."""
+    return segment_tokens(text_segments(normalize_text(texts)))
+
+
+def char_ngrams(segments: tf.RaggedTensor, n: int = 3) -> tf.RaggedTensor:
+    """Ragged [B, S] segments -> ragged [B, G] character n-grams of "#segment#"."""
+    marked = tf.strings.join(["#", segments, "#"])
+    chars = tf.strings.unicode_split(marked, "UTF-8")  # [B, S, C]
+    return tf.strings.ngrams(chars, n, separator="").merge_dims(1, 2)
+
+
+@tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+def _tokens_graph(texts: tf.Tensor) -> tf.RaggedTensor:
+    return text_tokens(texts)
+
+
+def tokenize(texts: Sequence[str]) -> List[List[str]]:
+    """Python strings -> token lists, by the same graph the models run.
+
+    Args:
+      texts: strings (a single str is a ValueError: wrap it in a list).
+
+    Returns:
+      one list of tokens (str) per text.
+
+    Raises:
+      ValueError: if texts is a str or holds a non-string.
+    """
+    if isinstance(texts, (str, bytes)):
+        raise ValueError("texts must be a list of strings; wrap a single text in [ ]")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"texts[{i}] must be a string, got {type(text).__name__}")
+    out: List[List[str]] = []
+    for start in range(0, len(texts), _BATCH):
+        ragged = _tokens_graph(tf.constant(texts[start:start + _BATCH], tf.string))
+        words = [w.decode("utf-8") for w in ragged.flat_values.numpy().tolist()]
+        splits = ragged.row_splits.numpy().tolist()
+        out.extend(words[a:b] for a, b in zip(splits[:-1], splits[1:]))
+    return out
+
+
+def token_vocabulary(texts: Sequence[str], max_tokens: Optional[int] = None,
+                     min_count: int = 1) -> List[str]:
+    """Tokens of `texts` seen at least `min_count` times, most frequent first.
+
+    Ties are broken alphabetically so the vocabulary does not depend on text order.
+
+    Args:
+      texts: strings to count tokens in.
+      max_tokens: keep at most this many (None: all).
+      min_count: drop rarer tokens.
+
+    Returns:
+      the token list.
+    """
+    if max_tokens is not None and max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0 or None, got {max_tokens}")
+    counts = collections.Counter(t for row in tokenize(texts) for t in row)
+    kept = sorted((w for w, c in counts.items() if c >= min_count),
+                  key=lambda w: (-counts[w], w))
+    return kept if max_tokens is None else kept[:max_tokens]
