@@ -64,16 +64,18 @@ def segment_tokens(segments: tf.RaggedTensor) -> tf.RaggedTensor:
     parts = tf.concat([chars, tf.strings.ngrams(chars, 2, separator="")], axis=1)
     whole = tf.RaggedTensor.from_tensor(flat[:, tf.newaxis])
     # Row n keeps its expansion if it is a CJK run, else itself.
-    keep_parts = tf.gather(cjk, parts.value_rowids())
-    parts = tf.RaggedTensor.from_value_rowids(
-        tf.boolean_mask(parts.flat_values, keep_parts),
-        tf.boolean_mask(parts.value_rowids(), keep_parts), nrows=tf.size(flat, tf.int64))
-    keep_whole = tf.logical_not(cjk)
-    whole = tf.RaggedTensor.from_value_rowids(
-        tf.boolean_mask(whole.flat_values, keep_whole),
-        tf.boolean_mask(whole.value_rowids(), keep_whole), nrows=tf.size(flat, tf.int64))
-    tokens = tf.concat([parts, whole], axis=1)  # one of the two is empty per row
+    tokens = tf.concat([_empty_rows_unless(parts, cjk),
+                        _empty_rows_unless(whole, tf.logical_not(cjk))], axis=1)
     return segments.with_flat_values(tokens).merge_dims(1, 2)
+
+
+def _empty_rows_unless(ragged: tf.RaggedTensor, keep: tf.Tensor) -> tf.RaggedTensor:
+    """Ragged [N, None] with row n emptied where keep[n] is False (N rows stay)."""
+    rows = ragged.value_rowids()
+    kept = tf.gather(keep, rows)
+    return tf.RaggedTensor.from_value_rowids(
+        tf.boolean_mask(ragged.flat_values, kept), tf.boolean_mask(rows, kept),
+        nrows=tf.size(keep, tf.int64))
 
 
 def text_tokens(texts: tf.Tensor) -> tf.RaggedTensor:
