@@ -124,3 +124,100 @@ def test_grpc_answers_chinese_queries(zh_run, zh_world):
             hits[name] = np.mean([item in row for item, row in
                                   zip(sessions["item_id"], ids)])
         assert hits["query"] > hits["empty"] + 0.2, hits
+
+
+# --------------------------------------------- a Chinese BERT from scratch, and catalog search
+
+# A small search run (as in test_search), on the Chinese world's search log.
+SEARCH_FIELDS = dict(epochs=1, negatives=64, candidates=20, ranker_epochs=3, query_length=8,
+                     title_length=16, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def zh_bert(zh_world_dir, tmp_path_factory):
+    """(encoder, preprocessor) of a small BERT trained from scratch on the Chinese world's
+    text through the CLI: `text build-vocab`, then `text pretrain --from-scratch`."""
+    out = tmp_path_factory.mktemp("zh_bert")
+    vocab = str(out / "vocab.txt")
+    proc = _tfrec("text", "build-vocab", "--data-dir", zh_world_dir, "--out", vocab,
+                  "--size", "3000")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _tfrec("text", "pretrain", "--from-scratch", "--vocab", vocab, "--data-dir",
+                  zh_world_dir, "--out", str(out / "bert"), "--epochs", "1",
+                  "--steps-per-epoch", "30", "--seq-length", "32", "--log-dir",
+                  str(out / "tensorboard_logs"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = re.search(r"validation mlm_loss ([\d.]+) -> ([\d.]+)", proc.stdout).groups()
+    assert float(after) < float(before)
+    return str(out / "bert" / "encoder"), str(out / "bert" / "preprocessor")
+
+
+def test_chinese_bert_vocabulary_spells_the_catalog(zh_bert, zh_world):
+    import tensorflow as tf
+    import tensorflow_hub as hub
+
+    from tfrec.text.hub_export import read_export_info, vocab_path
+    from tfrec.text.vocab import read_vocab
+
+    vocab = read_vocab(vocab_path(zh_bert[1]))
+    info = read_export_info(zh_bert[1], "bert_preprocessor")
+    assert info["keep_accents"] and info["lower_case"]
+    assert sum(bool(HAN.fullmatch(t)) for t in vocab) > 200  # Han characters are units
+    titles = zh_world.catalog["title"].tolist()[:200]
+    ids = hub.KerasLayer(zh_bert[1])(tf.constant(titles))["input_word_ids"].numpy()
+    unk = vocab.index("[UNK]")
+    assert (ids == unk).mean() < 0.001, "the catalog is spelled without [UNK]"
+    first = [vocab[i] for i in ids[0] if i > 4]
+    assert "".join(t.lstrip("#") for t in first) == titles[0].lower().replace(" ", "")
+
+
+@pytest.fixture(scope="module")
+def zh_search(zh_bert, tmp_path_factory):
+    from tfrec.search.config import SearchConfig
+    from tfrec.search.export import export_search
+    from tfrec.search.train import train_search
+
+    encoder, preprocessor = zh_bert
+    cfg = SearchConfig(judgments="synthetic:tiny:zh", encoder=encoder,
+                       preprocessor=preprocessor, **SEARCH_FIELDS)
+    work = tmp_path_factory.mktemp("zh_search")
+    run = train_search(cfg, str(work), log_dir=str(work / "logs"))
+    base = str(work / "models")
+    export_search(run.pipeline, base, num_results=10, card={"metrics": run.metrics})
+    return run, os.path.join(base, "search")
+
+
+def test_search_with_the_chinese_bert_beats_bm25(zh_search):
+    run, _ = zh_search
+    metrics = run.metrics
+    assert HAN.search(run.data.catalog["title"].iloc[0])
+    assert metrics["bm25"]["recall@100"] > 0.5  # BM25 reads the Chinese queries
+    best = max(metrics[s]["ndcg@10"] for s in ("two_tower", "hybrid", "two_tower+ranker"))
+    assert best > metrics["bm25"]["ndcg@10"], metrics
+    assert metrics["two_tower"]["recall@100"] > metrics["bm25"]["recall@100"], metrics
+
+
+def test_search_model_answers_chinese_and_model_number_queries_over_grpc(zh_search):
+    run, path = zh_search
+    catalog = run.data.catalog
+    with_model = catalog[catalog["title"].str.contains(r" [A-Z]+-?\d+$")]
+    assert len(with_model)
+    for client in serve_models({"search": path}):
+        assert client.wait_until_available("search", timeout=30) == 1
+        # A title's Chinese words: the answers share its characters.
+        title = catalog["title"].iloc[3]
+        words = title.split()[1]
+        rows = client.catalog_search(words)
+        assert rows and all(set(words) & set(r["title"]) for r in rows[:3]), (words, rows)
+        # Brand in Chinese + a Latin model number: the product with that number is found
+        # (BM25 ranks it first for every such query; the one-epoch tiny ranker reorders).
+        found = []
+        for _, target in with_model.head(12).iterrows():
+            brand, *_, model = target["title"].split()
+            rows = client.catalog_search(f"{brand} {model.lower()}")
+            ids = [r["product_id"] for r in rows]
+            found.append(str(target["product_id"]) in ids)
+            if found[-1]:
+                hit = rows[ids.index(str(target["product_id"]))]
+                assert hit["bm25_score"] == max(r["bm25_score"] for r in rows)
+        assert np.mean(found) >= 0.6, found

@@ -36,8 +36,11 @@ _SEPARATORS = r"[^\p{L}\p{M}\p{N}]+"
 
 # Texts tokenised per call of `tokenize` (bounds the eager batch on long catalogs).
 _BATCH = 65536
+# Plain TF ops, no Python control flow on tensors: autograph would only add trace time.
+_plain_ops = tf.autograph.experimental.do_not_convert
 
 
+@_plain_ops
 def normalize_text(texts: tf.Tensor) -> tf.Tensor:
     """[...] strings -> NFKC case-folded strings; invalid UTF-8 bytes become U+FFFD."""
     texts = tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace",
@@ -45,6 +48,7 @@ def normalize_text(texts: tf.Tensor) -> tf.Tensor:
     return tf_text.case_fold_utf8(texts)
 
 
+@_plain_ops
 def text_segments(normalized: tf.Tensor) -> tf.RaggedTensor:
     """[B] normalised strings -> ragged [B, S] segments: words, digit runs, CJK runs."""
     spaced = tf.strings.regex_replace(normalized, _SEPARATORS, " ")
@@ -52,37 +56,64 @@ def text_segments(normalized: tf.Tensor) -> tf.RaggedTensor:
     return tf.strings.split(spaced)
 
 
+def _characters(strings: tf.Tensor):
+    """[N] strings -> (chars [C] one-character strings, splits [N + 1] int64 into chars)."""
+    splits, codepoints = tf.raw_ops.UnicodeDecode(
+        input=strings, input_encoding="UTF-8", errors="replace", Tsplits=tf.int64)
+    chars = tf.raw_ops.UnicodeEncode(
+        input_values=codepoints, input_splits=tf.range(tf.size(codepoints, tf.int64) + 1),
+        output_encoding="UTF-8", errors="replace")
+    return chars, splits
+
+
+def _position_in_segment(splits: tf.Tensor, size: tf.Tensor):
+    """For items 0..size-1 listed segment by segment (`splits` [N + 1]): (segment, offset)."""
+    items = tf.range(size)
+    segment = tf.searchsorted(splits[1:], items, side="right", out_type=tf.int64)
+    return segment, items - tf.gather(splits, segment)
+
+
+@_plain_ops
 def segment_tokens(segments: tf.RaggedTensor) -> tf.RaggedTensor:
     """Ragged [B, S] segments -> ragged [B, T] tokens.
 
     A CJK run expands to its characters then its adjacent-character bigrams; any other
-    segment is one token.
+    segment is one token. Built from raw ops on flat tensors, not ragged concatenation:
+    every model trace holds a copy per text feature, and the ragged version was ~750 ops.
     """
-    flat = segments.flat_values
+    flat = segments.flat_values  # [N]
     cjk = tf.strings.regex_full_match(flat, _CJK_RUN)
-    chars = tf.strings.unicode_split(flat, "UTF-8")  # [N, C]
-    parts = tf.concat([chars, tf.strings.ngrams(chars, 2, separator="")], axis=1)
-    whole = tf.RaggedTensor.from_tensor(flat[:, tf.newaxis])
-    # Row n keeps its expansion if it is a CJK run, else itself.
-    tokens = tf.concat([_empty_rows_unless(parts, cjk),
-                        _empty_rows_unless(whole, tf.logical_not(cjk))], axis=1)
-    return segments.with_flat_values(tokens).merge_dims(1, 2)
+    runs = tf.reshape(tf.where(cjk), [-1])  # only CJK runs are split into characters
+    chars, splits = _characters(tf.gather(flat, runs))
+    lengths = splits[1:] - splits[:-1]
+    num_chars = tf.size(chars, tf.int64)
+    bigram_splits = tf.concat([[0], tf.cumsum(tf.maximum(lengths - 1, 0))], axis=0)
+    # Each CJK run yields len chars + (len - 1) bigrams; any other segment one token.
+    counts = tf.tensor_scatter_nd_update(tf.ones_like(flat, tf.int64), runs[:, tf.newaxis],
+                                         2 * lengths - 1)
+    start = tf.concat([[0], tf.cumsum(counts)], axis=0)
+    run_start = tf.gather(start, runs)
+    char_run, char_offset = _position_in_segment(splits, num_chars)
+    bigram_run, bigram_offset = _position_in_segment(bigram_splits, bigram_splits[-1])
+    first = tf.gather(splits, bigram_run) + bigram_offset  # a bigram's first character
+    bigrams = tf.strings.join([tf.gather(chars, first), tf.gather(chars, first + 1)])
+    values = tf.concat([chars, bigrams,
+                        tf.boolean_mask(flat, tf.logical_not(cjk))], axis=0)
+    slots = tf.concat([tf.gather(run_start, char_run) + char_offset,
+                       tf.gather(run_start + lengths, bigram_run) + bigram_offset,
+                       tf.boolean_mask(start[:-1], tf.logical_not(cjk))], axis=0)
+    tokens = tf.gather(values, tf.math.invert_permutation(slots))
+    return tf.RaggedTensor.from_row_splits(tokens, tf.gather(start, segments.row_splits),
+                                           validate=False)
 
 
-def _empty_rows_unless(ragged: tf.RaggedTensor, keep: tf.Tensor) -> tf.RaggedTensor:
-    """Ragged [N, None] with row n emptied where keep[n] is False (N rows stay)."""
-    rows = ragged.value_rowids()
-    kept = tf.gather(keep, rows)
-    return tf.RaggedTensor.from_value_rowids(
-        tf.boolean_mask(ragged.flat_values, kept), tf.boolean_mask(rows, kept),
-        nrows=tf.size(keep, tf.int64))
-
-
+@_plain_ops
 def text_tokens(texts: tf.Tensor) -> tf.RaggedTensor:
     """[B] raw strings -> ragged [B, T] tokens (normalise, segment, expand CJK)."""
     return segment_tokens(text_segments(normalize_text(texts)))
 
 
+@_plain_ops
 def char_ngrams(segments: tf.RaggedTensor, n: int = 3) -> tf.RaggedTensor:
     """Ragged [B, S] segments -> ragged [B, G] character n-grams of "#segment#"."""
     marked = tf.strings.join(["#", segments, "#"])

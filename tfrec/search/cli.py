@@ -40,7 +40,8 @@ def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="search YAML config (e.g. configs/search.yaml)")
     p.add_argument("--judgments", metavar="PATH|synthetic:SPEC",
                    help="Home Depot style CSV (search_term, product_uid, product_title, "
-                        "relevance) or synthetic:tiny (the synthetic world's search log)")
+                        "relevance) or synthetic:SPEC[:LANG] (the search log of a synthetic "
+                        "world, e.g. synthetic:tiny or synthetic:small:zh)")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR,
                    help=f"title-vector cache and search/metrics.json (default {DEFAULT_WORKDIR})")
     p.add_argument("--seed", type=int, help="query split and initialisation seed")

@@ -35,7 +35,7 @@ class SearchConfig:
     judgments) and no users, so it shares no section with the recommendation Config.
     """
 
-    judgments: str = ""  # CSV (Home Depot columns) or "synthetic:<spec>" (search log of a world)
+    judgments: str = ""  # CSV (Home Depot columns) or "synthetic:<spec>[:<lang>]" (a world's log)
     data_dir: Optional[str] = None  # for the default Home Depot file when judgments == ""
     seed: int = 0  # query split and initialisation
     split: Tuple[float, float, float] = (0.7, 0.1, 0.2)  # distinct queries: train/val/test

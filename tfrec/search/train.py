@@ -75,8 +75,11 @@ def load_search_data(cfg: SearchConfig) -> SearchData:
     """Judgments named by the config, their catalog and the train/val/test query split."""
     source = cfg.judgments
     if source.startswith("synthetic:"):
-        from tfrec.data.synthetic import generate_world
-        world = generate_world(source.split(":", 1)[1] or "tiny", seed=42)
+        from tfrec.data.synthetic import generate_world, get_spec
+        # synthetic:SPEC or synthetic:SPEC:LANG (e.g. synthetic:tiny:zh, a Chinese shop)
+        spec_name, _, lang = (source.split(":", 1)[1] or "tiny").partition(":")
+        spec = get_spec(spec_name or "tiny")
+        world = generate_world(dataclasses.replace(spec, lang=lang or spec.lang), seed=42)
         judgments = judgments_from_events(world.events, world.catalog)
     else:
         judgments = load_homedepot(path=source or None, data_dir=cfg.data_dir)

@@ -18,7 +18,7 @@ DEFAULT_TEXT_DIR = os.path.join("work", "text")
 
 
 def add_text_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Adds `tfrec text {import-minilm,build-tiny,pretrain,similarity}`."""
+    """Adds `tfrec text {import-minilm,build-tiny,build-vocab,pretrain,similarity}`."""
     text = subparsers.add_parser(
         "text", help="BERT text encoders in the TF Hub format",
         description="Pretrained MiniLM import, tiny test encoders and domain-adaptive "
@@ -51,6 +51,19 @@ def add_text_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
 
+    p = sub.add_parser("build-vocab", help="learn a WordPiece vocabulary from the data",
+                       description="Learn a WordPiece vocab.txt from catalog titles, "
+                                   "descriptions and queries, in any script: case folded "
+                                   "(NFKC), accents kept, CJK characters as units. Feed it "
+                                   "to `tfrec text pretrain --from-scratch --vocab`.")
+    p.add_argument("--data-dir", dest="data_dir", default=Config().data.data_dir)
+    p.add_argument("--out", default=os.path.join(DEFAULT_TEXT_DIR, "vocab.txt"))
+    p.add_argument("--size", type=int, default=8000, help="most tokens (default 8000)")
+    p.add_argument("--min-count", type=int, default=2, dest="min_count",
+                   help="pieces seen fewer times are spelled out instead (default 2)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+
     p = sub.add_parser("pretrain", help="masked-LM pretraining on catalog text and queries",
                        description="Continue pretraining an encoder (or train a small one "
                                    "from scratch) on titles, descriptions and queries; logs "
@@ -59,6 +72,11 @@ def add_text_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", help="TF-Hub-format encoder to continue from "
                                      "(default: from scratch)")
     p.add_argument("--preprocessor", help="its preprocessor, copied next to the result")
+    p.add_argument("--from-scratch", action="store_true", dest="from_scratch",
+                   help="train a small BERT from random weights (the default without "
+                        "--encoder)")
+    p.add_argument("--vocab", help="from scratch: vocab.txt from `tfrec text build-vocab` "
+                                   "(default: learned from the data now)")
     p.add_argument("--out", help="output root (default work/text/RUN_NAME)")
     p.add_argument("--seq-length", type=int, default=64, dest="seq_length")
     p.add_argument("--batch-size", type=int, default=32, dest="batch_size")
@@ -85,7 +103,7 @@ def add_text_commands(subparsers: argparse._SubParsersAction) -> None:
 def run_text(args: argparse.Namespace) -> int:
     """Dispatches a parsed `tfrec text ...` command."""
     handlers = {"import-minilm": _import_minilm, "build-tiny": _build_tiny,
-                "pretrain": _pretrain, "similarity": _similarity}
+                "build-vocab": _build_vocab, "pretrain": _pretrain, "similarity": _similarity}
     return handlers[args.text_command](args)
 
 
@@ -115,8 +133,35 @@ def _build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_vocab(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.data_dir):
+        raise FileNotFoundError(f"data directory {args.data_dir!r} does not exist; run "
+                                "`tfrec generate` or pass --data-dir")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"{args.out!r} exists; pass --overwrite to replace it")
+    from tfrec.data.io import load_tables
+    from tfrec.text.preprocess import TextCasing
+    from tfrec.text.pretrain import pretraining_texts
+    from tfrec.text.vocab import write_vocab
+    from tfrec.text.wordpiece import WordPieceOptions, learn_wordpiece
+
+    texts = pretraining_texts(load_tables(args.data_dir))
+    options = WordPieceOptions(vocab_size=args.size, min_count=args.min_count)
+    vocab = learn_wordpiece(texts, TextCasing(lower_case=True, keep_accents=True), options)
+    path = write_vocab(vocab, args.out)
+    print(f"{len(vocab)} tokens from {len(texts)} texts -> {path}")
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from tfrec.text.pretrain import PretrainConfig, pretrain
+
+    if args.from_scratch and args.encoder:
+        raise ValueError("--from-scratch and --encoder exclude each other: drop --encoder "
+                         "to train from random weights")
+    if args.vocab and args.encoder:
+        raise ValueError("--vocab is for --from-scratch; an --encoder brings its own "
+                         "vocabulary")
 
     config = PretrainConfig(seq_length=args.seq_length, batch_size=args.batch_size,
                             epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
@@ -126,7 +171,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     result = pretrain(args.data_dir, out, encoder_path=args.encoder,
                       preprocessor_path=args.preprocessor, config=config,
                       log_dir=args.log_dir, run_name=run_name, overwrite=args.overwrite,
-                      verbose=2)
+                      verbose=2, vocab_file=args.vocab)
     print(f"validation mlm_loss {result.initial['mlm_loss']:.4f} -> "
           f"{result.final['mlm_loss']:.4f}, mlm_accuracy {result.initial['mlm_accuracy']:.4f} "
           f"-> {result.final['mlm_accuracy']:.4f} ({result.steps} steps, "

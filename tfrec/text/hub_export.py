@@ -9,7 +9,7 @@ need only TensorFlow and tensorflow_text to load: no tfrec, no Keras classes.
 Exported directory layout (either kind):
   saved_model.pb, variables/            the SavedModel
   assets/vocab.txt                      the WordPiece vocabulary (`vocab_file` asset)
-  assets.extra/tfrec_text.json          kind, BertConfig, lower_case, seq_length, source
+  assets.extra/tfrec_text.json          kind, BertConfig, casing, seq_length, source
 """
 
 from __future__ import annotations
@@ -184,7 +184,8 @@ def _with_vocab_file(vocab: Sequence[str], use: Callable[[str], None]) -> None:
 
 
 def export_encoder(encoder: BertEncoder, path: str, vocab: Sequence[str], lower_case: bool,
-                   overwrite: bool = False, source: str = "") -> str:
+                   overwrite: bool = False, source: str = "", keep_accents: bool = False
+                   ) -> str:
     """Exports a built BertEncoder as a TF-Hub-format SavedModel.
 
     Args:
@@ -194,6 +195,7 @@ def export_encoder(encoder: BertEncoder, path: str, vocab: Sequence[str], lower_
       lower_case: whether the matching preprocessor lower-cases.
       overwrite: replace an existing export at `path`.
       source: free-text provenance recorded in assets.extra/tfrec_text.json.
+      keep_accents: whether the matching preprocessor keeps accents when lower-casing.
 
     Returns:
       The absolute export path.
@@ -206,7 +208,8 @@ def export_encoder(encoder: BertEncoder, path: str, vocab: Sequence[str], lower_
         raise ValueError(f"vocabulary has {len(vocab)} tokens but the encoder's word table "
                          f"has {encoder.config.vocab_size} rows")
     info = {"kind": ENCODER_KIND, "config": encoder.config.to_dict(),
-            "lower_case": bool(lower_case), "source": source,
+            "lower_case": bool(lower_case), "keep_accents": bool(keep_accents),
+            "source": source,
             "inputs": list(INPUT_KEYS), "signature_outputs": list(SIGNATURE_OUTPUTS)}
 
     def write(out: str) -> None:
@@ -220,7 +223,7 @@ def export_encoder(encoder: BertEncoder, path: str, vocab: Sequence[str], lower_
 
 def export_preprocessor(vocab: Sequence[str], path: str, lower_case: bool = True,
                         seq_length: int = DEFAULT_SEQ_LENGTH, overwrite: bool = False,
-                        source: str = "") -> str:
+                        source: str = "", keep_accents: bool = False) -> str:
     """Exports a BertPreprocessor over `vocab` as a TF-Hub-format SavedModel.
 
     Args:
@@ -230,13 +233,16 @@ def export_preprocessor(vocab: Sequence[str], path: str, lower_case: bool = True
       seq_length: length produced by `__call__` and default of `bert_pack_inputs`.
       overwrite: replace an existing export at `path`.
       source: free-text provenance recorded in assets.extra/tfrec_text.json.
+      keep_accents: with `lower_case`, NFKC case folding that keeps accented letters.
 
     Returns:
       The absolute export path.
     """
     vocab = list(vocab)
-    preprocessor = BertPreprocessor(vocab, lower_case=lower_case, seq_length=seq_length)
-    info = {"kind": PREPROCESSOR_KIND, "lower_case": bool(lower_case),
+    preprocessor = BertPreprocessor(vocab, lower_case=lower_case, seq_length=seq_length,
+                                    keep_accents=keep_accents)
+    info = {"kind": PREPROCESSOR_KIND, "lower_case": preprocessor.lower_case,
+            "keep_accents": preprocessor.keep_accents,
             "seq_length": int(seq_length), "vocab_size": len(vocab), "source": source,
             "special_ids": preprocessor.special.__dict__}
 

@@ -12,6 +12,8 @@ from typing import Dict, Optional, Sequence, Union
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_text as text
+# Not re-exported by tensorflow_text; its own vocabulary learner imports it the same way.
+from tensorflow_text.python.ops.bert_tokenizer import BasicTokenizer
 
 from tfrec.text.vocab import UNK, special_ids, validate_vocab
 
@@ -28,6 +30,46 @@ def tokens_spec(ragged_rank: int = 2) -> tf.RaggedTensorSpec:
     return tf.RaggedTensorSpec([None] * (ragged_rank + 1), tf.int32, ragged_rank=ragged_rank)
 
 
+class TextCasing:
+    """How text is normalised before it is split into words and word pieces.
+
+    BERT's uncased models fold case and strip accents ("Größe" -> "große" -> "groe" is
+    not what a German shopper typed), so vocabularies learned here fold case with NFKC
+    and keep accents as letters; converted models keep the casing they were trained with.
+
+    Args:
+      lower_case: fold case (False: cased models see the text as typed).
+      keep_accents: with `lower_case`, keep accents (NFKC case folding) instead of
+        BERT's accent stripping.
+    """
+
+    def __init__(self, lower_case: bool = True, keep_accents: bool = False):
+        self.lower_case = bool(lower_case)
+        self.keep_accents = bool(keep_accents) and self.lower_case
+
+    def normalize(self, sentences: tf.Tensor) -> tf.Tensor:
+        """[B] strings -> [B] strings as the tokenizer's word splitter must see them."""
+        sentences = tf.convert_to_tensor(sentences, tf.string)
+        if self.keep_accents:
+            # Invalid UTF-8 becomes U+FFFD rather than failing the whole request.
+            sentences = tf.strings.unicode_transcode(sentences, "UTF-8", "UTF-8",
+                                                     errors="replace")
+            sentences = text.case_fold_utf8(sentences)
+        return sentences
+
+    def tokenizer_options(self) -> Dict[str, bool]:
+        """`lower_case` for text.BertTokenizer / BasicTokenizer after `normalize`."""
+        return {"lower_case": self.lower_case and not self.keep_accents}
+
+    def words(self, sentences: tf.Tensor) -> tf.RaggedTensor:
+        """[B] strings -> ragged [B, words] strings: the units WordPiece splits further.
+
+        CJK ideographs come out one per word, like punctuation marks.
+        """
+        basic = BasicTokenizer(**self.tokenizer_options())
+        return basic.tokenize(self.normalize(sentences))
+
+
 class BertPreprocessor(tf.Module):
     """Lower-casing, WordPiece tokenization and [CLS]/[SEP] packing over one vocabulary.
 
@@ -36,13 +78,16 @@ class BertPreprocessor(tf.Module):
 
     Args:
       vocab: tokens in id order (vocab.txt lines), with the BERT special tokens.
-      lower_case: lower-case and strip accents before WordPiece (uncased models).
+      lower_case: lower-case before WordPiece (uncased models); strips accents unless
+        `keep_accents`.
       seq_length: length of the packed inputs produced by `__call__`.
+      keep_accents: with `lower_case`, NFKC case folding that keeps accented letters.
       name: module name.
     """
 
     def __init__(self, vocab: Sequence[str], lower_case: bool = True,
-                 seq_length: int = DEFAULT_SEQ_LENGTH, name: str = "bert_preprocessor"):
+                 seq_length: int = DEFAULT_SEQ_LENGTH, keep_accents: bool = False,
+                 name: str = "bert_preprocessor"):
         super().__init__(name=name)
         vocab = list(vocab)
         validate_vocab(vocab)
@@ -51,20 +96,21 @@ class BertPreprocessor(tf.Module):
                              f"([CLS] and [SEP] take room), got {seq_length!r}")
         self.special = special_ids(vocab)
         self.vocab_size = len(vocab)
-        self.lower_case = bool(lower_case)
+        self.casing = TextCasing(lower_case, keep_accents)
+        self.lower_case = self.casing.lower_case
+        self.keep_accents = self.casing.keep_accents
         self.default_seq_length = seq_length
         table = tf.lookup.StaticVocabularyTable(
             tf.lookup.KeyValueTensorInitializer(
                 tf.constant(vocab), tf.range(len(vocab), dtype=tf.int64)),
             num_oov_buckets=1)
         self.tokenizer = text.BertTokenizer(
-            table, token_out_type=tf.int64, unknown_token=UNK, lower_case=self.lower_case,
-            max_bytes_per_word=MAX_BYTES_PER_WORD)
+            table, token_out_type=tf.int64, unknown_token=UNK,
+            max_bytes_per_word=MAX_BYTES_PER_WORD, **self.casing.tokenizer_options())
 
     def tokenize_strings(self, sentences: tf.Tensor) -> tf.RaggedTensor:
         """[B] strings -> ragged [B, words, pieces] int32 token ids."""
-        sentences = tf.convert_to_tensor(sentences, tf.string)
-        return tf.cast(self.tokenizer.tokenize(sentences), tf.int32)
+        return tf.cast(self.tokenizer.tokenize(self.casing.normalize(sentences)), tf.int32)
 
     def pack(self, segments: Sequence[tf.RaggedTensor],
              seq_length: Optional[SeqLength] = None) -> Dict[str, tf.Tensor]:

@@ -28,8 +28,9 @@ from tfrec.text.hub_export import (PREPROCESSOR_KIND, ensure_free, export_encode
                                    export_preprocessor, load_keras_encoder, read_export_info,
                                    save_dir_atomic, vocab_path)
 from tfrec.text.masking import MaskingConfig, mask_tokens
-from tfrec.text.preprocess import BertPreprocessor
-from tfrec.text.vocab import read_vocab, tiny_vocab, words_from_texts
+from tfrec.text.preprocess import BertPreprocessor, TextCasing
+from tfrec.text.vocab import read_vocab
+from tfrec.text.wordpiece import WordPieceOptions, learn_wordpiece
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class PretrainConfig:
       scratch_layers: from scratch only: transformer blocks.
       scratch_hidden: from scratch only: hidden size.
       scratch_heads: from scratch only: attention heads.
-      scratch_words: from scratch only: most frequent words added to the vocabulary.
+      scratch_vocab_size: from scratch without a vocabulary file: size of the WordPiece
+        vocabulary learned from the texts (CJK characters as units, accents kept).
     """
 
     seq_length: int = 64
@@ -71,7 +73,7 @@ class PretrainConfig:
     scratch_layers: int = 2
     scratch_hidden: int = 128
     scratch_heads: int = 2
-    scratch_words: int = 4000
+    scratch_vocab_size: int = 8000
 
     def validate(self) -> None:
         for name in ("seq_length", "batch_size", "epochs"):
@@ -263,24 +265,35 @@ def _pack_all(preprocessor: BertPreprocessor, texts: Sequence[str], seq_length: 
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _source_encoder(encoder_path: Optional[str], texts: Sequence[str], config: PretrainConfig):
-    """(encoder, vocab, lower_case, description) to start from."""
+def _source_encoder(encoder_path: Optional[str], vocab_file: Optional[str],
+                    texts: Sequence[str], config: PretrainConfig):
+    """(encoder, vocab, casing, description) to start from."""
     if encoder_path:
         encoder, info = load_keras_encoder(encoder_path)
         vocab = read_vocab(vocab_path(encoder_path))
-        return encoder, vocab, bool(info.get("lower_case", True)), os.path.abspath(encoder_path)
-    vocab = tiny_vocab(words_from_texts(texts, max_words=config.scratch_words))
+        casing = TextCasing(bool(info.get("lower_case", True)),
+                            bool(info.get("keep_accents", False)))
+        return encoder, vocab, casing, os.path.abspath(encoder_path)
+    # From scratch: fold case, keep accents; CJK characters are their own words.
+    casing = TextCasing(lower_case=True, keep_accents=True)
+    if vocab_file:
+        vocab = read_vocab(vocab_file)
+    else:
+        vocab = learn_wordpiece(texts, casing,
+                                WordPieceOptions(vocab_size=config.scratch_vocab_size))
     bert = BertConfig(vocab_size=len(vocab), hidden_size=config.scratch_hidden,
                       num_layers=config.scratch_layers, num_heads=config.scratch_heads,
                       intermediate_size=4 * config.scratch_hidden,
                       max_position_embeddings=max(128, config.seq_length))
-    return build_encoder(bert, seed=config.seed), vocab, True, "scratch"
+    return build_encoder(bert, seed=config.seed), vocab, casing, "scratch"
 
 
-def _check_preprocessor(path: str, vocab: Sequence[str], lower_case: bool) -> None:
+def _check_preprocessor(path: str, vocab: Sequence[str], casing: TextCasing) -> None:
     """Refuses a preprocessor whose ids would not mean the same tokens to the encoder."""
     info = read_export_info(path, PREPROCESSOR_KIND)
-    if read_vocab(vocab_path(path)) != list(vocab) or info.get("lower_case") != lower_case:
+    same_casing = (info.get("lower_case") == casing.lower_case
+                   and bool(info.get("keep_accents", False)) == casing.keep_accents)
+    if read_vocab(vocab_path(path)) != list(vocab) or not same_casing:
         raise ValueError(f"preprocessor {path!r} does not match the encoder's vocabulary "
                          "or lower-casing")
 
@@ -289,14 +302,14 @@ def pretrain(data_dir: str, out_dir: str, encoder_path: Optional[str] = None,
              preprocessor_path: Optional[str] = None,
              config: Optional[PretrainConfig] = None, log_dir: str = "tensorboard_logs",
              run_name: Optional[str] = None, overwrite: bool = False,
-             verbose: int = 0) -> PretrainResult:
+             verbose: int = 0, vocab_file: Optional[str] = None) -> PretrainResult:
     """Runs masked-LM pretraining and exports the adapted encoder + preprocessor.
 
     Args:
       data_dir: tables (catalog titles/descriptions, event queries) to train on.
       out_dir: writes `out_dir/encoder`, `out_dir/preprocessor`, `out_dir/pretrain.json`.
       encoder_path: TF-Hub-format encoder to continue from; None trains a small encoder
-        from scratch with a vocabulary built from the data.
+        from scratch with a WordPiece vocabulary learned from the data (or `vocab_file`).
       preprocessor_path: its exported preprocessor, copied to `out_dir` (default: a new
         one is exported from the encoder's vocabulary).
       config: hyper-parameters.
@@ -304,6 +317,11 @@ def pretrain(data_dir: str, out_dir: str, encoder_path: Optional[str] = None,
       run_name: default `mlm-<timestamp>`.
       overwrite: replace existing exports in `out_dir`.
       verbose: Keras fit verbosity.
+      vocab_file: from scratch only: vocab.txt to use (`tfrec text build-vocab`).
+
+    Raises:
+      ValueError: too few texts, mismatched preprocessor, or a vocabulary given
+        together with an encoder (which brings its own).
     """
     config = config or PretrainConfig()
     config.validate()
@@ -312,17 +330,22 @@ def pretrain(data_dir: str, out_dir: str, encoder_path: Optional[str] = None,
     if preprocessor_path and not encoder_path:
         raise ValueError("preprocessor_path needs encoder_path: from scratch, the "
                          "vocabulary (and so the preprocessor) is built from the data")
+    if vocab_file and encoder_path:
+        raise ValueError("vocab_file is for training from scratch; an encoder brings its "
+                         "own vocabulary (drop one of them)")
     tf.keras.utils.set_random_seed(config.seed)
     texts = pretraining_texts(load_tables(data_dir))
     if len(texts) < 4:
         raise ValueError(f"only {len(texts)} distinct texts in {data_dir!r}: too few to train")
-    encoder, vocab, lower_case, source = _source_encoder(encoder_path, texts, config)
+    encoder, vocab, casing, source = _source_encoder(encoder_path, vocab_file, texts, config)
     if preprocessor_path:
-        _check_preprocessor(preprocessor_path, vocab, lower_case)
+        _check_preprocessor(preprocessor_path, vocab, casing)
     if config.seq_length > encoder.config.max_position_embeddings:
         raise ValueError(f"seq_length {config.seq_length} exceeds the encoder's "
                          f"max_position_embeddings {encoder.config.max_position_embeddings}")
-    preprocessor = BertPreprocessor(vocab, lower_case=lower_case, seq_length=config.seq_length)
+    preprocessor = BertPreprocessor(vocab, lower_case=casing.lower_case,
+                                    seq_length=config.seq_length,
+                                    keep_accents=casing.keep_accents)
 
     order = np.random.default_rng(config.seed).permutation(len(texts))
     n_val = max(1, int(round(len(texts) * config.validation_fraction)))
@@ -370,15 +393,17 @@ def pretrain(data_dir: str, out_dir: str, encoder_path: Optional[str] = None,
              final["mlm_accuracy"])
 
     description = f"masked-LM adapted from {source} on {os.path.abspath(data_dir)}"
-    encoder_out = export_encoder(encoder, paths[0], vocab, lower_case, overwrite=overwrite,
-                                 source=description)
+    encoder_out = export_encoder(encoder, paths[0], vocab, casing.lower_case,
+                                 overwrite=overwrite, source=description,
+                                 keep_accents=casing.keep_accents)
     if preprocessor_path:
         preprocessor_out = save_dir_atomic(
             paths[1], overwrite, lambda tmp: shutil.copytree(preprocessor_path, tmp))
     else:
-        preprocessor_out = export_preprocessor(vocab, paths[1], lower_case=lower_case,
+        preprocessor_out = export_preprocessor(vocab, paths[1], lower_case=casing.lower_case,
                                                seq_length=config.seq_length,
-                                               overwrite=overwrite, source=description)
+                                               overwrite=overwrite, source=description,
+                                               keep_accents=casing.keep_accents)
     result = PretrainResult(
         encoder_path=encoder_out, preprocessor_path=preprocessor_out,
         tensorboard_dir=os.path.abspath(tb_dir),
