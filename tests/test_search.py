@@ -108,8 +108,8 @@ def test_search_module_pads_checks_and_answers_empty_batches(search_run):
 
     empty = module.search(tf.constant([], tf.string))
     assert {k: tuple(v.shape) for k, v in empty.items()} == {
-        k: (0, wide) for k in ("product_ids", "titles", "scores", "dense_scores",
-                               "bm25_scores", "hybrid_scores")}
+        **{k: (0, wide) for k in ("product_ids", "titles", "scores", "dense_scores",
+                                  "bm25_scores", "hybrid_scores")}, "corrected_words": (0,)}
     with pytest.raises(tf.errors.InvalidArgumentError, match="query 1 is empty"):
         module.search(tf.constant(["mat", " \t "]))
     with pytest.raises(ValueError, match="num_results"):
@@ -165,13 +165,14 @@ def test_export_reloads_in_a_fresh_process_with_the_same_answers(search_run, sea
     assert fresh["modules"] == [], "the fresh process must need TensorFlow (+ TF Text) only"
     assert fresh["inputs"] == {"query": ["string", [None]]}
     assert not {"PyFunc", "EagerPyFunc", "PyFuncStateless"} & set(fresh["ops"])
-    assert fresh["empty"] == {k: [0, NUM_RESULTS] for k in fresh["result"]}
+    assert fresh["empty"] == {k: [0] if k == "corrected_words" else [0, NUM_RESULTS]
+                              for k in fresh["result"]}
     assert fresh["error"] and "query 1 is empty" in fresh["error"]
 
     want = search_run.pipeline.search(tf.constant(queries), num_results=NUM_RESULTS)
     got = fresh["result"]
-    assert sorted(got) == ["bm25_scores", "dense_scores", "hybrid_scores", "product_ids",
-                           "scores", "titles"]
+    assert sorted(got) == ["bm25_scores", "corrected_words", "dense_scores", "hybrid_scores",
+                           "product_ids", "scores", "titles"]
     for name in ("product_ids", "titles"):
         assert got[name] == want[name].numpy().astype(str).tolist(), name
     for name in ("scores", "dense_scores", "bm25_scores", "hybrid_scores"):
@@ -225,6 +226,29 @@ def test_cli_query_prints_search_results(search_served, search_run, capsys):
     assert "product_id" in table and rows[0]["product_id"] in table and "bm25" in table
     assert main(args + ["--query", "  "]) == 2
     assert "query 0 is empty" in capsys.readouterr().err
+
+
+def test_served_search_corrects_a_misspelled_title_word(search_served, search_run, capsys):
+    """The exported speller: a typo of a catalog word is also searched as the word, shown
+    by `tfrec query --explain`; a correctly spelled query is left as typed."""
+    from collections import Counter
+
+    from tfrec.cli import main
+
+    words = Counter(w for t in search_run.data.catalog["title"].str.lower() for w in t.split())
+    word = sorted(w for w, n in words.items() if n >= 3 and len(w) >= 6 and w.isalpha())[0]
+    typo = word[:2] + word[3] + word[2] + word[4:]  # two letters swapped
+    assert typo not in words
+    answer = search_served.explain_catalog_search(typo)
+    assert answer["corrected_words"] == word, (typo, answer["corrected_words"])
+    assert any(word in r["title"].lower() for r in answer["results"][:3])
+    assert search_served.explain_catalog_search(word)["corrected_words"] == ""
+    args = ["query", "--server", search_served.address, "--model", "search", "--k", "3"]
+    assert main(args + ["--query", typo, "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert f"also searched as {word!r}" in out and "product_id" in out
+    assert main(args + ["--query", typo, "--explain", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["corrected_words"] == word
 
 
 def _cli(args, cwd, timeout=300):

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-seen", action="store_true", help="do not exclude history items")
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--explain", action="store_true",
+                   help="catalog search: also show how the query was read (spelling "
+                        "corrections)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("board", help="start TensorBoard on tensorboard_logs/",
@@ -395,8 +398,16 @@ def _query(args: argparse.Namespace) -> int:
     history = _ids(args.history)
     signatures = {} if args.similar else client.metadata(args.model)
     if is_catalog_search(signatures):  # `tfrec search train` export: query -> products
-        rows = client.catalog_search(args.query, model=args.model, k=args.k)
-        print(json.dumps(rows, indent=2) if args.json else format_search_results(rows))
+        answer = client.explain_catalog_search(args.query, model=args.model, k=args.k)
+        rows = answer["results"]
+        if args.json:
+            print(json.dumps(answer if args.explain else rows, indent=2, ensure_ascii=False))
+            return 0
+        if args.explain:
+            fixed = answer["corrected_words"]
+            print(f"query: {args.query!r}; spelling: "
+                  + (f"also searched as {fixed!r}" if fixed else "no correction"))
+        print(format_search_results(rows))
         return 0
     if args.similar:
         rows = client.similar_items(args.model, args.similar, k=args.k)

@@ -30,6 +30,7 @@ __all__ = ["normalize_text", "text_segments", "segment_tokens", "text_tokens",
 # prolonged sound mark, which Unicode files under the Common script.
 _CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\x{3005}\x{3006}\x{30FC}"
 _CJK_RUN = f"[{_CJK}]+"
+CJK_CHAR = f"[{_CJK}]"  # one character of a script written without spaces
 # Separators: anything but letters, marks and digits (\p{N} also covers ² and ①,
 # which NFKC has already turned into digits).
 _SEPARATORS = r"[^\p{L}\p{M}\p{N}]+"

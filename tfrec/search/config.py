@@ -55,6 +55,7 @@ class SearchConfig:
     id_embeddings: bool = False  # product-id embeddings for products judged in training
     candidates: int = 100  # per retriever; the ranker re-scores their union (<= 2x)
     hybrid_weight: float = 0.2  # BM25 share of the fused retrieval score
+    speller: bool = True  # correct words the catalog never uses (added to the BM25 query)
     ranker_epochs: int = 30
     ranker_lr: float = 1e-3
     ranker_holdout: float = 0.2  # share of validation queries that picks the ranker epoch

@@ -35,7 +35,8 @@ class SearchModule(tf.Module):
     `serving_default` input: query [B] string. Outputs, all [B, num_results] in final
     order (the ranker's, or the hybrid score's without a ranker): product_ids, titles
     (both "" past the products found), scores, dense_scores (two-tower cosine),
-    bm25_scores, hybrid_scores (float32, 0 for padding). An empty or whitespace-only
+    bm25_scores, hybrid_scores (float32, 0 for padding); and corrected_words [B] string,
+    the speller's corrections of words the catalog never uses ("" if none). An empty or whitespace-only
     query fails with InvalidArgument naming its index (INVALID_ARGUMENT over gRPC);
     over-long queries are cut to MAX_QUERY_CHARS characters and answered; an empty batch
     gets empty [0, num_results] outputs.
@@ -67,6 +68,7 @@ class SearchModule(tf.Module):
         self.words = two_tower.words
         self.word_lookup = two_tower.word_lookup
         self.lexical = pipeline.lexical
+        self.speller = pipeline.speller
         self.ranker = pipeline.ranker
         self.product_vectors = pipeline.product_vectors
         self.product_ids = pipeline.product_ids
@@ -91,6 +93,7 @@ class SearchModule(tf.Module):
                 value = tf.pad(value, [[0, 0], [0, pad]],
                                constant_values="" if value.dtype == tf.string else 0.0)
             out[name] = tf.ensure_shape(value, [None, width])
+        out["corrected_words"] = found["corrected_words"]
         return out
 
     @tf.function(input_signature=[QUERY_SPEC], autograph=False)
@@ -111,6 +114,8 @@ def search_card(pipeline: SearchPipeline, num_results: int, **extra: Any) -> Dic
             "query_length": encoder.seq_length,
             "candidates_per_retriever": pipeline.candidates,
             "hybrid_weight": pipeline.hybrid_weight,
+            "speller": None if pipeline.speller is None else {
+                "words": pipeline.speller.num_words, "keys": pipeline.speller.num_keys},
             "ranker": pipeline.ranker is not None,
             "num_results": int(num_results), "max_query_chars": MAX_QUERY_CHARS,
             # The BERT preprocessor tokenises with TF Text ops (stock TF Serving links them).

@@ -79,7 +79,9 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str) -
     meta = {"words": list(two_tower.word_lookup.get_vocabulary()[1:]),  # [UNK] is row 0
             "id_vocabulary": _id_vocabulary(two_tower, product_ids),
             "ranker": pipeline.ranker is not None,
-            "trained_products": len(product_ids)}
+            "trained_products": len(product_ids),
+            # The speller is rebuilt over whatever table is indexed, from these queries.
+            "speller_queries": getattr(pipeline.speller, "logged_queries", [])}
     os.makedirs(run_dir, exist_ok=True)
     final = os.path.join(run_dir, MODEL_DIR)
     tmp = tempfile.mkdtemp(prefix=".model-", dir=run_dir)
@@ -203,7 +205,7 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     Returns:
       (pipeline, config of the run).
     """
-    from tfrec.search.train import title_vectors
+    from tfrec.search.train import build_speller, title_vectors
 
     run_dir = resolve_search_run(run_dir)
     model_dir = os.path.join(run_dir, MODEL_DIR)
@@ -224,8 +226,10 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     del vectors  # the two-tower holds its own copy: one catalog-sized array, not two
     two_tower.set_word_lookup(words)
     ranker = SearchRanker() if meta["ranker"] else None
+    speller = build_speller(cfg, titles, meta.get("speller_queries", []))
     pipeline = SearchPipeline(two_tower, LexicalIndex(titles), ranker, ids, titles,
-                              candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight)
+                              candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
+                              speller=speller)
     if ranker is not None:
         pipeline.search(tf.constant(["x"]), num_results=1)  # creates the ranker's weights
     status = tf.train.Checkpoint(**_parts(two_tower, ranker)).read(

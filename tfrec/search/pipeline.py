@@ -16,6 +16,7 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.features.lexical import LexicalIndex
+from tfrec.features.speller import Speller
 from tfrec.models.lists import masked_zscore
 from tfrec.search.model import SearchTwoTower
 from tfrec.search.ranker import SearchRanker, candidate_features
@@ -39,12 +40,14 @@ class SearchPipeline(tf.Module):
       candidates: products each retriever contributes (the ranker sees up to twice this).
       hybrid_weight: weight of the catalog-z-scored BM25 in the fused retrieval score
         (1 - weight for the two-tower cosine).
+      speller: corrects words the catalog never uses; the corrections are added to the
+        query BM25 scores (None: BM25 sees the query as typed).
     """
 
     def __init__(self, two_tower: SearchTwoTower, lexical: LexicalIndex,
                  ranker: Optional[SearchRanker], product_ids: Sequence[str],
                  titles: Sequence[str], candidates: int = 100, hybrid_weight: float = 0.2,
-                 name: str = "search_pipeline"):
+                 speller: Optional[Speller] = None, name: str = "search_pipeline"):
         super().__init__(name=name)
         if lexical.num_docs != two_tower.num_products or len(product_ids) != lexical.num_docs:
             raise ValueError(f"catalog sizes differ: two-tower {two_tower.num_products}, "
@@ -56,6 +59,7 @@ class SearchPipeline(tf.Module):
         if not 0.0 <= hybrid_weight <= 1.0:
             raise ValueError(f"hybrid_weight must be in [0, 1], got {hybrid_weight}")
         self.two_tower, self.lexical, self.ranker = two_tower, lexical, ranker
+        self.speller = speller
         self.num_products = len(product_ids)
         self.candidates = int(min(candidates, self.num_products))
         self.hybrid_weight = float(hybrid_weight)
@@ -92,16 +96,27 @@ class SearchPipeline(tf.Module):
         queries = tf.strings.unicode_transcode(queries, "UTF-8", "UTF-8", errors="ignore")
         return tf.strings.substr(queries, 0, MAX_QUERY_CHARS, unit="UTF8_CHAR")
 
+    def corrections(self, queries: tf.Tensor) -> tf.Tensor:
+        """[B] corrected words of each query, space-joined ("" if none or no speller)."""
+        queries = self.clean_queries(queries)
+        if self.speller is None:
+            return tf.fill(tf.shape(queries), "")
+        return self.speller.corrections(queries)
+
     def catalog_scores(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:
-        """Every product's dense, bm25, coverage and hybrid score [B, N] (+ query_vectors)."""
+        """Every product's dense, bm25, coverage and hybrid score [B, N] (+ query_vectors,
+        corrections)."""
         queries = self.clean_queries(queries)
         q = self.two_tower.query_vectors(queries, training=False)
         dense = tf.matmul(q, self.product_vectors, transpose_b=True)
-        bm25, coverage = self.lexical.scores_and_coverage(queries)
+        corrections = self.corrections(queries)
+        # The typed words stay: a wrong correction costs precision, not the match.
+        lexical_queries = tf.strings.join([queries, corrections], separator=" ")
+        bm25, coverage = self.lexical.scores_and_coverage(lexical_queries)
         hybrid = ((1.0 - self.hybrid_weight) * masked_zscore(dense)
                   + self.hybrid_weight * masked_zscore(bm25))
         return {"query_vectors": q, "dense": dense, "bm25": bm25, "coverage": coverage,
-                "hybrid": hybrid}
+                "hybrid": hybrid, "corrections": corrections}
 
     def retrieve(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:
         """Union of the two-tower and BM25 top lists, [B, 2 * candidates] with features.
@@ -130,7 +145,7 @@ class SearchPipeline(tf.Module):
                                       gathered["coverage"], gathered["hybrid"], dense_rank,
                                       bm25_rank, valid)
         return {"rows": tf.where(valid, rows, -1), "valid": valid, "features": features,
-                "query_vectors": s["query_vectors"],
+                "query_vectors": s["query_vectors"], "corrections": s["corrections"],
                 "product_vectors": tf.gather(self.product_vectors, tf.maximum(rows, 0)),
                 **gathered}
 
@@ -143,7 +158,8 @@ class SearchPipeline(tf.Module):
 
         Returns rows [B, n] (-1 past the valid candidates), product_ids, titles, scores
         (ranker logits, or hybrid without a ranker) and the dense / bm25 / hybrid
-        scores of the same products.
+        scores of the same products, and corrected_words [B] (the speller's corrections,
+        "" if none).
         """
         r = self.retrieve(queries)
         if self.ranker is not None:
@@ -160,4 +176,5 @@ class SearchPipeline(tf.Module):
                "titles": tf.where(found, tf.gather(self.titles, safe), "")}
         for name in ("dense", "bm25", "hybrid"):
             out[f"{name}_scores"] = tf.where(found, tf.gather(r[name], order, batch_dims=1), 0.0)
+        out["corrected_words"] = r["corrections"]
         return out

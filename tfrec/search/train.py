@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tfrec.data.homedepot import load_homedepot, split_by_query
 from tfrec.features.lexical import LexicalIndex
+from tfrec.features.speller import Speller, speller_from_texts
 from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.losses import SoftmaxListwiseLoss
 from tfrec.search.config import SearchConfig, check_search_strategy
@@ -148,7 +149,24 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
     two_tower.set_word_lookup(vocabulary)
     return SearchPipeline(two_tower, LexicalIndex(titles), None,
                           data.catalog["product_id"].tolist(), titles,
-                          candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight)
+                          candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
+                          speller=build_speller(cfg, titles, train["query"].unique()))
+
+
+def build_speller(cfg: SearchConfig, titles: Sequence[str],
+                  queries: Sequence[str]) -> Optional[Speller]:
+    """The run's query speller over `titles` (None when `cfg.speller` is off).
+
+    Args:
+      queries: logged queries of the training split only (validation and test queries
+        must not teach it which words are known).
+    """
+    if not cfg.speller:
+        return None
+    speller, info = speller_from_texts(titles, queries)
+    log.info("speller: %d catalog words offered, %d deletion keys, %d known words",
+             info["words"], info["keys"], info["known"])
+    return speller
 
 
 def _query_lists(judgments: pd.DataFrame, row_of: Dict[str, int], width: int):

@@ -313,10 +313,21 @@ class PredictClient:
           version: Specific model version; None for the latest.
           timeout: Per-call deadline overriding the client's.
         """
+        return self.explain_catalog_search(query, model, k, version, timeout)["results"]
+
+    def explain_catalog_search(self, query: str, model: str = "search",
+                               k: Optional[int] = None, version: Optional[int] = None,
+                               timeout: Optional[float] = None) -> Dict[str, Any]:
+        """`catalog_search` plus how the query was read: {"query", "corrected_words",
+        "results"}; corrected_words are the speller's corrections ("" if none, or if the
+        export predates the speller)."""
         outputs = self.predict(model, {"query": np.array([query], dtype=object)},
                                "serving_default", version, timeout=timeout)
         rows = rows_from(outputs, ids="product_ids")
-        return rows if k is None else rows[:max(0, int(k))]
+        corrected = outputs.get("corrected_words")
+        return {"query": query,
+                "corrected_words": "" if corrected is None else _text(corrected[0]),
+                "results": rows if k is None else rows[:max(0, int(k))]}
 
     @staticmethod
     def _context(user_id: str, history: Iterable[str], device: str, hour: int,
