@@ -11,8 +11,11 @@ Protocol (bench/README.md, "Home Depot full-catalog search"):
              >= 2.5; each averaged over the test queries with such a product.
 Rows (one tfrec.search.pipeline.SearchPipeline per seed; same code path as the
 exported model):
-  BM25                 Okapi BM25 over titles (k1 1.2, b 0.75, lowercase [a-z0-9]+ tokens),
-                       in-graph (tfrec.features.lexical.LexicalIndex).
+  BM25, as typed       Okapi BM25 over titles (k1 1.2, b 0.75, the shared Unicode tokens),
+                       in-graph (tfrec.features.lexical.LexicalIndex), query as typed.
+  BM25 + speller       the same, the query speller's corrections added to the query
+                       (tfrec.features.speller; what the pipeline's BM25 stage runs). The
+                       "vs BM25" columns are against this row.
   MiniLM zero-shot     cosine of mean-pooled all-MiniLM-L6-v2 embeddings: the untrained
                        two-tower (its learned residuals start at zero).
   two-tower            query tower = MiniLM fine-tuned on the train queries' graded
@@ -61,7 +64,7 @@ import tensorflow as tf
 from tfrec.data.homedepot import homedepot_path, load_homedepot, split_by_query
 from tfrec.search.config import SearchConfig
 from tfrec.search.data import product_catalog
-from tfrec.search.train import SearchData, load_search_data, train_search
+from tfrec.search.train import SearchData, evaluate_stages, load_search_data, train_search
 
 tf.get_logger().setLevel("ERROR")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +75,8 @@ from _common import (format_table, machine_line, parse_smoke_args, ratio, skip, 
 SMOKE = dict(seeds="0", queries=200, epochs=1, ranker_epochs=1, latency_queries=5,
              export=False, encoder="tiny")
 
-ROWS = (("BM25", "bm25"), ("MiniLM zero-shot", "minilm_zero_shot"), ("two-tower", "two_tower"),
+ROWS = (("BM25, as typed", "bm25_as_typed"), ("BM25 + speller", "bm25"),
+        ("MiniLM zero-shot", "minilm_zero_shot"), ("two-tower", "two_tower"),
         ("hybrid (two-tower + BM25)", "hybrid"), ("two-tower+ranker", "two_tower+ranker"))
 METRICS = ("ndcg@10", "recall@100", "mrr")
 
@@ -113,8 +117,12 @@ def stage_latency(run, queries: Sequence[str]) -> Dict[str, float]:
     pipe = run.pipeline
     spec = [tf.TensorSpec([None], tf.string)]
     fns = {
-        "bm25": tf.function(lambda q: tf.math.top_k(pipe.lexical(pipe.clean_queries(q)), 100),
-                            input_signature=spec),
+        "bm25_as_typed": tf.function(
+            lambda q: tf.math.top_k(pipe.lexical(pipe.clean_queries(q)), 100),
+            input_signature=spec),
+        "bm25": tf.function(lambda q: tf.math.top_k(pipe.lexical(tf.strings.join(
+            [pipe.clean_queries(q), pipe.corrections(q)], separator=" ")), 100),
+            input_signature=spec),
         "two_tower": tf.function(lambda q: tf.math.top_k(tf.matmul(
             pipe.two_tower.query_vectors(pipe.clean_queries(q)), pipe.product_vectors,
             transpose_b=True), 100), input_signature=spec),
@@ -149,6 +157,16 @@ def exported_latency(run, queries: Sequence[str], base: str) -> float:
     return 1000 * float(np.median(times))
 
 
+def bm25_as_typed(run) -> Dict[str, float]:
+    """Test metrics of the BM25 stage with the speller detached (queries as typed)."""
+    speller, run.pipeline.speller = run.pipeline.speller, None
+    try:
+        return evaluate_stages(run.pipeline, run.data.splits["test"], run.data.row_of,
+                               ("bm25",))["bm25"].summary()
+    finally:
+        run.pipeline.speller = speller
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -172,6 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             cfg.encoder, cfg.preprocessor = tiny
         run = train_search(cfg, workdir, data=data, zero_shot=True,
                            log_dir=os.path.join(workdir, "tensorboard_logs", f"seed{seed}"))
+        run.metrics["bm25_as_typed"] = bm25_as_typed(run)
         runs.append(run)
         queries = sorted(data.splits["test"]["query"].unique())[:args.latency_queries]
         latencies.append(stage_latency(run, queries))
@@ -192,7 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for label, key in ROWS:
         values = {m: np.array([r.metrics[key][m] for r in runs]) for m in METRICS}
         train = [r.timings["two_tower_s"] + (r.timings["ranker_s"] if "ranker" in key else 0)
-                 for r in runs] if key not in ("bm25", "minilm_zero_shot") else [0.0]
+                 for r in runs] if key not in ("bm25", "bm25_as_typed", "minilm_zero_shot") \
+            else [0.0]
         rows.append([label] + [f"{values[m].mean():.4f} ± {values[m].std():.4f}"
                                for m in METRICS]
                     + [ratio(values["ndcg@10"].mean(), reference["ndcg@10"]),

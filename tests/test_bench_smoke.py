@@ -87,7 +87,8 @@ BENCHES: Dict[str, Expect] = {
          row("tfrec co-occurrence baseline (SAR-like, jaccard)")], data=True),
     "homedepot_search": Expect(
         [("model", "NDCG@10", "Recall@100", "MRR", "ms/query")],
-        [row("BM25"), row("MiniLM zero-shot"), row("two-tower+ranker")], data=True),
+        [row("BM25, as typed"), row("BM25 + speller"), row("MiniLM zero-shot"),
+         row("two-tower+ranker")], data=True),
     "open_catalog": Expect(  # Home Depot slice, or the synthetic world's judgments
         [("queries", "model", "NDCG@10", "Recall@100", "MRR", "NDCG vs BM25")],
         [r"unseen +BM25 +\d", r"unseen +two-tower\+ranker +\d", r"all +hybrid +\d"]),
@@ -110,6 +111,10 @@ BENCHES: Dict[str, Expect] = {
         [("texts", "n", "ascii us/text", "unicode us/text", "vs ascii")],
         [r"synthetic titles \(en\), batch 1 +\d", r"synthetic titles \(zh\), batch 4096 +\d",
          r"synthetic titles \(zh\), python lists +\d"]),
+    "speller": Expect(
+        [("queries", "n", "changed", "metric", "plain", "speller", "vs plain")],
+        [r"tiny world \(en\), typo +\d", r"tiny world \(zh\), clean +\d",
+         r"corrections of one query .*: [\d.]+ ms"]),
     "search_relevance": Expect(
         [("method", "test NDCG@10", "vs BM25", "val NDCG@10")],
         [row("BM25"), row("MiniLM zero-shot cosine"), row("MiniLM fast, fine-tuned"),
