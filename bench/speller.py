@@ -34,49 +34,17 @@ from tfrec.data.homedepot import homedepot_path, load_homedepot  # noqa: E402
 from tfrec.data.synthetic import generate_world, get_spec  # noqa: E402
 from tfrec.features.bm25 import BM25Scorer  # noqa: E402
 from tfrec.features.speller import Speller, speller_from_texts  # noqa: E402
+from tfrec.evaluation.spelling import corrected_queries, top_rows, typo_recall  # noqa: E402
 from tfrec.search.metrics import catalog_search_metrics, query_gains  # noqa: E402
 
 
 
-def corrected(speller: Speller, queries: Sequence[str]) -> Tuple[List[str], np.ndarray]:
-    """Queries with the speller's corrections appended, and which ones changed."""
-    fixes: List[str] = []
-    for i in range(0, len(queries), 512):
-        fixes += [c.decode() for c in speller.corrections(
-            tf.constant(list(queries[i:i + 512]))).numpy()]
-    return ([f"{q} {c}" if c else q for q, c in zip(queries, fixes)],
-            np.array([bool(c) for c in fixes]))
-
-
-def top_rows(bm25: BM25Scorer, queries: Sequence[str], k: int) -> np.ndarray:
-    return np.concatenate([np.argsort(-bm25.score(list(queries[i:i + 256])), axis=1)[:, :k]
-                           for i in range(0, len(queries), 256)])
-
-
 def world_rows(world_name: str, lang: str, seed: int, max_queries: int) -> List[List[object]]:
     world = generate_world(dataclasses.replace(get_spec(world_name), lang=lang), seed=seed)
-    catalog, gt, events = world.catalog, world.ground_truth, world.events
-    texts = (catalog["title"] + " " + catalog["brand"].astype(str) + " "
-             + catalog["category"].astype(str)).tolist()
-    cut = events["ts"].quantile(0.7)
-    logged = events.loc[(events["ts"] < cut) & (events["query"] != ""), "query"].tolist()
-    speller, _ = speller_from_texts(texts, logged)
-    bm25 = BM25Scorer().fit(catalog["item_id"].tolist(), texts)
-    ids = catalog["item_id"].to_numpy()
-    queries = gt["query_texts"].astype(str)
-    targets = gt["item_ids"].astype(str)[gt["query_target"]]
-    typo = gt["query_typo"].astype(bool)
-    rows = []
-    for name, sel in (("typo", np.where(typo)[0]), ("clean", np.where(~typo)[0])):
-        sel = sel[:max_queries]
-        qs = queries[sel].tolist()
-        expanded, changed = corrected(speller, qs)
-        recall = [float(np.mean([t in set(ids[r]) for t, r in zip(targets[sel], top)]))
-                  for top in (top_rows(bm25, qs, 10), top_rows(bm25, expanded, 10))]
-        rows.append([f"{world_name} world ({lang}), {name}", len(qs), f"{changed.mean():.3f}",
-                     "recall@10", f"{recall[0]:.4f}", f"{recall[1]:.4f}",
-                     ratio(recall[1], recall[0])])
-    return rows
+    return [[f"{world_name} world ({lang}), {name}", r["queries"], f"{r['changed']:.3f}",
+             "recall@10", f"{r['plain']:.4f}", f"{r['speller']:.4f}",
+             ratio(r["speller"], r["plain"])]
+            for name, r in typo_recall(world, max_queries).items()]
 
 
 def homedepot_rows(data_dir: str) -> Tuple[List[List[object]], Speller]:
@@ -90,7 +58,7 @@ def homedepot_rows(data_dir: str) -> Tuple[List[List[object]], Speller]:
     speller, _ = speller_from_texts(titles, queries[order[len(queries) // 5:]].tolist())
     bm25 = BM25Scorer().fit(ids, titles)
     gains = query_gains(judgments, {p: i for i, p in enumerate(ids)}, held)
-    expanded, changed = corrected(speller, held)
+    expanded, changed = corrected_queries(speller, held)
     plain = catalog_search_metrics(top_rows(bm25, held, 100), gains)
     fixed = catalog_search_metrics(top_rows(bm25, expanded, 100), gains)
     rows = []

@@ -5,13 +5,11 @@ so the speller's effect is measured, not assumed: BM25 recall@10 of misspelled q
 must rise and correctly spelled queries must not lose.
 """
 
-import numpy as np
 import pytest
 
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tfrec.features.bm25 import BM25Scorer
 from tfrec.features.speller import Speller, SpellerOptions, speller_from_texts, word_counts
 
 TITLES = ["vinyl flooring plank", "toilet seat white", "cedar fence picket", "vinyl siding",
@@ -58,33 +56,10 @@ def test_options_are_checked():
     assert word_counts(["Café café", "无线 耳机"]) == {"café": 2, "无线": 1, "耳机": 1}
 
 
-def _typo_recall(world):
-    """BM25 recall@10 of the target item, typo and clean queries, without/with the speller."""
-    catalog, gt = world.catalog, world.ground_truth
-    texts = (catalog["title"] + " " + catalog["brand"].astype(str) + " "
-             + catalog["category"].astype(str)).tolist()
-    events = world.events
-    cut = events["ts"].quantile(0.7)  # the speller learns from the earlier query log only
-    logged = events.loc[(events["ts"] < cut) & (events["query"] != ""), "query"].tolist()
-    speller, _ = speller_from_texts(texts, logged)
-    bm25 = BM25Scorer().fit(catalog["item_id"].tolist(), texts)
-    ids = catalog["item_id"].to_numpy()
-    queries = gt["query_texts"].astype(str)
-    targets = gt["item_ids"].astype(str)[gt["query_target"]]
-    typo = gt["query_typo"].astype(bool)
-    out = {}
-    for name, sel in (("typo", np.where(typo)[0]), ("clean", np.where(~typo)[0][:1500])):
-        qs = queries[sel].tolist()
-        fixed = [c.decode() for c in speller.corrections(tf.constant(qs)).numpy()]
-        expanded = [f"{q} {c}" if c else q for q, c in zip(qs, fixed)]
-        for variant, texts_ in (("plain", qs), ("speller", expanded)):
-            top = np.argsort(-bm25.score(texts_), axis=1)[:, :10]
-            out[name, variant] = float(np.mean(
-                [t in set(ids[r]) for t, r in zip(targets[sel], top)]))
-    return out
-
-
 def test_speller_lifts_recall_of_misspelled_queries_on_the_synthetic_world(tiny_world):
-    r = _typo_recall(tiny_world)
-    assert r["typo", "speller"] > r["typo", "plain"] + 0.05, r
-    assert r["clean", "speller"] >= r["clean", "plain"] - 0.005, r
+    from tfrec.evaluation.spelling import typo_recall
+
+    r = typo_recall(tiny_world, max_queries=1500)
+    assert r["typo"]["speller"] > r["typo"]["plain"] + 0.05, r
+    assert r["clean"]["speller"] >= r["clean"]["plain"] - 0.005, r
+    assert r["typo"]["changed"] > 0.5 and r["clean"]["changed"] < 0.1, r
