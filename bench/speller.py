@@ -21,7 +21,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 import numpy as np
