@@ -5,6 +5,9 @@ the speller's figure over the same queries' without it (the reference, same run)
   * synthetic worlds (en, zh): the generator knows which logged queries carry a typo and
     the item wanted; recall@10 of that item, typo and clean queries apart. The speller
     learns from the catalog and the first 70% of the query log (by time).
+  * Chinese pinyin slips: clean zh queries with one character replaced by its homophone
+    (the generator's typo), so the intended query is known: share repaired exactly, and
+    share of the clean queries the speller alters (false corrections).
   * Home Depot (when present): NDCG@10 / Recall@100 of judged products on a held-out 20%
     of distinct queries (the speller learns from the other 80%), all queries and those
     the speller changed.
@@ -34,7 +37,8 @@ from tfrec.data.homedepot import homedepot_path, load_homedepot  # noqa: E402
 from tfrec.data.synthetic import generate_world, get_spec  # noqa: E402
 from tfrec.features.bm25 import BM25Scorer  # noqa: E402
 from tfrec.features.speller import Speller, speller_from_texts  # noqa: E402
-from tfrec.evaluation.spelling import corrected_queries, top_rows, typo_recall  # noqa: E402
+from tfrec.evaluation.spelling import (corrected_queries, homophone_repair, top_rows,  # noqa: E402
+                                       typo_recall)
 from tfrec.search.metrics import catalog_search_metrics, query_gains  # noqa: E402
 
 
@@ -45,6 +49,16 @@ def world_rows(world_name: str, lang: str, seed: int, max_queries: int) -> List[
              "recall@10", f"{r['plain']:.4f}", f"{r['speller']:.4f}",
              ratio(r["speller"], r["plain"])]
             for name, r in typo_recall(world, max_queries).items()]
+
+
+def homophone_rows(world_name: str, seed: int, max_queries: int) -> List[List[object]]:
+    """Chinese pinyin slips put into clean queries: exact repairs, and clean queries altered."""
+    world = generate_world(dataclasses.replace(get_spec(world_name), lang="zh"), seed=seed)
+    r = homophone_repair(world, max_queries)
+    return [[f"{world_name} world (zh), one homophone slip", r["queries"], f"{r['changed']:.3f}",
+             "exact repair", "0.0000", f"{r['repaired']:.4f}", "-"],
+            [f"{world_name} world (zh), the same queries clean", r["queries"],
+             f"{r['clean_changed']:.3f}", "altered", "0.0000", f"{r['clean_changed']:.4f}", "-"]]
 
 
 def homedepot_rows(data_dir: str) -> Tuple[List[List[object]], Speller]:
@@ -97,6 +111,7 @@ def main(argv=None) -> int:
     print(machine_line())
     rows = world_rows(args.world, "en", args.seed, args.max_queries)
     rows += world_rows(args.world, "zh", args.seed, args.max_queries)
+    rows += homophone_rows(args.world, args.seed, args.max_queries)
     speller = None
     if args.homedepot and os.path.exists(homedepot_path(args.data_dir)):
         hd, speller = homedepot_rows(args.data_dir)

@@ -114,6 +114,7 @@ BENCHES: Dict[str, Expect] = {
     "speller": Expect(
         [("queries", "n", "changed", "metric", "plain", "speller", "vs plain")],
         [r"tiny world \(en\), typo +\d", r"tiny world \(zh\), clean +\d",
+         r"tiny world \(zh\), one homophone slip +\d",
          r"corrections of one query .*: [\d.]+ ms"]),
     "search_relevance": Expect(
         [("method", "test NDCG@10", "vs BM25", "val NDCG@10")],

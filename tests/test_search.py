@@ -6,6 +6,7 @@ once per session; the embedded server serves that export on loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -22,6 +23,7 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.search.config import SearchConfig
+from tfrec.search.ranker import FEATURES
 
 from tests.helpers import assert_invalid_argument as _invalid, serve_models
 
@@ -109,7 +111,8 @@ def test_search_module_pads_checks_and_answers_empty_batches(search_run):
     empty = module.search(tf.constant([], tf.string))
     assert {k: tuple(v.shape) for k, v in empty.items()} == {
         **{k: (0, wide) for k in ("product_ids", "titles", "scores", "dense_scores",
-                                  "bm25_scores", "hybrid_scores")}, "corrected_words": (0,)}
+                                  "bm25_scores", "hybrid_scores")},
+        **{k: (0,) for k in ("corrected_words", "query_category", "query_category_prob")}}
     with pytest.raises(tf.errors.InvalidArgumentError, match="query 1 is empty"):
         module.search(tf.constant(["mat", " \t "]))
     with pytest.raises(ValueError, match="num_results"):
@@ -165,17 +168,22 @@ def test_export_reloads_in_a_fresh_process_with_the_same_answers(search_run, sea
     assert fresh["modules"] == [], "the fresh process must need TensorFlow (+ TF Text) only"
     assert fresh["inputs"] == {"query": ["string", [None]]}
     assert not {"PyFunc", "EagerPyFunc", "PyFuncStateless"} & set(fresh["ops"])
-    assert fresh["empty"] == {k: [0] if k == "corrected_words" else [0, NUM_RESULTS]
+    per_query = ("corrected_words", "query_category", "query_category_prob")
+    assert fresh["empty"] == {k: [0] if k in per_query else [0, NUM_RESULTS]
                               for k in fresh["result"]}
     assert fresh["error"] and "query 1 is empty" in fresh["error"]
 
     want = search_run.pipeline.search(tf.constant(queries), num_results=NUM_RESULTS)
     got = fresh["result"]
     assert sorted(got) == ["bm25_scores", "corrected_words", "dense_scores", "hybrid_scores",
-                           "product_ids", "scores", "titles"]
-    for name in ("product_ids", "titles"):
+                           "product_ids", "query_category", "query_category_prob", "scores",
+                           "titles"]
+    assert card["query_category"]["categories"] == len(search_run.query_category and
+                                                       search_run.pipeline.category_names.numpy())
+    for name in ("product_ids", "titles", "query_category"):
         assert got[name] == want[name].numpy().astype(str).tolist(), name
-    for name in ("scores", "dense_scores", "bm25_scores", "hybrid_scores"):
+    for name in ("scores", "dense_scores", "bm25_scores", "hybrid_scores",
+                 "query_category_prob"):
         np.testing.assert_allclose(np.array(got[name]), want[name].numpy(), rtol=1e-4,
                                    atol=1e-4, err_msg=name)
     assert all(len(ids) == NUM_RESULTS and ids[0] for ids in got["product_ids"])
@@ -241,14 +249,21 @@ def test_served_search_corrects_a_misspelled_title_word(search_served, search_ru
     assert typo not in words
     answer = search_served.explain_catalog_search(typo)
     assert answer["corrected_words"] == word, (typo, answer["corrected_words"])
-    assert any(word in r["title"].lower() for r in answer["results"][:3])
+    # The correction reaches BM25: the best BM25 result holds the word (the final order is
+    # the tiny 3-epoch ranker's, which also reads the typo'd query's vector).
+    best = max(answer["results"], key=lambda r: r["bm25_score"])
+    assert word in best["title"].lower(), (word, answer)
     assert search_served.explain_catalog_search(word)["corrected_words"] == ""
     args = ["query", "--server", search_served.address, "--model", "search", "--k", "3"]
     assert main(args + ["--query", typo, "--explain"]) == 0
     out = capsys.readouterr().out
     assert f"also searched as {word!r}" in out and "product_id" in out
+    category = answer["query_category"]
+    assert category in set(search_run.pipeline.category_names.numpy().astype(str))
+    assert f"category: {category} (p=" in out
     assert main(args + ["--query", typo, "--explain", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["corrected_words"] == word
+    explained = json.loads(capsys.readouterr().out)
+    assert explained["corrected_words"] == word and explained["query_category"] == category
 
 
 def _cli(args, cwd, timeout=300):
@@ -314,15 +329,29 @@ def test_search_trains_on_a_home_depot_slice(tiny_encoder, tmp_path):
     csv = tmp_path / "homedepot_slice.csv"
     sliced.to_csv(csv, index=False)
 
-    cfg = _tiny_config(tiny_encoder, judgments=str(csv))
+    # No category column: title departments (k-means of the title vectors) as categories.
+    cfg = dataclasses.replace(_tiny_config(tiny_encoder, judgments=str(csv)),
+                              query_category="clusters", category_clusters=4)
     run = train_search(cfg, str(tmp_path / "work"), log_dir=str(tmp_path / "logs"))
     assert set(run.metrics) == set(STAGES) - {"minilm_zero_shot"}
+    assert run.query_category["source"] == "clusters" and run.query_category["categories"] == 4
     for stage, values in run.metrics.items():
         for name in ("ndcg@10", "recall@100", "mrr"):
             assert math.isfinite(values[name]) and 0.0 <= values[name] <= 1.0, (stage, name)
     assert run.data.judgments["query"].nunique() == 120
     found = run.pipeline.search(tf.constant([sorted(picked)[0]]), num_results=5)
     assert found["product_ids"].shape == (1, 5)
+    # Reloaded over the same products: departments re-assigned by the saved centroids.
+    from tfrec.search.index import load_search_pipeline
+
+    products = run.data.catalog.assign(brand="", category="", description="")
+    loaded, _ = load_search_pipeline(str(tmp_path / "work"), products)
+    np.testing.assert_array_equal(loaded.product_categories.numpy(),
+                                  run.pipeline.product_categories.numpy())
+    queries = tf.constant(sorted(picked)[:5])
+    for name in ("query_category", "product_ids"):
+        np.testing.assert_array_equal(loaded.search(queries)[name].numpy(),
+                                      run.pipeline.search(queries)[name].numpy())
 
 
 def test_search_cli_helpers(capsys):
@@ -354,6 +383,62 @@ def test_search_cli_helpers(capsys):
     assert main(["search", "train", "--set", "strategy=multi_worker"]) == 2
     assert "search strategy must be one of default, one_device, mirrored" in (
         capsys.readouterr().err)
+
+
+def test_search_run_classifies_test_queries_far_above_the_most_common_category(search_run):
+    qc = search_run.query_category
+    assert qc["source"] == "catalog" and qc["categories"] >= 10
+    # Test queries were never trained on; the tiny world has ~50 leaf categories.
+    assert qc["test_accuracy"] >= 0.4 and qc["test_accuracy"] > 5 * qc["test_prior_accuracy"]
+    out = search_run.pipeline.search(tf.constant(["wireless headphones", "无线耳机"]))
+    assert out["query_category"].numpy()[0].decode() != ""
+    probs = out["query_category_prob"].numpy()
+    assert ((probs > 0) & (probs <= 1)).all()
+
+
+def test_category_probability_is_a_ranker_feature_of_each_candidate(search_run):
+    pipeline = search_run.pipeline
+    queries = sorted(search_run.data.splits["test"]["query"].unique())[:8]
+    r = pipeline.retrieve(tf.constant(queries))
+    column = FEATURES.index("category_prob")
+    probs = r["category_probs"].numpy()
+    rows, valid = r["rows"].numpy(), r["valid"].numpy()
+    categories = pipeline.product_categories.numpy()
+    for b in range(len(queries)):
+        for slot in np.flatnonzero(valid[b])[:5]:
+            want = probs[b, categories[rows[b, slot]]] if categories[rows[b, slot]] >= 0 else 0
+            assert r["features"].numpy()[b, slot, column] == pytest.approx(want, abs=1e-6)
+    share = r["features"].numpy()[..., FEATURES.index("category_share")]
+    assert share.max() == pytest.approx(1.0) and share.min() >= 0.0
+
+
+def test_category_filter_keeps_likely_categories_only(search_run):
+    pipeline = search_run.pipeline
+    head, names = pipeline.category_head, pipeline.category_names.numpy()
+    categories = pipeline.product_categories.numpy()
+    queries = sorted(search_run.data.splits["test"]["query"].unique())[:8]
+
+    def unlikely(r) -> int:  # valid candidates of categories below half the top's p
+        probs, rows, valid = (r["category_probs"].numpy(), r["rows"].numpy(),
+                              r["valid"].numpy())
+        count = 0
+        for b in range(len(queries)):
+            c = categories[rows[b][valid[b]]]
+            p = probs[b, np.maximum(c, 0)]
+            count += int(((c >= 0) & (p < 0.5 * probs[b].max() - 1e-6)).sum())
+        return count
+
+    assert unlikely(pipeline.retrieve(tf.constant(queries))) > 0  # unfiltered
+    try:
+        pipeline.set_query_categories(head, categories, names, category_filter=0.5)
+        r = pipeline.retrieve(tf.constant(queries))
+        assert unlikely(r) == 0 and r["valid"].numpy().sum(axis=1).min() > 0
+        with pytest.raises(ValueError, match="category_filter must be in"):
+            pipeline.set_query_categories(head, categories, names, category_filter=1.5)
+        with pytest.raises(ValueError, match="one entry per catalog row"):
+            pipeline.set_query_categories(head, categories[:-1], names)
+    finally:
+        pipeline.set_query_categories(head, categories, names, category_filter=0.0)
 
 
 # BM25 still splits on ASCII runs only (CJK tokens are issue 16): titles mix scripts.
@@ -415,6 +500,12 @@ def test_search_index_serves_a_new_product_table_without_retraining(search_run, 
         # Products nobody judged are found by their own titles (a tiny random encoder
         # trained one epoch: BM25 carries most of it).
         assert found() >= 5
+        # The query-category classifier came along (the saved run's: another test retrains
+        # the run in this workdir, so not necessarily search_run's classifier).
+        leaves = set(tiny_world.catalog["category"])
+        for query in _queries(search_run)[:2]:
+            answer = client.explain_catalog_search(query, model="search")
+            assert answer["query_category"] in leaves and answer["query_category_prob"] > 0
     finally:
         client.close()
         server.stop(grace=0)

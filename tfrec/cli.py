@@ -407,6 +407,9 @@ def _query(args: argparse.Namespace) -> int:
             fixed = answer["corrected_words"]
             print(f"query: {args.query!r}; spelling: "
                   + (f"also searched as {fixed!r}" if fixed else "no correction"))
+            if answer["query_category"]:
+                print(f"category: {answer['query_category']} "
+                      f"(p={answer['query_category_prob']:.2f})")
         print(format_search_results(rows))
         return 0
     if args.similar:

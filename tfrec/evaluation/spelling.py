@@ -18,7 +18,7 @@ from tfrec.data.synthetic import World
 from tfrec.features.bm25 import BM25Scorer
 from tfrec.features.speller import Speller, speller_from_texts
 
-__all__ = ["corrected_queries", "top_rows", "typo_recall"]
+__all__ = ["corrected_queries", "homophone_repair", "top_rows", "typo_recall", "world_speller"]
 
 
 def corrected_queries(speller: Speller, queries: Sequence[str], batch: int = 512
@@ -38,6 +38,17 @@ def top_rows(bm25: BM25Scorer, queries: Sequence[str], k: int) -> np.ndarray:
                            for i in range(0, len(queries), 256)])
 
 
+def world_speller(world: World, log_share: float = 0.7) -> Tuple[Speller, List[str]]:
+    """The speller a synthetic shop would have: its catalog text (title, brand, category)
+    and the first `log_share` of its query log by time; also returns that text."""
+    catalog, events = world.catalog, world.events
+    texts = (catalog["title"] + " " + catalog["brand"].astype(str) + " "
+             + catalog["category"].astype(str)).tolist()
+    cut = events["ts"].quantile(log_share)
+    logged = events.loc[(events["ts"] < cut) & (events["query"] != ""), "query"].tolist()
+    return speller_from_texts(texts, logged)[0], texts
+
+
 def typo_recall(world: World, max_queries: int = 3000, k: int = 10,
                 log_share: float = 0.7) -> Dict[str, Dict[str, float]]:
     """BM25 recall@k of each query's target item, without and with the speller.
@@ -48,12 +59,8 @@ def typo_recall(world: World, max_queries: int = 3000, k: int = 10,
     Returns:
       {"typo"|"clean": {"queries", "changed" (share), "plain", "speller"}}.
     """
-    catalog, gt, events = world.catalog, world.ground_truth, world.events
-    texts = (catalog["title"] + " " + catalog["brand"].astype(str) + " "
-             + catalog["category"].astype(str)).tolist()
-    cut = events["ts"].quantile(log_share)
-    logged = events.loc[(events["ts"] < cut) & (events["query"] != ""), "query"].tolist()
-    speller, _ = speller_from_texts(texts, logged)
+    catalog, gt = world.catalog, world.ground_truth
+    speller, texts = world_speller(world, log_share)
     bm25 = BM25Scorer().fit(catalog["item_id"].tolist(), texts)
     ids = catalog["item_id"].to_numpy()
     queries = gt["query_texts"].astype(str)
@@ -70,3 +77,57 @@ def typo_recall(world: World, max_queries: int = 3000, k: int = 10,
         out[name] = {"queries": len(sel), "changed": float(changed.mean()) if len(sel) else 0.0,
                      "plain": recall[0], "speller": recall[1]}
     return out
+
+
+def homophone_repair(world: World, max_queries: int = 3000, seed: int = 0,
+                     log_share: float = 0.7) -> Dict[str, float]:
+    """How often the speller undoes a pinyin slip in Chinese queries, and harms clean ones.
+
+    Clean logged queries (no generator typo) are misspelled here the generator's way: one
+    character of a CJK run replaced by its homophone (`HOMOPHONES_ZH`), so the intended
+    query is known exactly. BM25 over characters and bigrams already finds most such
+    queries (a slip breaks one or two bigrams), so what is measured is the repair itself.
+
+    Returns:
+      {"queries": misspelled queries, "repaired": share whose corrected query equals the
+      intended one, "changed": share with any correction, "clean_changed": share of the
+      clean queries the speller alters (false corrections)}.
+    """
+    from tfrec.data.lexicon_zh import HOMOPHONES_ZH
+
+    gt = world.ground_truth
+    speller, _ = world_speller(world, log_share)
+    queries = gt["query_texts"].astype(str)[~gt["query_typo"].astype(bool)]
+    rng = np.random.default_rng(seed)
+    clean, typos = [], []
+    for query in queries:
+        slots = [i for i, c in enumerate(query) if c in HOMOPHONES_ZH]
+        if not slots:
+            continue
+        i = slots[int(rng.integers(len(slots)))]
+        clean.append(query)
+        typos.append(query[:i] + HOMOPHONES_ZH[query[i]] + query[i + 1:])
+        if len(clean) >= max_queries:
+            break
+    if not clean:
+        raise ValueError("no clean query holds a character with a homophone: not a "
+                         "Chinese world?")
+
+    def fixed(texts: Sequence[str]) -> List[str]:
+        return [q.decode() for q in speller.correct(tf.constant(list(texts))).numpy()]
+
+    intended = [q.decode() for q in _normalized(clean)]
+    repaired, as_clean = fixed(typos), fixed(clean)
+    typed = [q.decode() for q in _normalized(typos)]
+    return {"queries": len(typos),
+            "repaired": float(np.mean([r == t for r, t in zip(repaired, intended)])),
+            "changed": float(np.mean([r != t for r, t in zip(repaired, typed)])),
+            "clean_changed": float(np.mean([c != t for c, t in zip(as_clean, intended)]))}
+
+
+def _normalized(texts: Sequence[str]) -> np.ndarray:
+    """Queries as `Speller.correct` writes them when it changes nothing."""
+    from tfrec.features.tokenize import normalize_text, text_segments
+
+    segments = text_segments(normalize_text(tf.constant(list(texts))))
+    return tf.strings.reduce_join(segments, axis=1, separator=" ").numpy()

@@ -5,6 +5,11 @@ catalog never uses is replaced by the most frequent catalog word within a small 
 distance. Candidates come from a table of words-with-characters-deleted built at export
 (SymSpell's idea), so serving needs only core ops: one hash lookup per deletion pattern
 and an edit distance per candidate, whatever the catalog size.
+
+CJK text has no words to look up; its typical slip is one wrong character with the same
+reading (a pinyin input slip: 无线耳饥 for 无线耳机). A character neither of whose
+neighbouring bigrams the catalog knows is replaced by the catalog's most frequent
+character between the same neighbours (a table of trigrams with the middle left out).
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ class SpellerOptions:
       candidates_per_key: words kept per deletion key, most frequent first.
       query_known: a word in at least this many distinct logged queries is known even if
         the catalog never uses it ("cheap", "sale"); a typo is rarely repeated that often.
+        The same holds for CJK character bigrams.
+      cjk: correct single characters in CJK runs from their neighbours.
+      cjk_min_count: times a character bigram / trigram must occur in the catalog to be
+        offered as a CJK correction.
     """
 
     min_length: int = 4
@@ -48,6 +57,8 @@ class SpellerOptions:
     max_words: int = 200_000
     candidates_per_key: int = 4
     query_known: int = 10
+    cjk: bool = True
+    cjk_min_count: int = 2
 
     def validate(self) -> None:
         if not 1 <= self.min_length <= self.long_length <= self.max_length:
@@ -56,7 +67,8 @@ class SpellerOptions:
         if self.max_length > 32:
             raise ValueError(f"max_length must be <= 32 (deletion patterns grow as its "
                              f"square), got {self.max_length}")
-        for name in ("min_count", "max_words", "candidates_per_key", "query_known"):
+        for name in ("min_count", "max_words", "candidates_per_key", "query_known",
+                     "cjk_min_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -77,6 +89,46 @@ def word_counts(texts: Iterable[str]) -> collections.Counter:
 
 
 _NOT_CORRECTED = f".*(\\d|{CJK_CHAR}).*"
+_CJK_RUN = f"{CJK_CHAR}{{2,}}"  # a CJK run of two or more characters
+_GAP = "\x00"  # the left-out character of a context key
+
+
+def _context_key(run: str, i: int) -> str:
+    """The context of run[i]: one character each side inside the run, two at its ends."""
+    if 0 < i < len(run) - 1:
+        return run[i - 1] + _GAP + run[i + 1]
+    if i > 0:
+        return run[max(0, i - 2):i] + _GAP
+    return _GAP + run[i + 1:i + 3]
+
+
+def cjk_contexts(counts: Dict[str, int], min_count: int = 2
+                 ) -> Tuple[Dict[str, int], Dict[str, str]]:
+    """Character bigram counts of the CJK runs in `counts`, and context -> best character.
+
+    Context keys: "a\\0b" (between a and b), "za\\0" (after za, at a run's end),
+    "\\0bc" (before bc, at its start; one character in two-character runs); the value is
+    the character most often seen there (ties: the smallest), among contexts seen at
+    least `min_count` times.
+    """
+    bigrams: Dict[str, int] = collections.Counter()
+    seen: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    runs = [w for w in counts if len(w) >= 2]
+    cjk = tf.strings.regex_full_match(tf.constant(runs or [""], tf.string), _CJK_RUN).numpy()
+    for run, is_cjk in zip(runs, cjk):
+        if not is_cjk:
+            continue
+        n = counts[run]
+        for i, c in enumerate(run):
+            if i + 1 < len(run):
+                bigrams[run[i:i + 2]] += n
+            seen[_context_key(run, i)][c] += n
+    best = {}
+    for key, chars in seen.items():
+        char, n = min(chars.items(), key=lambda kv: (-kv[1], kv[0]))
+        if n >= min_count:
+            best[key] = char
+    return dict(bigrams), best
 
 
 def _correctable(words: Sequence[str], options: SpellerOptions) -> List[bool]:
@@ -125,10 +177,13 @@ class Speller(tf.Module):
         searched often are offered first); every word in `known` is left as typed.
       known: words never corrected (default: every word of `counts`).
       options: lengths, distances and table bounds.
+      known_bigrams: CJK character bigrams never corrected besides the catalog's (e.g.
+        those frequent in the query log).
     """
 
     def __init__(self, counts: Dict[str, int], known: Optional[Iterable[str]] = None,
-                 options: Optional[SpellerOptions] = None, name: str = "speller"):
+                 options: Optional[SpellerOptions] = None, name: str = "speller",
+                 known_bigrams: Iterable[str] = ()):
         super().__init__(name=name)
         self.options = options = options or SpellerOptions()
         options.validate()
@@ -156,6 +211,15 @@ class Speller(tf.Module):
         self._candidates = tf.Variable(table, trainable=False, name="candidates")
         self._keys = _lookup(keys, "delete_keys")
         self._known = _lookup(known, "known_words")
+        bigrams, contexts = cjk_contexts(counts, options.cjk_min_count)
+        self.num_contexts = len(contexts) if options.cjk else 0
+        self._bigrams = _lookup(sorted(set(bigrams) | set(known_bigrams)), "cjk_bigrams")
+        keys = sorted(contexts) if options.cjk else []
+        self._contexts = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(keys or [_GAP], tf.string),
+                                                tf.constant([contexts[k] for k in keys] or [""],
+                                                            tf.string)),
+            default_value="", name="cjk_contexts")
         patterns = _deletion_patterns(options.max_length)
         self._patterns = tf.constant(patterns)
         self._pattern_drops = tf.constant((~patterns).sum(axis=1).astype(np.int32))
@@ -174,7 +238,40 @@ class Speller(tf.Module):
                     & (lengths >= o.min_length) & (lengths <= o.max_length))
         at = tf.where(eligible)  # [U, 1]
         fixed = self._correct_unknown(tf.gather_nd(words, at), tf.gather_nd(lengths, at))
-        return tf.tensor_scatter_nd_update(words, at, fixed)
+        words = tf.tensor_scatter_nd_update(words, at, fixed)
+        if not o.cjk:
+            return words
+        runs = tf.where(tf.less(self._known.lookup(words), 0)
+                        & tf.strings.regex_full_match(words, _CJK_RUN))
+        return tf.tensor_scatter_nd_update(words, runs,
+                                           self._correct_cjk(tf.gather_nd(words, runs)))
+
+    def _correct_cjk(self, runs: tf.Tensor) -> tf.Tensor:
+        """[R] CJK runs -> [R] runs with each unsupported character replaced when the
+        catalog has a character for its context.
+
+        A character is unsupported when no bigram it is part of is known (so one wrong
+        character in a known phrase is, and its correct neighbours are not).
+        """
+        chars = tf.strings.unicode_split(runs, "UTF-8")
+        flat = chars.flat_values
+        starts = tf.gather(chars.row_starts(), chars.value_rowids())
+        position = tf.range(tf.size(flat, out_type=tf.int64)) - starts
+        last = tf.gather(chars.row_lengths(), chars.value_rowids()) - 1
+        has_left, has_right = position > 0, position < last
+        left = tf.where(has_left, tf.roll(flat, 1, axis=0), "")
+        right = tf.where(has_right, tf.roll(flat, -1, axis=0), "")
+        known_left = has_left & (self._bigrams.lookup(left + flat) >= 0)
+        known_right = has_right & (self._bigrams.lookup(flat + right) >= 0)
+        unsupported = ~known_left & ~known_right
+        # _context_key in graph: "a\0b" inside, "za\0" / "\0bc" at the ends.
+        far_left = tf.where(position > 1, tf.roll(flat, 2, axis=0), "")
+        far_right = tf.where(position < last - 1, tf.roll(flat, -2, axis=0), "")
+        key = tf.where(has_left & has_right, left + _GAP + right,
+                       tf.where(has_left, far_left + left + _GAP, _GAP + right + far_right))
+        candidate = self._contexts.lookup(key)
+        fixed = tf.where(unsupported & tf.not_equal(candidate, ""), candidate, flat)
+        return tf.strings.reduce_join(chars.with_flat_values(fixed), axis=1)
 
     def _correct_unknown(self, words: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
         """[U] unknown words -> [U] their best correction, or themselves."""
@@ -269,7 +366,11 @@ def speller_from_texts(catalog_texts: Sequence[str], queries: Sequence[str] = ()
         if word in counts:
             counts[word] += n
     known = set(catalog) | {w for w, n in logged.items() if n >= options.query_known}
-    speller = Speller(counts, known=known, options=options)
+    # A bigram in that many distinct queries is the shoppers' own word, not a slip.
+    query_bigrams, _ = cjk_contexts(dict(logged))
+    speller = Speller(counts, known=known, options=options,
+                      known_bigrams=[b for b, n in query_bigrams.items()
+                                     if n >= options.query_known])
     # Kept (untracked) so a run can rebuild the same speller over a new product table.
     object.__setattr__(speller, "logged_queries", sorted(set(str(q) for q in queries)))
     return speller, {"words": speller.num_words, "keys": speller.num_keys,

@@ -187,14 +187,19 @@ def _train(args: argparse.Namespace) -> int:
                              card={"metrics": run.metrics, "judgments": cfg.judgments,
                                    "seed": cfg.seed, "config": dataclasses.asdict(cfg)})
     if args.json:
-        print(json.dumps({"metrics": run.metrics, "timings": run.timings, "export": path},
-                         indent=2))
+        print(json.dumps({"metrics": run.metrics, "query_category": run.query_category,
+                          "timings": run.timings, "export": path}, indent=2))
         return 0
     sizes = {k: int(v["query"].nunique()) for k, v in run.data.splits.items()}
     print(f"catalog {len(run.data.catalog)} products; queries train {sizes.get('train', 0)} / "
           f"val {sizes.get('val', 0)} / test {sizes.get('test', 0)}; trained in "
           f"{run.timings.get('total_s', 0.0):.0f}s ({cfg.strategy}, {run.replicas} replicas)")
     print(format_metrics(run.metrics))
+    qc = run.query_category
+    if qc:
+        print(f"query category ({qc['categories']} categories from the {qc['source']}): test "
+              f"accuracy {qc['test_accuracy']:.3f} (most common category "
+              f"{qc['test_prior_accuracy']:.3f})")
     print(f"metrics {os.path.join(args.workdir, 'search', 'metrics.json')}; "
           f"TensorBoard logs {log_dir}")
     if path:

@@ -56,6 +56,14 @@ class SearchConfig:
     candidates: int = 100  # per retriever; the ranker re-scores their union (<= 2x)
     hybrid_weight: float = 0.2  # BM25 share of the fused retrieval score
     speller: bool = True  # correct words the catalog never uses (added to the BM25 query)
+    dense_corrections: bool = True  # the query tower also reads the corrections
+    # Query -> category classifier (ranker features): auto|catalog|clusters|off; "auto"
+    # uses the catalog's category column if it has one; "clusters": title departments
+    # (k-means of the title vectors) for catalogs without categories.
+    query_category: str = "auto"
+    category_clusters: int = 32  # title departments of query_category=clusters
+    category_filter: float = 0.0  # >0: retrieve only categories with p >= this x top p
+    category_epochs: int = 30
     ranker_epochs: int = 30
     ranker_lr: float = 1e-3
     ranker_holdout: float = 0.2  # share of validation queries that picks the ranker epoch

@@ -35,8 +35,10 @@ class SearchModule(tf.Module):
     `serving_default` input: query [B] string. Outputs, all [B, num_results] in final
     order (the ranker's, or the hybrid score's without a ranker): product_ids, titles
     (both "" past the products found), scores, dense_scores (two-tower cosine),
-    bm25_scores, hybrid_scores (float32, 0 for padding); and corrected_words [B] string,
-    the speller's corrections of words the catalog never uses ("" if none). An empty or whitespace-only
+    bm25_scores, hybrid_scores (float32, 0 for padding); corrected_words [B] string,
+    the speller's corrections of words the catalog never uses ("" if none); and
+    query_category [B] string / query_category_prob [B] float32, the classifier's most
+    probable category of the query ("" and 0 without a classifier). An empty or whitespace-only
     query fails with InvalidArgument naming its index (INVALID_ARGUMENT over gRPC);
     over-long queries are cut to MAX_QUERY_CHARS characters and answered; an empty batch
     gets empty [0, num_results] outputs.
@@ -73,6 +75,10 @@ class SearchModule(tf.Module):
         self.product_vectors = pipeline.product_vectors
         self.product_ids = pipeline.product_ids
         self.titles = pipeline.titles
+        self.category_head = pipeline.category_head
+        if pipeline.category_head is not None:
+            self.product_categories = pipeline.product_categories
+            self.category_names = pipeline.category_names
 
     def _search(self, query: tf.Tensor) -> Dict[str, tf.Tensor]:
         cleaned = SearchPipeline.clean_queries(query)
@@ -93,7 +99,8 @@ class SearchModule(tf.Module):
                 value = tf.pad(value, [[0, 0], [0, pad]],
                                constant_values="" if value.dtype == tf.string else 0.0)
             out[name] = tf.ensure_shape(value, [None, width])
-        out["corrected_words"] = found["corrected_words"]
+        for name in ("corrected_words", "query_category", "query_category_prob"):
+            out[name] = found[name]
         return out
 
     @tf.function(input_signature=[QUERY_SPEC], autograph=False)
@@ -115,8 +122,13 @@ def search_card(pipeline: SearchPipeline, num_results: int, **extra: Any) -> Dic
             "candidates_per_retriever": pipeline.candidates,
             "hybrid_weight": pipeline.hybrid_weight,
             "speller": None if pipeline.speller is None else {
-                "words": pipeline.speller.num_words, "keys": pipeline.speller.num_keys},
+                "words": pipeline.speller.num_words, "keys": pipeline.speller.num_keys,
+                "cjk_contexts": pipeline.speller.num_contexts,
+                "dense_corrections": pipeline.dense_corrections},
             "ranker": pipeline.ranker is not None,
+            "query_category": None if pipeline.category_head is None else {
+                "categories": pipeline.category_head.num_categories,
+                "filter": pipeline.category_filter},
             "num_results": int(num_results), "max_query_chars": MAX_QUERY_CHARS,
             # The BERT preprocessor tokenises with TF Text ops (stock TF Serving links them).
             "needs_tensorflow_text": True,

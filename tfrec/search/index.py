@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from tfrec.data.schema import SchemaError
 from tfrec.features.lexical import LexicalIndex
+from tfrec.search.category import CatalogCategories, QueryCategoryHead
 from tfrec.search.config import SearchConfig
 from tfrec.search.model import QueryEncoder, SearchTwoTower, catalog_word_ids
 from tfrec.search.pipeline import SearchPipeline
@@ -38,11 +39,13 @@ RUN_DIR = "search"  # under a `tfrec search train` workdir
 MODEL_DIR = "model"
 META_FILE = "model.json"
 CHECKPOINT = "weights"
+CENTROIDS = "category_centroids.npy"  # title departments' k-means centroids
 PRODUCT_COLUMNS = ("product_id", "title")
 OPTIONAL_PRODUCT_COLUMNS = ("brand", "category", "description")
 
 
-def _parts(two_tower: SearchTwoTower, ranker: Optional[SearchRanker]) -> Dict[str, object]:
+def _parts(two_tower: SearchTwoTower, ranker: Optional[SearchRanker],
+           category_head: Optional[QueryCategoryHead] = None) -> Dict[str, object]:
     """What training changed: nothing here is sized by the catalog."""
     parts = {"words": two_tower.words, "ids": two_tower.ids,
              "query_adapter": two_tower.query_adapter,
@@ -50,6 +53,8 @@ def _parts(two_tower: SearchTwoTower, ranker: Optional[SearchRanker]) -> Dict[st
              "log_scale": two_tower.log_scale, "query_encoder": two_tower.query_encoder}
     if ranker is not None:
         parts["ranker"] = ranker
+    if category_head is not None:
+        parts["category_head"] = category_head
     return parts
 
 
@@ -63,13 +68,16 @@ def _id_vocabulary(two_tower: SearchTwoTower, product_ids: List[str]) -> List[st
     return vocabulary
 
 
-def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str) -> str:
+def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
+                    categories: Optional[CatalogCategories] = None) -> str:
     """Writes `<run_dir>/model/` (replaced atomically): config, vocabularies, weights.
 
     Args:
       pipeline: the trained pipeline.
       cfg: its SearchConfig.
       run_dir: `<workdir>/search` of the run.
+      categories: the catalog categories its query-category classifier predicts (how a
+        new product table gets them: by name, or by the saved department centroids).
 
     Returns:
       The model directory.
@@ -81,7 +89,12 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str) -
             "ranker": pipeline.ranker is not None,
             "trained_products": len(product_ids),
             # The speller is rebuilt over whatever table is indexed, from these queries.
-            "speller_queries": getattr(pipeline.speller, "logged_queries", [])}
+            "speller_queries": getattr(pipeline.speller, "logged_queries", []),
+            "categories": None}
+    head = pipeline.category_head
+    if head is not None and categories is not None:
+        meta["categories"] = {"names": list(categories.names), "source": categories.source,
+                              "filter": pipeline.category_filter}
     os.makedirs(run_dir, exist_ok=True)
     final = os.path.join(run_dir, MODEL_DIR)
     tmp = tempfile.mkdtemp(prefix=".model-", dir=run_dir)
@@ -90,7 +103,10 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str) -
         cfg.to_yaml(os.path.join(tmp, "config.yaml"))
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, ensure_ascii=False)
-        tf.train.Checkpoint(**_parts(two_tower, pipeline.ranker)).write(
+        if meta["categories"] is not None and categories.centroids is not None:
+            np.save(os.path.join(tmp, CENTROIDS), categories.centroids)
+        tf.train.Checkpoint(**_parts(two_tower, pipeline.ranker,
+                                     head if meta["categories"] else None)).write(
             os.path.join(tmp, CHECKPOINT))
         old = final + ".old"
         shutil.rmtree(old, ignore_errors=True)
@@ -223,16 +239,28 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     two_tower = SearchTwoTower(encoder, vectors, catalog_word_ids(titles, words), len(words),
                                ids, id_vocabulary=meta["id_vocabulary"],
                                negatives=cfg.negatives, temperature=cfg.temperature)
-    del vectors  # the two-tower holds its own copy: one catalog-sized array, not two
     two_tower.set_word_lookup(words)
     ranker = SearchRanker() if meta["ranker"] else None
     speller = build_speller(cfg, titles, meta.get("speller_queries", []))
     pipeline = SearchPipeline(two_tower, LexicalIndex(titles), ranker, ids, titles,
                               candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
+                              dense_corrections=cfg.dense_corrections,
                               speller=speller)
+    head = None
+    saved = meta.get("categories")
+    if saved:
+        centroids_file = os.path.join(model_dir, CENTROIDS)
+        categories = CatalogCategories(
+            np.zeros([0], np.int32), saved["names"], saved["source"],
+            np.load(centroids_file) if os.path.isfile(centroids_file) else None)
+        head = QueryCategoryHead(len(saved["names"]))
+        head.build((None, two_tower.dim))
+        pipeline.set_query_categories(head, categories.for_products(products, vectors),
+                                      saved["names"], saved.get("filter", 0.0))
+    del vectors  # the two-tower holds its own copy: one catalog-sized array, not two
     if ranker is not None:
         pipeline.search(tf.constant(["x"]), num_results=1)  # creates the ranker's weights
-    status = tf.train.Checkpoint(**_parts(two_tower, ranker)).read(
+    status = tf.train.Checkpoint(**_parts(two_tower, ranker, head)).read(
         os.path.join(model_dir, CHECKPOINT))
     status.assert_existing_objects_matched().expect_partial()
     pipeline.refresh_product_vectors()

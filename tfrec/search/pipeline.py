@@ -18,6 +18,7 @@ import tensorflow as tf
 from tfrec.features.lexical import LexicalIndex
 from tfrec.features.speller import Speller
 from tfrec.models.lists import masked_zscore
+from tfrec.search.category import QueryCategoryHead
 from tfrec.search.model import SearchTwoTower
 from tfrec.search.ranker import SearchRanker, candidate_features
 
@@ -42,12 +43,17 @@ class SearchPipeline(tf.Module):
         (1 - weight for the two-tower cosine).
       speller: corrects words the catalog never uses; the corrections are added to the
         query BM25 scores (None: BM25 sees the query as typed).
+      dense_corrections: the query tower (and the category classifier, which reads its
+        vector) also reads the query with its corrections appended.
+
+    A query-category classifier is attached after training with `set_query_categories`.
     """
 
     def __init__(self, two_tower: SearchTwoTower, lexical: LexicalIndex,
                  ranker: Optional[SearchRanker], product_ids: Sequence[str],
                  titles: Sequence[str], candidates: int = 100, hybrid_weight: float = 0.2,
-                 speller: Optional[Speller] = None, name: str = "search_pipeline"):
+                 speller: Optional[Speller] = None, dense_corrections: bool = True,
+                 name: str = "search_pipeline"):
         super().__init__(name=name)
         if lexical.num_docs != two_tower.num_products or len(product_ids) != lexical.num_docs:
             raise ValueError(f"catalog sizes differ: two-tower {two_tower.num_products}, "
@@ -71,7 +77,56 @@ class SearchPipeline(tf.Module):
         self.product_vectors = tf.Variable(
             tf.zeros([self.num_products, two_tower.title_vectors.shape[1]]), trainable=False,
             name="product_vectors")
+        self.dense_corrections = bool(dense_corrections)
+        self.category_head: Optional[QueryCategoryHead] = None
+        self.category_filter = 0.0
         self.refresh_product_vectors()
+
+    def set_query_categories(self, head: Optional[QueryCategoryHead],
+                             product_categories: Sequence[int], names: Sequence[str],
+                             category_filter: float = 0.0) -> None:
+        """Attaches a query -> category classifier (None detaches it).
+
+        Args:
+          head: classifier over the two-tower's query vectors.
+          product_categories: [N] category index per catalog row (-1 = unknown).
+          names: category names (index order).
+          category_filter: 0 = off; else retrieval keeps only products whose category's
+            probability is at least this share of the query's most probable category's
+            (products of unknown category are always kept).
+
+        Raises:
+          ValueError: sizes that disagree, or a filter outside [0, 1].
+        """
+        if head is None:
+            self.category_head = None
+            return
+        rows = np.asarray(product_categories, np.int32)
+        if rows.shape != (self.num_products,):
+            raise ValueError(f"product_categories must have one entry per catalog row "
+                             f"({self.num_products}), got shape {rows.shape}")
+        if len(names) != head.num_categories or rows.max(initial=-1) >= len(names):
+            raise ValueError(f"{len(names)} category names for a classifier of "
+                             f"{head.num_categories} categories (largest index "
+                             f"{rows.max(initial=-1)})")
+        if not 0.0 <= category_filter <= 1.0:
+            raise ValueError(f"category_filter must be in [0, 1], got {category_filter}")
+        self.category_head = head
+        self.category_filter = float(category_filter)
+        self.product_categories = tf.Variable(rows, trainable=False, name="product_categories")
+        self.category_names = tf.Variable(np.asarray(list(names), dtype=object),
+                                          trainable=False, dtype=tf.string,
+                                          name="category_names")
+
+    def category_probs(self, query_vectors: tf.Tensor) -> tf.Tensor:
+        """[B, C] category probabilities of queries given their two-tower vectors."""
+        return tf.nn.softmax(self.category_head(query_vectors, training=False), axis=-1)
+
+    def _product_category_probs(self, probs: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+        """[B, L] probability of each candidate row's category (0 for unknown ones)."""
+        categories = tf.gather(self.product_categories, tf.maximum(rows, 0))
+        picked = tf.gather(probs, tf.maximum(categories, 0), batch_dims=1)
+        return tf.where(categories >= 0, picked, 0.0)
 
     def refresh_product_vectors(self, batch_size: int = 8192) -> None:
         """Re-embeds the catalog with the two-tower's current weights, a slice at a time
@@ -107,12 +162,14 @@ class SearchPipeline(tf.Module):
         """Every product's dense, bm25, coverage and hybrid score [B, N] (+ query_vectors,
         corrections)."""
         queries = self.clean_queries(queries)
-        q = self.two_tower.query_vectors(queries, training=False)
-        dense = tf.matmul(q, self.product_vectors, transpose_b=True)
         corrections = self.corrections(queries)
         # The typed words stay: a wrong correction costs precision, not the match.
-        lexical_queries = tf.strings.join([queries, corrections], separator=" ")
-        bm25, coverage = self.lexical.scores_and_coverage(lexical_queries)
+        read = tf.where(tf.equal(corrections, ""), queries,
+                        tf.strings.join([queries, corrections], separator=" "))
+        q = self.two_tower.query_vectors(read if self.dense_corrections else queries,
+                                         training=False)
+        dense = tf.matmul(q, self.product_vectors, transpose_b=True)
+        bm25, coverage = self.lexical.scores_and_coverage(read)
         hybrid = ((1.0 - self.hybrid_weight) * masked_zscore(dense)
                   + self.hybrid_weight * masked_zscore(bm25))
         return {"query_vectors": q, "dense": dense, "bm25": bm25, "coverage": coverage,
@@ -126,14 +183,21 @@ class SearchPipeline(tf.Module):
         """
         s = self.catalog_scores(queries)
         k = self.candidates
-        _, dense_rows = tf.math.top_k(s["dense"], k)
-        bm25_top, bm25_rows = tf.math.top_k(s["bm25"], k)
+        dense_all, bm25_all = s["dense"], s["bm25"]
+        probs = None
+        if self.category_head is not None:
+            probs = self.category_probs(s["query_vectors"])
+            if self.category_filter > 0:
+                dense_all, bm25_all = self._filter_categories(probs, dense_all, bm25_all)
+        dense_top, dense_rows = tf.math.top_k(dense_all, k)
+        bm25_top, bm25_rows = tf.math.top_k(bm25_all, k)
         same = tf.equal(dense_rows[:, :, tf.newaxis], bm25_rows[:, tf.newaxis, :])  # [B, k, k]
         in_bm25 = tf.reduce_any(same, axis=2)
         in_dense = tf.reduce_any(same, axis=1)
         positions = tf.range(k)[tf.newaxis, :]
         rows = tf.concat([dense_rows, bm25_rows], axis=1)
-        valid = tf.concat([tf.ones_like(in_bm25), tf.logical_and(~in_dense, bm25_top > 0)], 1)
+        # Filtered-out products (-1e9) fill a dense list only when too few remain.
+        valid = tf.concat([dense_top > -1e8, tf.logical_and(~in_dense, bm25_top > 0)], 1)
         dense_rank = tf.concat([tf.broadcast_to(positions, tf.shape(dense_rows)),
                                 tf.fill(tf.shape(bm25_rows), k)], axis=1)
         bm25_pos = tf.where(in_bm25, tf.argmax(tf.cast(same, tf.int32), axis=2,
@@ -141,13 +205,25 @@ class SearchPipeline(tf.Module):
         bm25_rank = tf.concat([bm25_pos, tf.broadcast_to(positions, tf.shape(bm25_rows))], 1)
         gathered = {name: tf.gather(s[name], rows, batch_dims=1)
                     for name in ("dense", "bm25", "coverage", "hybrid")}
+        category = None
+        if probs is not None:
+            category = self._product_category_probs(probs, rows)
         features = candidate_features(gathered["dense"], gathered["bm25"],
                                       gathered["coverage"], gathered["hybrid"], dense_rank,
-                                      bm25_rank, valid)
+                                      bm25_rank, valid, category_prob=category)
         return {"rows": tf.where(valid, rows, -1), "valid": valid, "features": features,
                 "query_vectors": s["query_vectors"], "corrections": s["corrections"],
+                "category_probs": probs,
                 "product_vectors": tf.gather(self.product_vectors, tf.maximum(rows, 0)),
                 **gathered}
+
+    def _filter_categories(self, probs: tf.Tensor, *scores: tf.Tensor):
+        """Catalog scores [B, N] with products of unlikely categories pushed below all."""
+        allowed = probs >= self.category_filter * tf.reduce_max(probs, axis=1, keepdims=True)
+        keep = tf.gather(tf.concat([allowed, tf.ones_like(allowed[:, :1])], axis=1),
+                         tf.where(self.product_categories >= 0, self.product_categories,
+                                  tf.shape(probs)[1]), axis=1)  # unknown category: kept
+        return tuple(tf.where(keep, x, -1e9) for x in scores)
 
     def ranker_inputs(self, retrieved: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         return {k: retrieved[k] for k in ("query_vectors", "product_vectors", "features",
@@ -158,8 +234,9 @@ class SearchPipeline(tf.Module):
 
         Returns rows [B, n] (-1 past the valid candidates), product_ids, titles, scores
         (ranker logits, or hybrid without a ranker) and the dense / bm25 / hybrid
-        scores of the same products, and corrected_words [B] (the speller's corrections,
-        "" if none).
+        scores of the same products, corrected_words [B] (the speller's corrections,
+        "" if none), query_category [B] and query_category_prob [B] (the classifier's most
+        probable category; "" and 0 without one).
         """
         r = self.retrieve(queries)
         if self.ranker is not None:
@@ -177,4 +254,11 @@ class SearchPipeline(tf.Module):
         for name in ("dense", "bm25", "hybrid"):
             out[f"{name}_scores"] = tf.where(found, tf.gather(r[name], order, batch_dims=1), 0.0)
         out["corrected_words"] = r["corrections"]
+        if r["category_probs"] is None:
+            out["query_category"] = tf.fill(tf.shape(r["corrections"]), "")
+            out["query_category_prob"] = tf.zeros(tf.shape(r["corrections"]), tf.float32)
+        else:
+            out["query_category"] = tf.gather(self.category_names,
+                                              tf.argmax(r["category_probs"], axis=1))
+            out["query_category_prob"] = tf.reduce_max(r["category_probs"], axis=1)
         return out

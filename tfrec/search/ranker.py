@@ -21,13 +21,14 @@ __all__ = ["FEATURES", "SearchRanker", "candidate_features"]
 
 # Columns of candidate_features, in order.
 FEATURES = ("dense", "dense_z", "bm25_rel", "bm25_z", "coverage", "hybrid", "dense_rank",
-            "bm25_rank", "bm25_hit")
+            "bm25_rank", "bm25_hit", "category_prob", "category_share")
 _NEG = -1e9
 
 
 def candidate_features(dense: tf.Tensor, bm25: tf.Tensor, coverage: tf.Tensor,
                        hybrid: tf.Tensor, dense_rank: tf.Tensor, bm25_rank: tf.Tensor,
-                       valid: tf.Tensor) -> tf.Tensor:
+                       valid: tf.Tensor, category_prob: Optional[tf.Tensor] = None
+                       ) -> tf.Tensor:
     """[B, C, len(FEATURES)] float32 ranker inputs from per-candidate signals [B, C].
 
     Scores are made comparable across queries (z-scores and max-normalised BM25 within
@@ -41,14 +42,22 @@ def candidate_features(dense: tf.Tensor, bm25: tf.Tensor, coverage: tf.Tensor,
       dense_rank: rank in the two-tower list (its list length if absent).
       bm25_rank: rank in the BM25 list (its list length if absent).
       valid: candidate slots that hold a product.
+      category_prob: the query-category classifier's probability of the candidate's
+        category (None: no classifier, both category columns 0).
     """
     w = tf.cast(valid, tf.float32)
+    if category_prob is None:
+        category_prob = tf.zeros_like(w)
+    category_prob = tf.cast(category_prob, tf.float32) * w
+    # Share of the list's most likely category: "is this the category the query is about".
+    share = tf.math.divide_no_nan(category_prob,
+                                  tf.reduce_max(category_prob, axis=-1, keepdims=True))
     top_bm25 = tf.reduce_max(bm25 * w, axis=-1, keepdims=True)
     columns = [dense, masked_zscore(dense, valid), tf.math.divide_no_nan(bm25, top_bm25),
                masked_zscore(bm25, valid), coverage, hybrid,
                1.0 / (1.0 + tf.cast(dense_rank, tf.float32) / 10.0),
                1.0 / (1.0 + tf.cast(bm25_rank, tf.float32) / 10.0),
-               tf.cast(bm25 > 0, tf.float32)]
+               tf.cast(bm25 > 0, tf.float32), category_prob, share]
     return tf.stack([tf.cast(c, tf.float32) for c in columns], axis=-1) * w[..., tf.newaxis]
 
 

@@ -25,6 +25,8 @@ from tfrec.features.lexical import LexicalIndex
 from tfrec.features.speller import Speller, speller_from_texts
 from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.losses import SoftmaxListwiseLoss
+from tfrec.search.category import (catalog_categories, category_accuracy,
+                                   category_targets, train_category_head)
 from tfrec.search.config import SearchConfig, check_search_strategy
 from tfrec.search.data import judgments_from_events, product_catalog
 from tfrec.search.index import load_search_pipeline, save_search_run, saved_vocabularies
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SearchData", "SearchRun", "load_search_data", "title_vectors", "build_pipeline",
            "train_two_tower", "retrieved_lists", "train_ranker", "evaluate_stages",
+           "train_query_categories",
            "train_search", "STAGES"]
 
 STAGES = ("bm25", "two_tower", "hybrid", "two_tower+ranker")
@@ -70,6 +73,8 @@ class SearchRun:
     timings: Dict[str, float]
     history: Dict[str, List[float]]
     replicas: int = 1  # devices the two-tower trained on
+    # Query-category classifier: source, categories, val/test accuracy ({} if none).
+    query_category: Dict[str, object] = dataclasses.field(default_factory=dict)
 
 
 def load_search_data(cfg: SearchConfig) -> SearchData:
@@ -82,9 +87,12 @@ def load_search_data(cfg: SearchConfig) -> SearchData:
         spec = get_spec(spec_name or "tiny")
         world = generate_world(dataclasses.replace(spec, lang=lang or spec.lang), seed=42)
         judgments = judgments_from_events(world.events, world.catalog)
+        catalog = product_catalog(judgments)
+        category = dict(zip(world.catalog["item_id"].astype(str), world.catalog["category"]))
+        catalog["category"] = catalog["product_id"].astype(str).map(category).fillna("")
     else:
         judgments = load_homedepot(path=source or None, data_dir=cfg.data_dir)
-    catalog = product_catalog(judgments)
+        catalog = product_catalog(judgments)
     return SearchData(judgments, catalog, split_by_query(judgments, cfg.split, seed=cfg.seed))
 
 
@@ -150,6 +158,7 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
     return SearchPipeline(two_tower, LexicalIndex(titles), None,
                           data.catalog["product_id"].tolist(), titles,
                           candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
+                          dense_corrections=cfg.dense_corrections,
                           speller=build_speller(cfg, titles, train["query"].unique()))
 
 
@@ -260,6 +269,58 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
                 tf.summary.scalar("epoch_hybrid_ndcg@10", score, step=epoch)
     pipeline.refresh_product_vectors()
     return history
+
+
+def query_vectors(pipeline: SearchPipeline, queries: Sequence[str],
+                  batch: int = 256) -> np.ndarray:
+    """[Q, H] two-tower query vectors (inference mode), a batch at a time."""
+    parts = [pipeline.two_tower.query_vectors(tf.constant(list(queries[s:s + batch])),
+                                              training=False).numpy()
+             for s in range(0, len(queries), batch)]
+    return np.concatenate(parts) if parts else np.zeros([0, pipeline.two_tower.dim],
+                                                        np.float32)
+
+
+def train_query_categories(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData
+                           ) -> Optional[Dict[str, object]]:
+    """Fits the query -> category classifier and attaches it to the pipeline.
+
+    Labels: the categories of each train query's relevant products (gain-weighted);
+    the validation queries pick the epoch. Runs after the two-tower (it reads its query
+    vectors) and before the ranker (which reads its probabilities).
+
+    Returns:
+      None when `cfg.query_category` is "off" or the catalog has < 2 categories, else
+      {"categories": CatalogCategories, "val_accuracy", "prior_accuracy", "test_accuracy",
+      "test_prior_accuracy", "epoch"}.
+    """
+    categories = catalog_categories(data.catalog, pipeline.two_tower.title_vectors.numpy(),
+                                    cfg.query_category, cfg.category_clusters, cfg.seed)
+    if categories is None or len(categories.names) < 2:
+        return None
+    row_of, count = data.row_of, len(categories.names)
+    split = {}
+    for name in ("train", "val", "test"):
+        queries = sorted(data.splits[name]["query"].unique())
+        split[name] = (query_vectors(pipeline, queries),
+                       category_targets(data.splits[name], row_of, categories.rows, count,
+                                        queries))
+    fitted = train_category_head(*split["train"], *split["val"], epochs=cfg.category_epochs,
+                                 seed=cfg.seed)
+    head = fitted["head"]
+    pipeline.set_query_categories(head, categories.rows, categories.names,
+                                  cfg.category_filter)
+    test_vectors, test_targets = split["test"]
+    prior = np.zeros([len(test_targets), count], np.float32)
+    prior[:, np.argmax(split["train"][1].sum(axis=0))] = 1.0
+    info = {"categories": categories, "epoch": fitted["epoch"],
+            "val_accuracy": fitted["val_accuracy"], "prior_accuracy": fitted["prior_accuracy"],
+            "test_accuracy": category_accuracy(head(test_vectors).numpy(), test_targets)
+            if len(test_vectors) else float("nan"),
+            "test_prior_accuracy": category_accuracy(prior, test_targets)}
+    log.info("query categories (%s, %d): validation accuracy %.3f (most common category "
+             "%.3f)", categories.source, count, info["val_accuracy"], info["prior_accuracy"])
+    return info
 
 
 def retrieved_lists(pipeline: SearchPipeline, judgments: pd.DataFrame,
@@ -397,6 +458,16 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
                                                                log_dir).items()}
     timings["two_tower_s"] = time.perf_counter() - t
     t = time.perf_counter()
+    categories = train_query_categories(pipeline, cfg, data)
+    category_metrics: Dict[str, object] = {}
+    if categories is not None:
+        category_metrics = {
+            "source": categories["categories"].source,
+            "categories": len(categories["categories"].names),
+            **{k: float(categories[k]) for k in ("val_accuracy", "prior_accuracy",
+                                                  "test_accuracy", "test_prior_accuracy")}}
+    timings["query_category_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     history.update({f"ranker_{k}": v for k, v in train_ranker(
         pipeline, cfg, data, log_dir,
         start_from=None if previous is None else previous.ranker).items()})
@@ -409,9 +480,11 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     out = os.path.join(workdir, "search")
     os.makedirs(out, exist_ok=True)
     cfg.to_yaml(os.path.join(out, "config.yaml"))
-    save_search_run(pipeline, cfg, out)  # `tfrec search index` rebuilds it over any catalog
+    save_search_run(pipeline, cfg, out,
+                    categories=None if categories is None else categories["categories"])  # `tfrec search index` rebuilds it over any catalog
     with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
-        json.dump({"metrics": metrics, "timings": timings, "history": history}, f, indent=2)
+        json.dump({"metrics": metrics, "query_category": category_metrics, "timings": timings,
+                   "history": history}, f, indent=2)
     os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
     return SearchRun(pipeline, data, metrics, timings, history,
-                     replicas=strategy.num_replicas_in_sync)
+                     replicas=strategy.num_replicas_in_sync, query_category=category_metrics)

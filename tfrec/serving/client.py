@@ -319,14 +319,19 @@ class PredictClient:
                                k: Optional[int] = None, version: Optional[int] = None,
                                timeout: Optional[float] = None) -> Dict[str, Any]:
         """`catalog_search` plus how the query was read: {"query", "corrected_words",
-        "results"}; corrected_words are the speller's corrections ("" if none, or if the
-        export predates the speller)."""
+        "query_category", "query_category_prob", "results"}; corrected_words are the
+        speller's corrections, query_category the classifier's most probable category
+        ("" / 0.0 if none, or if the export predates them)."""
         outputs = self.predict(model, {"query": np.array([query], dtype=object)},
                                "serving_default", version, timeout=timeout)
         rows = rows_from(outputs, ids="product_ids")
         corrected = outputs.get("corrected_words")
+        category = outputs.get("query_category")
+        probability = outputs.get("query_category_prob")
         return {"query": query,
                 "corrected_words": "" if corrected is None else _text(corrected[0]),
+                "query_category": "" if category is None else _text(category[0]),
+                "query_category_prob": 0.0 if probability is None else float(probability[0]),
                 "results": rows if k is None else rows[:max(0, int(k))]}
 
     @staticmethod
