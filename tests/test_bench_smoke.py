@@ -116,6 +116,9 @@ BENCHES: Dict[str, Expect] = {
         [r"tiny world \(en\), typo +\d", r"tiny world \(zh\), clean +\d",
          r"tiny world \(zh\), one homophone slip +\d",
          r"corrections of one query .*: [\d.]+ ms"]),
+    "query_category": Expect(
+        [("search ranker", "NDCG@10", "vs off", "R@100", "val NDCG@10", "val vs off")],
+        [r"tiny world \(en\), no category +\d", r"tiny world \(en\), query category +\d"]),
     "search_relevance": Expect(
         [("method", "test NDCG@10", "vs BM25", "val NDCG@10")],
         [row("BM25"), row("MiniLM zero-shot cosine"), row("MiniLM fast, fine-tuned"),

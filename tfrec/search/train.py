@@ -290,7 +290,8 @@ def train_query_categories(pipeline: SearchPipeline, cfg: SearchConfig, data: Se
     vectors) and before the ranker (which reads its probabilities).
 
     Returns:
-      None when `cfg.query_category` is "off" or the catalog has < 2 categories, else
+      None when `cfg.query_category` is "off", the catalog has < 2 categories or no train
+      query has a relevant product of a known category, else
       {"categories": CatalogCategories, "val_accuracy", "prior_accuracy", "test_accuracy",
       "test_prior_accuracy", "epoch"}.
     """
@@ -305,6 +306,10 @@ def train_query_categories(pipeline: SearchPipeline, cfg: SearchConfig, data: Se
         split[name] = (query_vectors(pipeline, queries),
                        category_targets(data.splits[name], row_of, categories.rows, count,
                                         queries))
+    if not (split["train"][1].sum(axis=1) > 0).any():
+        log.warning("query category: no training query has a relevant product of a known "
+                    "category; no classifier")
+        return None
     fitted = train_category_head(*split["train"], *split["val"], epochs=cfg.category_epochs,
                                  seed=cfg.seed)
     head = fitted["head"]
