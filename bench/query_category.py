@@ -47,9 +47,12 @@ def one_run(world: str, lang: str, seed: int, args, workdir: str) -> Dict[str, D
     data = load_search_data(cfg)
     if args.encoder:
         encoder, preprocessor = args.encoder, args.preprocessor
-    else:
-        texts = data.catalog["title"].tolist() + data.judgments["query"].tolist()
-        encoder, preprocessor = tiny_bert(os.path.join(workdir, f"bert_{world}_{lang}"), texts)
+    else:  # one per world and language (its vocabulary), shared by the seeds
+        out = os.path.join(workdir, f"bert_{world}_{lang}")
+        encoder, preprocessor = os.path.join(out, "encoder"), os.path.join(out, "preprocessor")
+        if not os.path.isdir(encoder):
+            texts = data.catalog["title"].tolist() + data.judgments["query"].tolist()
+            encoder, preprocessor = tiny_bert(out, texts)
     cfg = dataclasses.replace(cfg, encoder=encoder, preprocessor=preprocessor)
     vectors = title_vectors(cfg, data.catalog["title"].tolist(),
                             cache_dir=os.path.join(workdir, "cache"))

@@ -284,6 +284,9 @@ def test_output_filter(served):
     with assert_error(grpc.StatusCode.INVALID_ARGUMENT, "nope", "item_ids"):
         client.predict(MODEL, request_inputs(), output_filter=["nope"])
     assert_healthy(client)
+    with assert_error(grpc.StatusCode.INVALID_ARGUMENT, "duplicate", "scores"):
+        client.predict(MODEL, request_inputs(), output_filter=["scores", "item_ids", "scores"])
+    assert_healthy(client)
 
 
 def test_metadata_and_status(served):
@@ -320,7 +323,7 @@ def test_error_statuses(served):
     with assert_error(grpc.StatusCode.NOT_FOUND, "Specific(retrieval, 7)"):
         client.predict(MODEL, request_inputs(), version=7)
     assert_healthy(client)
-    with assert_error(grpc.StatusCode.INVALID_ARGUMENT, "nope", "similar_items"):
+    with assert_error(grpc.StatusCode.FAILED_PRECONDITION, "nope", "similar_items"):
         client.predict(MODEL, request_inputs(), signature="nope")
     assert_healthy(client)
 
@@ -559,6 +562,29 @@ model_config_list {
         load_model_config(str(config))
     with pytest.raises(FileNotFoundError):
         load_model_config(str(tmp_path / "nope.config"))
+
+
+def test_version_directories_that_are_not_int64_are_ignored(tmp_path):
+    """20 digits (beyond int64) and non-ASCII digits are not versions, as in TF Serving:
+    the model keeps serving version 1 and its status stays readable."""
+    base = str(tmp_path / MODEL)
+    export_version(base, 1, seed=1)
+    for name in ("9" * 20, "\u0661\u0662", "\uff13"):  # 20 nines, Arabic-Indic 12, fullwidth 3
+        save_tiny_model(os.path.join(base, name), seed=2)
+    server = ModelServer({MODEL: base}, port=0, poll_seconds=0.2).start()
+    client = PredictClient(server.address, timeout=20.0)
+    try:
+        assert client.status(MODEL) == [(1, "AVAILABLE")]
+        assert_healthy(client)
+        export_version(base, 2, seed=3)  # a real new version is still picked up
+        wait_for(lambda: dict(client.status(MODEL)).get(2) == "AVAILABLE", timeout=30)
+        assert max(v for v, _ in client.status(MODEL)) == 2
+        assert_healthy(client)
+    finally:
+        client.close()
+        server.stop(grace=0)
+    from tfrec.export.versioned import list_versions, next_version
+    assert list_versions(base) == [1, 2] and next_version(base) == 3
 
 
 def test_server_rejects_busy_port(served):

@@ -211,7 +211,8 @@ def bad_input_cases(items, num_items):
         ("missing input", with_(exclude_seen=None), INVALID, ["missing input", "exclude_seen"]),
         ("unexpected input", with_(color=strings("red")), INVALID, ["unexpected input", "color"]),
         ("malformed tensor", with_(user_id=malformed), INVALID, ["input 'user_id'", "holds 3"]),
-        ("unknown signature", with_(signature="nope"), INVALID, ['"nope"', "similar_items"]),
+        ("unknown signature", with_(signature="nope"), grpc.StatusCode.FAILED_PRECONDITION,
+         ['"nope"', "similar_items"]),
         ("unknown model", lambda c: c.predict("ranking", good), NOT_FOUND,
          ["Servable not found", "Latest(ranking)"]),
         ("unknown version", lambda c: c.predict(MODEL, good, version=99), NOT_FOUND,
@@ -403,7 +404,7 @@ def test_metrics_count_the_requests_sent(plain, world_facts):
     assert delta(requests, **predict, signature="serving_default", code="INVALID_ARGUMENT") == 2
     assert delta(requests, method="Predict", model=UNKNOWN, signature=UNKNOWN,
                  code="NOT_FOUND") == 1
-    assert delta(requests, **predict, signature=UNKNOWN, code="INVALID_ARGUMENT") == 1
+    assert delta(requests, **predict, signature=UNKNOWN, code="FAILED_PRECONDITION") == 1
     assert delta(requests, method="GetModelStatus", model=MODEL, signature="", code="OK") == 1
     assert delta("tfrec_serving_request_latency_seconds_count", **predict,
                  signature="serving_default") == 7

@@ -16,6 +16,18 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 
+MAX_VERSION = 2 ** 63 - 1  # versions are int64 in TF Serving's protos
+
+
+def version_of(name: str) -> Optional[int]:
+    """The version a directory name stands for, as TF Serving reads it: ASCII digits within
+    int64 (other names, e.g. `.tmp-*`, "١٢" or 20 digits, are not versions)."""
+    if not (name.isascii() and name.isdigit()):
+        return None
+    version = int(name)
+    return version if version <= MAX_VERSION else None
+
+
 def list_versions(model_dir: str) -> List[int]:
     """Integer version directories that hold a saved_model.pb, ascending."""
     if not os.path.isdir(model_dir):
@@ -23,14 +35,15 @@ def list_versions(model_dir: str) -> List[int]:
     versions = []
     for name in os.listdir(model_dir):
         path = os.path.join(model_dir, name)
-        if name.isdigit() and os.path.exists(os.path.join(path, "saved_model.pb")):
-            versions.append(int(name))
+        version = version_of(name)
+        if version is not None and os.path.exists(os.path.join(path, "saved_model.pb")):
+            versions.append(version)
     return sorted(versions)
 
 
 def next_version(model_dir: str) -> int:
-    versions = [int(n) for n in os.listdir(model_dir) if n.isdigit()] if os.path.isdir(
-        model_dir) else []
+    names = os.listdir(model_dir) if os.path.isdir(model_dir) else []
+    versions = [v for v in map(version_of, names) if v is not None]
     return max(versions, default=0) + 1
 
 
@@ -52,8 +65,9 @@ def save_versioned(module: tf.Module, signatures: Dict[str, object], base_dir: s
     model_dir = os.path.join(base_dir, model_name)
     os.makedirs(model_dir, exist_ok=True)
     version = next_version(model_dir) if version is None else int(version)
-    if version <= 0:
-        raise ValueError(f"model version must be a positive integer, got {version}")
+    if not 0 < version <= MAX_VERSION:
+        raise ValueError(f"model version must be a positive integer up to {MAX_VERSION} "
+                         f"(int64, as TF Serving reads it), got {version}")
     final = os.path.join(model_dir, str(version))
     if os.path.exists(final):
         raise FileExistsError(

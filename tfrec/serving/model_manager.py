@@ -25,7 +25,10 @@ logger = logging.getLogger(__name__)
 POLICIES = ("latest", "all", "specific")
 # Libraries whose import registers custom ops some exported models use.
 _OP_LIBRARIES = ("tensorflow_text",)
-_VERSION_DIR = re.compile(r"\d+")
+# ASCII digits only (Python's \d also takes other scripts' digits) and within int64, as
+# TF Serving parses version directories; anything else is not a version.
+_VERSION_DIR = re.compile(r"[0-9]+")
+_MAX_VERSION = 2 ** 63 - 1
 _DATA_SHARD = re.compile(r"variables\.data-(\d+)-of-(\d+)")
 _ops_lock = threading.Lock()
 _ops_imported = False
@@ -108,12 +111,14 @@ def import_op_libraries() -> None:
 def list_versions(base_path: str) -> Dict[int, str]:
     """Version -> directory for every integer-named subdirectory of `base_path`.
 
-    Other names (e.g. `.tmp-*` directories of an export in progress) are ignored.
+    Other names (e.g. `.tmp-*` directories of an export in progress, numbers beyond
+    int64, non-ASCII digits) are ignored, as TF Serving ignores them.
     """
     versions = {}
     with os.scandir(base_path) as entries:
         for entry in entries:
-            if _VERSION_DIR.fullmatch(entry.name) and entry.is_dir():
+            if (_VERSION_DIR.fullmatch(entry.name) and int(entry.name) <= _MAX_VERSION
+                    and entry.is_dir()):
                 versions[int(entry.name)] = entry.path
     return versions
 

@@ -236,15 +236,19 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         call.signature = self._models.signature_label(spec.name, signature_name)
         loaded = self._models.resolve(spec)
         signature = loaded.signatures.get(signature_name)
-        if signature is None:
+        if signature is None:  # TF Serving: FAILED_PRECONDITION, with the same message
             raise RpcAbort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.FAILED_PRECONDITION,
                 f'Serving signature name: "{signature_name}" not found in signature def of '
                 f"model {spec.name!r} version {loaded.version}; available "
                 f"signatures: {sorted(loaded.signatures)}")
         call.signature = signature_name
-        arrays = self._decode_inputs(request, signature)
         wanted = list(request.output_filter) or list(signature.outputs)
+        repeated = sorted({n for n in wanted if wanted.count(n) > 1})
+        if repeated:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"duplicate output tensor alias in output_filter: {repeated}")
+        arrays = self._decode_inputs(request, signature)
         unknown = [n for n in wanted if n not in signature.outputs]
         if unknown:
             raise RpcAbort(
@@ -257,7 +261,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.name = spec.name
         response.model_spec.version.value = loaded.version
         response.model_spec.signature_name = signature_name
-        for name in dict.fromkeys(wanted):
+        for name in wanted:
             response.outputs[name].CopyFrom(tensors.to_proto(outputs[name]))
         return response
 
