@@ -326,6 +326,17 @@ def test_error_statuses(served):
     with assert_error(grpc.StatusCode.FAILED_PRECONDITION, "nope", "similar_items"):
         client.predict(MODEL, request_inputs(), signature="nope")
     assert_healthy(client)
+    # Client-sent names are cut in error messages: a 100 KB name does not come back.
+    huge = "m" * 100_000
+    for call, code in ((lambda: client.predict(huge, request_inputs()), "NOT_FOUND"),
+                       (lambda: client.predict(MODEL, request_inputs(), signature=huge),
+                        "FAILED_PRECONDITION")):
+        with pytest.raises(ServingError) as caught:
+            call()
+        assert caught.value.code.name == code, caught.value
+        assert "...(100000 chars)" in caught.value.message
+        assert len(caught.value.message) < 1000
+    assert_healthy(client)
 
     inputs = request_inputs()
     del inputs["exclude_seen"]
@@ -500,6 +511,16 @@ def test_manager_start_errors_and_late_model(tmp_path):
     with pytest.raises(RuntimeError, match="load errors"):
         ModelManager(MODEL, str(empty), poll_seconds=0).start()
 
+    # A server that fails to load its models releases the port it bound first.
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ModelServer({MODEL: missing}, port=port, poll_seconds=0).start()
+    export_version(str(tmp_path / "good"), 1, seed=1)
+    ModelServer({MODEL: str(tmp_path / "good")}, port=port, poll_seconds=0).start().stop(0)
+
     # Started before the first export: NOT_FOUND until a version appears.
     late = str(tmp_path / "late")
     with ModelServer({MODEL: late}, port=0, poll_seconds=0.2, require_models=False) as server, \
@@ -593,3 +614,9 @@ def test_server_rejects_busy_port(served):
                         poll_seconds=0)
     with pytest.raises(OSError, match="cannot bind"):
         other.start()
+    # The port is checked before any model loads: a base path with no version at all
+    # still fails on the port, at once.
+    empty = tempfile.mkdtemp(prefix="tfrec-empty-")
+    late = ModelServer({MODEL: empty}, port=server.port, poll_seconds=0)
+    with pytest.raises(OSError, match="cannot bind"):
+        late.start()

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import logging
 import re
+import socket
 import time
 from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
@@ -43,10 +44,25 @@ DEFAULT_SIGNATURE = "serving_default"
 SIGNATURE_DEF_FIELD = "signature_def"
 
 
+_ECHO_CHARS = 100  # of a client-sent name repeated in an error message
+_MESSAGE_CHARS = 2000  # of any error message
+
+
+def echo(name: str, limit: int = _ECHO_CHARS) -> str:
+    """A client-sent name as error messages repeat it: a 1 MB model name is not sent back."""
+    name = str(name)
+    return name if len(name) <= limit else f"{name[:limit]}...({len(name)} chars)"
+
+
 class RpcAbort(Exception):
-    """Ends an RPC with a status; raised by request handling, turned into context.abort."""
+    """Ends an RPC with a status; raised by request handling, turned into context.abort.
+
+    The message is cut to _MESSAGE_CHARS characters (names in it are cut by `echo`).
+    """
 
     def __init__(self, code: grpc.StatusCode, message: str):
+        if len(message) > _MESSAGE_CHARS:
+            message = message[:_MESSAGE_CHARS] + "...(cut)"
         super().__init__(message)
         self.code = code
         self.message = message
@@ -127,8 +143,9 @@ class _Models:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "model_spec.name must be set")
         manager = self.managers.get(spec.name)
         if manager is None:
-            request = (f"Specific({spec.name}, {spec.version.value})" if spec.HasField("version")
-                       else f"Latest({spec.name})")
+            name = echo(spec.name)
+            request = (f"Specific({name}, {spec.version.value})" if spec.HasField("version")
+                       else f"Latest({name})")
             raise RpcAbort(
                 grpc.StatusCode.NOT_FOUND,
                 f"Servable not found for request: {request}; this server serves models "
@@ -217,16 +234,21 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       batcher: Started Batcher merging concurrent Predict calls; None runs each alone.
       max_string_bytes: Longest string element accepted in a request (0: no limit).
       allow_non_finite: Accept NaN/Inf in float inputs (rejected by default).
+      max_request_rows: Largest first dimension of a request tensor (0: no limit).
+      max_tensor_elements: Most elements in one request tensor (0: no limit).
     """
 
     def __init__(self, managers: Mapping[str, ModelManager],
                  metrics: Optional[ServingMetrics] = None, batcher: Optional[Batcher] = None,
-                 max_string_bytes: int = 0, allow_non_finite: bool = False):
+                 max_string_bytes: int = 0, allow_non_finite: bool = False,
+                 max_request_rows: int = 0, max_tensor_elements: int = 0):
         self._models = _Models(managers)
         self._metrics = metrics
         self._batcher = batcher
         self._max_string_bytes = int(max_string_bytes)
         self._allow_non_finite = bool(allow_non_finite)
+        self._max_request_rows = int(max_request_rows)
+        self._max_tensor_elements = int(max_tensor_elements)
 
     @_rpc
     def Predict(self, request: predict_pb2.PredictRequest, context,
@@ -239,7 +261,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if signature is None:  # TF Serving: FAILED_PRECONDITION, with the same message
             raise RpcAbort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f'Serving signature name: "{signature_name}" not found in signature def of '
+                f'Serving signature name: "{echo(signature_name)}" not found in signature def of '
                 f"model {spec.name!r} version {loaded.version}; available "
                 f"signatures: {sorted(loaded.signatures)}")
         call.signature = signature_name
@@ -247,13 +269,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         repeated = sorted({n for n in wanted if wanted.count(n) > 1})
         if repeated:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"duplicate output tensor alias in output_filter: {repeated}")
+                           f"duplicate output tensor alias in output_filter: "
+                           f"{[echo(n) for n in repeated]}")
         arrays = self._decode_inputs(request, signature)
         unknown = [n for n in wanted if n not in signature.outputs]
         if unknown:
             raise RpcAbort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"output_filter names unknown output(s) {unknown} of signature "
+                f"output_filter names unknown output(s) {[echo(n) for n in unknown]} of signature "
                 f"'{signature_name}'; outputs are {sorted(signature.outputs)}")
 
         outputs = self._run(spec.name, loaded, signature, arrays, context)
@@ -327,7 +350,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             if missing:
                 parts.append(f"missing input(s) {', '.join(repr(n) for n in missing)}")
             if extra:
-                parts.append(f"unexpected input(s) {', '.join(repr(n) for n in extra)}")
+                parts.append(f"unexpected input(s) {', '.join(repr(echo(n)) for n in extra)}")
             raise RpcAbort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{'; '.join(parts)} for signature '{signature.name}'; expected inputs: "
@@ -336,9 +359,13 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         for name in sorted(expected):
             try:
                 tensors.check_against_spec(given[name], expected[name], name)
+                tensors.check_size(given[name], name, self._max_request_rows,
+                                   self._max_tensor_elements)
                 arrays[name] = tensors.to_ndarray(given[name], name)
                 tensors.check_values(arrays[name], name, self._max_string_bytes,
                                      self._allow_non_finite)
+            except tensors.TooLargeError as e:
+                raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             except tensors.TensorError as e:
                 raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         _check_batch_sizes(signature, arrays)
@@ -354,7 +381,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         for field in request.metadata_field:
             if field != SIGNATURE_DEF_FIELD:
                 raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"Metadata field {field} is not supported "
+                               f"Metadata field {echo(field)} is not supported "
                                f"(supported: '{SIGNATURE_DEF_FIELD}')")
         loaded = self._models.resolve(request.model_spec)
         signature_map = get_model_metadata_pb2.SignatureDefMap()
@@ -429,6 +456,18 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
                        "server to change the set of models")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Raises OSError if `host:port` cannot be bound (SO_REUSEADDR, as gRPC binds)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot bind gRPC server to {host}:{port} (port in use?): "
+                          f"{e.strerror or e}") from e
+
+
 class ModelServer:
     """gRPC server with TF Serving's PredictionService and ModelService.
 
@@ -456,6 +495,9 @@ class ModelServer:
       allow_non_finite: Accept NaN/Inf in float inputs (rejected by default).
       max_concurrent_rpcs: RPCs in progress before new ones get RESOURCE_EXHAUSTED
         (None: unbounded queueing in front of the worker threads).
+      max_request_rows: Rows (first dimension) a request tensor may declare; more get
+        RESOURCE_EXHAUSTED before decoding (0: no limit).
+      max_tensor_elements: Elements a request tensor may declare (0: no limit).
     """
 
     def __init__(self, models: Mapping[str, str], host: str = "127.0.0.1", port: int = 8500,
@@ -464,7 +506,8 @@ class ModelServer:
                  policies: Optional[Mapping[str, Mapping[str, object]]] = None,
                  batching: Union[BatchingOptions, bool, None] = None,
                  monitoring_port: Optional[int] = None, max_string_bytes: int = 1 << 20,
-                 allow_non_finite: bool = False, max_concurrent_rpcs: Optional[int] = None):
+                 allow_non_finite: bool = False, max_concurrent_rpcs: Optional[int] = None,
+                 max_request_rows: int = 8192, max_tensor_elements: int = 1 << 22):
         if not models:
             raise ValueError("ModelServer needs at least one model (name -> base path)")
         if not 0 <= int(port) <= 65535:
@@ -478,6 +521,9 @@ class ModelServer:
         if max_string_bytes < 0:
             raise ValueError(f"max_string_bytes must be >= 0 (0: no limit), got "
                              f"{max_string_bytes}")
+        if max_request_rows < 0 or max_tensor_elements < 0:
+            raise ValueError(f"max_request_rows and max_tensor_elements must be >= 0 (0: no "
+                             f"limit), got {max_request_rows}, {max_tensor_elements}")
         if max_concurrent_rpcs is not None and max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be >= 1, got {max_concurrent_rpcs}")
         if batching is True:
@@ -498,6 +544,8 @@ class ModelServer:
         self.max_string_bytes = int(max_string_bytes)
         self.allow_non_finite = bool(allow_non_finite)
         self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.max_request_rows = int(max_request_rows)
+        self.max_tensor_elements = int(max_tensor_elements)
         self.batcher: Optional[Batcher] = None
         queued = (lambda: self.batcher.queued_requests() if self.batcher else 0)
         self.metrics = ServingMetrics(self.managers, queued if batching else None)
@@ -540,7 +588,7 @@ class ModelServer:
         return f"{host}:{self.port}"
 
     def start(self) -> "ModelServer":
-        """Loads every model, then starts answering RPCs.
+        """Checks the port, loads every model, then starts answering RPCs.
 
         Raises:
           FileNotFoundError / RuntimeError: a model cannot be served (`require_models`).
@@ -548,6 +596,8 @@ class ModelServer:
         """
         if self._server is not None:
             raise RuntimeError("ModelServer is already started")
+        if self.requested_port:  # a busy port fails now, not after loading every model
+            _check_port_free(self.host, self.requested_port)
         started = []
         try:
             for manager in self.managers.values():
@@ -574,7 +624,8 @@ class ModelServer:
                 maximum_concurrent_rpcs=self.max_concurrent_rpcs)
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
                 PredictionServicer(self.managers, self.metrics, self.batcher,
-                                   self.max_string_bytes, self.allow_non_finite), server)
+                                   self.max_string_bytes, self.allow_non_finite,
+                                   self.max_request_rows, self.max_tensor_elements), server)
             model_service_pb2_grpc.add_ModelServiceServicer_to_server(
                 ModelServicer(self.managers, self.metrics), server)
             host = f"[{self.host}]" if ":" in self.host else self.host

@@ -40,6 +40,36 @@ class TensorError(ValueError):
     """
 
 
+class TooLargeError(TensorError):
+    """A request tensor is over a configured size limit (RESOURCE_EXHAUSTED)."""
+
+
+def check_size(proto: tensor_pb2.TensorProto, name: str, max_rows: int = 0,
+               max_elements: int = 0) -> None:
+    """Refuses a tensor whose declared shape is over the server's limits, from its header.
+
+    A 40-byte TensorProto can declare [100000] and one value that TF broadcasts: the
+    cost is in the shape, not the message size, so it is checked before decoding.
+
+    Args:
+      proto: The request TensorProto.
+      name: Input alias used in error messages.
+      max_rows: Largest first dimension (batch rows); 0 disables the check.
+      max_elements: Largest number of elements; 0 disables the check.
+    """
+    shape = shape_of(proto)
+    if not shape or any(d < 0 for d in shape):
+        return  # to_ndarray reports unknown ranks and negative dimensions
+    if max_rows and shape[0] > max_rows:
+        raise TooLargeError(f"input '{name}' has {shape[0]} rows; the server accepts at most "
+                            f"{max_rows} rows per request (max_request_rows)")
+    elements = int(np.prod(shape, dtype=np.float64))  # float: no int64 overflow
+    if max_elements and elements > max_elements:
+        raise TooLargeError(f"input '{name}' has shape {format_shape(shape)} ({elements} "
+                            f"elements); the server accepts at most {max_elements} elements "
+                            f"per tensor (max_tensor_elements)")
+
+
 def dtype_name(dtype: Any) -> str:
     """`DT_INT32`-style name of a DataType enum, tf.DType or numpy dtype."""
     if isinstance(dtype, int):
