@@ -129,8 +129,9 @@ def model_base(exported_model, tmp_path_factory) -> str:
 
 
 def _server(base: str, **kwargs) -> ModelServer:
+    kwargs.setdefault("max_message_mb", 12)
     return ModelServer({MODEL: base}, port=0, poll_seconds=0, monitoring_port=0,
-                       max_message_mb=12, **kwargs).start()
+                       **kwargs).start()
 
 
 @pytest.fixture(scope="module")
@@ -428,6 +429,30 @@ def test_metrics_count_the_requests_sent(plain, world_facts):
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(server.metrics_url.replace("/metrics", "/other"), timeout=10)
     assert error.value.code == 404
+
+
+def test_reply_over_the_message_limit_is_refused_and_counted(model_base, world_facts):
+    """A reply gRPC cannot send is RESOURCE_EXHAUSTED with the limit named, and the
+    metrics count it so (they counted OK while the client got an error)."""
+    items, _ = world_facts
+    server = _server(model_base, max_message_mb=2 / 1024)  # 2 KiB: requests fit, big replies not
+    client = PredictClient(server.address, timeout=30.0)
+    try:
+        client.recommend(MODEL, "U000001", history=[items[0]], k=2)  # small: fine
+        before = scrape(server)
+        code, message = status_of(lambda: client.predict(
+            MODEL, recommend_inputs(k=50, rows=4)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, message
+        assert "max_message_mb" in message and "output_filter" in message
+        after = scrape(server)
+        labels = dict(method="Predict", model=MODEL, signature="serving_default")
+        for name, want in (("OK", 0), ("RESOURCE_EXHAUSTED", 1)):
+            got = (sample(after, "tfrec_serving_requests_total", **labels, code=name)
+                   - sample(before, "tfrec_serving_requests_total", **labels, code=name))
+            assert got == want, (name, got)
+    finally:
+        client.close()
+        server.stop(grace=0)
 
 
 # -- hot reload under load ------------------------------------------------------------------

@@ -115,7 +115,16 @@ def _rpc(method: Callable) -> Callable:
         call = _Call(method.__name__, name if name in self._models.managers else UNKNOWN)
         code = grpc.StatusCode.OK
         try:
-            return method(self, request, context, call)
+            response = method(self, request, context, call)
+            limit = getattr(self, "_max_response_bytes", 0)
+            size = response.ByteSize() if limit else 0
+            if size > limit:  # gRPC would fail to send it; say why, count it as failed
+                raise RpcAbort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"response of {size} bytes is larger than the server's max message size "
+                    f"({limit} bytes, max_message_mb); ask for fewer rows, a smaller k or "
+                    "fewer outputs (output_filter)")
+            return response
         except RpcAbort as e:
             code, message = e.code, e.message
         except Exception as e:  # a bug or an unexpected model failure
@@ -236,13 +245,17 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       allow_non_finite: Accept NaN/Inf in float inputs (rejected by default).
       max_request_rows: Largest first dimension of a request tensor (0: no limit).
       max_tensor_elements: Most elements in one request tensor (0: no limit).
+      max_response_bytes: Largest reply (gRPC's send limit); a larger one is answered
+        RESOURCE_EXHAUSTED and counted so (0: no check).
     """
 
     def __init__(self, managers: Mapping[str, ModelManager],
                  metrics: Optional[ServingMetrics] = None, batcher: Optional[Batcher] = None,
                  max_string_bytes: int = 0, allow_non_finite: bool = False,
-                 max_request_rows: int = 0, max_tensor_elements: int = 0):
+                 max_request_rows: int = 0, max_tensor_elements: int = 0,
+                 max_response_bytes: int = 0):
         self._models = _Models(managers)
+        self._max_response_bytes = int(max_response_bytes)
         self._metrics = metrics
         self._batcher = batcher
         self._max_string_bytes = int(max_string_bytes)
@@ -625,7 +638,8 @@ class ModelServer:
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
                 PredictionServicer(self.managers, self.metrics, self.batcher,
                                    self.max_string_bytes, self.allow_non_finite,
-                                   self.max_request_rows, self.max_tensor_elements), server)
+                                   self.max_request_rows, self.max_tensor_elements,
+                                   self.max_message_bytes), server)
             model_service_pb2_grpc.add_ModelServiceServicer_to_server(
                 ModelServicer(self.managers, self.metrics), server)
             host = f"[{self.host}]" if ":" in self.host else self.host
