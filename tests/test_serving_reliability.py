@@ -387,6 +387,31 @@ def test_deadlines(plain, batched, world_facts, monkeypatch):
     assert_healthy(client, items)
 
 
+def test_a_cancelled_call_is_not_counted_ok(batched, world_facts, monkeypatch):
+    """The client cancels while its request waits for a batch; the server finishes the
+    work later, and must count the call CANCELLED, not OK (the batcher already did; the
+    same guard now covers every handler)."""
+    items, _ = world_facts
+    server, client = batched
+    monkeypatch.setattr(server.batcher, "options",
+                        dataclasses.replace(TEST_BATCHING, batch_timeout_micros=1_500_000))
+    labels = ("Predict", MODEL, "serving_default")
+    before = {c: server.metrics.requests.value(*labels, c) for c in ("OK", "CANCELLED")}
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    for name, value in recommend_inputs(k=6).items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(client._channel)
+    future = stub.Predict.future(request, timeout=30)
+    time.sleep(0.3)  # in the batch queue by now
+    assert future.cancel()
+    wait_for(lambda: server.metrics.requests.value(*labels, "CANCELLED") > before["CANCELLED"],
+             timeout=10)
+    assert server.metrics.requests.value(*labels, "OK") == before["OK"]
+    monkeypatch.undo()
+    assert_healthy(client, items)
+
+
 # -- metrics --------------------------------------------------------------------------------
 
 def test_metrics_count_the_requests_sent(plain, world_facts):

@@ -124,6 +124,12 @@ def _rpc(method: Callable) -> Callable:
                     f"response of {size} bytes is larger than the server's max message size "
                     f"({limit} bytes, max_message_mb); ask for fewer rows, a smaller k or "
                     "fewer outputs (output_filter)")
+            if not context.is_active():  # nobody gets this reply: not an OK
+                left = context.time_remaining()
+                raise RpcAbort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0
+                    else grpc.StatusCode.CANCELLED,
+                    "the call ended (client cancelled or deadline passed) before the reply")
             return response
         except RpcAbort as e:
             code, message = e.code, e.message
