@@ -585,6 +585,47 @@ model_config_list {
         load_model_config(str(tmp_path / "nope.config"))
 
 
+def test_exports_carry_warmup_requests_that_the_server_replays(tmp_path):
+    """save_versioned writes TF Serving's warm-up file (a request per signature that
+    answers a sample input); the server replays it before the version serves, and a
+    warm-up request that fails keeps the version from loading, as in TF Serving."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from tfrec.export.versioned import save_versioned
+    from tfrec.export.warmup import WARMUP_FILE, warmup_requests, write_warmup
+    from tfrec.serving.model_manager import VersionState
+
+    module = TinyRetrieval(seed=1)
+    signatures = {"serving_default": module.serve.get_concrete_function(),
+                  "similar_items": module.similar_items.get_concrete_function(),
+                  "query_embedding": module.query_embedding.get_concrete_function(),
+                  "candidate_embedding": module.candidate_embedding.get_concrete_function()}
+    path = save_versioned(module, signatures, str(tmp_path), MODEL)
+    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in
+               tf.data.TFRecordDataset(os.path.join(path, "assets.extra", WARMUP_FILE))]
+    names = sorted(r.predict_log.request.model_spec.signature_name for r in records)
+    # similar_items refuses the sample id "x" (unknown item): no warm-up request for it.
+    assert names == ["candidate_embedding", "query_embedding", "serving_default"], names
+    assert all(r.predict_log.request.model_spec.name == MODEL for r in records)
+
+    base = str(tmp_path / MODEL)
+    bad = warmup_requests(MODEL, {"serving_default": signatures["serving_default"]})
+    bad[0].model_spec.signature_name = "nope"
+    version = export_version(base, 2, seed=2)
+    write_warmup(version, bad)
+    server = ModelServer({MODEL: base}, port=0, poll_seconds=0).start()
+    client = PredictClient(server.address, timeout=20.0)
+    try:
+        manager = server.managers[MODEL]
+        assert manager.versions() == [1] and manager.get().warmup_requests == 3
+        state = manager.version_states()[2]
+        assert state.state == VersionState.END and "nope" in state.error_message, state
+        assert_healthy(client)
+    finally:
+        client.close()
+        server.stop(grace=0)
+
+
 def test_version_directories_that_are_not_int64_are_ignored(tmp_path):
     """20 digits (beyond int64) and non-ASCII digits are not versions, as in TF Serving:
     the model keeps serving version 1 and its status stays readable."""

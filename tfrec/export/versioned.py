@@ -15,6 +15,8 @@ from typing import Dict, List, Optional
 import tfrec  # noqa: F401
 import tensorflow as tf
 
+from tfrec.export.warmup import warmup_requests, write_warmup
+
 
 MAX_VERSION = 2 ** 63 - 1  # versions are int64 in TF Serving's protos
 
@@ -49,7 +51,7 @@ def next_version(model_dir: str) -> int:
 
 def save_versioned(module: tf.Module, signatures: Dict[str, object], base_dir: str,
                    model_name: str, version: Optional[int] = None,
-                   extra_files: Optional[Dict[str, dict]] = None) -> str:
+                   extra_files: Optional[Dict[str, dict]] = None, warmup: bool = True) -> str:
     """Saves `module` as version `version` (default: next integer) atomically.
 
     Args:
@@ -59,6 +61,8 @@ def save_versioned(module: tf.Module, signatures: Dict[str, object], base_dir: s
       model_name: model directory name.
       version: explicit version; refuses to overwrite an existing one.
       extra_files: JSON files written under `assets.extra/` (model card, config).
+      warmup: also write TF Serving warm-up requests (`tfrec.export.warmup`), one per
+        signature that answers a sample input, replayed before the version serves.
     """
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise ValueError(f"invalid model name {model_name!r}: use a plain directory name")
@@ -80,6 +84,10 @@ def save_versioned(module: tf.Module, signatures: Dict[str, object], base_dir: s
     logger.setLevel("ERROR")
     try:
         tf.saved_model.save(module, tmp, signatures=signatures)
+        if warmup:
+            requests = warmup_requests(model_name, signatures)
+            if requests:
+                write_warmup(tmp, requests)
         if extra_files:
             extra = os.path.join(tmp, "assets.extra")
             os.makedirs(extra, exist_ok=True)

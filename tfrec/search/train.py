@@ -485,8 +485,9 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     out = os.path.join(workdir, "search")
     os.makedirs(out, exist_ok=True)
     cfg.to_yaml(os.path.join(out, "config.yaml"))
+    # `tfrec search index` rebuilds the run over any catalog.
     save_search_run(pipeline, cfg, out,
-                    categories=None if categories is None else categories["categories"])  # `tfrec search index` rebuilds it over any catalog
+                    categories=None if categories is None else categories["categories"])
     with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
         json.dump({"metrics": metrics, "query_category": category_metrics, "timings": timings,
                    "history": history}, f, indent=2)

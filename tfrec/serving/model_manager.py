@@ -19,6 +19,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import grpc
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import prediction_log_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class LoadedVersion:
       obj: The object returned by `tf.saved_model.load` (owns the variables).
       signatures: Signature key -> `Signature`.
       signature_defs: Signature key -> SignatureDef proto from `saved_model.pb`.
+      warmup_requests: Warm-up requests replayed before the version served.
     """
 
     version: int
@@ -92,6 +94,7 @@ class LoadedVersion:
     obj: object
     signatures: Mapping[str, Signature]
     signature_defs: Mapping[str, meta_graph_pb2.SignatureDef]
+    warmup_requests: int = 0  # replayed from assets.extra before serving
 
 
 def import_op_libraries() -> None:
@@ -256,8 +259,55 @@ def load_version(version: int, path: str) -> LoadedVersion:
             outputs=types.MappingProxyType({k: _spec_of(v, k) for k, v in outputs.items()}))
     if not signatures:
         raise ValueError(f"SavedModel in {path} has no signatures to serve")
+    replayed = replay_warmup(path, signatures)
     return LoadedVersion(version, path, obj, types.MappingProxyType(signatures),
-                         types.MappingProxyType(signature_defs))
+                         types.MappingProxyType(signature_defs), replayed)
+
+
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+MAX_WARMUP_REQUESTS = 1000  # TF Serving's bound on the records of one file
+
+
+def replay_warmup(path: str, signatures: Mapping[str, Signature]) -> int:
+    """Runs the version's warm-up requests (TF Serving's file) before it takes traffic.
+
+    The first calls of a loaded model pay for graph set-up; replaying them here keeps
+    that off the first shoppers' requests. As in TF Serving, a request that fails makes
+    the version fail to load.
+
+    Returns:
+      The number of requests replayed (0 without a warm-up file).
+
+    Raises:
+      ValueError: a record that is not a Predict request, names an unknown signature or
+        input, or has more than MAX_WARMUP_REQUESTS records; tf.errors.OpError: the model
+        fails on a request.
+    """
+    file = os.path.join(path, WARMUP_FILE)
+    if not os.path.isfile(file):
+        return 0
+    count = 0
+    for record in tf.data.TFRecordDataset(file):
+        count += 1
+        if count > MAX_WARMUP_REQUESTS:
+            raise ValueError(f"{file} holds more than {MAX_WARMUP_REQUESTS} warm-up requests")
+        log_proto = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        if not log_proto.HasField("predict_log"):
+            raise ValueError(f"warm-up record {count} of {file} is not a Predict request "
+                             f"(only predict_log is served here)")
+        request = log_proto.predict_log.request
+        name = request.model_spec.signature_name or "serving_default"
+        signature = signatures.get(name)
+        if signature is None:
+            raise ValueError(f"warm-up record {count} of {file} names signature {name!r}, "
+                             f"which the model does not have ({sorted(signatures)})")
+        unknown = sorted(set(request.inputs) - set(signature.inputs))
+        if unknown:
+            raise ValueError(f"warm-up record {count} of {file}: unknown input(s) {unknown} "
+                             f"of signature {name!r}")
+        signature.function(**{k: tf.constant(tf.make_ndarray(v), dtype=signature.inputs[k].dtype)
+                              for k, v in request.inputs.items()})
+    return count
 
 
 def _error_code(e: BaseException) -> grpc.StatusCode:
@@ -473,6 +523,9 @@ class ModelManager:
             return None
         with self._lock:
             self._failed.pop(version, None)
+        if loaded.warmup_requests:
+            logger.info("model %r: version %d warmed up with %d request(s)", self.name, version,
+                        loaded.warmup_requests)
         return loaded
 
     def _swap(self, chosen: Dict[int, LoadedVersion], old: Mapping[int, LoadedVersion]) -> None:
