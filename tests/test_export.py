@@ -58,6 +58,15 @@ def test_export_layout_and_reload_in_fresh_process(exported_model, tiny_world, t
     assert os.path.basename(exported_model) == "1"
     assert os.path.exists(os.path.join(exported_model, "saved_model.pb"))
     assert os.path.exists(os.path.join(exported_model, "assets.extra", "tfrec_model.json"))
+    # TF Serving warm-up requests: the retrieval signatures that answer a sample input.
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    warmup = os.path.join(exported_model, "assets.extra", "tf_serving_warmup_requests")
+    warmed = {prediction_log_pb2.PredictionLog.FromString(r.numpy())
+              .predict_log.request.model_spec.signature_name
+              for r in tf.data.TFRecordDataset(warmup)}
+    assert {"serving_default", "query_embedding"} <= warmed, warmed
     catalog = tiny_world.catalog
     history_item, catalog_item = catalog["item_id"].iloc[3], catalog["item_id"].iloc[7]
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}

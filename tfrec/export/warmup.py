@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -25,15 +25,37 @@ __all__ = ["WARMUP_FILE", "sample_inputs", "warmup_requests", "write_warmup"]
 WARMUP_FILE = "tf_serving_warmup_requests"  # under assets.extra/, TF Serving's name
 
 
-def _specs(function) -> Tuple[List[Tuple[str, tf.TensorSpec]], List[Tuple[str, tf.TensorSpec]]]:
-    """(positional, keyword) (signature input key, spec) pairs of a concrete function.
+def _input_specs(function) -> Optional[Dict[str, tf.TensorSpec]]:
+    """Signature input key -> spec of a concrete function, None if a key is unknowable.
 
-    A positional spec's key is its name (what `tf.saved_model.save` uses as the input key
-    of the signature); None if one is unnamed.
+    Keys are what `tf.saved_model.save` names the signature's inputs: a positional
+    spec's name, the keys of a positional dict of specs, keyword names.
     """
     args, kwargs = function.structured_input_signature
-    positional = [(spec.name, spec) for spec in args]
-    return positional, list(kwargs.items())
+    specs: Dict[str, tf.TensorSpec] = {}
+    for arg in list(args) + [dict(kwargs)]:
+        if arg is None:  # a Python default baked into the signature, not an input
+            continue
+        if isinstance(arg, tf.TensorSpec) and arg.name:
+            specs[arg.name] = arg
+        elif isinstance(arg, Mapping) and all(isinstance(v, tf.TensorSpec)
+                                              for v in arg.values()):
+            specs.update(arg)
+        else:
+            return None
+    return specs
+
+
+def _call(function, values: Mapping[str, np.ndarray]) -> None:
+    """Calls `function` with `values` laid out as its input signature."""
+    args, kwargs = function.structured_input_signature
+
+    def tensor(key: str, spec: tf.TensorSpec) -> tf.Tensor:
+        return tf.constant(values[key], dtype=spec.dtype)
+
+    positional = [None if a is None else tensor(a.name, a) if isinstance(a, tf.TensorSpec)
+                  else {k: tensor(k, v) for k, v in a.items()} for a in args]
+    function(*positional, **{k: tensor(k, v) for k, v in kwargs.items()})
 
 
 def _sample(spec: tf.TensorSpec) -> np.ndarray:
@@ -49,9 +71,14 @@ def sample_inputs(function) -> Dict[str, np.ndarray]:
     """One-row inputs of a signature, by input key, from its specs ("x", 1, 0.0, False).
 
     Unknown dimensions become 1; integers are 1, so a top-k signature is valid.
+
+    Raises:
+      ValueError: an input whose signature key cannot be told (an unnamed spec).
     """
-    positional, keyword = _specs(function)
-    return {key: _sample(spec) for key, spec in positional + keyword}
+    specs = _input_specs(function)
+    if specs is None:
+        raise ValueError("the function has an input without a name")
+    return {key: _sample(spec) for key, spec in specs.items()}
 
 
 def warmup_requests(model_name: str, signatures: Mapping[str, object]
@@ -64,17 +91,12 @@ def warmup_requests(model_name: str, signatures: Mapping[str, object]
     """
     requests = []
     for name, function in sorted(signatures.items()):
-        positional, keyword = _specs(function)
-        if any(key is None for key, _ in positional):
-            log.info("no warm-up request for signature %r: an input spec has no name", name)
-            continue
-        inputs = sample_inputs(function)
         try:
-            function(*[tf.constant(inputs[k], dtype=s.dtype) for k, s in positional],
-                     **{k: tf.constant(inputs[k], dtype=s.dtype) for k, s in keyword})
+            inputs = sample_inputs(function)
+            _call(function, inputs)
         except (tf.errors.OpError, ValueError, TypeError) as e:
-            log.info("no warm-up request for signature %r: its sample input fails (%s)", name,
-                     type(e).__name__)
+            log.info("no warm-up request for signature %r: its sample input fails (%s: %s)",
+                     name, type(e).__name__, str(e)[:300])
             continue
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model_name
