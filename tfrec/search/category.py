@@ -28,7 +28,7 @@ from tfrec.models.ivf import assign_lists, train_centroids
 from tfrec.training.keep_best import KeepBestEpoch
 
 __all__ = ["CATEGORY_SOURCES", "CatalogCategories", "QueryCategoryHead", "catalog_categories",
-           "category_targets", "train_category_head", "category_accuracy"]
+           "category_targets", "train_category_head", "category_accuracy", "prior_accuracy"]
 
 CATEGORY_SOURCES = ("auto", "catalog", "clusters", "off")
 
@@ -197,6 +197,13 @@ def category_accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(np.mean(targets[labelled][np.arange(len(pick)), pick] >= best - 1e-6))
 
 
+def prior_accuracy(train_targets: np.ndarray, targets: np.ndarray) -> float:
+    """`category_accuracy` of always answering the most common training category."""
+    logits = np.zeros([len(targets), train_targets.shape[1]], np.float32)
+    logits[:, np.argmax(train_targets.sum(axis=0))] = 1.0
+    return category_accuracy(logits, targets)
+
+
 def train_category_head(train_vectors: np.ndarray, train_targets: np.ndarray,
                         val_vectors: np.ndarray, val_targets: np.ndarray,
                         epochs: int = 30, lr: float = 3e-3, batch_size: int = 64,
@@ -229,8 +236,6 @@ def train_category_head(train_vectors: np.ndarray, train_targets: np.ndarray,
     model.compile(optimizer=tf.keras.optimizers.Adam(lr),
                   loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True))
     model.build((None, x.shape[1]))
-    prior_logits = np.zeros([len(val_targets), y.shape[1]], np.float32)
-    prior_logits[:, np.argmax(y.sum(axis=0))] = 1.0
     has_val = bool((val_targets.sum(axis=1) > 0).any())
     val_x = tf.constant(val_vectors, tf.float32)
 
@@ -244,5 +249,5 @@ def train_category_head(train_vectors: np.ndarray, train_targets: np.ndarray,
     model.fit(x[order], y[order], batch_size=batch_size, epochs=epochs, shuffle=True,
               verbose=0, callbacks=[keep])
     return {"head": head, "val_accuracy": keep.tracker.best if has_val else math.nan,
-            "prior_accuracy": category_accuracy(prior_logits, val_targets),
+            "prior_accuracy": prior_accuracy(y, val_targets),
             "epoch": (keep.tracker.epoch or 0) + 1}

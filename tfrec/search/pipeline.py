@@ -158,22 +158,33 @@ class SearchPipeline(tf.Module):
             return tf.fill(tf.shape(queries), "")
         return self.speller.corrections(queries)
 
-    def catalog_scores(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:
-        """Every product's dense, bm25, coverage and hybrid score [B, N] (+ query_vectors,
-        corrections)."""
+    def read_queries(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:
+        """How the pipeline reads [B] raw queries: {"lexical": cleaned query + corrections
+        (what BM25 scores), "dense": what the query tower reads, "corrections"}."""
         queries = self.clean_queries(queries)
         corrections = self.corrections(queries)
         # The typed words stay: a wrong correction costs precision, not the match.
-        read = tf.where(tf.equal(corrections, ""), queries,
-                        tf.strings.join([queries, corrections], separator=" "))
-        q = self.two_tower.query_vectors(read if self.dense_corrections else queries,
-                                         training=False)
+        lexical = tf.where(tf.equal(corrections, ""), queries,
+                           tf.strings.join([queries, corrections], separator=" "))
+        return {"lexical": lexical, "dense": lexical if self.dense_corrections else queries,
+                "corrections": corrections}
+
+    def query_vectors(self, queries: tf.Tensor) -> tf.Tensor:
+        """[B, H] query tower vectors of raw queries, read as `search` reads them."""
+        return self.two_tower.query_vectors(self.read_queries(queries)["dense"],
+                                            training=False)
+
+    def catalog_scores(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:
+        """Every product's dense, bm25, coverage and hybrid score [B, N] (+ query_vectors,
+        corrections)."""
+        read = self.read_queries(queries)
+        q = self.two_tower.query_vectors(read["dense"], training=False)
         dense = tf.matmul(q, self.product_vectors, transpose_b=True)
-        bm25, coverage = self.lexical.scores_and_coverage(read)
+        bm25, coverage = self.lexical.scores_and_coverage(read["lexical"])
         hybrid = ((1.0 - self.hybrid_weight) * masked_zscore(dense)
                   + self.hybrid_weight * masked_zscore(bm25))
         return {"query_vectors": q, "dense": dense, "bm25": bm25, "coverage": coverage,
-                "hybrid": hybrid, "corrections": corrections}
+                "hybrid": hybrid, "corrections": read["corrections"]}
 
     def retrieve(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:
         """Union of the two-tower and BM25 top lists, [B, 2 * candidates] with features.

@@ -26,7 +26,7 @@ from tfrec.features.speller import Speller, speller_from_texts
 from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.losses import SoftmaxListwiseLoss
 from tfrec.search.category import (catalog_categories, category_accuracy,
-                                   category_targets, train_category_head)
+                                   category_targets, prior_accuracy, train_category_head)
 from tfrec.search.config import SearchConfig, check_search_strategy
 from tfrec.search.data import judgments_from_events, product_catalog
 from tfrec.search.index import load_search_pipeline, save_search_run, saved_vocabularies
@@ -273,9 +273,9 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
 
 def query_vectors(pipeline: SearchPipeline, queries: Sequence[str],
                   batch: int = 256) -> np.ndarray:
-    """[Q, H] two-tower query vectors (inference mode), a batch at a time."""
-    parts = [pipeline.two_tower.query_vectors(tf.constant(list(queries[s:s + batch])),
-                                              training=False).numpy()
+    """[Q, H] query vectors as the pipeline serves them (cleaned, with the speller's
+    corrections when the query tower reads them), a batch at a time."""
+    parts = [pipeline.query_vectors(tf.constant(list(queries[s:s + batch]))).numpy()
              for s in range(0, len(queries), batch)]
     return np.concatenate(parts) if parts else np.zeros([0, pipeline.two_tower.dim],
                                                         np.float32)
@@ -316,13 +316,11 @@ def train_query_categories(pipeline: SearchPipeline, cfg: SearchConfig, data: Se
     pipeline.set_query_categories(head, categories.rows, categories.names,
                                   cfg.category_filter)
     test_vectors, test_targets = split["test"]
-    prior = np.zeros([len(test_targets), count], np.float32)
-    prior[:, np.argmax(split["train"][1].sum(axis=0))] = 1.0
     info = {"categories": categories, "epoch": fitted["epoch"],
             "val_accuracy": fitted["val_accuracy"], "prior_accuracy": fitted["prior_accuracy"],
             "test_accuracy": category_accuracy(head(test_vectors).numpy(), test_targets)
             if len(test_vectors) else float("nan"),
-            "test_prior_accuracy": category_accuracy(prior, test_targets)}
+            "test_prior_accuracy": prior_accuracy(split["train"][1], test_targets)}
     log.info("query categories (%s, %d): validation accuracy %.3f (most common category "
              "%.3f)", categories.source, count, info["val_accuracy"], info["prior_accuracy"])
     return info
