@@ -710,3 +710,67 @@ def test_cli_serve_with_batching_and_metrics(model_base, world_facts, monkeypatc
     assert code == 0 and checked
     assert "batching: max_batch_size=64 batch_timeout_micros=2000" in out
     assert f"metrics at http://127.0.0.1:{metrics_port}/metrics" in out
+
+
+# -- abandoned work ---------------------------------------------------------------------
+
+class _CostlyModel(tf.Module):
+    """A signature whose cost the request sets: `steps` matmul rounds over `x`."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 128], tf.float32),
+                                  tf.TensorSpec([None], tf.int32)])
+    def serve(self, x, steps):
+        def body(i, y):
+            return i + 1, tf.tanh(tf.matmul(y, tf.ones([128, 128])) / 128.0)
+        _, y = tf.while_loop(lambda i, y: i < tf.reduce_max(steps), body, (0, x))
+        return {"y": y}
+
+
+@pytest.fixture(scope="module")
+def costly_model(tmp_path_factory) -> str:
+    base = str(tmp_path_factory.mktemp("costly"))
+    module = _CostlyModel()
+    tf.saved_model.save(module, os.path.join(base, "1"),
+                        signatures={"serving_default": module.serve})
+    return base
+
+
+def costly_inputs(steps: int) -> dict:
+    return {"x": np.ones([16, 128], np.float32), "steps": np.full([16], steps, np.int32)}
+
+
+@pytest.mark.parametrize("batching", [None, dataclasses.replace(
+    TEST_BATCHING, batch_timeout_micros=1000, width_inputs=("steps",))], ids=["plain", "batched"])
+def test_abandoned_calls_stop(costly_model, batching):
+    """Eight clients with short deadlines send requests that cost seconds each; their
+    model calls stop when the deadlines pass, so a cheap request behind them is answered
+    at once (before: it waited for all eight calls to run to the end)."""
+    with ModelServer({"costly": costly_model}, port=0, max_workers=2, poll_seconds=0,
+                     batching=batching) as server, PredictClient(server.address) as client:
+        client.predict("costly", costly_inputs(1), timeout=30)  # warm
+        steps = 2000
+        start = time.monotonic()
+        client.predict("costly", costly_inputs(steps), timeout=60)
+        while time.monotonic() - start < 1.0:  # make one costly call take >= 1 s
+            steps *= 2
+            start = time.monotonic()
+            client.predict("costly", costly_inputs(steps), timeout=60)
+        costly_seconds = time.monotonic() - start
+
+        codes = []
+        threads = [threading.Thread(target=lambda: codes.append(status_of(
+            lambda: client.predict("costly", costly_inputs(steps), timeout=0.2))[0]))
+            for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.1)
+        start = time.monotonic()
+        client.predict("costly", costly_inputs(1), timeout=60)
+        cheap_seconds = time.monotonic() - start
+        for thread in threads:
+            thread.join(60)
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 8
+        # Before, the cheap call waited for 8 costly calls on 2 threads (>= 4 costly_seconds).
+        assert cheap_seconds < costly_seconds, (cheap_seconds, costly_seconds)
+        wait_for(lambda: server.metrics.abandoned.value("costly", "serving_default") >= 1,
+                 timeout=10)

@@ -22,6 +22,8 @@ from typing import Callable, Deque, Dict, Hashable, List, Mapping, Optional, Seq
 import grpc
 import numpy as np
 
+from tfrec.serving.cancel import Canceller
+
 logger = logging.getLogger(__name__)
 
 Arrays = Dict[str, np.ndarray]
@@ -195,13 +197,18 @@ class Task:
         self.rows = int(next(iter(inputs.values())).shape[0])
         self.deadline = deadline
         self.cancelled = False
+        self.on_cancel: Optional[Callable[[], None]] = None  # set while its batch runs
         self._done = threading.Event()
         self._outputs: Optional[Arrays] = None
         self._error: Optional[BaseException] = None
 
     def cancel(self) -> None:
-        """Drops the request if it has not run yet (client gone or deadline passed)."""
+        """Drops the request if it has not run yet (client gone or deadline passed); a
+        running batch stops once all of its requests are cancelled."""
         self.cancelled = True
+        hook = self.on_cancel
+        if hook is not None:
+            hook()
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -281,14 +288,18 @@ class Batcher:
       options: Batching parameters.
       on_batch: Called as (group, rows, requests) after every model call.
       on_retry: Called with the group when a merged batch failed and is re-run per request.
+      on_abandon: Called with the group when a running model call was stopped because
+        every request in it was cancelled or past its deadline.
     """
 
     def __init__(self, options: BatchingOptions,
                  on_batch: Optional[Callable[[Group, int, int], None]] = None,
-                 on_retry: Optional[Callable[[Group], None]] = None):
+                 on_retry: Optional[Callable[[Group], None]] = None,
+                 on_abandon: Optional[Callable[[Group], None]] = None):
         self.options = options
         self._on_batch = on_batch or (lambda group, rows, requests: None)
         self._on_retry = on_retry or (lambda group: None)
+        self._on_abandon = on_abandon or (lambda group: None)
         self._cond = threading.Condition()
         self._open: Dict[Hashable, _Batch] = {}
         self._ready: Deque[_Batch] = collections.deque()
@@ -452,9 +463,41 @@ class Batcher:
                 live.append(task)
         return live
 
+    def _call(self, batch: _Batch, tasks: Sequence[Task], inputs: Arrays) -> Arrays:
+        """Runs the model on `inputs`; stopped early once every task in it is cancelled.
+
+        Raises:
+          BatchError: the call was stopped (no task waits for it any more).
+          Exception: whatever the model call raised.
+        """
+        canceller = Canceller()
+
+        def stop_if_abandoned():
+            if all(t.cancelled for t in tasks):
+                canceller.cancel()
+
+        for task in tasks:
+            task.on_cancel = stop_if_abandoned
+        stop_if_abandoned()  # a cancel that came before the hooks were set
+        try:
+            with canceller.scope():
+                return batch.run(inputs)
+        except Exception:
+            if canceller.cancelled:
+                self._on_abandon(batch.group)
+                raise BatchError(grpc.StatusCode.CANCELLED, "model call stopped: every "
+                                 "request in it was cancelled or past its deadline") from None
+            raise
+        finally:
+            for task in tasks:
+                task.on_cancel = None
+
     def _run_one(self, batch: _Batch, task: Task) -> None:
         try:
-            outputs = batch.run(task.inputs)
+            outputs = self._call(batch, [task], task.inputs)
+        except BatchError:
+            self._live([task])  # answers it CANCELLED / DEADLINE_EXCEEDED
+            return
         except Exception as e:
             task.finish(error=e)
             return
@@ -469,8 +512,11 @@ class Batcher:
             return
         padded = [name for name, array in live[0].inputs.items() if self._padded(name, array)]
         try:
-            outputs = batch.run(merge_inputs(live, padded))
+            outputs = self._call(batch, live, merge_inputs(live, padded))
             parts = split_outputs({n: np.asarray(v) for n, v in outputs.items()}, live)
+        except BatchError:
+            self._live(live)
+            return
         except Exception as e:
             # Some request broke the merged call: re-run each alone so only it fails.
             logger.info("merged batch of %d requests for %s failed (%s: %s); re-running "

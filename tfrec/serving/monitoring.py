@@ -208,6 +208,9 @@ class ServingMetrics:
         self.batch_retries = add(Counter(
             "tfrec_serving_batch_retries_total", "Merged batches that failed and were re-run "
             "request by request.", ("model", "signature")))
+        self.abandoned = add(Counter(
+            "tfrec_serving_abandoned_calls_total", "Model calls stopped early because every "
+            "client they served had cancelled or passed its deadline.", ("model", "signature")))
         add(CallbackGauge("tfrec_serving_model_version", "Highest version being served "
                           "(0: none).", ("model",), self._versions))
         add(CallbackGauge("tfrec_serving_model_versions_failed", "Versions whose load failed "

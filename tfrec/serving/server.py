@@ -28,6 +28,7 @@ from tensorflow_serving.apis import (
 
 from tfrec.serving import tensors
 from tfrec.serving.batching import Batcher, BatchError, BatchingOptions
+from tfrec.serving.cancel import Canceller
 from tfrec.serving.model_config import parse_model_config
 from tfrec.serving.model_manager import (
     LoadedVersion,
@@ -322,16 +323,34 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if self._batcher is not None and _batchable(signature):
             outputs = self._run_batched(group, signature, arrays, context, remaining)
         else:
-            try:
-                outputs = _call_signature(signature, arrays)
-            except tf.errors.OpError as e:
-                raise RpcAbort(grpc_code(e.error_code), short_tf_message(e)) from None
+            outputs = self._run_alone(group, signature, arrays, context)
             self._record_batch(group, _rows(signature, arrays), 1)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:  # the client has given up: say so
             raise RpcAbort(grpc.StatusCode.DEADLINE_EXCEEDED,
                            "deadline exceeded while the model ran")
         return outputs
+
+    def _run_alone(self, group, signature, arrays: Dict[str, np.ndarray],
+                   context) -> Dict[str, np.ndarray]:
+        """Calls the signature; the call stops when the client cancels or its deadline
+        passes (gRPC ends the RPC), freeing the thread and the CPU for live requests."""
+        canceller = Canceller()
+        if not context.add_callback(canceller.cancel):
+            canceller.cancel()  # the RPC already ended
+        try:
+            with canceller.scope():
+                return _call_signature(signature, arrays)
+        except tf.errors.OpError as e:
+            if canceller.cancelled:
+                if self._metrics is not None:
+                    self._metrics.abandoned.inc(group[0], group[2])
+                left = context.time_remaining()
+                raise RpcAbort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0
+                    else grpc.StatusCode.CANCELLED,
+                    "model call stopped: the client cancelled or its deadline passed") from None
+            raise RpcAbort(grpc_code(e.error_code), short_tf_message(e)) from None
 
     def _run_batched(self, group, signature, arrays, context,
                      remaining: Optional[float]) -> Dict[str, np.ndarray]:
@@ -626,7 +645,8 @@ class ModelServer:
                 self.batcher = Batcher(
                     self.batching,
                     on_batch=lambda g, rows, n: self.metrics.record_batch(g[0], g[2], rows, n),
-                    on_retry=lambda g: self.metrics.batch_retries.inc(g[0], g[2])).start()
+                    on_retry=lambda g: self.metrics.batch_retries.inc(g[0], g[2]),
+                    on_abandon=lambda g: self.metrics.abandoned.inc(g[0], g[2])).start()
                 if self.batching.max_batch_size > self.max_workers:
                     logger.info("batching: at most max_workers=%d requests wait for a batch at "
                                 "once (max_batch_size=%d counts rows)", self.max_workers,
