@@ -12,7 +12,10 @@ Each row restarts the server with one batching mode (--modes):
          4 batch threads, history padding);
   eager  the same with batch_timeout_micros 0: a batch closes as soon as a batch thread
          is free, so only requests that piled up meanwhile are merged.
-and drives it with each client level (--clients, e.g. 1 and 16 concurrent clients): a
+With --logging off,on every mode also runs with request logging on (rotating Parquet
+request logs in a scratch directory, tfrec serve --request-log): the overhead of logging
+is the "on" row's QPS and p99 against the "off" row of the same mode, in the same run.
+Each server is driven with each client level (--clients, e.g. 1 and 16 concurrent clients): a
 bounded closed loop where every client sends its next request when the previous
 answer arrived, for --seconds or --max-requests in total. Clients are threads
 (each with its own channel) or, with --processes P, P processes of clients/P threads.
@@ -31,7 +34,7 @@ here (tiny world, 1 epoch) unless --model-dir is given, so the run does not depe
 work/models; only batching mode file (the batching path; off is the default server,
 which serving_latency.py's smoke run serves, and eager is file with another timeout:
 each mode costs a server start), 1 and 4 clients, 0.5 s or 100 requests per row after a
-0.5 s warm-up, a pool of 16 requests. Same server process, load and table; the figures
+0.5 s warm-up, a pool of 16 requests, logging off and on. Same server process, load and table; the figures
 mean nothing. TensorFlow's graph optimizer is off (bench/_common.py). Options given
 explicitly still override these.
 """
@@ -58,8 +61,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "retrieval"
 DEFAULT_MODEL_DIR = os.path.join(REPO, "work", "models", MODEL)
 # model_dir "": no export to reuse, train one (a smoke run must not depend on work/models).
-SMOKE = dict(model_dir="", world="tiny", epochs=1, modes="file", clients="1,4",
-             seconds=0.5, max_requests=100, warmup_seconds=0.5, pool=16)
+SMOKE = dict(model_dir="", world="tiny", epochs=1, modes="file", logging="off,on",
+             clients="1,4", seconds=0.5, max_requests=100, warmup_seconds=0.5, pool=16)
 
 
 # -- the model -------------------------------------------------------------------------------
@@ -130,27 +133,31 @@ def batching_of(mode: str):
     raise ValueError(f"unknown mode {mode!r}; use off, file or eager")
 
 
-def _serve(base: str, mode: str, max_workers: int, conn) -> None:
+def _serve(base: str, mode: str, max_workers: int, request_log, conn) -> None:
     from tfrec.serving.server import ModelServer
 
     server = ModelServer({MODEL: base}, port=0, poll_seconds=0, max_workers=max_workers,
-                         batching=batching_of(mode), monitoring_port=0).start()
+                         batching=batching_of(mode), monitoring_port=0,
+                         request_log=request_log).start()
     conn.send((server.port, server.monitoring_port))
     try:
         conn.recv()
     except EOFError:
         pass
     server.stop(0)
+    if server.request_log is not None:
+        conn.send((server.request_log.written_rows, server.request_log.dropped))
 
 
 class ServerProcess:
     """A ModelServer with one batching mode in a spawned child process."""
 
-    def __init__(self, base: str, mode: str, max_workers: int):
+    def __init__(self, base: str, mode: str, max_workers: int, request_log=None):
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(base, mode, max_workers, child),
-                                       daemon=True)
+        self.logging = bool(request_log)
+        self.process = context.Process(target=_serve, daemon=True,
+                                       args=(base, mode, max_workers, request_log, child))
         self.process.start()
         if not self.conn.poll(300):
             self.process.kill()
@@ -169,11 +176,14 @@ class ServerProcess:
         return (samples.get(("tfrec_serving_batch_requests_count", labels), 0.0),
                 samples.get(("tfrec_serving_batch_requests_sum", labels), 0.0))
 
-    def stop(self) -> None:
+    def stop(self):
+        """Stops the server; with logging, returns (rows written, calls dropped)."""
         self.conn.send("stop")
+        logged = self.conn.recv() if self.logging and self.conn.poll(120) else None
         self.process.join(60)
         if self.process.is_alive():
             self.process.kill()
+        return logged
 
 
 # -- load -----------------------------------------------------------------------------------
@@ -218,6 +228,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=2, help="epochs of that training")
     parser.add_argument("--modes", default="off,file,eager",
                         help="batching modes, comma list of off/file/eager")
+    parser.add_argument("--logging", default="off",
+                        help="request logging per mode, comma list of off/on (on: Parquet "
+                             "request logs, as tfrec serve --request-log)")
     parser.add_argument("--clients", default="1,16", help="concurrent clients, comma list")
     parser.add_argument("--processes", type=int, default=1,
                         help="spread the clients over this many client processes")
@@ -233,6 +246,9 @@ def main(argv=None):
     args = parse_smoke_args(parser, argv, SMOKE)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     levels = [int(c) for c in args.clients.split(",") if c.strip()]
+    logging_modes = [m.strip() for m in args.logging.split(",") if m.strip()]
+    if not logging_modes or set(logging_modes) - {"off", "on"}:
+        parser.error(f"--logging takes off and/or on, got {args.logging!r}")
     for mode in modes:
         batching_of(mode)  # fail on a bad mode before any work
 
@@ -255,10 +271,12 @@ def main(argv=None):
         pool = request_pool(items, args)
         print(f"model: {origin} ({len(items)} items)", flush=True)
 
-        for mode in modes:
+        for mode, log in [(m, g) for m in modes for g in logging_modes]:
             t0 = time.perf_counter()
-            server = ServerProcess(base, mode, args.max_workers)
-            print(f"server ({mode}) up in {time.perf_counter() - t0:.0f}s", flush=True)
+            server = ServerProcess(base, mode, args.max_workers,
+                                   os.path.join(scratch, f"logs-{mode}") if log == "on" else None)
+            print(f"server ({mode}, logging {log}) up in {time.perf_counter() - t0:.0f}s",
+                  flush=True)
             try:
                 run_clients(server.address, pool, max(levels), 1, args.warmup_seconds,
                             400)  # warm-up
@@ -272,21 +290,32 @@ def main(argv=None):
                                 if calls1 > calls0 else float("nan"))
                     p50, p95, p99 = (np.percentile(latencies * 1000, [50, 95, 99])
                                      if len(latencies) else (float("nan"),) * 3)
-                    rows.append(dict(mode=mode, clients=clients, requests=len(latencies)
+                    rows.append(dict(mode=mode, log=log, clients=clients,
+                                     requests=len(latencies)
                                      + len(errors), qps=len(latencies) / wall, p50=p50, p95=p95,
                                      p99=p99, errors=len(errors), per_call=per_call,
                                      codes=sorted(set(errors))))
                     print(f"{mode}, {clients} clients: {rows[-1]['qps']:.0f} QPS, p50 "
                           f"{p50:.2f} ms, {len(errors)} errors", flush=True)
             finally:
-                server.stop()
+                logged = server.stop()
+            if logged is not None:
+                print(f"request log: {logged[0]} rows written, {logged[1]} calls dropped",
+                      flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     first = rows[0]
-    table = [[r["mode"], r["clients"], r["requests"], f"{r['qps']:.0f}", f"{r['p50']:.2f}",
+    off = {(r["mode"], r["clients"]): r for r in rows if r["log"] == "off"}
+
+    def versus_off(r, key):
+        base = off.get((r["mode"], r["clients"]))
+        return ratio(r[key], base[key]) if r["log"] == "on" and base else "-"
+
+    table = [[r["mode"], r["log"], r["clients"], r["requests"], f"{r['qps']:.0f}", f"{r['p50']:.2f}",
               f"{r['p95']:.2f}", f"{r['p99']:.2f}", r["errors"], f"{r['per_call']:.2f}",
-              ratio(r["qps"], first["qps"]), ratio(r["p50"], first["p50"])] for r in rows]
+              ratio(r["qps"], first["qps"]), ratio(r["p50"], first["p50"]),
+              versus_off(r, "qps"), versus_off(r, "p99")] for r in rows]
     print()
     print(f"serving load | serving_default top-{args.k}, {args.history}-item history, "
           f"{len(pool)} distinct requests | model: {origin}, {len(items)} items | server in a "
@@ -294,8 +323,8 @@ def main(argv=None):
           f"{args.processes} process(es)")
     print(machine_line())
     print(format_table(
-        ["batching", "clients", "requests", "QPS", "p50 ms", "p95 ms", "p99 ms", "errors",
-         "reqs/call", "QPS vs 1st", "p50 vs 1st"], table,
+        ["batching", "log", "clients", "requests", "QPS", "p50 ms", "p95 ms", "p99 ms", "errors",
+         "reqs/call", "QPS vs 1st", "p50 vs 1st", "QPS vs log off", "p99 vs log off"], table,
         title=f"closed loop, {args.seconds:g}s per row (cap {args.max_requests} requests); "
               f"ratios against the first row"))
     codes = sorted({c for r in rows for c in r["codes"]})

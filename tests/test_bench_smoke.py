@@ -61,8 +61,16 @@ BENCHES: Dict[str, Expect] = {
         [("catalog", "path", "threads", "p50 ms", "errors", "p50 vs ref")],
         [r"1,000 +gRPC +1 +\d", r"1,000 +gRPC +2 +\d", r"1,000 +direct +1 +\d"]),
     "serving_load": Expect(
-        [("batching", "clients", "QPS", "reqs/call", "p50 vs 1st")],
-        [r"file +1 +\d", r"file +4 +\d"]),
+        [("batching", "log", "clients", "QPS", "reqs/call", "p50 vs 1st", "QPS vs log off")],
+        [r"file +off +1 +\d", r"file +off +4 +\d", r"file +on +4 +\d"]),
+    "abtest": Expect(
+        [("arm", "requests", "CTR", "GMV/user", "CTR vs retrieval"),
+         ("per-user metric", "retrieval", "ranker", "uplift", "95% CI of uplift"),
+         ("measure", "retrieval", "ranker", "ranker vs retrieval"),
+         ("ranker arm", "online", "IPS", "IPS 95% CI", "IPS in online CI")],
+        [row("retrieval"), row("ranker"), row("clicks"), row("gmv"),
+         row("offline ndcg@10 (test period)"), row("online clicks per user"),
+         row("clicks_per_request")]),
     "ranking_latency": Expect(
         [("ranker", "K", "endpoint", "p50 ms", "p99 vs ref")],
         [r"bow +50 +pipeline search +\d", r"bow +50 +ranker +\d"]),

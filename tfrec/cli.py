@@ -46,7 +46,8 @@ def _config(args: argparse.Namespace) -> Config:
         "steps_per_epoch": ("train", "steps_per_epoch"),
         "base_dir": ("export", "base_dir"), "model_name": ("export", "model_name"),
         "version": ("export", "version"), "host": ("serve", "host"), "port": ("serve", "port"),
-        "poll_seconds": ("serve", "poll_seconds"),
+        "poll_seconds": ("serve", "poll_seconds"), "experiments": ("serve", "experiments"),
+        "request_log": ("serve", "request_log"),
         "text_mode": ("ranking", "text_mode"), "ranker_epochs": ("ranking", "epochs"),
         "warm_start": ("train", "warm_start"), "train_days": ("data", "train_days"),
         "profile_steps": ("train", "profile_steps"),
@@ -199,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "serving/batching_parameters.txt (implies --enable-batching)")
     p.add_argument("--monitoring-port", type=int, dest="monitoring_port",
                    help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
+    p.add_argument("--experiments", help="experiments YAML (serving/experiments.yaml): "
+                                         "route each experiment's requests to one arm per user")
+    p.add_argument("--request-log", dest="request_log",
+                   help="directory for rotating Parquet logs of every answered Predict")
 
     p = sub.add_parser("query", help="query a server (embedded or TF Serving)",
                        description="Ask a running server for recommendations, search results "
@@ -245,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_commands(sub)
     from tfrec.search.cli import add_search_commands
     add_search_commands(sub)
+    from tfrec.abtest.cli import add_abtest_commands
+    add_abtest_commands(sub)
     return parser
 
 
@@ -279,6 +286,9 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "search":
         from tfrec.search.cli import run_search
         return run_search(args)
+    if cmd == "abtest":
+        from tfrec.abtest.cli import run_abtest_command
+        return run_abtest_command(args)
     if cmd == "query":
         return _query(args)
     if cmd == "board":
@@ -352,6 +362,12 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
                   for name in (cfg.export.model_name, "ranker", "pipeline", "search")
                   if name == cfg.export.model_name
                   or os.path.isdir(os.path.join(cfg.export.base_dir, name))}
+    experiments = {}
+    if cfg.serve.experiments:
+        from tfrec.serving.experiments import load_experiments
+
+        experiments, arm_models = load_experiments(cfg.serve.experiments)
+        models = {**models, **arm_models}
     batching = None
     if args.batching_parameters_file:
         batching = parse_batching_parameters(args.batching_parameters_file)
@@ -364,7 +380,8 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
                          poll_seconds=cfg.serve.poll_seconds,
                          max_workers=max_workers,
                          max_message_mb=args.max_message_mb, batching=batching,
-                         monitoring_port=args.monitoring_port)
+                         monitoring_port=args.monitoring_port, experiments=experiments,
+                         request_log=cfg.serve.request_log or None)
     server.start()
     print(f"serving {', '.join(models)} on {cfg.serve.host}:{server.port} (Ctrl-C to stop)",
           flush=True)
@@ -374,6 +391,10 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
               flush=True)
     if args.monitoring_port is not None:
         print(f"metrics at {server.metrics_url}", flush=True)
+    for line in server.experiment_status():
+        print(line, flush=True)
+    if server.request_log is not None:
+        print(f"logging requests to {server.request_log.directory}", flush=True)
     _wait_for_stop()
     server.stop(1.0)
     return 0

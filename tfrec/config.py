@@ -192,6 +192,8 @@ class ServeConfig:
     port: int = 8500
     poll_seconds: float = 1.0
     max_workers: int = 8
+    experiments: str = ""  # experiments YAML (traffic split); "" serves models only
+    request_log: str = ""  # directory of Parquet request logs; "" logs nothing
 
 
 @dataclass

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Set, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -575,6 +575,37 @@ def true_utility(truth: Dict[str, np.ndarray], spec: WorldSpec, users: np.ndarra
     return utility.astype(np.float32)
 
 
+def shopper_funnel(truth: Dict[str, np.ndarray], spec: WorldSpec, users: np.ndarray,
+                   items: np.ndarray, positions: np.ndarray, ts: Union[int, np.ndarray],
+                   rng: np.random.Generator, is_target: Optional[np.ndarray] = None
+                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clicks, carts and purchases of users shown `items` at `positions` (0 = top).
+
+    The world's behaviour model: clicks follow true utility and a position bias, carts
+    follow clicks, purchases follow carts. The simulator and simulated shoppers of an
+    online experiment share it, so served lists are judged as the logs were generated.
+
+    Args:
+      truth / spec: the world's ground truth and spec.
+      users, items, positions, ts: one entry per impression.
+      rng: draws of the funnel.
+      is_target: impressions of the item a search session looks for (bonus).
+
+    Returns:
+      (clicked, carted, purchased) boolean arrays.
+    """
+    n = len(items)
+    target = np.zeros(n, dtype=bool) if is_target is None else np.asarray(is_target)
+    utility = true_utility(truth, spec, users, items, ts)
+    click_logit = (_CLICK_BIAS + _CLICK_SCALE * utility - 0.5 * np.log1p(positions)
+                   + _TARGET_BONUS * target + rng.normal(0, _CLICK_NOISE, n))
+    clicked = rng.random(n) < _sigmoid(click_logit)
+    cart_logit = _CART_BIAS + 0.5 * utility + 0.8 * target
+    carted = clicked & (rng.random(n) < _sigmoid(cart_logit))
+    purchased = carted & (rng.random(n) < _sigmoid(_PURCHASE_BIAS + 0.3 * utility))
+    return clicked, carted, purchased
+
+
 # --------------------------------------------------------------------------------
 # Queries.
 # --------------------------------------------------------------------------------
@@ -765,14 +796,8 @@ def _simulate(spec: WorldSpec, vocab: _Vocab, truth: Dict[str, np.ndarray],
     seen = position < depth[sess]
     sess, cand, is_target, position = sess[seen], cand[seen], is_target[seen], position[seen]
 
-    # Funnel: click by utility and position, cart given click, purchase given cart.
-    utility = true_utility(truth, spec, user[sess], cand, ts[sess])
-    click_logit = (_CLICK_BIAS + _CLICK_SCALE * utility - 0.5 * np.log1p(position)
-                   + _TARGET_BONUS * is_target + rng.normal(0, _CLICK_NOISE, len(sess)))
-    clicked = rng.random(len(sess)) < _sigmoid(click_logit)
-    cart_logit = _CART_BIAS + 0.5 * utility + 0.8 * is_target
-    carted = clicked & (rng.random(len(sess)) < _sigmoid(cart_logit))
-    purchased = carted & (rng.random(len(sess)) < _sigmoid(_PURCHASE_BIAS + 0.3 * utility))
+    clicked, carted, purchased = shopper_funnel(truth, spec, user[sess], cand, position,
+                                                ts[sess], rng, is_target)
 
     click_ts = ts[sess] + 5 + 6 * position + rng.integers(0, 30, len(sess))
     cart_ts = click_ts + rng.integers(10, 300, len(sess))
@@ -877,6 +902,41 @@ class World:
             ids = self.ground_truth["item_ids" if name == "item" else "user_ids"]
             cache[name] = {str(v): i for i, v in enumerate(ids)}
         return cache[name]
+
+    def react(self, user_id: str, item_ids: Sequence[str], ts: int,
+              rng: np.random.Generator) -> pd.DataFrame:
+        """How a shopper reacts to a served list: the world's behaviour model.
+
+        The shopper scrolls to a random depth (as in the simulated logs), then clicks,
+        carts and buys by true utility and position. Unknown users and items (ids the
+        world does not have, "" padding) are never clicked.
+
+        Args:
+          user_id: the shopper.
+          item_ids: the list as shown, top first.
+          ts: unix seconds of the request.
+          rng: draws of depth and funnel.
+
+        Returns:
+          One row per seen item: position, item_id, clicked, carted, purchased.
+        """
+        items = self._index("item")
+        user = self._index("user").get(str(user_id), -1)
+        shown = [(j, str(i), items.get(str(i), -1)) for j, i in enumerate(item_ids)]
+        k = len(shown)
+        depth = int(rng.integers(max(2, k // 2), k + 1)) if k else 0
+        seen = [s for s in shown[:depth] if s[2] >= 0 and user >= 0]
+        frame = pd.DataFrame({"position": [s[0] for s in seen],
+                              "item_id": [s[1] for s in seen]})
+        if not seen:
+            for column in ("clicked", "carted", "purchased"):
+                frame[column] = np.zeros(0, dtype=bool)
+            return frame
+        index = np.array([s[2] for s in seen], dtype=np.int64)
+        clicked, carted, purchased = shopper_funnel(
+            self.ground_truth, self.spec, np.full(len(seen), user), index,
+            frame["position"].to_numpy(), ts, rng)
+        return frame.assign(clicked=clicked, carted=carted, purchased=purchased)
 
     def oracle_scores(self, user_ids: Sequence[str], ts: int) -> np.ndarray:
         """True utility of every catalog item for each user at time `ts`.

@@ -24,7 +24,8 @@ from tfrec.metrics.ranking import (_as_id_matrix, catalog_coverage, embedding_di
                                       novelty, popularity_bias)
 from tfrec.evaluation.slices import activity_slices, cold_start_slices, evaluate_slices
 
-__all__ = ["REPORT_SECTIONS", "ReportData", "ReportFiles", "compute_report", "write_report"]
+__all__ = ["REPORT_SECTIONS", "ReportData", "ReportFiles", "compute_report", "figure",
+           "html_page", "html_table", "png_bytes", "png_img", "write_report"]
 
 # Section ids in the HTML (and keys in the JSON), in display order.
 REPORT_SECTIONS = ("summary", "recall_curve", "ndcg_by_activity", "coverage_accuracy",
@@ -207,7 +208,8 @@ def compute_report(data: ReportData) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 
-def _figure(width: float = 6.4, height: float = 4.0):
+def figure(width: float = 6.4, height: float = 4.0):
+    """A matplotlib figure on an Agg canvas (no global pyplot state) and its one axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -216,7 +218,8 @@ def _figure(width: float = 6.4, height: float = 4.0):
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """The figure as PNG bytes, for embedding in an HTML page."""
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")
@@ -228,7 +231,7 @@ def _models(section: Dict[str, Any], exclude: Sequence[str]) -> List[str]:
 
 
 def _plot_recall_curve(report: Dict[str, Any]) -> bytes:
-    fig, ax = _figure()
+    fig, ax = figure()
     section = report["recall_curve"]
     for name in _models(section, ("k",)):
         ax.plot(section["k"], [np.nan if v is None else v for v in section[name]], label=name)
@@ -237,12 +240,12 @@ def _plot_recall_curve(report: Dict[str, Any]) -> bytes:
     ax.set_title("Recall@k, k = 1..%d" % len(section["k"]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _plot_grouped_bars(groups: List[str], series: Dict[str, List[Optional[float]]],
                        ylabel: str, title: str) -> bytes:
-    fig, ax = _figure()
+    fig, ax = figure()
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(groups))
     for i, (name, values) in enumerate(series.items()):
@@ -254,12 +257,12 @@ def _plot_grouped_bars(groups: List[str], series: Dict[str, List[Optional[float]
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _plot_coverage(report: Dict[str, Any]) -> bytes:
     k = report["k"]
-    fig, ax = _figure()
+    fig, ax = figure()
     for name in _models(report["coverage_accuracy"], ("skipped",)):
         entry = report["coverage_accuracy"][name]
         x, y = entry.get(f"coverage@{k}"), entry.get(f"recall@{k}")
@@ -271,12 +274,12 @@ def _plot_coverage(report: Dict[str, Any]) -> bytes:
     ax.set_ylabel(f"recall@{k}")
     ax.set_title("Coverage vs accuracy")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _plot_calibration(report: Dict[str, Any]) -> bytes:
     bins = report["calibration"]["bins"]
-    fig, ax = _figure(5.0, 5.0)
+    fig, ax = figure(5.0, 5.0)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect")
     ax.plot(bins["mean_predicted"], bins["observed_rate"], marker="o", label="click model")
     ax.set_xlabel("predicted P(click)")
@@ -284,7 +287,7 @@ def _plot_calibration(report: Dict[str, Any]) -> bytes:
     ax.set_title(f"Calibration (ECE {report['calibration']['ece']:.4f})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _images(report: Dict[str, Any]) -> Dict[str, bytes]:
@@ -334,7 +337,8 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _table(rows: Mapping[str, Mapping[str, Any]], first: str = "model") -> str:
+def html_table(rows: Mapping[str, Mapping[str, Any]], first: str = "model") -> str:
+    """An HTML table: one row per key, one column per scalar field of the values."""
     rows = {name: r for name, r in rows.items() if isinstance(r, Mapping)}
     if not rows:
         return ""
@@ -353,17 +357,17 @@ def _section_table(name: str, section: Dict[str, Any]) -> str:
     if name == "recall_curve":
         ks = section["k"]
         picks = [k for k in (1, 5, 10, 20, 50, 100) if k <= len(ks)]
-        return _table({m: {f"recall@{k}": section[m][k - 1] for k in picks}
+        return html_table({m: {f"recall@{k}": section[m][k - 1] for k in picks}
                        for m in _models(section, ("k",))})
     if name == "ndcg_by_activity":
         rows = {m: dict(zip(section["buckets"], section[m]))
                 for m in _models(section, ("buckets", "users"))}
         rows["(users)"] = dict(zip(section["buckets"], section["users"]))
-        return _table(rows)
+        return html_table(rows)
     if name == "cold_start":
         tables = []
         for m in _models(section, ("slices",)):
-            tables.append(f"<h3>{html.escape(m)}</h3>" + _table(section[m], first="slice"))
+            tables.append(f"<h3>{html.escape(m)}</h3>" + html_table(section[m], first="slice"))
         return "".join(tables)
     if name == "calibration":
         bins = section["bins"]
@@ -372,8 +376,22 @@ def _section_table(name: str, section: Dict[str, Any]) -> str:
                                            bins["mean_predicted"], bins["observed_rate"],
                                            bins["count"])}
         return (f"<p>Expected calibration error: {_fmt(section['ece'])} over "
-                f"{section['impressions']} impressions</p>" + _table(rows, first="P(click) bin"))
-    return _table(section)
+                f"{section['impressions']} impressions</p>"
+                + html_table(rows, first="P(click) bin"))
+    return html_table(section)
+
+
+def html_page(title: str, parts: Sequence[str]) -> str:
+    """A self-contained HTML page (the reports' style) around `parts` (HTML fragments)."""
+    return "\n".join([f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
+                      f"{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+                      f"<h1>{html.escape(title)}</h1>", *parts, "</body></html>"])
+
+
+def png_img(png: bytes, alt: str) -> str:
+    """An <img> tag embedding PNG bytes."""
+    data = base64.b64encode(png).decode("ascii")
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 
 def _html(report: Dict[str, Any], images: Dict[str, bytes]) -> str:

@@ -14,7 +14,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["OffPolicyEstimate", "importance_weights", "ips_estimate", "snips_estimate"]
+__all__ = ["OffPolicyEstimate", "importance_weights", "ips_estimate", "slate_ips_estimate",
+           "snips_estimate"]
 
 
 @dataclass(frozen=True)
@@ -152,3 +153,39 @@ def snips_estimate(rewards: Sequence[float], target_propensity: Sequence[float],
     value = float(np.sum(r * w) / total)
     stderr = math.sqrt(float(np.sum((w * (r - value)) ** 2))) / total
     return _estimate(value, stderr, w, alpha)
+
+
+def slate_ips_estimate(rewards: Sequence[Sequence[float]],
+                       target_propensity: Sequence[Sequence[float]],
+                       logging_propensity: Sequence[Sequence[float]],
+                       clip: Optional[float] = None, alpha: float = 0.05) -> OffPolicyEstimate:
+    """Per-list value of a ranking policy from logged lists (position-based IPS).
+
+    When a shopper's reaction to an item depends only on the item and its position,
+    sum_j r_j * pi_target(d_j at j) / pi_logging(d_j at j) is unbiased for the target
+    list's total reward; the interval treats each logged list as one draw.
+
+    Args:
+      rewards: [lists, positions] reward of the item shown at each position.
+      target_propensity: [lists, positions] probability the target puts that item there.
+      logging_propensity: [lists, positions] logged probability (> 0 where shown).
+      clip: optional maximum weight.
+      alpha: 1 - confidence of the interval.
+
+    Returns:
+      The estimated reward per list with its interval (n = lists).
+
+    Raises:
+      ValueError: shapes differ or are not 2-D, or as `importance_weights`.
+    """
+    shapes = {np.shape(rewards), np.shape(target_propensity), np.shape(logging_propensity)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"rewards and propensities must be [lists, positions] arrays of one "
+                         f"shape, got {sorted(shapes)}")
+    lists, positions = next(iter(shapes))
+    r, w = importance_weights(np.ravel(rewards), np.ravel(target_propensity),
+                              np.ravel(logging_propensity), clip)
+    per_list = (r * w).reshape(lists, positions).sum(axis=1)
+    stderr = per_list.std(ddof=1) / math.sqrt(lists) if lists > 1 else float("nan")
+    estimate = _estimate(per_list.mean(), stderr, w, alpha)
+    return OffPolicyEstimate(**{**estimate.to_dict(), "n": int(lists)})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import grpc
@@ -22,6 +23,7 @@ from tensorflow_serving.apis import (
 )
 
 from tfrec.serving import tensors
+from tfrec.serving.request_log import RequestLog, Served
 
 _STATE_NAMES = dict(
     (number, name) for name, number in get_model_status_pb2.ModelVersionStatus.State.items())
@@ -51,10 +53,14 @@ class PredictClient:
       address: `host:port` of the gRPC endpoint (TF Serving's default is 8500).
       timeout: Deadline in seconds for each call, so a request never hangs.
       max_message_mb: Largest message sent or received, in MiB.
+      request_log: Started RequestLog that every answered Predict is queued to: how to
+        log what stock TF Serving served, which has no request log of its own
+        (propensities 1: its top-k is deterministic).
     """
 
     def __init__(self, address: str = "127.0.0.1:8500", timeout: float = 10.0,
-                 max_message_mb: int = 64):
+                 max_message_mb: int = 64, request_log: Optional[RequestLog] = None):
+        self.request_log = request_log
         size = int(max_message_mb * 1024 * 1024)
         self.address = address
         self.timeout = float(timeout)
@@ -73,9 +79,10 @@ class PredictClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method, request, timeout: Optional[float] = None):
+    def _call(self, method, request, timeout: Optional[float] = None, metadata=None):
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout,
+                          metadata=metadata)
         except grpc.RpcError as e:
             raise ServingError(e.code(), e.details() or "") from None
 
@@ -84,7 +91,8 @@ class PredictClient:
     def predict_response(self, model: str, inputs: Mapping[str, Any],
                          signature: str = "serving_default", version: Optional[int] = None,
                          output_filter: Optional[Sequence[str]] = None,
-                         timeout: Optional[float] = None) -> predict_pb2.PredictResponse:
+                         timeout: Optional[float] = None,
+                         request_id: Optional[str] = None) -> predict_pb2.PredictResponse:
         """Sends one PredictRequest and returns the raw response (with its model_spec).
 
         Args:
@@ -95,6 +103,8 @@ class PredictClient:
           version: Specific version; None asks for the latest.
           output_filter: Output aliases to return; None returns all.
           timeout: Per-call deadline overriding the client's.
+          request_id: Sent as `x-request-id` metadata: the id of this call in the
+            server's request log (outcome events refer to it).
         """
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
@@ -104,18 +114,30 @@ class PredictClient:
         for name, value in inputs.items():
             request.inputs[name].CopyFrom(tensors.to_proto(value))
         request.output_filter.extend(output_filter or ())
-        return self._call(self._prediction.Predict, request, timeout)
+        if self.request_log is not None and not request_id:
+            request_id = uuid.uuid4().hex  # the log needs an id outcomes can refer to
+        metadata = (("x-request-id", str(request_id)),) if request_id else None
+        response = self._call(self._prediction.Predict, request, timeout, metadata)
+        if self.request_log is not None:
+            spec = response.model_spec
+            self.request_log.log(Served(
+                str(request_id), time.time(), spec.name or model, spec.version.value,
+                spec.signature_name or signature, "", "",
+                {n: tensors.from_proto(p) for n, p in request.inputs.items()},
+                {n: tensors.from_proto(p) for n, p in response.outputs.items()}))
+        return response
 
     def predict(self, model: str, inputs: Mapping[str, Any],
                 signature: str = "serving_default", version: Optional[int] = None,
                 output_filter: Optional[Sequence[str]] = None,
-                timeout: Optional[float] = None) -> Dict[str, np.ndarray]:
+                timeout: Optional[float] = None,
+                request_id: Optional[str] = None) -> Dict[str, np.ndarray]:
         """Runs a signature and returns its outputs as numpy arrays (strings as bytes).
 
         Args: as `predict_response`.
         """
         response = self.predict_response(model, inputs, signature, version, output_filter,
-                                         timeout)
+                                         timeout, request_id)
         return {name: tensors.from_proto(proto)
                 for name, proto in response.outputs.items()}
 

@@ -185,10 +185,13 @@ class ServingMetrics:
     Args:
       managers: Model name -> ModelManager, read at scrape time for version gauges.
       queued_requests: Returns the number of requests waiting for a batch, if batching.
+      queued_log: Returns the number of calls waiting for the request log writer, if
+        requests are logged.
     """
 
     def __init__(self, managers: Optional[Mapping[str, object]] = None,
-                 queued_requests: Optional[Callable[[], int]] = None):
+                 queued_requests: Optional[Callable[[], int]] = None,
+                 queued_log: Optional[Callable[[], int]] = None):
         self.managers = dict(managers or {})
         self.registry = Registry()
         add = self.registry.add
@@ -215,6 +218,14 @@ class ServingMetrics:
                           "(0: none).", ("model",), self._versions))
         add(CallbackGauge("tfrec_serving_model_versions_failed", "Versions whose load failed "
                           "(refused, not served).", ("model",), self._failed))
+        self.log_dropped = add(Counter(
+            "tfrec_serving_request_log_dropped_total", "Answered calls not logged because the "
+            "request log queue was full (or its file could not be written).", ()))
+        self.log_rows = add(Counter(
+            "tfrec_serving_request_log_rows_total", "Request log rows written to Parquet.", ()))
+        if queued_log is not None:
+            add(CallbackGauge("tfrec_serving_request_log_queued", "Calls waiting for the "
+                              "request log writer.", (), lambda: {(): queued_log()}))
         if queued_requests is not None:
             add(CallbackGauge("tfrec_serving_batch_queued_requests", "Requests waiting for a "
                               "batch thread.", (), lambda: {(): queued_requests()}))

@@ -9,11 +9,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import logging
 import re
 import socket
 import time
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+import uuid
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import grpc
 import numpy as np
@@ -21,6 +23,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
@@ -29,6 +32,17 @@ from tensorflow_serving.apis import (
 from tfrec.serving import tensors
 from tfrec.serving.batching import Batcher, BatchError, BatchingOptions
 from tfrec.serving.cancel import Canceller
+from tfrec.serving.experiments import (
+    ARM_OUTPUT,
+    ITEM_OUTPUT,
+    K_INPUT,
+    USER_INPUT,
+    Arm,
+    Experiment,
+    Exploration,
+    check_models,
+    describe,
+)
 from tfrec.serving.model_config import parse_model_config
 from tfrec.serving.model_manager import (
     LoadedVersion,
@@ -38,11 +52,14 @@ from tfrec.serving.model_manager import (
     managers_from,
 )
 from tfrec.serving.monitoring import UNKNOWN, MetricsHTTPServer, ServingMetrics
+from tfrec.serving.request_log import RequestLog, Served
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIGNATURE = "serving_default"
 SIGNATURE_DEF_FIELD = "signature_def"
+REQUEST_ID_KEY = "x-request-id"  # gRPC metadata naming a request in logs and outcomes
+_REQUEST_ID_CHARS = 128
 
 
 _ECHO_CHARS = 100  # of a client-sent name repeated in an error message
@@ -241,6 +258,41 @@ def _rows(signature, arrays: Mapping[str, np.ndarray]) -> int:
     return int(next(iter(arrays.values())).shape[0]) if _batched(signature) else 1
 
 
+def request_id_of(context) -> str:
+    """The client's `x-request-id` (cut to 128 characters), else a new random id."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and value:
+            return str(value)[:_REQUEST_ID_CHARS]
+    return uuid.uuid4().hex
+
+
+def _default_input(spec, value: Any, rows: int) -> np.ndarray:
+    """An arm's default for a missing input, repeated for every row of the request."""
+    if spec.shape.rank == 2:
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        return np.array([values] * rows, dtype=object if spec.dtype == tf.string
+                        else spec.dtype.as_numpy_dtype)
+    dtype = object if spec.dtype == tf.string else spec.dtype.as_numpy_dtype
+    return np.full([rows], value, dtype=dtype)
+
+
+def _reorder(outputs: Dict[str, np.ndarray], index: np.ndarray) -> Dict[str, np.ndarray]:
+    """Outputs laid out like `item_ids` ([rows, width, ...]) re-ordered to `index`."""
+    items = outputs[ITEM_OUTPUT]
+    reordered = {}
+    for name, value in outputs.items():
+        if value.ndim >= 2 and value.shape[:2] == items.shape[:2]:
+            picked = np.take_along_axis(
+                value, np.maximum(index, 0).reshape(index.shape + (1,) * (value.ndim - 2)),
+                axis=1)
+            fill = b"" if value.dtype == object else 0
+            picked[index < 0] = fill
+            reordered[name] = picked
+        else:
+            reordered[name] = value
+    return reordered
+
+
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """PredictionService: Predict and GetModelMetadata over loaded SavedModels.
 
@@ -254,14 +306,22 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
       max_tensor_elements: Most elements in one request tensor (0: no limit).
       max_response_bytes: Largest reply (gRPC's send limit); a larger one is answered
         RESOURCE_EXHAUSTED and counted so (0: no check).
+      experiments: Experiment name -> Experiment; requests for that name are routed to
+        one arm per user.
+      request_log: Started RequestLog every answered Predict is queued to; None logs
+        nothing.
     """
 
     def __init__(self, managers: Mapping[str, ModelManager],
                  metrics: Optional[ServingMetrics] = None, batcher: Optional[Batcher] = None,
                  max_string_bytes: int = 0, allow_non_finite: bool = False,
                  max_request_rows: int = 0, max_tensor_elements: int = 0,
-                 max_response_bytes: int = 0):
+                 max_response_bytes: int = 0,
+                 experiments: Optional[Mapping[str, Experiment]] = None,
+                 request_log: Optional[RequestLog] = None):
         self._models = _Models(managers)
+        self._experiments = dict(experiments or {})
+        self._log = request_log
         self._max_response_bytes = int(max_response_bytes)
         self._metrics = metrics
         self._batcher = batcher
@@ -274,38 +334,113 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request: predict_pb2.PredictRequest, context,
                 call: _Call) -> predict_pb2.PredictResponse:
         spec = request.model_spec
-        signature_name = spec.signature_name or DEFAULT_SIGNATURE
-        call.signature = self._models.signature_label(spec.name, signature_name)
+        experiment = self._experiments.get(spec.name)
+        if experiment is not None:
+            return self._predict_arm(request, context, call, experiment)
+        return self._predict(request, context, call, spec, spec.signature_name or DEFAULT_SIGNATURE)
+
+    def _predict_arm(self, request: predict_pb2.PredictRequest, context, call: _Call,
+                     experiment: Experiment) -> predict_pb2.PredictResponse:
+        """Routes a request to its user's arm of `experiment` (all rows: one arm)."""
+        if request.model_spec.HasField("version") or request.model_spec.version_label:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{echo(experiment.name)!r} is an experiment: its arms pin the "
+                           f"versions; leave model_spec.version unset")
+        proto = request.inputs.get(USER_INPUT)
+        if proto is None:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"requests to experiment {experiment.name!r} need a "
+                           f"'{USER_INPUT}' input (hashed to pick the arm)")
+        try:
+            tensors.check_size(proto, USER_INPUT, self._max_request_rows,
+                               self._max_tensor_elements)
+            users = tensors.to_ndarray(proto, USER_INPUT)
+        except tensors.TooLargeError as e:
+            raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except tensors.TensorError as e:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        arms = {}
+        for user in np.ravel(users):
+            user = user.decode("utf-8", "backslashreplace") if isinstance(user, bytes) else user
+            arm = experiment.arm_for(str(user))
+            arms[arm.name] = arm
+        if len(arms) != 1:
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the users of this request fall in different arms "
+                           f"{sorted(arms)} of experiment {experiment.name!r}; send one "
+                           f"user per request (or users of one arm)")
+        arm = next(iter(arms.values()))
+        spec = model_pb2.ModelSpec(name=arm.model)
+        if arm.version is not None:
+            spec.version.value = int(arm.version)
+        return self._predict(request, context, call, spec, arm.signature,
+                             experiment=experiment.name, arm=arm)
+
+    def _predict(self, request: predict_pb2.PredictRequest, context, call: _Call,
+                 spec: model_pb2.ModelSpec, signature_name: str, experiment: str = "",
+                 arm: Optional[Arm] = None) -> predict_pb2.PredictResponse:
+        """Predict on the model `spec` names; with an `arm`, its input defaults,
+        exploration and name in the reply."""
+        model = spec.name
+        call.model = model if model in self._models.managers else UNKNOWN
+        call.signature = self._models.signature_label(model, signature_name)
         loaded = self._models.resolve(spec)
         signature = loaded.signatures.get(signature_name)
         if signature is None:  # TF Serving: FAILED_PRECONDITION, with the same message
             raise RpcAbort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f'Serving signature name: "{echo(signature_name)}" not found in signature def of '
-                f"model {spec.name!r} version {loaded.version}; available "
+                f"model {echo(model)!r} version {loaded.version}; available "
                 f"signatures: {sorted(loaded.signatures)}")
         call.signature = signature_name
-        wanted = list(request.output_filter) or list(signature.outputs)
+        extra_outputs = (ARM_OUTPUT,) if arm is not None else ()
+        wanted = list(request.output_filter) or list(signature.outputs) + list(extra_outputs)
         repeated = sorted({n for n in wanted if wanted.count(n) > 1})
         if repeated:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
                            f"duplicate output tensor alias in output_filter: "
                            f"{[echo(n) for n in repeated]}")
-        arrays = self._decode_inputs(request, signature)
-        unknown = [n for n in wanted if n not in signature.outputs]
+        arrays = self._decode_inputs(request, signature, arm)
+        unknown = [n for n in wanted if n not in signature.outputs and n not in extra_outputs]
         if unknown:
             raise RpcAbort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"output_filter names unknown output(s) {[echo(n) for n in unknown]} of signature "
                 f"'{signature_name}'; outputs are {sorted(signature.outputs)}")
 
-        outputs = self._run(spec.name, loaded, signature, arrays, context)
+        explore = arm.exploration if arm is not None else Exploration()
+        explored = (explore.active and K_INPUT in arrays and ITEM_OUTPUT in signature.outputs
+                    and arrays[K_INPUT].ndim == 1)
+        model_inputs = arrays
+        if explored:  # ask for the pool, then serve k of it
+            model_inputs = dict(arrays)
+            model_inputs[K_INPUT] = np.maximum(arrays[K_INPUT], explore.pool).astype(
+                arrays[K_INPUT].dtype)
+        outputs = self._run(model, loaded, signature, model_inputs, context)
+        propensities = None
+        request_id = request_id_of(context) if self._log is not None or arm is not None else ""
+        if explored:
+            rng = np.random.default_rng(  # the same request id draws the same order
+                int.from_bytes(hashlib.sha256(f"{experiment}\0{request_id}".encode()).digest()[:8],
+                               "big"))
+            index, propensities = explore.choose(outputs[ITEM_OUTPUT], arrays[K_INPUT], rng)
+            outputs = _reorder(outputs, index)
+        if arm is not None:
+            rows = next(iter(outputs.values())).shape[0] if outputs else 1
+            outputs = dict(outputs)
+            outputs[ARM_OUTPUT] = np.array([arm.name.encode("utf-8")] * rows, dtype=object)
         response = predict_pb2.PredictResponse()
-        response.model_spec.name = spec.name
+        response.model_spec.name = model
         response.model_spec.version.value = loaded.version
         response.model_spec.signature_name = signature_name
         for name in wanted:
             response.outputs[name].CopyFrom(tensors.to_proto(outputs[name]))
+        if request_id:
+            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        if self._log is not None:
+            self._log.log(Served(request_id, time.time(), model, loaded.version, signature_name,
+                                 experiment, arm.name if arm is not None else "", arrays,
+                                 outputs, propensities))
         return response
 
     def _record_batch(self, group: Tuple[str, int, str], rows: int, requests: int) -> None:
@@ -377,12 +512,15 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         except tf.errors.OpError as e:
             raise RpcAbort(grpc_code(e.error_code), short_tf_message(e)) from None
 
-    def _decode_inputs(self, request: predict_pb2.PredictRequest,
-                       signature) -> Dict[str, np.ndarray]:
+    def _decode_inputs(self, request: predict_pb2.PredictRequest, signature,
+                       arm: Optional[Arm] = None) -> Dict[str, np.ndarray]:
+        """Validated numpy inputs; an experiment arm ignores inputs its signature does
+        not take (other arms may) and fills the ones it has defaults for."""
         expected = signature.inputs
         given = request.inputs
-        missing = sorted(set(expected) - set(given))
-        extra = sorted(set(given) - set(expected))
+        defaults = dict(arm.inputs) if arm is not None else {}
+        missing = sorted(set(expected) - set(given) - set(defaults))
+        extra = sorted(set(given) - set(expected)) if arm is None else []
         if missing or extra:
             parts = []
             if missing:
@@ -394,7 +532,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 f"{'; '.join(parts)} for signature '{signature.name}'; expected inputs: "
                 f"{sorted(expected)}")
         arrays = {}
-        for name in sorted(expected):
+        for name in sorted(set(expected) & set(given)):
             try:
                 tensors.check_against_spec(given[name], expected[name], name)
                 tensors.check_size(given[name], name, self._max_request_rows,
@@ -406,6 +544,16 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             except tensors.TensorError as e:
                 raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        filled = sorted(set(expected) - set(given))
+        if filled:
+            rows = next(iter(arrays.values())).shape[0] if arrays else 1
+            for name in filled:
+                try:
+                    arrays[name] = _default_input(expected[name], defaults[name], rows)
+                except (TypeError, ValueError) as e:
+                    raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"arm {arm.name!r}: default of input {name!r} does not fit "
+                                   f"its spec {expected[name]}: {e}") from None
         _check_batch_sizes(signature, arrays)
         return arrays
 
@@ -536,6 +684,12 @@ class ModelServer:
       max_request_rows: Rows (first dimension) a request tensor may declare; more get
         RESOURCE_EXHAUSTED before decoding (0: no limit).
       max_tensor_elements: Elements a request tensor may declare (0: no limit).
+      experiments: Experiment name -> Experiment (`experiments.load_experiments`):
+        Predict calls for an experiment's name go to its user's arm.
+      request_log: Directory for rotating Parquet logs of every answered Predict (None:
+        no logging); written asynchronously, dropped and counted when the queue is full.
+      request_log_queue: Calls waiting for the log writer before new ones are dropped.
+      request_log_flush_seconds: Longest a logged call waits before its file is written.
     """
 
     def __init__(self, models: Mapping[str, str], host: str = "127.0.0.1", port: int = 8500,
@@ -545,7 +699,10 @@ class ModelServer:
                  batching: Union[BatchingOptions, bool, None] = None,
                  monitoring_port: Optional[int] = None, max_string_bytes: int = 1 << 20,
                  allow_non_finite: bool = False, max_concurrent_rpcs: Optional[int] = None,
-                 max_request_rows: int = 8192, max_tensor_elements: int = 1 << 22):
+                 max_request_rows: int = 8192, max_tensor_elements: int = 1 << 22,
+                 experiments: Optional[Mapping[str, Experiment]] = None,
+                 request_log: Optional[str] = None, request_log_queue: int = 10000,
+                 request_log_flush_seconds: float = 10.0):
         if not models:
             raise ValueError("ModelServer needs at least one model (name -> base path)")
         if not 0 <= int(port) <= 65535:
@@ -571,6 +728,8 @@ class ModelServer:
         elif batching is not None and not isinstance(batching, BatchingOptions):
             raise TypeError(f"batching must be a BatchingOptions, True or None, got "
                             f"{type(batching).__name__}")
+        self.experiments = dict(experiments or {})
+        check_models(self.experiments, list(models))
         self.managers = managers_from(models, poll_seconds=poll_seconds, policies=policies)
         self.host = host
         self.requested_port = int(port)
@@ -586,7 +745,15 @@ class ModelServer:
         self.max_tensor_elements = int(max_tensor_elements)
         self.batcher: Optional[Batcher] = None
         queued = (lambda: self.batcher.queued_requests() if self.batcher else 0)
-        self.metrics = ServingMetrics(self.managers, queued if batching else None)
+        self.request_log: Optional[RequestLog] = None
+        if request_log:
+            self.request_log = RequestLog(
+                request_log, max_queue=request_log_queue,
+                flush_seconds=request_log_flush_seconds,
+                on_drop=lambda: self.metrics.log_dropped.inc(),
+                on_written=lambda rows: self.metrics.log_rows.inc(amount=rows))
+        self.metrics = ServingMetrics(self.managers, queued if batching else None,
+                                      self.request_log.queued if self.request_log else None)
         self._metrics_http: Optional[MetricsHTTPServer] = None
         self._server: Optional[grpc.Server] = None
         self._port: Optional[int] = None
@@ -651,6 +818,8 @@ class ModelServer:
                     logger.info("batching: at most max_workers=%d requests wait for a batch at "
                                 "once (max_batch_size=%d counts rows)", self.max_workers,
                                 self.batching.max_batch_size)
+            if self.request_log is not None:
+                self.request_log.start()
             if self.requested_monitoring_port is not None:
                 self._metrics_http = MetricsHTTPServer(
                     self.metrics.render, port=self.requested_monitoring_port).start()
@@ -665,7 +834,8 @@ class ModelServer:
                 PredictionServicer(self.managers, self.metrics, self.batcher,
                                    self.max_string_bytes, self.allow_non_finite,
                                    self.max_request_rows, self.max_tensor_elements,
-                                   self.max_message_bytes), server)
+                                   self.max_message_bytes, self.experiments,
+                                   self.request_log), server)
             model_service_pb2_grpc.add_ModelServiceServicer_to_server(
                 ModelServicer(self.managers, self.metrics), server)
             host = f"[{self.host}]" if ":" in self.host else self.host
@@ -687,9 +857,20 @@ class ModelServer:
                     {name: m.versions() for name, m in self.managers.items()},
                     f", batching {self.batching}" if self.batching else "",
                     f", metrics at {self.metrics_url}" if self._metrics_http else "")
+        for line in self.experiment_status():
+            logger.info("%s", line)
+        if self.request_log is not None:
+            logger.info("logging requests to %s", self.request_log.directory)
         return self
 
+    def experiment_status(self) -> list:
+        """One line per live experiment: arms with model, served version, signature, share."""
+        return describe(self.experiments,
+                        {name: m.versions() for name, m in self.managers.items()})
+
     def _stop_helpers(self) -> None:
+        if self.request_log is not None:
+            self.request_log.stop()  # writes what is queued: answered calls are not lost
         if self.batcher is not None:
             self.batcher.stop()
             self.batcher = None

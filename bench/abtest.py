@@ -1,0 +1,181 @@
+"""Online A/B test on simulated shoppers: retrieval order vs retrieval + ranker pipeline.
+
+Generates a synthetic world, trains the two-tower and the ranker, evaluates them offline
+(test period: retrieval order vs ranker re-order), exports both, then runs
+`tfrec abtest run`: --users shoppers of the world request --k item lists for --days
+days from the real embedded server (experiment routing by hashed user id, request
+logging on loopback) and react with the world's true utilities and position bias.
+Arm "retrieval" explores (epsilon, pool = the pipeline's candidates) so that the
+report can estimate the ranker arm from its logs (position-based IPS) and compare with
+the ranker arm's online result. Ratios are against the retrieval arm of the same run.
+
+Usage: python bench/abtest.py [--world small] [--users 2000] [--days 7]
+
+Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, 1 retrieval and
+1 ranker epoch, 60 shoppers for 2 days. Same steps and tables; the figures mean
+nothing. TensorFlow's graph optimizer is off (bench/_common.py). Options given
+explicitly still override these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import format_table, machine_line, parse_smoke_args, ratio  # noqa: E402
+from tfrec import workflow  # noqa: E402
+from tfrec.config import Config  # noqa: E402
+
+SMOKE = dict(world="tiny", epochs=1, ranker_epochs=1, users=60, days=2, eval_users=100)
+
+EXPERIMENT = """\
+models:
+  retrieval: models/retrieval
+  pipeline: models/pipeline
+experiments:
+  - name: home_feed
+    salt: bench-{seed}
+    arms:
+      - name: retrieval
+        model: retrieval
+        share: 0.5
+        inputs: {{query: "", exclude_seen: true}}
+        exploration: {{epsilon: {epsilon}, pool: {pool}}}
+      - name: ranker
+        model: pipeline
+        signature: recommend
+        share: 0.5
+        inputs: {{exclude_item_ids: [""], purchased_item_ids: [""]}}
+"""
+
+
+def prepare(root: str, args) -> dict:
+    """World, retrieval, ranker, offline test metrics and the two exports under `root`."""
+    cfg = Config()
+    cfg.data.world, cfg.data.seed, cfg.train.seed = args.world, args.seed, args.seed
+    if args.epochs:
+        cfg.train.epochs = args.epochs
+    if args.ranker_epochs:
+        cfg.ranking.epochs = args.ranker_epochs
+    cfg.data.data_dir = os.path.join(root, "data")
+    cfg.data.tfrecord_dir = os.path.join(root, "tfrecords")
+    cfg.train.checkpoint_dir = os.path.join(root, "checkpoints")
+    cfg.train.log_dir = os.path.join(root, "tensorboard_logs")
+    cfg.export.base_dir = os.path.join(root, "models")
+    start = time.perf_counter()
+    workflow.generate(cfg)
+    run = workflow.train(cfg)
+    ranked = workflow.train_ranker(cfg, run=run.run_name, retrieval=run.model)
+    offline = workflow.evaluate(cfg, run=run.run_name, max_users=args.eval_users)
+    workflow.export(cfg, run=run.run_name, model=run.model)
+    workflow.export_ranking(cfg, run=run.run_name, retrieval=run.model, ranker=ranked.model)
+    return {"cfg": cfg, "offline": offline, "seconds": time.perf_counter() - start}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", default="small")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="retrieval epochs (default: the trainer's, early stopping)")
+    parser.add_argument("--ranker-epochs", type=int, default=None,
+                        help="ranker epochs (default: the ranking config's)")
+    parser.add_argument("--eval-users", type=int, default=None,
+                        help="test users of the offline evaluation (default: all)")
+    parser.add_argument("--users", type=int, default=2000, help="simulated shoppers")
+    parser.add_argument("--days", type=int, default=7, help="simulated days")
+    parser.add_argument("--k", type=int, default=10, help="items per list")
+    parser.add_argument("--epsilon", type=float, default=0.3,
+                        help="exploration share of the retrieval arm")
+    parser.add_argument("--workers", type=int, default=4, help="shoppers requesting at once")
+    args = parse_smoke_args(parser, argv, SMOKE)
+    from tfrec.abtest import abtest_report, run_abtest
+    from tfrec.data.synthetic import World
+
+    print(machine_line())
+    with tempfile.TemporaryDirectory(prefix="tfrec-bench-abtest-") as root:
+        prepared = prepare(root, args)
+        cfg = prepared["cfg"]
+        print(f"world, retrieval, ranker, offline evaluation, exports: "
+              f"{prepared['seconds']:.0f}s", flush=True)
+        path = os.path.join(root, "experiments.yaml")
+        with open(path, "w") as f:
+            f.write(EXPERIMENT.format(seed=args.seed, epsilon=args.epsilon,
+                                      pool=cfg.ranking.candidates))
+        out = os.path.join(root, "abtest")
+        t0 = time.perf_counter()
+        record = run_abtest(World.load(cfg.data.data_dir), cfg.data.data_dir, path, out,
+                            users=args.users, days=args.days, k=args.k, seed=args.seed,
+                            workers=args.workers)
+        simulated = time.perf_counter() - t0
+        report = abtest_report(out)
+    print(f"{record['requests']} requests from {record['users']} shoppers over {args.days} "
+          f"days in {simulated:.0f}s ({record['requests'] / simulated:.0f} requests/s incl. "
+          f"reactions)")
+
+    arms = report["arms"]
+    base = arms["retrieval"]
+    rows = [[name, a["requests"], a["users"], f"{a['ctr']:.4f}", f"{a['cvr']:.4f}",
+             f"{a['gmv_per_user']:.2f}", f"{a['clicks_per_request']:.3f}",
+             ratio(a["ctr"], base["ctr"]), ratio(a["gmv_per_user"], base["gmv_per_user"])]
+            for name, a in arms.items()]
+    print()
+    print(format_table(["arm", "requests", "users", "CTR", "CVR", "GMV/user", "clicks/req",
+                        "CTR vs retrieval", "GMV/user vs retrieval"], rows,
+                       title=f"online, {args.world} world, top-{args.k} lists (retrieval arm "
+                             f"explores with epsilon {args.epsilon})"))
+    tests = [[metric, f"{t['control_mean']:.4g}", f"{t['treatment_mean']:.4g}",
+              f"{t['relative_uplift']:+.1%}", f"[{t['ci_low']:.4g}, {t['ci_high']:.4g}]",
+              f"{t['p_value']:.3g}", "yes" if t["significant"] else "no"]
+             for metric, t in report["tests"].items()]
+    print()
+    print(format_table(["per-user metric", "retrieval", "ranker", "uplift", "95% CI of uplift",
+                        "p", "significant"], tests, title="A/B test, users as units"))
+    offline = prepared["offline"]
+    online = report["tests"]
+    compare = [
+        ["offline ndcg@10 (test period)", f"{offline['two_tower']['ndcg@10']:.4f}",
+         f"{offline['two_tower+ranker']['ndcg@10']:.4f}",
+         ratio(offline["two_tower+ranker"]["ndcg@10"], offline["two_tower"]["ndcg@10"])],
+        ["offline purchase_rate@10", f"{offline['two_tower']['purchase_rate@10']:.4f}",
+         f"{offline['two_tower+ranker']['purchase_rate@10']:.4f}",
+         ratio(offline["two_tower+ranker"]["purchase_rate@10"],
+               offline["two_tower"]["purchase_rate@10"])],
+        ["online clicks per user", f"{online['clicks']['control_mean']:.4f}",
+         f"{online['clicks']['treatment_mean']:.4f}",
+         ratio(online["clicks"]["treatment_mean"], online["clicks"]["control_mean"])],
+        ["online purchases per user", f"{online['purchases']['control_mean']:.4f}",
+         f"{online['purchases']['treatment_mean']:.4f}",
+         ratio(online["purchases"]["treatment_mean"], online["purchases"]["control_mean"])],
+    ]
+    print()
+    print(format_table(["measure", "retrieval", "ranker", "ranker vs retrieval"], compare,
+                       title="offline re-rank gain beside the online uplift"))
+    section = report["off_policy"]
+    print()
+    if "skipped" in section:
+        print(f"off-policy: skipped ({section['skipped']})")
+    else:
+        ips_rows = [[metric, f"{e['online']:.4f}",
+                     f"[{e['online_ci_low']:.4f}, {e['online_ci_high']:.4f}]", f"{e['ips']:.4f}",
+                     f"[{e['ips_ci_low']:.4f}, {e['ips_ci_high']:.4f}]",
+                     ratio(e["ips"], e["online"]), "yes" if e["ips_within_online_ci"] else "no",
+                     f"{e['effective_sample_size']:.0f}"]
+                    for metric, e in section.items() if isinstance(e, dict)]
+        print(format_table(["ranker arm", "online", "online 95% CI", "IPS", "IPS 95% CI",
+                            "IPS vs online", "IPS in online CI", "IPS eff. n"], ips_rows,
+                           title=f"off-policy: the ranker arm estimated from "
+                                 f"{section['logged_requests']} retrieval-arm requests "
+                                 f"({section['matched_slots']} slots where the logged item "
+                                 f"is the ranker's)"))
+    print(f"decision: {report['decision']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""The online loop: experiments (traffic split, exploration) and request logging.
+
+A real server on loopback serves the tiny world's retrieval model and retrieval ->
+ranker pipeline as two arms of one experiment; the Parquet request logs it writes are
+read back and checked against what the clients received.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import tfrec  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+import grpc
+import numpy as np
+import pytest
+
+from tfrec.config import ExportConfig
+from tfrec.serving import ModelServer, PredictClient, ServingError
+from tfrec.serving.experiments import (
+    ExperimentError,
+    Exploration,
+    load_experiments,
+    parse_experiments,
+)
+from tfrec.serving.request_log import RequestLog, Served, read_request_logs
+
+EPSILON, POOL = 0.5, 12
+
+EXPERIMENTS = textwrap.dedent(f"""\
+    models:
+      retrieval: models/retrieval
+      pipeline: models/pipeline
+    experiments:
+      - name: home
+        salt: test-salt
+        arms:
+          - name: retrieval
+            model: retrieval
+            share: 0.5
+            inputs: {{query: "", exclude_seen: true}}
+            exploration: {{epsilon: {EPSILON}, pool: {POOL}}}
+          - name: ranker
+            model: pipeline
+            signature: recommend
+            share: 0.5
+            inputs: {{exclude_item_ids: [""], purchased_item_ids: [""]}}
+    """)
+
+
+@pytest.fixture(scope="module")
+def setup(trained_run, trained_ranker, exported_model, tiny_world, tmp_path_factory):
+    """experiments.yaml beside models/{retrieval,pipeline}/1."""
+    import shutil
+
+    from tfrec.export.exporter import export_pipeline
+
+    root = str(tmp_path_factory.mktemp("online"))
+    shutil.copytree(exported_model, os.path.join(root, "models", "retrieval", "1"))
+    export_pipeline(trained_run.run_dir, tiny_world.catalog,
+                    ExportConfig(base_dir=os.path.join(root, "models"), version=1),
+                    retrieval=trained_run.model, ranker=trained_ranker.model)
+    path = os.path.join(root, "experiments.yaml")
+    with open(path, "w") as f:
+        f.write(EXPERIMENTS)
+    return root, path
+
+
+def home_inputs(user: str, k: int = 5, history=("",)):
+    return {"user_id": np.array([user], dtype=object),
+            "history": np.array([list(history)], dtype=object),
+            "device": np.array(["mobile"], dtype=object),
+            "hour": np.array([20], dtype=np.int64), "k": np.array([k], dtype=np.int32)}
+
+
+@pytest.fixture(scope="module")
+def served(setup):
+    root, path = setup
+    experiments, models = load_experiments(path)
+    server = ModelServer(models, port=0, poll_seconds=0, experiments=experiments,
+                         request_log=os.path.join(root, "logs"),
+                         request_log_flush_seconds=0.5).start()
+    client = PredictClient(server.address, timeout=60)
+    yield server, client, experiments["home"]
+    client.close()
+    server.stop(grace=0)
+
+
+def test_users_keep_their_arm_and_responses_name_it(served, tiny_world):
+    server, client, experiment = served
+    users = list(tiny_world.users["user_id"].astype(str))[:40] + ["新用户-张伟", "usuário-ção"]
+    seen = {}
+    for user in users:
+        for attempt in range(2):
+            response = client.predict_response("home", home_inputs(user), "serving_default")
+            arm = experiment.arm_for(user)
+            assert response.model_spec.name == arm.model
+            assert response.model_spec.signature_name == arm.signature
+            outputs = {n: np.asarray(__import__("tensorflow").make_ndarray(p))
+                       for n, p in response.outputs.items()}
+            assert outputs["experiment_arm"].tolist() == [arm.name.encode()]
+            assert outputs["item_ids"].shape == (1, 5)
+            seen.setdefault(user, set()).add(arm.name)
+    assert all(len(arms) == 1 for arms in seen.values())  # sticky
+    counts = {name: sum(name in arms for arms in seen.values()) for name in ("retrieval",
+                                                                              "ranker")}
+    assert min(counts.values()) >= 8, counts  # both arms get users at 50/50
+    assert "home" in server.experiment_status()[0] and "retrieval/1" in \
+        server.experiment_status()[0]
+
+
+def test_exploration_orders_the_pool_with_logged_propensities(served, tiny_world):
+    server, client, experiment = served
+    user = next(u for u in tiny_world.users["user_id"].astype(str)
+                if experiment.arm_for(u).name == "retrieval")
+    top = client.predict("retrieval", {**home_inputs(user, k=POOL), "query":
+                                       np.array([""], dtype=object),
+                                       "exclude_seen": np.array([True])})["item_ids"][0]
+    lists = {}
+    for i in range(30):
+        request_id = f"explore-{i}"
+        ids = client.predict("home", home_inputs(user, k=5), request_id=request_id)["item_ids"][0]
+        assert set(ids) <= set(top)  # drawn from the model's top `pool`
+        again = client.predict("home", home_inputs(user, k=5), request_id=request_id)
+        np.testing.assert_array_equal(again["item_ids"][0], ids)  # same id, same draw
+        lists[request_id] = list(ids)
+    deterministic = [ids for ids in lists.values() if ids == list(top[:5])]
+    assert 5 <= len(deterministic) <= 27, len(deterministic)  # about (1 - eps) + eps * tiny
+
+    server.request_log.stop()  # flush: every answered call is in the files
+    server.request_log.start()
+    logs = read_request_logs(server.request_log.directory)
+    mine = logs[logs["request_id"].isin(list(lists))]
+    assert len(mine) == 60 and set(mine["arm"]) == {"retrieval"}
+    assert set(mine["experiment"]) == {"home"} and set(mine["user_id"]) == {user}
+    for row in mine.itertuples():
+        assert list(row.item_ids) == [i.decode() for i in lists[row.request_id]]
+        assert list(row.positions) == list(range(5))
+        at_top = np.array([a == b.decode() for a, b in zip(row.item_ids, top)])
+        expected = (1 - EPSILON) * at_top + EPSILON / POOL
+        np.testing.assert_allclose(row.propensities, expected, rtol=1e-5)
+
+
+def test_logs_carry_context_and_unicode(served):
+    server, client, experiment = served
+    user = "顾客-José"
+    client.predict("home", home_inputs(user, history=("",)), request_id="unicode-1")
+    server.request_log.stop()
+    server.request_log.start()
+    logs = read_request_logs(server.request_log.directory)
+    row = logs[logs["request_id"] == "unicode-1"].iloc[0]
+    assert row["user_id"] == user and row["arm"] == experiment.arm_for(user).name
+    assert '"device": "mobile"' in row["context"] and '"hour": 20' in row["context"]
+    assert len(row["item_ids"]) == 5 and np.all(np.diff(row["positions"]) == 1)
+
+
+def test_experiment_request_errors(served, tiny_world):
+    server, client, experiment = served
+    users = list(tiny_world.users["user_id"].astype(str))
+    a = next(u for u in users if experiment.arm_for(u).name == "retrieval")
+    b = next(u for u in users if experiment.arm_for(u).name == "ranker")
+    two = {name: np.concatenate([value, value]) for name, value in home_inputs(a).items()}
+    two["user_id"] = np.array([a, b], dtype=object)
+    cases = [
+        (two, grpc.StatusCode.INVALID_ARGUMENT, "different arms"),
+        ({k: v for k, v in home_inputs(a).items() if k != "user_id"},
+         grpc.StatusCode.INVALID_ARGUMENT, "user_id"),
+        ({k: v for k, v in home_inputs(b).items() if k != "k"},
+         grpc.StatusCode.INVALID_ARGUMENT, "missing input"),
+    ]
+    for inputs, code, text in cases:
+        with pytest.raises(ServingError) as caught:
+            client.predict("home", inputs)
+        assert caught.value.code == code and text in caught.value.message, caught.value
+    with pytest.raises(ServingError) as caught:
+        client.predict("home", home_inputs(a), version=1)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.recommend("retrieval", a, k=3)  # the served models still answer
+
+
+def test_experiments_file_errors(setup):
+    good = {"name": "x", "arms": [{"name": "a", "model": "m", "share": 0.5},
+                                   {"name": "b", "model": "m", "share": 0.5}]}
+    bad = [
+        ({"experiments": [{**good, "arms": good["arms"][:1]}]}, "sum to 0.5"),
+        ({"experiments": [{**good, "arms": [good["arms"][0], good["arms"][0]]}]}, "duplicate"),
+        ({"experiments": [{**good, "arms": [{"name": "a", "share": 1.0}]}]}, "'model'"),
+        ({"experiments": [{**good, "arms": [{**good["arms"][0], "share": 1.0,
+                                             "exploration": {"epsilon": 2}}]}]}, "epsilon"),
+        ({"experiments": [{**good, "arms": [{**good["arms"][0], "share": 1.0, "colour": 1}]}]},
+         "colour"),
+        ({"experiments": [good, good]}, "defined twice"),
+        ({"nope": 1}, "'experiments' list"),
+    ]
+    for raw, text in bad:
+        with pytest.raises(ExperimentError, match=text):
+            parse_experiments(raw)
+    root, path = setup
+    experiments, models = load_experiments(path)
+    with pytest.raises(ExperimentError, match="not served"):
+        ModelServer({"retrieval": models["retrieval"]}, port=0, experiments=experiments)
+    with pytest.raises(ExperimentError, match="name of a served model"):
+        ModelServer({**models, "home": models["retrieval"]}, port=0, experiments=experiments)
+
+
+def test_exploration_propensities_are_exact():
+    """Empirical frequency of each (pool item, position) matches the logged propensity."""
+    explore = Exploration(epsilon=0.3, pool=6)
+    ids = np.array([[f"i{j}" for j in range(6)]], dtype=object)
+    rng = np.random.default_rng(0)
+    counts = np.zeros((6, 3))
+    logged = {}
+    n = 20000
+    for _ in range(n):
+        index, propensity = explore.choose(ids, np.array([3]), rng)
+        for j, i in enumerate(index[0]):
+            counts[i, j] += 1
+            logged[(i, j)] = propensity[0, j]
+    for (i, j), p in logged.items():
+        assert abs(counts[i, j] / n - p) < 0.01, (i, j, counts[i, j] / n, p)
+
+
+def test_request_log_is_bounded_and_loses_nothing_it_accepted(tmp_path):
+    dropped = []
+    log = RequestLog(str(tmp_path), max_queue=3, flush_seconds=0.2,
+                     on_drop=lambda: dropped.append(1))
+
+    def call(i):
+        return Served(f"r{i}", 1.0 + i, "m", 1, "serving_default", "", "",
+                      {"user_id": np.array([b"u"], dtype=object)},
+                      {"item_ids": np.array([[b"a", b"b", b""]], dtype=object),
+                       "scores": np.array([[2.0, 1.0, 0.0]], dtype=np.float32)})
+
+    accepted = [log.log(call(i)) for i in range(5)]  # writer not started: the queue fills
+    assert accepted == [True, True, True, False, False] and len(dropped) == 2
+    log.start()
+    log.stop()
+    logs = read_request_logs(str(tmp_path))
+    assert logs["request_id"].tolist() == ["r0", "r1", "r2"]
+    assert [list(x) for x in logs["item_ids"]] == [["a", "b"]] * 3  # "" padding not shown
+    assert [list(x) for x in logs["propensities"]] == [[1.0, 1.0]] * 3
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+# -- simulated shoppers and the A/B report ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def abtest_run(setup, tiny_world, tiny_world_dir, tmp_path_factory):
+    from tfrec.abtest import run_abtest
+
+    root, path = setup
+    out = str(tmp_path_factory.mktemp("abtest"))
+    record = run_abtest(tiny_world, tiny_world_dir, path, out, users=150, days=4, k=8,
+                        requests_per_day=1.5, seed=1)
+    return out, record
+
+
+def test_abtest_run_writes_logs_outcomes_and_training_events(abtest_run, tiny_world):
+    from tfrec.data.io import load_tables
+
+    out, record = abtest_run
+    logs = read_request_logs(os.path.join(out, "logs"))
+    assert logs["request_id"].nunique() == record["requests"] > 500
+    assert set(logs["arm"]) == {"retrieval", "ranker"}
+    tables = load_tables(os.path.join(out, "data"))  # what `tfrec train --data-dir` reads
+    events = tables.events
+    assert (events["event_type"] == "impression").sum() == logs["item_ids"].map(len).sum()
+    clicks = events[events["event_type"] == "click"]
+    shown = set(zip(events.loc[events["event_type"] == "impression", "session_id"],
+                    events.loc[events["event_type"] == "impression", "item_id"]))
+    assert len(clicks) > 50 and all(pair in shown for pair in zip(clicks["session_id"],
+                                                                  clicks["item_id"]))
+
+
+def test_abtest_report(abtest_run):
+    from tfrec.abtest import abtest_report
+
+    out, record = abtest_run
+    report = abtest_report(out)
+    arms = report["arms"]
+    assert set(arms) == {"retrieval", "ranker"}
+    assert sum(a["requests"] for a in arms.values()) == record["requests"]
+    for test in report["tests"].values():
+        assert test["ci_low"] <= test["uplift"] <= test["ci_high"]
+    section = report["off_policy"]
+    assert section["logged_requests"] == arms["retrieval"]["requests"]
+    assert section["matched_slots"] > 0
+    print({k: v for k, v in section.items()})
+    with open(os.path.join(out, "abtest_report.html"), encoding="utf-8") as f:
+        page = f.read()
+    assert "data:image/png;base64" in page and "Decision" in page
+
+
+def test_abtest_cli(setup, tiny_world_dir, tmp_path, capsys):
+    from tfrec.cli import main
+
+    root, path = setup
+    out = str(tmp_path / "run")
+    assert main(["abtest", "run", "--experiment", path, "--data-dir", tiny_world_dir,
+                 "--users", "12", "--days", "1", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "requests from 12 shoppers" in printed and "experiment home" in printed
+    # a second run into the same directory is refused, not mixed into the first
+    assert main(["abtest", "run", "--experiment", path, "--data-dir", tiny_world_dir,
+                 "--users", "12", "--days", "1", "--out", out]) == 2
+    assert "already holds an A/B run" in capsys.readouterr().err
+    assert main(["abtest", "report", "--run", out]) == 0
+    printed = capsys.readouterr().out
+    assert "decision:" in printed and os.path.isfile(os.path.join(out, "abtest_report.html"))
+    for argv, text in (
+            (["abtest", "run", "--experiment", path, "--data-dir", str(tmp_path)],
+             "no synthetic world"),
+            (["abtest", "run", "--experiment", str(tmp_path / "none.yaml"), "--data-dir",
+              tiny_world_dir, "--out", str(tmp_path / "x")], "does not exist"),
+            (["abtest", "report", "--run", str(tmp_path)], "holds no A/B run"),
+            (["abtest", "report", "--run", out, "--treatment", "nope"], "arm 'nope'")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("tfrec: error:") and text in err, err
+
+
+def test_client_side_log_for_stock_tf_serving(setup, tmp_path):
+    """Stock TF Serving has no request log: the client logs what it was served."""
+    root, path = setup
+    _, models = load_experiments(path)
+    log = RequestLog(str(tmp_path / "client-logs"), flush_seconds=0.2).start()
+    with ModelServer({"retrieval": models["retrieval"]}, port=0, poll_seconds=0) as server, \
+            PredictClient(server.address, request_log=log) as client:
+        rows = client.recommend("retrieval", "U000001", history=["", ""], query="沙发 café",
+                                k=4)
+    log.stop()
+    logs = read_request_logs(log.directory)
+    assert len(logs) == 1 and logs["model"][0] == "retrieval" and logs["version"][0] == 1
+    assert list(logs["item_ids"][0]) == [r["item_id"] for r in rows]
+    assert '"query": "沙发 café"' in logs["context"][0]

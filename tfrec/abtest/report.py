@@ -1,0 +1,263 @@
+"""The A/B report of a simulated (or real) run: per-arm business metrics, the decision,
+and the off-policy estimate of the treatment from the control arm's exploration logs.
+
+The off-policy check is what makes exploration worth its cost: if IPS over the control
+arm's logs predicts the treatment's online result, the next ranking can be judged from
+logs before it gets any traffic.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from statistics import NormalDist
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+from tfrec.abtest.simulate import LOGS_DIR, OUTCOMES_FILE, RUN_FILE
+from tfrec.data.io import read_table
+from tfrec.evaluation.html_report import figure, html_page, html_table, png_bytes, png_img
+from tfrec.evaluation.off_policy import slate_ips_estimate
+from tfrec.evaluation.online import arm_summary, arm_tests, request_outcomes
+from tfrec.serving.experiments import Arm, load_experiments
+from tfrec.serving.request_log import read_request_logs
+
+REPORT_JSON, REPORT_HTML = "abtest_report.json", "abtest_report.html"
+_REPLAY_BATCH = 256
+
+
+def _load_signature(base: str, version: int, signature: str):
+    import tensorflow as tf
+
+    try:
+        import tensorflow_text  # noqa: F401  (models with TF Text ops)
+    except ImportError:
+        pass
+    loaded = tf.saved_model.load(os.path.join(base, str(version)))
+    if signature not in loaded.signatures:
+        raise ValueError(f"{base}/{version} has no signature {signature!r} (it has "
+                         f"{sorted(loaded.signatures)})")
+    return loaded, loaded.signatures[signature]
+
+
+def replay_lists(arm: Arm, base: str, version: int, logs: pd.DataFrame) -> List[List[str]]:
+    """The lists `arm`'s deterministic policy would have shown for logged requests.
+
+    Rebuilds each request from its logged user id and context (history, device, hour,
+    k, ...) plus the arm's input defaults, and runs the arm's SavedModel in-process.
+    """
+    import tensorflow as tf
+
+    loaded, signature = _load_signature(base, version, arm.signature)
+    specs = signature.structured_input_signature[1]
+    lists: List[List[str]] = []
+    for start in range(0, len(logs), _REPLAY_BATCH):
+        part = logs.iloc[start:start + _REPLAY_BATCH]
+        contexts = [json.loads(c) if c else {} for c in part["context"]]
+        contexts = [{**arm.inputs, **c, "user_id": u}
+                    for c, u in zip(contexts, part["user_id"])]
+        inputs = {}
+        for name, spec in specs.items():
+            missing = [i for i, c in enumerate(contexts) if name not in c]
+            if missing:
+                raise ValueError(f"logged request {part['request_id'].iloc[missing[0]]!r} has "
+                                 f"no {name!r} and arm {arm.name!r} gives no default: cannot "
+                                 f"replay it")
+            values = [c[name] for c in contexts]
+            if spec.shape.rank == 2:
+                width = max(1, max(len(v) if isinstance(v, list) else 1 for v in values))
+                values = [(v if isinstance(v, list) else [v]) for v in values]
+                values = [v + [""] * (width - len(v)) for v in values]
+            inputs[name] = tf.constant(values, dtype=spec.dtype)
+        outputs = signature(**inputs)
+        for row in outputs["item_ids"].numpy():
+            lists.append([i.decode("utf-8") for i in row if i])
+    del loaded
+    return lists
+
+
+def _online_interval(values: np.ndarray, alpha: float) -> Tuple[float, float, float]:
+    mean = float(values.mean())
+    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    return mean, mean - z * se, mean + z * se
+
+
+def off_policy_check(logs: pd.DataFrame, requests: pd.DataFrame, outcomes: pd.DataFrame,
+                     prices: Mapping[str, float], control: Arm, treatment: Arm,
+                     treatment_base: str, alpha: float = 0.05) -> Dict[str, Any]:
+    """IPS estimate of the treatment's clicks and GMV per request from the control
+    arm's logs, beside the treatment's online values with their intervals."""
+    control_logs = logs[logs["arm"] == control.name].reset_index(drop=True)
+    explored = any(np.min(p) < 1.0 for p in control_logs["propensities"] if len(p))
+    if not explored:
+        return {"skipped": f"arm {control.name!r} logged no exploration (set exploration "
+                           f"epsilon/pool on it): deterministic logs cannot evaluate "
+                           f"another ranking"}
+    treated = logs[logs["arm"] == treatment.name]
+    if treated.empty:
+        return {"skipped": f"arm {treatment.name!r} served no requests"}
+    version = int(treated["version"].max())
+    target = replay_lists(treatment, treatment_base, version, control_logs)
+    acted = outcomes[outcomes["event_type"].isin(["click", "purchase"])]
+    clicked = set(zip(acted.loc[acted["event_type"] == "click", "session_id"],
+                      acted.loc[acted["event_type"] == "click", "item_id"]))
+    bought = set(zip(acted.loc[acted["event_type"] == "purchase", "session_id"],
+                     acted.loc[acted["event_type"] == "purchase", "item_id"]))
+    width = max(len(x) for x in control_logs["item_ids"])
+    shape = (len(control_logs), width)
+    clicks, gmv = np.zeros(shape), np.zeros(shape)
+    target_p, logging_p = np.zeros(shape), np.ones(shape)
+    matched = 0
+    for row, log in enumerate(control_logs.itertuples()):
+        for j, (item, p) in enumerate(zip(log.item_ids, log.propensities)):
+            clicks[row, j] = (log.request_id, item) in clicked
+            gmv[row, j] = prices.get(item, 0.0) if (log.request_id, item) in bought else 0.0
+            logging_p[row, j] = p
+            if j < len(target[row]) and target[row][j] == item:
+                target_p[row, j] = 1.0
+                matched += 1
+    result = {"control": control.name, "treatment": treatment.name,
+              "treatment_version": version, "logged_requests": len(control_logs),
+              "matched_slots": matched}
+    online = requests[requests["arm"] == treatment.name]
+    for name, rewards, column in (("clicks_per_request", clicks, "clicks"),
+                                  ("gmv_per_request", gmv, "gmv")):
+        estimate = slate_ips_estimate(rewards, target_p, logging_p, alpha=alpha)
+        mean, low, high = _online_interval(online[column].to_numpy(np.float64), alpha)
+        result[name] = {
+            "ips": estimate.value, "ips_ci_low": estimate.ci_low,
+            "ips_ci_high": estimate.ci_high, "effective_sample_size":
+                estimate.effective_sample_size,
+            "online": mean, "online_ci_low": low, "online_ci_high": high,
+            "online_within_ips_ci": bool(estimate.ci_low <= mean <= estimate.ci_high),
+            "ips_within_online_ci": bool(low <= estimate.value <= high),
+        }
+    return result
+
+
+def abtest_report(run_dir: str, alpha: float = 0.05, control: Optional[str] = None,
+                  treatment: Optional[str] = None) -> Dict[str, Any]:
+    """Computes the report of an `abtest run` directory and writes JSON + HTML there.
+
+    Args:
+      run_dir: Output of `tfrec abtest run` (abtest.json, logs/, outcomes.parquet).
+      alpha: 1 - confidence of every interval.
+      control / treatment: Arm names (default: the experiment's first and second arm).
+
+    Returns:
+      The report dict (also in abtest_report.json).
+
+    Raises:
+      FileNotFoundError: not a run directory.
+      ValueError: unknown arms.
+    """
+    record_path = os.path.join(run_dir, RUN_FILE)
+    if not os.path.isfile(record_path):
+        raise FileNotFoundError(f"{run_dir!r} holds no A/B run ({RUN_FILE} missing); run "
+                                f"`tfrec abtest run` first")
+    with open(record_path, encoding="utf-8") as f:
+        record = json.load(f)
+    experiments, _ = load_experiments(record["experiments_file"])
+    experiment = experiments[record["experiment"]]
+    arms = {arm.name: arm for arm in experiment.arms}
+    control = control or experiment.arms[0].name
+    treatment = treatment or (experiment.arms[1].name if len(experiment.arms) > 1 else "")
+    for arm in (control, treatment):
+        if arm not in arms:
+            raise ValueError(f"arm {arm!r} is not in experiment {experiment.name!r} "
+                             f"(arms: {sorted(arms)})")
+    logs = read_request_logs(os.path.join(run_dir, LOGS_DIR))
+    outcomes = read_table(os.path.join(run_dir, OUTCOMES_FILE), "events")
+    catalog = read_table(os.path.join(run_dir, "data", "catalog.parquet"), "catalog")
+    prices = dict(zip(catalog["item_id"].astype(str), catalog["price"].astype(float)))
+    requests = request_outcomes(logs, outcomes, prices)
+    report = {
+        "title": f"A/B test {experiment.name}: {treatment} vs {control}",
+        "run": {k: record[k] for k in ("experiment", "users", "days", "k", "seed", "requests",
+                                       "requests_per_day")},
+        "control": control, "treatment": treatment, "alpha": alpha,
+        "arms": arm_summary(requests),
+        "tests": arm_tests(requests, control, treatment, alpha),
+        "off_policy": off_policy_check(logs, requests, outcomes, prices, arms[control],
+                                       arms[treatment], record["models"][arms[treatment].model],
+                                       alpha),
+    }
+    report["decision"] = _decision(report)
+    _write(run_dir, report)
+    return report
+
+
+def _decision(report: Dict[str, Any]) -> str:
+    gmv, clicks = report["tests"]["gmv"], report["tests"]["clicks"]
+    if gmv["significant"] and gmv["uplift"] > 0:
+        return f"ship {report['treatment']}: GMV per user up {gmv['relative_uplift']:+.1%}"
+    if gmv["significant"] and gmv["uplift"] < 0:
+        return f"keep {report['control']}: GMV per user down {gmv['relative_uplift']:+.1%}"
+    if clicks["significant"]:
+        return (f"no significant GMV change; clicks per user {clicks['relative_uplift']:+.1%} "
+                f"(significant): run longer for GMV")
+    return "no significant difference: run longer or keep the control"
+
+
+def _plot_arms(report: Dict[str, Any]) -> bytes:
+    fig, axes = figure(9.0, 3.2)
+    fig.clear()
+    metrics = ("ctr", "cvr", "gmv")
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, 3, i + 1)
+        test = report["tests"][metric]
+        means = [test["control_mean"], test["treatment_mean"]]
+        ax.bar([report["control"], report["treatment"]], means, color=["#999", "#3a7"])
+        half = (test["ci_high"] - test["ci_low"]) / 2
+        ax.errorbar([1], [test["treatment_mean"]], yerr=[[half], [half]], color="black",
+                    capsize=4)
+        ax.set_title(f"{metric} per user (uplift {test['relative_uplift']:+.1%})", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    return png_bytes(fig)
+
+
+def _plot_off_policy(section: Dict[str, Any]) -> bytes:
+    fig, ax = figure(5.0, 3.2)
+    entry = section["clicks_per_request"]
+    for x, (name, value, low, high) in enumerate((
+            ("online", entry["online"], entry["online_ci_low"], entry["online_ci_high"]),
+            ("IPS from control logs", entry["ips"], entry["ips_ci_low"], entry["ips_ci_high"]))):
+        ax.errorbar([x], [value], yerr=[[value - low], [high - value]], fmt="o", capsize=6)
+    ax.set_xticks([0, 1])
+    ax.set_xticklabels(["online", "IPS from control logs"], fontsize=8)
+    ax.set_xlim(-0.5, 1.5)
+    ax.set_ylabel("clicks per request")
+    ax.set_title(f"{section['treatment']}: online vs off-policy", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return png_bytes(fig)
+
+
+def _write(run_dir: str, report: Dict[str, Any]) -> None:
+    tmp = os.path.join(run_dir, REPORT_JSON + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, os.path.join(run_dir, REPORT_JSON))
+    run = "; ".join(f"{k}: {html.escape(str(v))}" for k, v in report["run"].items())
+    parts = [f"<p>{run}</p>",
+             f"<h2>Decision</h2><p><b>{html.escape(report['decision'])}</b></p>",
+             "<h2>Arms</h2>", html_table(report["arms"], first="arm"),
+             f"<h2>Uplift of {html.escape(report['treatment'])} (per user, "
+             f"{1 - report['alpha']:.0%} intervals)</h2>", png_img(_plot_arms(report), "arms"),
+             html_table(report["tests"], first="metric")]
+    section = report["off_policy"]
+    parts.append("<h2>Off-policy estimate from the control arm's exploration</h2>")
+    if "skipped" in section:
+        parts.append(f"<p class='skip'>Skipped: {html.escape(section['skipped'])}</p>")
+    else:
+        parts.append(png_img(_plot_off_policy(section), "off_policy"))
+        parts.append(html_table({k: v for k, v in section.items() if isinstance(v, dict)},
+                                first="metric"))
+    tmp = os.path.join(run_dir, REPORT_HTML + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(html_page(report["title"], parts))
+    os.replace(tmp, os.path.join(run_dir, REPORT_HTML))

@@ -1,0 +1,259 @@
+"""Request logging: what was served, to whom, in what order, with what propensity.
+
+Outcome analysis (A/B reports, off-policy estimates, retraining on served traffic)
+needs the exact lists users saw. Logging must never slow or fail a request, so
+handlers only enqueue references to their arrays; a writer thread turns them into
+rows and writes rotating Parquet files. A full queue drops (and counts) instead of
+blocking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+# One row per request row (a request with a batch of users gives several rows).
+LOG_COLUMNS = ("request_id", "row", "ts", "model", "version", "signature", "experiment",
+               "arm", "user_id", "context", "item_ids", "positions", "scores", "propensities")
+FILE_PATTERN = "requests-*.parquet"
+_USER, _ITEMS, _SCORES = "user_id", "item_ids", "scores"
+
+
+@dataclasses.dataclass
+class Served:
+    """One Predict call as the handler saw it (arrays are not copied or converted).
+
+    Args:
+      request_id: Client-given `x-request-id`, or one made by the server.
+      ts: Unix seconds when the reply was ready.
+      model / version / signature: What answered.
+      experiment / arm: The experiment and arm routed to ("" for direct calls).
+      inputs: Decoded request inputs.
+      outputs: The reply's outputs.
+      propensities: [rows, k] probability of each shown item at its position; None
+        means a deterministic policy (1 for every shown item).
+    """
+
+    request_id: str
+    ts: float
+    model: str
+    version: int
+    signature: str
+    experiment: str
+    arm: str
+    inputs: Mapping[str, np.ndarray]
+    outputs: Mapping[str, np.ndarray]
+    propensities: Optional[np.ndarray] = None
+
+
+def _text(value: Any) -> Any:
+    """Strings as str (invalid UTF-8 kept as escapes: characters are never dropped)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _context(inputs: Mapping[str, np.ndarray], row: int) -> str:
+    """The row's inputs other than the user id, as JSON (lists without "" padding)."""
+    context = {}
+    for name in sorted(inputs):
+        if name == _USER:
+            continue
+        array = inputs[name]
+        if array.ndim == 0:
+            value = _text(array[()])
+        elif array.shape[0] <= row:
+            continue
+        elif array.ndim == 1:
+            value = _text(array[row])
+        else:
+            value = [_text(v) for v in np.ravel(array[row]) if v not in (b"", "")]
+        context[name] = value
+    return json.dumps(context, ensure_ascii=False, default=str)
+
+
+def served_rows(served: Served) -> List[Dict[str, Any]]:
+    """The log rows of one call (LOG_COLUMNS)."""
+    items = served.outputs.get(_ITEMS)
+    scores = served.outputs.get(_SCORES)
+    users = served.inputs.get(_USER)
+    rows = int(items.shape[0]) if items is not None and items.ndim >= 1 else 1
+    out = []
+    for row in range(rows):
+        ids, values, props, positions = [], [], [], []
+        if items is not None and items.ndim == 2:
+            for j, item in enumerate(items[row]):
+                item = _text(item)
+                if item == "":
+                    continue
+                ids.append(item)
+                positions.append(j)
+                values.append(float(scores[row, j]) if scores is not None
+                              and scores.shape == items.shape else float("nan"))
+                props.append(1.0 if served.propensities is None
+                             else float(served.propensities[row, j]))
+        user = ""
+        if users is not None and users.ndim == 1 and users.shape[0] > row:
+            user = _text(users[row])
+        out.append({
+            "request_id": served.request_id, "row": row, "ts": served.ts,
+            "model": served.model, "version": int(served.version),
+            "signature": served.signature, "experiment": served.experiment,
+            "arm": served.arm, "user_id": user, "context": _context(served.inputs, row),
+            "item_ids": ids, "positions": positions, "scores": values, "propensities": props,
+        })
+    return out
+
+
+def _write_parquet(rows: List[Dict[str, Any]], path: str) -> None:
+    """Writes rows to `path` atomically (a reader never sees half a file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("request_id", pa.string()), ("row", pa.int32()), ("ts", pa.float64()),
+        ("model", pa.string()), ("version", pa.int64()), ("signature", pa.string()),
+        ("experiment", pa.string()), ("arm", pa.string()), ("user_id", pa.string()),
+        ("context", pa.string()), ("item_ids", pa.list_(pa.string())),
+        ("positions", pa.list_(pa.int32())), ("scores", pa.list_(pa.float32())),
+        ("propensities", pa.list_(pa.float32())),
+    ])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class RequestLog:
+    """Asynchronous, bounded request log writing rotating Parquet files.
+
+    Args:
+      directory: Where `requests-<time>-<n>.parquet` files go (created).
+      max_queue: Calls waiting to be written before new ones are dropped.
+      rows_per_file: A file is written once this many rows are pending.
+      flush_seconds: ... or once the oldest pending row is this old.
+      on_drop: Called for each call not logged: queue full or its file unwritable.
+      on_written: Called with the number of rows of each file written.
+    """
+
+    def __init__(self, directory: str, max_queue: int = 10000, rows_per_file: int = 50000,
+                 flush_seconds: float = 10.0, on_drop: Optional[Callable[[], None]] = None,
+                 on_written: Optional[Callable[[int], None]] = None):
+        if max_queue < 1 or rows_per_file < 1 or flush_seconds <= 0:
+            raise ValueError(f"request log needs max_queue >= 1, rows_per_file >= 1 and "
+                             f"flush_seconds > 0, got {max_queue}, {rows_per_file}, "
+                             f"{flush_seconds}")
+        self.directory = directory
+        self.rows_per_file = int(rows_per_file)
+        self.flush_seconds = float(flush_seconds)
+        self._queue: "queue.Queue[Optional[Served]]" = queue.Queue(maxsize=int(max_queue))
+        self._on_drop = on_drop or (lambda: None)
+        self._on_written = on_written or (lambda rows: None)
+        self._thread: Optional[threading.Thread] = None
+        self._files = 0
+        self.dropped = 0
+        self.written_rows = 0
+
+    def start(self) -> "RequestLog":
+        if self._thread is not None:
+            raise RuntimeError("RequestLog is already started")
+        os.makedirs(self.directory, exist_ok=True)
+        self._thread = threading.Thread(target=self._work, name="tfrec-request-log",
+                                         daemon=True)
+        self._thread.start()
+        return self
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def log(self, served: Served) -> bool:
+        """Queues one call; never blocks. Returns False (and counts it) when dropped."""
+        try:
+            self._queue.put_nowait(served)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            self._on_drop()
+            return False
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Writes everything queued, then stops the writer thread."""
+        if self._thread is None:
+            return
+        self._queue.put(None)  # after every queued call: nothing accepted is lost
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("request log writer did not finish within %.0f s; %d calls unwritten",
+                         timeout, self._queue.qsize())
+        self._thread = None
+
+    def _flush(self, rows: List[Dict[str, Any]]) -> None:
+        if not rows:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        path = os.path.join(self.directory, f"requests-{stamp}-{os.getpid()}-"
+                                            f"{self._files:06d}.parquet")
+        try:
+            _write_parquet(rows, path)
+        except Exception:  # a full disk must not kill the writer: count and go on
+            logger.exception("writing request log %s failed; %d rows lost", path, len(rows))
+            for _ in {row["request_id"] for row in rows}:
+                self.dropped += 1
+                self._on_drop()
+            return
+        self._files += 1
+        self.written_rows += len(rows)
+        self._on_written(len(rows))
+
+    def _work(self) -> None:
+        pending: List[Dict[str, Any]] = []
+        oldest = None
+        while True:
+            wait = None if oldest is None else max(0.0, oldest + self.flush_seconds
+                                                   - time.monotonic())
+            try:
+                served = self._queue.get(timeout=wait)
+            except queue.Empty:
+                served = False  # the flush interval passed
+            if served is None:
+                self._flush(pending)
+                return
+            if served is not False:
+                try:
+                    pending.extend(served_rows(served))
+                except Exception:
+                    logger.exception("could not turn request %s into log rows",
+                                     served.request_id)
+                if oldest is None:
+                    oldest = time.monotonic()
+            if len(pending) >= self.rows_per_file or (
+                    oldest is not None and time.monotonic() - oldest >= self.flush_seconds):
+                self._flush(pending)
+                pending, oldest = [], None
+
+
+def read_request_logs(directory: str) -> pd.DataFrame:
+    """Every row of the Parquet files in `directory`, ordered by time (LOG_COLUMNS).
+
+    Raises:
+      FileNotFoundError: the directory holds no request log files.
+    """
+    paths = sorted(glob.glob(os.path.join(directory, FILE_PATTERN)))
+    if not paths:
+        raise FileNotFoundError(f"no request logs ({FILE_PATTERN}) in {directory!r}")
+    frame = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+    return frame.sort_values(["ts", "request_id", "row"], kind="stable").reset_index(drop=True)
