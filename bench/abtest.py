@@ -131,7 +131,8 @@ def main(argv=None) -> None:
                        title=f"online, {args.world} world, top-{args.k} lists (retrieval arm "
                              f"explores with epsilon {args.epsilon})"))
     tests = [[metric, f"{t['control_mean']:.4g}", f"{t['treatment_mean']:.4g}",
-              f"{t['relative_uplift']:+.1%}", f"[{t['ci_low']:.4g}, {t['ci_high']:.4g}]",
+              f"{t['relative_uplift']:+.1%}" if t["control_mean"] else "n/a",
+              f"[{t['ci_low']:.4g}, {t['ci_high']:.4g}]",
               f"{t['p_value']:.3g}", "yes" if t["significant"] else "no"]
              for metric, t in report["tests"].items()]
     print()
