@@ -181,3 +181,17 @@ def tiny_bert(out_dir: str, texts: Sequence[str], max_words: int = 1000,
 
     return build_tiny_encoder(out_dir, vocab_tokens=words_from_texts(texts, max_words=max_words),
                               layers=2, hidden=64, heads=2, seq_length=seq_length, seed=0)
+
+
+def world_config(root: str, world: str, seed: int, epochs=None, ranker_epochs=None):
+    """A tfrec Config for one synthetic world under `root` (data, TFRecords, checkpoints,
+    TensorBoard logs, models); epochs None keep the trainers' defaults."""
+    from tfrec.config import Config
+
+    cfg = Config().use_workdir(root, logs=True)
+    cfg.data.world, cfg.data.seed, cfg.train.seed = world, seed, seed
+    if epochs:
+        cfg.train.epochs = epochs
+    if ranker_epochs:
+        cfg.ranking.epochs = ranker_epochs
+    return cfg

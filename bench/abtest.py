@@ -28,9 +28,9 @@ import time
 import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line, parse_smoke_args, ratio  # noqa: E402
+from _common import (format_table, machine_line, parse_smoke_args, ratio,  # noqa: E402
+                     world_config)
 from tfrec import workflow  # noqa: E402
-from tfrec.config import Config  # noqa: E402
 
 SMOKE = dict(world="tiny", epochs=1, ranker_epochs=1, users=60, days=2, eval_users=100)
 
@@ -57,17 +57,7 @@ experiments:
 
 def prepare(root: str, args) -> dict:
     """World, retrieval, ranker, offline test metrics and the two exports under `root`."""
-    cfg = Config()
-    cfg.data.world, cfg.data.seed, cfg.train.seed = args.world, args.seed, args.seed
-    if args.epochs:
-        cfg.train.epochs = args.epochs
-    if args.ranker_epochs:
-        cfg.ranking.epochs = args.ranker_epochs
-    cfg.data.data_dir = os.path.join(root, "data")
-    cfg.data.tfrecord_dir = os.path.join(root, "tfrecords")
-    cfg.train.checkpoint_dir = os.path.join(root, "checkpoints")
-    cfg.train.log_dir = os.path.join(root, "tensorboard_logs")
-    cfg.export.base_dir = os.path.join(root, "models")
+    cfg = world_config(root, args.world, args.seed, args.epochs, args.ranker_epochs)
     start = time.perf_counter()
     workflow.generate(cfg)
     run = workflow.train(cfg)

@@ -28,9 +28,8 @@ import numpy as np
 import tfrec  # noqa: F401
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line, parse_smoke_args  # noqa: E402
+from _common import format_table, machine_line, parse_smoke_args, world_config  # noqa: E402
 from tfrec import workflow
-from tfrec.config import Config
 
 ROWS = ("two_tower", "two_tower+ranker", "two_tower+oracle_ranker")
 METRICS = ("ndcg@10", "recall@10", "mrr", "purchase_rate@10")
@@ -42,16 +41,8 @@ def one_seed(world: str, seed: int, root: str, args=None) -> dict:
 
     `args` may set the retrieval and ranker epochs and the test users (None: the
     trainer's defaults, every test user)."""
-    cfg = Config()
-    cfg.data.world, cfg.data.seed, cfg.train.seed = world, seed, seed
-    if args is not None and args.epochs:
-        cfg.train.epochs = args.epochs
-    if args is not None and args.ranker_epochs:
-        cfg.ranking.epochs = args.ranker_epochs
-    cfg.data.data_dir = os.path.join(root, "data")
-    cfg.data.tfrecord_dir = os.path.join(root, "tfrecords")
-    cfg.train.checkpoint_dir = os.path.join(root, "checkpoints")
-    cfg.train.log_dir = os.path.join(root, "tensorboard_logs")
+    cfg = world_config(root, world, seed, args.epochs if args is not None else None,
+                       args.ranker_epochs if args is not None else None)
     start = time.perf_counter()
     workflow.generate(cfg)
     result = workflow.train(cfg)

@@ -31,11 +31,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace) -> Config:
     cfg = Config.from_yaml(args.config) if args.config else Config()
     if args.workdir:
-        w = args.workdir
-        cfg.data.data_dir = os.path.join(w, "data")
-        cfg.data.tfrecord_dir = os.path.join(w, "tfrecords")
-        cfg.train.checkpoint_dir = os.path.join(w, "checkpoints")
-        cfg.export.base_dir = os.path.join(w, "models")
+        cfg.use_workdir(args.workdir)
     cfg.override(args.set)
     flag_map = {
         "world": ("data", "world"), "seed": ("data", "seed"), "data_dir": ("data", "data_dir"),

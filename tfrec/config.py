@@ -209,6 +209,17 @@ class Config:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def use_workdir(self, workdir: str, logs: bool = False) -> "Config":
+        """Puts data, TFRecords, checkpoints and models (and TensorBoard logs with
+        `logs`) under `workdir`, as `tfrec --workdir` does."""
+        self.data.data_dir = os.path.join(workdir, "data")
+        self.data.tfrecord_dir = os.path.join(workdir, "tfrecords")
+        self.train.checkpoint_dir = os.path.join(workdir, "checkpoints")
+        self.export.base_dir = os.path.join(workdir, "models")
+        if logs:
+            self.train.log_dir = os.path.join(workdir, "tensorboard_logs")
+        return self
+
     def to_yaml(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:

@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
@@ -86,53 +88,76 @@ def _context(inputs: Mapping[str, np.ndarray], row: int) -> str:
     return json.dumps(context, ensure_ascii=False, default=str)
 
 
-def served_rows(served: Served) -> List[Dict[str, Any]]:
-    """The log rows of one call (LOG_COLUMNS)."""
-    items = served.outputs.get(_ITEMS)
-    scores = served.outputs.get(_SCORES)
-    users = served.inputs.get(_USER)
-    rows = int(items.shape[0]) if items is not None and items.ndim >= 1 else 1
-    out = []
-    for row in range(rows):
-        ids, values, props, positions = [], [], [], []
-        if items is not None and items.ndim == 2:
-            for j, item in enumerate(items[row]):
-                item = _text(item)
-                if item == "":
-                    continue
-                ids.append(item)
-                positions.append(j)
-                values.append(float(scores[row, j]) if scores is not None
-                              and scores.shape == items.shape else float("nan"))
-                props.append(1.0 if served.propensities is None
-                             else float(served.propensities[row, j]))
-        user = ""
-        if users is not None and users.ndim == 1 and users.shape[0] > row:
-            user = _text(users[row])
-        out.append({
-            "request_id": served.request_id, "row": row, "ts": served.ts,
-            "model": served.model, "version": int(served.version),
-            "signature": served.signature, "experiment": served.experiment,
-            "arm": served.arm, "user_id": user, "context": _context(served.inputs, row),
-            "item_ids": ids, "positions": positions, "scores": values, "propensities": props,
-        })
-    return out
+def _strings(values: np.ndarray) -> pa.Array:
+    """A string Arrow array from numpy bytes/str objects (invalid UTF-8 kept as escapes)."""
+    try:
+        return pa.array(values, type=pa.binary()).cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([_text(v) for v in values], type=pa.string())
 
 
-def _write_parquet(rows: List[Dict[str, Any]], path: str) -> None:
-    """Writes rows to `path` atomically (a reader never sees half a file)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _list_array(offsets: np.ndarray, values: pa.Array) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)
 
-    schema = pa.schema([
-        ("request_id", pa.string()), ("row", pa.int32()), ("ts", pa.float64()),
-        ("model", pa.string()), ("version", pa.int64()), ("signature", pa.string()),
-        ("experiment", pa.string()), ("arm", pa.string()), ("user_id", pa.string()),
-        ("context", pa.string()), ("item_ids", pa.list_(pa.string())),
-        ("positions", pa.list_(pa.int32())), ("scores", pa.list_(pa.float32())),
-        ("propensities", pa.list_(pa.float32())),
-    ])
-    table = pa.Table.from_pylist(rows, schema=schema)
+
+def log_table(calls: List[Served]) -> pa.Table:
+    """The log rows (LOG_COLUMNS) of several calls as one Arrow table.
+
+    Built with numpy per call and Arrow per column, not Python per item: the writer
+    shares the interpreter with the request handlers.
+    """
+    row_columns: Dict[str, list] = {name: [] for name in (
+        "request_id", "row", "ts", "model", "version", "signature", "experiment", "arm",
+        "user_id", "context")}
+    items, positions, scores, propensities, counts = [], [], [], [], []
+    for call in calls:
+        ids = call.outputs.get(_ITEMS)
+        rows = int(ids.shape[0]) if ids is not None and ids.ndim >= 1 else 1
+        if ids is not None and ids.ndim == 2:
+            shown = (ids != b"") & (ids != "")
+            counts.append(shown.sum(axis=1))
+            items.append(ids[shown])
+            positions.append(np.broadcast_to(np.arange(ids.shape[1]), ids.shape)[shown])
+            values = call.outputs.get(_SCORES)
+            scores.append(values[shown].astype(np.float32) if values is not None
+                          and values.shape == ids.shape else np.full(shown.sum(), np.nan,
+                                                                     np.float32))
+            propensities.append(np.ones(shown.sum(), np.float32) if call.propensities is None
+                                else call.propensities[shown].astype(np.float32))
+        else:
+            counts.append(np.zeros(rows, dtype=np.int64))
+        users = call.inputs.get(_USER)
+        for row in range(rows):
+            row_columns["request_id"].append(call.request_id)
+            row_columns["row"].append(row)
+            row_columns["ts"].append(call.ts)
+            row_columns["model"].append(call.model)
+            row_columns["version"].append(int(call.version))
+            row_columns["signature"].append(call.signature)
+            row_columns["experiment"].append(call.experiment)
+            row_columns["arm"].append(call.arm)
+            row_columns["user_id"].append(
+                _text(users[row]) if users is not None and users.ndim == 1
+                and users.shape[0] > row else "")
+            row_columns["context"].append(_context(call.inputs, row))
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]) if counts else [0]
+    flat = {
+        "item_ids": _strings(np.concatenate(items) if items else np.array([], dtype=object)),
+        "positions": pa.array(np.concatenate(positions).astype(np.int32) if positions
+                              else np.array([], np.int32)),
+        "scores": pa.array(np.concatenate(scores) if scores else np.array([], np.float32)),
+        "propensities": pa.array(np.concatenate(propensities) if propensities
+                                 else np.array([], np.float32)),
+    }
+    types = {"row": pa.int32(), "ts": pa.float64(), "version": pa.int64()}
+    columns = {name: pa.array(values, type=types.get(name, pa.string()))
+               for name, values in row_columns.items()}
+    columns.update({name: _list_array(offsets, values) for name, values in flat.items()})
+    return pa.table({name: columns[name] for name in LOG_COLUMNS})
+
+
+def _write_parquet(table: pa.Table, path: str) -> None:
+    """Writes the table to `path` atomically (a reader never sees half a file)."""
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -201,27 +226,28 @@ class RequestLog:
                          timeout, self._queue.qsize())
         self._thread = None
 
-    def _flush(self, rows: List[Dict[str, Any]]) -> None:
-        if not rows:
+    def _flush(self, calls: List[Served]) -> None:
+        if not calls:
             return
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         path = os.path.join(self.directory, f"requests-{stamp}-{os.getpid()}-"
                                             f"{self._files:06d}.parquet")
         try:
-            _write_parquet(rows, path)
+            table = log_table(calls)
+            _write_parquet(table, path)
         except Exception:  # a full disk must not kill the writer: count and go on
-            logger.exception("writing request log %s failed; %d rows lost", path, len(rows))
-            for _ in {row["request_id"] for row in rows}:
+            logger.exception("writing request log %s failed; %d calls lost", path, len(calls))
+            for _ in calls:
                 self.dropped += 1
                 self._on_drop()
             return
         self._files += 1
-        self.written_rows += len(rows)
-        self._on_written(len(rows))
+        self.written_rows += table.num_rows
+        self._on_written(table.num_rows)
 
     def _work(self) -> None:
-        pending: List[Dict[str, Any]] = []
-        oldest = None
+        pending: List[Served] = []
+        rows, oldest = 0, None
         while True:
             wait = None if oldest is None else max(0.0, oldest + self.flush_seconds
                                                    - time.monotonic())
@@ -233,17 +259,15 @@ class RequestLog:
                 self._flush(pending)
                 return
             if served is not False:
-                try:
-                    pending.extend(served_rows(served))
-                except Exception:
-                    logger.exception("could not turn request %s into log rows",
-                                     served.request_id)
+                pending.append(served)
+                items = served.outputs.get(_ITEMS)
+                rows += int(items.shape[0]) if items is not None and items.ndim >= 1 else 1
                 if oldest is None:
                     oldest = time.monotonic()
-            if len(pending) >= self.rows_per_file or (
+            if rows >= self.rows_per_file or (
                     oldest is not None and time.monotonic() - oldest >= self.flush_seconds):
                 self._flush(pending)
-                pending, oldest = [], None
+                pending, rows, oldest = [], 0, None
 
 
 def read_request_logs(directory: str) -> pd.DataFrame:
