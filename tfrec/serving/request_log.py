@@ -185,7 +185,9 @@ class RequestLog:
         self.directory = directory
         self.rows_per_file = int(rows_per_file)
         self.flush_seconds = float(flush_seconds)
-        self._queue: "queue.Queue[Optional[Served]]" = queue.Queue(maxsize=int(max_queue))
+        self._queue: "queue.Queue[Served]" = queue.Queue(maxsize=int(max_queue))
+        self._stopping = threading.Event()
+        self._poll_seconds = min(0.25, self.flush_seconds)
         self._on_drop = on_drop or (lambda: None)
         self._on_written = on_written or (lambda rows: None)
         self._thread: Optional[threading.Thread] = None
@@ -219,12 +221,13 @@ class RequestLog:
         """Writes everything queued, then stops the writer thread."""
         if self._thread is None:
             return
-        self._queue.put(None)  # after every queued call: nothing accepted is lost
+        self._stopping.set()  # the writer drains the queue first: nothing accepted is lost
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.error("request log writer did not finish within %.0f s; %d calls unwritten",
                          timeout, self._queue.qsize())
         self._thread = None
+        self._stopping.clear()
 
     def _flush(self, calls: List[Served]) -> None:
         if not calls:
@@ -246,28 +249,31 @@ class RequestLog:
         self._on_written(table.num_rows)
 
     def _work(self) -> None:
+        # Polls instead of blocking on the queue: a wake-up per logged call would cost
+        # the request threads a GIL hand-off each.
         pending: List[Served] = []
         rows, oldest = 0, None
         while True:
-            wait = None if oldest is None else max(0.0, oldest + self.flush_seconds
-                                                   - time.monotonic())
-            try:
-                served = self._queue.get(timeout=wait)
-            except queue.Empty:
-                served = False  # the flush interval passed
-            if served is None:
-                self._flush(pending)
-                return
-            if served is not False:
+            stopping = self._stopping.wait(self._poll_seconds)
+            while True:
+                try:
+                    served = self._queue.get_nowait()
+                except queue.Empty:
+                    break
                 pending.append(served)
                 items = served.outputs.get(_ITEMS)
                 rows += int(items.shape[0]) if items is not None and items.ndim >= 1 else 1
                 if oldest is None:
                     oldest = time.monotonic()
-            if rows >= self.rows_per_file or (
-                    oldest is not None and time.monotonic() - oldest >= self.flush_seconds):
+                if rows >= self.rows_per_file:
+                    self._flush(pending)
+                    pending, rows, oldest = [], 0, None
+            if stopping or (oldest is not None
+                            and time.monotonic() - oldest >= self.flush_seconds):
                 self._flush(pending)
                 pending, rows, oldest = [], 0, None
+            if stopping:
+                return
 
 
 def read_request_logs(directory: str) -> pd.DataFrame:
