@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import re
 import socket
@@ -258,12 +259,17 @@ def _rows(signature, arrays: Mapping[str, np.ndarray]) -> int:
     return int(next(iter(arrays.values())).shape[0]) if _batched(signature) else 1
 
 
-def request_id_of(context) -> str:
-    """The client's `x-request-id` (cut to 128 characters), else a new random id."""
+_ID_PREFIX = uuid.uuid4().hex[:12]  # this server process; a counter numbers its requests
+_id_counter = itertools.count()
+
+
+def request_id_of(context) -> Tuple[str, bool]:
+    """(the client's `x-request-id` cut to 128 characters, False), else (a new id unique
+    to this server process, True)."""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and value:
-            return str(value)[:_REQUEST_ID_CHARS]
-    return uuid.uuid4().hex
+            return str(value)[:_REQUEST_ID_CHARS], False
+    return f"{_ID_PREFIX}-{next(_id_counter)}", True
 
 
 def _default_input(spec, value: Any, rows: int) -> np.ndarray:
@@ -418,7 +424,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 arrays[K_INPUT].dtype)
         outputs = self._run(model, loaded, signature, model_inputs, context)
         propensities = None
-        request_id = request_id_of(context) if self._log is not None or arm is not None else ""
+        request_id, made = (request_id_of(context) if self._log is not None or arm is not None
+                            else ("", False))
         if explored:
             rng = np.random.default_rng(  # the same request id draws the same order
                 int.from_bytes(hashlib.sha256(f"{experiment}\0{request_id}".encode()).digest()[:8],
@@ -435,7 +442,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.signature_name = signature_name
         for name in wanted:
             response.outputs[name].CopyFrom(tensors.to_proto(outputs[name]))
-        if request_id:
+        if made:  # the client did not name the call: tell it the name the log uses
             context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         if self._log is not None:
             self._log.log(Served(request_id, time.time(), model, loaded.version, signature_name,
