@@ -155,6 +155,27 @@ def test_logs_carry_context_and_unicode(served):
     assert len(row["item_ids"]) == 5 and np.all(np.diff(row["positions"]) == 1)
 
 
+def test_request_id_is_echoed_when_the_server_makes_it(served):
+    """A client that sends no x-request-id learns the id its call has in the log."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    server, client, _ = served
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "home"
+    for name, value in home_inputs("U000003").items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(client._channel)
+    _, call = stub.Predict.with_call(request, timeout=30)
+    made = dict(call.trailing_metadata())["x-request-id"]
+    _, call = stub.Predict.with_call(request, timeout=30, metadata=(("x-request-id", "mine"),))
+    assert "x-request-id" not in dict(call.trailing_metadata() or ())
+    server.request_log.stop()
+    server.request_log.start()
+    logged = set(read_request_logs(server.request_log.directory)["request_id"])
+    assert {made, "mine"} <= logged
+
+
 def test_experiment_request_errors(served, tiny_world):
     server, client, experiment = served
     users = list(tiny_world.users["user_id"].astype(str))

@@ -21,7 +21,7 @@ import pandas as pd
 from tfrec.abtest.simulate import LOGS_DIR, OUTCOMES_FILE, RUN_FILE
 from tfrec.data.io import read_table
 from tfrec.evaluation.html_report import figure, html_page, html_table, png_bytes, png_img
-from tfrec.evaluation.off_policy import slate_ips_estimate
+from tfrec.evaluation.off_policy import slate_ips_estimate, slate_snips_estimate
 from tfrec.evaluation.online import arm_summary, arm_tests, request_outcomes
 from tfrec.serving.experiments import Arm, load_experiments
 from tfrec.serving.request_log import read_request_logs
@@ -128,11 +128,13 @@ def off_policy_check(logs: pd.DataFrame, requests: pd.DataFrame, outcomes: pd.Da
     for name, rewards, column in (("clicks_per_request", clicks, "clicks"),
                                   ("gmv_per_request", gmv, "gmv")):
         estimate = slate_ips_estimate(rewards, target_p, logging_p, alpha=alpha)
+        snips = slate_snips_estimate(rewards, target_p, logging_p, alpha=alpha)
         mean, low, high = _online_interval(online[column].to_numpy(np.float64), alpha)
         result[name] = {
             "ips": estimate.value, "ips_ci_low": estimate.ci_low,
             "ips_ci_high": estimate.ci_high, "effective_sample_size":
                 estimate.effective_sample_size,
+            "snips": snips.value, "snips_ci_low": snips.ci_low, "snips_ci_high": snips.ci_high,
             "online": mean, "online_ci_low": low, "online_ci_high": high,
             "online_within_ips_ci": bool(estimate.ci_low <= mean <= estimate.ci_high),
             "ips_within_online_ci": bool(low <= estimate.value <= high),
