@@ -114,12 +114,13 @@ def main(argv=None) -> None:
     rows = [[name, a["requests"], a["users"], f"{a['ctr']:.4f}", f"{a['cvr']:.4f}",
              f"{a['gmv_per_user']:.2f}", f"{a['clicks_per_request']:.3f}",
              ratio(a["ctr"], base["ctr"]), ratio(a["gmv_per_user"], base["gmv_per_user"])]
-            for name, a in arms.items()]
+            for name, a in sorted(arms.items())]
     print()
     print(format_table(["arm", "requests", "users", "CTR", "CVR", "GMV/user", "clicks/req",
                         "CTR vs retrieval", "GMV/user vs retrieval"], rows,
                        title=f"online, {args.world} world, top-{args.k} lists (retrieval arm "
-                             f"explores with epsilon {args.epsilon})"))
+                             f"explores with epsilon {args.epsilon}; 'exploit only': its "
+                             f"requests that got the model's order)"))
     tests = [[metric, f"{t['control_mean']:.4g}", f"{t['treatment_mean']:.4g}",
               f"{t['relative_uplift']:+.1%}" if t["control_mean"] else "n/a",
               f"[{t['ci_low']:.4g}, {t['ci_high']:.4g}]",
@@ -145,6 +146,13 @@ def main(argv=None) -> None:
          f"{online['purchases']['treatment_mean']:.4f}",
          ratio(online["purchases"]["treatment_mean"], online["purchases"]["control_mean"])],
     ]
+    exploit = arms.get("retrieval (exploit only)")
+    if exploit:
+        compare.append(["online clicks per request, exploit only",
+                        f"{exploit['clicks_per_request']:.4f}",
+                        f"{arms['ranker']['clicks_per_request']:.4f}",
+                        ratio(arms["ranker"]["clicks_per_request"],
+                              exploit["clicks_per_request"])])
     print()
     print(format_table(["measure", "retrieval", "ranker", "ranker vs retrieval"], compare,
                        title="offline re-rank gain beside the online uplift"))
@@ -156,11 +164,13 @@ def main(argv=None) -> None:
         ips_rows = [[metric, f"{e['online']:.4f}",
                      f"[{e['online_ci_low']:.4f}, {e['online_ci_high']:.4f}]", f"{e['ips']:.4f}",
                      f"[{e['ips_ci_low']:.4f}, {e['ips_ci_high']:.4f}]",
-                     ratio(e["ips"], e["online"]), "yes" if e["ips_within_online_ci"] else "no",
-                     f"{e['effective_sample_size']:.0f}"]
+                     ratio(e["ips"], e["online"]), "yes" if e["online_within_ips_ci"] else "no",
+                     "yes" if e["ips_within_online_ci"] else "no", f"{e['snips']:.4f}",
+                     ratio(e["snips"], e["online"]), f"{e['effective_sample_size']:.0f}"]
                     for metric, e in section.items() if isinstance(e, dict)]
         print(format_table(["ranker arm", "online", "online 95% CI", "IPS", "IPS 95% CI",
-                            "IPS vs online", "IPS in online CI", "IPS eff. n"], ips_rows,
+                            "IPS vs online", "online in IPS CI", "IPS in online CI", "SNIPS",
+                            "SNIPS vs online", "eff. n"], ips_rows,
                            title=f"off-policy: the ranker arm estimated from "
                                  f"{section['logged_requests']} retrieval-arm requests "
                                  f"({section['matched_slots']} slots where the logged item "

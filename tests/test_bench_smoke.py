@@ -67,8 +67,9 @@ BENCHES: Dict[str, Expect] = {
         [("arm", "requests", "CTR", "GMV/user", "CTR vs retrieval"),
          ("per-user metric", "retrieval", "ranker", "uplift", "95% CI of uplift"),
          ("measure", "retrieval", "ranker", "ranker vs retrieval"),
-         ("ranker arm", "online", "IPS", "IPS 95% CI", "IPS in online CI")],
-        [row("retrieval"), row("ranker"), row("clicks"), row("gmv"),
+         ("ranker arm", "online", "IPS", "IPS 95% CI", "online in IPS CI", "SNIPS")],
+        [row("retrieval"), row("retrieval (exploit only)"), row("ranker"), row("clicks"),
+         row("gmv"),
          row("offline ndcg@10 (test period)"), row("online clicks per user"),
          row("clicks_per_request")]),
     "ranking_latency": Expect(

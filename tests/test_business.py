@@ -253,7 +253,7 @@ def test_slate_ips_recovers_a_ranking_from_explored_logs():
     ids = np.array([[f"i{d}" for d in logging_order]], dtype=object)
     rewards, target_p, logging_p = (np.zeros((lists, k)) for _ in range(3))
     for i in range(lists):
-        index, propensity = explore.choose(ids, np.array([k]), rng)
+        index, propensity, _ = explore.choose(ids, np.array([k]), rng)
         shown = logging_order[index[0]]
         rewards[i] = rng.random(k) < examine * attraction[shown]
         target_p[i] = shown == target_order[:k]

@@ -140,6 +140,9 @@ def test_exploration_orders_the_pool_with_logged_propensities(served, tiny_world
         at_top = np.array([a == b.decode() for a, b in zip(row.item_ids, top)])
         expected = (1 - EPSILON) * at_top + EPSILON / POOL
         np.testing.assert_allclose(row.propensities, expected, rtol=1e-5)
+        if not row.explored:
+            assert at_top.all()
+    assert 0 < mine["explored"].sum() < len(mine)
 
 
 def test_logs_carry_context_and_unicode(served):
@@ -153,6 +156,9 @@ def test_logs_carry_context_and_unicode(served):
     assert row["user_id"] == user and row["arm"] == experiment.arm_for(user).name
     assert '"device": "mobile"' in row["context"] and '"hour": 20' in row["context"]
     assert len(row["item_ids"]) == 5 and np.all(np.diff(row["positions"]) == 1)
+    assert server.metrics.log_rows.value() >= len(logs)  # counted for Prometheus
+    assert server.metrics.log_dropped.value() == 0
+    assert "tfrec_serving_request_log_rows_total" in server.metrics.render()
 
 
 def test_request_id_is_echoed_when_the_server_makes_it(served):
@@ -234,7 +240,7 @@ def test_exploration_propensities_are_exact():
     logged = {}
     n = 20000
     for _ in range(n):
-        index, propensity = explore.choose(ids, np.array([3]), rng)
+        index, propensity, _ = explore.choose(ids, np.array([3]), rng)
         for j, i in enumerate(index[0]):
             counts[i, j] += 1
             logged[(i, j)] = propensity[0, j]
@@ -300,14 +306,20 @@ def test_abtest_report(abtest_run):
     out, record = abtest_run
     report = abtest_report(out)
     arms = report["arms"]
-    assert set(arms) == {"retrieval", "ranker"}
-    assert sum(a["requests"] for a in arms.values()) == record["requests"]
+    assert set(arms) == {"retrieval", "ranker", "retrieval (exploit only)"}
+    assert arms["retrieval (exploit only)"]["requests"] < arms["retrieval"]["requests"]
+    assert arms["retrieval"]["requests"] + arms["ranker"]["requests"] == record["requests"]
     for test in report["tests"].values():
         assert test["ci_low"] <= test["uplift"] <= test["ci_high"]
     section = report["off_policy"]
     assert section["logged_requests"] == arms["retrieval"]["requests"]
     assert section["matched_slots"] > 0
-    print({k: v for k, v in section.items()})
+    # The ranker arm's online clicks per request lie in the interval IPS gives for it
+    # from the retrieval arm's exploration logs (the online value is the far more
+    # precise of the two, so it is the one checked against the other's interval).
+    clicks = section["clicks_per_request"]
+    assert clicks["online_within_ips_ci"], clicks
+    assert clicks["snips_ci_low"] <= clicks["online"] <= clicks["snips_ci_high"], clicks
     with open(os.path.join(out, "abtest_report.html"), encoding="utf-8") as f:
         page = f.read()
     assert "data:image/png;base64" in page and "Decision" in page

@@ -189,6 +189,9 @@ def abtest_report(run_dir: str, alpha: float = 0.05, control: Optional[str] = No
                                        arms[treatment], record["models"][arms[treatment].model],
                                        alpha),
     }
+    exploit = requests[(requests["arm"] == control) & ~requests["explored"]]
+    if len(exploit) < (requests["arm"] == control).sum():  # the control explored: its cost
+        report["arms"].update(arm_summary(exploit.assign(arm=f"{control} (exploit only)")))
     report["decision"] = _decision(report)
     _write(run_dir, report)
     return report

@@ -31,12 +31,15 @@ def request_outcomes(logs: pd.DataFrame, outcomes: pd.DataFrame,
       prices: item id -> price (GMV of a purchase).
 
     Returns:
-      Columns request_id, arm, user_id, impressions, clicks, carts, purchases, gmv.
+      Columns request_id, arm, user_id, explored, impressions, clicks, carts, purchases,
+      gmv.
 
     Raises:
       ValueError: an outcome refers to a request or item that was never served.
     """
     served = logs[["request_id", "arm", "user_id"]].copy()
+    served["explored"] = (logs["explored"].to_numpy(bool) if "explored" in logs
+                          else np.zeros(len(logs), bool))
     served["impressions"] = logs["item_ids"].map(len).to_numpy()
     shown = {(r, i) for r, items in zip(logs["request_id"], logs["item_ids"]) for i in items}
     acted = outcomes[outcomes["event_type"].isin(["click", "add_to_cart", "purchase"])]

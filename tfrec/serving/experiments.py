@@ -58,8 +58,8 @@ class Exploration:
         return self.epsilon > 0
 
     def choose(self, item_ids: np.ndarray, k: np.ndarray,
-               rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-        """Positions of the pool to show per row, and their propensities.
+               rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Positions of the pool to show per row, their propensities, explored rows.
 
         Args:
           item_ids: [rows, width] pooled ids, best first ("" pads missing items).
@@ -67,12 +67,14 @@ class Exploration:
           rng: Randomness of the exploration draws.
 
         Returns:
-          (index [rows, kmax] into the pool, -1 past a row's list; propensity [rows, kmax]).
+          (index [rows, kmax] into the pool, -1 past a row's list; propensity [rows, kmax];
+          explored [rows]: the row got the random ordering).
         """
         rows, width = item_ids.shape
         kmax = int(min(width, max(1, int(np.max(k)) if len(k) else 1)))
         index = np.full((rows, kmax), -1, dtype=np.int64)
         propensity = np.zeros((rows, kmax), dtype=np.float32)
+        explored = np.zeros(rows, dtype=bool)
         valid = (item_ids != b"") & (item_ids != "")
         for row in range(rows):
             n = int(valid[row].sum())  # valid items come first (top-k order)
@@ -80,13 +82,14 @@ class Exploration:
             if shown <= 0:
                 continue
             if rng.random() < self.epsilon:
+                explored[row] = True
                 picked = rng.permutation(n)[:shown]
             else:
                 picked = np.arange(shown)
             index[row, :shown] = picked
             propensity[row, :shown] = ((1.0 - self.epsilon) * (picked == np.arange(shown))
                                        + self.epsilon / n)
-        return index, propensity
+        return index, propensity, explored
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 # One row per request row (a request with a batch of users gives several rows).
 LOG_COLUMNS = ("request_id", "row", "ts", "model", "version", "signature", "experiment",
-               "arm", "user_id", "context", "item_ids", "positions", "scores", "propensities")
+               "arm", "user_id", "context", "item_ids", "positions", "scores", "propensities",
+               "explored")
 FILE_PATTERN = "requests-*.parquet"
 _USER, _ITEMS, _SCORES = "user_id", "item_ids", "scores"
 
@@ -46,6 +47,7 @@ class Served:
       outputs: The reply's outputs.
       propensities: [rows, k] probability of each shown item at its position; None
         means a deterministic policy (1 for every shown item).
+      explored: [rows] the row got an exploration ordering (None: no row did).
     """
 
     request_id: str
@@ -58,6 +60,7 @@ class Served:
     inputs: Mapping[str, np.ndarray]
     outputs: Mapping[str, np.ndarray]
     propensities: Optional[np.ndarray] = None
+    explored: Optional[np.ndarray] = None
 
 
 def _text(value: Any) -> Any:
@@ -108,7 +111,7 @@ def log_table(calls: List[Served]) -> pa.Table:
     """
     row_columns: Dict[str, list] = {name: [] for name in (
         "request_id", "row", "ts", "model", "version", "signature", "experiment", "arm",
-        "user_id", "context")}
+        "user_id", "context", "explored")}
     items, positions, scores, propensities, counts = [], [], [], [], []
     for call in calls:
         ids = call.outputs.get(_ITEMS)
@@ -140,6 +143,8 @@ def log_table(calls: List[Served]) -> pa.Table:
                 _text(users[row]) if users is not None and users.ndim == 1
                 and users.shape[0] > row else "")
             row_columns["context"].append(_context(call.inputs, row))
+            row_columns["explored"].append(bool(call.explored[row])
+                                           if call.explored is not None else False)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]) if counts else [0]
     flat = {
         "item_ids": _strings(np.concatenate(items) if items else np.array([], dtype=object)),
@@ -149,7 +154,8 @@ def log_table(calls: List[Served]) -> pa.Table:
         "propensities": pa.array(np.concatenate(propensities) if propensities
                                  else np.array([], np.float32)),
     }
-    types = {"row": pa.int32(), "ts": pa.float64(), "version": pa.int64()}
+    types = {"row": pa.int32(), "ts": pa.float64(), "version": pa.int64(),
+             "explored": pa.bool_()}
     columns = {name: pa.array(values, type=types.get(name, pa.string()))
                for name, values in row_columns.items()}
     columns.update({name: _list_array(offsets, values) for name, values in flat.items()})

@@ -423,14 +423,15 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             model_inputs[K_INPUT] = np.maximum(arrays[K_INPUT], explore.pool).astype(
                 arrays[K_INPUT].dtype)
         outputs = self._run(model, loaded, signature, model_inputs, context)
-        propensities = None
+        propensities = explored_rows = None
         request_id, made = (request_id_of(context) if self._log is not None or arm is not None
                             else ("", False))
         if explored:
             rng = np.random.default_rng(  # the same request id draws the same order
                 int.from_bytes(hashlib.sha256(f"{experiment}\0{request_id}".encode()).digest()[:8],
                                "big"))
-            index, propensities = explore.choose(outputs[ITEM_OUTPUT], arrays[K_INPUT], rng)
+            index, propensities, explored_rows = explore.choose(outputs[ITEM_OUTPUT],
+                                                                arrays[K_INPUT], rng)
             outputs = _reorder(outputs, index)
         if arm is not None:
             rows = next(iter(outputs.values())).shape[0] if outputs else 1
@@ -447,7 +448,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if self._log is not None:
             self._log.log(Served(request_id, time.time(), model, loaded.version, signature_name,
                                  experiment, arm.name if arm is not None else "", arrays,
-                                 outputs, propensities))
+                                 outputs, propensities, explored_rows))
         return response
 
     def _record_batch(self, group: Tuple[str, int, str], rows: int, requests: int) -> None:
