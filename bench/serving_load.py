@@ -34,9 +34,9 @@ here (tiny world, 1 epoch) unless --model-dir is given, so the run does not depe
 work/models; only batching mode file (the batching path; off is the default server,
 which serving_latency.py's smoke run serves, and eager is file with another timeout:
 each mode costs a server start), 1 and 4 clients, 0.5 s or 100 requests per row after a
-0.5 s warm-up, a pool of 16 requests, logging off and on. Same server process, load and table; the figures
-mean nothing. TensorFlow's graph optimizer is off (bench/_common.py). Options given
-explicitly still override these.
+0.5 s warm-up, a pool of 16 requests, logging off and on. Same server process, load and
+table; the figures mean nothing. TensorFlow's graph optimizer is off (bench/_common.py).
+Options given explicitly still override these.
 """
 
 from __future__ import annotations
@@ -312,8 +312,9 @@ def main(argv=None):
         base = off.get((r["mode"], r["clients"]))
         return ratio(r[key], base[key]) if r["log"] == "on" and base else "-"
 
-    table = [[r["mode"], r["log"], r["clients"], r["requests"], f"{r['qps']:.0f}", f"{r['p50']:.2f}",
-              f"{r['p95']:.2f}", f"{r['p99']:.2f}", r["errors"], f"{r['per_call']:.2f}",
+    table = [[r["mode"], r["log"], r["clients"], r["requests"], f"{r['qps']:.0f}",
+              f"{r['p50']:.2f}", f"{r['p95']:.2f}", f"{r['p99']:.2f}", r["errors"],
+              f"{r['per_call']:.2f}",
               ratio(r["qps"], first["qps"]), ratio(r["p50"], first["p50"]),
               versus_off(r, "qps"), versus_off(r, "p99")] for r in rows]
     print()

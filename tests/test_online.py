@@ -89,7 +89,8 @@ def served(setup):
 
 def test_users_keep_their_arm_and_responses_name_it(served, tiny_world):
     server, client, experiment = served
-    users = list(tiny_world.users["user_id"].astype(str))[:40] + ["新用户-张伟", "usuário-ção"]
+    users = (list(tiny_world.users["user_id"].astype(str))[:40]
+             + ["新用户-张伟", "usuário-ção"])
     seen = {}
     for user in users:
         for attempt in range(2):

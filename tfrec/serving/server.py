@@ -272,6 +272,12 @@ def request_id_of(context) -> Tuple[str, bool]:
     return f"{_ID_PREFIX}-{next(_id_counter)}", True
 
 
+def _draws(experiment: str, request_id: str) -> np.random.Generator:
+    """Exploration randomness of one call: a retried request id gets the same order."""
+    digest = hashlib.sha256(f"{experiment}\0{request_id}".encode("utf-8")).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "big"))
+
+
 def _default_input(spec, value: Any, rows: int) -> np.ndarray:
     """An arm's default for a missing input, repeated for every row of the request."""
     if spec.shape.rank == 2:
@@ -343,7 +349,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         experiment = self._experiments.get(spec.name)
         if experiment is not None:
             return self._predict_arm(request, context, call, experiment)
-        return self._predict(request, context, call, spec, spec.signature_name or DEFAULT_SIGNATURE)
+        return self._predict(request, context, call, spec,
+                             spec.signature_name or DEFAULT_SIGNATURE)
 
     def _predict_arm(self, request: predict_pb2.PredictRequest, context, call: _Call,
                      experiment: Experiment) -> predict_pb2.PredictResponse:
@@ -427,11 +434,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         request_id, made = (request_id_of(context) if self._log is not None or arm is not None
                             else ("", False))
         if explored:
-            rng = np.random.default_rng(  # the same request id draws the same order
-                int.from_bytes(hashlib.sha256(f"{experiment}\0{request_id}".encode()).digest()[:8],
-                               "big"))
-            index, propensities, explored_rows = explore.choose(outputs[ITEM_OUTPUT],
-                                                                arrays[K_INPUT], rng)
+            index, propensities, explored_rows = explore.choose(
+                outputs[ITEM_OUTPUT], arrays[K_INPUT], _draws(experiment, request_id))
             outputs = _reorder(outputs, index)
         if arm is not None:
             rows = next(iter(outputs.values())).shape[0] if outputs else 1
