@@ -112,12 +112,13 @@ def main(argv=None) -> None:
     arms = report["arms"]
     base = arms["retrieval"]
     rows = [[name, a["requests"], a["users"], f"{a['ctr']:.4f}", f"{a['cvr']:.4f}",
-             f"{a['gmv_per_user']:.2f}", f"{a['clicks_per_request']:.3f}",
-             ratio(a["ctr"], base["ctr"]), ratio(a["gmv_per_user"], base["gmv_per_user"])]
+             "n/a" if a["gmv_per_user"] is None else f"{a['gmv_per_user']:.2f}",
+             f"{a['gmv_per_request']:.2f}", f"{a['clicks_per_request']:.3f}",
+             ratio(a["ctr"], base["ctr"]), ratio(a["gmv_per_request"], base["gmv_per_request"])]
             for name, a in sorted(arms.items())]
     print()
-    print(format_table(["arm", "requests", "users", "CTR", "CVR", "GMV/user", "clicks/req",
-                        "CTR vs retrieval", "GMV/user vs retrieval"], rows,
+    print(format_table(["arm", "requests", "users", "CTR", "CVR", "GMV/user", "GMV/req",
+                        "clicks/req", "CTR vs retrieval", "GMV/req vs retrieval"], rows,
                        title=f"online, {args.world} world, top-{args.k} lists (retrieval arm "
                              f"explores with epsilon {args.epsilon}; 'exploit only': its "
                              f"requests that got the model's order)"))

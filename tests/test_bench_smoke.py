@@ -64,7 +64,7 @@ BENCHES: Dict[str, Expect] = {
         [("batching", "log", "clients", "QPS", "reqs/call", "p50 vs 1st", "QPS vs log off")],
         [r"file +off +1 +\d", r"file +off +4 +\d", r"file +on +4 +\d"]),
     "abtest": Expect(
-        [("arm", "requests", "CTR", "GMV/user", "CTR vs retrieval"),
+        [("arm", "requests", "CTR", "GMV/user", "GMV/req", "CTR vs retrieval"),
          ("per-user metric", "retrieval", "ranker", "uplift", "95% CI of uplift"),
          ("measure", "retrieval", "ranker", "ranker vs retrieval"),
          ("ranker arm", "online", "IPS", "IPS 95% CI", "online in IPS CI", "SNIPS")],

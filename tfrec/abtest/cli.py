@@ -88,11 +88,12 @@ def _report(args: argparse.Namespace) -> int:
     report = abtest_report(args.run, alpha=args.alpha, control=args.control,
                            treatment=args.treatment)
     print(report["title"])
-    print(f"{'arm':<14}{'requests':>9}{'users':>7}{'CTR':>8}{'CVR':>8}{'GMV/user':>10}"
+    print(f"{'arm':<26}{'requests':>9}{'users':>7}{'CTR':>8}{'CVR':>8}{'GMV/user':>10}"
           f"{'GMV/req':>9}")
     for arm, row in report["arms"].items():
-        print(f"{arm:<14}{row['requests']:>9}{row['users']:>7}{row['ctr']:>8.4f}"
-              f"{row['cvr']:>8.4f}{row['gmv_per_user']:>10.2f}{row['gmv_per_request']:>9.2f}")
+        per_user = "n/a" if row["gmv_per_user"] is None else f"{row['gmv_per_user']:.2f}"
+        print(f"{arm:<26}{row['requests']:>9}{row['users']:>7}{row['ctr']:>8.4f}"
+              f"{row['cvr']:>8.4f}{per_user:>10}{row['gmv_per_request']:>9.2f}")
     for metric, test in report["tests"].items():
         print(f"uplift {metric:<10}{test['relative_uplift']:+8.1%}  CI [{test['ci_low']:.4g}, "
               f"{test['ci_high']:.4g}]  p={test['p_value']:.3g}")

@@ -191,7 +191,10 @@ def abtest_report(run_dir: str, alpha: float = 0.05, control: Optional[str] = No
     }
     exploit = requests[(requests["arm"] == control) & ~requests["explored"]]
     if len(exploit) < (requests["arm"] == control).sum():  # the control explored: its cost
-        report["arms"].update(arm_summary(exploit.assign(arm=f"{control} (exploit only)")))
+        summary = arm_summary(exploit.assign(arm=f"{control} (exploit only)"))
+        for row in summary.values():  # a subset of each user's requests: per request only
+            row["gmv_per_user"] = None
+        report["arms"].update(summary)
     report["decision"] = _decision(report)
     _write(run_dir, report)
     return report
