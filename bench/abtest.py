@@ -52,6 +52,19 @@ experiments:
         signature: recommend
         share: 0.5
         inputs: {{exclude_item_ids: [""], purchased_item_ids: [""]}}
+  - name: search
+    salt: bench-search-{seed}
+    arms:
+      - name: retrieval
+        model: retrieval
+        share: 0.5
+        inputs: {{exclude_seen: false}}
+        exploration: {{epsilon: {epsilon}, pool: {pool}}}
+      - name: ranker
+        model: pipeline
+        signature: search
+        share: 0.5
+        inputs: {{exclude_item_ids: [""], purchased_item_ids: [""]}}
 """
 
 
@@ -84,6 +97,8 @@ def main(argv=None) -> None:
     parser.add_argument("--epsilon", type=float, default=0.3,
                         help="exploration share of the retrieval arm")
     parser.add_argument("--workers", type=int, default=4, help="shoppers requesting at once")
+    parser.add_argument("--search-share", type=float, default=0.4, dest="search_share",
+                        help="share of requests that are searches (experiment 'search')")
     args = parse_smoke_args(parser, argv, SMOKE)
     from tfrec.abtest import abtest_report, run_abtest
     from tfrec.data.synthetic import World
@@ -102,7 +117,8 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         record = run_abtest(World.load(cfg.data.data_dir), cfg.data.data_dir, path, out,
                             users=args.users, days=args.days, k=args.k, seed=args.seed,
-                            workers=args.workers)
+                            workers=args.workers, name="home_feed", search="search",
+                            search_share=args.search_share)
         simulated = time.perf_counter() - t0
         report = abtest_report(out)
     print(f"{record['requests']} requests from {record['users']} shoppers over {args.days} "
@@ -177,6 +193,29 @@ def main(argv=None) -> None:
                                  f"({section['matched_slots']} slots where the logged item "
                                  f"is the ranker's)"))
     print(f"decision: {report['decision']}")
+    search = report["search"]
+    rows = []
+    for name, a in sorted(search["arms"].items()):
+        rows.append([name, a["requests"], f"{a['ctr']:.4f}", f"{a['cvr']:.4f}",
+                     f"{a['gmv_per_request']:.2f}", ratio(a["ctr"], search["arms"]["retrieval"]
+                                                          ["ctr"])])
+    print()
+    print(format_table(["search arm", "requests", "CTR", "CVR", "GMV/req", "CTR vs retrieval"],
+                       rows, title=f"search requests ({args.search_share:.0%} of requests: query "
+                                   f"and target item from the world's search log)"))
+    tests = [[metric, f"{t['relative_uplift']:+.1%}" if t["control_mean"] else "n/a",
+              f"[{t['ci_low']:.4g}, {t['ci_high']:.4g}]", f"{t['p_value']:.3g}"]
+             for metric, t in search["tests"].items()]
+    print()
+    print(format_table(["search per-user metric", "uplift", "95% CI of uplift", "p"], tests,
+                       title="search A/B test, users as units"))
+    entry = search["off_policy"].get("clicks_per_request")
+    if entry:
+        print(f"search off-policy clicks/request of the ranker: IPS {entry['ips']:.3f} "
+              f"[{entry['ips_ci_low']:.3f}, {entry['ips_ci_high']:.3f}] ("
+              f"{ratio(entry['ips'], entry['online'])} of online {entry['online']:.3f}), SNIPS "
+              f"{entry['snips']:.3f}")
+    print(f"search decision: {search['decision']}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,19 @@ EXPERIMENTS = textwrap.dedent(f"""\
             signature: recommend
             share: 0.5
             inputs: {{exclude_item_ids: [""], purchased_item_ids: [""]}}
+      - name: search
+        salt: search-salt
+        arms:
+          - name: retrieval
+            model: retrieval
+            share: 0.5
+            inputs: {{exclude_seen: false}}
+            exploration: {{epsilon: {EPSILON}, pool: {POOL}}}
+          - name: ranker
+            model: pipeline
+            signature: search
+            share: 0.5
+            inputs: {{exclude_item_ids: [""], purchased_item_ids: [""]}}
     """)
 
 
@@ -280,7 +293,8 @@ def abtest_run(setup, tiny_world, tiny_world_dir, tmp_path_factory):
     root, path = setup
     out = str(tmp_path_factory.mktemp("abtest"))
     record = run_abtest(tiny_world, tiny_world_dir, path, out, users=150, days=4, k=8,
-                        requests_per_day=1.5, seed=1)
+                        requests_per_day=1.5, seed=1, name="home", search="search",
+                        search_share=0.3)
     return out, record
 
 
@@ -291,6 +305,10 @@ def test_abtest_run_writes_logs_outcomes_and_training_events(abtest_run, tiny_wo
     logs = read_request_logs(os.path.join(out, "logs"))
     assert logs["request_id"].nunique() == record["requests"] > 500
     assert set(logs["arm"]) == {"retrieval", "ranker"}
+    searches = logs[logs["experiment"] == "search"]
+    assert 0.2 < len(searches) / len(logs) < 0.4  # search_share 0.3
+    assert set(searches["signature"]) == {"serving_default", "search"}
+    assert all('"query": ""' not in c for c in searches["context"])
     tables = load_tables(os.path.join(out, "data"))  # what `tfrec train --data-dir` reads
     events = tables.events
     assert (events["event_type"] == "impression").sum() == logs["item_ids"].map(len).sum()
@@ -309,7 +327,10 @@ def test_abtest_report(abtest_run):
     arms = report["arms"]
     assert set(arms) == {"retrieval", "ranker", "retrieval (exploit only)"}
     assert arms["retrieval (exploit only)"]["requests"] < arms["retrieval"]["requests"]
-    assert arms["retrieval"]["requests"] + arms["ranker"]["requests"] == record["requests"]
+    logs = read_request_logs(os.path.join(out, "logs"))
+    by_experiment = logs.groupby("experiment")["request_id"].nunique()
+    assert arms["retrieval"]["requests"] + arms["ranker"]["requests"] == by_experiment["home"]
+    assert by_experiment.sum() == record["requests"]
     for test in report["tests"].values():
         assert test["ci_low"] <= test["uplift"] <= test["ci_high"]
     section = report["off_policy"]
@@ -321,9 +342,15 @@ def test_abtest_report(abtest_run):
     clicks = section["clicks_per_request"]
     assert clicks["online_within_ips_ci"], clicks
     assert clicks["snips_ci_low"] <= clicks["online"] <= clicks["snips_ci_high"], clicks
+    search = report["search"]
+    assert search["experiment"] == "search" and set(search["arms"]) >= {"retrieval", "ranker"}
+    assert search["off_policy"]["matched_slots"] > 0
+    assert sum(search["arms"][a]["requests"] for a in ("retrieval", "ranker")) == \
+        by_experiment["search"]
     with open(os.path.join(out, "abtest_report.html"), encoding="utf-8") as f:
         page = f.read()
-    assert "data:image/png;base64" in page and "Decision" in page
+    assert "data:image/png;base64" in page and "home: decision" in page
+    assert "search: decision" in page
 
 
 def test_abtest_cli(setup, tiny_world_dir, tmp_path, capsys):
@@ -332,12 +359,12 @@ def test_abtest_cli(setup, tiny_world_dir, tmp_path, capsys):
     root, path = setup
     out = str(tmp_path / "run")
     assert main(["abtest", "run", "--experiment", path, "--data-dir", tiny_world_dir,
-                 "--users", "12", "--days", "1", "--out", out]) == 0
+                 "--users", "12", "--days", "1", "--out", out, "--name", "home"]) == 0
     printed = capsys.readouterr().out
     assert "requests from 12 shoppers" in printed and "experiment home" in printed
     # a second run into the same directory is refused, not mixed into the first
     assert main(["abtest", "run", "--experiment", path, "--data-dir", tiny_world_dir,
-                 "--users", "12", "--days", "1", "--out", out]) == 2
+                 "--users", "12", "--days", "1", "--out", out, "--name", "home"]) == 2
     assert "already holds an A/B run" in capsys.readouterr().err
     assert main(["abtest", "report", "--run", out]) == 0
     printed = capsys.readouterr().out
@@ -348,6 +375,8 @@ def test_abtest_cli(setup, tiny_world_dir, tmp_path, capsys):
             (["abtest", "run", "--experiment", str(tmp_path / "none.yaml"), "--data-dir",
               tiny_world_dir, "--out", str(tmp_path / "x")], "does not exist"),
             (["abtest", "report", "--run", str(tmp_path)], "holds no A/B run"),
+            (["abtest", "run", "--experiment", path, "--data-dir", tiny_world_dir, "--out",
+              str(tmp_path / "y")], "pick one with --name"),
             (["abtest", "report", "--run", out, "--treatment", "nope"], "arm 'nope'")):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

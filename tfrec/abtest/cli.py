@@ -29,7 +29,13 @@ def add_abtest_commands(subparsers: argparse._SubParsersAction) -> None:
                     "`tfrec train --data-dir OUT/data` reads).")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENTS,
                    help=f"experiments YAML (default {DEFAULT_EXPERIMENTS})")
-    p.add_argument("--name", help="experiment to run when the file has several")
+    p.add_argument("--name", help="experiment for recommendation requests when the file has "
+                                  "several")
+    p.add_argument("--search", help="experiment of the file that search requests go to (query "
+                                    "and target item from the world's search log); default: "
+                                    "recommendations only")
+    p.add_argument("--search-share", type=float, default=0.4, dest="search_share",
+                   help="share of requests that are searches, with --search (default 0.4)")
     p.add_argument("--data-dir", dest="data_dir", default=os.path.join("work", "data"),
                    help="the synthetic world (with ground_truth.npz; default work/data)")
     p.add_argument("--users", type=int, default=1000, help="simulated shoppers")
@@ -72,7 +78,8 @@ def _run(args: argparse.Namespace) -> int:
     record = run_abtest(World.load(args.data_dir), args.data_dir, args.experiment, args.out,
                         users=args.users, days=args.days, k=args.k,
                         requests_per_day=args.requests_per_day, seed=args.seed,
-                        name=args.name, workers=args.workers)
+                        name=args.name, workers=args.workers, search=args.search,
+                        search_share=args.search_share)
     print(f"{record['requests']} requests from {record['users']} shoppers over "
           f"{record['days']} days ({record['outcome_events']} outcome events) in "
           f"{record['seconds']} s -> {args.out}")
@@ -88,24 +95,31 @@ def _report(args: argparse.Namespace) -> int:
     report = abtest_report(args.run, alpha=args.alpha, control=args.control,
                            treatment=args.treatment)
     print(report["title"])
+    _print_section(report)
+    if "search" in report:
+        print(f"\nsearch: {report['search']['treatment']} vs {report['search']['control']}")
+        _print_section(report["search"])
+    print(f"report: {os.path.join(args.run, REPORT_HTML)}")
+    return 0
+
+
+def _print_section(section) -> None:
     print(f"{'arm':<26}{'requests':>9}{'users':>7}{'CTR':>8}{'CVR':>8}{'GMV/user':>10}"
           f"{'GMV/req':>9}")
-    for arm, row in report["arms"].items():
+    for arm, row in section["arms"].items():
         per_user = "n/a" if row["gmv_per_user"] is None else f"{row['gmv_per_user']:.2f}"
         print(f"{arm:<26}{row['requests']:>9}{row['users']:>7}{row['ctr']:>8.4f}"
               f"{row['cvr']:>8.4f}{per_user:>10}{row['gmv_per_request']:>9.2f}")
-    for metric, test in report["tests"].items():
+    for metric, test in section["tests"].items():
         print(f"uplift {metric:<10}{test['relative_uplift']:+8.1%}  CI [{test['ci_low']:.4g}, "
               f"{test['ci_high']:.4g}]  p={test['p_value']:.3g}")
-    section = report["off_policy"]
-    if "skipped" in section:
-        print(f"off-policy: skipped ({section['skipped']})")
+    off_policy = section["off_policy"]
+    if "skipped" in off_policy:
+        print(f"off-policy: skipped ({off_policy['skipped']})")
     else:
-        entry = section["clicks_per_request"]
-        print(f"off-policy clicks/request of {section['treatment']}: IPS {entry['ips']:.3f} "
-              f"[{entry['ips_ci_low']:.3f}, {entry['ips_ci_high']:.3f}] vs online "
-              f"{entry['online']:.3f} [{entry['online_ci_low']:.3f}, "
-              f"{entry['online_ci_high']:.3f}]")
-    print(f"decision: {report['decision']}")
-    print(f"report: {os.path.join(args.run, REPORT_HTML)}")
-    return 0
+        entry = off_policy["clicks_per_request"]
+        print(f"off-policy clicks/request of {off_policy['treatment']}: IPS {entry['ips']:.3f} "
+              f"[{entry['ips_ci_low']:.3f}, {entry['ips_ci_high']:.3f}], SNIPS "
+              f"{entry['snips']:.3f} vs online {entry['online']:.3f} "
+              f"[{entry['online_ci_low']:.3f}, {entry['online_ci_high']:.3f}]")
+    print(f"decision: {section['decision']}")

@@ -23,7 +23,7 @@ from tfrec.data.io import read_table
 from tfrec.evaluation.html_report import figure, html_page, html_table, png_bytes, png_img
 from tfrec.evaluation.off_policy import slate_ips_estimate, slate_snips_estimate
 from tfrec.evaluation.online import arm_summary, arm_tests, request_outcomes
-from tfrec.serving.experiments import Arm, load_experiments
+from tfrec.serving.experiments import Arm, Experiment, load_experiments
 from tfrec.serving.request_log import read_request_logs
 
 REPORT_JSON, REPORT_HTML = "abtest_report.json", "abtest_report.html"
@@ -142,14 +142,54 @@ def off_policy_check(logs: pd.DataFrame, requests: pd.DataFrame, outcomes: pd.Da
     return result
 
 
+def experiment_section(experiment: Experiment, logs: pd.DataFrame, outcomes: pd.DataFrame,
+                       prices: Mapping[str, float], models: Mapping[str, str],
+                       alpha: float = 0.05, control: Optional[str] = None,
+                       treatment: Optional[str] = None) -> Dict[str, Any]:
+    """Arms, uplift tests, off-policy check and decision of one experiment of a run.
+
+    Raises:
+      ValueError: unknown arms, or an arm without requests.
+    """
+    arms = {arm.name: arm for arm in experiment.arms}
+    control = control or experiment.arms[0].name
+    treatment = treatment or (experiment.arms[1].name if len(experiment.arms) > 1 else "")
+    for arm in (control, treatment):
+        if arm not in arms:
+            raise ValueError(f"arm {arm!r} is not in experiment {experiment.name!r} "
+                             f"(arms: {sorted(arms)})")
+    logs = logs[logs["experiment"] == experiment.name].reset_index(drop=True)
+    outcomes = outcomes[outcomes["session_id"].isin(set(logs["request_id"]))]
+    requests = request_outcomes(logs, outcomes, prices)
+    section = {
+        "experiment": experiment.name, "control": control, "treatment": treatment,
+        "arms": arm_summary(requests),
+        "tests": arm_tests(requests, control, treatment, alpha),
+        "off_policy": off_policy_check(logs, requests, outcomes, prices, arms[control],
+                                       arms[treatment], models[arms[treatment].model], alpha),
+    }
+    exploit = requests[(requests["arm"] == control) & ~requests["explored"]]
+    if len(exploit) < (requests["arm"] == control).sum():  # the control explored: its cost
+        summary = arm_summary(exploit.assign(arm=f"{control} (exploit only)"))
+        for row in summary.values():  # a subset of each user's requests: per request only
+            row["gmv_per_user"] = None
+        section["arms"].update(summary)
+    section["decision"] = _decision(section)
+    return section
+
+
 def abtest_report(run_dir: str, alpha: float = 0.05, control: Optional[str] = None,
                   treatment: Optional[str] = None) -> Dict[str, Any]:
     """Computes the report of an `abtest run` directory and writes JSON + HTML there.
 
+    The run's recommendation experiment fills the top level; its search experiment, if
+    it had one, the `search` section (same fields).
+
     Args:
       run_dir: Output of `tfrec abtest run` (abtest.json, logs/, outcomes.parquet).
       alpha: 1 - confidence of every interval.
-      control / treatment: Arm names (default: the experiment's first and second arm).
+      control / treatment: Arm names of the recommendation experiment (default: its
+        first and second arm).
 
     Returns:
       The report dict (also in abtest_report.json).
@@ -165,37 +205,23 @@ def abtest_report(run_dir: str, alpha: float = 0.05, control: Optional[str] = No
     with open(record_path, encoding="utf-8") as f:
         record = json.load(f)
     experiments, _ = load_experiments(record["experiments_file"])
-    experiment = experiments[record["experiment"]]
-    arms = {arm.name: arm for arm in experiment.arms}
-    control = control or experiment.arms[0].name
-    treatment = treatment or (experiment.arms[1].name if len(experiment.arms) > 1 else "")
-    for arm in (control, treatment):
-        if arm not in arms:
-            raise ValueError(f"arm {arm!r} is not in experiment {experiment.name!r} "
-                             f"(arms: {sorted(arms)})")
     logs = read_request_logs(os.path.join(run_dir, LOGS_DIR))
     outcomes = read_table(os.path.join(run_dir, OUTCOMES_FILE), "events")
     catalog = read_table(os.path.join(run_dir, "data", "catalog.parquet"), "catalog")
     prices = dict(zip(catalog["item_id"].astype(str), catalog["price"].astype(float)))
-    requests = request_outcomes(logs, outcomes, prices)
+    section = experiment_section(experiments[record["experiment"]], logs, outcomes, prices,
+                                 record["models"], alpha, control, treatment)
     report = {
-        "title": f"A/B test {experiment.name}: {treatment} vs {control}",
-        "run": {k: record[k] for k in ("experiment", "users", "days", "k", "seed", "requests",
-                                       "requests_per_day")},
-        "control": control, "treatment": treatment, "alpha": alpha,
-        "arms": arm_summary(requests),
-        "tests": arm_tests(requests, control, treatment, alpha),
-        "off_policy": off_policy_check(logs, requests, outcomes, prices, arms[control],
-                                       arms[treatment], record["models"][arms[treatment].model],
-                                       alpha),
+        "title": f"A/B test {section['experiment']}: {section['treatment']} vs "
+                 f"{section['control']}",
+        "run": {k: record.get(k) for k in ("experiment", "search_experiment", "users", "days",
+                                           "k", "seed", "requests", "requests_per_day",
+                                           "search_share")},
+        "alpha": alpha, **section,
     }
-    exploit = requests[(requests["arm"] == control) & ~requests["explored"]]
-    if len(exploit) < (requests["arm"] == control).sum():  # the control explored: its cost
-        summary = arm_summary(exploit.assign(arm=f"{control} (exploit only)"))
-        for row in summary.values():  # a subset of each user's requests: per request only
-            row["gmv_per_user"] = None
-        report["arms"].update(summary)
-    report["decision"] = _decision(report)
+    if record.get("search_experiment"):
+        report["search"] = experiment_section(experiments[record["search_experiment"]], logs,
+                                              outcomes, prices, record["models"], alpha)
     _write(run_dir, report)
     return report
 
@@ -245,26 +271,33 @@ def _plot_off_policy(section: Dict[str, Any]) -> bytes:
     return png_bytes(fig)
 
 
+def _section_html(section: Dict[str, Any], alpha: float) -> List[str]:
+    name = html.escape(section["experiment"])
+    parts = [f"<h2>{name}: decision</h2><p><b>{html.escape(section['decision'])}</b></p>",
+             f"<h2>{name}: arms</h2>", html_table(section["arms"], first="arm"),
+             f"<h2>{name}: uplift of {html.escape(section['treatment'])} (per user, "
+             f"{1 - alpha:.0%} intervals)</h2>", png_img(_plot_arms(section), "arms"),
+             html_table(section["tests"], first="metric"),
+             f"<h2>{name}: off-policy estimate from the control arm's exploration</h2>"]
+    off_policy = section["off_policy"]
+    if "skipped" in off_policy:
+        parts.append(f"<p class='skip'>Skipped: {html.escape(off_policy['skipped'])}</p>")
+    else:
+        parts.append(png_img(_plot_off_policy(off_policy), "off_policy"))
+        parts.append(html_table({k: v for k, v in off_policy.items() if isinstance(v, dict)},
+                                first="metric"))
+    return parts
+
+
 def _write(run_dir: str, report: Dict[str, Any]) -> None:
     tmp = os.path.join(run_dir, REPORT_JSON + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, ensure_ascii=False)
     os.replace(tmp, os.path.join(run_dir, REPORT_JSON))
     run = "; ".join(f"{k}: {html.escape(str(v))}" for k, v in report["run"].items())
-    parts = [f"<p>{run}</p>",
-             f"<h2>Decision</h2><p><b>{html.escape(report['decision'])}</b></p>",
-             "<h2>Arms</h2>", html_table(report["arms"], first="arm"),
-             f"<h2>Uplift of {html.escape(report['treatment'])} (per user, "
-             f"{1 - report['alpha']:.0%} intervals)</h2>", png_img(_plot_arms(report), "arms"),
-             html_table(report["tests"], first="metric")]
-    section = report["off_policy"]
-    parts.append("<h2>Off-policy estimate from the control arm's exploration</h2>")
-    if "skipped" in section:
-        parts.append(f"<p class='skip'>Skipped: {html.escape(section['skipped'])}</p>")
-    else:
-        parts.append(png_img(_plot_off_policy(section), "off_policy"))
-        parts.append(html_table({k: v for k, v in section.items() if isinstance(v, dict)},
-                                first="metric"))
+    parts = [f"<p>{run}</p>", *_section_html(report, report["alpha"])]
+    if "search" in report:
+        parts += _section_html(report["search"], report["alpha"])
     tmp = os.path.join(run_dir, REPORT_HTML + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(html_page(report["title"], parts))

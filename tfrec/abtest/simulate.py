@@ -68,10 +68,12 @@ class _Shopper:
     """One simulated user: requests lists, reacts, remembers what they clicked."""
 
     def __init__(self, world: World, user: str, device: str, history: List[str],
-                 experiment: str, k: int, seed: int, index: int):
+                 experiment: str, k: int, seed: int, index: int,
+                 search: Optional[str] = None, search_share: float = 0.0):
         self.world, self.user, self.device = world, user, device
         self.history = history
         self.experiment, self.k, self.seed, self.index = experiment, k, seed, index
+        self.search, self.search_share = search, search_share
 
     def day(self, client: PredictClient, day: int, rate: float) -> List[Dict[str, Any]]:
         rng = np.random.default_rng([self.seed, self.index, day])
@@ -82,14 +84,20 @@ class _Shopper:
             ts = int(self.world.t_end + day * DAY + hour * 3600 + rng.integers(3600))
             request_id = f"{self.seed}-{day}-{self.index}-{i}"
             history = self.history[-HISTORY:]
-            outputs = client.predict(self.experiment, {
+            inputs = {
                 "user_id": np.array([self.user], dtype=object),
                 "history": np.array([history + [""] * (HISTORY - len(history))], dtype=object),
                 "device": np.array([self.device], dtype=object),
                 "hour": np.array([hour], dtype=np.int64),
-                "k": np.array([self.k], dtype=np.int32)}, request_id=request_id)
+                "k": np.array([self.k], dtype=np.int32)}
+            query, target, experiment = "", None, self.experiment
+            if self.search and rng.random() < self.search_share:
+                query, target = self.world.search_intent(rng)
+                inputs["query"] = np.array([query], dtype=object)
+                experiment = self.search
+            outputs = client.predict(experiment, inputs, request_id=request_id)
             shown = [i.decode("utf-8") for i in outputs["item_ids"][0] if i]
-            seen = self.world.react(self.user, shown, ts, rng)
+            seen = self.world.react(self.user, shown, ts, rng, target)
             for row in seen.itertuples():
                 when = ts + 5 + 6 * row.position
                 for kind, done, delay in (("click", row.clicked, 0),
@@ -98,7 +106,7 @@ class _Shopper:
                     if done:
                         events.append({"ts": when + delay, "user_id": self.user,
                                        "session_id": request_id, "event_type": kind,
-                                       "item_id": row.item_id, "query": "",
+                                       "item_id": row.item_id, "query": query,
                                        "device": self.device,
                                        "position": int(row.position) if kind == "click"
                                        else -1})
@@ -130,7 +138,8 @@ def served_events(logs: pd.DataFrame, outcomes: pd.DataFrame) -> pd.DataFrame:
 def run_abtest(world: World, world_dir: str, experiments_path: str, out_dir: str,
                users: int, days: int, k: int = 10, requests_per_day: float = 1.0,
                seed: int = 0, name: Optional[str] = None,
-               models: Optional[Mapping[str, str]] = None, workers: int = 4) -> Dict[str, Any]:
+               models: Optional[Mapping[str, str]] = None, workers: int = 4,
+               search: Optional[str] = None, search_share: float = 0.4) -> Dict[str, Any]:
     """Runs simulated shoppers against a real server serving the experiment.
 
     Args:
@@ -146,6 +155,10 @@ def run_abtest(world: World, world_dir: str, experiments_path: str, out_dir: str
       name: Experiment to run when the file has several.
       models: Model name -> base path, overriding the file's `models:`.
       workers: Shoppers requesting concurrently.
+      search: Experiment of the file that search requests go to (None: shoppers only
+        ask for recommendations).
+      search_share: Share of requests that are searches (query and target item drawn
+        from the world's search log), when `search` is set.
 
     Returns:
       The run record written to abtest.json.
@@ -156,10 +169,19 @@ def run_abtest(world: World, world_dir: str, experiments_path: str, out_dir: str
     if users < 2 or days < 1 or k < 1 or requests_per_day <= 0:
         raise ValueError(f"need users >= 2, days >= 1, k >= 1 and requests_per_day > 0, got "
                          f"{users}, {days}, {k}, {requests_per_day}")
+    if search and not 0.0 < search_share <= 1.0:
+        raise ValueError(f"search_share must be in (0, 1], got {search_share}")
     experiments, file_models = load_experiments(experiments_path)
-    experiment = pick_experiment(experiments, name)
+    experiment = pick_experiment(experiments, name if name or not search else
+                                 next((n for n in experiments if n != search), None))
+    served = {experiment.name: experiment}
+    if search:
+        served[search] = pick_experiment(experiments, search)
+        if search == experiment.name:
+            raise ValueError(f"the search experiment {search!r} must differ from the "
+                             f"recommendation experiment {experiment.name!r}")
     paths = {**file_models, **dict(models or {})}
-    needed = {arm.model for arm in experiment.arms}
+    needed = {arm.model for e in served.values() for arm in e.arms}
     missing = sorted(needed - set(paths))
     if missing:
         raise ValueError(f"no base path for model(s) {missing}: add them under 'models:' in "
@@ -176,12 +198,13 @@ def run_abtest(world: World, world_dir: str, experiments_path: str, out_dir: str
     histories = _histories(world, names)
     user_index = {str(u): i for i, u in enumerate(world.ground_truth["user_ids"])}
     shoppers = [_Shopper(world, u, DEVICES[int(world.ground_truth["user_device"][user_index[u]])],
-                         histories[u], experiment.name, k, seed, int(i))
+                         histories[u], experiment.name, k, seed, int(i), search,
+                         search_share)
                 for u, i in zip(names, chosen)]
 
     start = time.time()
     server = ModelServer({m: paths[m] for m in sorted(needed)}, port=0, poll_seconds=0,
-                         max_workers=max(8, workers), experiments={experiment.name: experiment},
+                         max_workers=max(8, workers), experiments=served,
                          request_log=os.path.join(out_dir, LOGS_DIR),
                          request_log_flush_seconds=5.0).start()
     events: List[Dict[str, Any]] = []
@@ -210,7 +233,8 @@ def run_abtest(world: World, world_dir: str, experiments_path: str, out_dir: str
     write_table(served_events(logs, outcomes), os.path.join(data_dir, "events.parquet"))
     record = {
         "experiment": experiment.name, "experiments_file": os.path.abspath(experiments_path),
-        "arms": [arm.name for arm in experiment.arms],
+        "arms": [arm.name for arm in experiment.arms], "search_experiment": search or "",
+        "search_share": search_share if search else 0.0,
         "models": {m: os.path.abspath(paths[m]) for m in sorted(needed)},
         "world_dir": os.path.abspath(world_dir), "users": len(shoppers), "days": days,
         "k": k, "requests_per_day": requests_per_day, "seed": seed,

@@ -904,7 +904,7 @@ class World:
         return cache[name]
 
     def react(self, user_id: str, item_ids: Sequence[str], ts: int,
-              rng: np.random.Generator) -> pd.DataFrame:
+              rng: np.random.Generator, target: Optional[str] = None) -> pd.DataFrame:
         """How a shopper reacts to a served list: the world's behaviour model.
 
         The shopper scrolls to a random depth (as in the simulated logs), then clicks,
@@ -916,6 +916,7 @@ class World:
           item_ids: the list as shown, top first.
           ts: unix seconds of the request.
           rng: draws of depth and funnel.
+          target: the item a searching shopper looks for (clicked more readily).
 
         Returns:
           One row per seen item: position, item_id, clicked, carted, purchased.
@@ -935,8 +936,18 @@ class World:
         index = np.array([s[2] for s in seen], dtype=np.int64)
         clicked, carted, purchased = shopper_funnel(
             self.ground_truth, self.spec, np.full(len(seen), user), index,
-            frame["position"].to_numpy(), ts, rng)
+            frame["position"].to_numpy(), ts, rng,
+            is_target=(frame["item_id"] == target).to_numpy() if target else None)
         return frame.assign(clicked=clicked, carted=carted, purchased=purchased)
+
+    def search_intent(self, rng: np.random.Generator) -> Tuple[str, str]:
+        """A (query text, target item id) drawn from the world's search log: what a
+        simulated shopper searches for."""
+        truth = self.ground_truth
+        if not len(truth["query_texts"]):
+            raise ValueError("this world has no search sessions (search_fraction 0)")
+        i = int(rng.integers(len(truth["query_texts"])))
+        return str(truth["query_texts"][i]), str(truth["item_ids"][truth["query_target"][i]])
 
     def oracle_scores(self, user_ids: Sequence[str], ts: int) -> np.ndarray:
         """True utility of every catalog item for each user at time `ts`.
