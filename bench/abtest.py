@@ -100,7 +100,8 @@ def main(argv=None) -> None:
     parser.add_argument("--search-share", type=float, default=0.4, dest="search_share",
                         help="share of requests that are searches (experiment 'search')")
     args = parse_smoke_args(parser, argv, SMOKE)
-    from tfrec.abtest import abtest_report, run_abtest
+    from tfrec.abtest.report import abtest_report
+    from tfrec.abtest.simulate import run_abtest
     from tfrec.data.synthetic import World
 
     print(machine_line())

@@ -288,7 +288,7 @@ def test_request_log_is_bounded_and_loses_nothing_it_accepted(tmp_path):
 
 @pytest.fixture(scope="module")
 def abtest_run(setup, tiny_world, tiny_world_dir, tmp_path_factory):
-    from tfrec.abtest import run_abtest
+    from tfrec.abtest.simulate import run_abtest
 
     root, path = setup
     out = str(tmp_path_factory.mktemp("abtest"))
@@ -310,7 +310,8 @@ def test_abtest_run_writes_logs_outcomes_and_training_events(abtest_run, tiny_wo
     assert set(searches["signature"]) == {"serving_default", "search"}
     assert all('"query": ""' not in c for c in searches["context"])
     tables = load_tables(os.path.join(out, "data"))  # what `tfrec train --data-dir` reads
-    events = tables.events
+    assert len(tables.events) > len(tiny_world.events)  # history + the served traffic
+    events = tables.events[tables.events["ts"] >= tiny_world.t_end]
     assert (events["event_type"] == "impression").sum() == logs["item_ids"].map(len).sum()
     clicks = events[events["event_type"] == "click"]
     shown = set(zip(events.loc[events["event_type"] == "impression", "session_id"],
@@ -320,7 +321,7 @@ def test_abtest_run_writes_logs_outcomes_and_training_events(abtest_run, tiny_wo
 
 
 def test_abtest_report(abtest_run):
-    from tfrec.abtest import abtest_report
+    from tfrec.abtest.report import abtest_report
 
     out, record = abtest_run
     report = abtest_report(out)

@@ -1,7 +1,6 @@
-"""Online experiments end to end: simulated shoppers against the real server, and the
-A/B report (per-arm business metrics, decision, off-policy check) of the run."""
+"""Online experiments end to end: simulated shoppers against the real server
+(`tfrec.abtest.simulate.run_abtest`), and the A/B report of the run (per-arm business
+metrics, decision, off-policy check: `tfrec.abtest.report.abtest_report`).
 
-from tfrec.abtest.report import abtest_report
-from tfrec.abtest.simulate import run_abtest, served_events
-
-__all__ = ["abtest_report", "run_abtest", "served_events"]
+Nothing is imported here, so `tfrec --help` and the CLI's parser stay free of TensorFlow.
+"""

@@ -25,8 +25,9 @@ def add_abtest_commands(subparsers: argparse._SubParsersAction) -> None:
         "run", help="simulated shoppers request lists from the experiment and react",
         description="Starts the embedded server with the experiment and request logging, "
                     "lets N world users request k-item lists for D days after the world's "
-                    "end, and writes logs/, outcomes.parquet and data/ (served events that "
-                    "`tfrec train --data-dir OUT/data` reads).")
+                    "end, and writes logs/, outcomes.parquet and data/ (the world's tables, "
+                    "its events extended by the served traffic: `tfrec train --data-dir "
+                    "OUT/data`).")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENTS,
                    help=f"experiments YAML (default {DEFAULT_EXPERIMENTS})")
     p.add_argument("--name", help="experiment for recommendation requests when the file has "

@@ -142,6 +142,9 @@ def run_abtest(world: World, world_dir: str, experiments_path: str, out_dir: str
                search: Optional[str] = None, search_share: float = 0.4) -> Dict[str, Any]:
     """Runs simulated shoppers against a real server serving the experiment.
 
+    `out_dir/data` then holds the world's tables with its events extended by the served
+    impressions and the shoppers' outcomes: the next training period.
+
     Args:
       world: The synthetic world (its ground truth judges the lists).
       world_dir: Where the world lives (recorded for the report).
@@ -230,7 +233,10 @@ def run_abtest(world: World, world_dir: str, experiments_path: str, out_dir: str
     os.makedirs(data_dir, exist_ok=True)
     write_table(world.catalog, os.path.join(data_dir, "catalog.parquet"))
     write_table(world.users, os.path.join(data_dir, "users.parquet"))
-    write_table(served_events(logs, outcomes), os.path.join(data_dir, "events.parquet"))
+    new_events = served_events(logs, outcomes)  # the shop's log grows by the served traffic
+    events = pd.concat([world.events, new_events], ignore_index=True)
+    write_table(validate_table(events.sort_values("ts", kind="stable").reset_index(drop=True),
+                               "events"), os.path.join(data_dir, "events.parquet"))
     record = {
         "experiment": experiment.name, "experiments_file": os.path.abspath(experiments_path),
         "arms": [arm.name for arm in experiment.arms], "search_experiment": search or "",
