@@ -398,3 +398,39 @@ def test_client_side_log_for_stock_tf_serving(setup, tmp_path):
     assert len(logs) == 1 and logs["model"][0] == "retrieval" and logs["version"][0] == 1
     assert list(logs["item_ids"][0]) == [r["item_id"] for r in rows]
     assert '"query": "沙发 café"' in logs["context"][0]
+
+
+def test_tfrec_serve_with_experiments_and_request_log(setup, tmp_path):
+    """`tfrec serve --experiments --request-log` in its own process: the experiment's
+    status line at start, routed answers, and the log written when it is stopped."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    root, path = setup
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    logs = str(tmp_path / "logs")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tfrec.cli", "serve", "--base-dir", os.path.join(root, "models"),
+         "--port", str(port), "--experiments", path, "--request-log", logs],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        printed, deadline = [], time.time() + 120
+        while time.time() < deadline and server.poll() is None:
+            printed.append(server.stdout.readline())
+            if printed[-1].startswith("logging requests to"):
+                break
+        text = "".join(printed)
+        assert "experiment home" in text and "retrieval: retrieval/1/serving_default 50%" in text
+        with PredictClient(f"127.0.0.1:{port}", timeout=30) as client:
+            answer = client.predict("home", home_inputs("U000007"), request_id="cli-1")
+        assert answer["experiment_arm"][0].decode() in {"retrieval", "ranker"}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    assert server.returncode == 0
+    assert read_request_logs(logs)["request_id"].tolist() == ["cli-1"]
