@@ -34,39 +34,6 @@ from tfrec import workflow  # noqa: E402
 
 SMOKE = dict(world="tiny", epochs=1, ranker_epochs=1, users=60, days=2, eval_users=100)
 
-EXPERIMENT = """\
-models:
-  retrieval: models/retrieval
-  pipeline: models/pipeline
-experiments:
-  - name: home_feed
-    salt: bench-{seed}
-    arms:
-      - name: retrieval
-        model: retrieval
-        share: 0.5
-        inputs: {{query: "", exclude_seen: true}}
-        exploration: {{epsilon: {epsilon}, pool: {pool}}}
-      - name: ranker
-        model: pipeline
-        signature: recommend
-        share: 0.5
-        inputs: {{exclude_item_ids: [""], purchased_item_ids: [""]}}
-  - name: search
-    salt: bench-search-{seed}
-    arms:
-      - name: retrieval
-        model: retrieval
-        share: 0.5
-        inputs: {{exclude_seen: false}}
-        exploration: {{epsilon: {epsilon}, pool: {pool}}}
-      - name: ranker
-        model: pipeline
-        signature: search
-        share: 0.5
-        inputs: {{exclude_item_ids: [""], purchased_item_ids: [""]}}
-"""
-
 
 def prepare(root: str, args) -> dict:
     """World, retrieval, ranker, offline test metrics and the two exports under `root`."""
@@ -100,8 +67,10 @@ def main(argv=None) -> None:
     parser.add_argument("--search-share", type=float, default=0.4, dest="search_share",
                         help="share of requests that are searches (experiment 'search')")
     args = parse_smoke_args(parser, argv, SMOKE)
+    import yaml
+
     from tfrec.abtest.report import abtest_report
-    from tfrec.abtest.simulate import run_abtest
+    from tfrec.abtest.simulate import ranker_experiments, run_abtest
     from tfrec.data.synthetic import World
 
     print(machine_line())
@@ -112,8 +81,9 @@ def main(argv=None) -> None:
               f"{prepared['seconds']:.0f}s", flush=True)
         path = os.path.join(root, "experiments.yaml")
         with open(path, "w") as f:
-            f.write(EXPERIMENT.format(seed=args.seed, epsilon=args.epsilon,
-                                      pool=cfg.ranking.candidates))
+            yaml.safe_dump(ranker_experiments(
+                args.epsilon, cfg.ranking.candidates, salt=f"bench-{args.seed}-",
+                models={"retrieval": "models/retrieval", "pipeline": "models/pipeline"}), f)
         out = os.path.join(root, "abtest")
         t0 = time.perf_counter()
         record = run_abtest(World.load(cfg.data.data_dir), cfg.data.data_dir, path, out,

@@ -8,14 +8,15 @@ read back and checked against what the clients received.
 from __future__ import annotations
 
 import os
-import textwrap
 
 import tfrec  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 import grpc
 import numpy as np
 import pytest
+import yaml
 
+from tfrec.abtest.simulate import ranker_experiments
 from tfrec.config import ExportConfig
 from tfrec.serving import ModelServer, PredictClient, ServingError
 from tfrec.serving.experiments import (
@@ -28,38 +29,9 @@ from tfrec.serving.request_log import RequestLog, Served, read_request_logs
 
 EPSILON, POOL = 0.5, 12
 
-EXPERIMENTS = textwrap.dedent(f"""\
-    models:
-      retrieval: models/retrieval
-      pipeline: models/pipeline
-    experiments:
-      - name: home
-        salt: test-salt
-        arms:
-          - name: retrieval
-            model: retrieval
-            share: 0.5
-            inputs: {{query: "", exclude_seen: true}}
-            exploration: {{epsilon: {EPSILON}, pool: {POOL}}}
-          - name: ranker
-            model: pipeline
-            signature: recommend
-            share: 0.5
-            inputs: {{exclude_item_ids: [""], purchased_item_ids: [""]}}
-      - name: search
-        salt: search-salt
-        arms:
-          - name: retrieval
-            model: retrieval
-            share: 0.5
-            inputs: {{exclude_seen: false}}
-            exploration: {{epsilon: {EPSILON}, pool: {POOL}}}
-          - name: ranker
-            model: pipeline
-            signature: search
-            share: 0.5
-            inputs: {{exclude_item_ids: [""], purchased_item_ids: [""]}}
-    """)
+EXPERIMENTS = ranker_experiments(EPSILON, POOL, salt="test-", names=("home", "search"),
+                                 models={"retrieval": "models/retrieval",
+                                         "pipeline": "models/pipeline"})
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +48,7 @@ def setup(trained_run, trained_ranker, exported_model, tiny_world, tmp_path_fact
                     retrieval=trained_run.model, ranker=trained_ranker.model)
     path = os.path.join(root, "experiments.yaml")
     with open(path, "w") as f:
-        f.write(EXPERIMENTS)
+        yaml.safe_dump(EXPERIMENTS, f)
     return root, path
 
 
@@ -245,6 +217,16 @@ def test_experiments_file_errors(setup):
         ModelServer({**models, "home": models["retrieval"]}, port=0, experiments=experiments)
 
 
+def test_the_example_experiments_file_is_the_ranker_experiment():
+    """serving/experiments.yaml parses and is `ranker_experiments(0.1, 100)` (salts and
+    model paths aside), so the documented file keeps working as the code changes."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    example, models = load_experiments(os.path.join(repo, "serving", "experiments.yaml"))
+    expected = parse_experiments(ranker_experiments(0.1, 100))
+    assert set(models) == {"retrieval", "pipeline"}
+    assert {n: e.arms for n, e in example.items()} == {n: e.arms for n, e in expected.items()}
+
+
 def test_exploration_propensities_are_exact():
     """Empirical frequency of each (pool item, position) matches the logged propensity."""
     explore = Exploration(epsilon=0.3, pool=6)
@@ -312,6 +294,11 @@ def test_abtest_run_writes_logs_outcomes_and_training_events(abtest_run, tiny_wo
     tables = load_tables(os.path.join(out, "data"))  # what `tfrec train --data-dir` reads
     assert len(tables.events) > len(tiny_world.events)  # history + the served traffic
     events = tables.events[tables.events["ts"] >= tiny_world.t_end]
+    assert len(tables.events) - len(events) == len(tiny_world.events)  # simulated times
+    assert events["ts"].max() < tiny_world.t_end + 5 * 86400  # 4 days, not wall-clock time
+    searched = events[events["event_type"] == "search"]
+    assert len(searched) == (logs["experiment"] == "search").sum()
+    assert (searched["query"] != "").all()
     assert (events["event_type"] == "impression").sum() == logs["item_ids"].map(len).sum()
     clicks = events[events["event_type"] == "click"]
     shown = set(zip(events.loc[events["event_type"] == "impression", "session_id"],

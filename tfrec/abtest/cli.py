@@ -112,7 +112,8 @@ def _print_section(section) -> None:
         print(f"{arm:<26}{row['requests']:>9}{row['users']:>7}{row['ctr']:>8.4f}"
               f"{row['cvr']:>8.4f}{per_user:>10}{row['gmv_per_request']:>9.2f}")
     for metric, test in section["tests"].items():
-        print(f"uplift {metric:<10}{test['relative_uplift']:+8.1%}  CI [{test['ci_low']:.4g}, "
+        uplift = f"{test['relative_uplift']:+.1%}" if test["control_mean"] else "n/a"
+        print(f"uplift {metric:<10}{uplift:>8}  CI [{test['ci_low']:.4g}, "
               f"{test['ci_high']:.4g}]  p={test['p_value']:.3g}")
     off_policy = section["off_policy"]
     if "skipped" in off_policy:

@@ -20,7 +20,8 @@ import pandas as pd
 
 from tfrec.abtest.simulate import LOGS_DIR, OUTCOMES_FILE, RUN_FILE
 from tfrec.data.io import read_table
-from tfrec.evaluation.html_report import figure, html_page, html_table, png_bytes, png_img
+from tfrec.evaluation.html_report import (figure, html_page, html_table, json_safe, png_bytes,
+                                          png_img)
 from tfrec.evaluation.off_policy import slate_ips_estimate, slate_snips_estimate
 from tfrec.evaluation.online import arm_summary, arm_tests, request_outcomes
 from tfrec.serving.experiments import Arm, Experiment, load_experiments
@@ -226,14 +227,19 @@ def abtest_report(run_dir: str, alpha: float = 0.05, control: Optional[str] = No
     return report
 
 
+def _relative(test: Dict[str, Any]) -> str:
+    value = test["relative_uplift"]
+    return f"{value:+.1%}" if math.isfinite(value) else f"{test['uplift']:+.4g} (control 0)"
+
+
 def _decision(report: Dict[str, Any]) -> str:
     gmv, clicks = report["tests"]["gmv"], report["tests"]["clicks"]
     if gmv["significant"] and gmv["uplift"] > 0:
-        return f"ship {report['treatment']}: GMV per user up {gmv['relative_uplift']:+.1%}"
+        return f"ship {report['treatment']}: GMV per user up {_relative(gmv)}"
     if gmv["significant"] and gmv["uplift"] < 0:
-        return f"keep {report['control']}: GMV per user down {gmv['relative_uplift']:+.1%}"
+        return f"keep {report['control']}: GMV per user down {_relative(gmv)}"
     if clicks["significant"]:
-        return (f"no significant GMV change; clicks per user {clicks['relative_uplift']:+.1%} "
+        return (f"no significant GMV change; clicks per user {_relative(clicks)} "
                 f"(significant): run longer for GMV")
     return "no significant difference: run longer or keep the control"
 
@@ -250,7 +256,7 @@ def _plot_arms(report: Dict[str, Any]) -> bytes:
         half = (test["ci_high"] - test["ci_low"]) / 2
         ax.errorbar([1], [test["treatment_mean"]], yerr=[[half], [half]], color="black",
                     capsize=4)
-        ax.set_title(f"{metric} per user (uplift {test['relative_uplift']:+.1%})", fontsize=9)
+        ax.set_title(f"{metric} per user (uplift {_relative(test)})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     return png_bytes(fig)
 
@@ -292,7 +298,7 @@ def _section_html(section: Dict[str, Any], alpha: float) -> List[str]:
 def _write(run_dir: str, report: Dict[str, Any]) -> None:
     tmp = os.path.join(run_dir, REPORT_JSON + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
+        json.dump(json_safe(report), f, indent=2, ensure_ascii=False)
     os.replace(tmp, os.path.join(run_dir, REPORT_JSON))
     run = "; ".join(f"{k}: {html.escape(str(v))}" for k, v in report["run"].items())
     parts = [f"<p>{run}</p>", *_section_html(report, report["alpha"])]

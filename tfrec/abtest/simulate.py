@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,40 @@ logger = logging.getLogger(__name__)
 HISTORY = 10  # recent items a shopper's requests carry
 RUN_FILE = "abtest.json"
 LOGS_DIR, OUTCOMES_FILE, DATA_DIR = "logs", "outcomes.parquet", "data"
+
+
+def ranker_experiments(epsilon: float, pool: int, salt: str = "",
+                       models: Optional[Mapping[str, str]] = None,
+                       names: Tuple[str, str] = ("home_feed", "search")) -> Dict[str, Any]:
+    """The experiments file (as a mapping) that tests tfrec's ranker: retrieval order vs
+    the retrieval -> ranker -> rules pipeline, for recommendations and for search.
+
+    The retrieval arms explore (epsilon over their top `pool`; pool = the pipeline's
+    candidates gives every item the ranker may show a logged chance). Write it with
+    `yaml.safe_dump`; serving/experiments.yaml is this with epsilon 0.1, pool 100.
+
+    Args:
+      epsilon / pool: Exploration of the retrieval arms.
+      salt: Prefix of the experiments' salts.
+      models: Optional `models:` section (name -> base path).
+      names: Names of the recommendation and the search experiment.
+    """
+    lists = {"exclude_item_ids": [""], "purchased_item_ids": [""]}
+    explore = {"epsilon": float(epsilon), "pool": int(pool)}
+
+    def experiment(name: str, retrieval_inputs: Dict[str, Any], signature: str):
+        return {"name": name, "salt": f"{salt}{name}", "arms": [
+            {"name": "retrieval", "model": "retrieval", "signature": "serving_default",
+             "share": 0.5, "inputs": retrieval_inputs, "exploration": explore},
+            {"name": "ranker", "model": "pipeline", "signature": signature, "share": 0.5,
+             "inputs": lists}]}
+
+    raw: Dict[str, Any] = {"experiments": [
+        experiment(names[0], {"query": "", "exclude_seen": True}, "recommend"),
+        experiment(names[1], {"exclude_seen": False}, "search")]}
+    if models:
+        raw = {"models": dict(models), **raw}
+    return raw
 
 
 def pick_experiment(experiments: Mapping[str, Experiment],
@@ -74,6 +108,7 @@ class _Shopper:
         self.history = history
         self.experiment, self.k, self.seed, self.index = experiment, k, seed, index
         self.search, self.search_share = search, search_share
+        self.requested: Dict[str, int] = {}  # request id -> simulated time of the request
 
     def day(self, client: PredictClient, day: int, rate: float) -> List[Dict[str, Any]]:
         rng = np.random.default_rng([self.seed, self.index, day])
@@ -83,6 +118,7 @@ class _Shopper:
         for i, hour in enumerate(hours):
             ts = int(self.world.t_end + day * DAY + hour * 3600 + rng.integers(3600))
             request_id = f"{self.seed}-{day}-{self.index}-{i}"
+            self.requested[request_id] = ts
             history = self.history[-HISTORY:]
             inputs = {
                 "user_id": np.array([self.user], dtype=object),
@@ -115,20 +151,33 @@ class _Shopper:
         return events
 
 
-def served_events(logs: pd.DataFrame, outcomes: pd.DataFrame) -> pd.DataFrame:
-    """Impressions of every logged list plus the outcome events, in the events schema.
+def served_events(logs: pd.DataFrame, outcomes: pd.DataFrame,
+                  request_ts: Optional[Mapping[str, int]] = None) -> pd.DataFrame:
+    """Impressions (and the search event of a searched list) of every logged list plus
+    the outcome events, in the events schema.
 
     The request id is the session id, so clicks join to what was shown; the result is
     ordinary training data (`tfrec train --data-dir`).
+
+    Args:
+      logs: request log rows.
+      outcomes: click / add_to_cart / purchase events, session_id = request id.
+      request_ts: request id -> time of the request, where the log's wall-clock time is
+        not the shopper's (simulated days); default the logged time.
     """
     rows = []
     for log in logs.itertuples():
         context = json.loads(log.context) if log.context else {}
+        ts = int(request_ts[log.request_id]) if request_ts else int(log.ts)
+        query, device = str(context.get("query", "")), str(context.get("device", ""))
+        base = {"user_id": log.user_id, "session_id": log.request_id, "query": query,
+                "device": device}
+        if query:
+            rows.append({**base, "ts": ts, "event_type": "search", "item_id": "",
+                         "position": -1})
         for item, position in zip(log.item_ids, log.positions):
-            rows.append({"ts": int(log.ts) + 2, "user_id": log.user_id,
-                         "session_id": log.request_id, "event_type": "impression",
-                         "item_id": item, "query": str(context.get("query", "")),
-                         "device": str(context.get("device", "")), "position": int(position)})
+            rows.append({**base, "ts": ts + 2, "event_type": "impression", "item_id": item,
+                         "position": int(position)})
     impressions = pd.DataFrame(rows, columns=list(outcomes.columns))
     events = pd.concat([impressions, outcomes], ignore_index=True)
     return validate_table(events.sort_values(["ts", "session_id"], kind="stable")
@@ -233,7 +282,8 @@ def run_abtest(world: World, world_dir: str, experiments_path: str, out_dir: str
     os.makedirs(data_dir, exist_ok=True)
     write_table(world.catalog, os.path.join(data_dir, "catalog.parquet"))
     write_table(world.users, os.path.join(data_dir, "users.parquet"))
-    new_events = served_events(logs, outcomes)  # the shop's log grows by the served traffic
+    requested = {rid: ts for shopper in shoppers for rid, ts in shopper.requested.items()}
+    new_events = served_events(logs, outcomes, requested)  # the log grows by the traffic
     events = pd.concat([world.events, new_events], ignore_index=True)
     write_table(validate_table(events.sort_values("ts", kind="stable").reset_index(drop=True),
                                "events"), os.path.join(data_dir, "events.parquet"))

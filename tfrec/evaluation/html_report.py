@@ -25,7 +25,7 @@ from tfrec.metrics.ranking import (_as_id_matrix, catalog_coverage, embedding_di
 from tfrec.evaluation.slices import activity_slices, cold_start_slices, evaluate_slices
 
 __all__ = ["REPORT_SECTIONS", "ReportData", "ReportFiles", "compute_report", "figure",
-           "html_page", "html_table", "png_bytes", "png_img", "write_report"]
+           "html_page", "html_table", "json_safe", "png_bytes", "png_img", "write_report"]
 
 # Section ids in the HTML (and keys in the JSON), in display order.
 REPORT_SECTIONS = ("summary", "recall_curve", "ndcg_by_activity", "coverage_accuracy",
@@ -106,14 +106,14 @@ class ReportFiles:
     tensorboard_dir: Optional[str]
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe: numpy scalars to Python, NaN/inf to None."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.ndarray):
-        return [_clean(v) for v in value.tolist()]
+        return [json_safe(v) for v in value.tolist()]
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -200,7 +200,7 @@ def compute_report(data: ReportData) -> Dict[str, Any]:
         "skipped": "no logged impressions / prices to estimate CTR, CVR and GMV"}
     out["notes"] = list(data.notes)
     out["metadata"] = dict(data.metadata)
-    return _clean(out)
+    return json_safe(out)
 
 
 # ----------------------------------------------------------------------------
