@@ -249,9 +249,9 @@ def run_abtest(world: World, world_dir: str, experiments_path: str, out_dir: str
     names = [str(all_users[i]) for i in chosen]
     histories = _histories(world, names)
     user_index = {str(u): i for i, u in enumerate(world.ground_truth["user_ids"])}
-    shoppers = [_Shopper(world, u, DEVICES[int(world.ground_truth["user_device"][user_index[u]])],
-                         histories[u], experiment.name, k, seed, int(i), search,
-                         search_share)
+    devices = world.ground_truth["user_device"]
+    shoppers = [_Shopper(world, u, DEVICES[int(devices[user_index[u]])], histories[u],
+                         experiment.name, k, seed, int(i), search, search_share)
                 for u, i in zip(names, chosen)]
 
     start = time.time()
@@ -269,9 +269,9 @@ def run_abtest(world: World, world_dir: str, experiments_path: str, out_dir: str
         status = server.experiment_status()
     finally:
         server.stop(grace=1.0)  # flushes the request log
-    if server.metrics.log_dropped.value() > 0:
-        raise RuntimeError(f"{server.metrics.log_dropped.value():.0f} requests were not "
-                           f"logged (log queue full); rerun with fewer --workers")
+    if server.metrics.log_dropped.value() > 0:  # the report would miss served lists
+        raise ValueError(f"{server.metrics.log_dropped.value():.0f} requests were not "
+                         f"logged (log queue full); rerun with fewer --workers")
 
     columns = ["ts", "user_id", "session_id", "event_type", "item_id", "query", "device",
                "position"]
