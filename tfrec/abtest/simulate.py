@@ -20,8 +20,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import pandas as pd
 
+from tfrec.data.examples import user_states
 from tfrec.data.io import write_table
-from tfrec.data.schema import DEVICES, POSITIVE_EVENT_WEIGHTS, validate_table
+from tfrec.data.schema import DEVICES, validate_table
 from tfrec.data.synthetic import DAY, HOUR_WEIGHTS, World
 from tfrec.serving.client import PredictClient
 from tfrec.serving.experiments import Experiment, load_experiments
@@ -87,17 +88,6 @@ def pick_experiment(experiments: Mapping[str, Experiment],
     return next(iter(experiments.values()))
 
 
-def _histories(world: World, users: List[str]) -> Dict[str, List[str]]:
-    """Each user's last HISTORY distinct positively-interacted items, oldest first."""
-    events = world.events
-    positive = events[events["event_type"].isin(list(POSITIVE_EVENT_WEIGHTS))
-                      & events["user_id"].isin(users)].sort_values("ts", kind="stable")
-    histories: Dict[str, List[str]] = {u: [] for u in users}
-    for user, items in positive.groupby("user_id", sort=False)["item_id"]:
-        histories[str(user)] = list(dict.fromkeys(reversed(items.tolist())))[:HISTORY][::-1]
-    return histories
-
-
 class _Shopper:
     """One simulated user: requests lists, reacts, remembers what they clicked."""
 
@@ -119,7 +109,7 @@ class _Shopper:
             ts = int(self.world.t_end + day * DAY + hour * 3600 + rng.integers(3600))
             request_id = f"{self.seed}-{day}-{self.index}-{i}"
             self.requested[request_id] = ts
-            history = self.history[-HISTORY:]
+            history = self.history[:HISTORY]
             inputs = {
                 "user_id": np.array([self.user], dtype=object),
                 "history": np.array([history + [""] * (HISTORY - len(history))], dtype=object),
@@ -146,8 +136,8 @@ class _Shopper:
                                        "device": self.device,
                                        "position": int(row.position) if kind == "click"
                                        else -1})
-                if row.clicked:
-                    self.history = [h for h in self.history if h != row.item_id] + [row.item_id]
+                if row.clicked:  # most recent first, as the models read histories
+                    self.history = [row.item_id] + self.history[:HISTORY - 1]
         return events
 
 
@@ -247,7 +237,8 @@ def run_abtest(world: World, world_dir: str, experiments_path: str, out_dir: str
     all_users = world.users["user_id"].astype(str).to_numpy()
     chosen = rng.choice(len(all_users), size=min(users, len(all_users)), replace=False)
     names = [str(all_users[i]) for i in chosen]
-    histories = _histories(world, names)
+    histories = dict(zip(names, user_states(world.events, world.t_end, HISTORY,
+                                            users=names)["history"]))
     user_index = {str(u): i for i, u in enumerate(world.ground_truth["user_ids"])}
     devices = world.ground_truth["user_device"]
     shoppers = [_Shopper(world, u, DEVICES[int(devices[user_index[u]])], histories[u],

@@ -23,7 +23,7 @@ from tensorflow_serving.apis import (
 )
 
 from tfrec.serving import tensors
-from tfrec.serving.request_log import RequestLog, Served
+from tfrec.serving.request_log import REQUEST_ID_KEY, RequestLog, Served
 
 _STATE_NAMES = dict(
     (number, name) for name, number in get_model_status_pb2.ModelVersionStatus.State.items())
@@ -116,7 +116,7 @@ class PredictClient:
         request.output_filter.extend(output_filter or ())
         if self.request_log is not None and not request_id:
             request_id = uuid.uuid4().hex  # the log needs an id outcomes can refer to
-        metadata = (("x-request-id", str(request_id)),) if request_id else None
+        metadata = ((REQUEST_ID_KEY, str(request_id)),) if request_id else None
         response = self._call(self._prediction.Predict, request, timeout, metadata)
         if self.request_log is not None:
             spec = response.model_spec

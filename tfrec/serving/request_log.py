@@ -31,6 +31,7 @@ LOG_COLUMNS = ("request_id", "row", "ts", "model", "version", "signature", "expe
                "arm", "user_id", "context", "item_ids", "positions", "scores", "propensities",
                "explored")
 FILE_PATTERN = "requests-*.parquet"
+REQUEST_ID_KEY = "x-request-id"  # gRPC metadata naming a call in the log and its outcomes
 _USER, _ITEMS, _SCORES = "user_id", "item_ids", "scores"
 
 

@@ -53,13 +53,12 @@ from tfrec.serving.model_manager import (
     managers_from,
 )
 from tfrec.serving.monitoring import UNKNOWN, MetricsHTTPServer, ServingMetrics
-from tfrec.serving.request_log import RequestLog, Served
+from tfrec.serving.request_log import REQUEST_ID_KEY, RequestLog, Served
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIGNATURE = "serving_default"
 SIGNATURE_DEF_FIELD = "signature_def"
-REQUEST_ID_KEY = "x-request-id"  # gRPC metadata naming a request in logs and outcomes
 _REQUEST_ID_CHARS = 128
 
 
