@@ -213,7 +213,8 @@ class PredictClient:
         Args:
           model: Model name, e.g. "retrieval".
           user_id: User id; unknown ids fall back to the model's OOV handling.
-          history: Recently interacted item ids, most recent first (the models weight positions by recency).
+          history: Recently interacted item ids, most recent first (the models weight
+            positions by recency).
           query: Search text; "" means pure recommendation.
           device: Device name, e.g. "desktop" or "mobile".
           hour: Hour of day, 0-23.
@@ -260,7 +261,8 @@ class PredictClient:
           user_id: User id; unknown ids are fine (cold start).
           candidates: Catalog item ids to order (unknown ids -> INVALID_ARGUMENT).
           query: Search text; "" for recommendation lists.
-          history: Recently interacted item ids, most recent first (the models weight positions by recency).
+          history: Recently interacted item ids, most recent first (the models weight
+            positions by recency).
           device: Device name.
           hour: Hour of day, 0-23.
           version: Specific model version; None for the latest.
@@ -289,7 +291,7 @@ class PredictClient:
           model: Model name, e.g. "pipeline".
           user_id: User id; unknown ids are fine (cold start).
           k: Number of results (1..the export's retrieval candidates).
-          history: Recently interacted item ids, most recent first (the models weight positions by recency) (never recommended).
+          history: Recently interacted item ids, most recent first (never recommended).
           device: Device name.
           hour: Hour of day, 0-23.
           exclude: Item ids not to return for this request (e.g. out of stock right now).
