@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Dict, List, Sequence, Tuple
@@ -55,6 +56,63 @@ def machine_line() -> str:
 
 def ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}x" if reference else "n/a"
+
+
+def _tree_rss_mb(root: int) -> float:
+    """Resident memory (MB) of a process and all its descendants, from /proc."""
+    children: Dict[int, List[int]] = {}
+    rss: Dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return total
+
+
+def run_child(cmd: List[str], env: Dict[str, str], sample_tree: bool = False
+              ) -> Dict[str, object]:
+    """Runs `cmd`: wall seconds, stdout, the peak RSS (MB) of that process alone (wait4)
+    and, with `sample_tree`, the peak summed RSS of it and its children (sampled 4x/s)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        peak, done = [0.0], threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.25):
+                peak[0] = max(peak[0], _tree_rss_mb(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        if sample_tree:
+            sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        done.set()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                               f"{err.read().decode()[-3000:]}")
+        return {"seconds": wall, "peak_mb": usage.ru_maxrss / 1024,
+                "tree_peak_mb": max(peak[0], usage.ru_maxrss / 1024),
+                "stdout": out.read().decode()}
+
+
+def dir_mb(path: str) -> float:
+    """Size of the files under `path` (MB)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
+               for f in files) / 2**20
 
 
 def closed_loop(address, model, pool, threads, seconds, max_requests, start_event=None,

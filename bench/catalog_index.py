@@ -30,17 +30,16 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line, parse_smoke_args, ratio, tiny_bert  # noqa: E402
+from _common import (dir_mb, format_table, machine_line, parse_smoke_args, ratio,  # noqa: E402
+                     run_child, tiny_bert)
 
 SMOKE = dict(sizes="300", changed=0.0, queries=2)
 EXTRA_WORDS = ["café", "crème", "dorée", "Fußmatte", "niño", "手机壳", "新品", "不锈钢", "保温杯",
@@ -90,27 +89,6 @@ def product_table(size: int, words: Sequence[str], seed: int) -> pd.DataFrame:
     return pd.DataFrame({"product_id": [f"p{i:07d}" for i in range(size)], "title": titles,
                          "brand": brand,
                          "category": [f"cat{c}" for c in rng.integers(0, 50, size)]})
-
-
-def run_child(cmd: List[str], env: Dict[str, str]) -> Dict[str, object]:
-    """Runs `cmd`: wall seconds, stdout and the peak RSS (MB) of that process alone."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
-        out.seek(0), err.seek(0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
-                               f"{err.read().decode()[-3000:]}")
-        return {"seconds": wall, "peak_mb": usage.ru_maxrss / 1024,
-                "stdout": out.read().decode()}
-
-
-def dir_mb(path: str) -> float:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
-               for f in files) / 2**20
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

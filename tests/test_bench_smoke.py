@@ -115,6 +115,11 @@ BENCHES: Dict[str, Expect] = {
     "catalog_index": Expect(
         [("catalog", "index s", "products/s", "peak MB", "export MB", "own title top-10")],
         [r"300 +\d"]),
+    "prepare": Expect(
+        [("world", "engine", "wall s", "time vs pandas", "all procs peak MB",
+          "MB per 1M events", "same as pandas")],
+        [r"tiny \(0\.03M events\) +pandas +\d.* yes$",
+         r"tiny \(0\.03M events\) +Beam direct, in memory +\d.* yes$"]),
     "title_embedding": Expect(
         [("batching", "embedded", "titles/s", "vs before")],
         [row("padded (before)"), row("trimmed (after)"), row("re-index, 1% changed")]),

@@ -47,6 +47,9 @@ def _config(args: argparse.Namespace) -> Config:
         "text_mode": ("ranking", "text_mode"), "ranker_epochs": ("ranking", "epochs"),
         "warm_start": ("train", "warm_start"), "train_days": ("data", "train_days"),
         "profile_steps": ("train", "profile_steps"),
+        "tfrecord_dir": ("data", "tfrecord_dir"), "engine": ("data", "engine"),
+        "max_bad_share": ("data", "max_bad_share"),
+        "vocab_min_count": ("data", "vocab_min_count"),
     }
     for flag, (section, name) in flag_map.items():
         value = getattr(args, flag, None)
@@ -119,6 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _train_flags(p)
     p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--prepared", dest="tfrecord_dir", metavar="DIR",
+                   help="train on the records `tfrec prepare` wrote to DIR (either engine)")
+
+    p = sub.add_parser(
+        "prepare", help="validate the tables and write the training records",
+        description="Validate catalog/users/events (bad rows counted by reason), split by "
+                    "time, build histories, logQ probabilities and id vocabularies, and "
+                    "write the sharded TFRecords `tfrec train` reads. Engines: pandas (one "
+                    "process) or beam (Apache Beam: DirectRunner here, Flink/Spark/Dataflow "
+                    "by --runner; pipeline options after --).",
+        epilog="example: tfrec prepare --engine beam --runner DirectRunner -- "
+               "--direct_running_mode=multi_processing --direct_num_workers=2")
+    _add_common(p)
+    p.add_argument("--data-dir", dest="data_dir", help="catalog/users/events tables (local "
+                   "or, with Beam, any Beam filesystem such as gs://)")
+    p.add_argument("--out", dest="tfrecord_dir", metavar="DIR",
+                   help="where the records go (default: data.tfrecord_dir)")
+    p.add_argument("--engine", choices=["pandas", "beam"], help="default: data.engine")
+    p.add_argument("--runner", help="Beam runner, e.g. DirectRunner, FlinkRunner, "
+                                    "SparkRunner, DataflowRunner (default: DirectRunner)")
+    p.add_argument("--max-bad-share", type=float, dest="max_bad_share", metavar="SHARE",
+                   help="fail (exit 2) when a table has more bad rows than this share "
+                        "(default: data.max_bad_share, 0)")
+    p.add_argument("--dead-letter", metavar="FILE",
+                   help="write the bad rows there as JSON lines {table, reason, row}")
+    p.add_argument("--min-count", type=int, dest="vocab_min_count", metavar="N",
+                   help="ids with fewer training examples stay out of the vocabularies")
+    p.add_argument("--buckets", type=int, default=256,
+                   help="Beam: users / items are processed in this many groups (default 256)")
+    p.add_argument("beam_args", nargs="*", metavar="BEAM_OPTION",
+                   help="Beam pipeline options, after --")
 
     p = sub.add_parser("train-ranker", help="train the ranker of a retrieval run",
                        description="Train the multi-task DCN ranker on the retrieval run's "
@@ -266,6 +300,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+def _prepare(cfg: Config, args: argparse.Namespace) -> None:
+    from tfrec import workflow
+
+    beam_args = list(args.beam_args or [])
+    if args.runner:
+        beam_args.insert(0, f"--runner={args.runner}")
+    if beam_args:
+        if cfg.data.engine != "beam":
+            raise ValueError("--runner and Beam pipeline options need --engine beam")
+        cfg.data.beam_args = tuple(beam_args)
+    meta = workflow.prepare(cfg, dead_letter=args.dead_letter, buckets=args.buckets)
+    counts = meta["counts"]
+    print(f"prepared {counts['train']} train / {counts['val']} val / {counts['test']} test "
+          f"examples from {meta['num_events']} events, {meta['num_items']} items, "
+          f"{meta['num_users']} users ({meta['engine']}, {meta['seconds']}s) in "
+          f"{cfg.data.tfrecord_dir}")
+    for table, info in sorted((meta.get("bad_rows") or {}).items()):
+        if info["bad"]:
+            reasons = ", ".join(f"{n} {r}" for r, n in sorted(info["reasons"].items(),
+                                                               key=lambda kv: -kv[1]))
+            print(f"set aside {info['bad']} of {info['rows']} {table} rows ({reasons})")
+    if args.dead_letter:
+        print(f"bad rows: {args.dead_letter}")
+
+
 def _is_user_error(e: Exception) -> bool:
     from tfrec.serving.client import ServingError
 
@@ -295,6 +354,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {info['items']} items, {info['users']} users, {info['events']} events "
               f"({info['world']}, {info['lang']}, seed {info['seed']}) to {info['data_dir']} in "
               f"{info['seconds']}s")
+    elif cmd == "prepare":
+        _prepare(cfg, args)
     elif cmd == "train":
         from tfrec.training import cluster
 

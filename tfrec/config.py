@@ -30,6 +30,14 @@ class DataConfig:
     # Only the last N days of the training period become training examples (None: all);
     # with train.warm_start, the recent window a refreshed model trains on.
     train_days: Optional[float] = None
+    # Preparation engine: "pandas" (one process, in memory) or "beam" (Apache Beam, the
+    # same records; `beam_args` are its pipeline options, e.g. ["--runner=FlinkRunner"]).
+    engine: str = "pandas"
+    beam_args: Tuple[str, ...] = ()
+    # Share of bad rows a table may have: they are set aside and counted by reason
+    # (`tfrec prepare --dead-letter` keeps them); 0 stops at the first bad row.
+    max_bad_share: float = 0.0
+    vocab_min_count: int = 1  # user / item ids with fewer training examples share OOV
 
 
 @dataclass

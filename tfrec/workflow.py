@@ -38,6 +38,24 @@ def train(cfg: Config):
     return train_retrieval(cfg)
 
 
+def prepare(cfg: Config, dead_letter: Optional[str] = None, buckets: int = 256) -> dict:
+    """Validates the tables and writes the records `train` reads (data.engine decides how).
+
+    Unlike `train`'s implicit preparation it always counts bad rows by reason, so the
+    report covers every problem, not the first one.
+    """
+    from tfrec.data.feature_spec import FeatureSpec
+    from tfrec.data.prepare import prepare_dataset
+
+    return prepare_dataset(
+        cfg.data.data_dir, cfg.data.tfrecord_dir, history_length=cfg.data.history_length,
+        val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+        num_shards=cfg.data.num_shards, features=FeatureSpec.from_config(cfg.features),
+        train_days=cfg.data.train_days, engine=cfg.data.engine,
+        max_bad_share=cfg.data.max_bad_share, dead_letter=dead_letter,
+        min_count=cfg.data.vocab_min_count, buckets=buckets, beam_args=cfg.data.beam_args)
+
+
 def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None):
     """Trains the ranker of a retrieval run on its validation-period candidate lists."""
     from tfrec.training.ranking_trainer import train_ranker as _train_ranker
@@ -87,7 +105,7 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
         cfg.data = run_cfg.data
         query_fn, candidate_fn = tower_fn(model.query_tower), tower_fn(model.candidate_tower)
     meta = ensure_prepared(cfg)
-    tables = load_tables(cfg.data.data_dir)
+    tables = load_tables(cfg.data.data_dir, max_bad_share=cfg.data.max_bad_share)
     if not saved_model and os.path.isdir(os.path.join(ranker_dir_of(run_dir), "weights")):
         # Adds the two_tower+ranker row, over today's catalog (items may have been added).
         ranker, ranker_cfg = load_ranker(run_dir, catalog=tables.catalog)
@@ -169,7 +187,7 @@ def gate_check(cfg: Config, run_dir: str, items, tolerance: float, model=None):
     from tfrec.training.trainer import load_trained_model
 
     run_cfg = _Config.from_yaml(os.path.join(run_dir, "config.yaml"))
-    events = load_tables(run_cfg.data.data_dir).events
+    events = load_tables(run_cfg.data.data_dir, max_bad_share=run_cfg.data.max_bad_share).events
     split = time_split(events, run_cfg.data.val_fraction, run_cfg.data.test_fraction)
     if model is None:
         model, _, _ = load_trained_model(run_dir)
@@ -196,7 +214,7 @@ def export_catalog(run_dir: str, path: Optional[str] = None):
 
     run_cfg = _Config.from_yaml(os.path.join(run_dir, "config.yaml"))
     if path is None:
-        return load_tables(run_cfg.data.data_dir).catalog
+        return load_tables(run_cfg.data.data_dir, max_bad_share=run_cfg.data.max_bad_share).catalog
     return FeatureSpec.from_config(run_cfg.features).check_catalog(read_table(path, "catalog"))
 
 
@@ -228,7 +246,7 @@ def export_ranking(cfg: Config, run: Optional[str] = None, retrieval=None, ranke
 
     run_dir = resolve_run_dir(cfg.train.checkpoint_dir, run)
     run_cfg = _Config.from_yaml(os.path.join(run_dir, "config.yaml"))
-    events = load_tables(run_cfg.data.data_dir).events
+    events = load_tables(run_cfg.data.data_dir, max_bad_share=run_cfg.data.max_bad_share).events
     items = export_catalog(run_dir, catalog)
     # Serve with popularity features as of the newest data, not the training cut.
     stats = catalog_statistics(items, positive_interactions(events), int(events["ts"].max()) + 1)
@@ -298,7 +316,7 @@ def demo(cfg: Config, world: Optional[str] = None, regenerate: bool = False,
         client = PredictClient(address)
         for name in names:
             client.wait_until_available(name, timeout=60)
-        tables = load_tables(cfg.data.data_dir)
+        tables = load_tables(cfg.data.data_dir, max_bad_share=cfg.data.max_bad_share)
         user, history = _example_user(tables.events)
         print_fn(f"  server on {address}; user {user}, recent items: "
                  + ", ".join(_titles(tables.catalog, history[:3])))

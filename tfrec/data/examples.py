@@ -44,13 +44,16 @@ def positive_interactions(events: pd.DataFrame) -> pd.DataFrame:
     keys = ["user_id", "session_id", "item_id"]
     pos = events.loc[is_positive, keys + ["ts", "event_type", "device"]]
     pos = pos.assign(weight=pos["event_type"].map(POSITIVE_EVENT_WEIGHTS).astype(np.float32))
-    pos = pos.sort_values("ts", kind="stable")
+    # Every tie is broken by value, not by row order, so tables read in parallel (the
+    # Beam engine) give the same examples.
+    pos = pos.sort_values(["ts", "device", "event_type"], kind="stable")
     grouped = pos.groupby(keys, sort=False).agg(
         ts=("ts", "min"), weight=("weight", "max"), device=("device", "first")).reset_index()
 
     # The session query may sit on the search event only, not on the clicks.
-    searched = events.loc[events["query"] != "", ["user_id", "session_id", "query"]]
-    session_query = searched.drop_duplicates(["user_id", "session_id"])
+    searched = events.loc[events["query"] != "", ["user_id", "session_id", "query", "ts"]]
+    session_query = searched.sort_values(["ts", "query"], kind="stable").drop_duplicates(
+        ["user_id", "session_id"])[["user_id", "session_id", "query"]]
     out = grouped.merge(session_query, on=["user_id", "session_id"], how="left")
     out["query"] = out["query"].astype(object).where(out["query"].notna(), "")
     out = out.sort_values(["ts", "user_id", "session_id", "item_id"], kind="stable")
@@ -112,6 +115,59 @@ def histories_before(users: np.ndarray, items: np.ndarray, ts: np.ndarray,
     return out
 
 
+def user_examples(events: pd.DataFrame, history_length: int = 20) -> pd.DataFrame:
+    """The query side of every positive interaction: history, session query, device, hour.
+
+    Everything here is computed within one user, so any partition of the events by
+    user (the Beam engine's buckets) gives the same rows as the whole table.
+
+    Args:
+      events: validated events (of whole users).
+      history_length: maximum history items (most recent first).
+
+    Returns:
+      `positive_interactions` columns plus `history` (lists of item ids) and `hour`.
+    """
+    if history_length < 1:
+        raise ValueError(f"history_length must be >= 1, got {history_length}")
+    positives = positive_interactions(events)
+    by_user = positives.sort_values(["user_id", "ts"], kind="stable")
+    history = histories_before(by_user["user_id"].to_numpy(), by_user["item_id"].to_numpy(),
+                               by_user["ts"].to_numpy(), positives["user_id"].to_numpy(),
+                               positives["ts"].to_numpy(), history_length)
+    return positives.assign(history=pd.Series(history, index=positives.index, dtype=object),
+                            hour=hour_of_day(positives["ts"]))
+
+
+def with_items(examples: pd.DataFrame, catalog: pd.DataFrame, probs: pd.Series,
+               features: Optional[FeatureSpec] = None) -> pd.DataFrame:
+    """Adds the candidate side (catalog columns, candidate_prob) to `user_examples` rows.
+
+    Item-local like `user_examples` is user-local: a partition by item gives the same rows.
+
+    Args:
+      examples: `user_examples` output.
+      catalog: validated catalog (rows of the examples' items at least); examples on
+        items missing from it are dropped.
+      probs: `candidate_probabilities` of (at least) those items.
+      features: the feature specification; built-ins if None.
+
+    Returns:
+      DataFrame with the spec's `example_columns`, sorted by (ts, user_id, item_id).
+    """
+    features = features or default_spec()
+    item_columns = features.check_catalog(catalog)[list(features.catalog_columns)]
+    examples = examples.merge(item_columns, on="item_id", how="inner", sort=False)
+    examples["candidate_prob"] = probs.reindex(examples["item_id"].to_numpy()).to_numpy(
+        dtype=np.float32)
+    columns = features.example_columns
+    for name, dtype in columns.items():
+        if dtype in ("float", "int"):
+            examples[name] = examples[name].astype(np.float32 if dtype == "float" else np.int64)
+    examples = examples.sort_values(["ts", "user_id", "item_id"], kind="stable")
+    return examples[list(columns)].reset_index(drop=True)
+
+
 def build_retrieval_examples(events: pd.DataFrame, catalog: pd.DataFrame,
                              history_length: int = 20,
                              split: Optional[TimeSplit] = None,
@@ -133,28 +189,10 @@ def build_retrieval_examples(events: pd.DataFrame, catalog: pd.DataFrame,
       candidate_prob, ts), sorted by ts. `history` holds Python lists of item ids;
       float features float32, int features int64.
     """
-    features = features or default_spec()
-    if history_length < 1:
-        raise ValueError(f"history_length must be >= 1, got {history_length}")
-    positives = positive_interactions(events)
-    by_user = positives.sort_values(["user_id", "ts"], kind="stable")
-    history = histories_before(by_user["user_id"].to_numpy(), by_user["item_id"].to_numpy(),
-                         by_user["ts"].to_numpy(), positives["user_id"].to_numpy(),
-                         positives["ts"].to_numpy(), history_length)
-    examples = positives.assign(history=pd.Series(history, index=positives.index, dtype=object),
-                                hour=hour_of_day(positives["ts"]))
-    item_columns = features.check_catalog(catalog)[list(features.catalog_columns)]
-    examples = examples.merge(item_columns, on="item_id", how="inner", sort=False)
-    probs = candidate_probabilities(positives, catalog,
+    examples = user_examples(events, history_length)
+    probs = candidate_probabilities(examples, catalog,
                                     before_ts=None if split is None else split.t_val)
-    examples["candidate_prob"] = probs.reindex(examples["item_id"].to_numpy()).to_numpy(
-        dtype=np.float32)
-    columns = features.example_columns
-    for name, dtype in columns.items():
-        if dtype in ("float", "int"):
-            examples[name] = examples[name].astype(np.float32 if dtype == "float" else np.int64)
-    examples = examples.sort_values(["ts", "user_id", "item_id"], kind="stable")
-    return examples[list(columns)].reset_index(drop=True)
+    return with_items(examples, catalog, probs, features)
 
 
 def user_states(events: pd.DataFrame, at_ts: int, history_length: int = 20,

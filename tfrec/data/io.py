@@ -6,13 +6,16 @@ half-written table that a later run would read as valid data.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import pandas as pd
 
+from tfrec.data.rows import BadRowReport, check_rows, split_duplicates, split_unknown_items
 from tfrec.data.schema import SCHEMAS, SchemaError, validate_references, validate_table
 
 TABLE_FORMATS = (".parquet", ".csv")
@@ -74,19 +77,15 @@ def write_table(df: pd.DataFrame, path: str) -> str:
                      f"use one of {TABLE_FORMATS}")
 
 
-def read_table(path: str, table: str) -> pd.DataFrame:
-    """Reads a Parquet or CSV table and validates it against its schema.
+def read_raw(path: str, table: str) -> pd.DataFrame:
+    """Reads one Parquet or CSV file of a table as it is, without validation.
 
-    CSV columns are read as text and converted by `validate_table`, so ids such
-    as "007" keep their leading zeros instead of being guessed as numbers.
-
-    Args:
-      path: a `.parquet` or `.csv` file.
-      table: "catalog", "users" or "events".
+    CSV columns are read as text (converted later), so ids such as "007" keep their
+    leading zeros instead of being guessed as numbers.
 
     Raises:
       FileNotFoundError: the file does not exist.
-      SchemaError: the file cannot be parsed or does not match the schema.
+      SchemaError: the file cannot be parsed (corrupt, empty, unknown extension).
     """
     if table not in SCHEMAS:
         raise SchemaError(f"unknown table {table!r}; expected one of {sorted(SCHEMAS)}")
@@ -100,13 +99,26 @@ def read_table(path: str, table: str) -> pd.DataFrame:
         raise SchemaError(f"could not read {table} file {path!r}: the file is empty")
     try:
         if ext == ".parquet":
-            df = pd.read_parquet(path)
-        else:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+            return pd.read_parquet(path)
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as e:  # pyarrow/pandas raise many types for corrupt input
         kind = "Parquet" if ext == ".parquet" else "CSV"
         raise SchemaError(f"could not read {table} file {path!r}: not a valid {kind} "
                           f"file ({type(e).__name__}: {e})") from e
+
+
+def read_table(path: str, table: str) -> pd.DataFrame:
+    """Reads a Parquet or CSV table and validates it against its schema.
+
+    Args:
+      path: a `.parquet` or `.csv` file.
+      table: "catalog", "users" or "events".
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      SchemaError: the file cannot be parsed or does not match the schema.
+    """
+    df = read_raw(path, table)
     try:
         return validate_table(df, table)
     except SchemaError as e:
@@ -122,28 +134,107 @@ def find_table(data_dir: str, table: str) -> Optional[str]:
     return None
 
 
-def load_tables(data_dir: str, strict: bool = True) -> Tables:
+def table_files(data_dir: str, table: str) -> List[str]:
+    """The files of one table: `<table>.parquet|.csv`, or the parts in a `<table>/` folder.
+
+    A folder of parts (`events/part-00000.parquet`, ...) is what streaming writers and
+    distributed jobs produce; its files are read in name order.
+
+    Raises:
+      FileNotFoundError: neither a file nor a non-empty folder of parts exists.
+    """
+    single = find_table(data_dir, table)
+    if single is not None:
+        return [single]
+    folder = os.path.join(data_dir, table)
+    if os.path.isdir(folder):
+        for ext in TABLE_FORMATS:
+            parts = sorted(glob.glob(os.path.join(glob.escape(folder), "*" + ext)))
+            if parts:
+                return parts
+    raise FileNotFoundError(
+        f"no {table} table in data directory {data_dir!r} (expected {table}.parquet or "
+        f"{table}.csv, or a {table}/ folder of .parquet or .csv parts); run `tfrec generate` "
+        f"to create a synthetic world there, or add the file")
+
+
+def read_table_raw(data_dir: str, table: str) -> pd.DataFrame:
+    """All files of a table (`table_files`) concatenated, unvalidated."""
+    frames = [read_raw(path, table) for path in table_files(data_dir, table)]
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def clean_tables(data_dir: str) -> Tuple[Tables, "BadRowReport", pd.DataFrame]:
+    """Loads a data directory keeping the rows that pass every check, and the rest aside.
+
+    The lenient twin of `load_tables`: row checks (`check_rows`), then duplicate ids,
+    then events about items the good catalog lacks.
+
+    Returns:
+      (tables, report, bad rows in `check_rows` format).
+
+    Raises:
+      FileNotFoundError, SchemaError: a table is missing, unreadable or lacks a column.
+    """
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data directory {data_dir!r} does not exist; run `tfrec "
+                                f"generate` to create a synthetic world there")
+    report, bad_frames, good = BadRowReport(), [], {}
+    for name in ("catalog", "users", "events"):
+        raw = read_table_raw(data_dir, name)
+        report.rows[name] = len(raw)
+        rows, bad = check_rows(raw, name)
+        rows, duplicates = split_duplicates(rows, name)
+        good[name] = rows
+        bad_frames += [bad, duplicates]
+    good["events"], unknown = split_unknown_items(good["events"], good["catalog"]["item_id"])
+    bad_frames.append(unknown)
+    bad = pd.concat(bad_frames, ignore_index=True)
+    report.add(bad)
+    for name in ("catalog", "users", "events"):
+        if len(good[name]) == 0:
+            raise SchemaError(f"no valid {name} rows in {data_dir!r}: "
+                              f"{report.describe(name) or 'the table is empty'}")
+    return Tables(**good), report, bad
+
+
+def load_tables(data_dir: str, strict: bool = True, max_bad_share: float = 0.0) -> Tables:
     """Loads and validates catalog, users and events from a data directory.
 
     Args:
-      data_dir: directory holding `<name>.parquet` or `<name>.csv` per table.
+      data_dir: directory holding `<name>.parquet` or `<name>.csv` per table (or a
+        `<name>/` folder of parts).
       strict: events referencing items missing from the catalog raise (True) or
         are dropped with a warning (False).
+      max_bad_share: 0 (default): the first bad row raises. Above 0: bad rows are set
+        aside as `tfrec prepare` does (`clean_tables`), with a warning, unless a
+        table's share of them exceeds this.
 
     Raises:
       FileNotFoundError: the directory or one of the tables is missing.
       SchemaError: a table is unreadable or invalid.
+      ValueError: more bad rows than `max_bad_share` allows.
     """
+    if max_bad_share:
+        tables, report, _ = clean_tables(data_dir)
+        report.check(max_bad_share)
+        for table in sorted(report.rows):
+            if report.bad(table):
+                warnings.warn(f"{data_dir}: set aside {report.bad(table)} bad {table} rows: "
+                              f"{report.describe(table)}", stacklevel=2)
+        return tables
     hint = "run `tfrec generate` to create a synthetic world there"
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data directory {data_dir!r} does not exist; {hint}")
     tables = {}
     for name in ("catalog", "users", "events"):
-        path = find_table(data_dir, name)
-        if path is None:
-            raise FileNotFoundError(
-                f"no {name} table in data directory {data_dir!r} (expected {name}.parquet "
-                f"or {name}.csv); {hint}, or add the file")
-        tables[name] = read_table(path, name)
+        paths = table_files(data_dir, name)
+        if len(paths) == 1:
+            tables[name] = read_table(paths[0], name)
+        else:
+            try:
+                tables[name] = validate_table(read_table_raw(data_dir, name), name)
+            except SchemaError as e:
+                raise SchemaError(f"{os.path.join(data_dir, name)}/: {e}") from e
     events = validate_references(tables["catalog"], tables["events"], strict=strict)
     return Tables(catalog=tables["catalog"], users=tables["users"], events=events)

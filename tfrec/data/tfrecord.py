@@ -6,7 +6,6 @@ memory, and several shards let tf.distribute split input by file across workers.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -35,7 +34,16 @@ _FEATURE_OF = {
 }
 
 
-def _serialize_rows(df: pd.DataFrame, columns: Mapping[str, str]) -> List[bytes]:
+def serialize_examples(df: pd.DataFrame, columns: Mapping[str, str]) -> List[bytes]:
+    """tf.train.Example bytes of each row (columns in `columns` order, as written).
+
+    Both preparation engines serialize through here, so their records are byte-equal
+    (map keys sorted: protobuf map order otherwise differs between processes).
+
+    Args:
+      df: examples (`build_retrieval_examples` columns).
+      columns: FeatureSpec.example_columns (name -> "string", "string_list", "int", "float").
+    """
     # Row by row: protos of a whole table held at once would cost ~10 KB per example.
     names = list(columns)
     makers = [_FEATURE_OF[columns[c]] for c in names]
@@ -43,7 +51,7 @@ def _serialize_rows(df: pd.DataFrame, columns: Mapping[str, str]) -> List[bytes]
     for row in zip(*(df[c].tolist() for c in names)):
         feature = {name: make(value) for name, make, value in zip(names, makers, row)}
         records.append(tf.train.Example(features=tf.train.Features(feature=feature))
-                       .SerializeToString())
+                       .SerializeToString(deterministic=True))
     return records
 
 
@@ -74,7 +82,7 @@ def write_tfrecords(examples_df: pd.DataFrame, out_dir: str, prefix: str,
         raise ValueError(f"examples are missing column(s) {missing}; build them with "
                          f"build_retrieval_examples")
     os.makedirs(out_dir, exist_ok=True)
-    records = _serialize_rows(examples_df, columns)
+    records = serialize_examples(examples_df, columns)
     paths = []
     for shard in range(num_shards):
         path = os.path.join(out_dir, shard_name(prefix, shard, num_shards))
@@ -85,11 +93,16 @@ def write_tfrecords(examples_df: pd.DataFrame, out_dir: str, prefix: str,
                     writer.write(record)
 
         paths.append(atomic_write(path, write))
-    stale = re.compile(re.escape(prefix) + r"-\d{5}-of-\d{5}\.tfrecord$")
-    for old in glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}-*")):
-        if stale.search(os.path.basename(old)) and old not in paths:
-            os.remove(old)
+    remove_stale_shards(out_dir, prefix, keep=paths)
     return paths
+
+
+def remove_stale_shards(out_dir: str, prefix: str, keep: List[str]) -> None:
+    """Deletes `<prefix>-XXXXX-of-NNNNN.tfrecord` shards not in `keep` (an older layout)."""
+    stale = re.compile(re.escape(prefix) + r"-\d{5}-of-\d{5}\.tfrecord$")
+    for old in tf.io.gfile.glob(os.path.join(out_dir, f"{prefix}-*")):
+        if stale.search(os.path.basename(old)) and old not in keep:
+            tf.io.gfile.remove(old)
 
 
 def parse_batch(serialized: tf.Tensor, history_length: int,

@@ -43,7 +43,7 @@ def validation_queries(data: DataConfig, query_fn, max_users: int = 1000
     from tfrec.data.split import time_split
 
     try:
-        events = load_tables(data.data_dir).events
+        events = load_tables(data.data_dir, max_bad_share=data.max_bad_share).events
         split = time_split(events, data.val_fraction, data.test_fraction)
         eval_set = build_eval_set(events, split.t_val, split.t_test, data.history_length,
                                   max_users=max_users)

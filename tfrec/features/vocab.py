@@ -90,7 +90,9 @@ def department_of(categories: Sequence[str]) -> List[str]:
 
 def build_vocabularies(train_examples: pd.DataFrame, catalog: pd.DataFrame,
                        text_max_tokens: int, price_buckets: int,
-                       features: Optional[FeatureSpec] = None) -> Vocabularies:
+                       features: Optional[FeatureSpec] = None,
+                       users: Optional[List[str]] = None,
+                       items: Optional[List[str]] = None) -> Vocabularies:
     """Learns vocabularies from training examples and the catalog.
 
     Ids come from the training period only, so validation/test users and items that
@@ -102,11 +104,13 @@ def build_vocabularies(train_examples: pd.DataFrame, catalog: pd.DataFrame,
       text_max_tokens: size cap of the word vocabulary.
       price_buckets: number of price quantile buckets.
       features: the feature specification (extra catalog columns); built-ins if None.
+      users, items: id vocabularies written by data preparation (`read_vocab`: most
+        frequent first, min-count applied); counted from `train_examples` if None.
     """
     if len(train_examples) == 0:
         raise ValueError("no training examples: the training period has no positive events")
-    users = _by_frequency(train_examples["user_id"])
-    items = _by_frequency(train_examples["item_id"])
+    users = list(users) if users is not None else _by_frequency(train_examples["user_id"])
+    items = list(items) if items is not None else _by_frequency(train_examples["item_id"])
     categories = sorted(set(catalog["category"].astype(str)))
     departments = sorted(set(department_of(categories)))
     brands = sorted(set(catalog["brand"].astype(str)))
@@ -154,5 +158,8 @@ def extra_vocabularies(catalog: pd.DataFrame, features: FeatureSpec
 
 
 def _by_frequency(values: pd.Series) -> List[str]:
-    counts = values.astype(str).value_counts(sort=True)
-    return [v for v in counts.index.tolist() if v != ""]
+    """Distinct values, most frequent first, ties by value (as prepared vocabularies)."""
+    counts = values.astype(str).value_counts()
+    counts = counts[counts.index != ""]
+    order = np.lexsort((counts.index.to_numpy(dtype=str), -counts.to_numpy()))
+    return counts.index[order].tolist()

@@ -215,7 +215,7 @@ def training_lists(cfg: Config, run_dir: str, retrieval=None, max_users: Optiona
     if retrieval is None:
         retrieval, _, _ = load_trained_model(run_dir)
     meta = ensure_prepared(cfg)
-    tables = load_tables(cfg.data.data_dir)
+    tables = load_tables(cfg.data.data_dir, max_bad_share=cfg.data.max_bad_share)
     t_val, t_test = int(meta["split"]["t_val"]), int(meta["split"]["t_test"])
     query_fn, candidate_fn = tower_fn(retrieval.query_tower), tower_fn(retrieval.candidate_tower)
     # Several cut times inside the period: the same retrieval model (which never saw the
@@ -270,7 +270,7 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
         raise ValueError(f"only {len(arrays['user_id'])} users have positives in the validation "
                          "period: too few ranking lists to train on")
     train, val = _split_lists(arrays, 0.1, cfg.train.seed)
-    tables = load_tables(cfg.data.data_dir)
+    tables = load_tables(cfg.data.data_dir, max_bad_share=cfg.data.max_bad_share)
     vocab = Vocabularies.load(run_dir)
     if chief:
         cfg.to_yaml(os.path.join(out_dir, "config.yaml"))
@@ -337,7 +337,7 @@ def _trained_catalog(out_dir: str, cfg: Config) -> Tuple[pd.DataFrame, pd.DataFr
         catalog = table.drop(columns=stats_columns)
         return catalog, table[stats_columns]
     # Runs before the catalog was saved beside the statistics: only ids to compare.
-    catalog = load_tables(cfg.data.data_dir).catalog
+    catalog = load_tables(cfg.data.data_dir, max_bad_share=cfg.data.max_bad_share).catalog
     if table["item_id"].tolist() != catalog["item_id"].astype(str).tolist():
         raise ValueError(f"the catalog in {cfg.data.data_dir!r} changed since this ranker was "
                          "trained (an older run that did not save its catalog): retrain it "

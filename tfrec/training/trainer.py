@@ -30,7 +30,8 @@ from tfrec.config import Config
 from tfrec.data.examples import positive_interactions
 from tfrec.data.feature_spec import FeatureSpec
 from tfrec.data.io import load_tables
-from tfrec.data.prepare import load_meta, prepare_dataset
+from tfrec.data.prepare import (load_meta, prepare_dataset, read_vocab,
+                                source_signature)
 from tfrec.data.tfrecord import make_dataset
 from tfrec.data.feature_spec import catalog_features
 from tfrec.metrics.retrieval import build_eval_set, embed_in_batches
@@ -124,41 +125,46 @@ def ensure_prepared(cfg: Config) -> dict:
     """Writes TFRecords for the configured data once; later runs reuse them.
 
     The cache is keyed on the raw tables, the split, the history length and the feature
-    specification, so records written for other features are never parsed.
+    specification, so records written for other features are never parsed. Records the
+    Beam engine wrote (`tfrec prepare --engine beam`, maybe on a cluster) are never
+    silently rebuilt in this process: a mismatch is an error naming the setting.
+
+    Raises:
+      ValueError: the Beam-prepared records do not match the config.
     """
     features = FeatureSpec.from_config(cfg.features)
+    wanted = {"features": features.fingerprint(),
+              "history_length": cfg.data.history_length,
+              "val_fraction": cfg.data.val_fraction,
+              "test_fraction": cfg.data.test_fraction,
+              "train_days": cfg.data.train_days,
+              "vocab_min_count": cfg.data.vocab_min_count}
     try:
         meta = load_meta(cfg.data.tfrecord_dir)
-        if (meta.get("features") == features.fingerprint()
-                and meta.get("history_length") == cfg.data.history_length
-                and meta.get("val_fraction") == cfg.data.val_fraction
-                and meta.get("test_fraction") == cfg.data.test_fraction
-                and meta.get("train_days") == cfg.data.train_days
-                and meta.get("source_signature") == _source_signature(cfg.data.data_dir)):
-            return meta
     except FileNotFoundError:
-        pass
-    meta = prepare_dataset(cfg.data.data_dir, cfg.data.tfrecord_dir,
+        meta = None
+    if meta is not None:
+        differ = sorted(k for k, v in wanted.items() if meta.get(k) != v)
+        if not differ and (meta.get("engine") == "beam"
+                           or meta.get("source_signature") == source_signature(
+                               cfg.data.data_dir)):
+            return meta
+        if meta.get("engine") == "beam" and cfg.data.engine == "pandas":
+            settings = ", ".join(f"{k}: {meta.get(k)!r} there, {wanted[k]!r} here"
+                                 for k in differ)
+            raise ValueError(
+                f"the records in {cfg.data.tfrecord_dir!r} were prepared by the Beam engine "
+                f"with other settings ({settings}); run `tfrec prepare --engine beam` again "
+                f"with this config, or set data.engine: beam")
+    return prepare_dataset(cfg.data.data_dir, cfg.data.tfrecord_dir,
                            history_length=cfg.data.history_length,
                            val_fraction=cfg.data.val_fraction,
                            test_fraction=cfg.data.test_fraction,
                            num_shards=cfg.data.num_shards, features=features,
-                           train_days=cfg.data.train_days)
-    meta["source_signature"] = _source_signature(cfg.data.data_dir)
-    _write_json(os.path.join(cfg.data.tfrecord_dir, "meta.json"),
-                {k: v for k, v in meta.items() if k != "patterns"})
-    return meta
-
-
-def _source_signature(data_dir: str) -> str:
-    """Size+mtime of the raw tables: TFRecords are rebuilt when the data changes."""
-    parts = []
-    for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
-        path = os.path.join(data_dir, name)
-        if os.path.isfile(path):
-            st = os.stat(path)
-            parts.append(f"{name}:{st.st_size}:{int(st.st_mtime)}")
-    return "|".join(parts)
+                           train_days=cfg.data.train_days, engine=cfg.data.engine,
+                           max_bad_share=cfg.data.max_bad_share or None,
+                           min_count=cfg.data.vocab_min_count,
+                           beam_args=cfg.data.beam_args)
 
 
 def profile_steps(cfg: Config) -> Union[int, Tuple[int, int]]:
@@ -238,7 +244,7 @@ def train_retrieval(cfg: Config,
     parameter_server = isinstance(strategy, tf.distribute.ParameterServerStrategy)
 
     meta = ensure_prepared(cfg)
-    tables = load_tables(cfg.data.data_dir)
+    tables = load_tables(cfg.data.data_dir, max_bad_share=cfg.data.max_bad_share)
     run_name = cfg.train.run_name or default_run_name()
     cfg.train.run_name = run_name
     run_dir = os.path.join(cfg.train.checkpoint_dir, run_name)
@@ -259,7 +265,9 @@ def train_retrieval(cfg: Config,
     else:
         vocab = build_vocabularies(train_positives, tables.catalog,
                                    cfg.model.text_max_tokens, cfg.model.price_buckets,
-                                   FeatureSpec.from_config(cfg.features))
+                                   FeatureSpec.from_config(cfg.features),
+                                   users=read_vocab(cfg.data.tfrecord_dir, "users"),
+                                   items=read_vocab(cfg.data.tfrecord_dir, "items"))
         if previous is not None:  # old ids keep their rows, new ones are appended
             vocab = grow_vocabularies(previous[2], vocab)
         if chief:

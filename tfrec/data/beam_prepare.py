@@ -1,0 +1,356 @@
+"""Data preparation as an Apache Beam pipeline: the pandas engine's steps, partitioned.
+
+The pandas engine holds every table in one process; this pipeline runs the very same
+functions (`check_rows`, `split_duplicates`, `split_unknown_items`, `user_examples`,
+`with_items`, `serialize_examples`) on buckets of users or items, which is exact because
+each of them only looks within one user or one item. So the output equals the pandas
+engine's, and it runs on the DirectRunner here or on Flink, Spark or Dataflow by flag.
+
+Import needs the `beam` extra (`pip install 'tfrec[beam]'`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+_quiet = logging.getLogger()
+_level = _quiet.level
+_quiet.setLevel(logging.ERROR)  # apache_beam warns about optional GCP clients on import
+try:
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError("the Beam engine needs Apache Beam: pip install 'tfrec[beam]' "
+                      "(apache-beam[tfrecord]==2.77.0)") from e
+finally:
+    _quiet.setLevel(_level)
+
+from tfrec.data.examples import UNSEEN_ITEM_COUNT, user_examples, with_items  # noqa: E402
+from tfrec.data.feature_spec import FeatureSpec  # noqa: E402
+from tfrec.data.rows import (check_rows, dead_letter_lines, split_duplicates,  # noqa: E402
+                             split_unknown_items)
+from tfrec.data.prepare import DAY, vocab_lines  # noqa: E402
+from tfrec.data.schema import SchemaError  # noqa: E402
+from tfrec.data.split import PERIODS, TimeSplit, time_split  # noqa: E402
+from tfrec.data.tfrecord import serialize_examples  # noqa: E402
+
+TABLES = ("catalog", "users", "events")
+FORMATS = (".parquet", ".csv")
+CSV_ROWS = 100_000  # rows per batch when reading CSV
+STATS_FILE = "stats.json"
+
+
+def beam_table_files(data_dir: str, table: str) -> Tuple[str, List[str]]:
+    """(format, files) of a table on any Beam filesystem: one file or a folder of parts.
+
+    Raises:
+      FileNotFoundError: no file of the table.
+    """
+    for ext in FORMATS:
+        single = FileSystems.join(data_dir, table + ext)
+        if FileSystems.exists(single):
+            return ext, [single]
+    for ext in FORMATS:
+        found = FileSystems.match([FileSystems.join(data_dir, table, "*" + ext)])[0]
+        files = sorted(m.path for m in found.metadata_list)
+        if files:
+            return ext, files
+    raise FileNotFoundError(f"no {table} table in data directory {data_dir!r} (expected "
+                            f"{table}.parquet or {table}.csv, or a {table}/ folder of parts)")
+
+
+def check_readable(table: str, ext: str, files: Sequence[str]) -> None:
+    """Fails before the pipeline starts when a file is empty or not Parquet/CSV at all.
+
+    Raises:
+      SchemaError: naming the file.
+    """
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            with FileSystems.open(path, compression_type="uncompressed") as f:
+                if ext == ".parquet":
+                    pq.ParquetFile(f).schema_arrow  # reads the footer only
+                elif not f.read(1):
+                    raise ValueError("the file is empty")
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many types for corrupt input
+            kind = "Parquet" if ext == ".parquet" else "CSV"
+            raise SchemaError(f"could not read {table} file {path!r}: not a valid {kind} "
+                              f"file ({type(e).__name__}: {e})") from e
+
+
+def _csv_batches(path: str) -> Iterator[pd.DataFrame]:
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        yield from pd.read_csv(f, dtype=str, keep_default_na=False, chunksize=CSV_ROWS)
+
+
+def bucket_of(ids: pd.Series, buckets: int) -> np.ndarray:
+    """Stable bucket of each id (pandas' fixed-key hash: equal in every worker process)."""
+    return (pd.util.hash_array(ids.to_numpy(dtype=object)) % np.uint64(buckets)).astype(
+        np.int64)
+
+
+def _by_bucket(df: pd.DataFrame, column: str, buckets: int) -> Iterator[Tuple[int, pd.DataFrame]]:
+    if len(df):
+        for bucket, part in df.groupby(bucket_of(df[column], buckets), sort=False):
+            yield int(bucket), part
+
+
+def _concat(frames: Iterable[pd.DataFrame]) -> Optional[pd.DataFrame]:
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return None
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+class _CheckRows(beam.DoFn):
+    """Raw batch -> good rows (main output), bad rows ("bad") and a row count ("stats")."""
+
+    def __init__(self, table: str):
+        self.table = table
+
+    def process(self, raw: pd.DataFrame):
+        good, bad = check_rows(raw, self.table)
+        yield beam.pvalue.TaggedOutput("stats", (("rows", self.table), len(raw)))
+        if len(bad):
+            yield beam.pvalue.TaggedOutput("bad", bad)
+        if len(good):
+            yield good
+
+
+def _items_known(element, buckets: int):
+    """Item bucket: the catalog without duplicate ids, events about known items only."""
+    bucket, grouped = element
+    catalog = _concat(grouped["catalog"])
+    events = _concat(grouped["events"])
+    if catalog is not None:
+        catalog, duplicates = split_duplicates(catalog, "catalog")
+        if len(duplicates):
+            yield beam.pvalue.TaggedOutput("bad", duplicates)
+        yield beam.pvalue.TaggedOutput("stats", (("good", "catalog"), len(catalog)))
+        yield beam.pvalue.TaggedOutput("catalog", (bucket, catalog))
+    if events is not None:
+        ids = catalog["item_id"] if catalog is not None else []
+        events, unknown = split_unknown_items(events, ids)
+        if len(unknown):
+            yield beam.pvalue.TaggedOutput("bad", unknown)
+        if len(events):
+            yield events
+
+
+def _users_unique(element):
+    _, frames = element
+    users, duplicates = split_duplicates(_concat(frames), "users")
+    if len(duplicates):
+        yield beam.pvalue.TaggedOutput("bad", duplicates)
+    yield (("good", "users"), len(users))
+
+
+def _user_examples(element, history_length: int, buckets: int):
+    """User bucket: every positive with its point-in-time query side, keyed by item bucket."""
+    _, frames = element
+    events = _concat(frames)
+    if events is None:
+        return
+    yield beam.pvalue.TaggedOutput("stats", (("good", "events"), len(events)))
+    yield beam.pvalue.TaggedOutput("ts", (int(events["ts"].min()), int(events["ts"].max())))
+    yield from _by_bucket(user_examples(events, history_length), "item_id", buckets)
+
+
+def _count_train(element, split: Dict[str, int]):
+    """Item bucket: training positives per catalog item, clipped like candidate_probabilities."""
+    bucket, grouped = element
+    catalog, examples = _concat(grouped["catalog"]), _concat(grouped["examples"])
+    if catalog is None:
+        return
+    counts = pd.Series(0.0, index=catalog["item_id"].to_numpy())
+    if examples is not None:
+        train = examples[examples["ts"] < split["t_val"]]
+        counts = train["item_id"].value_counts().reindex(counts.index, fill_value=0).astype(
+            np.float64)
+    counts = counts.clip(lower=UNSEEN_ITEM_COUNT)
+    yield beam.pvalue.TaggedOutput("total", float(counts.sum()))
+    if examples is not None:
+        yield bucket, catalog, examples, counts
+
+
+def _finish(element, total: float, split: Dict[str, int], features: FeatureSpec,
+            train_days: Optional[float]):
+    """Item bucket: candidate columns and candidate_prob, then records by period."""
+    _, catalog, examples, counts = element
+    examples = with_items(examples, catalog, counts / total, features)
+    ts = examples["ts"].to_numpy()
+    period = TimeSplit(**split).assign_period(ts)
+    if train_days is not None:
+        old = (period == "train") & (ts < split["t_val"] - train_days * DAY)
+        examples, period = examples[~old], period[~old]
+    for name in PERIODS:
+        subset = examples[period == name]
+        for record in serialize_examples(subset, features.example_columns):
+            yield beam.pvalue.TaggedOutput(name, record)
+    train = examples[period == "train"]
+    for column, kind in (("user_id", "users"), ("item_id", "items")):
+        for value, count in train[column].value_counts().items():
+            yield beam.pvalue.TaggedOutput("vocab", ((kind, value), int(count)))
+
+
+def _reasons(bad: pd.DataFrame) -> Iterator[Tuple[Tuple[str, str], Tuple[int, List[str]]]]:
+    for (table, reason), group in bad.groupby(["table", "reason"], sort=True):
+        yield (table, reason), (len(group), sorted(group["row"])[:3])
+
+
+def _merge_reasons(values: Iterable[Tuple[int, List[str]]]) -> Tuple[int, List[str]]:
+    count, examples = 0, []
+    for n, rows in values:
+        count += n
+        examples = sorted(examples + list(rows))[:3]
+    return count, examples
+
+
+def _write_one(pcoll, path: str, label: str):
+    return pcoll | label >> beam.io.WriteToText(path, num_shards=1, shard_name_template="")
+
+
+def build_pipeline(p: beam.Pipeline, data_dir: str, staging: str, history_length: int,
+                   val_fraction: float, test_fraction: float, num_shards: int,
+                   features: FeatureSpec, train_days: Optional[float], min_count: int,
+                   buckets: int, dead_letter: Optional[str]) -> None:
+    """Adds the preparation to a pipeline; outputs go to `staging` (see `run_beam`)."""
+    good, bad, stats = {}, [], []
+    for table in TABLES:
+        ext, files = beam_table_files(data_dir, table)
+        check_readable(table, ext, files)
+        if ext == ".parquet":
+            pattern = files[0] if len(files) == 1 else FileSystems.join(data_dir, table,
+                                                                        "*.parquet")
+            raw = (p | f"read {table}" >> beam.io.ReadFromParquetBatched(pattern)
+                   | f"to pandas {table}" >> beam.Map(lambda t: t.to_pandas()))
+        else:
+            raw = (p | f"files {table}" >> beam.Create(files)
+                   | f"read {table}" >> beam.FlatMap(_csv_batches))
+        checked = raw | f"check {table}" >> beam.ParDo(_CheckRows(table)).with_outputs(
+            "bad", "stats", main="good")
+        good[table] = checked.good
+        bad.append(checked.bad)
+        stats.append(checked.stats)
+
+    users = (good["users"]
+             | "users by bucket" >> beam.FlatMap(_by_bucket, "user_id", buckets)
+             | "group users" >> beam.GroupByKey()
+             | "unique users" >> beam.FlatMap(_users_unique).with_outputs("bad", main="stats"))
+    stats.append(users.stats)
+    bad.append(users.bad)
+
+    def _keyed(frame: pd.DataFrame, searches: bool):
+        has_item = frame["item_id"] != ""
+        if searches:
+            if (~has_item).any():
+                yield frame[~has_item]
+        else:
+            yield from _by_bucket(frame[has_item], "item_id", buckets)
+
+    known = ({"catalog": good["catalog"] | "catalog by item" >> beam.FlatMap(
+                  _by_bucket, "item_id", buckets),
+              "events": good["events"] | "events by item" >> beam.FlatMap(_keyed, False)}
+             | "join catalog and events" >> beam.CoGroupByKey()
+             | "known items" >> beam.FlatMap(_items_known, buckets).with_outputs(
+                 "catalog", "bad", "stats", main="events"))
+    stats.append(known.stats)
+    bad.append(known.bad)
+    searches = good["events"] | "search events" >> beam.FlatMap(_keyed, True)
+    per_user = ((known.events, searches) | "flatten events" >> beam.Flatten()
+                | "events by user" >> beam.FlatMap(_by_bucket, "user_id", buckets)
+                | "group by user" >> beam.GroupByKey()
+                | "user examples" >> beam.FlatMap(_user_examples, history_length,
+                                                  buckets).with_outputs(
+                    "stats", "ts", main="examples"))
+    stats.append(per_user.stats)
+
+    def _split(spans: Iterable[Tuple[int, int]]) -> Dict[str, int]:
+        spans = list(spans)
+        if not spans:
+            raise SchemaError("no valid events: nothing to split")
+        ts = [min(a for a, _ in spans), max(b for _, b in spans)]
+        return time_split(pd.DataFrame({"ts": ts}), val_fraction, test_fraction).to_dict()
+
+    split = per_user.ts | "time split" >> beam.combiners.ToList() | "split" >> beam.Map(_split)
+    split_side = beam.pvalue.AsSingleton(split)
+    counted = ({"catalog": known.catalog, "examples": per_user.examples}
+               | "join catalog and examples" >> beam.CoGroupByKey()
+               | "count train positives" >> beam.FlatMap(_count_train, split_side)
+               .with_outputs("total", main="buckets"))
+    total = counted.total | "total" >> beam.CombineGlobally(sum)
+    records = counted.buckets | "examples" >> beam.FlatMap(
+        _finish, beam.pvalue.AsSingleton(total), split_side, features, train_days
+    ).with_outputs(*PERIODS, "vocab")
+    for name in PERIODS:
+        records[name] | f"write {name}" >> beam.io.WriteToTFRecord(
+            os.path.join(staging, name), file_name_suffix=".tfrecord", num_shards=num_shards,
+            shard_name_template="-SSSSS-of-NNNNN")
+        stats.append(records[name] | f"count {name}" >> beam.combiners.Count.Globally()
+                     | f"key {name}" >> beam.Map(lambda n, name=name: (("count", name), n)))
+
+    vocab = records.vocab | "vocab counts" >> beam.CombinePerKey(sum)
+    for kind in ("users", "items"):
+        lines = (vocab | f"{kind} only" >> beam.Filter(lambda kv, kind=kind: kv[0][0] == kind)
+                 | f"{kind} list" >> beam.combiners.ToList()
+                 | f"{kind} lines" >> beam.FlatMap(
+                     lambda kvs: vocab_lines([(k[1], n) for k, n in kvs], min_count)))
+        _write_one(lines, os.path.join(staging, "vocab", f"{kind}.jsonl"), f"write {kind}")
+
+    bad_rows = bad | "all bad rows" >> beam.Flatten()
+    if dead_letter:
+        _write_one(bad_rows | "dead letter lines" >> beam.FlatMap(dead_letter_lines),
+                   os.path.join(staging, "dead_letter.jsonl"), "write dead letter")
+    reasons = (bad_rows | "reasons" >> beam.FlatMap(_reasons)
+               | "merge reasons" >> beam.CombinePerKey(_merge_reasons)
+               | "key reasons" >> beam.Map(lambda kv: (("reason",) + kv[0], kv[1])))
+    summed = (stats | "all stats" >> beam.Flatten() | "sum stats" >> beam.CombinePerKey(sum))
+    split_stat = split | "key split" >> beam.Map(lambda s: (("split",), s))
+    summary = ((summed, reasons, split_stat) | "summary" >> beam.Flatten()
+               | "summary list" >> beam.combiners.ToList()
+               | "summary json" >> beam.Map(lambda kvs: json.dumps(
+                   [[list(k), v] for k, v in kvs], ensure_ascii=False)))
+    _write_one(summary, os.path.join(staging, STATS_FILE), "write summary")
+
+
+def run_beam(data_dir: str, staging: str, history_length: int, val_fraction: float,
+             test_fraction: float, num_shards: int, features: FeatureSpec,
+             train_days: Optional[float], min_count: int, buckets: int,
+             dead_letter: Optional[str], beam_args: Sequence[str]) -> Dict[str, Any]:
+    """Runs the pipeline to completion and returns its summary.
+
+    Args:
+      beam_args: pipeline options as on a command line, e.g. ["--runner=FlinkRunner",
+        "--flink_master=host:8081"]; the DirectRunner by default.
+
+    Returns:
+      {"rows": {table: n}, "good": {table: n}, "counts": {period: n},
+       "reasons": {table: {reason: (count, examples)}}, "split": TimeSplit dict}.
+    """
+    options = PipelineOptions(list(beam_args))
+    with beam.Pipeline(options=options) as p:
+        build_pipeline(p, data_dir, staging, history_length, val_fraction, test_fraction,
+                       num_shards, features, train_days, min_count, buckets, dead_letter)
+    with FileSystems.open(FileSystems.join(staging, STATS_FILE)) as f:
+        entries = json.loads(f.read().decode())
+    out: Dict[str, Any] = {"rows": {}, "good": {}, "counts": {name: 0 for name in PERIODS},
+                           "reasons": {}}
+    for key, value in entries:
+        if key[0] == "split":
+            out["split"] = value
+        elif key[0] == "reason":
+            out["reasons"].setdefault(key[1], {})[key[2]] = value
+        elif key[0] == "count":
+            out["counts"][key[1]] = int(value)
+        else:
+            out[key[0]][key[1]] = int(value)
+    return out
