@@ -80,6 +80,9 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
         raise ValueError(f"data.vocab_min_count must be an int >= 1, got {min_count!r}")
     if train_days is not None and not train_days > 0:
         raise ValueError(f"data.train_days must be > 0 (or null for all), got {train_days}")
+    if engine == "pandas" and any("://" in p for p in (data_dir, tfrecord_dir, dead_letter or "")):
+        raise ValueError("the pandas engine reads and writes local paths only; use --engine "
+                         "beam for tables or records on a remote filesystem")
     if max_bad_share is not None and not 0.0 <= max_bad_share < 1.0:
         raise ValueError(f"data.max_bad_share must be in [0, 1), got {max_bad_share}")
     settings = dict(history_length=history_length, val_fraction=val_fraction,
@@ -106,11 +109,7 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
         "seconds": round(time.time() - started, 2),
     })
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-
-    atomic_write(os.path.join(tfrecord_dir, META_FILE), write)
+    _write_text(os.path.join(tfrecord_dir, META_FILE), json.dumps(meta, indent=2))
     return load_meta(tfrecord_dir)
 
 
@@ -123,8 +122,7 @@ def _prepare_pandas(data_dir: str, out: str, settings: Dict[str, Any],
     else:
         tables, report, bad = clean_tables(data_dir)
         if dead_letter:
-            lines = list(dead_letter_lines(bad))
-            atomic_write(dead_letter, lambda tmp: _write_lines(tmp, lines))
+            _write_text(dead_letter, "".join(line + "\n" for line in dead_letter_lines(bad)))
         _check_bad_rows(report, max_bad_share, out, dead_letter)
     split = time_split(tables.events, settings["val_fraction"], settings["test_fraction"])
     examples = build_retrieval_examples(tables.events, tables.catalog,
@@ -143,8 +141,8 @@ def _prepare_pandas(data_dir: str, out: str, settings: Dict[str, Any],
     train = examples[period == "train"]
     for kind, column in zip(VOCAB_KINDS, ("user_id", "item_id")):
         lines = vocab_lines(train[column].value_counts().items(), settings["min_count"])
-        atomic_write(os.path.join(out, "vocab", f"{kind}.jsonl"),
-                     lambda tmp, lines=lines: _write_lines(tmp, lines))
+        _write_text(os.path.join(out, "vocab", f"{kind}.jsonl"),
+                    "".join(line + "\n" for line in lines))
     return {"split": split.to_dict(), "counts": counts,
             "num_items": int(len(tables.catalog)), "num_users": int(len(tables.users)),
             "num_events": int(len(tables.events)),
@@ -193,14 +191,28 @@ def _prepare_beam(data_dir: str, out: str, settings: Dict[str, Any], max_bad_sha
 
 
 def _move(source: str, target: str) -> None:
+    """Renames a file, copying it when the target is on another filesystem."""
     tf.io.gfile.makedirs(os.path.dirname(target) or ".")
-    tf.io.gfile.rename(source, target, overwrite=True)
+    try:
+        tf.io.gfile.rename(source, target, overwrite=True)
+    except tf.errors.OpError:
+        tf.io.gfile.copy(source, target, overwrite=True)
+        tf.io.gfile.remove(source)
 
 
-def _write_lines(path: str, lines: Sequence[str]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
+def _write_text(path: str, text: str) -> None:
+    """Writes a text file atomically on local disks; object stores (gs://...) replace
+    whole objects anyway."""
+    if "://" in path:
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(text)
+        return
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
 
 
 def _forget_meta(out: str) -> None:
@@ -213,13 +225,8 @@ def _forget_meta(out: str) -> None:
 def _check_bad_rows(report: BadRowReport, max_bad_share: float, out: str,
                     dead_letter: Optional[str]) -> None:
     """Writes bad_rows.json and raises when a table has too many bad rows."""
-    payload = json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(payload)
-
-    atomic_write(os.path.join(out, BAD_ROWS_FILE), write)
+    _write_text(os.path.join(out, BAD_ROWS_FILE),
+                json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     where = f"; bad rows in {dead_letter}" if dead_letter else (
         f"; counts in {os.path.join(out, BAD_ROWS_FILE)} (--dead-letter FILE keeps the rows)")
     report.check(max_bad_share, where)
@@ -263,17 +270,18 @@ def load_meta(tfrecord_dir: str) -> Dict[str, Any]:
     Patterns are stored relative in the file so a prepared directory can be moved.
     """
     path = os.path.join(tfrecord_dir, META_FILE)
-    if not os.path.isfile(path):
+    if not tf.io.gfile.exists(path):
         raise FileNotFoundError(
             f"no prepared dataset in {tfrecord_dir!r} ({META_FILE} missing); run data "
             f"preparation first (`tfrec train` does it, or "
             f"tfrec.data.prepare.prepare_dataset)")
-    with open(path) as f:
+    with tf.io.gfile.GFile(path) as f:
         try:
             meta = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); delete it and prepare the "
                              f"data again") from e
-    meta["patterns"] = {name: os.path.join(os.path.abspath(tfrecord_dir), pattern)
+    root = tfrecord_dir if "://" in tfrecord_dir else os.path.abspath(tfrecord_dir)
+    meta["patterns"] = {name: os.path.join(root, pattern)
                         for name, pattern in meta["files"].items()}
     return meta
