@@ -140,6 +140,12 @@ def load_tables(data_dir: str, strict: bool = True) -> Tables:
     tables = {}
     for name in ("catalog", "users", "events"):
         path = find_table(data_dir, name)
+        if path is None and name == "events" and os.path.isdir(os.path.join(data_dir, name)):
+            # A streamed world (events/part-*.parquet) is too large to load whole.
+            raise FileNotFoundError(
+                f"data directory {data_dir!r} holds a streamed world (events in "
+                f"events/part-*.parquet, from `tfrec generate --stream`); this reads one "
+                f"events.parquet or events.csv: generate a smaller world without --stream")
         if path is None:
             raise FileNotFoundError(
                 f"no {name} table in data directory {data_dir!r} (expected {name}.parquet "
