@@ -110,11 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a seeded synthetic catalog, users and events "
                                    "with ground truth.")
     _add_common(p)
-    p.add_argument("--world", help="preset: tiny, small, medium, large")
+    p.add_argument("--world", help="preset: tiny, small, medium, large, xlarge")
     p.add_argument("--lang", choices=["en", "zh"],
                    help="language of titles, descriptions and queries (default: en)")
     p.add_argument("--seed", type=int)
     p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="write events in parts (events/part-*.parquet), one chunk of users "
+                        "at a time, in bounded memory (default: only for xlarge)")
+    p.add_argument("--users-per-chunk", type=int, dest="users_per_chunk", metavar="N",
+                   help="users per events part when streaming (default: 10000)")
 
     p = sub.add_parser("train", help="train the two-tower retrieval model",
                        description="Prepare TFRecords (once) and train retrieval under a "
@@ -350,10 +355,13 @@ def _run(args: argparse.Namespace) -> int:
         return _board(args)
     cfg = _config(args)
     if cmd == "generate":
-        info = workflow.generate(cfg, args.world, args.seed)
-        print(f"wrote {info['items']} items, {info['users']} users, {info['events']} events "
-              f"({info['world']}, {info['lang']}, seed {info['seed']}) to {info['data_dir']} in "
-              f"{info['seconds']}s")
+        info = workflow.generate(cfg, args.world, args.seed, stream=args.stream,
+                                 users_per_chunk=args.users_per_chunk)
+        parts = (f" in {info['parts']} part{'s' * (info['parts'] != 1)}" if "parts" in info
+                 else "")
+        print(f"wrote {info['items']} items, {info['users']} users, {info['events']} events"
+              f"{parts} ({info['world']}, {info['lang']}, seed {info['seed']}) to "
+              f"{info['data_dir']} in {info['seconds']}s")
     elif cmd == "prepare":
         _prepare(cfg, args)
     elif cmd == "train":

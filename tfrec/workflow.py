@@ -17,19 +17,52 @@ from tfrec.config import Config
 log = logging.getLogger(__name__)
 
 
-def generate(cfg: Config, world: Optional[str] = None, seed: Optional[int] = None) -> dict:
-    """Writes a synthetic world to cfg.data.data_dir and returns its summary."""
+def generate(cfg: Config, world: Optional[str] = None, seed: Optional[int] = None,
+             stream: Optional[bool] = None, users_per_chunk: Optional[int] = None) -> dict:
+    """Writes a synthetic world to cfg.data.data_dir and returns its summary.
+
+    Worlds too large for memory (STREAM_PRESETS, or `stream=True`) are written with
+    their events in parts (events/part-*.parquet), one chunk of users at a time.
+
+    Args:
+      cfg: config (data.world, data.seed, data.lang, data.data_dir).
+      world: preset name (default cfg.data.world).
+      seed: random seed (default cfg.data.seed).
+      stream: stream the events in parts; None streams the presets that need it.
+      users_per_chunk: users per events part when streaming (default 10,000).
+
+    Returns:
+      world, lang, seed, items, users, events, data_dir, seconds; `parts` when streamed.
+
+    Raises:
+      ValueError: users_per_chunk given for a world that is not streamed.
+    """
     from tfrec.data.synthetic import generate_world, get_spec
+    from tfrec.data.synthetic_stream import (DEFAULT_USERS_PER_CHUNK, STREAM_PRESETS,
+                                             write_world_streaming)
 
     world = world or cfg.data.world
     seed = cfg.data.seed if seed is None else seed
+    stream = world in STREAM_PRESETS if stream is None else stream
+    if users_per_chunk is not None and not stream:
+        raise ValueError(f"users_per_chunk (--users-per-chunk) applies only to a streamed "
+                         f"world: add --stream (streamed by default: "
+                         f"{sorted(STREAM_PRESETS)})")
     start = time.perf_counter()
-    w = generate_world(dataclasses.replace(get_spec(world), lang=cfg.data.lang), seed=seed)
-    w.save(cfg.data.data_dir)
-    return {"world": world, "lang": cfg.data.lang, "seed": seed, "items": len(w.catalog),
-            "users": len(w.users),
-            "events": len(w.events), "data_dir": cfg.data.data_dir,
-            "seconds": round(time.perf_counter() - start, 1)}
+    spec = dataclasses.replace(get_spec(world), lang=cfg.data.lang)
+    info = {"world": world, "lang": cfg.data.lang, "seed": seed,
+            "data_dir": cfg.data.data_dir}
+    if stream:
+        chunk = DEFAULT_USERS_PER_CHUNK if users_per_chunk is None else users_per_chunk
+        meta = write_world_streaming(spec, seed, cfg.data.data_dir, chunk)
+        info.update(items=meta["num_items"], users=meta["num_users"],
+                    events=meta["num_events"], parts=meta["event_parts"])
+    else:
+        w = generate_world(spec, seed=seed)
+        w.save(cfg.data.data_dir)
+        info.update(items=len(w.catalog), users=len(w.users), events=len(w.events))
+    info["seconds"] = round(time.perf_counter() - start, 1)
+    return info
 
 
 def train(cfg: Config):

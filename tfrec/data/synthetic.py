@@ -5,7 +5,8 @@ world can: users have latent, drifting preferences, and `World.oracle_topk` give
 the items they truly like best, so metrics have a ceiling to compare against.
 
 Generation is two-stage (pick a leaf category, then score only its items) and
-vectorised over sessions, so 100k items and a million events take minutes.
+vectorised over sessions, so 100k items and a million events take minutes. Worlds
+too large for memory (`xlarge`) are streamed to disk by `synthetic_stream`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -225,6 +226,10 @@ WORLD_PRESETS: Dict[str, WorldSpec] = {
                         sessions_per_user=5.5),
     "large": WorldSpec(name="large", num_items=1_000_000, num_users=30_000, days=90,
                        sessions_per_user=4.5),
+    # ~1.2M sessions of ~9.7 events: ~11.7M events, too many to hold in memory;
+    # `tfrec generate` streams it (synthetic_stream.write_world_streaming).
+    "xlarge": WorldSpec(name="xlarge", num_items=1_000_000, num_users=200_000, days=90,
+                        sessions_per_user=7.0),
 }
 
 
@@ -685,15 +690,29 @@ def _join_zh(tokens: List[str]) -> str:
 # Sessions and events.
 # --------------------------------------------------------------------------------
 
-def _session_times(spec: WorldSpec, truth: Dict[str, np.ndarray], rng: np.random.Generator):
+def _session_times(spec: WorldSpec, truth: Dict[str, np.ndarray], rng: np.random.Generator,
+                   users: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Sessions (user index, start second) of `users`, sorted by time.
+
+    Takes a subset of users so a streamed world simulates them chunk by chunk; all
+    users in index order draw exactly what a whole world does.
+
+    Args:
+      spec, truth: the world's spec and ground truth.
+      rng: draws of counts and times.
+      users: user indices (into the truth arrays) to simulate, ascending.
+
+    Returns:
+      (user, ts): one entry per session, ordered by (ts, user).
+    """
     span = spec.t_end - spec.t_start
-    active_start = np.maximum(truth["user_signup_ts"], spec.t_start)
+    active_start = np.maximum(truth["user_signup_ts"][users], spec.t_start)
     last = spec.t_end - 3600  # a session's events fit before the end
     active = np.clip((last - active_start) / span, 0.0, 1.0)
-    rate = spec.sessions_per_user * truth["user_activity"] * active
+    rate = spec.sessions_per_user * truth["user_activity"][users] * active
     counts = np.maximum(1, rng.poisson(rate))
-    user = np.repeat(np.arange(spec.num_users), counts)
-    lo = active_start[user]
+    user = np.repeat(users, counts)
+    lo = np.repeat(active_start, counts)
     t = lo + (rng.random(len(user)) * (last - lo)).astype(np.int64)
     # Keep the day, redraw the hour from the daily traffic pattern.
     day = (t - spec.t_start) // DAY
@@ -725,9 +744,83 @@ def _pick_targets(truth, spec, user, ts, leaf, rng, chunk_cells=2_000_000):
     return target
 
 
+@dataclass
+class _CatalogSamplers:
+    """Item samplers of the simulator; they depend on the catalog only, so a streamed
+    world builds them once instead of once per chunk (a 1M-item sort each)."""
+
+    pop: np.ndarray  # popularity (exp log pop), float64
+    by_leaf: _GroupSampler
+    by_dept: _GroupSampler
+    overall: _GroupSampler
+
+
+def _catalog_samplers(truth: Dict[str, np.ndarray], vocab: _Vocab) -> _CatalogSamplers:
+    """Builds the simulator's item samplers (no random draws: streams are unchanged).
+
+    Args:
+      truth: ground truth holding the catalog arrays.
+      vocab: the world's vocabulary (leaf and department counts).
+
+    Returns:
+      The samplers of candidates by leaf, by department and overall.
+    """
+    pop = np.exp(truth["item_log_pop"].astype(np.float64))
+    item_leaf = truth["item_leaf"]
+    item_dept = truth["leaf_dept"][item_leaf]
+    return _CatalogSamplers(
+        pop=pop, by_leaf=_GroupSampler(item_leaf, pop ** 0.7, len(vocab.leaf_names)),
+        by_dept=_GroupSampler(item_dept, pop ** 0.7, len(vocab.departments)),
+        overall=_GroupSampler(np.zeros(len(pop), dtype=np.int64), pop, 1))
+
+
 def _simulate(spec: WorldSpec, vocab: _Vocab, truth: Dict[str, np.ndarray],
-              rng: np.random.Generator):
-    user, ts = _session_times(spec, truth, rng)
+              rng: np.random.Generator) -> pd.DataFrame:
+    """Events of all users at once; adds the search log (`query_*`) to `truth`."""
+    sim = _simulate_sessions(spec, vocab, truth, rng, np.arange(spec.num_users))
+    truth.update(sim.queries)
+    return sim.events
+
+
+class _Simulation(NamedTuple):
+    """What `_simulate_sessions` made: the events, the search log and the session count
+    (sessions without events included: the next chunk's ids start after them)."""
+
+    events: pd.DataFrame
+    queries: Dict[str, np.ndarray]
+    num_sessions: int
+
+
+def _simulate_sessions(spec: WorldSpec, vocab: _Vocab, truth: Dict[str, np.ndarray],
+                       rng: np.random.Generator, users: np.ndarray, session_offset: int = 0,
+                       samplers: Optional[_CatalogSamplers] = None) -> _Simulation:
+    """Sessions and events of a set of users: the world's behaviour simulation.
+
+    A streamed world calls it per chunk of users with its own random stream and the
+    count of sessions before it, so session ids stay unique across chunks.
+
+    Args:
+      spec, vocab, truth: the world's spec, vocabulary and ground truth (catalog and
+        users); `truth` is not modified.
+      rng: this call's random stream.
+      users: user indices to simulate, ascending.
+      session_offset: number of the first session (ids are `S` + zero-padded number,
+        at least 7 digits).
+      samplers: item samplers from `_catalog_samplers` (built here when None).
+
+    Returns:
+      The events table (unvalidated, sorted by time), the search log of these sessions
+      (`query_session_ids`, `query_texts`, `query_target`, `query_synonym`,
+      `query_typo`) and the number of sessions simulated.
+
+    Raises:
+      ValueError: `users` is empty or `session_offset` negative.
+    """
+    if len(users) == 0:
+        raise ValueError("_simulate_sessions needs at least one user")
+    if session_offset < 0:
+        raise ValueError(f"session_offset must be >= 0, got {session_offset}")
+    user, ts = _session_times(spec, truth, rng, np.asarray(users, dtype=np.int64))
     num_sessions = len(user)
     span = spec.t_end - spec.t_start
     num_leaves = len(vocab.leaf_names)
@@ -749,11 +842,8 @@ def _simulate(spec: WorldSpec, vocab: _Vocab, truth: Dict[str, np.ndarray],
     # Candidates: search shows the target's leaf (some department), browse mixes
     # preferred leaves with globally popular items.
     k = spec.impressions_per_session
-    pop = np.exp(truth["item_log_pop"].astype(np.float64))
-    item_leaf, item_dept = truth["item_leaf"], truth["leaf_dept"][truth["item_leaf"]]
-    by_leaf = _GroupSampler(item_leaf, pop ** 0.7, num_leaves)
-    by_dept = _GroupSampler(item_dept, pop ** 0.7, len(vocab.departments))
-    overall = _GroupSampler(np.zeros(len(pop), dtype=np.int64), pop, 1)
+    samplers = samplers or _catalog_samplers(truth, vocab)
+    pop, item_leaf = samplers.pop, truth["item_leaf"]
     sess = np.repeat(np.arange(num_sessions), k)
     slot = np.tile(np.arange(k), num_sessions)
     searching = is_search[sess]
@@ -764,9 +854,9 @@ def _simulate(spec: WorldSpec, vocab: _Vocab, truth: Dict[str, np.ndarray],
                                    weights.ravel().astype(np.float64), num_sessions)
     browse_leaf = session_leaves.sample(sess, rng) % num_leaves
     u = rng.random(len(sess))
-    from_leaf = by_leaf.sample(np.where(searching, t_leaf, browse_leaf), rng)
-    from_dept = by_dept.sample(vocab.leaf_dept[t_leaf], rng)
-    popular = overall.sample(np.zeros(len(sess), dtype=np.int64), rng)
+    from_leaf = samplers.by_leaf.sample(np.where(searching, t_leaf, browse_leaf), rng)
+    from_dept = samplers.by_dept.sample(vocab.leaf_dept[t_leaf], rng)
+    popular = samplers.overall.sample(np.zeros(len(sess), dtype=np.int64), rng)
     cand = np.where(searching, np.where(u < 0.75, from_leaf, from_dept),
                     np.where(u < 0.6, from_leaf, popular))
     show_target = searching & (slot == 0) & (rng.random(len(sess)) < 0.85)
@@ -835,8 +925,12 @@ def _simulate(spec: WorldSpec, vocab: _Vocab, truth: Dict[str, np.ndarray],
         queries[s], synonym[j], typo[j] = _make_query(truth, vocab, int(target[s]), draws[j],
                                                        spec)
 
-    width = max(7, len(str(num_sessions - 1)))
-    session_ids = np.array([f"S{i:0{width}d}" for i in range(num_sessions)], dtype=object)
+    # Ids of whole worlds keep their width; past 10M sessions they grow a digit and
+    # stay unique (a longer number never equals a zero-padded shorter one).
+    last_id = session_offset + num_sessions - 1
+    width = max(7, len(str(last_id)))
+    session_ids = np.array([f"S{i:0{width}d}" for i in range(session_offset, last_id + 1)],
+                           dtype=object)
     item_ids = np.append(truth["item_ids"].astype(object), "")  # index -1 -> ""
     events = pd.DataFrame({
         "ts": ev_ts,
@@ -848,13 +942,12 @@ def _simulate(spec: WorldSpec, vocab: _Vocab, truth: Dict[str, np.ndarray],
         "device": np.array(DEVICES, dtype=object)[device[ev_sess]],
         "position": ev_pos,
     })
-    truth.update({
+    return _Simulation(events, {
         "query_session_ids": session_ids[search].astype(str),
         "query_texts": queries[search].astype(str),
         "query_target": target[search].astype(np.int64),
         "query_synonym": synonym, "query_typo": typo,
-    })
-    return events
+    }, num_sessions)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -1043,22 +1136,9 @@ class World:
         os.makedirs(data_dir, exist_ok=True)
         for name in ("catalog", "users", "events"):
             write_table(getattr(self, name), os.path.join(data_dir, f"{name}.parquet"))
-
-        def write_npz(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object stops numpy appending ".npz"
-                np.savez_compressed(f, **self.ground_truth)
-
-        atomic_write(os.path.join(data_dir, "ground_truth.npz"), write_npz)
-        meta = {"spec": dataclasses.asdict(self.spec), "seed": self.seed,
-                "t_start": self.t_start, "t_end": self.t_end,
-                "num_items": len(self.catalog), "num_users": len(self.users),
-                "num_events": len(self.events)}
-
-        def write_json(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(meta, f, indent=2)
-
-        atomic_write(os.path.join(data_dir, "world.json"), write_json)
+        save_ground_truth(os.path.join(data_dir, "ground_truth.npz"), self.ground_truth)
+        save_world_meta(os.path.join(data_dir, "world.json"), world_meta(
+            self.spec, self.seed, len(self.catalog), len(self.users), len(self.events)))
 
     @classmethod
     def load(cls, data_dir: str) -> "World":
@@ -1070,12 +1150,69 @@ class World:
                 f"`tfrec generate` first")
         with open(meta_path) as f:
             meta = json.load(f)
+        if meta.get("events_layout", "table") != "table":
+            raise ValueError(
+                f"the world in {data_dir!r} was streamed (events_layout "
+                f"{meta['events_layout']!r}: events in events/part-*.parquet, no search "
+                f"ground truth); World.load reads only worlds written whole by "
+                f"World.save; read its parts with "
+                f"tfrec.data.synthetic_stream.event_part_paths")
         spec = WorldSpec(**meta["spec"])
         with np.load(os.path.join(data_dir, "ground_truth.npz"), allow_pickle=False) as npz:
             truth = {name: npz[name] for name in npz.files}
         tables = {name: read_table(os.path.join(data_dir, f"{name}.parquet"), name)
                   for name in ("catalog", "users", "events")}
         return cls(spec=spec, seed=int(meta["seed"]), ground_truth=truth, **tables)
+
+
+def world_meta(spec: WorldSpec, seed: int, num_items: int, num_users: int,
+               num_events: int) -> dict:
+    """The world.json content of a world: spec, seed, time range and table sizes.
+
+    Args:
+      spec, seed: what generated the world.
+      num_items, num_users, num_events: rows of its tables.
+
+    Returns:
+      A JSON-ready dict (a streamed world adds its layout keys).
+    """
+    return {"spec": dataclasses.asdict(spec), "seed": seed, "t_start": spec.t_start,
+            "t_end": spec.t_end, "num_items": num_items, "num_users": num_users,
+            "num_events": num_events}
+
+
+def save_world_meta(path: str, meta: dict) -> str:
+    """Writes world.json atomically: its presence marks a complete world.
+
+    Args:
+      path: destination file.
+      meta: from `world_meta`, possibly extended.
+
+    Returns:
+      `path`.
+    """
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+
+    return atomic_write(path, write_json)
+
+
+def save_ground_truth(path: str, truth: Dict[str, np.ndarray]) -> str:
+    """Writes ground-truth arrays as a compressed .npz, atomically.
+
+    Args:
+      path: destination file.
+      truth: name -> numpy array (no object arrays: loading disallows pickles).
+
+    Returns:
+      `path`.
+    """
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object stops numpy appending ".npz"
+            np.savez_compressed(f, **truth)
+
+    return atomic_write(path, write_npz)
 
 
 def generate_world(spec: Union[WorldSpec, str] = "small", seed: int = 42) -> World:
