@@ -12,8 +12,7 @@ import html
 import json
 import math
 import os
-from statistics import NormalDist
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -22,7 +21,7 @@ from tfrec.abtest.simulate import LOGS_DIR, OUTCOMES_FILE, RUN_FILE
 from tfrec.data.io import read_table
 from tfrec.evaluation.html_report import (figure, html_page, html_table, json_safe, png_bytes,
                                           png_img)
-from tfrec.evaluation.off_policy import slate_ips_estimate, slate_snips_estimate
+from tfrec.evaluation.off_policy import mean_interval, slate_ips_estimate, slate_snips_estimate
 from tfrec.evaluation.online import arm_summary, arm_tests, request_outcomes
 from tfrec.serving.experiments import Arm, Experiment, load_experiments
 from tfrec.serving.request_log import read_request_logs
@@ -81,13 +80,6 @@ def replay_lists(arm: Arm, base: str, version: int, logs: pd.DataFrame) -> List[
     return lists
 
 
-def _online_interval(values: np.ndarray, alpha: float) -> Tuple[float, float, float]:
-    mean = float(values.mean())
-    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
-    z = NormalDist().inv_cdf(1 - alpha / 2)
-    return mean, mean - z * se, mean + z * se
-
-
 def off_policy_check(logs: pd.DataFrame, requests: pd.DataFrame, outcomes: pd.DataFrame,
                      prices: Mapping[str, float], control: Arm, treatment: Arm,
                      treatment_base: str, alpha: float = 0.05) -> Dict[str, Any]:
@@ -130,7 +122,7 @@ def off_policy_check(logs: pd.DataFrame, requests: pd.DataFrame, outcomes: pd.Da
                                   ("gmv_per_request", gmv, "gmv")):
         estimate = slate_ips_estimate(rewards, target_p, logging_p, alpha=alpha)
         snips = slate_snips_estimate(rewards, target_p, logging_p, alpha=alpha)
-        mean, low, high = _online_interval(online[column].to_numpy(np.float64), alpha)
+        mean, low, high = mean_interval(online[column].to_numpy(np.float64), alpha)
         result[name] = {
             "ips": estimate.value, "ips_ci_low": estimate.ci_low,
             "ips_ci_high": estimate.ci_high, "effective_sample_size":

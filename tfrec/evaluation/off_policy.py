@@ -91,6 +91,19 @@ def _normal_quantile(alpha: float) -> float:
     return NormalDist().inv_cdf(1 - alpha / 2)
 
 
+def mean_interval(values: Sequence[float], alpha: float = 0.05) -> Tuple[float, float, float]:
+    """(mean, low, high): the mean with its normal-approximation interval.
+
+    The online side of an off-policy check, measured the way the estimates are.
+    Bounds are NaN for fewer than two values.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+    z = _normal_quantile(alpha)
+    return mean, mean - z * se, mean + z * se
+
+
 def _estimate(value: float, stderr: float, w: np.ndarray, alpha: float) -> OffPolicyEstimate:
     z = _normal_quantile(alpha)
     ess = float(w.sum() ** 2 / np.sum(w ** 2)) if np.any(w > 0) else 0.0

@@ -22,7 +22,7 @@ from typing import Callable, Deque, Dict, Hashable, List, Mapping, Optional, Seq
 import grpc
 import numpy as np
 
-from tfrec.serving.cancel import Canceller
+from tfrec.serving.cancel import CallStopped, Canceller
 
 logger = logging.getLogger(__name__)
 
@@ -480,14 +480,11 @@ class Batcher:
             task.on_cancel = stop_if_abandoned
         stop_if_abandoned()  # a cancel that came before the hooks were set
         try:
-            with canceller.scope():
-                return batch.run(inputs)
-        except Exception:
-            if canceller.cancelled:
-                self._on_abandon(batch.group)
-                raise BatchError(grpc.StatusCode.CANCELLED, "model call stopped: every "
-                                 "request in it was cancelled or past its deadline") from None
-            raise
+            return canceller.run(batch.run, inputs)
+        except CallStopped:
+            self._on_abandon(batch.group)
+            raise BatchError(grpc.StatusCode.CANCELLED, "model call stopped: every "
+                             "request in it was cancelled or past its deadline") from None
         finally:
             for task in tasks:
                 task.on_cancel = None

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from tensorflow.python.eager import cancellation
+
+T = TypeVar("T")
 
 _local = threading.local()
 _install_lock = threading.Lock()
@@ -37,6 +39,10 @@ def _install() -> None:
 
         cancellation.context = thread_context
         _installed = True
+
+
+class CallStopped(Exception):
+    """A call run by `Canceller.run` failed because `cancel()` stopped it."""
 
 
 class Canceller:
@@ -70,3 +76,20 @@ class Canceller:
             yield
         finally:
             _local.manager = previous
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` inside `scope()`; a failure caused by `cancel()` becomes CallStopped.
+
+        Raises:
+          CallStopped: `cancel()` was called and the call failed (TF raises a
+            CancelledError, or whatever op was running when it stopped).
+          Exception: anything `fn` raised on its own.
+        """
+        try:
+            with self.scope():
+                return fn(*args)
+        except Exception as e:
+            if self.cancelled:
+                raise CallStopped(str(e)) from e
+            raise
+

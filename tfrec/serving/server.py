@@ -32,7 +32,7 @@ from tensorflow_serving.apis import (
 
 from tfrec.serving import tensors
 from tfrec.serving.batching import Batcher, BatchError, BatchingOptions
-from tfrec.serving.cancel import Canceller
+from tfrec.serving.cancel import CallStopped, Canceller
 from tfrec.serving.experiments import (
     ARM_OUTPUT,
     ITEM_OUTPUT,
@@ -485,17 +485,16 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if not context.add_callback(canceller.cancel):
             canceller.cancel()  # the RPC already ended
         try:
-            with canceller.scope():
-                return _call_signature(signature, arrays)
+            return canceller.run(_call_signature, signature, arrays)
+        except CallStopped:
+            if self._metrics is not None:
+                self._metrics.abandoned.inc(group[0], group[2])
+            left = context.time_remaining()
+            raise RpcAbort(
+                grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0
+                else grpc.StatusCode.CANCELLED,
+                "model call stopped: the client cancelled or its deadline passed") from None
         except tf.errors.OpError as e:
-            if canceller.cancelled:
-                if self._metrics is not None:
-                    self._metrics.abandoned.inc(group[0], group[2])
-                left = context.time_remaining()
-                raise RpcAbort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0
-                    else grpc.StatusCode.CANCELLED,
-                    "model call stopped: the client cancelled or its deadline passed") from None
             raise RpcAbort(grpc_code(e.error_code), short_tf_message(e)) from None
 
     def _run_batched(self, group, signature, arrays, context,
