@@ -58,8 +58,8 @@ def ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}x" if reference else "n/a"
 
 
-def _tree_rss_mb(root: int) -> float:
-    """Resident memory (MB) of a process and all its descendants, from /proc."""
+def _tree_rss_mb(root: int) -> Tuple[float, float]:
+    """(summed, largest descendant's) resident memory in MB of a process tree, from /proc."""
     children: Dict[int, List[int]] = {}
     rss: Dict[int, float] = {}
     for entry in os.listdir("/proc"):
@@ -72,26 +72,30 @@ def _tree_rss_mb(root: int) -> float:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
         rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    total, todo = 0.0, [root]
+    total, largest, todo = 0.0, 0.0, [root]
     while todo:
         pid = todo.pop()
         total += rss.get(pid, 0.0)
+        if pid != root:
+            largest = max(largest, rss.get(pid, 0.0))
         todo += children.get(pid, [])
-    return total
+    return total, largest
 
 
 def run_child(cmd: List[str], env: Dict[str, str], sample_tree: bool = False
               ) -> Dict[str, object]:
     """Runs `cmd`: wall seconds, stdout, the peak RSS (MB) of that process alone (wait4)
-    and, with `sample_tree`, the peak summed RSS of it and its children (sampled 4x/s)."""
+    and, with `sample_tree`, the peak summed RSS of it and its children and the peak of
+    its largest child (sampled 4x per second)."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-        peak, done = [0.0], threading.Event()
+        peak, done = [0.0, 0.0], threading.Event()
 
         def sample() -> None:
             while not done.wait(0.25):
-                peak[0] = max(peak[0], _tree_rss_mb(proc.pid))
+                total, child = _tree_rss_mb(proc.pid)
+                peak[0], peak[1] = max(peak[0], total), max(peak[1], child)
 
         sampler = threading.Thread(target=sample, daemon=True)
         if sample_tree:
@@ -106,6 +110,7 @@ def run_child(cmd: List[str], env: Dict[str, str], sample_tree: bool = False
                                f"{err.read().decode()[-3000:]}")
         return {"seconds": wall, "peak_mb": usage.ru_maxrss / 1024,
                 "tree_peak_mb": max(peak[0], usage.ru_maxrss / 1024),
+                "child_peak_mb": peak[1],
                 "stdout": out.read().decode()}
 
 

@@ -7,9 +7,9 @@ Protocol (bench/README.md, "Data preparation: pandas vs Beam"):
   engines    `tfrec prepare` as its own process per (world, engine): pandas; Beam
              DirectRunner in memory (one process); Beam DirectRunner multi_processing
              with 2 worker processes. Each writes into a fresh directory.
-  measured   wall seconds; peak RSS of the `tfrec prepare` process alone (wait4) and of
-             it plus its worker processes (summed RSS, sampled 4x per second); output
-             size; examples written. Every Beam output is checked equal to the pandas
+  measured   wall seconds; peak RSS of the `tfrec prepare` process alone (wait4), of its
+             largest worker process, and of all of them summed (sampled 4x per second);
+             output size; examples written. Every Beam output is checked equal to the pandas
              output of the same world (records, vocabularies).
 Key figures are ratios against pandas on the same world in the same run (time, memory),
 and memory per million events (growth with the data). On 2 cores the Beam runs are slower
@@ -123,14 +123,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                               m["out"]) else "NO")
             rows.append([f"{world} ({events / 1e6:.2f}M events)", LABELS[engine],
                          f"{m['seconds']:.1f}", ratio(m["seconds"], reference["seconds"]),
-                         f"{m['peak_mb']:,.0f}", f"{m['tree_peak_mb']:,.0f}",
+                         f"{m['peak_mb']:,.0f}",
+                         f"{m['child_peak_mb']:,.0f}" if m["child_peak_mb"] else "-",
+                         f"{m['tree_peak_mb']:,.0f}",
                          ratio(m["tree_peak_mb"], reference["tree_peak_mb"]),
                          f"{m['tree_peak_mb'] / (events / 1e6):,.0f}",
                          f"{m['examples']:,}", f"{m['out_mb']:,.1f}", same])
             raw.append({"world": world, "events": events, "engine": engine,
                         **{k: v for k, v in m.items() if k not in ("stdout", "out")}})
     print(format_table(
-        ["world", "engine", "wall s", "time vs pandas", "driver peak MB", "all procs peak MB",
+        ["world", "engine", "wall s", "time vs pandas", "driver peak MB", "worker peak MB",
+         "all procs peak MB",
          "memory vs pandas", "MB per 1M events", "examples", "output MB", "same as pandas"],
         rows, title=f"tfrec prepare: pandas vs Beam DirectRunner (--buckets {args.buckets})\n"
                     f"{machine_line()}"))

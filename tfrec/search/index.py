@@ -245,7 +245,7 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     pipeline = SearchPipeline(two_tower, LexicalIndex(titles), ranker, ids, titles,
                               candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
                               dense_corrections=cfg.dense_corrections,
-                              speller=speller)
+                              speller=speller, refresh=False)  # once, after the restore
     head = None
     saved = meta.get("categories")
     if saved:
