@@ -220,3 +220,20 @@ def test_cli_prepare_then_train_on_the_beam_records(tiny_config, tiny_world, tmp
     cfg.data.history_length = 7  # another setting: refused, not silently re-prepared
     with pytest.raises(ValueError, match="prepared by the Beam engine.*history_length"):
         train_retrieval(cfg)
+
+
+def test_rows_the_runner_loses_are_an_error():
+    from tfrec.data.beam_prepare import check_balance
+
+    summary = {"rows": {"catalog": 10, "users": 5, "events": 100},
+               "good": {"catalog": 9, "users": 5, "events": 97},
+               "reasons": {"events": {"ts: missing": (3, [])}},
+               "counts": {"train": 20, "val": 5, "test": 5}, "examples": {"built": 30}}
+    with pytest.raises(RuntimeError, match="read 10 catalog rows but accounted for 9.*1 rows "
+                                           "were lost"):
+        check_balance(summary)
+    summary["good"]["catalog"] = 10
+    check_balance(summary)
+    summary["examples"]["built"] = 31
+    with pytest.raises(RuntimeError, match="built 31 examples but wrote 30"):
+        check_balance(summary)
