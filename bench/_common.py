@@ -58,8 +58,9 @@ def ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}x" if reference else "n/a"
 
 
-def _tree_rss_mb(root: int) -> Tuple[float, float]:
-    """(summed, largest descendant's) resident memory in MB of a process tree, from /proc."""
+def _tree_rss_mb(root: int) -> Tuple[float, float, float]:
+    """(summed, root's, largest descendant's) resident memory in MB of a process tree,
+    from /proc."""
     children: Dict[int, List[int]] = {}
     rss: Dict[int, float] = {}
     for entry in os.listdir("/proc"):
@@ -79,23 +80,23 @@ def _tree_rss_mb(root: int) -> Tuple[float, float]:
         if pid != root:
             largest = max(largest, rss.get(pid, 0.0))
         todo += children.get(pid, [])
-    return total, largest
+    return total, rss.get(root, 0.0), largest
 
 
 def run_child(cmd: List[str], env: Dict[str, str], sample_tree: bool = False
               ) -> Dict[str, object]:
-    """Runs `cmd`: wall seconds, stdout, the peak RSS (MB) of that process alone (wait4)
-    and, with `sample_tree`, the peak summed RSS of it and its children and the peak of
-    its largest child (sampled 4x per second)."""
+    """Runs `cmd`: wall seconds, stdout, the peak RSS (MB) from wait4 (that process, or
+    a child it waited for if larger) and, with `sample_tree` (4x per second), the peaks
+    of the process itself, of its largest child and of all of them summed."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-        peak, done = [0.0, 0.0], threading.Event()
+        peak, done = [0.0, 0.0, 0.0], threading.Event()
 
         def sample() -> None:
             while not done.wait(0.25):
-                total, child = _tree_rss_mb(proc.pid)
-                peak[0], peak[1] = max(peak[0], total), max(peak[1], child)
+                for i, mb in enumerate(_tree_rss_mb(proc.pid)):
+                    peak[i] = max(peak[i], mb)
 
         sampler = threading.Thread(target=sample, daemon=True)
         if sample_tree:
@@ -110,7 +111,7 @@ def run_child(cmd: List[str], env: Dict[str, str], sample_tree: bool = False
                                f"{err.read().decode()[-3000:]}")
         return {"seconds": wall, "peak_mb": usage.ru_maxrss / 1024,
                 "tree_peak_mb": max(peak[0], usage.ru_maxrss / 1024),
-                "child_peak_mb": peak[1],
+                "own_peak_mb": peak[1], "child_peak_mb": peak[2],
                 "stdout": out.read().decode()}
 
 
