@@ -349,7 +349,12 @@ def run_beam(data_dir: str, staging: str, history_length: int, val_fraction: flo
     Raises:
       RuntimeError: rows or examples do not balance (`check_balance`).
     """
-    options = PipelineOptions(list(beam_args))
+    args = list(beam_args)
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # -v keeps Beam's own logs
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+        if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+            args.append("--default_sdk_harness_log_level=WARNING")  # worker processes
+    options = PipelineOptions(args)
     with beam.Pipeline(options=options) as p:
         build_pipeline(p, data_dir, staging, history_length, val_fraction, test_fraction,
                        num_shards, features, train_days, min_count, buckets, dead_letter)
