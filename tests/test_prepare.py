@@ -237,3 +237,20 @@ def test_rows_the_runner_loses_are_an_error():
     summary["examples"]["built"] = 31
     with pytest.raises(RuntimeError, match="built 31 examples but wrote 30"):
         check_balance(summary)
+
+
+def test_bad_settings_are_refused_before_any_work(tiny_world_dir, tmp_path):
+    from tfrec.cli import main
+
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="pandas engine reads and writes local paths only"):
+        prepare_dataset(tiny_world_dir, "gs://bucket/records")
+    with pytest.raises(ValueError, match="unknown preparation engine 'spark'"):
+        prepare_dataset(tiny_world_dir, out, engine="spark")
+    with pytest.raises(ValueError, match="vocab_min_count must be an int >= 1"):
+        prepare_dataset(tiny_world_dir, out, min_count=0)
+    with pytest.raises(ValueError, match=r"max_bad_share must be in \[0, 1\)"):
+        prepare_dataset(tiny_world_dir, out, max_bad_share=1.5)
+    assert main(["prepare", "--data-dir", tiny_world_dir, "--out", out,
+                 "--runner", "FlinkRunner"]) == 2  # Beam options need --engine beam
+    assert not os.path.exists(out)
