@@ -77,16 +77,10 @@ def prepare(cfg: Config, dead_letter: Optional[str] = None, buckets: int = 256) 
     Unlike `train`'s implicit preparation it always counts bad rows by reason, so the
     report covers every problem, not the first one.
     """
-    from tfrec.data.feature_spec import FeatureSpec
-    from tfrec.data.prepare import prepare_dataset
+    from tfrec.data.prepare import prepare_records
 
-    return prepare_dataset(
-        cfg.data.data_dir, cfg.data.tfrecord_dir, history_length=cfg.data.history_length,
-        val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
-        num_shards=cfg.data.num_shards, features=FeatureSpec.from_config(cfg.features),
-        train_days=cfg.data.train_days, engine=cfg.data.engine,
-        max_bad_share=cfg.data.max_bad_share, dead_letter=dead_letter,
-        min_count=cfg.data.vocab_min_count, buckets=buckets, beam_args=cfg.data.beam_args)
+    return prepare_records(cfg, max_bad_share=cfg.data.max_bad_share,
+                           dead_letter=dead_letter, buckets=buckets)
 
 
 def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None):

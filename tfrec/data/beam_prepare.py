@@ -34,8 +34,8 @@ finally:
 
 from tfrec.data.examples import UNSEEN_ITEM_COUNT, user_examples, with_items  # noqa: E402
 from tfrec.data.feature_spec import FeatureSpec  # noqa: E402
-from tfrec.data.rows import (check_rows, dead_letter_lines, split_duplicates,  # noqa: E402
-                             split_unknown_items)
+from tfrec.data.rows import (EXAMPLES_PER_REASON, check_rows,  # noqa: E402
+                             dead_letter_lines, split_duplicates, split_unknown_items)
 from tfrec.data.prepare import DAY, vocab_lines  # noqa: E402
 from tfrec.data.schema import SchemaError  # noqa: E402
 from tfrec.data.split import PERIODS, TimeSplit, time_split  # noqa: E402
@@ -208,14 +208,14 @@ def _finish(element, total: float, split: Dict[str, int], features: FeatureSpec,
 
 def _reasons(bad: pd.DataFrame) -> Iterator[Tuple[Tuple[str, str], Tuple[int, List[str]]]]:
     for (table, reason), group in bad.groupby(["table", "reason"], sort=True):
-        yield (table, reason), (len(group), sorted(group["row"])[:3])
+        yield (table, reason), (len(group), sorted(group["row"])[:EXAMPLES_PER_REASON])
 
 
 def _merge_reasons(values: Iterable[Tuple[int, List[str]]]) -> Tuple[int, List[str]]:
     count, examples = 0, []
     for n, rows in values:
         count += n
-        examples = sorted(examples + list(rows))[:3]
+        examples = sorted(examples + list(rows))[:EXAMPLES_PER_REASON]
     return count, examples
 
 

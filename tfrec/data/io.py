@@ -229,12 +229,11 @@ def load_tables(data_dir: str, strict: bool = True, max_bad_share: float = 0.0) 
     tables = {}
     for name in ("catalog", "users", "events"):
         paths = table_files(data_dir, name)
-        if len(paths) == 1:
-            tables[name] = read_table(paths[0], name)
-        else:
-            try:
-                tables[name] = validate_table(read_table_raw(data_dir, name), name)
-            except SchemaError as e:
-                raise SchemaError(f"{os.path.join(data_dir, name)}/: {e}") from e
+        raw = read_table_raw(data_dir, name)
+        try:
+            tables[name] = validate_table(raw, name)
+        except SchemaError as e:  # named by its file, or its folder of parts
+            where = paths[0] if len(paths) == 1 else os.path.join(data_dir, name) + "/"
+            raise SchemaError(f"{where}: {e}") from e
     events = validate_references(tables["catalog"], tables["events"], strict=strict)
     return Tables(catalog=tables["catalog"], users=tables["users"], events=events)

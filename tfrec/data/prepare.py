@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from tfrec.config import Config
 from tfrec.data.examples import build_retrieval_examples
 from tfrec.data.feature_spec import FeatureSpec, default_spec
 from tfrec.data.io import atomic_write, clean_tables, load_tables
@@ -111,6 +112,26 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
 
     _write_text(os.path.join(tfrecord_dir, META_FILE), json.dumps(meta, indent=2))
     return load_meta(tfrecord_dir)
+
+
+def prepare_records(cfg: Config, max_bad_share: Optional[float],
+                    dead_letter: Optional[str] = None, buckets: int = 256) -> dict:
+    """`prepare_dataset` with the config's data section (engine, split, features...).
+
+    Args:
+      max_bad_share: see `prepare_dataset` (None: stop at the first bad row).
+      dead_letter, buckets: see `prepare_dataset`.
+    """
+    return prepare_dataset(cfg.data.data_dir, cfg.data.tfrecord_dir,
+                           history_length=cfg.data.history_length,
+                           val_fraction=cfg.data.val_fraction,
+                           test_fraction=cfg.data.test_fraction,
+                           num_shards=cfg.data.num_shards,
+                           features=FeatureSpec.from_config(cfg.features),
+                           train_days=cfg.data.train_days, engine=cfg.data.engine,
+                           max_bad_share=max_bad_share, dead_letter=dead_letter,
+                           min_count=cfg.data.vocab_min_count, buckets=buckets,
+                           beam_args=cfg.data.beam_args)
 
 
 def _prepare_pandas(data_dir: str, out: str, settings: Dict[str, Any],

@@ -30,8 +30,7 @@ from tfrec.config import Config
 from tfrec.data.examples import positive_interactions
 from tfrec.data.feature_spec import FeatureSpec
 from tfrec.data.io import load_tables
-from tfrec.data.prepare import (load_meta, prepare_dataset, read_vocab,
-                                source_signature)
+from tfrec.data.prepare import load_meta, prepare_records, read_vocab, source_signature
 from tfrec.data.tfrecord import make_dataset
 from tfrec.data.feature_spec import catalog_features
 from tfrec.metrics.retrieval import build_eval_set, embed_in_batches
@@ -156,15 +155,8 @@ def ensure_prepared(cfg: Config) -> dict:
                 f"the records in {cfg.data.tfrecord_dir!r} were prepared by the Beam engine "
                 f"with other settings ({settings}); run `tfrec prepare --engine beam` again "
                 f"with this config, or set data.engine: beam")
-    return prepare_dataset(cfg.data.data_dir, cfg.data.tfrecord_dir,
-                           history_length=cfg.data.history_length,
-                           val_fraction=cfg.data.val_fraction,
-                           test_fraction=cfg.data.test_fraction,
-                           num_shards=cfg.data.num_shards, features=features,
-                           train_days=cfg.data.train_days, engine=cfg.data.engine,
-                           max_bad_share=cfg.data.max_bad_share or None,
-                           min_count=cfg.data.vocab_min_count,
-                           beam_args=cfg.data.beam_args)
+    # data.max_bad_share 0: the first bad row raises, with its row (load_tables)
+    return prepare_records(cfg, max_bad_share=cfg.data.max_bad_share or None)
 
 
 def profile_steps(cfg: Config) -> Union[int, Tuple[int, int]]:
