@@ -126,7 +126,7 @@ class _CheckRows(beam.DoFn):
             yield good
 
 
-def _items_known(element, buckets: int):
+def _items_known(element):
     """Item bucket: the catalog without duplicate ids, events about known items only."""
     bucket, grouped = element
     catalog = _concat(grouped["catalog"])
@@ -269,7 +269,7 @@ def build_pipeline(p: beam.Pipeline, data_dir: str, staging: str, history_length
                   _by_bucket, "item_id", buckets),
               "events": good["events"] | "events by item" >> beam.FlatMap(_keyed, False)}
              | "join catalog and events" >> beam.CoGroupByKey()
-             | "known items" >> beam.FlatMap(_items_known, buckets).with_outputs(
+             | "known items" >> beam.FlatMap(_items_known).with_outputs(
                  "catalog", "bad", "stats", main="events"))
     stats.append(known.stats)
     bad.append(known.bad)
