@@ -10,7 +10,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -83,11 +83,12 @@ def _tree_rss_mb(root: int) -> Tuple[float, float, float]:
     return total, rss.get(root, 0.0), largest
 
 
-def run_child(cmd: List[str], env: Dict[str, str], sample_tree: bool = False
-              ) -> Dict[str, object]:
+def run_child(cmd: List[str], env: Dict[str, str], sample_tree: bool = False,
+              watch_dir: Optional[str] = None) -> Dict[str, object]:
     """Runs `cmd`: wall seconds, stdout, the peak RSS (MB) from wait4 (that process, or
     a child it waited for if larger) and, with `sample_tree` (4x per second), the peaks
-    of the process itself, of its largest child and of all of them summed."""
+    of the process itself, of its largest child and of all of them summed; with
+    `watch_dir`, the largest size of that folder (MB, every 2 s)."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
@@ -98,11 +99,23 @@ def run_child(cmd: List[str], env: Dict[str, str], sample_tree: bool = False
                 for i, mb in enumerate(_tree_rss_mb(proc.pid)):
                     peak[i] = max(peak[i], mb)
 
+        def sample_dir() -> None:
+            while not done.wait(2.0):
+                try:
+                    peak.append(dir_mb(watch_dir))
+                except OSError:  # a file renamed or removed while walking
+                    pass
+
         sampler = threading.Thread(target=sample, daemon=True)
         if sample_tree:
             sampler.start()
+        dir_sampler = threading.Thread(target=sample_dir, daemon=True)
+        if watch_dir:
+            dir_sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         done.set()
+        if watch_dir:
+            dir_sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
         out.seek(0), err.seek(0)
@@ -112,6 +125,7 @@ def run_child(cmd: List[str], env: Dict[str, str], sample_tree: bool = False
         return {"seconds": wall, "peak_mb": usage.ru_maxrss / 1024,
                 "tree_peak_mb": max(peak[0], usage.ru_maxrss / 1024),
                 "own_peak_mb": peak[1], "child_peak_mb": peak[2],
+                "dir_peak_mb": max(peak[3:], default=0.0),
                 "stdout": out.read().decode()}
 
 

@@ -5,21 +5,25 @@ Protocol (bench/README.md, "Data preparation: pandas vs Beam"):
              written by the streaming generator as Parquet parts), made with `tfrec
              generate` into --work-dir unless already there.
   engines    `tfrec prepare` as its own process per (world, engine): pandas; Beam
-             DirectRunner in memory (one process); Beam DirectRunner multi_processing
-             with 2 worker processes. Each writes into a fresh directory.
+             DirectRunner with its own in-memory shuffle (`--shuffle runner`), in one
+             process and with 2 worker processes (multi_processing); Beam DirectRunner
+             grouping through files on disk (`--shuffle disk`, the default there), in
+             one process and with 2 workers. Each writes into a fresh directory.
   measured   wall seconds; peak RSS of the `tfrec prepare` process itself, of its
              largest worker process, and of all of them summed (sampled 4x per second);
-             output size; examples written. Every Beam output is checked equal to the pandas
-             output of the same world (records, vocabularies).
+             output size; examples written; the largest size of the output folder
+             (records + the disk shuffle's spill files, sampled every 2 s). Every Beam
+             output is checked equal to the pandas output of the same world (records,
+             vocabularies).
 Key figures are ratios against pandas on the same world in the same run (time, memory),
 and memory per million events (growth with the data). On 2 cores the Beam runs are slower
-than pandas: the DirectRunner is a test runner, and the point of the engine is the same
-pipeline on Flink, Spark or Dataflow, where memory per worker is bounded by the bucket
-size (`--buckets`) rather than by the data.
+than pandas: the DirectRunner is a test runner. The point of the engine is memory that
+does not grow with the events (the disk shuffle holds one bucket of users or items at a
+time, `--buckets`) and the same pipeline on Flink, Spark or Dataflow.
 
 Run from the repository root:
 
-    python bench/prepare.py [--worlds medium,xlarge] [--engines pandas,beam,beam-2] \
+    python bench/prepare.py [--worlds medium,xlarge] [--engines pandas,beam,disk,disk-2] \
         [--work-dir /tmp/prepare_bench]
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, pandas and Beam
@@ -43,22 +47,26 @@ import tfrec  # noqa: F401,E402  (quiet TensorFlow logs before it loads)
 from _common import (dir_mb, format_table, machine_line, parse_smoke_args, ratio,  # noqa: E402
                      run_child, skip)
 
-SMOKE = dict(worlds="tiny", engines="pandas,beam", buckets=8)
+SMOKE = dict(worlds="tiny", engines="pandas,beam,disk", buckets=8)
+TWO_WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 ENGINES = {
     "pandas": ["--engine", "pandas"],
-    "beam": ["--engine", "beam", "--", "--direct_running_mode=in_memory"],
-    "beam-2": ["--engine", "beam", "--", "--direct_running_mode=multi_processing",
-               "--direct_num_workers=2"],
+    "beam": ["--engine", "beam", "--shuffle", "runner", "--",
+             "--direct_running_mode=in_memory"],
+    "beam-2": ["--engine", "beam", "--shuffle", "runner", "--"] + TWO_WORKERS,
+    "disk": ["--engine", "beam", "--shuffle", "disk", "--", "--direct_running_mode=in_memory"],
+    "disk-2": ["--engine", "beam", "--shuffle", "disk", "--"] + TWO_WORKERS,
 }
-LABELS = {"pandas": "pandas", "beam": "Beam direct, in memory",
-          "beam-2": "Beam direct, 2 processes"}
+LABELS = {"pandas": "pandas", "beam": "Beam, memory shuffle",
+          "beam-2": "Beam, memory shuffle, 2 proc", "disk": "Beam, disk shuffle",
+          "disk-2": "Beam, disk shuffle, 2 proc"}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worlds", default="medium,xlarge",
                         help="synthetic world presets (comma-separated)")
-    parser.add_argument("--engines", default="pandas,beam,beam-2",
+    parser.add_argument("--engines", default="pandas,beam,disk,disk-2",
                         help=f"of {', '.join(ENGINES)}")
     parser.add_argument("--buckets", type=int, default=256, help="Beam --buckets")
     parser.add_argument("--work-dir", help="keep worlds here (default: a temporary dir)")
@@ -109,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             shutil.rmtree(out, ignore_errors=True)
             cmd = command + ["prepare", "--data-dir", data, "--out", out,
                            "--buckets", str(args.buckets)] + ENGINES[engine]  # "--" last
-            m = run_child(cmd, env, sample_tree=True)
+            m = run_child(cmd, env, sample_tree=True, watch_dir=out)
             with open(os.path.join(out, "meta.json")) as f:
                 meta = json.load(f)
             m.update(examples=sum(meta["counts"].values()), out_mb=dir_mb(out), out=out)
@@ -129,13 +137,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          f"{m['tree_peak_mb']:,.0f}",
                          ratio(m["tree_peak_mb"], reference["tree_peak_mb"]),
                          f"{m['tree_peak_mb'] / (events / 1e6):,.0f}",
-                         f"{m['examples']:,}", f"{m['out_mb']:,.1f}", same])
+                         f"{m['examples']:,}", f"{m['out_mb']:,.1f}",
+                         f"{max(m['dir_peak_mb'], m['out_mb']):,.0f}", same])
             raw.append({"world": world, "events": events, "engine": engine,
                         **{k: v for k, v in m.items() if k not in ("stdout", "out")}})
     print(format_table(
         ["world", "engine", "wall s", "time vs pandas", "driver peak MB", "worker peak MB",
          "all procs peak MB",
-         "memory vs pandas", "MB per 1M events", "examples", "output MB", "same as pandas"],
+         "memory vs pandas", "MB per 1M events", "examples", "output MB", "disk peak MB",
+         "same as pandas"],
         rows, title=f"tfrec prepare: pandas vs Beam DirectRunner (--buckets {args.buckets})\n"
                     f"{machine_line()}"))
     print(json.dumps(raw))

@@ -48,12 +48,18 @@ def _assert_same_output(a: str, b: str) -> None:
             assert fa.read() == fb.read(), kind
 
 
-@pytest.mark.parametrize("world,beam_args", [
-    ("tiny", ()),
-    ("tiny", ("--direct_running_mode=multi_processing", "--direct_num_workers=2")),
-    ("small", ()),
-], ids=["tiny", "tiny-2-workers", "small"])
-def test_beam_writes_what_pandas_writes(world, beam_args, tiny_world_dir, tmp_path):
+TWO_WORKERS = ("--direct_running_mode=multi_processing", "--direct_num_workers=2")
+
+
+@pytest.mark.parametrize("world,beam_args,shuffle", [
+    ("tiny", (), "auto"),  # the DirectRunner's default: grouping through files on disk
+    ("tiny", TWO_WORKERS, "disk"),
+    ("tiny", (), "runner"),
+    ("tiny", TWO_WORKERS, "runner"),
+    ("small", (), "auto"),
+], ids=["tiny", "tiny-2-workers", "tiny-runner-shuffle", "tiny-2-workers-runner-shuffle",
+        "small"])
+def test_beam_writes_what_pandas_writes(world, beam_args, shuffle, tiny_world_dir, tmp_path):
     if world == "tiny":
         data = tiny_world_dir
     else:
@@ -61,9 +67,11 @@ def test_beam_writes_what_pandas_writes(world, beam_args, tiny_world_dir, tmp_pa
         generate_world("small", seed=42).save(data)
     pandas_meta = prepare_dataset(data, str(tmp_path / "pandas"), max_bad_share=0.0)
     beam_meta = prepare_dataset(data, str(tmp_path / "beam"), engine="beam", buckets=13,
-                                beam_args=beam_args)
+                                beam_args=beam_args, shuffle=shuffle)
     assert pandas_meta["engine"] == "pandas" and beam_meta["engine"] == "beam"
     _assert_same_output(str(tmp_path / "pandas"), str(tmp_path / "beam"))
+    # Staging and the disk shuffle's spill files are gone.
+    assert not [n for n in os.listdir(tmp_path / "beam") if n.startswith(".")]
     # The probabilities are the logQ ones: training positives only, summing to one
     # over the catalog (items without positives at the 0.5 pseudo-count).
     probs = {}
@@ -253,4 +261,21 @@ def test_bad_settings_are_refused_before_any_work(tiny_world_dir, tmp_path):
         prepare_dataset(tiny_world_dir, out, max_bad_share=1.5)
     assert main(["prepare", "--data-dir", tiny_world_dir, "--out", out,
                  "--runner", "FlinkRunner"]) == 2  # Beam options need --engine beam
+    with pytest.raises(ValueError, match="--shuffle disk is for local runners"):
+        prepare_dataset(tiny_world_dir, out, engine="beam", shuffle="disk",
+                        beam_args=("--runner=DataflowRunner",))
+    with pytest.raises(ValueError, match="unknown shuffle 'spark'"):
+        prepare_dataset(tiny_world_dir, out, engine="beam", shuffle="spark")
     assert not os.path.exists(out)
+
+
+def test_the_disk_shuffle_is_the_local_runners_default():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from tfrec.data.beam_prepare import resolve_shuffle
+
+    for args, expected in [((), "disk"), (("--runner=DirectRunner",), "disk"),
+                           (("--runner=FlinkRunner",), "runner"),
+                           (("--runner=DataflowRunner",), "runner")]:
+        assert resolve_shuffle("auto", PipelineOptions(list(args))) == expected, args
+    assert resolve_shuffle("runner", PipelineOptions([])) == "runner"

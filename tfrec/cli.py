@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ids with fewer training examples stay out of the vocabularies")
     p.add_argument("--buckets", type=int, default=256,
                    help="Beam: users / items are processed in this many groups (default 256)")
+    p.add_argument("--shuffle", choices=["auto", "runner", "disk"], default="auto",
+                   help="Beam: group through files on disk, one bucket in memory at a time "
+                        "(local runners), or in the runner's shuffle; auto: disk on the "
+                        "DirectRunner, the runner's elsewhere")
     p.add_argument("beam_args", nargs="*", metavar="BEAM_OPTION",
                    help="Beam pipeline options, after --")
 
@@ -315,7 +319,8 @@ def _prepare(cfg: Config, args: argparse.Namespace) -> None:
         if cfg.data.engine != "beam":
             raise ValueError("--runner and Beam pipeline options need --engine beam")
         cfg.data.beam_args = tuple(beam_args)
-    meta = workflow.prepare(cfg, dead_letter=args.dead_letter, buckets=args.buckets)
+    meta = workflow.prepare(cfg, dead_letter=args.dead_letter, buckets=args.buckets,
+                            shuffle=args.shuffle)
     counts = meta["counts"]
     print(f"prepared {counts['train']} train / {counts['val']} val / {counts['test']} test "
           f"examples from {meta['num_events']} events, {meta['num_items']} items, "

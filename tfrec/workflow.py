@@ -71,7 +71,8 @@ def train(cfg: Config):
     return train_retrieval(cfg)
 
 
-def prepare(cfg: Config, dead_letter: Optional[str] = None, buckets: int = 256) -> dict:
+def prepare(cfg: Config, dead_letter: Optional[str] = None, buckets: int = 256,
+            shuffle: str = "auto") -> dict:
     """Validates the tables and writes the records `train` reads (data.engine decides how).
 
     Unlike `train`'s implicit preparation it always counts bad rows by reason, so the
@@ -80,7 +81,7 @@ def prepare(cfg: Config, dead_letter: Optional[str] = None, buckets: int = 256) 
     from tfrec.data.prepare import prepare_records
 
     return prepare_records(cfg, max_bad_share=cfg.data.max_bad_share,
-                           dead_letter=dead_letter, buckets=buckets)
+                           dead_letter=dead_letter, buckets=buckets, shuffle=shuffle)
 
 
 def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None):

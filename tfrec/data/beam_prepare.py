@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 _quiet = logging.getLogger()
 _level = _quiet.level
@@ -25,13 +26,14 @@ _quiet.setLevel(logging.ERROR)  # apache_beam warns about optional GCP clients o
 try:
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("the Beam engine needs Apache Beam: pip install 'tfrec[beam]' "
                       "(apache-beam[tfrecord]==2.77.0)") from e
 finally:
     _quiet.setLevel(_level)
 
+from tfrec.data.beam_spill import LOCAL_RUNNERS, concat_shards, group_on_disk  # noqa: E402
 from tfrec.data.examples import UNSEEN_ITEM_COUNT, user_examples, with_items  # noqa: E402
 from tfrec.data.feature_spec import FeatureSpec  # noqa: E402
 from tfrec.data.rows import (EXAMPLES_PER_REASON, check_rows,  # noqa: E402
@@ -45,6 +47,8 @@ TABLES = ("catalog", "users", "events")
 FORMATS = (".parquet", ".csv")
 CSV_ROWS = 100_000  # rows per batch when reading CSV
 STATS_FILE = "stats.json"
+SHUFFLES = ("auto", "runner", "disk")
+RECORDS = "records"  # the disk shuffle's per-bucket TFRecord files, under the spill folder
 
 
 def beam_table_files(data_dir: str, table: str) -> Tuple[str, List[str]]:
@@ -147,8 +151,8 @@ def _items_known(element):
 
 
 def _users_unique(element):
-    _, frames = element
-    users, duplicates = split_duplicates(_concat(frames), "users")
+    _, grouped = element
+    users, duplicates = split_duplicates(_concat(grouped["users"]), "users")
     if len(duplicates):
         yield beam.pvalue.TaggedOutput("bad", duplicates)
     yield (("good", "users"), len(users))
@@ -156,8 +160,8 @@ def _users_unique(element):
 
 def _user_examples(element, history_length: int, buckets: int):
     """User bucket: every positive with its point-in-time query side, keyed by item bucket."""
-    _, frames = element
-    events = _concat(frames)
+    _, grouped = element
+    events = _concat(grouped["events"])
     if events is None:
         return
     yield beam.pvalue.TaggedOutput("stats", (("good", "events"), len(events)))
@@ -181,14 +185,21 @@ def _count_train(element, split: Dict[str, int]):
     counts = counts.clip(lower=UNSEEN_ITEM_COUNT)
     yield beam.pvalue.TaggedOutput("total", float(counts.sum()))
     if examples is not None:
-        yield bucket, catalog, examples, counts
+        yield bucket, counts
 
 
-def _finish(element, total: float, split: Dict[str, int], features: FeatureSpec,
-            train_days: Optional[float]):
-    """Item bucket: candidate columns and candidate_prob, then records by period."""
-    _, catalog, examples, counts = element
-    examples = with_items(examples, catalog, counts / total, features)
+def _finish(element, counts: Dict[int, pd.Series], total: float, split: Dict[str, int],
+            features: FeatureSpec, train_days: Optional[float], records_dir: Optional[str]):
+    """Item bucket: candidate columns and candidate_prob, then records by period.
+
+    Records go out as elements (for the runner's sharded write), or, with `records_dir`,
+    into one TFRecord file per period and bucket there (the disk shuffle's write).
+    """
+    bucket, grouped = element
+    if bucket not in counts:
+        return
+    catalog, examples = _concat(grouped["catalog"]), _concat(grouped["examples"])
+    examples = with_items(examples, catalog, counts[bucket] / total, features)
     ts = examples["ts"].to_numpy()
     period = TimeSplit(**split).assign_period(ts)
     if train_days is not None:
@@ -197,13 +208,28 @@ def _finish(element, total: float, split: Dict[str, int], features: FeatureSpec,
         yield beam.pvalue.TaggedOutput("stats", (("examples", "before train_days"),
                                                  int(old.sum())))
     for name in PERIODS:
-        subset = examples[period == name]
-        for record in serialize_examples(subset, features.example_columns):
-            yield beam.pvalue.TaggedOutput(name, record)
+        records = serialize_examples(examples[period == name], features.example_columns)
+        if records_dir is None:
+            for record in records:
+                yield beam.pvalue.TaggedOutput(name, record)
+        elif records:
+            _write_records(os.path.join(records_dir, name, f"bucket-{bucket:05d}.tfrecord"),
+                           records)
+            yield beam.pvalue.TaggedOutput("stats", (("count", name), len(records)))
     train = examples[period == "train"]
     for column, kind in (("user_id", "users"), ("item_id", "items")):
         for value, count in train[column].value_counts().items():
             yield beam.pvalue.TaggedOutput("vocab", ((kind, value), int(count)))
+
+
+def _write_records(path: str, records: List[bytes]) -> None:
+    """One bucket's records, renamed into place: a retried bucket rewrites the same file."""
+    tmp = path + ".tmp"
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for record in records:
+            writer.write(record)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def _reasons(bad: pd.DataFrame) -> Iterator[Tuple[Tuple[str, str], Tuple[int, List[str]]]]:
@@ -226,9 +252,27 @@ def _write_one(pcoll, path: str, label: str):
 def build_pipeline(p: beam.Pipeline, data_dir: str, staging: str, history_length: int,
                    val_fraction: float, test_fraction: float, num_shards: int,
                    features: FeatureSpec, train_days: Optional[float], min_count: int,
-                   buckets: int, dead_letter: Optional[str]) -> None:
-    """Adds the preparation to a pipeline; outputs go to `staging` (see `run_beam`)."""
+                   buckets: int, dead_letter: Optional[str], spill: Optional[str] = None
+                   ) -> None:
+    """Adds the preparation to a pipeline; outputs go to `staging` (see `run_beam`).
+
+    Args:
+      spill: group through files in this folder (`group_on_disk`), not the runner's
+        shuffle; the records then land there per bucket for `concat_shards`.
+    """
     good, bad, stats = {}, [], []
+
+    def group(label: str, inputs: Dict[str, Tuple[beam.PCollection, ...]]):
+        """CoGroupByKey by bucket: read(label) -> (bucket, {name: [frames]})."""
+        if spill is not None:
+            return group_on_disk(inputs, FileSystems.join(spill, label.replace(" ", "_")),
+                                 buckets, label)
+        flat = {name: pcolls[0] if len(pcolls) == 1 else
+                pcolls | f"{label}: flatten {name}" >> beam.Flatten()
+                for name, pcolls in inputs.items()}
+        grouped = flat | label >> beam.CoGroupByKey()
+        return lambda _: grouped
+
     for table in TABLES:
         ext, files = beam_table_files(data_dir, table)
         check_readable(table, ext, files)
@@ -240,19 +284,22 @@ def build_pipeline(p: beam.Pipeline, data_dir: str, staging: str, history_length
         else:
             raw = (p | f"files {table}" >> beam.Create(files)
                    | f"read {table}" >> beam.FlatMap(_csv_batches))
-        # Reshuffle breaks fusion with the (splittable) read: the DirectRunner's
-        # multi_processing mode lost 1-10% of the rows of a 1M-row table flattened into a
-        # join straight from a split read (Beam 2.77); run_beam's row balance catches it.
-        checked = (raw | f"unfuse {table}" >> beam.Reshuffle()
-                   | f"check {table}" >> beam.ParDo(_CheckRows(table)).with_outputs(
-                       "bad", "stats", main="good"))
+        if spill is None:
+            # Reshuffle breaks fusion with the (splittable) read: the DirectRunner's
+            # multi_processing mode lost 1-10% of the rows of a 1M-row table flattened
+            # into a join straight from a split read (Beam 2.77); run_beam's row balance
+            # catches it. (On disk the read streams into files, and a Reshuffle would
+            # hold the whole table in the driver.)
+            raw = raw | f"unfuse {table}" >> beam.Reshuffle()
+        checked = raw | f"check {table}" >> beam.ParDo(_CheckRows(table)).with_outputs(
+            "bad", "stats", main="good")
         good[table] = checked.good
         bad.append(checked.bad)
         stats.append(checked.stats)
 
-    users = (good["users"]
-             | "users by bucket" >> beam.FlatMap(_by_bucket, "user_id", buckets)
-             | "group users" >> beam.GroupByKey()
+    users_by_bucket = good["users"] | "users by bucket" >> beam.FlatMap(_by_bucket, "user_id",
+                                                                         buckets)
+    users = (group("group users", {"users": (users_by_bucket,)})("read users")
              | "unique users" >> beam.FlatMap(_users_unique).with_outputs("bad", main="stats"))
     stats.append(users.stats)
     bad.append(users.bad)
@@ -265,18 +312,20 @@ def build_pipeline(p: beam.Pipeline, data_dir: str, staging: str, history_length
         else:
             yield from _by_bucket(frame[has_item], "item_id", buckets)
 
-    known = ({"catalog": good["catalog"] | "catalog by item" >> beam.FlatMap(
-                  _by_bucket, "item_id", buckets),
-              "events": good["events"] | "events by item" >> beam.FlatMap(_keyed, False)}
-             | "join catalog and events" >> beam.CoGroupByKey()
+    known = (group("join catalog and events", {
+                 "catalog": (good["catalog"] | "catalog by item" >> beam.FlatMap(
+                     _by_bucket, "item_id", buckets),),
+                 "events": (good["events"] | "events by item" >> beam.FlatMap(_keyed, False),)
+             })("read items")
              | "known items" >> beam.FlatMap(_items_known).with_outputs(
                  "catalog", "bad", "stats", main="events"))
     stats.append(known.stats)
     bad.append(known.bad)
     searches = good["events"] | "search events" >> beam.FlatMap(_keyed, True)
-    per_user = ((known.events, searches) | "flatten events" >> beam.Flatten()
-                | "events by user" >> beam.FlatMap(_by_bucket, "user_id", buckets)
-                | "group by user" >> beam.GroupByKey()
+    events_by_user = tuple(
+        events | f"{name} by user" >> beam.FlatMap(_by_bucket, "user_id", buckets)
+        for name, events in (("events", known.events), ("searches", searches)))
+    per_user = (group("group by user", {"events": events_by_user})("read users' events")
                 | "user examples" >> beam.FlatMap(_user_examples, history_length,
                                                   buckets).with_outputs(
                     "stats", "ts", main="examples"))
@@ -291,16 +340,19 @@ def build_pipeline(p: beam.Pipeline, data_dir: str, staging: str, history_length
 
     split = per_user.ts | "time split" >> beam.combiners.ToList() | "split" >> beam.Map(_split)
     split_side = beam.pvalue.AsSingleton(split)
-    counted = ({"catalog": known.catalog, "examples": per_user.examples}
-               | "join catalog and examples" >> beam.CoGroupByKey()
+    by_item = group("join catalog and examples",
+                    {"catalog": (known.catalog,), "examples": (per_user.examples,)})
+    counted = (by_item("read for counts")
                | "count train positives" >> beam.FlatMap(_count_train, split_side)
-               .with_outputs("total", main="buckets"))
+               .with_outputs("total", main="counts"))
     total = counted.total | "total" >> beam.CombineGlobally(sum)
-    records = counted.buckets | "examples" >> beam.FlatMap(
-        _finish, beam.pvalue.AsSingleton(total), split_side, features, train_days
+    records_dir = None if spill is None else FileSystems.join(spill, RECORDS)
+    records = by_item("read for records") | "examples" >> beam.FlatMap(
+        _finish, beam.pvalue.AsDict(counted.counts), beam.pvalue.AsSingleton(total),
+        split_side, features, train_days, records_dir
     ).with_outputs(*PERIODS, "vocab", "stats")
     stats.append(records.stats)
-    for name in PERIODS:
+    for name in PERIODS if spill is None else ():
         records[name] | f"write {name}" >> beam.io.WriteToTFRecord(
             os.path.join(staging, name), file_name_suffix=".tfrecord", num_shards=num_shards,
             shard_name_template="-SSSSS-of-NNNNN")
@@ -334,12 +386,15 @@ def build_pipeline(p: beam.Pipeline, data_dir: str, staging: str, history_length
 def run_beam(data_dir: str, staging: str, history_length: int, val_fraction: float,
              test_fraction: float, num_shards: int, features: FeatureSpec,
              train_days: Optional[float], min_count: int, buckets: int,
-             dead_letter: Optional[str], beam_args: Sequence[str]) -> Dict[str, Any]:
+             dead_letter: Optional[str], beam_args: Sequence[str], shuffle: str = "auto"
+             ) -> Dict[str, Any]:
     """Runs the pipeline to completion and returns its summary.
 
     Args:
       beam_args: pipeline options as on a command line, e.g. ["--runner=FlinkRunner",
         "--flink_master=host:8081"]; the DirectRunner by default.
+      shuffle: "runner" (the runner groups), "disk" (`group_on_disk` under the staging
+        folder: bounded memory on a local runner) or "auto" (disk on local runners).
 
     Returns:
       {"rows": {table: n}, "good": {table: n}, "counts": {period: n},
@@ -355,9 +410,18 @@ def run_beam(data_dir: str, staging: str, history_length: int, val_fraction: flo
         if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
             args.append("--default_sdk_harness_log_level=WARNING")  # worker processes
     options = PipelineOptions(args)
+    spill = (FileSystems.join(staging, "spill")
+             if resolve_shuffle(shuffle, options) == "disk" else None)
     with beam.Pipeline(options=options) as p:
         build_pipeline(p, data_dir, staging, history_length, val_fraction, test_fraction,
-                       num_shards, features, train_days, min_count, buckets, dead_letter)
+                       num_shards, features, train_days, min_count, buckets, dead_letter,
+                       spill)
+    if spill is not None:
+        for name in PERIODS:
+            found = FileSystems.match([FileSystems.join(spill, RECORDS, name, "*.tfrecord")])
+            concat_shards(sorted(m.path for m in found[0].metadata_list),
+                          FileSystems.join(staging, name), num_shards)
+        FileSystems.delete([spill])
     with FileSystems.open(FileSystems.join(staging, STATS_FILE)) as f:
         entries = json.loads(f.read().decode())
     out: Dict[str, Any] = {"rows": {}, "good": {}, "counts": {name: 0 for name in PERIODS},
@@ -373,6 +437,26 @@ def run_beam(data_dir: str, staging: str, history_length: int, val_fraction: flo
             out[key[0]][key[1]] = int(value)
     check_balance(out)
     return out
+
+
+def resolve_shuffle(shuffle: str, options: PipelineOptions) -> str:
+    """"runner" or "disk" for the pipeline's runner ("auto": disk on a local runner).
+
+    Raises:
+      ValueError: an unknown shuffle, or "disk" on a distributed runner (its workers
+        cannot share the local staging folder, and their own shuffle spills already).
+    """
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"unknown shuffle {shuffle!r}; expected one of {SHUFFLES}")
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    local = name.split(".")[-1].lower() in {r.lower() for r in LOCAL_RUNNERS} | {"direct"}
+    if shuffle == "auto":
+        return "disk" if local else "runner"
+    if shuffle == "disk" and not local:
+        raise ValueError(f"--shuffle disk is for local runners {LOCAL_RUNNERS}; {name} "
+                         f"shuffles on its own (use --shuffle runner or auto)")
+    return shuffle
 
 
 def check_balance(summary: Dict[str, Any]) -> None:

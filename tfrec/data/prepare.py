@@ -38,7 +38,7 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
                     train_days: Optional[float] = None, *, engine: str = "pandas",
                     max_bad_share: Optional[float] = None, dead_letter: Optional[str] = None,
                     min_count: int = 1, buckets: int = 256,
-                    beam_args: Sequence[str] = ()) -> Dict[str, Any]:
+                    beam_args: Sequence[str] = (), shuffle: str = "auto") -> Dict[str, Any]:
     """Loads tables, splits by time and writes train/val/test TFRecords.
 
     Examples of every period are built from the full log, so val/test histories
@@ -65,6 +65,9 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
       min_count: ids with fewer training examples stay out of the id vocabularies.
       buckets: Beam engine: users / items are processed in this many groups.
       beam_args: Beam engine: pipeline options, e.g. ["--runner=FlinkRunner", ...].
+      shuffle: Beam engine: "disk" groups through files under the output folder, one
+        bucket in memory at a time (local runners); "runner" uses the runner's shuffle;
+        "auto" picks disk on the DirectRunner and the runner's elsewhere.
 
     Returns:
       The meta dict (as `load_meta` returns it): split times, example counts per
@@ -91,7 +94,7 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
                     train_days=train_days, min_count=min_count)
     if engine == "beam":
         meta = _prepare_beam(data_dir, tfrecord_dir, settings, max_bad_share or 0.0,
-                             dead_letter, buckets, beam_args)
+                             dead_letter, buckets, beam_args, shuffle)
     else:
         meta = _prepare_pandas(data_dir, tfrecord_dir, settings, max_bad_share, dead_letter)
     meta.update({
@@ -115,12 +118,13 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
 
 
 def prepare_records(cfg: Config, max_bad_share: Optional[float],
-                    dead_letter: Optional[str] = None, buckets: int = 256) -> dict:
+                    dead_letter: Optional[str] = None, buckets: int = 256,
+                    shuffle: str = "auto") -> dict:
     """`prepare_dataset` with the config's data section (engine, split, features...).
 
     Args:
       max_bad_share: see `prepare_dataset` (None: stop at the first bad row).
-      dead_letter, buckets: see `prepare_dataset`.
+      dead_letter, buckets, shuffle: see `prepare_dataset`.
     """
     return prepare_dataset(cfg.data.data_dir, cfg.data.tfrecord_dir,
                            history_length=cfg.data.history_length,
@@ -131,7 +135,7 @@ def prepare_records(cfg: Config, max_bad_share: Optional[float],
                            train_days=cfg.data.train_days, engine=cfg.data.engine,
                            max_bad_share=max_bad_share, dead_letter=dead_letter,
                            min_count=cfg.data.vocab_min_count, buckets=buckets,
-                           beam_args=cfg.data.beam_args)
+                           beam_args=cfg.data.beam_args, shuffle=shuffle)
 
 
 def _prepare_pandas(data_dir: str, out: str, settings: Dict[str, Any],
@@ -171,19 +175,22 @@ def _prepare_pandas(data_dir: str, out: str, settings: Dict[str, Any],
 
 
 def _prepare_beam(data_dir: str, out: str, settings: Dict[str, Any], max_bad_share: float,
-                  dead_letter: Optional[str], buckets: int, beam_args: Sequence[str]
-                  ) -> Dict[str, Any]:
-    from tfrec.data.beam_prepare import run_beam
+                  dead_letter: Optional[str], buckets: int, beam_args: Sequence[str],
+                  shuffle: str) -> Dict[str, Any]:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from tfrec.data.beam_prepare import resolve_shuffle, run_beam
 
     if not isinstance(buckets, int) or buckets < 1:
         raise ValueError(f"buckets must be an int >= 1, got {buckets!r}")
+    resolve_shuffle(shuffle, PipelineOptions(list(beam_args)))  # refuse before any work
     staging = os.path.join(out, f".staging-{os.getpid()}-{int(time.time())}")
     try:
         summary = run_beam(data_dir, staging, settings["history_length"],
                            settings["val_fraction"], settings["test_fraction"],
                            settings["num_shards"], settings["features"],
                            settings["train_days"], settings["min_count"], buckets,
-                           dead_letter, beam_args)
+                           dead_letter, beam_args, shuffle)
         report = BadRowReport(rows=dict(summary["rows"]))
         for table, reasons in summary["reasons"].items():
             report.reasons[table] = {r: int(v[0]) for r, v in reasons.items()}
