@@ -117,9 +117,10 @@ BENCHES: Dict[str, Expect] = {
         [r"300 +\d"]),
     "prepare": Expect(
         [("world", "engine", "wall s", "time vs pandas", "all procs peak MB",
-          "MB per 1M events", "same as pandas")],
+          "MB per 1M events", "disk peak MB", "same as pandas")],
         [r"tiny \(0\.03M events\) +pandas +\d.* yes$",
-         r"tiny \(0\.03M events\) +Beam direct, in memory +\d.* yes$"]),
+         r"tiny \(0\.03M events\) +Beam, memory shuffle +\d.* yes$",
+         r"tiny \(0\.03M events\) +Beam, disk shuffle +\d.* yes$"]),
     "title_embedding": Expect(
         [("batching", "embedded", "titles/s", "vs before")],
         [row("padded (before)"), row("trimmed (after)"), row("re-index, 1% changed")]),
