@@ -85,10 +85,11 @@ def read_bucket(bucket: int, root: str, names: Sequence[str], _written=None
     Args:
       _written: the writers' side input; only makes this stage wait for them.
     """
-    directory = bucket_dir(root, bucket)
-    if not FileSystems.exists(directory):
+    # A glob, not exists(): object stores (gs://) have no folders to test for.
+    found = FileSystems.match([FileSystems.join(bucket_dir(root, bucket), "*.pkl")]
+                              )[0].metadata_list
+    if not found:
         return
-    found = FileSystems.match([FileSystems.join(directory, "*.pkl")])[0].metadata_list
     grouped: Dict[str, List[pd.DataFrame]] = {name: [] for name in names}
     for path in sorted(m.path for m in found):
         name = os.path.basename(path).rsplit("-", 1)[0]
