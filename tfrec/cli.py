@@ -216,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="product table to serve (Parquet/CSV with the catalog columns; "
                         "default: the run's data catalog): new items are embedded and "
                         "ranked from their content, stock and prices come from it")
+    p.add_argument("--format", choices=("savedmodel", "tflite"), default="savedmodel",
+                   help="tflite: an on-device export instead (<base>/<model>_tflite/"
+                        "<version>/ with float32.tflite and int8.tflite: query tower, item "
+                        "embeddings and a top-k; builtin TFLite ops only)")
+    p.add_argument("--k", type=int, default=20,
+                   help="results per request of the tflite export (fixed in the file)")
 
     p = sub.add_parser("serve", help="embedded gRPC server (TF Serving API)",
                        description="Serve exported models over tensorflow-serving-api's "
@@ -407,6 +413,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.report:
             print(f"report: {os.path.join(args.report, 'report.html')} (numbers in "
                   f"report.json)", file=sys.stderr if args.json else sys.stdout)
+    elif cmd == "export" and args.format == "tflite":
+        if args.gate is not None:
+            raise ValueError("--gate compares against the served SavedModel; it does not "
+                             "apply to --format tflite")
+        print(workflow.export_edge(cfg, run=args.run, catalog=args.catalog, k=args.k))
     elif cmd == "export":
         print(workflow.export(cfg, run=args.run, catalog=args.catalog, gate=args.gate))
         if not args.retrieval_only and workflow.has_ranker(cfg, run=args.run):

@@ -205,6 +205,21 @@ def export(cfg: Config, run: Optional[str] = None, model=None,
     return export_retrieval(run_dir, items, cfg.export, model=model, card=card)
 
 
+def export_edge(cfg: Config, run: Optional[str] = None, catalog: Optional[str] = None,
+                k: int = 20) -> str:
+    """Exports the run's on-device (TFLite) retrieval model; returns the version dir.
+
+    Args:
+      catalog: Parquet/CSV product table the device may return (default: the run's).
+      k: results per request, fixed in the file.
+    """
+    from tfrec.export.edge import export_edge as _export_edge
+    from tfrec.training.trainer import resolve_run_dir
+
+    run_dir = resolve_run_dir(cfg.train.checkpoint_dir, run)
+    return _export_edge(run_dir, export_catalog(run_dir, catalog), cfg.export, k=k)
+
+
 def gate_check(cfg: Config, run_dir: str, items, tolerance: float, model=None):
     """The run vs the exported retrieval version on the run data's validation period."""
     from tfrec.config import Config as _Config

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import tfrec  # noqa: F401
 import tensorflow as tf
@@ -49,20 +49,24 @@ def next_version(model_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
-def save_versioned(module: tf.Module, signatures: Dict[str, object], base_dir: str,
-                   model_name: str, version: Optional[int] = None,
-                   extra_files: Optional[Dict[str, dict]] = None, warmup: bool = True) -> str:
-    """Saves `module` as version `version` (default: next integer) atomically.
+def write_versioned(base_dir: str, model_name: str, version: Optional[int],
+                    write: Callable[[str], None]) -> str:
+    """Calls `write(tmp_dir)`, then renames tmp_dir to `<base>/<model_name>/<version>`.
+
+    Loaders watching the model directory see a version only once it is complete.
 
     Args:
-      module: the tf.Module to save.
-      signatures: signature name -> concrete function.
-      base_dir: export root (TF Serving's model base paths live below it).
-      model_name: model directory name.
-      version: explicit version; refuses to overwrite an existing one.
-      extra_files: JSON files written under `assets.extra/` (model card, config).
-      warmup: also write TF Serving warm-up requests (`tfrec.export.warmup`), one per
-        signature that answers a sample input, replayed before the version serves.
+      base_dir: export root.
+      model_name: model directory name (a plain name).
+      version: explicit version (refuses to overwrite one); None: the next integer.
+      write: fills the directory it is given (which does not exist yet).
+
+    Returns:
+      The version directory.
+
+    Raises:
+      ValueError: a bad model name or version.
+      FileExistsError: the version exists.
     """
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise ValueError(f"invalid model name {model_name!r}: use a plain directory name")
@@ -78,25 +82,52 @@ def save_versioned(module: tf.Module, signatures: Dict[str, object], base_dir: s
             f"version {version} of {model_name!r} already exists at {final}; "
             "export without --version to write the next one")
     tmp = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
-    logger = tf.get_logger()
-    level = logger.level
-    # Keras warns about its own (unused here) layer configs on every save; keep output clean.
-    logger.setLevel("ERROR")
     try:
+        write(tmp)
+        os.rename(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def write_json(directory: str, files: Dict[str, dict]) -> None:
+    """Writes each payload of `files` as indented JSON under `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    for name, payload in files.items():
+        with open(os.path.join(directory, name), "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+
+
+def save_versioned(module: tf.Module, signatures: Dict[str, object], base_dir: str,
+                   model_name: str, version: Optional[int] = None,
+                   extra_files: Optional[Dict[str, dict]] = None, warmup: bool = True) -> str:
+    """Saves `module` as version `version` (default: next integer) atomically.
+
+    Args:
+      module: the tf.Module to save.
+      signatures: signature name -> concrete function.
+      base_dir: export root (TF Serving's model base paths live below it).
+      model_name: model directory name.
+      version: explicit version; refuses to overwrite an existing one.
+      extra_files: JSON files written under `assets.extra/` (model card, config).
+      warmup: also write TF Serving warm-up requests (`tfrec.export.warmup`), one per
+        signature that answers a sample input, replayed before the version serves.
+    """
+    def write(tmp: str) -> None:
         tf.saved_model.save(module, tmp, signatures=signatures)
         if warmup:
             requests = warmup_requests(model_name, signatures)
             if requests:
                 write_warmup(tmp, requests)
         if extra_files:
-            extra = os.path.join(tmp, "assets.extra")
-            os.makedirs(extra, exist_ok=True)
-            for name, payload in extra_files.items():
-                with open(os.path.join(extra, name), "w") as f:
-                    json.dump(payload, f, indent=2, default=str)
-        os.rename(tmp, final)
+            write_json(os.path.join(tmp, "assets.extra"), extra_files)
+
+    logger = tf.get_logger()
+    level = logger.level
+    # Keras warns about its own (unused here) layer configs on every save; keep output clean.
+    logger.setLevel("ERROR")
+    try:
+        return write_versioned(base_dir, model_name, version, write)
     finally:
         logger.setLevel(level)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final

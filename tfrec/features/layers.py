@@ -8,7 +8,9 @@ the first in tf.data, once per example, and the step only the second; `call` is 
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence
+import contextlib
+import contextvars
+from typing import Dict, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -99,6 +101,35 @@ def table_of(embedding: tf.keras.layers.Embedding) -> tf.Variable:
     return embedding.embeddings
 
 
+_DENSE_POOLING = contextvars.ContextVar("tfrec_dense_pooling", default=False)
+
+
+@contextlib.contextmanager
+def dense_pooling() -> Iterator[None]:
+    """Graphs traced inside pool with gathers and masked sums instead of segment ops.
+
+    TFLite's builtin ops have no sparse segment mean; on-device graphs (batch of a few
+    rows, no gradients) lose nothing by pooling densely.
+    """
+    token = _DENSE_POOLING.set(True)
+    try:
+        yield
+    finally:
+        _DENSE_POOLING.reset(token)
+
+
+def _dense_pooled_rows(table: tf.Variable, ids: tf.Tensor, valid: tf.Tensor,
+                       weights: Optional[tf.Tensor]) -> tf.Tensor:
+    rows = tf.gather(table, tf.where(valid, ids, tf.zeros_like(ids)))  # [B, L, D]
+    w = tf.cast(valid, rows.dtype)
+    if weights is not None:
+        w *= tf.cast(weights, rows.dtype)
+    total = tf.reduce_sum(w, axis=1, keepdims=True)
+    # expand_dims, not [..., None]: TFLite's strided slice has no new-axis mask
+    summed = tf.reduce_sum(rows * tf.expand_dims(w, -1), axis=1)
+    return summed / tf.maximum(total, tf.constant(1e-6, rows.dtype))
+
+
 def pooled_rows(table: tf.Variable, ids: tf.Tensor, valid: tf.Tensor,
                 weights: Optional[tf.Tensor] = None) -> tf.Tensor:
     """(Weighted) mean over axis 1 of table rows `ids` [B, L] where `valid`; zeros for
@@ -107,7 +138,10 @@ def pooled_rows(table: tf.Variable, ids: tf.Tensor, valid: tf.Tensor,
     Each distinct id is gathered once, so the gradient reaching the optimizer has one
     row per distinct id in the batch, not one per position (words, trigrams and history
     items repeat across a batch: a tenth as many rows to update on the synthetic worlds).
+    Inside `dense_pooling()` the same mean is taken with builtin TFLite ops.
     """
+    if _DENSE_POOLING.get():
+        return _dense_pooled_rows(table, ids, valid, weights)
     where = tf.where(valid)  # [N, 2], row-major: segment ids come sorted
     flat = tf.gather_nd(ids, where)
     segments = tf.cast(where[:, 0], tf.int32)
@@ -211,6 +245,25 @@ class SequenceAttributeEmbedding(tf.keras.layers.Layer):
         return self.encode(self.preprocess(sequences))
 
 
+def text_tokens(texts: tf.Tensor, max_length: int, ngram_bins: int) -> Dict[str, tf.Tensor]:
+    """Texts -> {"words": [B, max_length] normalised tokens ("" = padding), "grams":
+    [B, G] int64 trigram buckets (-1 = padding; only with ngram_bins > 0)}.
+
+    The half of `TextEncoder` that needs TF Text, regex and hashing ops; an on-device
+    model takes this as its text input (`tfrec.export.edge`). Buckets are
+    `tf.strings.to_hash_bucket_fast` (FarmHash Fingerprint64 mod `ngram_bins`).
+    """
+    texts = tf.strings.substr(tf.reshape(texts, [-1]), 0, MAX_TEXT_BYTES, unit="BYTE")
+    segments = text_segments(normalize_text(texts))
+    words = segment_tokens(segments)[:, :max_length]
+    out = {"words": words.to_tensor(default_value="", shape=[None, max_length])}
+    if ngram_bins > 0:
+        grams = char_ngrams(segments[:, :max_length])  # [B, G]
+        buckets = tf.ragged.map_flat_values(tf.strings.to_hash_bucket_fast, grams, ngram_bins)
+        out["grams"] = buckets.to_tensor(default_value=-1)
+    return out
+
+
 class TextEncoder(tf.keras.layers.Layer):
     """Bag of words plus hashed character trigrams, mean pooled.
 
@@ -241,21 +294,19 @@ class TextEncoder(tf.keras.layers.Layer):
         if ngram_bins > 0:
             self.trigrams = tf.keras.layers.Embedding(ngram_bins, dim, name="trigrams")
 
+    def tokens(self, texts: tf.Tensor) -> Dict[str, tf.Tensor]:
+        """`text_tokens(texts, max_length, ngram_bins)` with this encoder's settings."""
+        return text_tokens(texts, self.max_length, self.ngram_bins)
+
+    def token_ids(self, tokens: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """`tokens` output -> `encode` input: words looked up ("" -> 0), grams as given."""
+        return {**tokens, "words": self.vectorize(tokens["words"])}
+
     def preprocess(self, texts: tf.Tensor) -> Dict[str, tf.Tensor]:
         """Texts -> {"words": [B, max_length] ids (0 = padding), "grams": [B, G] trigram
         buckets (-1 = padding; only with ngram_bins > 0)}. The string half: runs in the
         model for serving and in tf.data for training."""
-        texts = tf.strings.substr(tf.reshape(texts, [-1]), 0, MAX_TEXT_BYTES, unit="BYTE")
-        segments = text_segments(normalize_text(texts))
-        words = segment_tokens(segments)[:, : self.max_length]
-        out = {"words": self.vectorize(words).to_tensor(default_value=0,
-                                                         shape=[None, self.max_length])}
-        if self.ngram_bins > 0:
-            grams = char_ngrams(segments[:, : self.max_length])  # [B, G]
-            buckets = tf.ragged.map_flat_values(tf.strings.to_hash_bucket_fast, grams,
-                                                self.ngram_bins)
-            out["grams"] = buckets.to_tensor(default_value=-1)
-        return out
+        return self.token_ids(self.tokens(texts))
 
     def encode(self, inputs: Mapping[str, tf.Tensor], training: Optional[bool] = None
                ) -> tf.Tensor:
