@@ -112,6 +112,10 @@ BENCHES: Dict[str, Expect] = {
         [r"2,000 trained +exact +1\.000", r"2,000 trained +ivf nprobe=8 +\d",
          r"2,000 random +ivf nprobe=1 +\d", r"2,000 +exact serving_default +\d",
          r"2,000 +ivf recommend_nprobe nprobe=8 +\d"]),
+    "compression": Expect(
+        [("variant", "ndcg@10", "vs SavedModel", "top-10 overlap", "size MB", "p50 ms",
+          "p50 vs SavedModel")],
+        [row("SavedModel float32"), row("TFLite float32"), row("TFLite int8")]),
     "catalog_index": Expect(
         [("catalog", "index s", "products/s", "peak MB", "export MB", "own title top-10")],
         [r"300 +\d"]),

@@ -1,0 +1,158 @@
+"""Compressed and on-device retrieval against the float32 SavedModel, in one run.
+
+One synthetic world (--world), one two-tower run (`workflow.train`), exported as the
+TF Serving SavedModel (the reference) and as `tfrec export --format tflite` (float32 and
+int8 dynamic-range files, run in the LiteRT interpreter). Every variant answers the same
+test-period users (frozen at the test start, request history excluded, k = 10):
+NDCG@10 and recall@10 of their test-period items (`evaluate_lists`), top-10 overlap
+with the SavedModel's lists, size on disk, and batch-1 latency in this process (p50 /
+p99 over --requests calls after --warmup; the SavedModel call includes its in-graph
+tokenisation, the TFLite call starts from prepared tokens, as an app's native tokenizer
+would hand them over). Ratios are against the SavedModel of the same run.
+
+Usage: python bench/compression.py [--world small] [--seeds 0 1 2]
+
+Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, one seed, one
+epoch, 100 users, 20 timed calls. Same code and table; the figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (dir_mb, format_table, machine_line, parse_smoke_args, ratio,  # noqa: E402
+                     world_config)
+from tfrec import workflow  # noqa: E402
+
+SMOKE = dict(world="tiny", seeds=[0], epochs=1, users=100, warmup=3, requests=20)
+K = 10
+VARIANTS = ("SavedModel float32", "TFLite float32", "TFLite int8")
+
+
+def eval_set_of(cfg, users: int):
+    """Test-period users frozen at the test start (as `tfrec evaluate` builds them)."""
+    from tfrec.data.io import load_tables
+    from tfrec.metrics.retrieval import build_eval_set
+    from tfrec.training.trainer import ensure_prepared
+
+    times = ensure_prepared(cfg)["split"]
+    events = load_tables(cfg.data.data_dir).events
+    return build_eval_set(events, int(times["t_test"]), int(times["t_end"]),
+                          cfg.data.history_length, max_users=users, seed=0)
+
+
+def saved_model_caller(path: str):
+    import tensorflow_text  # noqa: F401  (the text tower's case-folding op)
+
+    fn = tf.saved_model.load(path).signatures["serving_default"]
+
+    def call(f: dict) -> np.ndarray:
+        n = len(f["user_id"])
+        out = fn(user_id=tf.constant(f["user_id"].astype(str)),
+                 history=tf.constant(f["history"].astype(str)),
+                 query=tf.constant(f["query"].astype(str)),
+                 device=tf.constant(f["device"].astype(str)),
+                 hour=tf.constant(f["hour"], tf.int64), k=tf.constant([K] * n),
+                 exclude_seen=tf.constant([True] * n))
+        return out["item_ids"].numpy().astype(str)
+    return call
+
+
+def edge_caller(path: str, variant: str):
+    """(lists of a batch, batch-1 call on prepared inputs) of one TFLite file."""
+    from tfrec.export.edge import EdgeRecommender
+
+    rec = EdgeRecommender(path, variant)
+
+    def call(f: dict) -> np.ndarray:
+        return rec.recommend(f)["item_ids"][:, :K].astype(str)
+
+    runner = rec.interpreter.get_signature_runner("recommend")
+    return call, lambda inputs: runner(**inputs), rec.inputs
+
+
+def timed(call, requests: list, warmup: int, count: int):
+    for i in range(warmup):
+        call(requests[i % len(requests)])
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        call(requests[i % len(requests)])
+        times.append(time.perf_counter() - start)
+    return np.percentile(times, 50) * 1e3, np.percentile(times, 99) * 1e3
+
+
+def one_seed(seed: int, root: str, args) -> dict:
+    from tfrec.metrics.retrieval import evaluate_lists
+
+    cfg = world_config(root, args.world, seed, args.epochs)
+    workflow.generate(cfg)
+    run = workflow.train(cfg)
+    saved = workflow.export(cfg, run=run.run_name, model=run.model)
+    edge = workflow.export_edge(cfg, run=run.run_name, k=K)
+    eval_set = eval_set_of(cfg, args.users)
+    features = eval_set.query_features()
+    singles = [{k: v[i:i + 1] for k, v in features.items()} for i in range(len(eval_set))]
+    out = {}
+    reference = saved_model_caller(saved)
+    lists = np.concatenate([reference(eval_set.query_features(slice(i, i + 256)))
+                            for i in range(0, len(eval_set), 256)])
+    p50, p99 = timed(reference, singles, args.warmup, args.requests)
+    out[VARIANTS[0]] = {"lists": lists, "mb": dir_mb(saved), "p50": p50, "p99": p99}
+    for variant in ("float32", "int8"):
+        call, raw, prepare = edge_caller(edge, variant)
+        lists = call(features)
+        prepared = [prepare(f) for f in singles]
+        p50, p99 = timed(raw, prepared, args.warmup, args.requests)
+        out[f"TFLite {variant}"] = {
+            "lists": lists, "mb": os.path.getsize(os.path.join(edge, f"{variant}.tflite"))
+            / 2 ** 20, "p50": p50, "p99": p99}
+    reference_lists = out[VARIANTS[0]]["lists"]
+    for row in out.values():
+        lists = row.pop("lists")
+        metrics = evaluate_lists(lists.tolist(), eval_set, (K,))
+        row["ndcg"], row["recall"] = metrics[f"ndcg@{K}"], metrics[f"recall@{K}"]
+        row["overlap"] = float(np.mean([len((set(a) - {""}) & set(b)) / K
+                                        for a, b in zip(reference_lists, lists)]))
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", default="small")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="retrieval epochs (default: the trainer's, early stopping)")
+    parser.add_argument("--users", type=int, default=2000, help="test users evaluated")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=500, help="timed batch-1 calls")
+    args = parse_smoke_args(parser, argv, SMOKE)
+    print(machine_line())
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory(prefix=f"tfrec-compression-{seed}-") as root:
+            rows = one_seed(seed, root, args)
+        ref = rows[VARIANTS[0]]
+        table = [[name, f"{r['ndcg']:.4f}", ratio(r["ndcg"], ref["ndcg"]),
+                  f"{r['recall']:.4f}", f"{r['overlap']:.3f}", f"{r['mb']:.2f}",
+                  ratio(r["mb"], ref["mb"]), f"{r['p50']:.3f}", f"{r['p99']:.3f}",
+                  ratio(r["p50"], ref["p50"])] for name, r in rows.items()]
+        print()
+        print(format_table(
+            ["variant", f"ndcg@{K}", "vs SavedModel", f"recall@{K}", "top-10 overlap",
+             "size MB", "size vs SavedModel", "p50 ms", "p99 ms", "p50 vs SavedModel"],
+            table, title=f"recommendation retrieval, {args.world} world, seed {seed}: "
+                         "float32 SavedModel vs on-device TFLite (batch 1, in-process)"))
+
+
+if __name__ == "__main__":
+    main()
