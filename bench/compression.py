@@ -1,7 +1,8 @@
 """Compressed and on-device retrieval against the float32 SavedModel, in one run.
 
 One synthetic world (--world), one two-tower run (`workflow.train`), exported as the
-TF Serving SavedModel (the reference) and as `tfrec export --format tflite` (float32 and
+TF Serving SavedModel (float32: the reference; bfloat16 and int8 storage of the large
+tables, `tfrec export --precision`) and as `tfrec export --format tflite` (float32 and
 int8 dynamic-range files, run in the LiteRT interpreter). Every variant answers the same
 test-period users (frozen at the test start, request history excluded, k = 10):
 NDCG@10 and recall@10 of their test-period items (`evaluate_lists`), top-10 overlap
@@ -36,7 +37,8 @@ from tfrec import workflow  # noqa: E402
 
 SMOKE = dict(world="tiny", seeds=[0], epochs=1, users=100, warmup=3, requests=20)
 K = 10
-VARIANTS = ("SavedModel float32", "TFLite float32", "TFLite int8")
+VARIANTS = ("SavedModel float32", "SavedModel bfloat16", "SavedModel int8", "TFLite float32",
+            "TFLite int8")
 
 
 def eval_set_of(cfg, users: int):
@@ -98,17 +100,22 @@ def one_seed(seed: int, root: str, args) -> dict:
     cfg = world_config(root, args.world, seed, args.epochs)
     workflow.generate(cfg)
     run = workflow.train(cfg)
-    saved = workflow.export(cfg, run=run.run_name, model=run.model)
+    saved = {}
+    for precision in ("float32", "bfloat16", "int8"):
+        cfg.export.precision, cfg.export.model_name = precision, f"retrieval_{precision}"
+        saved[precision] = workflow.export(cfg, run=run.run_name, model=run.model)
     edge = workflow.export_edge(cfg, run=run.run_name, k=K)
     eval_set = eval_set_of(cfg, args.users)
     features = eval_set.query_features()
     singles = [{k: v[i:i + 1] for k, v in features.items()} for i in range(len(eval_set))]
     out = {}
-    reference = saved_model_caller(saved)
-    lists = np.concatenate([reference(eval_set.query_features(slice(i, i + 256)))
-                            for i in range(0, len(eval_set), 256)])
-    p50, p99 = timed(reference, singles, args.warmup, args.requests)
-    out[VARIANTS[0]] = {"lists": lists, "mb": dir_mb(saved), "p50": p50, "p99": p99}
+    for precision, path in saved.items():
+        call = saved_model_caller(path)
+        lists = np.concatenate([call(eval_set.query_features(slice(i, i + 256)))
+                                for i in range(0, len(eval_set), 256)])
+        p50, p99 = timed(call, singles, args.warmup, args.requests)
+        out[f"SavedModel {precision}"] = {"lists": lists, "mb": dir_mb(path), "p50": p50,
+                                          "p99": p99}
     for variant in ("float32", "int8"):
         call, raw, prepare = edge_caller(edge, variant)
         lists = call(features)
@@ -151,7 +158,7 @@ def main(argv=None) -> None:
             ["variant", f"ndcg@{K}", "vs SavedModel", f"recall@{K}", "top-10 overlap",
              "size MB", "size vs SavedModel", "p50 ms", "p99 ms", "p50 vs SavedModel"],
             table, title=f"recommendation retrieval, {args.world} world, seed {seed}: "
-                         "float32 SavedModel vs on-device TFLite (batch 1, in-process)"))
+                         "float32 SavedModel vs quantized and on-device (batch 1, in-process)"))
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ BENCHES: Dict[str, Expect] = {
     "compression": Expect(
         [("variant", "ndcg@10", "vs SavedModel", "top-10 overlap", "size MB", "p50 ms",
           "p50 vs SavedModel")],
-        [row("SavedModel float32"), row("TFLite float32"), row("TFLite int8")]),
+        [row("SavedModel float32"), row("SavedModel int8"), row("TFLite float32"),
+         row("TFLite int8")]),
     "catalog_index": Expect(
         [("catalog", "index s", "products/s", "peak MB", "export MB", "own title top-10")],
         [r"300 +\d"]),

@@ -190,6 +190,10 @@ class ExportConfig:
     nprobe: int = 0
     index_target_recall: float = 0.95
     index_recall_floor: float = 0.9  # export warns below it (and the card says so)
+    # Storage of the retrieval SavedModel's catalog-sized tables (towers' embedding tables
+    # of >= 1024 rows, catalog embeddings): "float32", "bfloat16" or "int8" (a float32
+    # scale per row); read back as float32, so the arithmetic is unchanged.
+    precision: str = "float32"
 
 
 @dataclass

@@ -53,6 +53,7 @@ def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
     card = {"model": "two_tower_retrieval", "run_dir": os.path.abspath(run_dir),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "num_items": len(catalog),
             "signatures": sorted(module.signatures()), "retrieval_index": module.index_card,
+            "precision": module.precision,
             **(card or {})}
     return save_versioned(module, module.signatures(), export.base_dir, export.model_name,
                           export.version, extra_files={"tfrec_model.json": card})

@@ -18,6 +18,8 @@ import tensorflow as tf
 
 from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
+from tfrec.features.quantize import (check_precision, gather_rows, quantize_embeddings,
+                                     quantized_tables, table_key)
 from tfrec.models.catalog_index import (NPROBE_SPEC, CatalogIndex, TuningQueries,
                                         choose_index, in_index_order)
 from tfrec.metrics.retrieval import embed_in_batches
@@ -49,6 +51,10 @@ class RetrievalModule(tf.Module):
       catalog: every item that can be recommended (including items created after training).
       index: export settings of the index (None: exact top-k).
       queries: validation queries the IVF recall is measured on (`validation_queries`).
+
+    With `index.precision` int8 / bfloat16 the catalog embeddings and the towers' large
+    embedding tables are saved quantized (`tfrec.features.quantize`) and the float
+    tables are left out of the SavedModel.
     """
 
     def __init__(self, model: TwoTowerModel, catalog: pd.DataFrame,
@@ -63,10 +69,10 @@ class RetrievalModule(tf.Module):
                               item_ids=features["item_id"])
         self.index_card = choice.card
         features, embeddings = in_index_order(choice, features, embeddings)
-        self.query_tower = model.query_tower
-        self.candidate_tower = model.candidate_tower
+        self.precision = check_precision((index or ExportConfig()).precision)
+        self._track_towers(model)
         self.num_items = len(catalog)
-        self.index = CatalogIndex(embeddings, choice)
+        self.index = CatalogIndex(embeddings, choice, self.precision)
         self.item_embeddings = self.index.item_embeddings
         self.item_ids = tf.Variable(features["item_id"].astype(str), trainable=False,
                                     name="item_ids", dtype=tf.string)
@@ -93,6 +99,29 @@ class RetrievalModule(tf.Module):
         self.similar_items = tf.function(self._similar_items,
                                          input_signature=[ITEM_SPEC, K_SPEC])
 
+    def _track_towers(self, model: TwoTowerModel) -> None:
+        """Towers as attributes (float32), or untracked beside their quantized tables and
+        whatever else their graphs read (so the float tables are not saved)."""
+        if self.precision == "float32":
+            self.query_tower, self.candidate_tower = model.query_tower, model.candidate_tower
+            self._tables = {}
+            return
+        towers = (model.query_tower, model.candidate_tower)
+        tables = quantize_embeddings(towers, self.precision)
+        for name, tower in zip(("query_tower", "candidate_tower"), towers):
+            object.__setattr__(self, name, tower)  # bypasses tf.Module's tracking
+        object.__setattr__(self, "_tables", tables)
+        self.quantized_tables = list(tables.values())
+        variables = {table_key(v): v for tower in towers for v in tower.variables}
+        self.tower_variables = [v for key, v in variables.items() if key not in tables]
+        # Lookup layers own hash tables (resources, not variables) the graphs read.
+        self.lookups = [layer for tower in towers for layer in tower.submodules
+                        if isinstance(layer, tf.keras.layers.StringLookup)]
+
+    def _tower(self, tower, features: Dict[str, tf.Tensor]) -> tf.Tensor:
+        with quantized_tables(self._tables):
+            return tower(features, training=False)
+
     def _check_k(self, k: tf.Tensor) -> list:
         return [tf.debugging.assert_greater_equal(
                     k, 1, message="k must be >= 1"),
@@ -118,14 +147,14 @@ class RetrievalModule(tf.Module):
         checks.append(tf.debugging.assert_greater(
             tf.shape(features["history"])[1], -1, message="history must be a 2-D [batch, items]"))
         with tf.control_dependencies(checks):
-            return self.query_tower(features, training=False)
+            return self._tower(self.query_tower, features)
 
     def _query_embedding(self, features):
         return {"embedding": self._query(features)}
 
     def _candidate_embedding(self, features):
         with tf.control_dependencies(_same_batch(features["item_id"], features)):
-            return {"embedding": self.candidate_tower(features, training=False)}
+            return {"embedding": self._tower(self.candidate_tower, features)}
 
     def _nprobe_checks(self, nprobe: Optional[tf.Tensor], reference: tf.Tensor) -> list:
         if nprobe is None:
@@ -151,7 +180,7 @@ class RetrievalModule(tf.Module):
         checks += self._nprobe_checks(nprobe, item_id)
         with tf.control_dependencies(checks):
             k = tf.minimum(k, self.num_items - 1)
-            query = tf.gather(self.item_embeddings, index)
+            query = gather_rows(self.item_embeddings, index)
             # An item is not similar to itself.
             return self._top_k(query, tf.maximum(k, 1), index[:, tf.newaxis], nprobe)
 

@@ -13,7 +13,7 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.data.feature_spec import Feature, FeatureSpec
-from tfrec.features.layers import _as_array
+from tfrec.features.layers import _as_array, embedding_rows
 from tfrec.features.vocab import Vocabularies
 
 
@@ -86,7 +86,7 @@ class ItemAttributes(tf.keras.layers.Layer):
         """Preprocessed columns -> one [B, D] vector (None without extra columns)."""
         if not self.columns:
             return None
-        parts = [self.embed[f.name](inputs[f.name]) if f.kind == "categorical"
+        parts = [embedding_rows(self.embed[f.name], inputs[f.name]) if f.kind == "categorical"
                  else tf.cast(inputs[f.name], self.compute_dtype) for f in self.columns]
         return tf.concat([tf.cast(p, self.compute_dtype) for p in parts], axis=1)
 

@@ -17,6 +17,7 @@ import numpy as np
 import tfrec  # noqa: F401
 import tensorflow as tf
 
+from tfrec.features.quantize import QuantizedTable, gather_rows, lookup_table
 from tfrec.features.tokenize import char_ngrams, normalize_text, segment_tokens, text_segments
 
 MAX_TEXT_BYTES = 1024  # longer texts are truncated: bounded cost per request
@@ -87,18 +88,27 @@ class IdEmbedding(tf.keras.layers.Layer):
 
     def encode(self, idx: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
         """Table rows (from `preprocess`) -> embeddings, with id dropout when training."""
-        return self.embedding(self.drop(idx, training=training))
+        return embedding_rows(self.embedding, self.drop(idx, training=training))
 
     def call(self, values: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
         return self.encode(self.preprocess(values), training=training)
 
 
-def table_of(embedding: tf.keras.layers.Embedding) -> tf.Variable:
+def table_of(embedding: tf.keras.layers.Embedding):
     """The table of an Embedding layer read directly (built by calling it once, so the
-    variable gets the layer's name scope as if `__call__` had created it)."""
+    variable gets the layer's name scope as if `__call__` had created it); its quantized
+    copy inside `tfrec.features.quantize.quantized_tables`."""
     if not embedding.built:
         embedding(tf.zeros([0], tf.int64))
-    return embedding.embeddings
+    return lookup_table(embedding.embeddings)
+
+
+def embedding_rows(embedding: tf.keras.layers.Embedding, ids: tf.Tensor) -> tf.Tensor:
+    """`embedding(ids)`, or the rows of its quantized copy when one is in scope."""
+    table = table_of(embedding)
+    if isinstance(table, QuantizedTable):
+        return tf.cast(table.gather(ids), embedding.compute_dtype)
+    return embedding(ids)
 
 
 _DENSE_POOLING = contextvars.ContextVar("tfrec_dense_pooling", default=False)
@@ -120,7 +130,7 @@ def dense_pooling() -> Iterator[None]:
 
 def _dense_pooled_rows(table: tf.Variable, ids: tf.Tensor, valid: tf.Tensor,
                        weights: Optional[tf.Tensor]) -> tf.Tensor:
-    rows = tf.gather(table, tf.where(valid, ids, tf.zeros_like(ids)))  # [B, L, D]
+    rows = gather_rows(table, tf.where(valid, ids, tf.zeros_like(ids)))  # [B, L, D]
     w = tf.cast(valid, rows.dtype)
     if weights is not None:
         w *= tf.cast(weights, rows.dtype)
@@ -147,7 +157,7 @@ def pooled_rows(table: tf.Variable, ids: tf.Tensor, valid: tf.Tensor,
     segments = tf.cast(where[:, 0], tf.int32)
     batch = tf.shape(ids)[0]
     unique, position = tf.unique(flat, out_idx=tf.int32)
-    rows = tf.nn.embedding_lookup(table, unique)  # also reads sharded (PS) tables by row
+    rows = gather_rows(table, unique)
     if weights is None:
         return tf.sparse.segment_mean(rows, position, segments, num_segments=batch)
     w = tf.gather_nd(weights, where)

@@ -19,6 +19,7 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import ExportConfig
+from tfrec.features.quantize import QuantizedTable, check_precision
 from tfrec.models.ivf import IvfIndex, IvfPlan, build_ivf, default_nlist
 
 __all__ = ["INDEX_KINDS", "IndexChoice", "CatalogIndex", "IndexSearch", "TuningQueries",
@@ -234,13 +235,19 @@ class CatalogIndex(tf.Module):
     Args:
       embeddings: [N, d] catalog embeddings, already `in_index_order`.
       choice: from `choose_index`.
+      precision: storage of the embeddings ("float32", "bfloat16", "int8" with a scale
+        per row; `tfrec.features.quantize`); scores are float32 either way.
     """
 
-    def __init__(self, embeddings: np.ndarray, choice: IndexChoice):
+    def __init__(self, embeddings: np.ndarray, choice: IndexChoice,
+                 precision: str = "float32"):
         super().__init__(name="catalog_index")
         self.num_items = len(embeddings)
-        self.item_embeddings = tf.Variable(np.asarray(embeddings, np.float32), trainable=False,
-                                           name="item_embeddings")
+        if check_precision(precision) == "float32":
+            self.item_embeddings = tf.Variable(np.asarray(embeddings, np.float32),
+                                               trainable=False, name="item_embeddings")
+        else:
+            self.item_embeddings = QuantizedTable(embeddings, precision, name="item_embeddings")
         self.ivf = IvfIndex(choice.plan, choice.nprobe) if choice.plan is not None else None
 
     @property
@@ -267,7 +274,10 @@ class CatalogIndex(tf.Module):
           scores [B, width] (-inf past the results) and rows [B, width] (-1 there).
         """
         if self.ivf is None or exact:
-            scores = tf.matmul(queries, self.item_embeddings, transpose_b=True)  # [B, N]
+            if isinstance(self.item_embeddings, QuantizedTable):
+                scores = self.item_embeddings.scores(queries)  # [B, N]
+            else:
+                scores = tf.matmul(queries, self.item_embeddings, transpose_b=True)
             if eligible is not None:
                 scores = tf.where(eligible[tf.newaxis, :], scores, NEG_INF)
             if blocked is not None:

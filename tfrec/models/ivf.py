@@ -16,6 +16,8 @@ import numpy as np
 import tfrec  # noqa: F401
 import tensorflow as tf
 
+from tfrec.features.quantize import gather_rows
+
 __all__ = ["IvfPlan", "IvfIndex", "build_ivf", "default_nlist", "train_centroids",
            "assign_lists"]
 
@@ -173,7 +175,8 @@ class IvfIndex(tf.Module):
 
         Args:
           queries: [B, d] query embeddings.
-          embeddings: [N, d] catalog embeddings in IVF order.
+          embeddings: [N, d] catalog embeddings in IVF order (a variable or a
+            `QuantizedTable`).
           k: scalar number of results.
           nprobe: [B] lists per query (default: the configured nprobe).
           eligible: optional [N] bool; ineligible rows never come back.
@@ -186,7 +189,7 @@ class IvfIndex(tf.Module):
             nprobe = tf.fill([tf.shape(queries)[0]], self.nprobe)
         cand = self.candidates(queries, tf.cast(nprobe, tf.int32))
         rows = cand.to_tensor(default_value=-1)  # [B, M]
-        vectors = tf.cast(tf.gather(embeddings, tf.maximum(rows, 0)), tf.float32)
+        vectors = tf.cast(gather_rows(embeddings, tf.maximum(rows, 0)), tf.float32)
         scores = tf.linalg.matvec(vectors, queries)  # [B, M]
         valid = rows >= 0
         if eligible is not None:

@@ -1,0 +1,116 @@
+"""Quantized tables: int8 / bfloat16 storage in the retrieval SavedModel, answers close
+to float32, smaller on disk, loaded in a fresh TensorFlow-only process."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfrec.features.quantize import MIN_ROWS, QuantizedTable
+
+FRESH = textwrap.dedent(r"""
+    import json, sys
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401
+
+    request = json.loads(sys.argv[2])
+    fn = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+    n = len(request["user_id"])
+    out = fn(user_id=tf.constant(request["user_id"]), history=tf.constant(request["history"]),
+             query=tf.constant(request["query"]), device=tf.constant(request["device"]),
+             hour=tf.constant(request["hour"], tf.int64), k=tf.constant([10] * n),
+             exclude_seen=tf.constant([True] * n))
+    print("RESULT" + json.dumps({"item_ids": out["item_ids"].numpy().astype(str).tolist(),
+                                 "scores": out["scores"].numpy().tolist()}))
+""")
+
+
+def test_int8_rows_are_within_half_a_step():
+    rng = np.random.RandomState(0)
+    table = rng.randn(50, 8).astype(np.float32) * rng.uniform(0.01, 10, size=(50, 1))
+    table[3] = 0.0  # an all-zero row keeps a usable scale
+    q = QuantizedTable(table, "int8")
+    rows = q.gather(tf.constant([[0, 3], [49, 7]])).numpy()
+    assert rows.shape == (2, 2, 8) and q.values.dtype == tf.int8
+    step = np.abs(table).max(axis=1) / 127
+    for got, idx in zip(rows.reshape(-1, 8), [0, 3, 49, 7]):
+        assert np.all(np.abs(got - table[idx]) <= step[idx] / 2 + 1e-6)
+    queries = rng.randn(4, 8).astype(np.float32)
+    dequantized = q.gather(tf.range(50)).numpy()
+    np.testing.assert_allclose(q.scores(queries).numpy(), queries @ dequantized.T, rtol=1e-4,
+                               atol=1e-4)
+    assert q.nbytes() == 50 * 8 + 50 * 4
+
+
+def test_bfloat16_and_bad_precisions():
+    table = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
+    q = QuantizedTable(table, "bfloat16")
+    np.testing.assert_allclose(q.gather(tf.range(8)).numpy(), table, atol=1e-2)
+    with pytest.raises(ValueError, match="'int8' or 'bfloat16'"):
+        QuantizedTable(table, "int4")
+    with pytest.raises(ValueError, match=r"\[rows, dim\]"):
+        QuantizedTable(table.ravel(), "int8")
+
+
+@pytest.fixture(scope="module")
+def quantized_exports(trained_run, tiny_world, tmp_path_factory):
+    from tfrec.config import ExportConfig
+    from tfrec.export.exporter import export_retrieval
+
+    base = tmp_path_factory.mktemp("quantized")
+    return {p: export_retrieval(trained_run.run_dir, tiny_world.catalog,
+                                ExportConfig(base_dir=str(base), model_name=p, precision=p),
+                                model=trained_run.model)
+            for p in ("float32", "bfloat16", "int8")}
+
+
+def variables_bytes(path: str) -> int:
+    folder = os.path.join(path, "variables")
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+
+
+def answer(path: str, request: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", FRESH, path, json.dumps(request)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def test_quantized_exports_are_smaller_and_answer_alike(quantized_exports, tiny_world,
+                                                        trained_run):
+    tables = sum(int(np.prod(v.shape)) * 4 for v in trained_run.model.variables
+                 if len(v.shape) == 2 and v.shape[0] >= MIN_ROWS)
+    float32 = variables_bytes(quantized_exports["float32"])
+    # The large tables (and the catalog embeddings) shrink 4x / 2x; the rest is kept.
+    assert variables_bytes(quantized_exports["int8"]) <= float32 - 0.7 * tables
+    assert variables_bytes(quantized_exports["bfloat16"]) <= float32 - 0.45 * tables
+    for p in ("bfloat16", "int8"):
+        with open(os.path.join(quantized_exports[p], "assets.extra", "tfrec_model.json")) as f:
+            assert json.load(f)["precision"] == p
+    users = list(tiny_world.events["user_id"].drop_duplicates().iloc[:12])
+    items = list(tiny_world.catalog["item_id"])
+    request = {"user_id": users, "history": [[items[i], items[i + 20]] for i in range(12)],
+               "query": ["", "无线耳机", "café crème", "Größe"] * 3,
+               "device": ["mobile"] * 12, "hour": list(range(12))}
+    want = answer(quantized_exports["float32"], request)
+    for p in ("bfloat16", "int8"):
+        got = answer(quantized_exports[p], request)
+        np.testing.assert_allclose(got["scores"], want["scores"], atol=0.02)
+        overlap = np.mean([len(set(a) & set(b)) / 10
+                           for a, b in zip(got["item_ids"], want["item_ids"])])
+        assert overlap >= 0.9, (p, overlap)
+
+
+def test_unknown_precision_is_refused(trained_run, tiny_world):
+    from tfrec.config import ExportConfig
+    from tfrec.export.retrieval import RetrievalModule
+
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        RetrievalModule(trained_run.model, tiny_world.catalog,
+                        ExportConfig(index="exact", precision="int4"))

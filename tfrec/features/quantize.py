@@ -1,0 +1,140 @@
+"""Embedding tables stored in int8 (per-row scale) or bfloat16 inside served models.
+
+Catalog-sized tables (item ids, users, words, trigrams, catalog embeddings) are most of
+a retrieval SavedModel; TF Serving holds them in memory. Stored at lower precision and
+read back as float32 row by row, they cost a quarter (int8) or half (bfloat16) with core
+TF ops only; the arithmetic after the read stays float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Dict, Iterator, Optional, Sequence
+
+import numpy as np
+
+import tfrec  # noqa: F401
+import tensorflow as tf
+
+PRECISIONS = ("float32", "bfloat16", "int8")
+# Tables with fewer rows stay float32: they weigh nothing and int8 rounding would show
+# in every request (hours, devices, price buckets).
+MIN_ROWS = 1024
+
+_TABLES: contextvars.ContextVar = contextvars.ContextVar("tfrec_quantized_tables",
+                                                          default=None)
+
+
+def check_precision(precision: str) -> str:
+    """Returns `precision`.
+
+    Raises:
+      ValueError: not one of PRECISIONS.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose among {PRECISIONS}")
+    return precision
+
+
+class QuantizedTable(tf.Module):
+    """A [N, D] float table kept as int8 with a float32 scale per row, or as bfloat16.
+
+    Per-row symmetric int8: each row's largest magnitude maps to 127, so rows of very
+    different norms (frequent vs rare ids) keep their own resolution.
+
+    Args:
+      values: the float table.
+      precision: "int8" or "bfloat16".
+      name: module name (variables are saved under it).
+
+    Raises:
+      ValueError: another precision, or a table that is not 2-D.
+    """
+
+    def __init__(self, values: np.ndarray, precision: str, name: Optional[str] = None):
+        super().__init__(name=name)
+        values = np.asarray(values, np.float32)
+        if values.ndim != 2:
+            raise ValueError(f"a quantized table must be [rows, dim], got shape {values.shape}")
+        if precision == "int8":
+            scale = np.abs(values).max(axis=1) / 127.0
+            scale[scale == 0] = 1.0
+            codes = np.clip(np.rint(values / scale[:, None]), -127, 127).astype(np.int8)
+            self.values = tf.Variable(codes, trainable=False, name="values")
+            self.scale = tf.Variable(scale.astype(np.float32), trainable=False, name="scale")
+        elif precision == "bfloat16":
+            self.values = tf.Variable(tf.cast(values, tf.bfloat16), trainable=False,
+                                      name="values")
+            self.scale = None
+        else:
+            raise ValueError(f"QuantizedTable stores 'int8' or 'bfloat16', got {precision!r}")
+        self.precision = precision
+
+    @property
+    def shape(self) -> tf.TensorShape:
+        return self.values.shape
+
+    def gather(self, ids: tf.Tensor) -> tf.Tensor:
+        """Rows `ids` (any shape) as float32 [..., D]."""
+        rows = tf.cast(tf.gather(self.values, ids), tf.float32)
+        if self.scale is None:
+            return rows
+        return rows * tf.expand_dims(tf.gather(self.scale, ids), -1)
+
+    def scores(self, queries: tf.Tensor) -> tf.Tensor:
+        """queries [B, D] @ table^T -> [B, N] float32 (scale applied per column)."""
+        scores = tf.matmul(tf.cast(queries, tf.float32), tf.cast(self.values, tf.float32),
+                           transpose_b=True)
+        return scores if self.scale is None else scores * self.scale[tf.newaxis, :]
+
+    def nbytes(self) -> int:
+        n, d = self.values.shape
+        return int(n * d * self.values.dtype.size + (n * 4 if self.scale is not None else 0))
+
+
+def table_key(table) -> int:
+    """Identity of a float table variable (the key `quantized_tables` maps from)."""
+    return id(table)
+
+
+@contextlib.contextmanager
+def quantized_tables(tables: Dict[int, QuantizedTable]) -> Iterator[None]:
+    """Graphs traced inside read the given tables (float variable id -> QuantizedTable)
+    through their quantized copies (`lookup_table`)."""
+    token = _TABLES.set(dict(tables))
+    try:
+        yield
+    finally:
+        _TABLES.reset(token)
+
+
+def lookup_table(table):
+    """The quantized copy of `table` inside `quantized_tables`, else `table` itself."""
+    tables = _TABLES.get()
+    if tables:
+        return tables.get(table_key(table), table)
+    return table
+
+
+def quantize_embeddings(models: Sequence[tf.keras.layers.Layer], precision: str
+                        ) -> Dict[int, QuantizedTable]:
+    """Quantized copies of the Embedding tables of `models` with >= MIN_ROWS rows,
+    keyed by `table_key` of the float variable (shared layers once)."""
+    out: Dict[int, QuantizedTable] = {}
+    for model in models:
+        for layer in model.submodules:
+            if not isinstance(layer, tf.keras.layers.Embedding) or not layer.built:
+                continue
+            table = layer.embeddings
+            if table.shape[0] >= MIN_ROWS and table_key(table) not in out:
+                out[table_key(table)] = QuantizedTable(table.numpy(), precision,
+                                                       name=f"{layer.name}_{precision}")
+    return out
+
+
+def gather_rows(table, ids: tf.Tensor) -> tf.Tensor:
+    """Rows `ids` of a float table variable or a QuantizedTable."""
+    if isinstance(table, QuantizedTable):
+        return table.gather(ids)
+    return tf.nn.embedding_lookup(table, ids)  # also reads sharded (PS) tables by row
