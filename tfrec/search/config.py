@@ -45,6 +45,13 @@ class SearchConfig:
     title_length: int = 48  # BERT tokens per title (frozen title embeddings)
     top_layers: int = 0  # fine-tune only the last N query-encoder blocks (0 = all)
     fine_tune: bool = True  # train the query encoder (False: frozen BERT + learned residuals)
+    # LoRA: > 0 trains rank-r adapters on `lora_targets` projections of the query encoder
+    # (of the last top_layers blocks; 0 = all) instead of its weights; merged into the
+    # weights after training, so the exported model is the plain encoder.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: Tuple[str, ...] = ("query", "value")
+    lora_lr: float = 1e-3  # adapters start at zero and need a larger step than encoder_lr
     epochs: int = 1  # two-tower epochs (the best by validation NDCG@10 is kept)
     batch_size: int = 64  # queries per two-tower step
     negatives: int = 2048  # sampled catalog negatives per step

@@ -26,7 +26,7 @@ from tfrec.data.schema import SchemaError
 from tfrec.features.lexical import LexicalIndex
 from tfrec.search.category import CatalogCategories, QueryCategoryHead
 from tfrec.search.config import SearchConfig
-from tfrec.search.model import QueryEncoder, SearchTwoTower, catalog_word_ids
+from tfrec.search.model import SearchTwoTower, catalog_word_ids, query_encoder_of
 from tfrec.search.pipeline import SearchPipeline
 from tfrec.search.ranker import SearchRanker
 
@@ -232,9 +232,7 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     ids = products["product_id"].astype(str).tolist()
     vectors = title_vectors(cfg, titles, cache_dir=cache_dir or os.path.join(
         os.path.dirname(os.path.abspath(run_dir)), "cache"))
-    encoder = QueryEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.query_length,
-                           trainable=cfg.fine_tune,
-                           top_layers=cfg.top_layers if cfg.fine_tune else 0)
+    encoder = query_encoder_of(cfg)
     words = meta["words"]
     two_tower = SearchTwoTower(encoder, vectors, catalog_word_ids(titles, words), len(words),
                                ids, id_vocabulary=meta["id_vocabulary"],
@@ -263,6 +261,8 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     status = tf.train.Checkpoint(**_parts(two_tower, ranker, head)).read(
         os.path.join(model_dir, CHECKPOINT))
     status.assert_existing_objects_matched().expect_partial()
+    # A LoRA run was saved merged (adapters zero): trace the plain encoder from here.
+    two_tower.query_encoder.merge_adapters()
     pipeline.refresh_product_vectors()
     learned = set(meta["id_vocabulary"])
     log.info("search index over %d products (%d with a learned id embedding)", len(ids),

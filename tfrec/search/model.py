@@ -20,11 +20,14 @@ import tensorflow_text  # noqa: F401  (ops of the preprocessor SavedModel)
 
 from tfrec.features.tokenize import text_tokens, token_vocabulary, tokenize
 from tfrec.models.encoder_rate import minimize
+from tfrec.search.config import SearchConfig
 from tfrec.models.text_match import _EncoderLayer, _load_preprocessor, encoder_trainable_names
 from tfrec.text.embedding import mean_pool, trim_padding
+from tfrec.text.hub_export import load_keras_encoder
+from tfrec.text.lora import add_lora, lora_layers, merge_lora
 
 __all__ = ["QueryEncoder", "SearchTwoTower", "word_vocabulary",
-           "catalog_word_ids"]
+           "catalog_word_ids", "query_encoder_of"]
 
 # Words kept per title by the product tower's bag of words (titles are ~15 words).
 MAX_TITLE_WORDS = 32
@@ -54,30 +57,67 @@ class QueryEncoder(tf.keras.layers.Layer):
       preprocessor: handle of its preprocessor (`tokenize`, `bert_pack_inputs`).
       seq_length: packed query length (queries are short; longer ones are truncated).
       trainable: fine-tune the encoder.
-      top_layers: with `trainable`, only the last N transformer blocks (0 = all).
+      top_layers: with `trainable`, only the last N transformer blocks (0 = all); with
+        LoRA, the blocks that get adapters.
+      lora_rank: > 0 trains low-rank adapters (`tfrec.text.lora`) instead of the
+        encoder's weights; needs a tfrec-format encoder export (e.g. the converted MiniLM).
+      lora_alpha / lora_targets: adapter scale numerator and adapted projections.
+
+    Raises:
+      ValueError: bad seq_length, or LoRA without `trainable`.
     """
 
     def __init__(self, encoder: str, preprocessor: str, seq_length: int = 16,
-                 trainable: bool = True, top_layers: int = 0, **kwargs):
+                 trainable: bool = True, top_layers: int = 0, lora_rank: int = 0,
+                 lora_alpha: float = 16.0, lora_targets: Sequence[str] = ("query", "value"),
+                 **kwargs):
         super().__init__(**kwargs)
         if not isinstance(seq_length, int) or seq_length < 3:
             raise ValueError(f"seq_length must be an integer >= 3, got {seq_length!r}")
+        if lora_rank and not trainable:
+            raise ValueError("lora_rank > 0 trains adapters inside the encoder: it needs "
+                             "fine_tune=True (or set lora_rank=0)")
         self.encoder_handle, self.preprocessor_handle = encoder, preprocessor
         self.seq_length, self.fine_tune, self.top_layers = seq_length, bool(trainable), top_layers
-        encoder_object = hub.load(encoder)
-        names = [v.name for v in getattr(encoder_object, "trainable_variables", [])]
-        train_names = encoder_trainable_names(names, int(top_layers), include_pooler=False)
         self._preprocessor = _load_preprocessor(preprocessor)
-        self.encoder = _EncoderLayer(encoder_object, trainable=self.fine_tune,
-                                     train_names=train_names, dtype="float32", name="encoder")
+        if lora_rank:
+            self.encoder, _ = load_keras_encoder(encoder)
+            add_lora(self.encoder, int(lora_rank), float(lora_alpha), tuple(lora_targets),
+                     top_layers=int(top_layers))
+        else:
+            encoder_object = hub.load(encoder)
+            names = [v.name for v in getattr(encoder_object, "trainable_variables", [])]
+            train_names = encoder_trainable_names(names, int(top_layers), include_pooler=False)
+            self.encoder = _EncoderLayer(encoder_object, trainable=self.fine_tune,
+                                         train_names=train_names, dtype="float32",
+                                         name="encoder")
         self.tokenize = hub.KerasLayer(self._preprocessor.tokenize, name="tokenize")
         self.pack = hub.KerasLayer(self._preprocessor.bert_pack_inputs, name="bert_pack_inputs",
                                    arguments={"seq_length": int(seq_length)})
+
+    @property
+    def adapters(self) -> int:
+        """LoRA adapters in the encoder (0: weights fine-tune directly, or frozen)."""
+        return len(lora_layers(self.encoder))
+
+    def merge_adapters(self) -> int:
+        """Folds the LoRA updates into the encoder's weights (graphs traced afterwards,
+        e.g. exports, run the plain encoder); returns the adapters merged."""
+        return merge_lora(self.encoder)
 
     def call(self, queries: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
         inputs = trim_padding(self.pack([self.tokenize(queries)]))
         outputs = self.encoder(inputs, training=training)
         return mean_pool(tf.cast(outputs["sequence_output"], tf.float32), inputs["input_mask"])
+
+
+def query_encoder_of(cfg: SearchConfig) -> QueryEncoder:
+    """The query encoder a search run's config describes (training and reloads alike)."""
+    tuned = cfg.fine_tune
+    return QueryEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.query_length,
+                        trainable=tuned, top_layers=cfg.top_layers if tuned else 0,
+                        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                        lora_targets=cfg.lora_targets)
 
 
 class SearchTwoTower(tf.keras.Model):

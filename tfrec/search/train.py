@@ -31,7 +31,7 @@ from tfrec.search.config import SearchConfig, check_search_strategy
 from tfrec.search.data import judgments_from_events, product_catalog
 from tfrec.search.index import load_search_pipeline, save_search_run, saved_vocabularies
 from tfrec.search.metrics import SearchMetrics, catalog_search_metrics, query_gains
-from tfrec.search.model import (QueryEncoder, SearchTwoTower, catalog_word_ids,
+from tfrec.search.model import (SearchTwoTower, catalog_word_ids, query_encoder_of,
                                  word_vocabulary)
 from tfrec.search.pipeline import SearchPipeline
 from tfrec.search.ranker import SearchRanker
@@ -144,9 +144,7 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
         if cfg.id_embeddings:
             id_vocabulary = append_new(grow_from["id_vocabulary"], id_vocabulary)
     row_of = data.row_of
-    encoder = QueryEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.query_length,
-                           trainable=cfg.fine_tune, top_layers=cfg.top_layers if cfg.fine_tune
-                           else 0)
+    encoder = query_encoder_of(cfg)
     two_tower = SearchTwoTower(
         encoder, vectors, catalog_word_ids(titles, vocabulary), len(vocabulary),
         data.catalog["product_id"].tolist(),
@@ -244,7 +242,8 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
         .shuffle(len(queries), seed=cfg.seed, reshuffle_each_iteration=True)
         .batch(cfg.batch_size, drop_remainder=len(queries) >= cfg.batch_size))
     with model.distribute_strategy.scope():  # optimizer slots beside the variables
-        model.encoder_optimizer = encoder_optimizer(cfg.encoder_lr)
+        model.encoder_optimizer = encoder_optimizer(
+            cfg.lora_lr if model.query_encoder.adapters else cfg.encoder_lr)
         model.compile(optimizer=tf.keras.optimizers.Adam(cfg.lr))
     val = data.splits["val"]
 
@@ -262,6 +261,9 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
                               variables=lambda: model.trainable_variables, score_initial=True,
                               nan_is_better=True, callbacks=callbacks, verbose=0)
     history = {"loss": fitted["loss"], "val_ndcg@10": fitted["scores"]}
+    # Adapters fold into the weights: the ranker, the saved run and exports see the
+    # plain encoder.
+    model.query_encoder.merge_adapters()
     if log_dir:
         with tf.summary.create_file_writer(
                 os.path.join(log_dir, "two_tower", "validation")).as_default():
