@@ -273,3 +273,17 @@ def world_config(root: str, world: str, seed: int, epochs=None, ranker_epochs=No
     if ranker_epochs:
         cfg.ranking.epochs = ranker_epochs
     return cfg
+
+
+def first_queries(cfg, queries: int):
+    """`load_search_data` on the judgments of the Home Depot file's first `queries`
+    distinct queries (catalog = their products): the smoke runs' slice."""
+    from tfrec.data.homedepot import load_homedepot, split_by_query
+    from tfrec.search.data import product_catalog
+    from tfrec.search.train import SearchData
+
+    judgments = load_homedepot(data_dir=cfg.data_dir)
+    keep = set(judgments["query"].drop_duplicates().iloc[:queries])
+    judgments = judgments[judgments["query"].isin(keep)].reset_index(drop=True)
+    return SearchData(judgments, product_catalog(judgments),
+                      split_by_query(judgments, cfg.split, seed=cfg.seed))

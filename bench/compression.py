@@ -11,10 +11,19 @@ p99 over --requests calls after --warmup; the SavedModel call includes its in-gr
 tokenisation, the TFLite call starts from prepared tokens, as an app's native tokenizer
 would hand them over). Ratios are against the SavedModel of the same run.
 
-Usage: python bench/compression.py [--world small] [--seeds 0 1 2]
+Search task (Home Depot, needs ../shared/data and `tfrec text import-minilm`): the
+query encoder of the search two-tower (MiniLM) adapted four ways on the same query split
+(`tfrec.search.train`: build_pipeline + train_two_tower, epoch picked on validation):
+zero-shot (no training), full fine-tuning (encoder_lr), the top --top-layers blocks, and
+LoRA (--lora-rank on query/value, lora_lr). Columns: test NDCG@10 of the two-tower and
+hybrid stages over the whole catalog, encoder weights trained (and their share), two-tower
+training seconds, and the share of full fine-tuning's gain over zero-shot each keeps.
+
+Usage: python bench/compression.py [--world small] [--seeds 0] [--search-seeds 0,1,2]
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, one seed, one
-epoch, 100 users, 20 timed calls. Same code and table; the figures mean nothing.
+epoch, 100 users, 20 timed calls; search on the first 200 Home Depot queries with a tiny
+random BERT (skipped without the file). Same code and tables; the figures mean nothing.
 """
 
 from __future__ import annotations
@@ -33,9 +42,11 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (dir_mb, format_table, machine_line, parse_smoke_args, ratio,  # noqa: E402
                      world_config)
+from _common import first_queries, tiny_bert  # noqa: E402
 from tfrec import workflow  # noqa: E402
 
-SMOKE = dict(world="tiny", seeds=[0], epochs=1, users=100, warmup=3, requests=20)
+SMOKE = dict(world="tiny", seeds=[0], epochs=1, users=100, warmup=3, requests=20,
+             search_seeds="0", queries=200, encoder="tiny", lora_rank=4, top_layers=1)
 K = 10
 VARIANTS = ("SavedModel float32", "SavedModel bfloat16", "SavedModel int8", "TFLite float32",
             "TFLite int8")
@@ -134,8 +145,90 @@ def one_seed(seed: int, root: str, args) -> dict:
     return out
 
 
+def encoder_weights(pipeline) -> int:
+    """Query-encoder weights that train (adapters with LoRA)."""
+    return sum(int(np.prod(v.shape)) for v in pipeline.two_tower.query_encoder.trainable_weights)
+
+
+def search_seed(seed: int, args, workdir: str) -> dict:
+    """Test NDCG@10 (two-tower, hybrid), weights trained and seconds of each variant."""
+    from dataclasses import replace
+
+    from tfrec.search.config import SearchConfig
+    from tfrec.search.train import (build_pipeline, evaluate_stages, load_search_data,
+                                    title_vectors, train_two_tower)
+
+    base = SearchConfig(seed=seed, epochs=args.search_epochs, data_dir=args.data_dir,
+                        encoder=args.encoder, preprocessor=args.preprocessor)
+    data = first_queries(base, args.queries) if args.queries else load_search_data(base)
+    if args.encoder == "tiny":
+        texts = data.catalog["title"].tolist() + data.judgments["query"].unique().tolist()
+        base.encoder, base.preprocessor = tiny_bert(
+            os.path.join(workdir, f"tiny_bert_{seed}"), texts)
+    vectors = title_vectors(base, data.catalog["title"].tolist(),
+                            cache_dir=os.path.join(workdir, "cache"))
+    variants = {"zero-shot": None, "full fine-tune": {},
+                f"top-{args.top_layers} blocks": {"top_layers": args.top_layers},
+                f"LoRA r={args.lora_rank} (query, value)": {"lora_rank": args.lora_rank}}
+    total = None
+    out = {}
+    for label, overrides in variants.items():
+        cfg = replace(base, **(overrides or {}))
+        tf.keras.utils.set_random_seed(seed)
+        pipeline = build_pipeline(cfg, data, vectors)
+        if total is None:  # the full fine-tune's trainable set: every encoder weight
+            total = encoder_weights(build_pipeline(replace(base), data, vectors))
+        start = time.perf_counter()
+        if overrides is not None:
+            train_two_tower(pipeline, cfg, data)
+        seconds = time.perf_counter() - start if overrides is not None else 0.0
+        stages = evaluate_stages(pipeline, data.splits["test"], data.row_of,
+                                 ("two_tower", "hybrid"))
+        out[label] = {"two_tower": stages["two_tower"].summary()["ndcg@10"],
+                      "hybrid": stages["hybrid"].summary()["ndcg@10"],
+                      "weights": encoder_weights(pipeline) if overrides is not None else 0,
+                      "total": total, "seconds": seconds}
+        print(f"search seed {seed}, {label}: two-tower ndcg@10 "
+              f"{out[label]['two_tower']:.4f}, {seconds:.0f} s", flush=True)
+    return out
+
+
+def search_table(args) -> None:
+    from tfrec.data.homedepot import homedepot_path
+
+    if not os.path.isfile(homedepot_path(args.data_dir)):
+        print(f"\nsearch table skipped: no Home Depot judgments at "
+              f"{homedepot_path(args.data_dir)!r}")
+        return
+    seeds = [int(x) for x in args.search_seeds.split(",") if x.strip()]
+    workdir = args.workdir or tempfile.mkdtemp(prefix="tfrec-compression-search-")
+    runs = [search_seed(seed, args, workdir) for seed in seeds]
+    labels = list(runs[0])
+    zero = np.array([r["zero-shot"]["two_tower"] for r in runs])
+    full = np.array([r["full fine-tune"]["two_tower"] for r in runs])
+    rows = []
+    for label in labels:
+        tt = np.array([r[label]["two_tower"] for r in runs])
+        hy = np.array([r[label]["hybrid"] for r in runs])
+        weights, total = runs[0][label]["weights"], runs[0][label]["total"]
+        gain = np.mean(full - zero)
+        rows.append([label, f"{tt.mean():.4f} ± {tt.std():.4f}", f"{hy.mean():.4f}",
+                     f"{np.mean(tt - full):+.4f}",
+                     f"{np.mean(tt - zero) / gain:.2f}" if gain else "n/a",
+                     f"{weights:,}", f"{100 * weights / total:.2f}%",
+                     f"{np.mean([r[label]['seconds'] for r in runs]):.0f}"])
+    print()
+    print(format_table(["query encoder", "two-tower NDCG@10", "hybrid NDCG@10", "vs full FT",
+                        "share of FT gain", "weights trained", "of encoder", "train s"],
+                       rows, title=f"Home Depot search, test queries, seeds {seeds} "
+                                   f"(mean ± sd), {args.encoder}"))
+
+
 def main(argv=None) -> None:
+    from tfrec.search.config import SearchConfig
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default="recommendation,search")
     parser.add_argument("--world", default="small")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=None,
@@ -143,8 +236,24 @@ def main(argv=None) -> None:
     parser.add_argument("--users", type=int, default=2000, help="test users evaluated")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--requests", type=int, default=500, help="timed batch-1 calls")
+    parser.add_argument("--search-seeds", default="0,1,2", help="Home Depot query splits")
+    parser.add_argument("--search-epochs", type=int, default=SearchConfig.epochs)
+    parser.add_argument("--queries", type=int, default=0,
+                        help="only the first N distinct Home Depot queries (0: all)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--encoder", default=SearchConfig.encoder,
+                        help='"tiny": a tiny random BERT built in the work dir')
+    parser.add_argument("--preprocessor", default=SearchConfig.preprocessor)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--top-layers", type=int, default=2)
+    parser.add_argument("--workdir", default=None, help="keeps the title-vector cache")
     args = parse_smoke_args(parser, argv, SMOKE)
+    tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
     print(machine_line())
+    if "search" in tasks:
+        search_table(args)
+    if "recommendation" not in tasks:
+        return
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix=f"tfrec-compression-{seed}-") as root:
             rows = one_seed(seed, root, args)

@@ -61,15 +61,14 @@ import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 import numpy as np
 import tensorflow as tf
 
-from tfrec.data.homedepot import homedepot_path, load_homedepot, split_by_query
+from tfrec.data.homedepot import homedepot_path
 from tfrec.search.config import SearchConfig
-from tfrec.search.data import product_catalog
-from tfrec.search.train import SearchData, evaluate_stages, load_search_data, train_search
+from tfrec.search.train import evaluate_stages, load_search_data, train_search
 
 tf.get_logger().setLevel("ERROR")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (format_table, machine_line, parse_smoke_args, ratio, skip,  # noqa: E402
-                     tiny_bert)
+from _common import (first_queries, format_table, machine_line, parse_smoke_args,  # noqa: E402
+                     ratio, skip, tiny_bert)
 
 # encoder "tiny": a tiny random BERT built into the work dir (see tiny_bert).
 SMOKE = dict(seeds="0", queries=200, epochs=1, ranker_epochs=1, latency_queries=5,
@@ -101,15 +100,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-export", dest="export", action="store_false",
                    help="skip exporting the last seed's pipeline and timing the SavedModel")
     return parse_smoke_args(p, argv, SMOKE)
-
-
-def first_queries(cfg: SearchConfig, queries: int) -> SearchData:
-    """load_search_data on the judgments of the file's first `queries` distinct queries."""
-    judgments = load_homedepot(data_dir=cfg.data_dir)
-    keep = set(judgments["query"].drop_duplicates().iloc[:queries])
-    judgments = judgments[judgments["query"].isin(keep)].reset_index(drop=True)
-    return SearchData(judgments, product_catalog(judgments),
-                      split_by_query(judgments, cfg.split, seed=cfg.seed))
 
 
 def stage_latency(run, queries: Sequence[str]) -> Dict[str, float]:
