@@ -69,6 +69,8 @@ def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+    add_distill_command(sub)
+
     p = sub.add_parser(
         "index", help="export a trained search over any product table (no retraining)",
         description="Rebuild the search of a `tfrec search train` run over a product table "
@@ -92,9 +94,32 @@ def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def add_distill_command(sub) -> None:
+    p = sub.add_parser(
+        "distill", help="distil a trained search into a shallower query encoder",
+        description="Train a student query encoder (the teacher's first --layers blocks) "
+                    "on the teacher's query vectors and score lists (cosine + listwise KL; "
+                    "tfrec.search.distill), save it as a search run under --workdir, print "
+                    "teacher vs student NDCG@10 and batch-1 latency, and export it.")
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="the teacher: a --workdir of `tfrec search train`")
+    p.add_argument("--workdir", required=True,
+                   help="output: student encoder, student run (search/), distill.json")
+    p.add_argument("--layers", type=int, help="blocks the student keeps (default 2)")
+    p.add_argument("--epochs", type=int, help="distillation epochs (default 3)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one DistillConfig field, e.g. --set lr=2e-4")
+    p.add_argument("--export-base", dest="export_base",
+                   help="export root (default <workdir>/export)")
+    p.add_argument("--model-name", dest="model_name", default="search")
+    p.add_argument("--no-export", action="store_true", dest="no_export")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
 def run_search(args: argparse.Namespace) -> int:
     """Dispatches a parsed `tfrec search ...` command."""
-    handlers = {"train": _train, "index": _index}
+    handlers = {"train": _train, "index": _index, "distill": _distill}
     return handlers[args.search_command](args)
 
 
@@ -206,6 +231,44 @@ def _train(args: argparse.Namespace) -> int:
         print(f"exported {path}")
         print(f"serve it: tfrec serve --base-dir {export_base} --model-name {args.model_name}; "
               f"then: tfrec query --model {args.model_name} --query \"...\"")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from tfrec.search.distill import DistillConfig, distill_search
+    from tfrec.search.index import resolve_search_run
+
+    settings = DistillConfig()
+    for item in args.set:
+        key, value = parse_assignment(item, "field=value (e.g. --set lr=2e-4)")
+        set_field(settings, key, value, prefix="distill")
+    for name in ("layers", "epochs"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    resolve_search_run(args.run)  # a clear error before TensorFlow work
+    result = distill_search(args.run, args.workdir, settings)
+    path = None
+    if not args.no_export:
+        from tfrec.search.export import export_search
+
+        path = export_search(result["pipeline"], args.export_base or
+                             os.path.join(args.workdir, "export"), model_name=args.model_name,
+                             card={"metrics": result["student"]["metrics"],
+                                   "distilled_from": result["teacher_run"]})
+    figures = {k: v for k, v in result.items() if k != "pipeline"}
+    figures["export"] = path
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    print(format_metrics(result["teacher"]["metrics"], title="teacher, test"))
+    print(format_metrics(result["student"]["metrics"], title="student, test"))
+    kept = ", ".join(f"{k} {v:.2f}" for k, v in result["kept_gain_over_bm25"].items())
+    print(f"student keeps of the teacher's NDCG@10 gain over BM25: {kept}")
+    for name, (t, s_) in {k: (result["teacher"]["latency_ms"].get(k, math.nan), v) for k, v in
+                          result["student"]["latency_ms"].items()}.items():
+        print(f"batch-1 {name} ms: teacher {t:.2f}, student {s_:.2f} ({s_ / t:.2f}x)")
+    if path:
+        print(f"exported {path}")
     return 0
 
 

@@ -41,6 +41,9 @@ class SearchConfig:
     split: Tuple[float, float, float] = (0.7, 0.1, 0.2)  # distinct queries: train/val/test
     encoder: str = os.path.join("work", "text", "minilm", "encoder")
     preprocessor: str = os.path.join("work", "text", "minilm", "preprocessor")
+    # Encoder of the frozen title vectors ("": `encoder`); a distilled run keeps its
+    # teacher's here while its query tower runs the smaller student.
+    title_encoder: str = ""
     query_length: int = 16  # BERT tokens per query
     title_length: int = 48  # BERT tokens per title (frozen title embeddings)
     top_layers: int = 0  # fine-tune only the last N query-encoder blocks (0 = all)
@@ -81,6 +84,11 @@ class SearchConfig:
     # query tower is the cost); the small ranker trains on one device.
     strategy: str = "default"
     cpu_devices: int = 0  # >1 splits the CPU into logical devices (tests of mirrored)
+
+    @property
+    def title_encoder_path(self) -> str:
+        """The encoder the title vectors come from."""
+        return self.title_encoder or self.encoder
 
     def to_yaml(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

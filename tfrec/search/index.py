@@ -255,6 +255,8 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
         head.build((None, two_tower.dim))
         pipeline.set_query_categories(head, categories.for_products(products, vectors),
                                       saved["names"], saved.get("filter", 0.0))
+        # Kept for a re-save of this pipeline (`tfrec search distill`).
+        pipeline.saved_categories = categories
     del vectors  # the two-tower holds its own copy: one catalog-sized array, not two
     if ranker is not None:
         pipeline.search(tf.constant(["x"]), num_results=1)  # creates the ranker's weights

@@ -111,15 +111,16 @@ def title_vectors(cfg: SearchConfig, titles: Sequence[str],
 
     def embed(texts: Sequence[str]) -> np.ndarray:
         if not encoder:
-            encoder.append(SentenceEncoder(cfg.encoder, cfg.preprocessor,
+            encoder.append(SentenceEncoder(cfg.title_encoder_path, cfg.preprocessor,
                                            seq_length=cfg.title_length,
                                            batch_size=cfg.embed_batch_size))
-        log.info("embedding %d titles with %s", len(texts), cfg.encoder)
+        log.info("embedding %d titles with %s", len(texts), cfg.title_encoder_path)
         return encoder[0].encode(texts)
 
     if not cache_dir:
         return embed(titles)
-    cache = TextVectorCache(cache_dir, f"{os.path.abspath(cfg.encoder)}\n{cfg.title_length}")
+    cache = TextVectorCache(cache_dir,
+                            f"{os.path.abspath(cfg.title_encoder_path)}\n{cfg.title_length}")
     vectors = cache.vectors(titles, embed)
     log.info("title vectors: %d of %d titles embedded, the rest read from %s", cache.embedded,
              len(titles), cache_dir)
