@@ -19,7 +19,15 @@ LoRA (--lora-rank on query/value, lora_lr). Columns: test NDCG@10 of the two-tow
 hybrid stages over the whole catalog, encoder weights trained (and their share), two-tower
 training seconds, and the share of full fine-tuning's gain over zero-shot each keeps.
 
-Usage: python bench/compression.py [--world small] [--seeds 0] [--search-seeds 0,1,2]
+Distillation task (Home Depot, same data): per seed, the full search pipeline trained
+(`train_search`, MiniLM query tower fine-tuned: the teacher) and distilled into a
+--student-layers student (`tfrec.search.distill`); rows teacher / student: test NDCG@10
+of the two-tower, hybrid and two-tower+ranker stages, the share of the teacher's gain over
+BM25 the student keeps, and batch-1 ms of the query tower (query vector + catalog top-100)
+and of the whole `search` call, with the student/teacher ratio.
+
+Usage: python bench/compression.py [--tasks recommendation,search,distill] [--world small]
+       [--seeds 0] [--search-seeds 0,1,2]
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, one seed, one
 epoch, 100 users, 20 timed calls; search on the first 200 Home Depot queries with a tiny
@@ -46,7 +54,9 @@ from _common import first_queries, tiny_bert  # noqa: E402
 from tfrec import workflow  # noqa: E402
 
 SMOKE = dict(world="tiny", seeds=[0], epochs=1, users=100, warmup=3, requests=20,
-             search_seeds="0", queries=200, encoder="tiny", lora_rank=4, top_layers=1)
+             search_seeds="0", queries=200, encoder="tiny", lora_rank=4, top_layers=1,
+             student_layers=1, distill_epochs=1, title_queries=100, ranker_epochs=1,
+             latency_queries=3)
 K = 10
 VARIANTS = ("SavedModel float32", "SavedModel bfloat16", "SavedModel int8", "TFLite float32",
             "TFLite int8")
@@ -224,11 +234,82 @@ def search_table(args) -> None:
                                    f"(mean ± sd), {args.encoder}"))
 
 
+def distill_seed(seed: int, args, workdir: str) -> dict:
+    """Teacher (trained search pipeline) and distilled student figures of one split."""
+    from tfrec.search.config import SearchConfig
+    from tfrec.search.distill import DistillConfig, distill_search
+    from tfrec.search.train import train_search
+
+    cfg = SearchConfig(seed=seed, epochs=args.search_epochs, data_dir=args.data_dir,
+                       encoder=args.encoder, preprocessor=args.preprocessor,
+                       ranker_epochs=args.ranker_epochs)
+    if args.encoder == "tiny":
+        data = first_queries(cfg, args.queries)
+        texts = data.catalog["title"].tolist() + data.judgments["query"].unique().tolist()
+        cfg.encoder, cfg.preprocessor = tiny_bert(
+            os.path.join(workdir, f"tiny_bert_{seed}"), texts)
+    if args.queries:
+        # Distillation reloads the split from the config: a judgments file of the slice.
+        data = first_queries(cfg, args.queries)
+        path = os.path.join(workdir, f"judgments_{seed}.csv")
+        data.judgments.rename(columns={"query": "search_term", "product_id": "product_uid",
+                                       "title": "product_title"}).to_csv(path, index=False)
+        cfg.judgments = path
+    teacher_dir = os.path.join(workdir, f"teacher_{seed}")
+    train_search(cfg, teacher_dir, log_dir=os.path.join(workdir, "logs", f"teacher_{seed}"))
+    settings = DistillConfig(layers=args.student_layers, epochs=args.distill_epochs,
+                             title_queries=args.title_queries, seed=seed)
+    return distill_search(teacher_dir, os.path.join(workdir, f"student_{seed}"), settings,
+                          latency_queries=args.latency_queries)
+
+
+def distill_table(args) -> None:
+    from tfrec.data.homedepot import homedepot_path
+
+    if not os.path.isfile(homedepot_path(args.data_dir)):
+        print(f"\ndistillation table skipped: no Home Depot judgments at "
+              f"{homedepot_path(args.data_dir)!r}")
+        return
+    seeds = [int(x) for x in args.search_seeds.split(",") if x.strip()]
+    workdir = args.workdir or tempfile.mkdtemp(prefix="tfrec-compression-distill-")
+    runs = []
+    for seed in seeds:
+        result = distill_seed(seed, args, workdir)
+        result.pop("pipeline")
+        runs.append(result)
+        print(f"distill seed {seed}: kept gain {result['kept_gain_over_bm25']}, "
+              f"{result['total_s']:.0f} s", flush=True)
+    stages = ("two_tower", "hybrid", "two_tower+ranker")
+    rows = []
+    for side in ("teacher", "student"):
+        row = [side]
+        for stage in stages:
+            v = np.array([r[side]["metrics"][stage]["ndcg@10"] for r in runs])
+            row.append(f"{v.mean():.4f} ± {v.std():.4f}")
+        kept = [np.mean([r["kept_gain_over_bm25"][s] for r in runs]) if side == "student"
+                else 1.0 for s in stages]
+        row += [f"{k:.2f}" for k in kept]
+        for timing in ("query_tower", "search"):
+            ms = np.mean([r[side]["latency_ms"][timing] for r in runs])
+            ref = np.mean([r["teacher"]["latency_ms"][timing] for r in runs])
+            row += [f"{ms:.2f}", ratio(ms, ref)]
+        rows.append(row)
+    bm25 = np.array([r["teacher"]["metrics"]["bm25"]["ndcg@10"] for r in runs])
+    print()
+    print(format_table(
+        ["model", "two-tower NDCG@10", "hybrid NDCG@10", "+ranker NDCG@10",
+         "kept gain two-tower", "kept gain hybrid", "kept gain +ranker", "query tower ms",
+         "vs teacher", "search ms", "search vs teacher"], rows,
+        title=f"Home Depot search distillation, seeds {seeds}: teacher {args.encoder} "
+              f"fine-tuned, student its first {args.student_layers} blocks (BM25 NDCG@10 "
+              f"{bm25.mean():.4f}; kept gain = (student - BM25) / (teacher - BM25))"))
+
+
 def main(argv=None) -> None:
     from tfrec.search.config import SearchConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default="recommendation,search")
+    parser.add_argument("--tasks", default="recommendation,search,distill")
     parser.add_argument("--world", default="small")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=None,
@@ -247,11 +328,18 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--top-layers", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="keeps the title-vector cache")
+    parser.add_argument("--student-layers", type=int, default=2)
+    parser.add_argument("--distill-epochs", type=int, default=3)
+    parser.add_argument("--title-queries", type=int, default=20000)
+    parser.add_argument("--ranker-epochs", type=int, default=SearchConfig.ranker_epochs)
+    parser.add_argument("--latency-queries", type=int, default=50)
     args = parse_smoke_args(parser, argv, SMOKE)
     tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
     print(machine_line())
     if "search" in tasks:
         search_table(args)
+    if "distill" in tasks:
+        distill_table(args)
     if "recommendation" not in tasks:
         return
     for seed in args.seeds:

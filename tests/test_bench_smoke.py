@@ -116,7 +116,11 @@ BENCHES: Dict[str, Expect] = {
         [("variant", "ndcg@10", "vs SavedModel", "top-10 overlap", "size MB", "p50 ms",
           "p50 vs SavedModel")],
         [row("SavedModel float32"), row("SavedModel int8"), row("TFLite float32"),
-         row("TFLite int8")]),
+         row("TFLite int8"),
+         # Home Depot tables (or their skip line without the file)
+         r"(LoRA r=4 \(query, value\)\s{2,}\S|search table skipped)",
+         r"(top-1 blocks\s{2,}\S|search table skipped)",
+         r"(student\s{2,}\S|distillation table skipped)"]),
     "catalog_index": Expect(
         [("catalog", "index s", "products/s", "peak MB", "export MB", "own title top-10")],
         [r"300 +\d"]),
