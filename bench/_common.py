@@ -287,3 +287,15 @@ def first_queries(cfg, queries: int):
     judgments = judgments[judgments["query"].isin(keep)].reset_index(drop=True)
     return SearchData(judgments, product_catalog(judgments),
                       split_by_query(judgments, cfg.split, seed=cfg.seed))
+
+
+def time_calls(fn, inputs, warmup: int, requests: int) -> list:
+    """Milliseconds of `requests` calls (inputs rotate) after `warmup` untimed calls."""
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    times = []
+    for i in range(requests):
+        start = time.perf_counter()
+        fn(inputs[i % len(inputs)])
+        times.append((time.perf_counter() - start) * 1000)
+    return times

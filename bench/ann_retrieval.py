@@ -58,7 +58,7 @@ from tfrec.models.embedding import tower_fn
 from tfrec.models.ivf import build_ivf, default_nlist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line, parse_smoke_args  # noqa: E402
+from _common import format_table, machine_line, parse_smoke_args, time_calls  # noqa: E402
 
 SMOKE = {"sizes": "2000", "train_steps": 20, "queries": 30, "warmup": 3, "requests": 10,
          "nprobes": "1,8", "ef_search": "16,64"}
@@ -112,14 +112,8 @@ def random_vectors(n: int, d: int, q: int, seed: int):
 
 def timed(call, batches, warmup: int, requests: int):
     """p50 / p99 ms of `call(batch)` over `requests` calls (cycling through batches)."""
-    for i in range(warmup):
-        call(batches[i % len(batches)])
-    times = []
-    for i in range(requests):
-        start = time.perf_counter()
-        call(batches[i % len(batches)])
-        times.append(time.perf_counter() - start)
-    return np.percentile(times, 50) * 1e3, np.percentile(times, 99) * 1e3
+    times = time_calls(call, batches, warmup, requests)
+    return np.percentile(times, 50), np.percentile(times, 99)
 
 
 def batches_of(queries: np.ndarray, size: int) -> list:

@@ -50,7 +50,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (dir_mb, format_table, machine_line, parse_smoke_args, ratio,  # noqa: E402
                      world_config)
-from _common import first_queries, tiny_bert  # noqa: E402
+from _common import first_queries, time_calls, tiny_bert  # noqa: E402
 from tfrec import workflow  # noqa: E402
 
 SMOKE = dict(world="tiny", seeds=[0], epochs=1, users=100, warmup=3, requests=20,
@@ -105,14 +105,9 @@ def edge_caller(path: str, variant: str):
 
 
 def timed(call, requests: list, warmup: int, count: int):
-    for i in range(warmup):
-        call(requests[i % len(requests)])
-    times = []
-    for i in range(count):
-        start = time.perf_counter()
-        call(requests[i % len(requests)])
-        times.append(time.perf_counter() - start)
-    return np.percentile(times, 50) * 1e3, np.percentile(times, 99) * 1e3
+    """p50 / p99 ms of batch-1 calls."""
+    times = time_calls(call, requests, warmup, count)
+    return np.percentile(times, 50), np.percentile(times, 99)
 
 
 def one_seed(seed: int, root: str, args) -> dict:
@@ -203,15 +198,23 @@ def search_seed(seed: int, args, workdir: str) -> dict:
     return out
 
 
-def search_table(args) -> None:
+def home_depot_seeds(args, table: str):
+    """(seeds, work dir), or None (and a skip line) without the Home Depot file."""
     from tfrec.data.homedepot import homedepot_path
 
     if not os.path.isfile(homedepot_path(args.data_dir)):
-        print(f"\nsearch table skipped: no Home Depot judgments at "
+        print(f"\n{table} table skipped: no Home Depot judgments at "
               f"{homedepot_path(args.data_dir)!r}")
-        return
+        return None
     seeds = [int(x) for x in args.search_seeds.split(",") if x.strip()]
-    workdir = args.workdir or tempfile.mkdtemp(prefix="tfrec-compression-search-")
+    return seeds, args.workdir or tempfile.mkdtemp(prefix=f"tfrec-compression-{table}-")
+
+
+def search_table(args) -> None:
+    setup = home_depot_seeds(args, "search")
+    if setup is None:
+        return
+    seeds, workdir = setup
     runs = [search_seed(seed, args, workdir) for seed in seeds]
     labels = list(runs[0])
     zero = np.array([r["zero-shot"]["two_tower"] for r in runs])
@@ -264,14 +267,10 @@ def distill_seed(seed: int, args, workdir: str) -> dict:
 
 
 def distill_table(args) -> None:
-    from tfrec.data.homedepot import homedepot_path
-
-    if not os.path.isfile(homedepot_path(args.data_dir)):
-        print(f"\ndistillation table skipped: no Home Depot judgments at "
-              f"{homedepot_path(args.data_dir)!r}")
+    setup = home_depot_seeds(args, "distillation")
+    if setup is None:
         return
-    seeds = [int(x) for x in args.search_seeds.split(",") if x.strip()]
-    workdir = args.workdir or tempfile.mkdtemp(prefix="tfrec-compression-distill-")
+    seeds, workdir = setup
     runs = []
     for seed in seeds:
         result = distill_seed(seed, args, workdir)

@@ -63,6 +63,7 @@ import tensorflow as tf
 
 from tfrec.data.homedepot import homedepot_path
 from tfrec.search.config import SearchConfig
+from tfrec.search.distill import batch1_latency_ms
 from tfrec.search.train import evaluate_stages, load_search_data, train_search
 
 tf.get_logger().setLevel("ERROR")
@@ -120,15 +121,7 @@ def stage_latency(run, queries: Sequence[str]) -> Dict[str, float]:
                               input_signature=spec),
         "two_tower+ranker": tf.function(lambda q: pipe.search(q, 10), input_signature=spec),
     }
-    out = {}
-    for name, fn in fns.items():
-        fn(tf.constant(queries[:1]))
-        times = []
-        for q in queries:
-            start = time.perf_counter()
-            fn(tf.constant([q]))
-            times.append(time.perf_counter() - start)
-        out[name] = 1000 * float(np.median(times))
+    out = batch1_latency_ms(fns, queries)
     out["minilm_zero_shot"] = out["two_tower"]  # same computation, other weights
     return out
 

@@ -65,7 +65,7 @@ from tfrec.training.trainer import build_model
 
 tf.get_logger().setLevel("ERROR")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line, parse_smoke_args  # noqa: E402
+from _common import format_table, machine_line, parse_smoke_args, time_calls  # noqa: E402
 
 SMOKE = dict(sizes="1000", train_items=1000, train_steps=2, warmup_steps=1, batch_size=32,
              users=100, warmup=2, requests=10, step_items="1000",
@@ -101,18 +101,6 @@ class BruteForceTopK(tf.Module):
         scores = tf.matmul(query, self.item_embeddings, transpose_b=True)
         values, indices = tf.math.top_k(scores, k=k)
         return tf.gather(self.item_ids, indices), values
-
-
-def time_calls(fn, inputs, warmup: int, requests: int) -> list:
-    """Milliseconds of `requests` calls (inputs rotate) after `warmup` untimed calls."""
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    times = []
-    for i in range(requests):
-        start = time.perf_counter()
-        fn(inputs[i % len(inputs)])
-        times.append((time.perf_counter() - start) * 1000)
-    return times
 
 
 def percentile(values, q: float) -> float:

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -143,6 +143,11 @@ def query_latency_ms(pipeline: SearchPipeline, queries: Sequence[str]) -> Dict[s
                                                  pipeline.product_vectors,
                                                  transpose_b=True), 100)),
            "search": tf.function(lambda q: pipeline.search(q, 10))}
+    return batch1_latency_ms(fns, queries)
+
+
+def batch1_latency_ms(fns: Dict[str, Callable], queries: Sequence[str]) -> Dict[str, float]:
+    """Median ms of each query function called on one query at a time (after one call)."""
     out = {}
     for name, fn in fns.items():
         fn(tf.constant(queries[:1]))
