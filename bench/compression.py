@@ -259,6 +259,12 @@ def distill_seed(seed: int, args, workdir: str) -> dict:
                                        "title": "product_title"}).to_csv(path, index=False)
         cfg.judgments = path
     teacher_dir = os.path.join(workdir, f"teacher_{seed}")
+    # One title-vector cache for every seed (and the search table's runs).
+    shared = os.path.join(workdir, "cache")
+    os.makedirs(shared, exist_ok=True)
+    os.makedirs(teacher_dir, exist_ok=True)
+    if not os.path.exists(os.path.join(teacher_dir, "cache")):
+        os.symlink(shared, os.path.join(teacher_dir, "cache"))
     train_search(cfg, teacher_dir, log_dir=os.path.join(workdir, "logs", f"teacher_{seed}"))
     settings = DistillConfig(layers=args.student_layers, epochs=args.distill_epochs,
                              title_queries=args.title_queries, seed=seed)
