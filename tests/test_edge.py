@@ -109,6 +109,9 @@ def test_similar_items_and_unknown_ids(edge_dir, saved_model, tiny_world):
     for row, item in zip(got["item_ids"][:5].astype(str), items):
         assert item not in row and "" not in row
     assert set(got["item_ids"][5].astype(str)) == {""}
+    with pytest.raises(ValueError, match=r"missing query feature\(s\) \['history'\]"):
+        EdgeRecommender(edge_dir, "float32").recommend({"user_id": ["u"], "device": ["x"],
+                                                        "hour": [1]})
     assert (got["scores"][5] == MISSING).all()
 
 

@@ -248,20 +248,32 @@ class EdgeRecommender:
 
     def inputs(self, features: Dict[str, Sequence], exclude_seen: bool = True
                ) -> Dict[str, np.ndarray]:
-        """Raw query features (as the SavedModel takes them) -> the file's inputs."""
+        """Raw query features (as the SavedModel takes them) -> the file's inputs.
+
+        Raises:
+          ValueError: a feature the file needs is missing.
+        """
+        needed = [n for n in self.card["inputs"]
+                  if n not in ("query_words", "query_grams", "exclude_seen")]
+        missing = [n for n in needed if n not in features]
+        if missing or not features:
+            raise ValueError(f"missing query feature(s) {missing}; this model reads {needed} "
+                             "(+ query text)")
+        n = len(next(iter(features.values())))
         out = {}
         for name, spec in self.card["inputs"].items():
             if name in ("query_words", "query_grams"):
                 continue
             if name == "exclude_seen":
-                out[name] = np.full(len(features["user_id"]), exclude_seen)
+                out[name] = np.full(n, exclude_seen)
             else:
                 out[name] = np.asarray(features[name], dtype=object if spec["dtype"] == "string"
                                        else spec["dtype"])
                 if out[name].ndim == 2 and out[name].shape[1] == 0:  # LiteRT: no [B, 0]
                     out[name] = np.full((len(out[name]), 1), "", dtype=object)
         if "text" in self.card:
-            tokens = text_tokens(tf.constant(list(features["query"]), tf.string),
+            texts = list(features["query"]) if "query" in features else [""] * n
+            tokens = text_tokens(tf.constant(texts, tf.string),
                                  self.card["text"]["max_length"],
                                  self.card["text"]["ngram_bins"])
             out["query_words"] = tokens["words"].numpy()

@@ -137,6 +137,9 @@ def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
       search_history: "keep"/"exclude" history items in `search` (None: as trained).
     """
     retrieval, ranker = _trained_pair(run_dir, retrieval, ranker)
+    if export.precision != "float32":
+        log.warning("export.precision=%s applies to the retrieval model; the pipeline is "
+                    "exported in float32", export.precision)
     module = PipelineModule(retrieval, ranker, catalog, candidates=candidates,
                             max_per_brand=max_per_brand, search_history=search_history,
                             **_index_inputs(run_dir, catalog, export, retrieval))
