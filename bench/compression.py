@@ -265,7 +265,9 @@ def distill_seed(seed: int, args, workdir: str) -> dict:
     os.makedirs(teacher_dir, exist_ok=True)
     if not os.path.exists(os.path.join(teacher_dir, "cache")):
         os.symlink(shared, os.path.join(teacher_dir, "cache"))
-    train_search(cfg, teacher_dir, log_dir=os.path.join(workdir, "logs", f"teacher_{seed}"))
+    if not (args.reuse_teachers and os.path.isdir(os.path.join(teacher_dir, "search", "model"))):
+        train_search(cfg, teacher_dir,
+                     log_dir=os.path.join(workdir, "logs", f"teacher_{seed}"))
     settings = DistillConfig(layers=args.student_layers, epochs=args.distill_epochs,
                              title_queries=args.title_queries, seed=seed)
     return distill_search(teacher_dir, os.path.join(workdir, f"student_{seed}"), settings,
@@ -334,6 +336,8 @@ def main(argv=None) -> None:
     parser.add_argument("--top-layers", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="keeps the title-vector cache")
     parser.add_argument("--student-layers", type=int, default=2)
+    parser.add_argument("--reuse-teachers", action="store_true",
+                        help="distil the teachers a previous run left in --workdir")
     parser.add_argument("--distill-epochs", type=int, default=3)
     parser.add_argument("--title-queries", type=int, default=20000)
     parser.add_argument("--ranker-epochs", type=int, default=SearchConfig.ranker_epochs)
