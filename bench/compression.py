@@ -338,7 +338,7 @@ def main(argv=None) -> None:
     parser.add_argument("--student-layers", type=int, default=2)
     parser.add_argument("--reuse-teachers", action="store_true",
                         help="distil the teachers a previous run left in --workdir")
-    parser.add_argument("--distill-epochs", type=int, default=3)
+    parser.add_argument("--distill-epochs", type=int, default=6)
     parser.add_argument("--title-queries", type=int, default=20000)
     parser.add_argument("--ranker-epochs", type=int, default=SearchConfig.ranker_epochs)
     parser.add_argument("--latency-queries", type=int, default=50)

@@ -106,7 +106,7 @@ def add_distill_command(sub) -> None:
     p.add_argument("--workdir", required=True,
                    help="output: student encoder, student run (search/), distill.json")
     p.add_argument("--layers", type=int, help="blocks the student keeps (default 2)")
-    p.add_argument("--epochs", type=int, help="distillation epochs (default 3)")
+    p.add_argument("--epochs", type=int, help="distillation epochs (default 6)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one DistillConfig field, e.g. --set lr=2e-4")
     p.add_argument("--export-base", dest="export_base",

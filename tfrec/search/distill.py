@@ -40,7 +40,8 @@ STAGES = ("bm25", "two_tower", "hybrid", "two_tower+ranker")
 
 @dataclasses.dataclass
 class DistillConfig:
-    """Settings of one distillation.
+    """Settings of one distillation (epochs: Home Depot validation NDCG@10 was best at the
+    fifth or sixth epoch on three query splits).
 
     Args:
       layers: transformer blocks the student keeps (the teacher's first ones).
@@ -55,7 +56,7 @@ class DistillConfig:
     """
 
     layers: int = 2
-    epochs: int = 3
+    epochs: int = 6
     batch_size: int = 64
     lr: float = 1e-4
     top_k: int = 50
