@@ -84,6 +84,9 @@ def _requests(world) -> list:
         ("ranker", "serving_default", {
             **context, "query": (["", LONG_QUERY], "string"),
             "candidate_ids": ([[ids[5], ids[6], "", ids[7]], [ids[8], "", "", ""]], "string")}),
+        ("ranker", "explain", {
+            **context, "query": (["", "red sneakers"], "string"),
+            "candidate_ids": ([[ids[5], ids[6], "", ids[7]], [ids[8], "", "", ""]], "string")}),
         ("pipeline", "serving_default", {**context, **lists}),
         ("pipeline", "search", {**context, **lists,
                                 "query": (["red sneakers", LONG_QUERY], "string")}),
@@ -133,11 +136,12 @@ def test_exports_reload_in_a_fresh_process_with_the_same_outputs(exported, world
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert fresh["modules"] == [], "the fresh process must need TensorFlow (+ TF Text) only"
-    assert fresh["signatures"] == {"ranker": ["serving_default"],
+    assert fresh["signatures"] == {"ranker": ["explain", "serving_default"],
                                    "pipeline": ["recommend", "search", "serving_default"]}
     modules = {"ranker": exported["ranker"].rank, "pipeline": exported["pipeline"].recommend}
     for (model, signature, inputs), got in zip(requests, fresh["results"]):
-        fn = exported["pipeline"].search if signature == "search" else modules[model]
+        fn = {"search": exported["pipeline"].search,
+              "explain": exported["ranker"].explain}.get(signature, modules[model])
         want = fn(**_tensors(inputs))
         assert sorted(got) == sorted(want), (model, signature)
         for name, tensor in want.items():
@@ -350,3 +354,61 @@ def test_bert_fast_mode_ranker_trains_and_exports(trained_run, tiny_config, tiny
                     "hour": tf.constant([9], tf.int64),
                     "item_id": tf.constant([["NEU-a", "NEU-b", catalog["item_id"].iloc[0]]])})
     assert np.all(np.isfinite(scores["click"].numpy()))
+
+
+def _check_reasons(rows, history, search_words=None):
+    kinds = {"history", "category", "brand", "price", "popularity", "query", "profile"}
+    for r in rows:
+        assert r["reason_kind"] in kinds and r["reason"], r
+        assert (r["reason_item"] != "") == (r["reason_kind"] == "history"), r
+        if r["reason_kind"] == "history":
+            assert r["reason_item"] in history and r["reason"].startswith("because you viewed")
+        if r["reason_kind"] == "query":
+            assert set(r["reason_word"].split()) <= set(search_words), r
+            assert r["reason"] == f"matches your search: {r['reason_word']}"
+
+
+def test_every_item_served_over_grpc_carries_a_reason(served, world):
+    client, user, history = served, world["user"], world["history"]
+    rows = client.recommend_pipeline("pipeline", user, k=12, history=history)
+    assert len(rows) == 12
+    _check_reasons(rows, history)
+    words = world["catalog"]["title"].iloc[3].lower().split()[:2]
+    found = client.search("pipeline", user, " ".join(words), k=8, history=history)
+    _check_reasons(found, history, words)
+    assert any(r["reason_kind"] == "query" for r in found)
+    cold = client.recommend_pipeline("pipeline", "never-seen-user", k=5)
+    _check_reasons(cold, [])
+    assert all(r["reason_kind"] != "history" for r in cold)
+
+
+def test_cli_explains_recommendations_and_ranker_scores(served, world):
+    address, user, history = served.address, world["user"], ",".join(world["history"])
+    query = subprocess.run(
+        [sys.executable, "-m", "tfrec.cli", "query", "--server", address, "--model",
+         "pipeline", "--user", user, "--history", history, "--k", "3", "--explain"],
+        capture_output=True, text=True, timeout=120)
+    assert query.returncode == 0, query.stderr[-2000:]
+    assert query.stdout.count("why: ") == 3, query.stdout
+    items = world["ids"][20:23]
+    base = [sys.executable, "-m", "tfrec.cli", "explain", "--server", address, "--user", user,
+            "--history", history, "--query", "wireless"]
+    explained = subprocess.run(base + [a for i in items for a in ("--item", i)] + ["--json"],
+                               capture_output=True, text=True, timeout=120)
+    assert explained.returncode == 0, explained.stderr[-2000:]
+    rows = json.loads(explained.stdout)
+    assert [r["item_id"] for r in rows] == items
+    for r in rows:
+        assert set(r["attributions"]) == {"user", "history", "item", "context", "text",
+                                          "retrieval"}
+        change = r["score"] - r["baseline_score"]
+        assert abs(sum(r["attributions"].values()) - change) <= 0.05 * abs(change) + 0.05
+    table = subprocess.run(base + ["--item", items[0]], capture_output=True, text=True,
+                           timeout=120)
+    assert table.returncode == 0 and "history" in table.stdout and items[0] in table.stdout
+    wrong = subprocess.run(base + ["--item", items[0], "--model", "pipeline"],
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("tfrec: error:"), wrong.stderr
+    unknown = subprocess.run(base + ["--item", "no-such-item"], capture_output=True,
+                             text=True, timeout=120)
+    assert unknown.returncode == 2 and "unknown candidate" in unknown.stderr, unknown.stderr

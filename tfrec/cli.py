@@ -276,8 +276,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--explain", action="store_true",
-                   help="catalog search: also show how the query was read (spelling "
-                        "corrections)")
+                   help="pipeline: show why each item is there; catalog search: also show "
+                        "how the query was read (spelling corrections)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("explain", help="what drove a ranker's scores (attributions)",
+                       description="Integrated-gradients attributions of a served ranker's "
+                                   "score of each item to its feature groups (user, "
+                                   "history, item, context, text, retrieval), via its "
+                                   "`explain` signature. They add up to score - baseline "
+                                   "(the score with every input at zero).")
+    p.add_argument("--server", default="127.0.0.1:8500", help="HOST:PORT of the gRPC server")
+    p.add_argument("--model", default="ranker", help="a ranker export (`tfrec export "
+                                                     "--model ranker`)")
+    p.add_argument("--item", action="append", required=True, metavar="ITEM_ID",
+                   help="item to explain (repeatable)")
+    p.add_argument("--user", default="", help="user id (new users are fine)")
+    p.add_argument("--history", default="", help="comma-separated recent item ids")
+    p.add_argument("--query", default="", help="search text, if any")
+    p.add_argument("--device", default="desktop")
+    p.add_argument("--hour", type=int, default=12)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("board", help="start TensorBoard on tensorboard_logs/",
@@ -366,6 +386,8 @@ def _run(args: argparse.Namespace) -> int:
         return run_abtest_command(args)
     if cmd == "query":
         return _query(args)
+    if cmd == "explain":
+        return _explain(args)
     if cmd == "board":
         return _board(args)
     cfg = _config(args)
@@ -530,7 +552,22 @@ def _query(args: argparse.Namespace) -> int:
         rows = client.recommend(args.model, args.user, history=history, query=args.query,
                                 device=args.device, hour=args.hour, k=args.k,
                                 exclude_seen=not args.include_seen)
-    print(json.dumps(rows, indent=2) if args.json else format_results(rows))
+    print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json
+          else format_results(rows, reasons=args.explain))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from tfrec.serving.client import PredictClient, format_attributions
+
+    client = PredictClient(args.server, timeout=args.timeout)
+    if "explain" not in client.metadata(args.model):
+        raise ValueError(f"model {args.model!r} has no `explain` signature; export a ranker "
+                         "(`tfrec export --model ranker`) with this version of tfrec")
+    rows = client.explain(args.model, args.user, args.item, query=args.query,
+                          history=_ids(args.history), device=args.device, hour=args.hour)
+    print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json
+          else format_attributions(rows))
     return 0
 
 

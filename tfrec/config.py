@@ -194,6 +194,9 @@ class ExportConfig:
     # of >= 1024 rows, catalog embeddings): "float32", "bfloat16" or "int8" (a float32
     # scale per row); read back as float32, so the arithmetic is unchanged.
     precision: str = "float32"
+    # Pipeline: a reason per returned item ("because you viewed ...", matched query words,
+    # brand / category affinity, popularity), measured with the ranker (tfrec.export.reasons).
+    reasons: bool = True
 
 
 @dataclass

@@ -142,6 +142,7 @@ def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
                     "exported in float32", export.precision)
     module = PipelineModule(retrieval, ranker, catalog, candidates=candidates,
                             max_per_brand=max_per_brand, search_history=search_history,
+                            reasons=export.reasons,
                             **_index_inputs(run_dir, catalog, export, retrieval))
     if module.search_history != ranker.config.search_history:
         log.warning("pipeline search %ss history items but the ranker's lists were built "
@@ -152,6 +153,7 @@ def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
                          candidates=module.candidates, max_per_brand=module.max_per_brand,
                          search_history=module.search_history,
                          in_stock_column=module.core.has_stock,
+                         reasons=module.reasons is not None,
                          retrieval_index=module.core.index_card)
     with _signatures_only():
         return save_versioned(module, signatures, export.base_dir, model_name,

@@ -17,6 +17,7 @@ import tensorflow as tf
 from tfrec.config import ExportConfig
 from tfrec.models.catalog_index import NPROBE_SPEC, TuningQueries
 from tfrec.export.ranking import NEG_INF, RankingCore, sort_by
+from tfrec.export.reasons import Reasons
 from tfrec.export.retrieval import _same_batch
 from tfrec.metrics.candidates import excludes_history
 from tfrec.models.ranking import RankingModel
@@ -64,7 +65,9 @@ class PipelineModule(tf.Module):
     k [B] int32 (1..K), exclude_item_ids [B, E] (e.g. out of stock right now) and
     purchased_item_ids [B, P], "" padded. Outputs [B, max(k)], padded with "" / -inf:
     item_ids, titles, brands, scores (the final order's score: the ranker's),
-    retrieval_scores and ranker_scores.
+    retrieval_scores and ranker_scores; with `reasons`, also why each item is there
+    (reasons, reason_kinds, reason_items, reason_words, reason_scores: see
+    `tfrec.export.reasons`).
 
     Stages: (1) two-tower scores over the catalog; history (in `search` only under
     `search_history="exclude"`), excluded, purchased and out-of-stock items (catalog
@@ -88,6 +91,8 @@ class PipelineModule(tf.Module):
       index: export settings of the retrieval top-k (None: exact). With an IVF index,
         `recommend_nprobe` and `search_nprobe` take one more input, nprobe [B] int32.
       queries: validation queries the IVF recall is measured on (`validation_queries`).
+      reasons: return a reason per item (costs a ranker pass per history item over the
+        k shown items).
 
     Raises:
       ValueError: for candidates < 1, max_per_brand < 1 or an unknown search_history.
@@ -96,7 +101,7 @@ class PipelineModule(tf.Module):
     def __init__(self, retrieval: TwoTowerModel, ranker: RankingModel, catalog: pd.DataFrame,
                  candidates: Optional[int] = None, max_per_brand: Optional[int] = 3,
                  search_history: Optional[str] = None, index: Optional[ExportConfig] = None,
-                 queries: Optional[TuningQueries] = None):
+                 queries: Optional[TuningQueries] = None, reasons: bool = True):
         super().__init__(name="tfrec_pipeline")
         wanted = int(candidates or ranker.config.candidates)
         if wanted < 1:
@@ -109,6 +114,7 @@ class PipelineModule(tf.Module):
         self.core = RankingCore(retrieval, ranker, catalog, index=index, queries=queries)
         self.candidates = min(wanted, self.core.num_items)
         self.max_per_brand = None if max_per_brand is None else int(max_per_brand)
+        self.reasons = Reasons(self.core) if reasons else None
         if self.core.index.is_ivf:
             self.recommend_nprobe = tf.function(
                 self._recommend, input_signature=[*CONTEXT_SPECS, NPROBE_SPEC], autograph=False)
@@ -128,7 +134,7 @@ class PipelineModule(tf.Module):
         return (core.gather(core.item_ids, top, ""), tf.where(valid, values, 0.0), top)
 
     def _run(self, query, user_id, history, device, hour, k, exclude_item_ids,
-             purchased_item_ids, checks, exclude_history: bool = True,
+             purchased_item_ids, checks, search: bool = False,
              nprobe: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
         core = self.core
         request = core.request(query, user_id, history, device, hour)
@@ -141,13 +147,14 @@ class PipelineModule(tf.Module):
         if nprobe is not None:
             checks += core.index.check_nprobe(nprobe) + _same_batch(user_id, {"nprobe": nprobe})
         with tf.control_dependencies(checks):
+            exclude_history = not search or self.search_excludes_history
             blocked = tf.concat([history, exclude_item_ids, purchased_item_ids] if
                                 exclude_history else [exclude_item_ids, purchased_item_ids],
                                 axis=1)
-            return self._stages(request, k, blocked, nprobe)
+            return self._stages(request, k, blocked, search, nprobe)
 
     def _stages(self, request: Dict[str, tf.Tensor], k: tf.Tensor, blocked: tf.Tensor,
-                nprobe: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
+                search: bool, nprobe: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
         core = self.core
         ids, retrieval, rows = self._retrieve(request, blocked, nprobe)
         ranked = core.rank(request, ids, retrieval)
@@ -164,7 +171,7 @@ class PipelineModule(tf.Module):
         shown = tf.logical_and(pick(keep), tf.range(width)[tf.newaxis, :] < k[:, tf.newaxis])
         rows = tf.where(shown, pick(ordered["rows"]), -1)
         ranker_scores = tf.where(shown, pick(ordered["ranker_scores"]), NEG_INF)
-        return {
+        out = {
             "item_ids": core.gather(core.item_ids, rows, ""),
             "titles": core.gather(core.titles, rows, ""),
             "brands": core.gather(core.brands, rows, ""),
@@ -172,6 +179,9 @@ class PipelineModule(tf.Module):
             "ranker_scores": ranker_scores,
             "retrieval_scores": tf.where(shown, pick(ordered["retrieval_scores"]), NEG_INF),
         }
+        if self.reasons is not None:
+            out.update(self.reasons(request, rows, search))
+        return out
 
     def _recommend(self, user_id, history, device, hour, k, exclude_item_ids,
                    purchased_item_ids, nprobe=None):
@@ -187,7 +197,7 @@ class PipelineModule(tf.Module):
                                         [EMPTY_QUERY])]
 
         return self._run(query, user_id, history, device, hour, k, exclude_item_ids,
-                         purchased_item_ids, non_empty, self.search_excludes_history, nprobe)
+                         purchased_item_ids, non_empty, True, nprobe)
 
     @tf.function(input_signature=list(CONTEXT_SPECS), autograph=False)
     def recommend(self, user_id, history, device, hour, k, exclude_item_ids,

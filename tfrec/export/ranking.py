@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
+from tfrec.models.attribution import GROUPS, integrated_gradients
 from tfrec.models.catalog_index import (CatalogIndex, TuningQueries, choose_index,
                                         in_index_order)
 from tfrec.metrics.retrieval import embed_in_batches
@@ -183,19 +184,29 @@ class RankerModule(tf.Module):
     for padding). Unknown candidate ids, too many candidates and mismatched batch sizes
     fail with INVALID_ARGUMENT; unknown users are fine (cold start).
 
+    `explain` takes the same inputs and returns, per candidate (in request order),
+    integrated-gradients attributions of its score to the feature groups
+    (<group>_attributions for user, history, item, context, text, retrieval), the
+    score and the all-zero baseline's score (baseline_scores); the attributions add up
+    to scores - baseline_scores (`tfrec.models.attribution`).
+
     Args:
       retrieval: trained two-tower model (its retrieval scores are a ranker feature).
       ranker: trained ranker.
       catalog: items that may be candidates.
       max_candidates: longest candidate list accepted (default ranking.max_candidates).
+      explain_steps: integration points of `explain` (its cost is steps x candidates).
     """
 
     def __init__(self, retrieval: TwoTowerModel, ranker: RankingModel, catalog: pd.DataFrame,
-                 max_candidates: Optional[int] = None):
+                 max_candidates: Optional[int] = None, explain_steps: int = 32):
         super().__init__(name="tfrec_ranker")
         self.max_candidates = int(max_candidates or ranker.config.max_candidates)
         if self.max_candidates < 1:
             raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
+        if explain_steps < 1:
+            raise ValueError(f"explain_steps must be >= 1, got {explain_steps}")
+        self.explain_steps = int(explain_steps)
         self.core = RankingCore(retrieval, ranker, catalog)
 
     def _checks(self, request: Dict[str, tf.Tensor], candidate_ids: tf.Tensor,
@@ -231,5 +242,23 @@ class RankerModule(tf.Module):
             **{f"{t}_scores": ranked[t] for t in self.core.tasks}})
         return out
 
+    @tf.function(input_signature=[*REQUEST_SPECS, CANDIDATES_SPEC], autograph=False)
+    def explain(self, query, user_id, history, device, hour, candidate_ids):
+        request = self.core.request(query, user_id, history, device, hour)
+        rows = self.core.rows(candidate_ids)
+        with tf.control_dependencies(self._checks(request, candidate_ids, rows)):
+            retrieval = self.core.retrieval_scores(self.core.query_embedding(request), rows)
+            parts = integrated_gradients(
+                self.core.ranker,
+                {**request, "item_id": candidate_ids, "retrieval_score": retrieval},
+                steps=self.explain_steps)
+        valid = rows >= 0
+        out = {f"{g}_attributions": tf.where(valid, parts[g], 0.0) for g in GROUPS}
+        out["scores"] = tf.where(valid, parts["score"], NEG_INF)
+        out["baseline_scores"] = tf.where(valid, parts["baseline"], NEG_INF)
+        out["item_ids"] = candidate_ids
+        return out
+
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
-        return {"serving_default": self.rank.get_concrete_function()}
+        return {"serving_default": self.rank.get_concrete_function(),
+                "explain": self.explain.get_concrete_function()}

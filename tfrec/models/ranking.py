@@ -30,6 +30,16 @@ TASKS = ("click", "purchase", "relevance")
 TEXT_MODES = ("bow", "fast", "cross")
 NUMERIC_FEATURES = 14  # popularity x3, retrieval score x2, trend z-score, affinity x8
 SHARE_FLOOR = 0.02  # log(share + floor) keeps unseen categories finite
+# The ranker's inputs (`RankingModel.inputs`) in the order the crosses read them; numeric,
+# the optional extra attributes and text follow the first ten.
+INPUT_ORDER = ("user", "history_items", "history_categories", "history_brands", "device",
+               "hour", "item", "category", "brand", "price", "numeric", "attributes", "text",
+               "retrieval")
+# The inputs that depend on the candidate (and query) only, not on the shopper.
+CANDIDATE_INPUTS = ("item", "category", "brand", "price", "attributes", "text")
+# Which standardised numeric features (`RankingModel._numeric`) say what.
+NUMERIC_GROUPS = {"popularity": (0, 1, 2, 5), "retrieval": (3, 4), "category": (6, 7),
+                  "brand": (8, 9), "price": (10, 11, 12, 13)}
 
 
 def _flat(x: tf.Tensor) -> tf.Tensor:
@@ -166,14 +176,16 @@ class RankingModel(tf.keras.Model):
     def task_weight(self, task: str) -> float:
         return float(getattr(self.config, f"{task}_weight"))
 
-    def _request(self, f: Dict[str, tf.Tensor], training: Optional[bool]) -> tf.Tensor:
-        return tf.concat([
-            self.user(f["user_id"], training=training),
-            self.recent_items(f["history"], training=training),
-            self.history_categories(f["history"]),
-            self.history_brands(f["history"]),
-            self.device(f["device"]), self.hour(f["hour"]),
-        ], axis=1)
+    def _request(self, f: Dict[str, tf.Tensor], training: Optional[bool]
+                 ) -> Dict[str, tf.Tensor]:
+        """Request features by name, [B, d] each (in the order the crosses see them)."""
+        return {
+            "user": self.user(f["user_id"], training=training),
+            "history_items": self.recent_items(f["history"], training=training),
+            "history_categories": self.history_categories(f["history"]),
+            "history_brands": self.history_brands(f["history"]),
+            "device": self.device(f["device"]), "hour": self.hour(f["hour"]),
+        }
 
     def _affinity(self, history: tf.Tensor, item: Dict[str, tf.Tensor]) -> tf.Tensor:
         """How the candidate fits the user's recent items: [B, L, 8].
@@ -254,32 +266,68 @@ class RankingModel(tf.keras.Model):
         # A feature constant in training (e.g. no item ages) is centred, not blown up.
         self.numeric_std.assign(tf.where(std < 1e-3, tf.ones_like(std), std))
 
-    def call(self, f: Dict[str, tf.Tensor], training: Optional[bool] = None
-             ) -> Dict[str, tf.Tensor]:
-        batch, size = tf.shape(f["item_id"])[0], tf.shape(f["item_id"])[1]
+    def scoring_inputs(self, f: Dict[str, tf.Tensor], training: Optional[bool] = None,
+                       candidates: Optional[Dict[str, tf.Tensor]] = None
+                       ) -> Dict[str, tf.Tensor]:
+        """What the scoring layers read, by name: every piece one row per candidate.
+
+        Split from `logits` so attributions (`tfrec.models.attribution`) can move each
+        piece between a baseline and its value while the rest of the model stays fixed.
+
+        Args:
+          f: ranker inputs (as `call` takes them).
+          training: Keras training flag.
+          candidates: the `CANDIDATE_INPUTS` of an earlier call with the same items and
+            query, reused instead of recomputed (requests that differ in history only).
+
+        Returns:
+          The `INPUT_ORDER` pieces [B*L, d] (request pieces repeated per candidate),
+          "numeric" [B, L, NUMERIC_FEATURES] (standardised, 0 for padding) and
+          "retrieval" [B, L] (the two-tower score, 0 without it).
+        """
+        size = tf.shape(f["item_id"])[1]
         item = self.catalog(f["item_id"])  # [B, L] each
         valid = tf.cast(tf.not_equal(f["item_id"], ""), tf.float32)[:, :, tf.newaxis]
-        retrieval = self._retrieval(f)
-        numeric = (self._numeric(f, item) - self.numeric_mean) / self.numeric_std * valid
-        candidate = tf.concat([
-            self.item(_flat(f["item_id"]), training=training),
-            self.category(_flat(item["category"])), self.brand(_flat(item["brand"])),
-            self.price(_flat(item["price"])),
-            tf.reshape(numeric, [-1, NUMERIC_FEATURES]),
-        ] + self._attributes(item), axis=1)  # [B*L, I]
-        text = self._text(f["query"], item, size, training)
-        x0 = tf.concat([tf.repeat(self._request(f, training), size, axis=0), candidate, text],
-                       axis=1)
+        out = {name: tf.repeat(value, size, axis=0)
+               for name, value in self._request(f, training).items()}
+        if candidates is None:
+            candidates = {
+                "item": self.item(_flat(f["item_id"]), training=training),
+                "category": self.category(_flat(item["category"])),
+                "brand": self.brand(_flat(item["brand"])),
+                "price": self.price(_flat(item["price"])),
+                "text": self._text(f["query"], item, size, training),
+            }
+            attributes = self._attributes(item)
+            if attributes:
+                candidates["attributes"] = attributes[0]
+        out.update(candidates)
+        out["numeric"] = (self._numeric(f, item) - self.numeric_mean) / self.numeric_std * valid
+        out["retrieval"] = self._retrieval(f)
+        return out
+
+    def logits(self, x: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """Per-task logits [B, L] from `scoring_inputs` (without the training-only position bias)."""
+        numeric, retrieval = x["numeric"], x["retrieval"]
+        batch, size = tf.shape(retrieval)[0], tf.shape(retrieval)[1]
+        pieces = [x[name] for name in INPUT_ORDER[:10]]
+        pieces.append(tf.reshape(numeric, [-1, NUMERIC_FEATURES]))
+        pieces += [x["attributes"]] if "attributes" in x else []
+        x0 = tf.concat(pieces + [x["text"]], axis=1)
         # Keras casts only a layer's first input to its compute dtype (float16 when mixed).
         x0 = tf.cast(x0, self.dense_dtype)
-        x = x0
+        h = x0
         for cross in self.crosses:
-            x = cross(x0, x)
-        hidden = self.deep(x)
-        logits = {task: tf.reshape(tf.cast(head(hidden), tf.float32), [batch, size])
-                  + tf.squeeze(tf.cast(self.wide[task](numeric), tf.float32), -1)
-                  + self.retrieval_scale[task] * retrieval
-                  for task, head in self.heads.items()}
+            h = cross(x0, h)
+        hidden = self.deep(h)
+        return {task: tf.reshape(tf.cast(head(hidden), tf.float32), [batch, size])
+                + tf.squeeze(tf.cast(self.wide[task](numeric), tf.float32), -1)
+                + self.retrieval_scale[task] * retrieval
+                for task, head in self.heads.items()}
+
+    def call(self, f: Dict[str, tf.Tensor], training: Optional[bool] = None
+             ) -> Dict[str, tf.Tensor]:
+        logits = self.logits(self.scoring_inputs(f, training))
         if training and self.config.position_debias and "position" in f and "click" in logits:
             position = tf.clip_by_value(tf.cast(f["position"], tf.int32) + 1, 0,
                                         self.config.list_size)

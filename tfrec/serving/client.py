@@ -277,6 +277,33 @@ class PredictClient:
         }
         return rows_from(self.predict(model, inputs, "serving_default", version))
 
+    def explain(self, model: str, user_id: str, candidates: Sequence[str], query: str = "",
+                history: Iterable[str] = (), device: str = "desktop", hour: int = 12,
+                version: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Attributions of each candidate's ranker score via the ranker's `explain`.
+
+        Rows (in `candidates` order) carry item_id, score, baseline_score and
+        attributions: {feature group: share of score - baseline_score}.
+
+        Args: as `rank`.
+        """
+        inputs = {
+            **self._context(user_id, history, device, hour, None),
+            "query": np.array([query], dtype=object),
+            "candidate_ids": _padded(candidates),
+        }
+        out = self.predict(model, inputs, "explain", version)
+        groups = sorted(n[:-len(ATTRIBUTIONS)] for n in out if n.endswith(ATTRIBUTIONS))
+        rows = []
+        for i, item_id in enumerate(out["item_ids"][0]):
+            if not _text(item_id):
+                continue
+            rows.append({"item_id": _text(item_id), "score": float(out["scores"][0][i]),
+                         "baseline_score": float(out["baseline_scores"][0][i]),
+                         "attributions": {g: float(out[g + ATTRIBUTIONS][0][i])
+                                          for g in groups}})
+        return rows
+
     def recommend_pipeline(self, model: str, user_id: str, k: int = 10,
                            history: Iterable[str] = (), device: str = "desktop", hour: int = 12,
                            exclude: Iterable[str] = (), purchased: Iterable[str] = (),
@@ -386,6 +413,9 @@ def _describe(tensor_info) -> Tuple[str, Optional[Tuple]]:
     return dtype, tensors.shape_proto_to_tuple(tensor_info.tensor_shape)
 
 
+ATTRIBUTIONS = "_attributions"  # suffix of the ranker's `explain` outputs
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -429,10 +459,12 @@ def _value(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def format_results(rows: Sequence[Mapping[str, Any]], max_title: int = 60) -> str:
+def format_results(rows: Sequence[Mapping[str, Any]], max_title: int = 60,
+                   reasons: bool = False) -> str:
     """Fixed-width table of result rows (rank, item_id, score, title).
 
-    Pipeline and ranker rows also show their brand and retrieval score when present.
+    Pipeline and ranker rows also show their brand and retrieval score when present;
+    with `reasons`, pipeline rows add why each item is there.
     """
     if not rows:
         return "(no results)"
@@ -457,4 +489,22 @@ def format_results(rows: Sequence[Mapping[str, Any]], max_title: int = 60) -> st
         if show_brand:
             line += f"{str(r['brand']):<{brand_width}}  "
         lines.append(line + title)
+        if reasons and r.get("reason"):
+            lines.append(" " * 6 + f"why: {r['reason']}")
+    return "\n".join(lines)
+
+
+def format_attributions(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Table of `PredictClient.explain` rows: score, baseline and each group's share."""
+    if not rows:
+        return "(no candidates)"
+    groups = sorted(rows[0]["attributions"])
+    id_width = max(len("item_id"), *(len(r["item_id"]) for r in rows))
+    header = (f"{'item_id':<{id_width}}  {'score':>8}  {'baseline':>8}  "
+              + "  ".join(f"{g:>9}" for g in groups))
+    lines = [header]
+    for r in rows:
+        lines.append(f"{r['item_id']:<{id_width}}  {r['score']:>8.3f}  "
+                     f"{r['baseline_score']:>8.3f}  "
+                     + "  ".join(f"{r['attributions'][g]:>+9.3f}" for g in groups))
     return "\n".join(lines)
