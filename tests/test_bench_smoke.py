@@ -121,6 +121,11 @@ BENCHES: Dict[str, Expect] = {
          r"(LoRA r=4 \(query, value\)\s{2,}\S|search table skipped)",
          r"(top-1 blocks\s{2,}\S|search table skipped)",
          r"(student\s{2,}\S|distillation table skipped)"]),
+    "explanations": Expect(
+        [("seed", "cited by", "pairs", "share", "cited drop", "other drop"),
+         ("seed", "K", "without", "with reasons", "ratio")],
+        [r"0 +reason \(leave-one-out\) +\d", r"0 +most recent item +\d",
+         r"0 +matched query word +\d", r"0 +100 +\d"]),
     "catalog_index": Expect(
         [("catalog", "index s", "products/s", "peak MB", "export MB", "own title top-10")],
         [r"300 +\d"]),
