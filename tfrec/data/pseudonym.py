@@ -107,16 +107,12 @@ def pseudonymize(ids: Union[pd.Series, Iterable[str]], key: bytes
             mapping[value] = pseudonym(str(value), key)
         elif isinstance(value, str) and value.strip():
             mapping[value] = pseudonym(value, key)
-    out = series.map(lambda v: mapping.get(v, v) if _hashable(v) else v).astype(object)
+    hashed = series.map(mapping)  # a dict lookup per row, in C
+    values = hashed.to_numpy(dtype=object)
+    kept = hashed.isna().to_numpy()
+    values[kept] = series.to_numpy(dtype=object)[kept]  # missing / blank ids as they were
+    out = pd.Series(values, index=series.index, dtype=object, name=series.name)
     return out if isinstance(ids, pd.Series) else out.tolist()
-
-
-def _hashable(value: object) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
 
 
 def pseudonymize_table(df: pd.DataFrame, table: str, key: Optional[bytes]) -> pd.DataFrame:
