@@ -104,6 +104,9 @@ def test_missing_or_short_key_is_a_clear_error(monkeypatch, tmp_path, tiny_world
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("tfrec: error:") and "key" in err
     assert not os.path.exists(tmp_path / "rec" / "meta.json")
+    from tfrec.data.prepare import prepare_dataset
+    with pytest.raises(ValueError, match="Beam engine"):  # the key would ship in the pipeline
+        prepare_dataset(tiny_world_dir, str(tmp_path / "rec"), engine="beam", users_key=KEY)
 
 
 def _files(root):

@@ -32,7 +32,7 @@ from tfrec.data.feature_spec import FeatureSpec
 from tfrec.data.io import load_data_tables
 from tfrec.data.prepare import (PSEUDONYM_META, load_meta, prepare_records, read_vocab,
                                  source_signature)
-from tfrec.data.pseudonym import key_fingerprint, users_key
+from tfrec.data.pseudonym import is_pseudonym, key_fingerprint, users_key
 from tfrec.data.tfrecord import make_dataset
 from tfrec.data.feature_spec import catalog_features
 from tfrec.metrics.retrieval import build_eval_set, embed_in_batches
@@ -269,6 +269,11 @@ def train_retrieval(cfg: Config,
     previous = None
     if cfg.train.warm_start:
         previous = load_trained_model(warm_start_dir(cfg, run_dir))
+        if cfg.data.pseudonymize_users and not all(map(is_pseudonym, previous[2].users)):
+            # growing its vocabulary would copy the raw ids into this run
+            raise ValueError(f"train.warm_start {cfg.train.warm_start!r} was trained on raw "
+                             f"user ids; a pseudonymised run cannot start from it (train "
+                             f"from scratch with --pseudonymize-users)")
     if os.path.exists(os.path.join(run_dir, "vocab.json")):
         vocab = Vocabularies.load(run_dir)  # resuming: keep the lookups the weights expect
     else:
