@@ -12,7 +12,7 @@ import pytest
 from tfrec.cli import build_parser
 
 SUBCOMMANDS = ["generate", "train", "train-ranker", "evaluate", "export", "serve", "query", "board", "demo",
-               "text"]
+               "text", "forget"]
 
 
 def tfrec(*args, timeout=300, **kwargs):

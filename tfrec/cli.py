@@ -50,12 +50,24 @@ def _config(args: argparse.Namespace) -> Config:
         "tfrecord_dir": ("data", "tfrecord_dir"), "engine": ("data", "engine"),
         "max_bad_share": ("data", "max_bad_share"),
         "vocab_min_count": ("data", "vocab_min_count"),
+        "pseudonymize_users": ("data", "pseudonymize_users"),
+        "pseudonym_key_file": ("data", "pseudonym_key_file"),
     }
     for flag, (section, name) in flag_map.items():
         value = getattr(args, flag, None)
         if value is not None:
             setattr(getattr(cfg, section), name, value)
     return cfg
+
+
+def _privacy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pseudonymize-users", action="store_true", default=None,
+                   dest="pseudonymize_users",
+                   help="replace user ids by a keyed hash (HMAC) as the tables are read, so "
+                        "no raw id is written; the key comes from $TFREC_PSEUDONYM_KEY or "
+                        "--pseudonym-key-file")
+    p.add_argument("--pseudonym-key-file", dest="pseudonym_key_file", metavar="FILE",
+                   help="file holding the pseudonymisation secret (never copied anywhere)")
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -126,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tf.distribute strategy, logging to tensorboard_logs/.")
     _add_common(p)
     _train_flags(p)
+    _privacy_flags(p)
     p.add_argument("--data-dir", dest="data_dir")
     p.add_argument("--prepared", dest="tfrecord_dir", metavar="DIR",
                    help="train on the records `tfrec prepare` wrote to DIR (either engine)")
@@ -140,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: tfrec prepare --engine beam --runner DirectRunner -- "
                "--direct_running_mode=multi_processing --direct_num_workers=2")
     _add_common(p)
+    _privacy_flags(p)
     p.add_argument("--data-dir", dest="data_dir", help="catalog/users/events tables (local "
                    "or, with Beam, any Beam filesystem such as gs://)")
     p.add_argument("--out", dest="tfrecord_dir", metavar="DIR",
@@ -254,12 +268,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-log", dest="request_log",
                    help="directory for rotating Parquet logs of every answered Predict")
 
+    p = sub.add_parser(
+        "forget", help="remove a shopper's data and list what must be retrained",
+        description="Remove the users' rows from the users/events tables under data.data_dir, "
+                    "their examples from the prepared TFRecords (and the user vocabulary), "
+                    "and their rows from the request logs (serve.request_log); then list the "
+                    "training runs and exported models that learned from them. An id found "
+                    "nowhere is an error (exit 2) and changes nothing.")
+    _add_common(p)
+    _privacy_flags(p)
+    p.add_argument("--user", action="append", required=True, dest="users", metavar="ID",
+                   help="user id to forget (repeatable); with --pseudonymize-users the raw "
+                        "id (hashed with the key) or its pseudonym")
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--prepared", dest="tfrecord_dir", metavar="DIR")
+    p.add_argument("--request-log", dest="request_log", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = sub.add_parser("query", help="query a server (embedded or TF Serving)",
                        description="Ask a running server for recommendations, search results "
                                    "or similar items, printed with titles.")
     p.add_argument("--server", default="127.0.0.1:8500", help="HOST:PORT of the gRPC server")
     p.add_argument("--model", default="retrieval")
     p.add_argument("--user", default="", help="user id (new users are fine)")
+    p.add_argument("--pseudonymize-users", action="store_true", dest="pseudonymize_users",
+                   help="send the user id's pseudonym (the model was trained with "
+                        "--pseudonymize-users; same key: $TFREC_PSEUDONYM_KEY or "
+                        "--pseudonym-key-file)")
+    p.add_argument("--pseudonym-key-file", dest="pseudonym_key_file", default="",
+                   metavar="FILE")
     p.add_argument("--history", default="", help="comma-separated recent item ids")
     p.add_argument("--query", default="",
                    help="search text: personalized search (with a pipeline model: retrieval "
@@ -312,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "gRPC query against the embedded server.")
     _add_common(p)
     _train_flags(p)
+    _privacy_flags(p)
     p.add_argument("--world", help="synthetic world preset (default: small)")
     p.add_argument("--lang", choices=["en", "zh"], help="language of the world (default: en)")
     p.add_argument("--regenerate", action="store_true", help="regenerate the world")
@@ -363,6 +401,26 @@ def _prepare(cfg: Config, args: argparse.Namespace) -> None:
             print(f"set aside {info['bad']} of {info['rows']} {table} rows ({reasons})")
     if args.dead_letter:
         print(f"bad rows: {args.dead_letter}")
+
+
+def _forget(cfg: Config, args: argparse.Namespace) -> None:
+    from tfrec import workflow
+
+    report = workflow.forget(cfg, args.users)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    removed = report["removed"]
+    tables = ", ".join(f"{n} {t} rows" for t, n in sorted(removed["tables"].items()))
+    print(f"removed {tables or 'no table rows'}, {removed['records']} prepared examples, "
+          f"{removed['vocabulary']} vocabulary entries and {removed['request_logs']} request "
+          f"log rows")
+    for what, key in (("retrain (the user's data is in its weights)", "retrain"),
+                      ("re-export (built from such a run)", "reexport")):
+        for path in report[key]:
+            print(f"{what}: {path}")
+    if not report["retrain"] and not report["reexport"]:
+        print("no training run or exported model learned from these users")
 
 
 def _is_user_error(e: Exception) -> bool:
@@ -452,6 +510,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(path)
     elif cmd == "serve":
         return _serve(args, cfg)
+    elif cmd == "forget":
+        _forget(cfg, args)
     elif cmd == "demo":
         workflow.demo(cfg, world=args.world, regenerate=args.regenerate)
     return 0
@@ -524,6 +584,10 @@ def _query(args: argparse.Namespace) -> int:
 
     client = PredictClient(args.server, timeout=args.timeout)
     history = _ids(args.history)
+    if args.pseudonymize_users and args.user:  # the model knows pseudonyms only
+        from tfrec.data.pseudonym import pseudonym, read_key
+
+        args.user = pseudonym(args.user, read_key(args.pseudonym_key_file))
     signatures = {} if args.similar else client.metadata(args.model)
     if is_catalog_search(signatures):  # `tfrec search train` export: query -> products
         answer = client.explain_catalog_search(args.query, model=args.model, k=args.k)

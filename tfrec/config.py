@@ -38,6 +38,11 @@ class DataConfig:
     # (`tfrec prepare --dead-letter` keeps them); 0 stops at the first bad row.
     max_bad_share: float = 0.0
     vocab_min_count: int = 1  # user / item ids with fewer training examples share OOV
+    # Replace user ids by a keyed hash (HMAC) as the tables are read, so nothing tfrec
+    # writes holds a raw id; the secret comes from $TFREC_PSEUDONYM_KEY or this file
+    # (tfrec.data.pseudonym) and is never written.
+    pseudonymize_users: bool = False
+    pseudonym_key_file: str = ""
 
 
 @dataclass

@@ -108,7 +108,7 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
       search_history: "keep"/"exclude" the searcher's history items in the search rows
         (default: as the ranker was trained, ranking.search_history).
     """
-    from tfrec.data.io import load_tables
+    from tfrec.data.io import load_data_tables
     from tfrec.metrics.candidates import excludes_history
     from tfrec.evaluation.report import evaluate_period
     from tfrec.models.embedding import tower_fn
@@ -133,7 +133,7 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
         cfg.data = run_cfg.data
         query_fn, candidate_fn = tower_fn(model.query_tower), tower_fn(model.candidate_tower)
     meta = ensure_prepared(cfg)
-    tables = load_tables(cfg.data.data_dir, max_bad_share=cfg.data.max_bad_share)
+    tables = load_data_tables(cfg.data)
     if not saved_model and os.path.isdir(os.path.join(ranker_dir_of(run_dir), "weights")):
         # Adds the two_tower+ranker row, over today's catalog (items may have been added).
         ranker, ranker_cfg = load_ranker(run_dir, catalog=tables.catalog)
@@ -155,7 +155,9 @@ def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] 
                                    index=index)
     return evaluate_period(tables.events, tables.catalog, start, end, cfg.data.history_length,
                            query_fn, candidate_fn, ks=cfg.train.eval_ks,
-                           data_dir=cfg.data.data_dir, max_users=max_users, ranker=ranker,
+                           # the synthetic truth (oracle rows) knows raw ids, not pseudonyms
+                           data_dir=None if cfg.data.pseudonymize_users else cfg.data.data_dir,
+                           max_users=max_users, ranker=ranker,
                            candidates=cfg.ranking.candidates,
                            search_history=cfg.ranking.search_history, index=index)
 
@@ -223,14 +225,14 @@ def export_edge(cfg: Config, run: Optional[str] = None, catalog: Optional[str] =
 def gate_check(cfg: Config, run_dir: str, items, tolerance: float, model=None):
     """The run vs the exported retrieval version on the run data's validation period."""
     from tfrec.config import Config as _Config
-    from tfrec.data.io import load_tables
+    from tfrec.data.io import load_data_tables
     from tfrec.data.split import time_split
     from tfrec.export.gate import check_gate
     from tfrec.models.embedding import tower_fn
     from tfrec.training.trainer import load_trained_model
 
     run_cfg = _Config.from_yaml(os.path.join(run_dir, "config.yaml"))
-    events = load_tables(run_cfg.data.data_dir, max_bad_share=run_cfg.data.max_bad_share).events
+    events = load_data_tables(run_cfg.data).events
     split = time_split(events, run_cfg.data.val_fraction, run_cfg.data.test_fraction)
     if model is None:
         model, _, _ = load_trained_model(run_dir)
@@ -281,7 +283,7 @@ def export_ranking(cfg: Config, run: Optional[str] = None, retrieval=None, ranke
     """
     from tfrec.config import Config as _Config
     from tfrec.data.examples import positive_interactions
-    from tfrec.data.io import load_tables
+    from tfrec.data.io import load_data_tables
     from tfrec.export.exporter import export_pipeline, export_ranker
     from tfrec.features.catalog import catalog_statistics
     from tfrec.training.ranking_trainer import load_ranker
@@ -289,7 +291,7 @@ def export_ranking(cfg: Config, run: Optional[str] = None, retrieval=None, ranke
 
     run_dir = resolve_run_dir(cfg.train.checkpoint_dir, run)
     run_cfg = _Config.from_yaml(os.path.join(run_dir, "config.yaml"))
-    events = load_tables(run_cfg.data.data_dir, max_bad_share=run_cfg.data.max_bad_share).events
+    events = load_data_tables(run_cfg.data).events
     items = export_catalog(run_dir, catalog)
     # Serve with popularity features as of the newest data, not the training cut.
     stats = catalog_statistics(items, positive_interactions(events), int(events["ts"].max()) + 1)
@@ -307,10 +309,56 @@ def export_ranking(cfg: Config, run: Optional[str] = None, retrieval=None, ranke
     }
 
 
+def forget(cfg: Config, users: List[str]) -> dict:
+    """Removes users from the data tables, prepared records and request logs, and lists
+    the runs and exported models that learned from them (to retrain / re-export).
+
+    With data.pseudonymize_users the ids are raw ids (hashed with the key) or pseudonyms.
+    Everything is counted before anything is rewritten.
+
+    Returns:
+      {"users", "removed": {"tables", "records", "vocabulary", "request_logs"},
+       "retrain": run dirs, "reexport": model version dirs}.
+
+    Raises:
+      ValueError: no data, run or model holds any of the users (nothing is changed).
+    """
+    from tfrec.data import forget as fg
+    from tfrec.data.pseudonym import users_key
+    from tfrec.serving.request_log import remove_users, user_rows
+
+    key = users_key(cfg.data)
+    found = fg.targets(users, key)
+    ids = found.any
+    tables = fg.table_rows(cfg.data.data_dir, found, key)
+    records = fg.record_counts(cfg.data.tfrecord_dir, ids)
+    vocabulary = fg.vocab_count(cfg.data.tfrecord_dir, ids)
+    logs = user_rows(cfg.serve.request_log, ids) if cfg.serve.request_log else {}
+    runs = fg.affected_runs(cfg.train.checkpoint_dir, ids)
+    models = fg.affected_models(cfg.export.base_dir, runs, ids)
+    if not (tables or records or vocabulary or logs or runs or models):
+        raise ValueError(
+            f"no data of user(s) {', '.join(sorted(map(str, users)))} in {cfg.data.data_dir!r}, "
+            f"{cfg.data.tfrecord_dir!r}, the request logs, runs or models; nothing was changed "
+            f"(check the id{'' if key else '; pseudonymised data needs --pseudonymize-users'})")
+    fg.remove_table_rows(tables, found, key)
+    if records or vocabulary:
+        fg.remove_records(cfg.data.tfrecord_dir, records, ids)
+    remove_users(list(logs), ids)
+    return {"users": list(users),
+            "removed": {"tables": {t: sum(files.values()) for t, files in tables.items()},
+                        "table_files": {p: n for files in tables.values()
+                                        for p, n in files.items()},
+                        "records": sum(records.values()), "record_files": records,
+                        "vocabulary": vocabulary, "request_logs": sum(logs.values()),
+                        "request_log_files": logs},
+            "retrain": runs, "reexport": models}
+
+
 def demo(cfg: Config, world: Optional[str] = None, regenerate: bool = False,
          print_fn=print) -> dict:
     """Everything in order on the synthetic world, ending with a gRPC query."""
-    from tfrec.data.io import load_tables
+    from tfrec.data.io import load_data_tables
     from tfrec.evaluation.report import format_table
     from tfrec.serving.client import PredictClient, format_results
     from tfrec.serving.server import ModelServer
@@ -359,7 +407,7 @@ def demo(cfg: Config, world: Optional[str] = None, regenerate: bool = False,
         client = PredictClient(address)
         for name in names:
             client.wait_until_available(name, timeout=60)
-        tables = load_tables(cfg.data.data_dir, max_bad_share=cfg.data.max_bad_share)
+        tables = load_data_tables(cfg.data)
         user, history = _example_user(tables.events)
         print_fn(f"  server on {address}; user {user}, recent items: "
                  + ", ".join(_titles(tables.catalog, history[:3])))

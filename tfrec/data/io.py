@@ -15,6 +15,8 @@ from typing import Callable, List, Optional, Tuple
 
 import pandas as pd
 
+from tfrec.config import DataConfig
+from tfrec.data.pseudonym import pseudonymize_table, users_key
 from tfrec.data.rows import BadRowReport, check_rows, split_duplicates, split_unknown_items
 from tfrec.data.schema import SCHEMAS, SchemaError, validate_references, validate_table
 
@@ -158,17 +160,27 @@ def table_files(data_dir: str, table: str) -> List[str]:
         f"to create a synthetic world there, or add the file")
 
 
-def read_table_raw(data_dir: str, table: str) -> pd.DataFrame:
-    """All files of a table (`table_files`) concatenated, unvalidated."""
+def read_table_raw(data_dir: str, table: str, users_key: Optional[bytes] = None
+                   ) -> pd.DataFrame:
+    """All files of a table (`table_files`) concatenated, unvalidated.
+
+    With `users_key`, user ids are pseudonymised here, before any check, so even
+    error messages and set-aside rows carry pseudonyms (`tfrec.data.pseudonym`).
+    """
     frames = [read_raw(path, table) for path in table_files(data_dir, table)]
-    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    raw = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return pseudonymize_table(raw, table, users_key)
 
 
-def clean_tables(data_dir: str) -> Tuple[Tables, "BadRowReport", pd.DataFrame]:
+def clean_tables(data_dir: str, users_key: Optional[bytes] = None
+                 ) -> Tuple[Tables, "BadRowReport", pd.DataFrame]:
     """Loads a data directory keeping the rows that pass every check, and the rest aside.
 
     The lenient twin of `load_tables`: row checks (`check_rows`), then duplicate ids,
     then events about items the good catalog lacks.
+
+    Args:
+      users_key: pseudonymise user ids with this key (None: raw ids).
 
     Returns:
       (tables, report, bad rows in `check_rows` format).
@@ -181,7 +193,7 @@ def clean_tables(data_dir: str) -> Tuple[Tables, "BadRowReport", pd.DataFrame]:
                                 f"generate` to create a synthetic world there")
     report, bad_frames, good = BadRowReport(), [], {}
     for name in ("catalog", "users", "events"):
-        raw = read_table_raw(data_dir, name)
+        raw = read_table_raw(data_dir, name, users_key)
         report.rows[name] = len(raw)
         rows, bad = check_rows(raw, name)
         rows, duplicates = split_duplicates(rows, name)
@@ -198,7 +210,8 @@ def clean_tables(data_dir: str) -> Tuple[Tables, "BadRowReport", pd.DataFrame]:
     return Tables(**good), report, bad
 
 
-def load_tables(data_dir: str, strict: bool = True, max_bad_share: float = 0.0) -> Tables:
+def load_tables(data_dir: str, strict: bool = True, max_bad_share: float = 0.0,
+                users_key: Optional[bytes] = None) -> Tables:
     """Loads and validates catalog, users and events from a data directory.
 
     Args:
@@ -209,6 +222,7 @@ def load_tables(data_dir: str, strict: bool = True, max_bad_share: float = 0.0) 
       max_bad_share: 0 (default): the first bad row raises. Above 0: bad rows are set
         aside as `tfrec prepare` does (`clean_tables`), with a warning, unless a
         table's share of them exceeds this.
+      users_key: pseudonymise user ids with this key (None: raw ids).
 
     Raises:
       FileNotFoundError: the directory or one of the tables is missing.
@@ -216,7 +230,7 @@ def load_tables(data_dir: str, strict: bool = True, max_bad_share: float = 0.0) 
       ValueError: more bad rows than `max_bad_share` allows.
     """
     if max_bad_share:
-        tables, report, _ = clean_tables(data_dir)
+        tables, report, _ = clean_tables(data_dir, users_key)
         report.check(max_bad_share)
         for table in sorted(report.rows):
             if report.bad(table):
@@ -229,7 +243,7 @@ def load_tables(data_dir: str, strict: bool = True, max_bad_share: float = 0.0) 
     tables = {}
     for name in ("catalog", "users", "events"):
         paths = table_files(data_dir, name)
-        raw = read_table_raw(data_dir, name)
+        raw = read_table_raw(data_dir, name, users_key)
         try:
             tables[name] = validate_table(raw, name)
         except SchemaError as e:  # named by its file, or its folder of parts
@@ -237,3 +251,17 @@ def load_tables(data_dir: str, strict: bool = True, max_bad_share: float = 0.0) 
             raise SchemaError(f"{where}: {e}") from e
     events = validate_references(tables["catalog"], tables["events"], strict=strict)
     return Tables(catalog=tables["catalog"], users=tables["users"], events=events)
+
+
+def load_data_tables(data: DataConfig) -> Tables:
+    """`load_tables` as a run's data section says: bad-row share and user pseudonyms.
+
+    Every reader of a run's tables (training, evaluation, export, reports) goes through
+    here, so with `data.pseudonymize_users` none of them ever sees a raw user id.
+
+    Raises:
+      FileNotFoundError, SchemaError, ValueError: see `load_tables` and
+        `tfrec.data.pseudonym.read_key`.
+    """
+    return load_tables(data.data_dir, max_bad_share=data.max_bad_share,
+                       users_key=users_key(data))

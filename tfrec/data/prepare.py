@@ -17,6 +17,7 @@ from tfrec.config import Config
 from tfrec.data.examples import build_retrieval_examples
 from tfrec.data.feature_spec import FeatureSpec, default_spec
 from tfrec.data.io import atomic_write, clean_tables, load_tables
+from tfrec.data.pseudonym import key_fingerprint, users_key as config_users_key
 from tfrec.data.rows import BadRowReport, dead_letter_lines
 from tfrec.data.split import PERIODS, time_split
 from tfrec.data.tfrecord import remove_stale_shards, write_tfrecords
@@ -30,6 +31,8 @@ DAY = 86400
 ENGINES = ("pandas", "beam")
 VOCAB_KINDS = ("users", "items")  # id vocabularies written beside the records
 BAD_ROWS_FILE = "bad_rows.json"
+# meta.json key: fingerprint of the key the user ids were pseudonymised with (None: raw ids)
+PSEUDONYM_META = "pseudonym_key"
 
 
 def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
@@ -38,7 +41,8 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
                     train_days: Optional[float] = None, *, engine: str = "pandas",
                     max_bad_share: Optional[float] = None, dead_letter: Optional[str] = None,
                     min_count: int = 1, buckets: int = 256,
-                    beam_args: Sequence[str] = (), shuffle: str = "auto") -> Dict[str, Any]:
+                    beam_args: Sequence[str] = (), shuffle: str = "auto",
+                    users_key: Optional[bytes] = None) -> Dict[str, Any]:
     """Loads tables, splits by time and writes train/val/test TFRecords.
 
     Examples of every period are built from the full log, so val/test histories
@@ -68,6 +72,8 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
       shuffle: Beam engine: "disk" groups through files under the output folder, one
         bucket in memory at a time (local runners); "runner" uses the runner's shuffle;
         "auto" picks disk on the DirectRunner and the runner's elsewhere.
+      users_key: pseudonymise user ids with this key as the tables are read
+        (`tfrec.data.pseudonym`); meta.json keeps the key's fingerprint, not the key.
 
     Returns:
       The meta dict (as `load_meta` returns it): split times, example counts per
@@ -89,6 +95,10 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
                          "beam for tables or records on a remote filesystem")
     if max_bad_share is not None and not 0.0 <= max_bad_share < 1.0:
         raise ValueError(f"data.max_bad_share must be in [0, 1), got {max_bad_share}")
+    if users_key is not None and engine == "beam":
+        # The key would travel inside the pipeline sent to the runner's workers.
+        raise ValueError("data.pseudonymize_users is not supported by the Beam engine yet "
+                         "(the key would be shipped inside the pipeline); use --engine pandas")
     settings = dict(history_length=history_length, val_fraction=val_fraction,
                     test_fraction=test_fraction, num_shards=num_shards, features=features,
                     train_days=train_days, min_count=min_count)
@@ -96,7 +106,8 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
         meta = _prepare_beam(data_dir, tfrecord_dir, settings, max_bad_share or 0.0,
                              dead_letter, buckets, beam_args, shuffle)
     else:
-        meta = _prepare_pandas(data_dir, tfrecord_dir, settings, max_bad_share, dead_letter)
+        meta = _prepare_pandas(data_dir, tfrecord_dir, settings, max_bad_share, dead_letter,
+                               users_key)
     meta.update({
         "engine": engine,
         "data_dir": data_dir if "://" in data_dir else os.path.abspath(data_dir),
@@ -110,6 +121,7 @@ def prepare_dataset(data_dir: str, tfrecord_dir: str, history_length: int = 20,
         "vocab": {kind: f"vocab/{kind}.jsonl" for kind in VOCAB_KINDS},
         "vocab_min_count": int(min_count),
         "source_signature": source_signature(data_dir),
+        PSEUDONYM_META: key_fingerprint(users_key) if users_key is not None else None,
         "seconds": round(time.time() - started, 2),
     })
 
@@ -135,17 +147,18 @@ def prepare_records(cfg: Config, max_bad_share: Optional[float],
                            train_days=cfg.data.train_days, engine=cfg.data.engine,
                            max_bad_share=max_bad_share, dead_letter=dead_letter,
                            min_count=cfg.data.vocab_min_count, buckets=buckets,
-                           beam_args=cfg.data.beam_args, shuffle=shuffle)
+                           beam_args=cfg.data.beam_args, shuffle=shuffle,
+                           users_key=config_users_key(cfg.data))
 
 
 def _prepare_pandas(data_dir: str, out: str, settings: Dict[str, Any],
-                    max_bad_share: Optional[float], dead_letter: Optional[str]
-                    ) -> Dict[str, Any]:
+                    max_bad_share: Optional[float], dead_letter: Optional[str],
+                    users_key: Optional[bytes] = None) -> Dict[str, Any]:
     report = None
     if max_bad_share is None:
-        tables = load_tables(data_dir)
+        tables = load_tables(data_dir, users_key=users_key)
     else:
-        tables, report, bad = clean_tables(data_dir)
+        tables, report, bad = clean_tables(data_dir, users_key)
         if dead_letter:
             _write_text(dead_letter, "".join(line + "\n" for line in dead_letter_lines(bad)))
         _check_bad_rows(report, max_bad_share, out, dead_letter)

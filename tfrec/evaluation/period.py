@@ -199,7 +199,10 @@ def write_period_report(report_dir: str, tables, start_ts: int, end_ts: int, cfg
 
     period = evaluate_period_lists(tables.events, tables.catalog, start_ts, end_ts,
                                    cfg.data.history_length, query_fn, candidate_fn,
-                                   ks=cfg.train.eval_ks, data_dir=cfg.data.data_dir,
+                                   ks=cfg.train.eval_ks,
+                                   # the synthetic truth knows raw ids, not pseudonyms
+                                   data_dir=(None if cfg.data.pseudonymize_users
+                                             else cfg.data.data_dir),
                                    max_users=max_users, ranker=ranker,
                                    candidates=cfg.ranking.candidates, index=index)
     data = period_report_data(period, tables.events, tables.catalog,

@@ -39,11 +39,11 @@ def validation_queries(data: DataConfig, query_fn, max_users: int = 1000
     What an IVF index's nprobe is tuned and its recall measured on: real queries, not
     catalog items, and never the test period. None when the data is not readable.
     """
-    from tfrec.data.io import load_tables
+    from tfrec.data.io import load_data_tables
     from tfrec.data.split import time_split
 
     try:
-        events = load_tables(data.data_dir, max_bad_share=data.max_bad_share).events
+        events = load_data_tables(data).events
         split = time_split(events, data.val_fraction, data.test_fraction)
         eval_set = build_eval_set(events, split.t_val, split.t_test, data.history_length,
                                   max_users=max_users)

@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 
 import numpy as np
 import pandas as pd
@@ -294,3 +294,29 @@ def read_request_logs(directory: str) -> pd.DataFrame:
         raise FileNotFoundError(f"no request logs ({FILE_PATTERN}) in {directory!r}")
     frame = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
     return frame.sort_values(["ts", "request_id", "row"], kind="stable").reset_index(drop=True)
+
+
+def user_rows(directory: str, user_ids: Set[str]) -> Dict[str, int]:
+    """Rows of the users per request log file: {file: rows} (none: {})."""
+    counts = {}
+    for path in sorted(glob.glob(os.path.join(directory, FILE_PATTERN))):
+        users = pq.read_table(path, columns=[_USER]).column(_USER).to_pylist()
+        n = sum(u in user_ids for u in users)
+        if n:
+            counts[path] = n
+    return counts
+
+
+def remove_users(paths: List[str], user_ids: Set[str]) -> None:
+    """Rewrites request log files without the users' rows (`tfrec forget`).
+
+    Each file is replaced atomically; a file left with no rows is deleted.
+    """
+    for path in paths:
+        table = pq.read_table(path)
+        keep = pa.array([u not in user_ids for u in table.column(_USER).to_pylist()])
+        kept = table.filter(keep)
+        if kept.num_rows:
+            _write_parquet(kept, path)
+        else:
+            os.remove(path)

@@ -25,7 +25,7 @@ import tensorflow as tf
 from tfrec.config import Config, RankingConfig
 from tfrec.data.examples import positive_interactions
 from tfrec.data.feature_spec import FeatureSpec
-from tfrec.data.io import atomic_write, load_tables
+from tfrec.data.io import atomic_write, load_data_tables, load_tables
 from tfrec.metrics.ranking import scored_list_metrics
 from tfrec.metrics.retrieval import build_eval_set
 from tfrec.features.catalog import CatalogLookup, catalog_statistics
@@ -215,7 +215,7 @@ def training_lists(cfg: Config, run_dir: str, retrieval=None, max_users: Optiona
     if retrieval is None:
         retrieval, _, _ = load_trained_model(run_dir)
     meta = ensure_prepared(cfg)
-    tables = load_tables(cfg.data.data_dir, max_bad_share=cfg.data.max_bad_share)
+    tables = load_data_tables(cfg.data)
     t_val, t_test = int(meta["split"]["t_val"]), int(meta["split"]["t_test"])
     query_fn, candidate_fn = tower_fn(retrieval.query_tower), tower_fn(retrieval.candidate_tower)
     # Several cut times inside the period: the same retrieval model (which never saw the
@@ -270,7 +270,7 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
         raise ValueError(f"only {len(arrays['user_id'])} users have positives in the validation "
                          "period: too few ranking lists to train on")
     train, val = _split_lists(arrays, 0.1, cfg.train.seed)
-    tables = load_tables(cfg.data.data_dir, max_bad_share=cfg.data.max_bad_share)
+    tables = load_data_tables(cfg.data)
     vocab = Vocabularies.load(run_dir)
     if chief:
         cfg.to_yaml(os.path.join(out_dir, "config.yaml"))

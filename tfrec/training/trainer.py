@@ -29,8 +29,10 @@ import tensorflow as tf
 from tfrec.config import Config
 from tfrec.data.examples import positive_interactions
 from tfrec.data.feature_spec import FeatureSpec
-from tfrec.data.io import load_tables
-from tfrec.data.prepare import load_meta, prepare_records, read_vocab, source_signature
+from tfrec.data.io import load_data_tables
+from tfrec.data.prepare import (PSEUDONYM_META, load_meta, prepare_records, read_vocab,
+                                 source_signature)
+from tfrec.data.pseudonym import is_pseudonym, key_fingerprint, users_key
 from tfrec.data.tfrecord import make_dataset
 from tfrec.data.feature_spec import catalog_features
 from tfrec.metrics.retrieval import build_eval_set, embed_in_batches
@@ -128,20 +130,35 @@ def ensure_prepared(cfg: Config) -> dict:
     Beam engine wrote (`tfrec prepare --engine beam`, maybe on a cluster) are never
     silently rebuilt in this process: a mismatch is an error naming the setting.
 
+    Records of pseudonymised user ids are never rebuilt with raw ids or another key
+    behind the user's back: that is an error too (raw records are rebuilt pseudonymised).
+
     Raises:
-      ValueError: the Beam-prepared records do not match the config.
+      ValueError: the Beam-prepared records do not match the config, or the records'
+        pseudonymisation does not.
     """
     features = FeatureSpec.from_config(cfg.features)
+    key = users_key(cfg.data)
+    fingerprint = key_fingerprint(key) if key is not None else None
     wanted = {"features": features.fingerprint(),
               "history_length": cfg.data.history_length,
               "val_fraction": cfg.data.val_fraction,
               "test_fraction": cfg.data.test_fraction,
               "train_days": cfg.data.train_days,
-              "vocab_min_count": cfg.data.vocab_min_count}
+              "vocab_min_count": cfg.data.vocab_min_count,
+              PSEUDONYM_META: fingerprint}
     try:
         meta = load_meta(cfg.data.tfrecord_dir)
     except FileNotFoundError:
         meta = None
+    if meta is not None and meta.get(PSEUDONYM_META) not in (None, fingerprint):
+        how = ("this run's key is another one" if fingerprint else
+               "this run has data.pseudonymize_users off")
+        raise ValueError(
+            f"the records in {cfg.data.tfrecord_dir!r} hold user ids pseudonymised with key "
+            f"fingerprint {meta[PSEUDONYM_META]}, but {how}; use the key they were prepared with "
+            f"(--pseudonymize-users, $TFREC_PSEUDONYM_KEY or --pseudonym-key-file), or "
+            f"run `tfrec prepare` with this config to rebuild them")
     if meta is not None:
         differ = sorted(k for k, v in wanted.items() if meta.get(k) != v)
         if not differ and (meta.get("engine") == "beam"
@@ -236,7 +253,7 @@ def train_retrieval(cfg: Config,
     parameter_server = isinstance(strategy, tf.distribute.ParameterServerStrategy)
 
     meta = ensure_prepared(cfg)
-    tables = load_tables(cfg.data.data_dir, max_bad_share=cfg.data.max_bad_share)
+    tables = load_data_tables(cfg.data)
     run_name = cfg.train.run_name or default_run_name()
     cfg.train.run_name = run_name
     run_dir = os.path.join(cfg.train.checkpoint_dir, run_name)
@@ -252,6 +269,11 @@ def train_retrieval(cfg: Config,
     previous = None
     if cfg.train.warm_start:
         previous = load_trained_model(warm_start_dir(cfg, run_dir))
+        if cfg.data.pseudonymize_users and not all(map(is_pseudonym, previous[2].users)):
+            # growing its vocabulary would copy the raw ids into this run
+            raise ValueError(f"train.warm_start {cfg.train.warm_start!r} was trained on raw "
+                             f"user ids; a pseudonymised run cannot start from it (train "
+                             f"from scratch with --pseudonymize-users)")
     if os.path.exists(os.path.join(run_dir, "vocab.json")):
         vocab = Vocabularies.load(run_dir)  # resuming: keep the lookups the weights expect
     else:
