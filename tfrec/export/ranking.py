@@ -224,13 +224,19 @@ class RankerModule(tf.Module):
                  tf.boolean_mask(candidate_ids, unknown)], summarize=5),
         ]
 
-    @tf.function(input_signature=[*REQUEST_SPECS, CANDIDATES_SPEC], autograph=False)
-    def rank(self, query, user_id, history, device, hour, candidate_ids):
+    def _checked(self, query, user_id, history, device, hour, candidate_ids):
+        """Request, candidate rows and retrieval scores; the scores wait for the checks."""
         request = self.core.request(query, user_id, history, device, hour)
         rows = self.core.rows(candidate_ids)
         with tf.control_dependencies(self._checks(request, candidate_ids, rows)):
             retrieval = self.core.retrieval_scores(self.core.query_embedding(request), rows)
-            ranked = self.core.rank(request, candidate_ids, retrieval)
+        return request, rows, retrieval
+
+    @tf.function(input_signature=[*REQUEST_SPECS, CANDIDATES_SPEC], autograph=False)
+    def rank(self, query, user_id, history, device, hour, candidate_ids):
+        request, rows, retrieval = self._checked(query, user_id, history, device, hour,
+                                                 candidate_ids)
+        ranked = self.core.rank(request, candidate_ids, retrieval)
         size = tf.shape(candidate_ids)[1]
         position = tf.broadcast_to(tf.range(size)[tf.newaxis, :], tf.shape(candidate_ids))
         valid = rows >= 0
@@ -244,14 +250,11 @@ class RankerModule(tf.Module):
 
     @tf.function(input_signature=[*REQUEST_SPECS, CANDIDATES_SPEC], autograph=False)
     def explain(self, query, user_id, history, device, hour, candidate_ids):
-        request = self.core.request(query, user_id, history, device, hour)
-        rows = self.core.rows(candidate_ids)
-        with tf.control_dependencies(self._checks(request, candidate_ids, rows)):
-            retrieval = self.core.retrieval_scores(self.core.query_embedding(request), rows)
-            parts = integrated_gradients(
-                self.core.ranker,
-                {**request, "item_id": candidate_ids, "retrieval_score": retrieval},
-                steps=self.explain_steps)
+        request, rows, retrieval = self._checked(query, user_id, history, device, hour,
+                                                 candidate_ids)
+        parts = integrated_gradients(
+            self.core.ranker, {**request, "item_id": candidate_ids, "retrieval_score": retrieval},
+            steps=self.explain_steps)
         valid = rows >= 0
         out = {f"{g}_attributions": tf.where(valid, parts[g], 0.0) for g in GROUPS}
         out["scores"] = tf.where(valid, parts["score"], NEG_INF)

@@ -307,7 +307,7 @@ class RankingModel(tf.keras.Model):
         return out
 
     def logits(self, x: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-        """Per-task logits [B, L] from `scoring_inputs` (without the training-only position bias)."""
+        """Per-task logits [B, L] from `scoring_inputs` (no training-only position bias)."""
         numeric, retrieval = x["numeric"], x["retrieval"]
         batch, size = tf.shape(retrieval)[0], tf.shape(retrieval)[1]
         pieces = [x[name] for name in INPUT_ORDER[:10]]
