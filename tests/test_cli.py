@@ -11,8 +11,8 @@ import pytest
 
 from tfrec.cli import build_parser
 
-SUBCOMMANDS = ["generate", "train", "train-ranker", "evaluate", "export", "serve", "query", "board", "demo",
-               "text", "forget"]
+SUBCOMMANDS = ["generate", "train", "train-ranker", "evaluate", "export", "serve", "query",
+               "explain", "board", "demo", "text", "forget"]
 
 
 def tfrec(*args, timeout=300, **kwargs):

@@ -101,6 +101,24 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                             "tensorboard-plugin-profile package's trace viewer)")
 
 
+def _client_pseudonym_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pseudonymize-users", action="store_true", dest="pseudonymize_users",
+                   help="send the user id's pseudonym (the model was trained with "
+                        "--pseudonymize-users; same key: $TFREC_PSEUDONYM_KEY or "
+                        "--pseudonym-key-file)")
+    p.add_argument("--pseudonym-key-file", dest="pseudonym_key_file", default="",
+                   metavar="FILE")
+
+
+def _client_user(args: argparse.Namespace) -> str:
+    """The user id a client sends: its pseudonym with --pseudonymize-users."""
+    if args.pseudonymize_users and args.user:  # the model knows pseudonyms only
+        from tfrec.data.pseudonym import pseudonym, read_key
+
+        return pseudonym(args.user, read_key(args.pseudonym_key_file))
+    return args.user
+
+
 def _step_range(text: str) -> Tuple[int, int]:
     """'10,15' -> (10, 15), for --profile-steps."""
     try:
@@ -291,12 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default="127.0.0.1:8500", help="HOST:PORT of the gRPC server")
     p.add_argument("--model", default="retrieval")
     p.add_argument("--user", default="", help="user id (new users are fine)")
-    p.add_argument("--pseudonymize-users", action="store_true", dest="pseudonymize_users",
-                   help="send the user id's pseudonym (the model was trained with "
-                        "--pseudonymize-users; same key: $TFREC_PSEUDONYM_KEY or "
-                        "--pseudonym-key-file)")
-    p.add_argument("--pseudonym-key-file", dest="pseudonym_key_file", default="",
-                   metavar="FILE")
+    _client_pseudonym_flags(p)
     p.add_argument("--history", default="", help="comma-separated recent item ids")
     p.add_argument("--query", default="",
                    help="search text: personalized search (with a pipeline model: retrieval "
@@ -329,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item", action="append", required=True, metavar="ITEM_ID",
                    help="item to explain (repeatable)")
     p.add_argument("--user", default="", help="user id (new users are fine)")
+    _client_pseudonym_flags(p)
     p.add_argument("--history", default="", help="comma-separated recent item ids")
     p.add_argument("--query", default="", help="search text, if any")
     p.add_argument("--device", default="desktop")
@@ -584,10 +598,7 @@ def _query(args: argparse.Namespace) -> int:
 
     client = PredictClient(args.server, timeout=args.timeout)
     history = _ids(args.history)
-    if args.pseudonymize_users and args.user:  # the model knows pseudonyms only
-        from tfrec.data.pseudonym import pseudonym, read_key
-
-        args.user = pseudonym(args.user, read_key(args.pseudonym_key_file))
+    args.user = _client_user(args)
     signatures = {} if args.similar else client.metadata(args.model)
     if is_catalog_search(signatures):  # `tfrec search train` export: query -> products
         answer = client.explain_catalog_search(args.query, model=args.model, k=args.k)
@@ -628,7 +639,7 @@ def _explain(args: argparse.Namespace) -> int:
     if "explain" not in client.metadata(args.model):
         raise ValueError(f"model {args.model!r} has no `explain` signature; export a ranker "
                          "(`tfrec export --model ranker`) with this version of tfrec")
-    rows = client.explain(args.model, args.user, args.item, query=args.query,
+    rows = client.explain(args.model, _client_user(args), args.item, query=args.query,
                           history=_ids(args.history), device=args.device, hour=args.hour)
     print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json
           else format_attributions(rows))
