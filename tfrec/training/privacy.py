@@ -174,11 +174,21 @@ def negatives_dataset(catalog: pd.DataFrame, model: TwoTowerModel, num: int,
             .map(pick, num_parallel_calls=tf.data.AUTOTUNE))
 
 
-def with_negatives(train: tf.data.Dataset, negatives: tf.data.Dataset) -> tf.data.Dataset:
-    """Training batches with a batch of sampled negatives each (under `NEGATIVES`)."""
-    return (tf.data.Dataset.zip((train, negatives))
-            .map(lambda batch, neg: {**batch, NEGATIVES: neg})
-            .prefetch(tf.data.AUTOTUNE))
+def with_negatives(train: tf.data.Dataset, negatives: tf.data.Dataset,
+                   batches: Optional[int] = None) -> tf.data.Dataset:
+    """Training batches with a batch of sampled negatives each (under `NEGATIVES`).
+
+    Args:
+      train / negatives: the training batches and `negatives_dataset`.
+      batches: batches per pass over `train` when known. Keras then knows the epoch
+        length: with an unknown one it runs one more step that finds no data, which
+        counts in `optimizer.iterations` (the steps accounted) without an update.
+    """
+    out = tf.data.Dataset.zip((train, negatives)).map(lambda batch, neg: {**batch,
+                                                                          NEGATIVES: neg})
+    if batches is not None:
+        out = out.apply(tf.data.experimental.assert_cardinality(batches))
+    return out.prefetch(tf.data.AUTOTUNE)
 
 
 class EpsilonLogger(tf.keras.callbacks.Callback):

@@ -290,9 +290,9 @@ def train_retrieval(cfg: Config,
     # A tiny last batch is a softmax with almost no negatives.
     drop_remainder = examples >= 2 * cfg.train.batch_size
     dp_noise, sampling_rate = None, cfg.train.batch_size / max(examples, 1)
+    per_epoch = (examples // cfg.train.batch_size if drop_remainder
+                 else -(-examples // cfg.train.batch_size))
     if cfg.train.dp is not None:
-        per_epoch = (examples // cfg.train.batch_size if drop_remainder
-                     else -(-examples // cfg.train.batch_size))
         planned = (cfg.train.steps_per_epoch or per_epoch) * cfg.train.epochs
         dp_noise = resolve_noise(cfg.train.dp, sampling_rate, planned)
     with strategy.scope():
@@ -333,7 +333,8 @@ def train_retrieval(cfg: Config,
                                 cache=cache_input(cfg, int(meta["counts"]["train"])))
         if dp_noise is not None:  # each batch meets uniform samples of the catalog
             train_ds = with_negatives(train_ds, negatives_dataset(
-                tables.catalog, model, cfg.train.dp.num_negatives, cfg.train.seed))
+                tables.catalog, model, cfg.train.dp.num_negatives, cfg.train.seed),
+                None if steps_per_epoch else per_epoch)
         val_ds = make_dataset(patterns["val"], cfg.train.batch_size, cfg.data.history_length,
                               shuffle=False, deterministic=True, features=model.features,
                               preprocess=model.preprocess)
