@@ -3,6 +3,9 @@
 Protocol (bench/README.md, "Privacy"):
   data     one synthetic world (--world, seed 42), tfrec's split.
   runs     "non-private"   `tfrec train` as is (in-batch softmax, lazy_adam);
+           "clip only"     `train.dp` with noise_multiplier 0: sampled negatives and
+                           clipping without noise (no privacy; --no-clip-only skips
+                           it): what the DP setup costs before any noise.
            "eps=E"         `train.dp` with target_epsilon E (the noise multiplier that
                            reaches E at --delta over the planned steps, from dp-accounting),
                            l2_clip --clip, --negatives sampled catalog items per step,
@@ -16,7 +19,7 @@ Protocol (bench/README.md, "Privacy"):
 Run from the repository root:  python bench/privacy.py [--world small] [--epsilons 1,3,8]
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, 1 epoch, batch
-256, epsilon 8 only, 100 evaluation users. Same table; the figures mean nothing.
+256, epsilon 8 only (no clip-only run), 100 evaluation users. Same table; the figures mean nothing.
 TensorFlow's graph optimizer is off (bench/_common.py). Options given explicitly still
 override these.
 """
@@ -45,7 +48,8 @@ from tfrec.training.trainer import ensure_prepared, train_retrieval
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import format_table, machine_line, parse_smoke_args, ratio, world_config  # noqa: E402
 
-SMOKE = dict(world="tiny", epochs=1, batch_size=256, epsilons="8", eval_users=100)
+SMOKE = dict(world="tiny", epochs=1, batch_size=256, epsilons="8", eval_users=100,
+             clip_only=False)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -59,6 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0, help="train.dp.l2_clip")
     p.add_argument("--negatives", type=int, default=64, help="train.dp.num_negatives")
     p.add_argument("--eval-users", type=int, default=2000)
+    p.add_argument("--clip-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run train.dp with noise_multiplier 0 (no privacy)")
     p.add_argument("--workdir", default="", help="keep the runs here (default: a temp dir)")
     return parse_smoke_args(p, argv, SMOKE)
 
@@ -101,6 +107,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if not os.path.exists(os.path.join(cfg.data.data_dir, "events.parquet")):
             generate_world(args.world, seed=42).save(cfg.data.data_dir)
         runs = {"non-private": run(cfg, "non-private", args.eval_users)}
+        if args.clip_only:
+            clip_cfg = deepcopy(cfg)
+            clip_cfg.train.dp = DPConfig(noise_multiplier=0.0, delta=args.delta,
+                                         l2_clip=args.clip, num_negatives=args.negatives)
+            runs["clip only"] = run(clip_cfg, "dp-clip-only", args.eval_users)
         for eps in epsilons:
             dp_cfg = deepcopy(cfg)
             dp_cfg.train.dp = DPConfig(target_epsilon=eps, delta=args.delta, l2_clip=args.clip,

@@ -138,7 +138,7 @@ class DPConfig:
     planned steps is computed with dp-accounting).
     """
 
-    noise_multiplier: Optional[float] = None  # noise std / l2_clip
+    noise_multiplier: Optional[float] = None  # noise std / l2_clip (0: no privacy)
     target_epsilon: Optional[float] = None
     l2_clip: float = 1.0  # bound on each example's gradient norm
     delta: float = 1e-5  # keep below 1 / training examples

@@ -56,7 +56,7 @@ def check_dp(cfg: Config, precision: str) -> DPConfig:
         raise ValueError("train.dp needs exactly one of noise_multiplier and target_epsilon "
                          f"(got noise_multiplier={dp.noise_multiplier}, "
                          f"target_epsilon={dp.target_epsilon})")
-    checks = [("noise_multiplier", dp.noise_multiplier, lambda v: v is None or v > 0, "> 0"),
+    checks = [("noise_multiplier", dp.noise_multiplier, lambda v: v is None or v >= 0, ">= 0"),
               ("target_epsilon", dp.target_epsilon, lambda v: v is None or v > 0, "> 0"),
               ("l2_clip", dp.l2_clip, lambda v: v > 0, "> 0"),
               ("delta", dp.delta, lambda v: 0 < v < 1, "in (0, 1)"),
@@ -84,6 +84,9 @@ def check_dp(cfg: Config, precision: str) -> DPConfig:
         raise ValueError(f"train.optimizer {train.optimizer!r} unknown; under train.dp use "
                          f"one of {list(DENSE_OPTIMIZERS)}")
     _dp_accounting()
+    if dp.noise_multiplier == 0:
+        log.warning("train.dp.noise_multiplier is 0: clipping and sampled negatives without "
+                    "noise, NO privacy (epsilon inf); for calibrating DP runs only")
     return dp
 
 
