@@ -386,7 +386,7 @@ def train_retrieval(cfg: Config,
     if dp_noise is not None:  # epsilon counts every step run, kept epoch or not
         dp = dp_report(cfg.train.dp, dp_noise, sampling_rate,
                        int(model.optimizer.iterations.numpy()), examples,
-                       cfg.train.batch_size, dp_optimizer(cfg.train.optimizer))
+                       cfg.train.batch_size, type(model.optimizer).__name__.lower())
         log.info("train.dp: epsilon %.3f at delta %g after %d steps", dp["epsilon"],
                  dp["delta"], dp["steps"])
     if chief:
