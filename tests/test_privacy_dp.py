@@ -141,7 +141,10 @@ def test_clipped_sum_equals_individually_clipped_gradients(real_batch):
     np.testing.assert_allclose(norms.numpy(), slow_norms, rtol=1e-4)
     assert 0 < (slow_norms > clip).sum() < size
     for got, want, var in zip(grads, expected, variables):
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-7,
+        # float32 sums of many terms in another order: tolerance on the variable's scale
+        want = want.numpy()
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4,
+                                   atol=1e-5 * max(float(np.abs(want).max()), 1e-6),
                                    err_msg=var.name)
 
 
