@@ -103,6 +103,9 @@ BENCHES: Dict[str, Expect] = {
     "open_catalog": Expect(  # Home Depot slice, or the synthetic world's judgments
         [("queries", "model", "NDCG@10", "Recall@100", "MRR", "NDCG vs BM25")],
         [r"unseen +BM25 +\d", r"unseen +two-tower\+ranker +\d", r"all +hybrid +\d"]),
+    "privacy": Expect(
+        [("run", "epsilon", "noise", "test recall@100", "vs non-private", "step ms")],
+        [row("non-private"), r"eps=8 +8\.00 +\d"]),
     "warm_start": Expect(
         [("run", "steps/epoch", "val recall@100 per epoch", "steps to target")],
         [row("scratch"), row("warm"), r"warm, last \d+ days +\d"]),

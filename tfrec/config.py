@@ -136,6 +136,25 @@ class RankingConfig:
 
 
 @dataclass
+class DPConfig:
+    """DP-SGD of retrieval training (`train.dp`): per-example clipping + Gaussian noise.
+
+    Give noise_multiplier, or target_epsilon (the multiplier that reaches it over the
+    planned steps is computed with dp-accounting).
+    """
+
+    noise_multiplier: Optional[float] = None  # noise std / l2_clip (0: no privacy)
+    target_epsilon: Optional[float] = None
+    l2_clip: float = 1.0  # bound on each example's gradient norm
+    delta: float = 1e-5  # keep below 1 / training examples
+    # Catalog items sampled uniformly per step as every example's negatives (step cost
+    # grows linearly with it: the per-example gradients run through them).
+    num_negatives: int = 64
+    # Examples per vectorised per-example-gradient pass (memory ~ chunk * num_negatives).
+    chunk: int = 16
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, distribution, checkpointing and logging."""
 
@@ -172,6 +191,8 @@ class TrainConfig:
     # Run name or directory whose weights start this run (vocabularies grow; fresh
     # optimizer): `tfrec train --warm-start RUN`.
     warm_start: Optional[str] = None
+    # DP-SGD (a mapping of DPConfig fields, e.g. {noise_multiplier: 1.1}); null: off.
+    dp: Optional[DPConfig] = field(default=None, metadata={"nested": DPConfig})
 
 
 @dataclass
@@ -311,7 +332,13 @@ def set_field(target: Any, key: str, value: Any, prefix: str = "") -> None:
     names = {f.name: f for f in dataclasses.fields(target)}
     if key not in names:
         raise ValueError(f"unknown config field {prefix}.{key}; expected one of {sorted(names)}")
+    nested = names[key].metadata.get("nested")
+    if nested is not None:  # an optional sub-config: a mapping of its fields, or null
+        setattr(target, key, _nested(nested, value, f"{prefix}.{key}"))
+        return
     default = getattr(target, key)
+    if names[key].type in ("float", "Optional[float]"):
+        value = _float(value, f"{prefix}.{key}")
     if isinstance(default, tuple) and isinstance(value, (list, tuple)):
         value = tuple(value)
     elif isinstance(default, bool) and not isinstance(value, bool):
@@ -324,6 +351,32 @@ def set_field(target: Any, key: str, value: Any, prefix: str = "") -> None:
         raise ValueError(
             f"config field {prefix}.{key} must be {type(default).__name__}, got {value!r}")
     setattr(target, key, value)
+
+
+def _float(value: Any, name: str) -> Any:
+    """Numbers YAML 1.1 reads as strings ("1e-5": no dot) -> float; ints -> float."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"config field {name} must be a number, got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _nested(cls: type, value: Any, name: str) -> Any:
+    """A mapping (or null, or an instance) -> an instance of the sub-config `cls`."""
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"config field {name} must be a mapping of "
+                         f"{sorted(f.name for f in dataclasses.fields(cls))} or null, "
+                         f"got {value!r}")
+    out = cls()
+    for key, item in value.items():
+        set_field(out, key, item, prefix=name)
+    return out
 
 
 def plain(obj: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -36,6 +37,16 @@ def _index_inputs(run_dir: str, catalog: pd.DataFrame, export: ExportConfig, mod
     return {"index": export, "queries": queries}
 
 
+def privacy_card(run_dir: str) -> Optional[dict]:
+    """The DP block (epsilon, delta, noise, clip, steps, sampling rate, privacy unit) of a
+    run trained with `train.dp`, from its metrics.json; None for other runs."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("dp")
+
+
 def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
                      model=None, card: Optional[dict] = None) -> str:
     """Exports the retrieval model of `run_dir` over `catalog`; returns the version dir.
@@ -53,7 +64,7 @@ def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
     card = {"model": "two_tower_retrieval", "run_dir": os.path.abspath(run_dir),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "num_items": len(catalog),
             "signatures": sorted(module.signatures()), "retrieval_index": module.index_card,
-            "precision": module.precision,
+            "precision": module.precision, "privacy": privacy_card(run_dir),
             **(card or {})}
     return save_versioned(module, module.signatures(), export.base_dir, export.model_name,
                           export.version, extra_files={"tfrec_model.json": card})
@@ -154,7 +165,8 @@ def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
                          search_history=module.search_history,
                          in_stock_column=module.core.has_stock,
                          reasons=module.reasons is not None,
-                         retrieval_index=module.core.index_card)
+                         retrieval_index=module.core.index_card,
+                         retrieval_privacy=privacy_card(run_dir))
     with _signatures_only():
         return save_versioned(module, signatures, export.base_dir, model_name,
                               export.version, extra_files={"tfrec_model.json": card})

@@ -37,6 +37,7 @@ from tfrec.data.tfrecord import make_dataset
 from tfrec.data.feature_spec import catalog_features
 from tfrec.metrics.retrieval import build_eval_set, embed_in_batches
 from tfrec.features.vocab import Vocabularies, build_vocabularies
+from tfrec.models.dp import DPTwoTowerModel
 from tfrec.models.retrieval import TwoTowerModel
 from tfrec.training.callbacks import (PROJECTOR_MAX_POINTS, BackupAndRestore,
                                       RefreshCatalogIndex, RetrievalEvaluation,
@@ -45,6 +46,8 @@ from tfrec.training.callbacks import (PROJECTOR_MAX_POINTS, BackupAndRestore,
 from tfrec.training.warm_start import grow_vocabularies, transfer_weights
 from tfrec.training.keep_best import KeepBestEpoch
 from tfrec.training.optimizers import make_optimizer
+from tfrec.training.privacy import (EpsilonLogger, check_dp, dp_optimizer, dp_report,
+                                    negatives_dataset, resolve_noise, with_negatives)
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy, num_workers,
                                      resolve_precision, tf_config)
 
@@ -209,11 +212,25 @@ def cache_input(cfg: Config, examples: int) -> bool:
     return budget > 0 and examples * CACHED_EXAMPLE_BYTES <= budget
 
 
-def build_model(vocab: Vocabularies, cfg: Config, precision: str = "float32") -> TwoTowerModel:
-    """Builds and compiles the model; float16 towers get a loss-scaling optimizer."""
-    model = TwoTowerModel(vocab, cfg.model, precision=precision,
-                          features=FeatureSpec.from_config(cfg.features))
-    optimizer = make_optimizer(cfg.train.optimizer, cfg.train.learning_rate)
+def build_model(vocab: Vocabularies, cfg: Config, precision: str = "float32",
+                dp_noise: Optional[float] = None) -> TwoTowerModel:
+    """Builds and compiles the model; float16 towers get a loss-scaling optimizer.
+
+    With `cfg.train.dp`, a DP-SGD model with noise multiplier `dp_noise` (required then)
+    and a non-lazy optimizer.
+    """
+    features = FeatureSpec.from_config(cfg.features)
+    name = cfg.train.optimizer
+    if cfg.train.dp is not None:
+        if dp_noise is None:
+            raise ValueError("build_model: train.dp needs the resolved noise multiplier")
+        model = DPTwoTowerModel(vocab, cfg.model, precision=precision, features=features,
+                                l2_clip=cfg.train.dp.l2_clip, noise_multiplier=dp_noise,
+                                chunk=cfg.train.dp.chunk)
+        name = dp_optimizer(name)
+    else:
+        model = TwoTowerModel(vocab, cfg.model, precision=precision, features=features)
+    optimizer = make_optimizer(name, cfg.train.learning_rate)
     if precision == "mixed_float16":
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer)
@@ -248,6 +265,8 @@ def train_retrieval(cfg: Config,
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     precision = resolve_precision(cfg.train.mixed_precision)
+    if cfg.train.dp is not None:
+        check_dp(cfg, precision)  # before any data or device work
     strategy = make_strategy(cfg.train.strategy, cfg.train.tpu, cfg.train.ps_min_shard_bytes)
     chief = is_chief(strategy)
     parameter_server = isinstance(strategy, tf.distribute.ParameterServerStrategy)
@@ -289,8 +308,17 @@ def train_retrieval(cfg: Config,
     if chief:
         cfg.to_yaml(os.path.join(run_dir, "config.yaml"))
 
+    examples = int(meta["counts"]["train"])
+    # A tiny last batch is a softmax with almost no negatives.
+    drop_remainder = examples >= 2 * cfg.train.batch_size
+    dp_noise, sampling_rate = None, cfg.train.batch_size / max(examples, 1)
+    per_epoch = (examples // cfg.train.batch_size if drop_remainder
+                 else -(-examples // cfg.train.batch_size))
+    if cfg.train.dp is not None:
+        planned = (cfg.train.steps_per_epoch or per_epoch) * cfg.train.epochs
+        dp_noise = resolve_noise(cfg.train.dp, sampling_rate, planned)
     with strategy.scope():
-        model = build_model(vocab, cfg, precision)
+        model = build_model(vocab, cfg, precision, dp_noise=dp_noise)
         warm = transfer_weights(previous[0], model) if previous is not None else None
     workers, num_ps = num_workers(strategy), 0
     if parameter_server:  # the strategy was built from TF_CONFIG
@@ -308,8 +336,6 @@ def train_retrieval(cfg: Config,
         _log_sharding(model)
 
     patterns = meta["patterns"]
-    # A tiny last batch is a softmax with almost no negatives.
-    drop_remainder = int(meta["counts"]["train"]) >= 2 * cfg.train.batch_size
     steps_per_epoch = cfg.train.steps_per_epoch
     if parameter_server:
         # Workers pull batches forever from their own input pipeline: Keras needs a
@@ -327,6 +353,10 @@ def train_retrieval(cfg: Config,
                                 drop_remainder=drop_remainder, features=model.features,
                                 preprocess=model.preprocess,
                                 cache=cache_input(cfg, int(meta["counts"]["train"])))
+        if dp_noise is not None:  # each batch meets uniform samples of the catalog
+            train_ds = with_negatives(train_ds, negatives_dataset(
+                tables.catalog, model, cfg.train.dp.num_negatives, cfg.train.seed),
+                None if steps_per_epoch else per_epoch)
         val_ds = make_dataset(patterns["val"], cfg.train.batch_size, cfg.data.history_length,
                               shuffle=False, deterministic=True, features=model.features,
                               preprocess=model.preprocess)
@@ -347,13 +377,14 @@ def train_retrieval(cfg: Config,
         BackupAndRestore(os.path.join(run_dir, "backup"),
                          config_fingerprint(cfg.model, cfg.features)),
         _ResumeLog(),
-    ] + list(extra_callbacks or [])
+    ] + ([EpsilonLogger(tb_dir if chief else None, dp_noise, sampling_rate,
+                        cfg.train.dp.delta)] if dp_noise is not None else [])
+    callbacks += list(extra_callbacks or [])
     if chief:
-        write_hparams(tb_dir, _hparams(cfg, precision, strategy),
+        write_hparams(tb_dir, _hparams(cfg, precision, strategy, dp_noise),
                       [f"epoch_{metric_key(f'recall@{k}')}" for k in cfg.train.eval_ks]
                       + ["epoch_loss"], trial_id=run_name)
 
-    examples = int(meta["counts"]["train"])
     start = time.perf_counter()
     history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
                         steps_per_epoch=steps_per_epoch, callbacks=callbacks,
@@ -373,6 +404,13 @@ def train_retrieval(cfg: Config,
         val_metrics.update(evaluate_keras_metrics(model, patterns["val"], tables.catalog,
                                                   cfg.train.batch_size,
                                                   cfg.data.history_length))
+    dp = None
+    if dp_noise is not None:  # epsilon counts every step run, kept epoch or not
+        dp = dp_report(cfg.train.dp, dp_noise, sampling_rate,
+                       int(model.optimizer.iterations.numpy()), examples,
+                       cfg.train.batch_size, type(model.optimizer).__name__.lower())
+        log.info("train.dp: epsilon %.3f at delta %g after %d steps", dp["epsilon"],
+                 dp["delta"], dp["steps"])
     if chief:
         shown = tables.catalog
         if len(shown) > PROJECTOR_MAX_POINTS:  # a seeded sample: cost stays bounded
@@ -388,7 +426,8 @@ def train_retrieval(cfg: Config,
                      "seconds": elapsed, "epoch_seconds": timer.seconds,
                      "examples_per_epoch": seen // epochs_run,
                      "warm_start": ({"from": cfg.train.warm_start, **warm} if warm else None),
-                     "train_steps": int(model.optimizer.iterations.numpy())})
+                     "train_steps": int(model.optimizer.iterations.numpy()),
+                     "dp": dp})
         with open(os.path.join(cfg.train.checkpoint_dir, LATEST_FILE), "w") as f:
             f.write(run_name)
     return TrainResult(run_name=run_name, run_dir=run_dir, tensorboard_dir=tb_dir,
@@ -508,7 +547,8 @@ def _save_weights_atomically(model: tf.keras.Model, run_dir: str, chief: bool) -
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _hparams(cfg: Config, precision: str, strategy: tf.distribute.Strategy) -> Dict[str, object]:
+def _hparams(cfg: Config, precision: str, strategy: tf.distribute.Strategy,
+             dp_noise: Optional[float] = None) -> Dict[str, object]:
     m, t = cfg.model, cfg.train
     return {"embedding_dim": m.embedding_dim, "hidden_units": str(list(m.hidden_units)),
             "temperature": m.temperature, "logq_correction": m.logq_correction,
@@ -516,7 +556,8 @@ def _hparams(cfg: Config, precision: str, strategy: tf.distribute.Strategy) -> D
             "batch_size": t.batch_size, "learning_rate": t.learning_rate,
             "optimizer": t.optimizer, "strategy": t.strategy,
             "replicas": strategy.num_replicas_in_sync, "precision": precision,
-            "history_length": cfg.data.history_length}
+            "history_length": cfg.data.history_length,
+            "dp_noise_multiplier": dp_noise or 0.0}
 
 
 def _plain_history(history: Dict[str, list]) -> Dict[str, List[float]]:
