@@ -46,3 +46,16 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
         Config.from_yaml(str(bad))
+
+
+def test_nested_dp_settings_from_set_and_yaml(tmp_path):
+    cfg = Config().override(["train.dp={noise_multiplier: 1.1}", "train.dp.l2_clip=0.5",
+                             "train.dp.delta=1e-6"])  # YAML reads 1e-6 as a string
+    assert (cfg.train.dp.noise_multiplier, cfg.train.dp.l2_clip, cfg.train.dp.delta) == (
+        1.1, 0.5, 1e-6)
+    path = str(tmp_path / "dp.yaml")
+    cfg.to_yaml(path)
+    assert Config.from_yaml(path).train.dp == cfg.train.dp
+    with pytest.raises(ValueError, match="unknown config field train.dp.clip"):
+        Config().override(["train.dp.clip=1"])
+    assert Config().override(["train.dp=null"]).train.dp is None

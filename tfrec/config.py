@@ -297,7 +297,9 @@ class Config:
             if "." not in key:
                 raise ValueError(f"--set expects section.field=value, got {item!r}")
             section, name = key.split(".", 1)
-            self.update({section: {name: value}})
+            for part in reversed(name.split(".")[1:]):  # train.dp.l2_clip: a nested field
+                value = {part: value}
+            self.update({section: {name.split(".")[0]: value}})
         return self
 
 
@@ -334,7 +336,7 @@ def set_field(target: Any, key: str, value: Any, prefix: str = "") -> None:
         raise ValueError(f"unknown config field {prefix}.{key}; expected one of {sorted(names)}")
     nested = names[key].metadata.get("nested")
     if nested is not None:  # an optional sub-config: a mapping of its fields, or null
-        setattr(target, key, _nested(nested, value, f"{prefix}.{key}"))
+        setattr(target, key, _nested(nested, value, f"{prefix}.{key}", getattr(target, key)))
         return
     default = getattr(target, key)
     if names[key].type in ("float", "Optional[float]"):
@@ -365,15 +367,16 @@ def _float(value: Any, name: str) -> Any:
     return value
 
 
-def _nested(cls: type, value: Any, name: str) -> Any:
-    """A mapping (or null, or an instance) -> an instance of the sub-config `cls`."""
+def _nested(cls: type, value: Any, name: str, current: Any = None) -> Any:
+    """A mapping (or null, or an instance) -> an instance of the sub-config `cls`; a
+    mapping overrides the fields it names of `current` (if set), keeping the others."""
     if value is None or isinstance(value, cls):
         return value
     if not isinstance(value, dict):
         raise ValueError(f"config field {name} must be a mapping of "
                          f"{sorted(f.name for f in dataclasses.fields(cls))} or null, "
                          f"got {value!r}")
-    out = cls()
+    out = dataclasses.replace(current) if isinstance(current, cls) else cls()
     for key, item in value.items():
         set_field(out, key, item, prefix=name)
     return out
