@@ -60,14 +60,20 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _privacy_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pseudonymize-users", action="store_true", default=None,
-                   dest="pseudonymize_users",
-                   help="replace user ids by a keyed hash (HMAC) as the tables are read, so "
+def _privacy_flags(p: argparse.ArgumentParser, client: bool = False) -> None:
+    """--pseudonymize-users and its key file: for data commands, or (`client`) for
+    commands that send a user id to a served model (it knows pseudonyms only)."""
+    p.add_argument("--pseudonymize-users", action="store_true",
+                   default=False if client else None, dest="pseudonymize_users",
+                   help="send the user id's pseudonym (the model was trained with "
+                        "--pseudonymize-users; same key)" if client else
+                        "replace user ids by a keyed hash (HMAC) as the tables are read, so "
                         "no raw id is written; the key comes from $TFREC_PSEUDONYM_KEY or "
                         "--pseudonym-key-file")
     p.add_argument("--pseudonym-key-file", dest="pseudonym_key_file", metavar="FILE",
-                   help="file holding the pseudonymisation secret (never copied anywhere)")
+                   default="" if client else None,
+                   help="file holding the pseudonymisation secret (never copied anywhere; "
+                        "default $TFREC_PSEUDONYM_KEY)")
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -99,15 +105,6 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                        help="trace training steps FIRST..LAST into the TensorBoard profile "
                             "(<log dir>/<run>/plugins/profile; view with the "
                             "tensorboard-plugin-profile package's trace viewer)")
-
-
-def _client_pseudonym_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pseudonymize-users", action="store_true", dest="pseudonymize_users",
-                   help="send the user id's pseudonym (the model was trained with "
-                        "--pseudonymize-users; same key: $TFREC_PSEUDONYM_KEY or "
-                        "--pseudonym-key-file)")
-    p.add_argument("--pseudonym-key-file", dest="pseudonym_key_file", default="",
-                   metavar="FILE")
 
 
 def _client_user(args: argparse.Namespace) -> str:
@@ -309,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default="127.0.0.1:8500", help="HOST:PORT of the gRPC server")
     p.add_argument("--model", default="retrieval")
     p.add_argument("--user", default="", help="user id (new users are fine)")
-    _client_pseudonym_flags(p)
+    _privacy_flags(p, client=True)
     p.add_argument("--history", default="", help="comma-separated recent item ids")
     p.add_argument("--query", default="",
                    help="search text: personalized search (with a pipeline model: retrieval "
@@ -342,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item", action="append", required=True, metavar="ITEM_ID",
                    help="item to explain (repeatable)")
     p.add_argument("--user", default="", help="user id (new users are fine)")
-    _client_pseudonym_flags(p)
+    _privacy_flags(p, client=True)
     p.add_argument("--history", default="", help="comma-separated recent item ids")
     p.add_argument("--query", default="", help="search text, if any")
     p.add_argument("--device", default="desktop")
