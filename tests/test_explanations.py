@@ -158,3 +158,15 @@ def test_ranker_attributions_add_up_to_the_score_change(modules, requests, tiny_
     change = got["scores"][0] - got["baseline_scores"][0]
     np.testing.assert_allclose(groups, change, rtol=0.05, atol=0.02 + 0.02 * np.abs(change).max())
     assert np.abs(got["history_attributions"][0]).sum() > 0
+
+
+def test_a_request_with_no_history_columns_gets_reasons(modules, requests):
+    n = 2
+    context = _context(requests[:n])
+    context["history"] = tf.zeros([n, 0], tf.string)  # width 0: TF Serving allows it
+    out = modules["pipeline"].recommend(**context, k=tf.constant([3] * n),
+                                        exclude_item_ids=tf.constant([[""]] * n),
+                                        purchased_item_ids=tf.constant([[""]] * n))
+    kinds = out["reason_kinds"].numpy().ravel()
+    assert all(k and k.decode() != "history" for k in kinds), kinds
+    assert all(r for r in out["reasons"].numpy().ravel())

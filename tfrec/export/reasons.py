@@ -131,11 +131,12 @@ class Reasons(tf.Module):
         core = self.core
         shown = rows >= 0
         item_ids = core.gather(core.item_ids, rows, "")
-        # One extra "" position: a request without history still has a (padding) column.
+        effect, numeric = self.history_effects(request, item_ids, rows)
+        # One more "" position, after the passes: argmax needs a column even without history.
         history = tf.concat([request["history"],
                              tf.fill([tf.shape(rows)[0], 1], "")], axis=1)
-        request = {**request, "history": history}
-        effect, numeric = self.history_effects(request, item_ids, rows)
+        effect = tf.concat([effect, tf.fill([tf.shape(rows)[0], 1, tf.shape(rows)[1]],
+                                            float("-inf"))], axis=1)
         best = tf.argmax(effect, axis=1, output_type=tf.int32)  # [B, k]
         cited = tf.gather(history, best, batch_dims=1)
         wide = self.wide_effects(numeric)
