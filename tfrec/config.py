@@ -86,6 +86,17 @@ class ModelConfig:
     num_hard_negatives: Optional[int] = None
     remove_accidental_hits: bool = True
     id_dropout: float = 0.2  # drop item/user ids so content features carry cold start
+    # How the query tower reads the recent items: "pooled" (recency-weighted mean),
+    # "transformer" (causal self-attention over item, category, brand and position) or
+    # "gru". The sequence models read up to history_max_length items (data.history_length
+    # sets how many the examples carry).
+    history_encoder: str = "pooled"
+    history_dim: int = 64
+    history_layers: int = 1
+    history_heads: int = 2
+    history_dropout: float = 0.1
+    history_readout: str = "last"  # transformer: "last" (most recent position) | "attention"
+    history_max_length: int = 200
     price_buckets: int = 20
     # TFRS FactorizedTopK metrics (per-example top-k accuracy over the catalog) computed in
     # evaluation/validation; () disables them (they cost a catalog pass per evaluation).

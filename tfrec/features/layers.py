@@ -251,6 +251,14 @@ class SequenceAttributeEmbedding(tf.keras.layers.Layer):
                              recency_weights(idx, self.recency_decay))
         return tf.cast(pooled, self.compute_dtype)
 
+    def rows(self, idx: tf.Tensor) -> tf.Tensor:
+        """Catalog rows (from `preprocess`) -> one attribute embedding per position
+        [B, H, dim] (zeros for padding and unknown items), for sequence models."""
+        if not self.built:  # a sequence model may read the rows before the pooled call
+            self.build(None)
+        vectors = embedding_rows(self.embedding, tf.gather(self.table, idx))
+        return vectors * tf.cast(idx > 1, vectors.dtype)[..., tf.newaxis]
+
     def call(self, sequences: tf.Tensor) -> tf.Tensor:
         return self.encode(self.preprocess(sequences))
 

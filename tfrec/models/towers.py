@@ -18,6 +18,7 @@ from tfrec.features.attributes import ItemAttributes
 from tfrec.features.layers import (HourEmbedding, IdEmbedding, PooledSequenceEmbedding,
                                    PriceFeatures, SequenceAttributeEmbedding, TextEncoder)
 from tfrec.features.vocab import Vocabularies
+from tfrec.models.sequence import HistoryEncoder
 
 
 def _mlp(hidden: Sequence[int], out_dim: int, name: str) -> tf.keras.Sequential:
@@ -129,13 +130,21 @@ class QueryTower(_Tower):
         if "history" in used:
             self.history_items = IdEmbedding(vocab.items, dim, mask_padding=True,
                                              name="history_items")
-            self.history = PooledSequenceEmbedding(self.history_items, name="history")
             self.history_categories = SequenceAttributeEmbedding(
                 vocab.catalog_items, vocab.catalog_categories, vocab.categories,
                 features["category"].dim, name="history_categories")
             self.history_brands = SequenceAttributeEmbedding(
                 vocab.catalog_items, vocab.catalog_brands, vocab.brands,
                 features["brand"].dim, name="history_brands")
+            if config.history_encoder == "pooled":
+                self.history = PooledSequenceEmbedding(self.history_items, name="history")
+            else:  # the pooled category/brand parts stay: cheap, and robust to rare items
+                self.history = HistoryEncoder(
+                    self.history_items, self.history_categories, self.history_brands,
+                    kind=config.history_encoder, dim=config.history_dim,
+                    max_length=config.history_max_length, layers=config.history_layers,
+                    heads=config.history_heads, dropout=config.history_dropout,
+                    readout=config.history_readout, name="history")
         if "query" in used:
             self.text = text
         if "device" in used:

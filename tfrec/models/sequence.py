@@ -1,0 +1,159 @@
+"""Sequence encoders of the shopper's recent items (query tower).
+
+A recency-weighted mean cannot tell a shopper drifting to a new department from one
+browsing around, nor read order ("bought the drill, then the bits"); self-attention or
+a GRU over the items, their categories, brands and positions can.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import tfrec  # noqa: F401
+import tensorflow as tf
+
+from tfrec.features.layers import IdEmbedding, SequenceAttributeEmbedding
+
+HISTORY_ENCODERS = ("pooled", "transformer", "gru")
+READOUTS = ("last", "attention")
+
+
+def causal_mask(valid: tf.Tensor) -> tf.Tensor:
+    """[B, H, H] attention mask of a most-recent-first sequence: position i sees i and
+    the older positions (j >= i) that are not padding, never a more recent item.
+
+    Args:
+      valid: [B, H] bool, False for padding.
+    """
+    length = tf.shape(valid)[1]
+    older = tf.range(length)[tf.newaxis, :] >= tf.range(length)[:, tf.newaxis]  # [H, H]
+    return tf.logical_and(older[tf.newaxis], valid[:, tf.newaxis, :])
+
+
+class _Block(tf.keras.layers.Layer):
+    """Pre-norm Transformer block: masked self-attention and a feed-forward layer."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.heads, self.dropout = dim, heads, dropout
+        self.norm1 = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="norm1")
+        self.attention = tf.keras.layers.MultiHeadAttention(
+            heads, max(1, dim // heads), dropout=dropout, name="attention")
+        self.norm2 = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="norm2")
+        self.ffn = tf.keras.Sequential([tf.keras.layers.Dense(2 * dim, activation="gelu"),
+                                        tf.keras.layers.Dense(dim)], name="ffn")
+        self.drop = tf.keras.layers.Dropout(dropout)
+
+    def call(self, x: tf.Tensor, mask: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+        h = self.norm1(x)
+        x = x + self.drop(self.attention(h, h, attention_mask=mask, training=training),
+                          training=training)
+        return x + self.drop(self.ffn(self.norm2(x)), training=training)
+
+    def get_config(self) -> Dict[str, Any]:
+        return {**super().get_config(), "dim": self.dim, "heads": self.heads,
+                "dropout": self.dropout}
+
+
+class HistoryEncoder(tf.keras.layers.Layer):
+    """Recent items (most recent first) -> one vector, by a causal Transformer or a GRU.
+
+    Each position reads its item id, category and brand embeddings (shared with the
+    tower's pooled parts) plus a learned position (recency rank) embedding. Padding ("")
+    is masked; an empty history encodes to zeros (the tower's MLP bias takes over).
+
+    Args:
+      items: the history item `IdEmbedding` (mask_padding=True).
+      categories, brands: the history attribute embeddings (their `rows`).
+      kind: "transformer" or "gru".
+      dim: width of the sequence model.
+      max_length: longest history read (more recent items are kept).
+      layers: Transformer blocks.
+      heads: attention heads.
+      dropout: dropout inside the blocks (training only).
+      readout: "last" (the most recent position, which attends to all older ones) or
+        "attention" (a learned query pools every position); Transformer only.
+
+    Raises:
+      ValueError: an unknown kind or readout, or a non-positive size.
+    """
+
+    def __init__(self, items: IdEmbedding, categories: SequenceAttributeEmbedding,
+                 brands: SequenceAttributeEmbedding, kind: str = "transformer", dim: int = 64,
+                 max_length: int = 20, layers: int = 1, heads: int = 2, dropout: float = 0.1,
+                 readout: str = "last", **kwargs):
+        super().__init__(**kwargs)
+        if kind not in HISTORY_ENCODERS[1:]:
+            raise ValueError(f"model.history_encoder must be one of {HISTORY_ENCODERS}, "
+                             f"got {kind!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"model.history_readout must be one of {READOUTS}, got {readout!r}")
+        for name, value in (("history_dim", dim), ("data.history_length", max_length),
+                            ("history_layers", layers), ("history_heads", heads)):
+            if value < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {value}"
+                                 if "." not in name else f"{name} must be >= 1, got {value}")
+        if not items.mask_padding:
+            raise ValueError("HistoryEncoder needs an IdEmbedding with mask_padding=True")
+        self.items, self.categories, self.brands = items, categories, brands
+        self.kind, self.dim, self.max_length = kind, dim, max_length
+        self.num_layers, self.heads, self.dropout, self.readout = layers, heads, dropout, readout
+        self.project = tf.keras.layers.Dense(dim, name="project")
+        if kind == "transformer":
+            self.positions = tf.keras.layers.Embedding(max_length, dim, name="positions")
+            self.blocks = [_Block(dim, heads, dropout, name=f"block_{i}") for i in range(layers)]
+            if readout == "attention":
+                self.pool_query = tf.keras.layers.Dense(1, use_bias=False, name="pool_query")
+        else:
+            self.gru = tf.keras.layers.GRU(dim, return_sequences=True, name="gru")
+
+    def preprocess(self, sequences: tf.Tensor) -> Dict[str, tf.Tensor]:
+        """Id sequences -> item table rows and catalog rows (tf.data-safe)."""
+        sequences = tf.convert_to_tensor(sequences)[:, :self.max_length]
+        return {"items": self.items.preprocess(sequences),
+                "catalog": self.categories.preprocess(sequences)}
+
+    def states(self, idx: Dict[str, tf.Tensor], training: Optional[bool] = None
+               ) -> tf.Tensor:
+        """Preprocessed histories -> one state per position [B, H, dim] (H >= 1), each
+        read from its own item and the older ones only; zeros at padding."""
+        # At least one (padding) position: requests may send no history columns at all.
+        pad = [[0, 0], [0, tf.maximum(0, 1 - tf.shape(idx["items"])[1])]]
+        items = tf.pad(idx["items"][:, :self.max_length], pad)
+        catalog = tf.pad(idx["catalog"][:, :self.max_length], pad)
+        valid = items > 0
+        x = tf.concat([tf.cast(self.items.encode(items, training=training), tf.float32),
+                       tf.cast(self.categories.rows(catalog), tf.float32),
+                       tf.cast(self.brands.rows(catalog), tf.float32)], axis=-1)
+        x = self.project(x)
+        if self.kind == "gru":
+            # Oldest first, so each step has read only older items; padding sits at the
+            # end of a most-recent-first history, at the start once reversed.
+            x = tf.reverse(self.gru(tf.reverse(x, [1]), mask=tf.reverse(valid, [1]),
+                                    training=training), [1])
+        else:
+            x = x + self.positions(tf.range(tf.shape(items)[1]))[tf.newaxis]
+            mask = causal_mask(valid)
+            for block in self.blocks:
+                x = block(x, mask, training=training)
+        return x * tf.cast(valid, x.dtype)[..., tf.newaxis]
+
+    def encode(self, idx: Dict[str, tf.Tensor], training: Optional[bool] = None) -> tf.Tensor:
+        x = self.states(idx, training=training)
+        if self.readout == "last" or self.kind == "gru":
+            out = x[:, 0]  # the most recent position has read the whole history
+        else:
+            valid = tf.reduce_any(tf.not_equal(x, 0.0), axis=-1)
+            score = tf.squeeze(self.pool_query(x), -1)
+            score = tf.where(valid, score, tf.fill(tf.shape(score), -1e9))
+            weights = tf.nn.softmax(score, axis=1) * tf.cast(valid, x.dtype)
+            out = tf.reduce_sum(weights[..., tf.newaxis] * x, axis=1)
+        return tf.cast(out, self.compute_dtype)
+
+    def call(self, sequences: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
+        return self.encode(self.preprocess(sequences), training=training)
+
+    def get_config(self) -> Dict[str, Any]:
+        return {**super().get_config(), "kind": self.kind, "dim": self.dim,
+                "max_length": self.max_length, "layers": self.num_layers,
+                "heads": self.heads, "dropout": self.dropout, "readout": self.readout}
