@@ -97,6 +97,15 @@ class ModelConfig:
     history_dropout: float = 0.1
     history_readout: str = "last"  # transformer: "last" (most recent position) | "attention"
     history_max_length: int = 200
+    # Frozen BERT title embeddings in the candidate tower: a TF-Hub encoder handle ("":
+    # off) and its preprocessor. Each title is embedded once (cached per title under
+    # title_vector_cache) and stored in the model; export embeds the catalog it is given.
+    title_encoder: str = ""
+    title_preprocessor: str = "work/text/minilm/preprocessor"
+    title_vector_dim: int = 64  # trained projection of the stored vectors
+    title_vector_length: int = 48  # BERT tokens per title
+    title_vector_cache: str = "work/text/title_vectors"
+    title_vector_width: int = 0  # set by training from the encoder (saved with the run)
     price_buckets: int = 20
     # TFRS FactorizedTopK metrics (per-example top-k accuracy over the catalog) computed in
     # evaluation/validation; () disables them (they cost a catalog pass per evaluation).

@@ -20,6 +20,7 @@ from tfrec.export.ranking import RankerModule
 from tfrec.export.retrieval import RetrievalModule
 from tfrec.export.versioned import save_versioned
 from tfrec.training.ranking_trainer import load_ranker
+from tfrec.training.title_vectors import use_catalog_title_vectors
 from tfrec.training.trainer import load_trained_model
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
     """
     if model is None:
         model, _, _ = load_trained_model(run_dir)
+    model = _for_catalog(model, catalog)
     module = RetrievalModule(model, catalog, **_index_inputs(run_dir, catalog, export, model))
     card = {"model": "two_tower_retrieval", "run_dir": os.path.abspath(run_dir),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "num_items": len(catalog),
@@ -92,6 +94,13 @@ def _trained_pair(run_dir: str, retrieval, ranker):
     return retrieval, ranker
 
 
+def _for_catalog(model, catalog: pd.DataFrame):
+    """The retrieval model with the stored title vectors of the exported catalog's items
+    (new items get theirs without retraining); unchanged without title vectors."""
+    use_catalog_title_vectors(model, catalog)
+    return model
+
+
 def _ranking_card(kind: str, run_dir: str, catalog: pd.DataFrame, ranker, signatures,
                   **extra) -> dict:
     text_mode = ranker.config.text_mode
@@ -120,7 +129,8 @@ def export_ranker(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
       retrieval / ranker: already-loaded models of that run (skip rebuilding them).
     """
     retrieval, ranker = _trained_pair(run_dir, retrieval, ranker)
-    module = RankerModule(retrieval, ranker, catalog, max_candidates=max_candidates)
+    module = RankerModule(_for_catalog(retrieval, catalog), ranker, catalog,
+                          max_candidates=max_candidates)
     signatures = module.signatures()
     card = _ranking_card("ranker", run_dir, catalog, ranker, signatures,
                          max_candidates=module.max_candidates)
@@ -151,7 +161,8 @@ def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
     if export.precision != "float32":
         log.warning("export.precision=%s applies to the retrieval model; the pipeline is "
                     "exported in float32", export.precision)
-    module = PipelineModule(retrieval, ranker, catalog, candidates=candidates,
+    module = PipelineModule(_for_catalog(retrieval, catalog), ranker, catalog,
+                            candidates=candidates,
                             max_per_brand=max_per_brand, search_history=search_history,
                             reasons=export.reasons,
                             **_index_inputs(run_dir, catalog, export, retrieval))

@@ -15,6 +15,7 @@ import tensorflow as tf
 from tfrec.config import ModelConfig
 from tfrec.data.feature_spec import FeatureSpec, default_spec
 from tfrec.features.attributes import ItemAttributes
+from tfrec.features.item_vectors import ItemVectors
 from tfrec.features.layers import (HourEmbedding, IdEmbedding, PooledSequenceEmbedding,
                                    PriceFeatures, SequenceAttributeEmbedding, TextEncoder)
 from tfrec.features.vocab import Vocabularies
@@ -174,7 +175,8 @@ class CandidateTower(_Tower):
              ("department", "department", _department),
              ("brand", "brand", _column("brand")),
              ("price", "price", _column("price")),
-             ("attributes", "attributes", lambda f: f))
+             ("attributes", "attributes", lambda f: f),
+             ("title_vectors", "title_vectors", _column("item_id")))
 
     def __init__(self, vocab: Vocabularies, config: ModelConfig, text: TextEncoder,
                  features: Optional[FeatureSpec] = None, **kwargs):
@@ -198,6 +200,9 @@ class CandidateTower(_Tower):
                                        vocab.log_price_std, features["price"].dim, name="price")
         if features.extras:  # declared catalog columns are always read
             self.attributes = ItemAttributes(features, vocab, name="attributes")
+        if config.title_encoder:  # vectors are filled by training / export, not here
+            self.title_vectors = ItemVectors(vocab.catalog_items, config.title_vector_width,
+                                             config.title_vector_dim, name="title_vectors")
         self.mlp = _mlp(config.hidden_units, config.embedding_dim, "candidate_mlp")
 
     @property

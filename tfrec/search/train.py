@@ -104,27 +104,11 @@ def title_vectors(cfg: SearchConfig, titles: Sequence[str],
     setting and shared by runs; a catalog with a few new or edited titles embeds only
     those (`TextVectorCache`).
     """
-    from tfrec.text.embedding import SentenceEncoder, TextVectorCache
+    from tfrec.text.embedding import cached_sentence_vectors
 
-    titles = [str(t) for t in titles]
-    encoder: List[SentenceEncoder] = []  # built only when some title is missing
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        if not encoder:
-            encoder.append(SentenceEncoder(cfg.title_encoder_path, cfg.preprocessor,
-                                           seq_length=cfg.title_length,
-                                           batch_size=cfg.embed_batch_size))
-        log.info("embedding %d titles with %s", len(texts), cfg.title_encoder_path)
-        return encoder[0].encode(texts)
-
-    if not cache_dir:
-        return embed(titles)
-    cache = TextVectorCache(cache_dir,
-                            f"{os.path.abspath(cfg.title_encoder_path)}\n{cfg.title_length}")
-    vectors = cache.vectors(titles, embed)
-    log.info("title vectors: %d of %d titles embedded, the rest read from %s", cache.embedded,
-             len(titles), cache_dir)
-    return vectors
+    return cached_sentence_vectors(titles, cfg.title_encoder_path, cfg.preprocessor,
+                                   cfg.title_length, cfg.embed_batch_size, cache_dir,
+                                   what="titles")
 
 
 def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,

@@ -283,3 +283,39 @@ class TextVectorCache:
 def _save(path: str, array: np.ndarray) -> None:
     with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a path
         np.save(f, array, allow_pickle=False)
+
+
+def cached_sentence_vectors(texts: Sequence[str], encoder: str, preprocessor: str,
+                            seq_length: int, batch_size: int = 128,
+                            cache_dir: Optional[str] = None, what: str = "texts") -> np.ndarray:
+    """Frozen sentence embeddings [N, H] of `texts`, cached on disk per text.
+
+    Frozen vectors depend only on the text and the encoder setting, so each text is
+    embedded once and shared by runs; a catalog with a few new or edited titles embeds
+    only those (`TextVectorCache`). The encoder is loaded only when some text is missing.
+
+    Args:
+      texts: the texts, in the order wanted.
+      encoder, preprocessor: TF-Hub-format encoder and preprocessor paths.
+      seq_length: tokens per text.
+      batch_size: texts per forward pass.
+      cache_dir: cache directory (None: embed everything, keep nothing).
+      what: what the texts are, in the log lines ("titles").
+    """
+    texts = [str(t) for t in texts]
+    loaded: List[SentenceEncoder] = []
+
+    def embed(batch: Sequence[str]) -> np.ndarray:
+        if not loaded:
+            loaded.append(SentenceEncoder(encoder, preprocessor, seq_length=seq_length,
+                                          batch_size=batch_size))
+        log.info("embedding %d %s with %s", len(batch), what, encoder)
+        return loaded[0].encode(batch)
+
+    if not cache_dir:
+        return embed(texts)
+    cache = TextVectorCache(cache_dir, f"{os.path.abspath(encoder)}\n{seq_length}")
+    vectors = cache.vectors(texts, embed)
+    log.info("%s vectors: %d of %d %s embedded, the rest read from %s", what, cache.embedded,
+             len(texts), what, cache_dir)
+    return vectors

@@ -43,6 +43,7 @@ from tfrec.training.callbacks import (PROJECTOR_MAX_POINTS, BackupAndRestore,
                                       RefreshCatalogIndex, RetrievalEvaluation,
                                       config_fingerprint, metric_key, refresh_index, tower_fn,
                                       write_hparams, write_projector)
+from tfrec.training.title_vectors import title_vectors
 from tfrec.training.warm_start import grow_vocabularies, transfer_weights
 from tfrec.training.keep_best import KeepBestEpoch
 from tfrec.training.optimizers import make_optimizer
@@ -305,6 +306,10 @@ def train_retrieval(cfg: Config,
             vocab = grow_vocabularies(previous[2], vocab)
         if chief:
             vocab.save(run_dir)
+    vectors = None
+    if cfg.model.title_encoder:  # frozen title embeddings, computed once per title
+        vectors = title_vectors(cfg.model, vocab.catalog_items, tables.catalog)
+        cfg.model.title_vector_width = int(vectors.shape[1])
     if chief:
         cfg.to_yaml(os.path.join(run_dir, "config.yaml"))
 
@@ -320,6 +325,8 @@ def train_retrieval(cfg: Config,
     with strategy.scope():
         model = build_model(vocab, cfg, precision, dp_noise=dp_noise)
         warm = transfer_weights(previous[0], model) if previous is not None else None
+        if vectors is not None:
+            model.candidate_tower.title_vectors.set_vectors(vocab.catalog_items, vectors)
     workers, num_ps = num_workers(strategy), 0
     if parameter_server:  # the strategy was built from TF_CONFIG
         jobs = (tf_config() or {})["cluster"]
