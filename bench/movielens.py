@@ -115,6 +115,7 @@ class TwoTowerSetup:
     content: bool = True  # title text + genres as item features
     history: int = 0  # history length (0: none)
     history_mode: str = "time"  # "time": rated just before; "profile": random own items
+    encoder: str = "pooled"  # model.history_encoder: pooled | transformer | gru
     hour: bool = False
     embedding_dim: int = 64
     id_dim: int = 64
@@ -260,6 +261,7 @@ def build_two_tower(setup: TwoTowerSetup, train: pd.DataFrame, items: pd.DataFra
     cfg.model.temperature = setup.temperature
     cfg.model.id_dropout = setup.id_dropout
     cfg.model.logq_correction = setup.logq
+    cfg.model.history_encoder = setup.encoder
     cfg.model.char_ngram_bins = 5000 if setup.content else 0
     cfg.model.factorized_topk_ks = tuple(factorized_ks)
     cfg.train.learning_rate = setup.lr
@@ -375,6 +377,12 @@ P1_SETUPS = [
     TwoTowerSetup("tfrec two-tower, + title/genres + 20 earlier train ratings", content=True,
                   history=20, embedding_dim=64, id_dim=64, hidden=(128,), temperature=0.2,
                   lr=0.003, epochs=8, id_dropout=0.1),
+    TwoTowerSetup("tfrec two-tower, + title/genres + 20 earlier ratings read by a GRU",
+                  content=True, history=20, embedding_dim=64, id_dim=64, hidden=(128,),
+                  temperature=0.2, lr=0.003, epochs=8, id_dropout=0.1, encoder="gru"),
+    TwoTowerSetup("tfrec two-tower, + title/genres + 20 earlier ratings, transformer",
+                  content=True, history=20, embedding_dim=64, id_dim=64, hidden=(128,),
+                  temperature=0.2, lr=0.003, epochs=8, id_dropout=0.1, encoder="transformer"),
 ]
 
 
