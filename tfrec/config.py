@@ -97,6 +97,9 @@ class ModelConfig:
     history_dropout: float = 0.1
     history_readout: str = "last"  # transformer: "last" (most recent position) | "attention"
     history_max_length: int = 200
+    # > 0: SASRec-style auxiliary loss (transformer/gru): every history position predicts
+    # the item after it, weighted by this against the retrieval loss (training only).
+    history_next_item_weight: float = 0.0
     # Frozen BERT title embeddings in the candidate tower: a TF-Hub encoder handle ("":
     # off) and its preprocessor. Each title is embedded once (cached per title under
     # title_vector_cache) and stored in the model; export embeds the catalog it is given.

@@ -18,6 +18,7 @@ from tfrec.data.feature_spec import FeatureSpec, default_spec
 from tfrec.features.layers import TextEncoder
 from tfrec.features.vocab import Vocabularies
 from tfrec.models.index import CatalogTopK
+from tfrec.models.sequence import HistoryEncoder
 from tfrec.models.towers import CandidateTower, QueryTower
 
 # Key of a batch already preprocessed by `TwoTowerModel.preprocess` (in tf.data).
@@ -135,13 +136,21 @@ class TwoTowerModel(tfrs.Model):
         candidate = self.candidate_tower.encode(features[PREPROCESSED], training=training)
         sampling = features.get("candidate_prob") if self.config.logq_correction else None
         ids = features.get("item_id") if self.index is not None else features.get("item_key")
-        return self.task(
+        loss = self.task(
             query, candidate,
             sample_weight=features.get("weight"),
             candidate_sampling_probability=sampling,
             candidate_ids=ids,
             # Top-k metrics over the catalog are costly; only evaluation pays for them.
             compute_metrics=not training)
+        history = getattr(self.query_tower, "history", None)
+        if training and self.config.history_next_item_weight > 0 and \
+                isinstance(history, HistoryEncoder):
+            # The task returns a batch sum: scale the mean auxiliary loss to match.
+            n = tf.cast(tf.shape(query)[0], tf.float32)
+            loss += self.config.history_next_item_weight * n * history.next_item_loss(
+                features["query_inputs"]["history"], training=training)
+        return loss
 
     def build_from_features(self) -> None:
         """Creates all variables with one dummy batch (needed before restoring weights)."""

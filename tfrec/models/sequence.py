@@ -73,6 +73,7 @@ class HistoryEncoder(tf.keras.layers.Layer):
       dropout: dropout inside the blocks (training only).
       readout: "last" (the most recent position, which attends to all older ones) or
         "attention" (a learned query pools every position); Transformer only.
+      next_item_loss: build the projection `next_item_loss` needs.
 
     Raises:
       ValueError: an unknown kind or readout, or a non-positive size.
@@ -81,7 +82,7 @@ class HistoryEncoder(tf.keras.layers.Layer):
     def __init__(self, items: IdEmbedding, categories: SequenceAttributeEmbedding,
                  brands: SequenceAttributeEmbedding, kind: str = "transformer", dim: int = 64,
                  max_length: int = 20, layers: int = 1, heads: int = 2, dropout: float = 0.1,
-                 readout: str = "last", **kwargs):
+                 readout: str = "last", next_item_loss: bool = False, **kwargs):
         super().__init__(**kwargs)
         if kind not in HISTORY_ENCODERS[1:]:
             raise ValueError(f"model.history_encoder must be one of {HISTORY_ENCODERS}, "
@@ -99,6 +100,11 @@ class HistoryEncoder(tf.keras.layers.Layer):
         self.kind, self.dim, self.max_length = kind, dim, max_length
         self.num_layers, self.heads, self.dropout, self.readout = layers, heads, dropout, readout
         self.project = tf.keras.layers.Dense(dim, name="project")
+        self.next_item = None
+        if next_item_loss:  # states -> the item embedding space (built now: the optimizer
+            # must see its variables before the first step)
+            self.next_item = tf.keras.layers.Dense(items.embedding.output_dim, name="next_item")
+            self.next_item.build(tf.TensorShape([None, dim]))
         if kind == "transformer":
             self.positions = tf.keras.layers.Embedding(max_length, dim, name="positions")
             self.blocks = [_Block(dim, heads, dropout, name=f"block_{i}") for i in range(layers)]
@@ -150,10 +156,51 @@ class HistoryEncoder(tf.keras.layers.Layer):
             out = tf.reduce_sum(weights[..., tf.newaxis] * x, axis=1)
         return tf.cast(out, self.compute_dtype)
 
+    def next_item_loss(self, idx: Dict[str, tf.Tensor], training: Optional[bool] = None,
+                       max_pairs: int = 2048) -> tf.Tensor:
+        """SASRec-style auxiliary loss: every position's state predicts the item that came
+        next (the position before it), a softmax over the batch's distinct next items.
+
+        One training example then teaches the encoder at every position instead of only
+        the last; causality keeps each state blind to the item it predicts.
+
+        Args:
+          idx: preprocessed histories (`preprocess`).
+          training: Keras training flag.
+          max_pairs: at most this many (state, next item) pairs per batch (bounded cost).
+
+        Returns:
+          Mean cross-entropy over the pairs (0 when the batch has none).
+
+        Raises:
+          ValueError: the encoder was built without next_item_loss.
+        """
+        if self.next_item is None:
+            raise ValueError("HistoryEncoder(next_item_loss=False) has no next-item head; "
+                             "set model.history_next_item_weight > 0")
+        states = self.states(idx, training=training)
+        items = tf.pad(idx["items"][:, :self.max_length],
+                       [[0, 0], [0, tf.maximum(0, 1 - tf.shape(idx["items"])[1])]])
+        after, target = states[:, 1:], items[:, :-1]  # position i predicts position i - 1
+        pairs = tf.where(tf.logical_and(items[:, 1:] > 0, target > 0))[:max_pairs]
+        query = self.next_item(tf.gather_nd(after, pairs))
+        wanted = tf.gather_nd(target, pairs)
+
+        def cross_entropy() -> tf.Tensor:
+            candidates, label = tf.unique(wanted)
+            table = tf.gather(self.items.embedding.embeddings, candidates)
+            logits = tf.matmul(tf.cast(query, tf.float32), tf.cast(table, tf.float32),
+                               transpose_b=True)
+            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(label, logits))
+
+        # A softmax needs at least one class: a batch without pairs adds nothing.
+        return tf.cond(tf.size(wanted) > 0, cross_entropy, lambda: tf.constant(0.0))
+
     def call(self, sequences: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
         return self.encode(self.preprocess(sequences), training=training)
 
     def get_config(self) -> Dict[str, Any]:
         return {**super().get_config(), "kind": self.kind, "dim": self.dim,
                 "max_length": self.max_length, "layers": self.num_layers,
-                "heads": self.heads, "dropout": self.dropout, "readout": self.readout}
+                "heads": self.heads, "dropout": self.dropout, "readout": self.readout,
+                "next_item_loss": self.next_item is not None}

@@ -145,7 +145,8 @@ class QueryTower(_Tower):
                     kind=config.history_encoder, dim=config.history_dim,
                     max_length=config.history_max_length, layers=config.history_layers,
                     heads=config.history_heads, dropout=config.history_dropout,
-                    readout=config.history_readout, name="history")
+                    readout=config.history_readout,
+                    next_item_loss=config.history_next_item_weight > 0, name="history")
         if "query" in used:
             self.text = text
         if "device" in used:
