@@ -20,6 +20,8 @@ What is measured (all in one process, on the training period of one synthetic wo
                        inside the training step (tfrec before preprocessing moved to
                        tf.data).
   tfrec, no trigrams   tfrec with `char_ngram_bins=0` (the price of typo robustness).
+  tfrec, transformer / GRU history  tfrec with `model.history_encoder` transformer
+                       or gru instead of the pooled history (the sequence models' cost).
   tfrec, ids only      tfrec configured like the baseline: `model.query_features
                        [user_id]`, `candidate_features [item_id]`, no hidden layer, no id
                        dropout (logQ correction and accidental-hit removal stay on).
@@ -85,12 +87,14 @@ SMOKE = dict(world="tiny", batch_size=256, epochs=1, eval_users=50,
              variants="baseline,tfrec,input_only")
 
 VARIANTS = ("baseline", "tfrec", "tfrec_uncached", "tfrec_in_step", "tfrec_no_trigrams",
-            "tfrec_ids", "input_only", "input_preprocessed")
+            "tfrec_ids", "tfrec_transformer", "tfrec_gru", "input_only", "input_preprocessed")
 LABELS = {"tfrec": "tfrec (as tfrec train)",
           "tfrec_uncached": "tfrec, input not cached",
           "tfrec_in_step": "tfrec, strings in the step",
           "tfrec_no_trigrams": "tfrec, no char trigrams",
           "tfrec_ids": "tfrec, ids only",
+          "tfrec_transformer": "tfrec, transformer history",
+          "tfrec_gru": "tfrec, GRU history",
           "baseline": "baseline TFRS tutorial (ids)",
           "input_only": "tfrec input pipeline only",
           "input_preprocessed": "tfrec input + preprocessing"}
@@ -276,6 +280,8 @@ def run(args, variants, cfg, meta, tables):
             run_cfg = copy.deepcopy(cfg)
             if variant == "tfrec_no_trigrams":
                 run_cfg.model.char_ngram_bins = 0
+            if variant in ("tfrec_transformer", "tfrec_gru"):
+                run_cfg.model.history_encoder = variant.split("_")[1]
             if variant == "tfrec_ids":
                 run_cfg.model.query_features, run_cfg.model.candidate_features = (
                     ("user_id",), ("item_id",))

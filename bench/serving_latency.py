@@ -66,8 +66,9 @@ SMOKE = dict(sizes="1000", server="thread", threads=2, seconds=0.5, max_requests
              repeats=1, direct_requests=20, users=1000, pool=16)
 
 
-def export_model(num_items, base_dir, args):
-    """Writes `<base_dir>/retrieval_<n>/1/`; returns (model name, item ids, user ids)."""
+def export_model(num_items, base_dir, args, encoder="pooled"):
+    """Writes `<base_dir>/retrieval_<n>[_<encoder>]/1/`; returns (model name, item ids,
+    user ids). `encoder` is the query tower's model.history_encoder."""
     spec = WorldSpec(name=f"catalog-{num_items}", num_items=num_items, num_users=50, days=1,
                      sessions_per_user=1.0)
     catalog = generate_world(spec, seed=args.seed).catalog
@@ -76,15 +77,20 @@ def export_model(num_items, base_dir, args):
     rows = max(len(items), len(users))  # as if every user and item had trained
     train = pd.DataFrame({"user_id": np.resize(users, rows), "item_id": np.resize(items, rows),
                           "query": ""})
-    config = ModelConfig()
+    config = ModelConfig(history_encoder=encoder)
     vocab = build_vocabularies(train, catalog, config.text_max_tokens, config.price_buckets)
     tf.keras.utils.set_random_seed(args.seed)
     model = TwoTowerModel(vocab, config)
     model.build_from_features()
     module = RetrievalModule(model, catalog)
-    name = f"retrieval_{num_items}"
+    name = f"retrieval_{num_items}" + ("" if encoder == "pooled" else f"_{encoder}")
     save_versioned(module, module.signatures(), base_dir, name, version=1)
     return name, items, users
+
+
+def label(num_items: int, encoder: str) -> str:
+    """Catalog column of a row: the size, and the history encoder when not pooled."""
+    return f"{num_items:,}" + ("" if encoder == "pooled" else f" {encoder}")
 
 
 def request_pool(items, users, args):
@@ -208,8 +214,13 @@ def main(argv=None):
     parser.add_argument("--server", choices=("process", "thread"), default="process",
                         help="run the ModelServer in a child process or in this process")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--history-encoders", default="pooled",
+                        help="comma list of model.history_encoder (pooled, transformer, gru)"
+                             ": one model per size and encoder")
     args = parse_smoke_args(parser, argv, SMOKE)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    encoders = [e.strip() for e in args.history_encoders.split(",") if e.strip()]
+    models = [(n, e) for n in sizes for e in encoders]
 
     started = time.perf_counter()
     base_dir = tempfile.mkdtemp(prefix="tfrec-bench-serving-")
@@ -217,19 +228,20 @@ def main(argv=None):
     rows = []
     try:
         exported, export_seconds = {}, {}
-        for n in sizes:
+        for n, e in models:
             t0 = time.perf_counter()
-            exported[n] = export_model(n, base_dir, args)
-            export_seconds[n] = time.perf_counter() - t0
-            print(f"exported {n} items in {export_seconds[n]:.0f}s", flush=True)
+            exported[n, e] = export_model(n, base_dir, args, e)
+            export_seconds[n, e] = time.perf_counter() - t0
+            print(f"exported {n} items ({e} history) in {export_seconds[n, e]:.0f}s",
+                  flush=True)
         t0 = time.perf_counter()
         server = Server({name: os.path.join(base_dir, name) for name, _, _ in exported.values()},
                         args.server)
         address = f"127.0.0.1:{server.port}"
         print(f"server ({args.server}) on {address} in {time.perf_counter() - t0:.0f}s",
               flush=True)
-        for n in sizes:
-            name, items, users = exported[n]
+        for n, e in models:
+            name, items, users = exported[n, e]
             pool = request_pool(items, users, args)
             with PredictClient(address, timeout=60) as client:
                 client.wait_until_available(name, timeout=120)
@@ -238,20 +250,20 @@ def main(argv=None):
             for threads in sorted({1, args.threads}):
                 runs = [closed_loop(address, name, pool, threads, args.seconds,
                                     args.max_requests) for _ in range(args.repeats)]
-                rows.append((n, "gRPC", threads, summarize(runs)))
+                rows.append((label(n, e), "gRPC", threads, summarize(runs)))
                 print(f"{n} items, {threads} thread(s): p50 {rows[-1][3]['p50']:.2f} ms",
                       flush=True)
             version_dir = os.path.join(base_dir, name, "1")
             runs = [direct_calls(version_dir, pool, args.direct_requests)
                     for _ in range(args.repeats)]
-            rows.append((n, "direct", 1, summarize(runs)))
+            rows.append((label(n, e), "direct", 1, summarize(runs)))
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(base_dir, ignore_errors=True)
 
     reference = rows[0][3]["p50"]
-    table = [[f"{n:,}", path, threads, s["requests"], f"{s['qps']:.1f}", f"{s['p50']:.2f}",
+    table = [[n, path, threads, s["requests"], f"{s['qps']:.1f}", f"{s['p50']:.2f}",
               f"{s['p95']:.2f}", f"{s['p99']:.2f}", s["errors"], f"{s['p50'] / reference:.2f}x"]
              for n, path, threads, s in rows]
     print()
@@ -262,9 +274,10 @@ def main(argv=None):
         ["catalog", "path", "threads", "requests", "QPS", "p50 ms", "p95 ms", "p99 ms",
          "errors", "p50 vs ref"], table,
         title=f"closed loop, {args.seconds:g}s per run (direct: {args.direct_requests} calls), "
-              f"median of {args.repeats} runs; ref = {sizes[0]:,} items, gRPC, 1 thread"))
-    print("build + export (s): " + ", ".join(f"{n:,} items {t:.0f}"
-                                             for n, t in export_seconds.items()))
+              f"median of {args.repeats} runs; ref = {label(*models[0])} items, gRPC, "
+              "1 thread"))
+    print("build + export (s): " + ", ".join(f"{label(n, e)} items {t:.0f}"
+                                             for (n, e), t in export_seconds.items()))
     print(f"total wall time {time.perf_counter() - started:.0f}s")
 
 
