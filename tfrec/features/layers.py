@@ -251,6 +251,15 @@ class SequenceAttributeEmbedding(tf.keras.layers.Layer):
                              recency_weights(idx, self.recency_decay))
         return tf.cast(pooled, self.compute_dtype)
 
+    def positions(self, sequences: tf.Tensor) -> tf.Tensor:
+        """Unpooled: the attribute embedding of every position, [B, H, dim]; zeros for
+        padding and items missing from the catalog (as the pooled mean skips them)."""
+        if not self.built:
+            self(sequences)  # creates the item -> value table
+        idx = self.preprocess(sequences)
+        rows = embedding_rows(self.embedding, tf.gather(self.table, idx))
+        return tf.cast(rows * tf.cast(idx > 1, rows.dtype)[..., tf.newaxis], self.compute_dtype)
+
     def call(self, sequences: tf.Tensor) -> tf.Tensor:
         return self.encode(self.preprocess(sequences))
 
