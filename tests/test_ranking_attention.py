@@ -15,6 +15,7 @@ from tfrec.config import RankingConfig
 from tfrec.features.catalog import CatalogLookup
 from tfrec.features.vocab import build_vocabularies
 from tfrec.models.ranking import CANDIDATE_INPUTS, RankingModel
+from tfrec.models.target_attention import TargetAttention
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +247,21 @@ def test_target_attention_learns_a_same_item_category_and_brand_match(planted):
     # Without the attention's summary the same trained ranker is back at chance.
     ablated = dict(x, target_history=tf.zeros_like(x["target_history"]))
     assert abs(_pair_accuracy(model.logits(ablated)["click"].numpy(), labels) - 0.5) < 0.1
+
+
+def test_target_attention_setting_and_bad_values(planted):
+    from tfrec.config import Config
+
+    cfg = Config().override(["ranking.target_attention=true"])
+    assert cfg.ranking.target_attention is True and Config().ranking.target_attention is False
+    with pytest.raises(ValueError, match="ranking.target_attention must be true/false"):
+        Config().override(["ranking.target_attention=maybe"])
+    _, _, vocab, catalog = planted
+    with pytest.raises(ValueError, match="ranking.target_attention must be true or false"):
+        RankingModel(vocab, RankingConfig(target_attention="yes"), catalog)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        TargetAttention(normalization="l1")
+    with pytest.raises(ValueError, match="hidden units >= 1"):
+        TargetAttention(units=())
+    layer = TargetAttention((16, 8), "softmax")
+    assert TargetAttention.from_config(layer.get_config()).units == (16, 8)
