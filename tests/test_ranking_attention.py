@@ -88,6 +88,28 @@ def test_attention_ranker_trains_exports_and_reloads(attention_run, trained_run,
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_attention_pipeline_exports_with_reasons(attention_run, trained_run, tiny_world):
+    """The pipeline SavedModel (retrieval -> ranker -> rules) with leave-one-out reasons,
+    whose passes recompute the attention for each shortened history."""
+    from tfrec.config import ExportConfig
+    from tfrec.export.exporter import export_pipeline
+
+    model, ids = attention_run["result"].model, tiny_world.catalog["item_id"].tolist()
+    pipeline = tf.saved_model.load(export_pipeline(
+        attention_run["run_dir"], tiny_world.catalog,
+        ExportConfig(base_dir=str(attention_run["work"] / "models")),
+        retrieval=trained_run.model, ranker=model)).signatures["serving_default"]
+    got = pipeline(user_id=tf.constant(["U0", "nobody"]),
+                   history=tf.constant([[ids[1], ids[2], ids[3]], ["", "", ""]]),
+                   device=tf.constant(["mobile", "desktop"]),
+                   hour=tf.constant([9, 21], tf.int64), k=tf.constant([5, 3]),
+                   exclude_item_ids=tf.constant([[""], [""]]),
+                   purchased_item_ids=tf.constant([[""], [""]]))
+    shown = got["item_ids"].numpy() != b""
+    assert shown[0].sum() == 5 and shown[1].sum() == 3
+    assert (got["reasons"].numpy()[shown] != b"").all()
+
+
 def test_attention_follows_the_candidates_category_and_ignores_padding(attention_run,
                                                                        tiny_world):
     model = attention_run["result"].model
