@@ -128,6 +128,10 @@ class RankingConfig:
     click_weight: float = 1.0
     purchase_weight: float = 3.0  # purchases are rarer and worth more: weight them up
     position_debias: bool = True  # shallow position tower on the click logit, training only
+    # DIN-style target attention: each candidate pools the history's items (id, category,
+    # brand) with weights from its match to them, a piece of its own beside the pooled
+    # history (tfrec.models.target_attention).
+    target_attention: bool = False
     id_dropout: float = 0.5  # ranker: rely on features that generalise across users
     relevance_weight: float = 0.0  # graded relevance head (labels where they exist)
     # Text of query and candidate: "bow" (words + char trigrams, fast, no encoder), "fast"

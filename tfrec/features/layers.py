@@ -252,12 +252,14 @@ class SequenceAttributeEmbedding(tf.keras.layers.Layer):
         return tf.cast(pooled, self.compute_dtype)
 
     def rows(self, idx: tf.Tensor) -> tf.Tensor:
-        """Catalog rows (from `preprocess`) -> one attribute embedding per position
-        [B, H, dim] (zeros for padding and unknown items), for sequence models."""
+        """Catalog rows (from `preprocess`) -> the attribute embedding of every position,
+        [B, H, dim], unpooled for sequence models and target attention; zeros for padding
+        and items missing from the catalog (as the pooled mean skips them)."""
         if not self.built:  # a sequence model may read the rows before the pooled call
             self.build(None)
         vectors = embedding_rows(self.embedding, tf.gather(self.table, idx))
-        return vectors * tf.cast(idx > 1, vectors.dtype)[..., tf.newaxis]
+        vectors = vectors * tf.cast(idx > 1, vectors.dtype)[..., tf.newaxis]
+        return tf.cast(vectors, self.compute_dtype)
 
     def call(self, sequences: tf.Tensor) -> tf.Tensor:
         return self.encode(self.preprocess(sequences))

@@ -19,7 +19,7 @@ GROUP_OF_INPUT = {
     "user": "user", "history_items": "history", "history_categories": "history",
     "history_brands": "history", "device": "context", "hour": "context", "item": "item",
     "category": "item", "brand": "item", "price": "item", "attributes": "item",
-    "text": "text", "retrieval": "retrieval"}
+    "text": "text", "target_history": "history", "retrieval": "retrieval"}
 GROUP_OF_NUMERIC = {"popularity": "item", "retrieval": "retrieval", "category": "history",
                     "brand": "history", "price": "history"}
 GROUPS = ("user", "history", "item", "context", "text", "retrieval")

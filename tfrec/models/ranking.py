@@ -25,18 +25,28 @@ from tfrec.features.vocab import Vocabularies
 from tfrec.models.encoder_rate import minimize
 from tfrec.models.lists import masked_zscore
 from tfrec.models.losses import get_loss
+from tfrec.models.target_attention import TargetAttention
 
 TASKS = ("click", "purchase", "relevance")
 TEXT_MODES = ("bow", "fast", "cross")
 NUMERIC_FEATURES = 14  # popularity x3, retrieval score x2, trend z-score, affinity x8
 SHARE_FLOOR = 0.02  # log(share + floor) keeps unseen categories finite
-# The ranker's inputs (`RankingModel.inputs`) in the order the crosses read them; numeric,
-# the optional extra attributes and text follow the first ten.
+# The ranker's inputs (`RankingModel.scoring_inputs`) in the order the crosses read them;
+# numeric, the optional extra attributes, text and target_history (ranking.target_attention
+# only) follow the first ten.
 INPUT_ORDER = ("user", "history_items", "history_categories", "history_brands", "device",
                "hour", "item", "category", "brand", "price", "numeric", "attributes", "text",
-               "retrieval")
+               "target_history", "retrieval")
 # The inputs that depend on the candidate (and query) only, not on the shopper.
+# (target_history depends on both: it is recomputed whenever the history changes.)
 CANDIDATE_INPUTS = ("item", "category", "brand", "price", "attributes", "text")
+# The candidate pieces target attention matches against each history position's item,
+# category and brand embeddings (same sizes, in the same order).
+TARGET_MATCH = ("item", "category", "brand")
+# How target attention weighs history positions (tfrec.models.target_attention): sigmoid
+# (DIN's unnormalised weights, over the real position count) or softmax.
+TARGET_NORMALIZATION = "sigmoid"
+TARGET_UNITS = (32,)
 # Which standardised numeric features (`RankingModel._numeric`) say what.
 NUMERIC_GROUPS = {"popularity": (0, 1, 2, 5), "retrieval": (3, 4), "category": (6, 7),
                   "brand": (8, 9), "price": (10, 11, 12, 13)}
@@ -79,6 +89,9 @@ class RankingModel(tf.keras.Model):
         self.vocab = vocab
         self.catalog = catalog
         self.text_match = text_match
+        if not isinstance(config.target_attention, bool):
+            raise ValueError(f"ranking.target_attention must be true or false, "
+                             f"got {config.target_attention!r}")
         # A fine-tuned encoder's own optimizer (tfrec.models.encoder_rate); None: one rate.
         self.encoder_optimizer: Optional[tf.keras.optimizers.Optimizer] = None
         self.features = features = catalog.features
@@ -98,6 +111,11 @@ class RankingModel(tf.keras.Model):
         self.item = IdEmbedding(vocab.items, dim, dropout=config.id_dropout, name="item")
         self.category = IdEmbedding(vocab.categories, features["category"].dim, name="category")
         self.brand = IdEmbedding(vocab.brands, features["brand"].dim, name="brand")
+        # Each candidate's own summary of the history (DIN); None when off, so rankers
+        # without it keep exactly their weights and checkpoints.
+        self.target_attention = (TargetAttention(TARGET_UNITS, TARGET_NORMALIZATION,
+                                                 name="target_attention")
+                                 if config.target_attention else None)
         self.price = PriceFeatures(vocab.price_boundaries, vocab.log_price_mean,
                                    vocab.log_price_std, features["price"].dim, name="price")
         self.attributes = ItemAttributes(features, vocab, name="attributes")
@@ -302,9 +320,30 @@ class RankingModel(tf.keras.Model):
             if attributes:
                 candidates["attributes"] = attributes[0]
         out.update(candidates)
+        if self.target_attention is not None:
+            out["target_history"] = self._target_history(f, candidates, training)
         out["numeric"] = (self._numeric(f, item) - self.numeric_mean) / self.numeric_std * valid
         out["retrieval"] = self._retrieval(f)
         return out
+
+    def _target_history(self, f: Dict[str, tf.Tensor], candidates: Dict[str, tf.Tensor],
+                        training: Optional[bool]) -> tf.Tensor:
+        """Target attention of each candidate over the history positions: [B*L, D].
+
+        A history position is its item id, category and brand embeddings (the tables of
+        the pooled history pieces); a candidate, its item, category and brand pieces.
+        """
+        history = f["history"]
+        catalog_rows = self.history_categories.preprocess(history)  # same rows for both
+        positions = tf.concat([
+            self.recent_items.id_embedding(history, training=training),
+            self.history_categories.rows(catalog_rows),
+            self.history_brands.rows(catalog_rows)], axis=2)  # [B, H, D]
+        batch, size = tf.shape(f["item_id"])[0], tf.shape(f["item_id"])[1]
+        target = tf.concat([candidates[name] for name in TARGET_MATCH], axis=1)  # [B*L, D]
+        target = tf.reshape(target, [batch, size, target.shape[-1]])
+        attended = self.target_attention(positions, target, tf.not_equal(history, ""))
+        return tf.reshape(attended, [batch * size, attended.shape[-1]])
 
     def logits(self, x: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         """Per-task logits [B, L] from `scoring_inputs` (no training-only position bias)."""
@@ -313,7 +352,9 @@ class RankingModel(tf.keras.Model):
         pieces = [x[name] for name in INPUT_ORDER[:10]]
         pieces.append(tf.reshape(numeric, [-1, NUMERIC_FEATURES]))
         pieces += [x["attributes"]] if "attributes" in x else []
-        x0 = tf.concat(pieces + [x["text"]], axis=1)
+        pieces.append(x["text"])
+        pieces += [x["target_history"]] if "target_history" in x else []
+        x0 = tf.concat(pieces, axis=1)
         # Keras casts only a layer's first input to its compute dtype (float16 when mixed).
         x0 = tf.cast(x0, self.dense_dtype)
         h = x0
