@@ -62,3 +62,33 @@ def small_run_config(data_dir: str, work, run_name: str):
     cfg.train.run_name = run_name
     cfg.export.base_dir = str(work / "models")
     return cfg
+
+
+_FRESH_SIGNATURE = r"""
+import json, sys
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  (the text ops TF Serving links)
+
+path, name, inputs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+signature = tf.saved_model.load(path).signatures[name]
+specs = signature.structured_input_signature[1]
+out = signature(**{k: tf.constant(v, specs[k].dtype) for k, v in inputs.items()})
+print("RESULT" + json.dumps({k: v.numpy().tolist() for k, v in out.items()}))
+"""
+
+
+def fresh_signature(path: str, name: str, inputs: dict, timeout: float = 300.0) -> dict:
+    """Outputs (numpy arrays) of signature `name` of the SavedModel at `path`, loaded in a
+    fresh process with TensorFlow and TF Text only; `inputs` are JSON-able lists."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    out = subprocess.run([sys.executable, "-c", _FRESH_SIGNATURE, path, name, json.dumps(inputs)],
+                         capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {k: np.array(v) for k, v in json.loads(out.stdout.split("RESULT", 1)[1]).items()}

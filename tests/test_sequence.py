@@ -2,11 +2,6 @@
 where the order of the history matters."""
 
 import copy
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
@@ -22,7 +17,7 @@ from tfrec.models.embedding import tower_fn
 from tfrec.models.retrieval import TwoTowerModel
 from tfrec.models.sequence import causal_mask
 
-from tests.helpers import small_run_config
+from tests.helpers import fresh_signature, small_run_config
 
 
 def _sequence_model(trained_run, kind: str, **changes) -> TwoTowerModel:
@@ -101,21 +96,6 @@ def test_events_after_the_request_time_cannot_change_the_query(trained_run, tiny
     np.testing.assert_allclose(query(match), query(row), atol=1e-6)
 
 
-FRESH_QUERY = textwrap.dedent(r"""
-    import json, sys
-    import tensorflow as tf
-    import tensorflow_text  # noqa: F401  (text ops of the towers)
-
-    m = tf.saved_model.load(sys.argv[1])
-    request = json.loads(sys.argv[2])
-    q = m.signatures["query_embedding"](
-        user_id=tf.constant(request["user_id"]), history=tf.constant(request["history"]),
-        query=tf.constant(request["query"]), device=tf.constant(request["device"]),
-        hour=tf.constant(request["hour"], tf.int64))
-    print("RESULT" + json.dumps(q["embedding"].numpy().tolist()))
-""")
-
-
 @pytest.fixture(scope="module")
 def transformer_run(tiny_config, tmp_path_factory):
     from tfrec.training.trainer import train_retrieval
@@ -137,11 +117,7 @@ def test_transformer_export_reloads_with_the_same_query_embeddings(transformer_r
     request = {"user_id": ["U000001", "unknown"],
                "history": [items[:4] + [""], ["", "", "", "", ""]],
                "query": ["", "无线耳机 café"], "device": ["mobile", ""], "hour": [9, 23]}
-    out = subprocess.run([sys.executable, "-c", FRESH_QUERY, path, json.dumps(request)],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert out.returncode == 0, out.stderr[-3000:]
-    served = np.array(json.loads(out.stdout.split("RESULT", 1)[1]))
+    served = fresh_signature(path, "query_embedding", request)["embedding"]
     local = tower_fn(run.model.query_tower)(
         {k: np.array(v, dtype=np.int64 if k == "hour" else object) for k, v in request.items()})
     np.testing.assert_allclose(served, local, atol=1e-5)

@@ -2,11 +2,6 @@
 the run, refreshed for the catalog given at export (new items without retraining)."""
 
 import copy
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
@@ -16,6 +11,8 @@ import tfrec  # noqa: F401
 
 from tfrec.models.embedding import tower_fn
 from tfrec.training.title_vectors import title_vectors
+
+from tests.helpers import fresh_signature
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +55,6 @@ def test_training_stores_one_vector_per_catalog_item(vectors_run, tiny_world):
     np.testing.assert_allclose(rebuilt.candidate_tower.title_vectors.vectors.numpy(), stored)
 
 
-FRESH = textwrap.dedent(r"""
-    import json, sys
-    import tensorflow as tf
-    import tensorflow_text  # noqa: F401
-
-    m = tf.saved_model.load(sys.argv[1])
-    items = json.loads(sys.argv[2])
-    c = m.signatures["candidate_embedding"](
-        item_id=tf.constant(items["item_id"]), title=tf.constant(items["title"]),
-        category=tf.constant(items["category"]), brand=tf.constant(items["brand"]),
-        price=tf.constant(items["price"], tf.float32))
-    print("RESULT" + json.dumps(c["embedding"].numpy().tolist()))
-""")
-
-
 def test_export_embeds_a_new_items_title_without_retraining(vectors_run, tiny_world):
     from tfrec.export.exporter import export_retrieval
     from tfrec.training.trainer import load_trained_model
@@ -91,11 +73,7 @@ def test_export_embeds_a_new_items_title_without_retraining(vectors_run, tiny_wo
     probe = catalog.iloc[[0, len(catalog) - 1]]
     items = {k: [x.item() if hasattr(x, "item") else x for x in v]
              for k, v in _items(probe).items()}
-    out = subprocess.run([sys.executable, "-c", FRESH, path, json.dumps(items)],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert out.returncode == 0, out.stderr[-3000:]
-    served = np.array(json.loads(out.stdout.split("RESULT", 1)[1]))
+    served = fresh_signature(path, "candidate_embedding", items)["embedding"]
     np.testing.assert_allclose(served, tower_fn(model.candidate_tower)(_items(probe)), atol=1e-5)
 
 
