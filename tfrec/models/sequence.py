@@ -119,14 +119,18 @@ class HistoryEncoder(tf.keras.layers.Layer):
         return {"items": self.items.preprocess(sequences),
                 "catalog": self.categories.preprocess(sequences)}
 
+    def _read(self, idx: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """The item and catalog rows the encoder reads: the first max_length positions,
+        and at least one (padding) position, as requests may send no history at all."""
+        pad = [[0, 0], [0, tf.maximum(0, 1 - tf.shape(idx["items"])[1])]]
+        return {key: tf.pad(idx[key][:, :self.max_length], pad) for key in ("items", "catalog")}
+
     def states(self, idx: Dict[str, tf.Tensor], training: Optional[bool] = None
                ) -> tf.Tensor:
         """Preprocessed histories -> one state per position [B, H, dim] (H >= 1), each
         read from its own item and the older ones only; zeros at padding."""
-        # At least one (padding) position: requests may send no history columns at all.
-        pad = [[0, 0], [0, tf.maximum(0, 1 - tf.shape(idx["items"])[1])]]
-        items = tf.pad(idx["items"][:, :self.max_length], pad)
-        catalog = tf.pad(idx["catalog"][:, :self.max_length], pad)
+        read = self._read(idx)
+        items, catalog = read["items"], read["catalog"]
         valid = items > 0
         x = tf.concat([tf.cast(self.items.encode(items, training=training), tf.float32),
                        tf.cast(self.categories.rows(catalog), tf.float32),
@@ -149,7 +153,7 @@ class HistoryEncoder(tf.keras.layers.Layer):
         if self.readout == "last" or self.kind == "gru":
             out = x[:, 0]  # the most recent position has read the whole history
         else:
-            valid = tf.reduce_any(tf.not_equal(x, 0.0), axis=-1)
+            valid = self._read(idx)["items"] > 0
             score = tf.squeeze(self.pool_query(x), -1)
             score = tf.where(valid, score, tf.fill(tf.shape(score), -1e9))
             weights = tf.nn.softmax(score, axis=1) * tf.cast(valid, x.dtype)
@@ -179,8 +183,7 @@ class HistoryEncoder(tf.keras.layers.Layer):
             raise ValueError("HistoryEncoder(next_item_loss=False) has no next-item head; "
                              "set model.history_next_item_weight > 0")
         states = self.states(idx, training=training)
-        items = tf.pad(idx["items"][:, :self.max_length],
-                       [[0, 0], [0, tf.maximum(0, 1 - tf.shape(idx["items"])[1])]])
+        items = self._read(idx)["items"]
         after, target = states[:, 1:], items[:, :-1]  # position i predicts position i - 1
         pairs = tf.where(tf.logical_and(items[:, 1:] > 0, target > 0))[:max_pairs]
         query = self.next_item(tf.gather_nd(after, pairs))
