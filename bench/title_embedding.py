@@ -1,4 +1,4 @@
-"""Title embedding for search: titles/s of the old and new batching, and a re-index.
+"""Title embedding for search: titles/s of the old and new embedding, and a re-index.
 
 Data: the distinct product titles of ../shared/data/homedepot/queries_dev.csv
 (tfrec.data.homedepot), a seeded sample of --titles of them. Encoder: MiniLM
@@ -10,8 +10,13 @@ passes after one warm-up batch:
   * "padded (before)": the batching `title_vectors` used until now: titles sorted by
     length, every batch packed to the full --title-length (SentenceEncoder trim=False).
     The reference of the "vs before" column.
-  * "trimmed (after)": the same order, each batch cut to its longest title
-    (SentenceEncoder default); the vectors are checked equal to the padded ones.
+  * "trimmed, by tokens": titles batched by token count, each batch cut to its longest
+    title (SentenceEncoder's trim).
+  * "+ 2 batches in flight": the same with two batches running at once (workers=2).
+  * "+ PRECISION (after)": the same with the encoder's matmuls in --precision (auto:
+    bfloat16 on CPUs with native bfloat16, as `tfrec search train` does).
+  Each row shows the smallest cosine and the largest difference of its vectors to the
+  padded float32 ones.
   * "re-index, N% changed": a TextVectorCache filled with every title, then asked for
     the catalog with --changed percent of the titles edited: only those are embedded.
 
@@ -37,7 +42,8 @@ import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 import numpy as np
 
 from tfrec.data.homedepot import homedepot_path, load_homedepot
-from tfrec.text.embedding import SentenceEncoder, TextVectorCache
+from tfrec.text.embedding import (PRECISIONS, SentenceEncoder, TextVectorCache,
+                                  resolve_precision)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import format_table, machine_line, parse_smoke_args, ratio, tiny_bert  # noqa: E402
@@ -60,6 +66,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (best shown)")
     parser.add_argument("--changed", type=float, default=1.0,
                         help="percent of titles edited before the re-index")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="the last row's encoder matmuls (auto: bfloat16 where the CPU "
+                             "multiplies it natively)")
     parser.add_argument("--seed", type=int, default=0)
     args = parse_smoke_args(parser, argv, SMOKE)
     if args.encoder != TINY:
@@ -98,39 +107,52 @@ def run(args: argparse.Namespace, scratch: str) -> None:
     if args.encoder == TINY:
         args.encoder, args.preprocessor = tiny_bert(os.path.join(scratch, "bert"), titles)
     ordered = sorted(titles, key=len)  # what title_vectors did before trimming
-    encoders = {trim: SentenceEncoder(args.encoder, args.preprocessor,
+    precision = resolve_precision(args.precision)
+    settings = {  # row -> SentenceEncoder arguments, each a step on the one before
+        "padded (before)": dict(trim=False, workers=1, precision="float32"),
+        "trimmed, by tokens": dict(trim=True, workers=1, precision="float32"),
+        "+ 2 batches in flight": dict(trim=True, workers=2, precision="float32"),
+        f"+ {precision} (after)": dict(trim=True, workers=2, precision=precision),
+    }
+    encoders = {name: SentenceEncoder(args.encoder, args.preprocessor,
                                       seq_length=args.title_length,
-                                      batch_size=args.batch_size, trim=trim,
-                                      progress_seconds=0)
-                for trim in (False, True)}
-    for encoder in encoders.values():
-        encoder.encode(ordered[:args.batch_size])  # warm-up: traces the function
-    before = best_seconds(lambda: encoders[False].encode(ordered), args.repeats)
-    after = best_seconds(lambda: encoders[True].encode(titles), args.repeats)
-    gap = float(np.max(np.abs(encoders[True].encode(titles)
-                              - encoders[False].encode(titles))))
+                                      batch_size=args.batch_size, progress_seconds=0, **kw)
+                for name, kw in settings.items()}
+    seconds, vectors = {}, {}
+    for name, encoder in encoders.items():
+        texts = ordered if name == "padded (before)" else titles
+        encoder.encode(texts[:args.batch_size])  # warm-up: traces the function
+        seconds[name] = best_seconds(lambda: encoder.encode(texts), args.repeats)
+        vectors[name] = encoder.encode(titles)
+    reference = vectors["padded (before)"]
+    before = seconds["padded (before)"]
 
     cache = TextVectorCache(os.path.join(scratch, "cache"), "bench")
-    cache.vectors(titles, encoders[True].encode)
+    after = encoders[f"+ {precision} (after)"]
+    cache.vectors(titles, after.encode)
     edited = list(titles)
     count = max(1, int(round(len(titles) * args.changed / 100)))
     for i in np.random.default_rng(args.seed + 1).permutation(len(titles))[:count]:
         edited[i] = edited[i] + " (new)"
     start = time.perf_counter()
-    cache.vectors(edited, encoders[True].encode)
+    cache.vectors(edited, after.encode)
     reindex = time.perf_counter() - start
 
     n = len(titles)
-    rows = [["padded (before)", n, f"{before:.2f}", f"{n / before:.0f}", "1.00x"],
-            ["trimmed (after)", n, f"{after:.2f}", f"{n / after:.0f}", ratio(before, after)],
-            [f"re-index, {args.changed:g}% changed", cache.embedded, f"{reindex:.2f}",
-             f"{n / reindex:.0f}", ratio(before, reindex)]]
+    rows = [[name, n, f"{s:.2f}", f"{n / s:.0f}", ratio(before, s),
+             f"{float(np.min(np.sum(vectors[name] * reference, axis=1))):.6f}",
+             f"{float(np.max(np.abs(vectors[name] - reference))):.1e}"]
+            for name, s in seconds.items()]
+    rows.append([f"re-index, {args.changed:g}% changed", cache.embedded, f"{reindex:.2f}",
+                 f"{n / reindex:.0f}", ratio(before, reindex), "", ""])
     print(format_table(
-        ["batching", "embedded", "seconds", "titles/s", "vs before"], rows,
+        ["batching", "embedded", "seconds", "titles/s", "vs before", "min cosine",
+         "max |diff|"], rows,
         title=f"title embedding | {n} titles, {args.title_length} tokens, batch "
               f"{args.batch_size}, best of {args.repeats} | {args.encoder}\n{machine_line()}"))
-    print(f"max |trimmed - padded| over the vectors: {gap:.2e}; titles/s counts every title "
-          "of the catalog (the re-index embeds only the changed ones)")
+    print(f"{after.precision} resolved from --precision {args.precision}; cosine and |diff| "
+          "against the padded float32 vectors; titles/s counts every title of the catalog "
+          "(the re-index embeds only the changed ones)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -339,6 +339,46 @@ def test_trimmed_length_batches_give_the_same_vectors_in_input_order(tiny_encode
     assert trimmed.encode([]).shape == (0, full.dim)
 
 
+def test_batches_in_flight_give_the_same_vectors_as_one_at_a_time(tiny_encoder):
+    from tfrec.text.embedding import SentenceEncoder
+
+    one = SentenceEncoder(*tiny_encoder, seq_length=64, batch_size=2, workers=1)
+    three = SentenceEncoder(*tiny_encoder, seq_length=64, batch_size=2, workers=3)
+    np.testing.assert_allclose(three.encode(TEXTS * 3), one.encode(TEXTS * 3), atol=2e-5)
+    counts = one.token_counts(TEXTS)
+    assert counts[5] == 2 and counts[1] > counts[0] > 2  # "" is [CLS] [SEP]; the long title
+    with pytest.raises(ValueError, match="workers"):
+        SentenceEncoder(*tiny_encoder, workers=0)
+
+
+def test_bfloat16_vectors_stay_close_and_the_rewrite_stays_inside_the_encoder(
+        tiny_encoder, tmp_path):
+    """bfloat16 matmuls for frozen text vectors; graphs built afterwards stay float32."""
+    from tfrec.text.embedding import (SentenceEncoder, bfloat16_pays, cached_sentence_vectors,
+                                      resolve_precision)
+
+    texts = TEXTS * 20
+    exact = SentenceEncoder(*tiny_encoder, seq_length=64, batch_size=8).encode(texts)
+    half = SentenceEncoder(*tiny_encoder, seq_length=64, batch_size=8,
+                           precision="bfloat16").encode(texts)
+    cosine = np.sum(exact * half, axis=1)
+    assert cosine.min() > 0.99, cosine.min()
+    if bfloat16_pays():  # the rewrite runs (on other CPUs oneDNN may leave float32)
+        assert np.abs(exact - half).max() > 1e-4
+    a = np.random.default_rng(0).normal(size=[64, 64]).astype(np.float32)
+    product = tf.function(lambda x: tf.matmul(x, x))(tf.constant(a)).numpy()
+    np.testing.assert_allclose(product, a.astype(np.float64) @ a, rtol=1e-4, atol=1e-4)
+    assert resolve_precision("auto") in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("float16")
+    # bfloat16 and float32 vectors of the same texts are cached apart.
+    for precision in ("float32", "bfloat16"):
+        cached_sentence_vectors(TEXTS, *tiny_encoder, seq_length=64,
+                                cache_dir=str(tmp_path), precision=precision)
+    prefixes = {os.path.basename(p).split(".")[0] for p in glob.glob(str(tmp_path / "*.npy"))}
+    assert len(prefixes) == 2, prefixes
+
+
 def test_text_vector_cache_embeds_only_new_or_changed_texts(tiny_encoder, tmp_path):
     from tfrec.text.embedding import SentenceEncoder, TextVectorCache
 

@@ -107,6 +107,9 @@ class ModelConfig:
     title_preprocessor: str = "work/text/minilm/preprocessor"
     title_vector_dim: int = 64  # trained projection of the stored vectors
     title_vector_length: int = 48  # BERT tokens per title
+    # Encoder matmuls while embedding titles: auto (bfloat16 on CPUs that multiply it
+    # natively, else float32) | float32 | bfloat16 (cosine to float32 > 0.999).
+    title_vector_precision: str = "auto"
     title_vector_cache: str = "work/text/title_vectors"
     title_vector_width: int = 0  # set by training from the encoder (saved with the run)
     price_buckets: int = 20

@@ -80,6 +80,9 @@ class SearchConfig:
     ranker_batch_size: int = 32
     results: int = 10  # products the exported model returns
     embed_batch_size: int = 128
+    # Encoder matmuls for the frozen title vectors: auto (bfloat16 on CPUs that multiply
+    # it natively, else float32) | float32 | bfloat16 (cosine to float32 > 0.999).
+    title_precision: str = "auto"
     # Two-tower fine-tuning under tf.distribute: default|one_device|mirrored (the BERT
     # query tower is the cost); the small ranker trains on one device.
     strategy: str = "default"

@@ -108,7 +108,7 @@ def title_vectors(cfg: SearchConfig, titles: Sequence[str],
 
     return cached_sentence_vectors(titles, cfg.title_encoder_path, cfg.preprocessor,
                                    cfg.title_length, cfg.embed_batch_size, cache_dir,
-                                   what="titles")
+                                   what="titles", precision=cfg.title_precision)
 
 
 def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,

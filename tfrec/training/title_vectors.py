@@ -30,7 +30,8 @@ def title_vectors(config: ModelConfig, item_ids: Sequence[str], catalog: pd.Data
               .reindex([str(i) for i in item_ids]).fillna("").astype(str).tolist())
     return cached_sentence_vectors(titles, config.title_encoder, config.title_preprocessor,
                                    config.title_vector_length,
-                                   cache_dir=config.title_vector_cache or None, what="titles")
+                                   cache_dir=config.title_vector_cache or None, what="titles",
+                                   precision=config.title_vector_precision)
 
 
 def use_catalog_title_vectors(model, catalog: pd.DataFrame) -> bool:
