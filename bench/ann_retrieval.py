@@ -127,22 +127,29 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tf_rows(name, vectors, queries, plan, nprobes, args, build_s):
-    """Exact and IVF rows through CatalogIndex (what the export serves)."""
+    """Exact and IVF rows through CatalogIndex (what the export serves), per --precisions.
+
+    Recall is always against float32 exact search; "vs exact" against float32 exact.
+    """
     rows = []
     ordered = vectors[plan.order]
     truth = exact_top_k(queries, ordered, K)
-    exact = CatalogIndex(ordered, IndexChoice(plan=None))
-    ivf = CatalogIndex(ordered, IndexChoice(plan=plan, nprobe=1))
-    exact_fn = tf.function(lambda q: exact.top_k(q, K)[1])
-    ivf_fn = tf.function(lambda q, p: ivf.top_k(q, K, nprobe=p)[1])
     index_mb = (plan.centroids.nbytes + 2 * 8 * plan.nlist) / 2 ** 20
-    variants = [("exact", None)] + [(f"ivf nprobe={p}", p) for p in nprobes if p <= plan.nlist]
+    variants = []
+    for precision in args.precisions.split(","):
+        exact = CatalogIndex(ordered, IndexChoice(plan=None), precision=precision)
+        ivf = CatalogIndex(ordered, IndexChoice(plan=plan, nprobe=1), precision=precision)
+        exact_fn = tf.function(lambda q, exact=exact: exact.top_k(q, K)[1])
+        ivf_fn = tf.function(lambda q, p, ivf=ivf: ivf.top_k(q, K, nprobe=p)[1])
+        tag = "" if precision == "float32" else f" {precision}"
+        variants.append((f"exact{tag}", None, exact_fn))
+        variants += [(f"ivf nprobe={p}{tag}", p, ivf_fn) for p in nprobes if p <= plan.nlist]
     reference = None
-    for label, p in variants:
+    for label, p, fn in variants:
         if p is None:
-            call = lambda q: exact_fn(tf.constant(q))  # noqa: E731
+            call = lambda q, fn=fn: fn(tf.constant(q))  # noqa: E731
         else:
-            call = lambda q, p=p: ivf_fn(tf.constant(q), tf.fill([len(q)], p))  # noqa: E731
+            call = lambda q, p=p, fn=fn: fn(tf.constant(q), tf.fill([len(q)], p))  # noqa: E731
         found = np.concatenate([call(b).numpy() for b in batches_of(queries, 64)])[
             :len(queries)]
         b1 = timed(call, batches_of(queries, 1), args.warmup, args.requests)
@@ -269,6 +276,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-faiss", dest="faiss", action="store_false")
     parser.add_argument("--no-grpc", dest="grpc", action="store_false")
     parser.add_argument("--work-dir", help="keeps worlds, runs and exports (default: temp)")
+    parser.add_argument("--precisions", default="float32",
+                        help="storage of the catalog embeddings, comma-separated "
+                             "(float32, bfloat16, int8): rows for each")
     parser.add_argument("--seed", type=int, default=0)
     args = parse_smoke_args(parser, argv, SMOKE)
     tmp = None
