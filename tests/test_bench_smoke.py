@@ -142,7 +142,8 @@ BENCHES: Dict[str, Expect] = {
          r"tiny \(0\.03M events\) +Beam, disk shuffle +\d.* yes$"]),
     "title_embedding": Expect(
         [("batching", "embedded", "titles/s", "vs before")],
-        [row("padded (before)"), row("trimmed (after)"), row("re-index, 1% changed")]),
+        [row("padded (before)"), row("trimmed, by tokens"), row("+ 2 batches in flight"),
+         r"\+ (bfloat16|float32) \(after\) +\d", row("re-index, 1% changed")]),
     "text_tokenize": Expect(
         [("texts", "n", "ascii us/text", "unicode us/text", "vs ascii")],
         [r"synthetic titles \(en\), batch 1 +\d", r"synthetic titles \(zh\), batch 4096 +\d",

@@ -176,6 +176,43 @@ def test_mixed_precision_ranker_trains_and_reloads_in_float32(ranking_data, tiny
                                mixed.score(mixed(inputs)).numpy(), rtol=0.02, atol=0.05)
 
 
+def test_lazy_adam_ranker_leaves_item_rows_no_batch_touched(ranking_data, tiny_world):
+    """ranking.optimizer=lazy_adam: the step updates the item rows of its lists only, so
+    its cost follows the batch, not the catalog (Adam decays every row every step)."""
+    from tfrec.config import Config
+    from tfrec.training.optimizers import LazyAdam
+    from tfrec.training.ranking_trainer import build_ranker
+
+    vocab, _, train, _, _ = ranking_data
+    stats = catalog_statistics(tiny_world.catalog, positive_interactions(tiny_world.events),
+                               int(tiny_world.events["ts"].median()))
+    moved, kinds = {}, {}
+    lists = {k: v[:32] for k, v in train.items() if k != "popularity"}
+    first = {k: v[:16] for k, v in lists.items()}
+    second = {k: v[16:] for k, v in lists.items()}
+    for name in ("lazy_adam", "adam"):
+        cfg = Config()
+        cfg.ranking.optimizer = name
+        tf.keras.utils.set_random_seed(0)
+        model = build_ranker(vocab, cfg, tiny_world.catalog, stats)
+        model.adapt_numeric(lists)
+        # Two steps on the first lists (here the first leaves the item table unchanged),
+        # then one on the second.
+        model.fit(tf.data.Dataset.from_tensor_slices(first).batch(16), epochs=2, verbose=0)
+        table = model.item.trainable_weights[0]
+        before = table.numpy().copy()
+        model.fit(tf.data.Dataset.from_tensor_slices(second).batch(16), verbose=0)
+        moved[name] = int(np.any(table.numpy() != before, axis=1).sum())
+        kinds[name] = type(model.optimizer)
+    assert kinds["lazy_adam"] is LazyAdam
+    # Step 2 moves the second batch's rows only; Adam also moves the first batch's
+    # rows with their momentum (a whole-table update).
+    assert 0 < moved["lazy_adam"] < moved["adam"], moved
+    cfg.ranking.optimizer = "adamw"
+    with pytest.raises(ValueError, match="unknown optimizer 'adamw'"):
+        build_ranker(vocab, cfg, tiny_world.catalog, stats)
+
+
 def test_bad_ranker_configs_are_clear_errors(ranking_data):
     vocab, _, _, _, catalog = ranking_data
     with pytest.raises(ValueError, match="text_mode must be one of"):

@@ -38,6 +38,7 @@ from tfrec.metrics.candidates import (candidate_lists, concat_lists, excludes_hi
                                        period_purchases, search_candidate_lists,
                                        search_sessions)
 from tfrec.training.keep_best import KeepBestEpoch
+from tfrec.training.optimizers import make_optimizer
 from tfrec.training.warm_start import transfer_weights
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy,
                                      resolve_precision)
@@ -103,7 +104,7 @@ def build_ranker(vocab: Vocabularies, cfg: Config, catalog: pd.DataFrame,
     model = RankingModel(vocab, cfg.ranking, lookup,
                          text_match=build_text_match(cfg, catalog, precision),
                          precision=precision)
-    optimizer = tf.keras.optimizers.Adam(cfg.ranking.learning_rate)
+    optimizer = make_optimizer(cfg.ranking.optimizer, cfg.ranking.learning_rate)
     if precision == "mixed_float16":
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer)
