@@ -12,7 +12,9 @@ Usage: python bench/recommendation_rerank.py [--world small] [--seeds 0 1 2]
 Each `--variant` is a model configuration trained on the same world per seed (config
 overrides as `tfrec --set` takes them), e.g. `--variant pooled --variant
 transformer:model.history_encoder=transformer`; the default is one variant with the
-package defaults. The whole-catalog oracle (the generator's utility over every item)
+package defaults. Variants that differ only in `ranking.*` keys share one retrieval
+model per seed (the first such variant's), so their rankers re-rank the same candidates
+(a paired comparison). The whole-catalog oracle (the generator's utility over every item)
 bounds retrieval: the "of oracle" line is each variant's recall@100 over the oracle's.
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, one seed (0), 1
@@ -88,11 +90,17 @@ def one_seed(world: str, seed: int, root: str, args=None, variants=(("default", 
     start = time.perf_counter()
     workflow.generate(base)
     out = {}
+    trained = {}  # retrieval overrides -> the run they trained (shared: paired rankers)
     for name, overrides in variants:
         began = time.perf_counter()
         cfg = copy.deepcopy(base).override(list(overrides))
-        cfg.train.run_name = f"{name}-{seed}"
-        result = workflow.train(cfg)
+        retrieval_key = tuple(o for o in overrides if not o.startswith("ranking."))
+        if retrieval_key in trained:
+            result = trained[retrieval_key]
+            cfg.train.run_name = result.run_name
+        else:
+            cfg.train.run_name = f"{name}-{seed}"
+            result = trained[retrieval_key] = workflow.train(cfg)
         ranked = workflow.train_ranker(cfg, run=result.run_name, retrieval=result.model)
         rows = workflow.evaluate(cfg, run=result.run_name,
                                  max_users=args.users if args is not None else None)
