@@ -66,7 +66,9 @@ def bfloat16_rewrite(enabled: bool = True):
     """Functions first called inside run their float32 graphs in bfloat16 (oneDNN rewrite).
 
     The rewrite is a process-wide graph-optimizer option, so it is switched on only for
-    the calls made inside the block: training graphs built later stay float32.
+    the calls made inside the block: training graphs built later stay float32 (a thread
+    that makes its first TF call while the block is open may keep it: TF caches the
+    option per thread).
     """
     if not enabled:
         yield
