@@ -12,6 +12,8 @@ graphs are the ones training produces): "bow" (words + char trigrams), "fast Min
 tfrec.text.hub_export.build_tiny_encoder); --variants picks among bow,minilm,tiny.
 BERT variants are skipped, with the reason printed, when
 tfrec.models.text_match.TextMatch does not import or MiniLM is missing.
+--history-encoders repeats every variant with the retrieval model's query tower reading
+the history with that encoder (model.history_encoder: pooled, transformer, gru).
 Each variant is exported with export_ranker / export_pipeline (K = 100 and 200, k = 10,
 max_per_brand 3) and served by tfrec's ModelServer in a child process on 127.0.0.1.
 
@@ -87,9 +89,12 @@ class World:
         self.vocab = build_vocabularies(train, self.catalog, cfg.model.text_max_tokens,
                                         cfg.model.price_buckets)
         self.stats = catalog_statistics(self.catalog, positives, cut)
-        tf.keras.utils.set_random_seed(args.seed)
-        self.retrieval = TwoTowerModel(self.vocab, cfg.model)
-        self.retrieval.build_from_features()
+        self.retrievals = {}  # history encoder -> retrieval model
+        for encoder in args.history_encoders:
+            cfg.model.history_encoder = encoder
+            tf.keras.utils.set_random_seed(args.seed)
+            self.retrievals[encoder] = TwoTowerModel(self.vocab, cfg.model)
+            self.retrievals[encoder].build_from_features()
 
 
 def text_variants(args, world: World, workdir: str) -> Tuple[List[Tuple[str, str, str]],
@@ -145,16 +150,17 @@ def build_ranker(world: World, text: Optional[Tuple[str, str, str]], args):
     return model
 
 
-def export_variant(world: World, ranker, name: str, base_dir: str, args) -> Dict[str, str]:
+def export_variant(world: World, ranker, name: str, base_dir: str, args,
+                   retrieval) -> Dict[str, str]:
     """Exports the ranker and one pipeline per K; returns row key -> model name."""
     export = ExportConfig(base_dir=base_dir, version=1)
     models = {"ranker": f"ranker_{name}"}
     export_ranker(base_dir, world.catalog, export, model_name=models["ranker"],
-                  retrieval=world.retrieval, ranker=ranker)
+                  retrieval=retrieval, ranker=ranker)
     for k in args.candidates:
         models[f"pipeline_{k}"] = f"pipeline_{name}_{k}"
         export_pipeline(base_dir, world.catalog, export, model_name=models[f"pipeline_{k}"],
-                        candidates=k, retrieval=world.retrieval, ranker=ranker)
+                        candidates=k, retrieval=retrieval, ranker=ranker)
     return models
 
 
@@ -252,8 +258,12 @@ def main(argv=None):
     parser.add_argument("--bow-only", action="store_true", help="skip the BERT variants")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"rankers to measure, comma list among {','.join(VARIANTS)}")
+    parser.add_argument("--history-encoders", default="pooled",
+                        help="retrieval query towers' history encoders, comma list among "
+                             "pooled,transformer,gru (model.history_encoder): rows for each")
     parser.add_argument("--seed", type=int, default=42)
     args = parse_smoke_args(parser, argv, SMOKE)
+    args.history_encoders = [e.strip() for e in args.history_encoders.split(",") if e.strip()]
     args.candidates = [int(k) for k in args.candidates.split(",") if k.strip()]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(VARIANTS))
@@ -275,12 +285,16 @@ def main(argv=None):
         if "bow" not in args.variants:
             skipped.insert(0, "bow: not in --variants")
             print(f"skipped {skipped[0]}", flush=True)
-        for text in ([None] if "bow" in args.variants else []) + bert:
+        for encoder, text in [(e, t) for e in args.history_encoders
+                              for t in ([None] if "bow" in args.variants else []) + bert]:
             label = "bow" if text is None else text[0]
-            name = label.replace(" ", "_").lower()
+            if encoder != "pooled":
+                label += f", {encoder} history"
+            name = label.replace(" ", "_").replace(",", "").lower()
             base_dir = os.path.join(workdir, "models", name)
             t0 = time.perf_counter()
-            models = export_variant(world, build_ranker(world, text, args), name, base_dir, args)
+            models = export_variant(world, build_ranker(world, text, args), name, base_dir, args,
+                                    world.retrievals[encoder])
             build_seconds[label] = time.perf_counter() - t0
             print(f"{label}: built and exported in {build_seconds[label]:.0f}s", flush=True)
             rows += bench_variant(label, models, base_dir, pools, args)
