@@ -31,11 +31,32 @@ def test_training_beats_popularity_on_test_period(trained_run, tiny_config, tiny
     assert oracle["recall@10"] > two_tower["recall@10"], rows
 
 
-def test_training_improves_validation_recall(trained_run):
+def test_training_improves_validation_recall(trained_run, tiny_config, tiny_world):
+    """The kept weights beat the same model untrained on the validation period.
+
+    (Comparing the last epoch with the first failed a CI run: on the tiny world the
+    recall peaks after one or two epochs, and the best epoch is what is kept.)
+    """
+    from tfrec.data.feature_spec import FeatureSpec
+    from tfrec.models.retrieval import TwoTowerModel
+
     history = trained_run.history
-    assert "val_recall_at_100" in history and "loss" in history
-    assert history["val_recall_at_100"][-1] > history["val_recall_at_100"][0]
-    assert all(np.isfinite(history["loss"]))
+    assert "val_recall_at_100" in history and all(np.isfinite(history["loss"]))
+    assert history["loss"][-1] < history["loss"][0]
+    _, cfg, vocab = load_trained_model(trained_run.run_dir)
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    untrained = TwoTowerModel(vocab, cfg.model, features=FeatureSpec.from_config(cfg.features))
+    split = load_meta(tiny_config.data.tfrecord_dir)["split"]
+
+    def recall(model):
+        rows = evaluate_period(tiny_world.events, tiny_world.catalog, split["t_val"],
+                               split["t_test"], cfg.data.history_length,
+                               tower_fn(model.query_tower), tower_fn(model.candidate_tower),
+                               data_dir=tiny_config.data.data_dir)
+        return rows["two_tower"]["recall@100"]
+
+    before, after = recall(untrained), recall(trained_run.model)
+    assert after > before + 0.05, (before, after)
 
 
 def test_run_directory_rebuilds_the_same_model(trained_run, tiny_world):
