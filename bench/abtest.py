@@ -149,20 +149,34 @@ def main(argv=None) -> None:
     if "skipped" in section:
         print(f"off-policy: skipped ({section['skipped']})")
     else:
-        ips_rows = [[metric, f"{e['online']:.4f}",
-                     f"[{e['online_ci_low']:.4f}, {e['online_ci_high']:.4f}]", f"{e['ips']:.4f}",
-                     f"[{e['ips_ci_low']:.4f}, {e['ips_ci_high']:.4f}]",
-                     ratio(e["ips"], e["online"]), "yes" if e["online_within_ips_ci"] else "no",
-                     "yes" if e["ips_within_online_ci"] else "no", f"{e['snips']:.4f}",
-                     ratio(e["snips"], e["online"]), f"{e['effective_sample_size']:.0f}"]
-                    for metric, e in section.items() if isinstance(e, dict)]
-        print(format_table(["ranker arm", "online", "online 95% CI", "IPS", "IPS 95% CI",
-                            "IPS vs online", "online in IPS CI", "IPS in online CI", "SNIPS",
-                            "SNIPS vs online", "eff. n"], ips_rows,
-                           title=f"off-policy: the ranker arm estimated from "
-                                 f"{section['logged_requests']} retrieval-arm requests "
-                                 f"({section['matched_slots']} slots where the logged item "
-                                 f"is the ranker's)"))
+        def estimator_rows(entries, who):
+            rows = []
+            for metric, e in entries:
+                for name, key in (("IPS", "ips"), ("PBM-IPS", "pbm_ips")):
+                    if key not in e:
+                        continue
+                    rows.append([f"{who} {metric}", name, f"{e['online']:.4f}",
+                                 f"[{e['online_ci_low']:.4f}, {e['online_ci_high']:.4f}]",
+                                 f"{e[key]:.4f}",
+                                 f"[{e[key + '_ci_low']:.4f}, {e[key + '_ci_high']:.4f}]",
+                                 ratio(e[key], e["online"]),
+                                 "yes" if e[key + "_ci_low"] <= e["online"] <= e[key + "_ci_high"]
+                                 else "no",
+                                 "yes" if e["online_ci_low"] <= e[key] <= e["online_ci_high"]
+                                 else "no",
+                                 f"{e[key + '_ci_high'] - e[key + '_ci_low']:.3f}"])
+            return rows
+
+        rows = estimator_rows([(m, e) for m, e in section.items()
+                               if isinstance(e, dict) and m != "self_check"], "ranker")
+        rows += estimator_rows(section.get("self_check", {}).items(), "retrieval exploit")
+        print(format_table(["policy / metric", "estimator", "online", "online 95% CI (users)",
+                            "estimate", "95% CI", "vs online", "online in CI",
+                            "estimate in online CI", "CI width"], rows,
+                           title=f"off-policy, from {section['logged_requests']} retrieval-arm "
+                                 f"requests ({section['matched_slots']} slots where the logged "
+                                 f"item is the ranker's at its position); 'retrieval exploit': "
+                                 f"the logging arm's own ranking vs its exploit-only requests"))
     print(f"decision: {report['decision']}")
     search = report["search"]
     rows = []

@@ -119,9 +119,15 @@ def _print_section(section) -> None:
     if "skipped" in off_policy:
         print(f"off-policy: skipped ({off_policy['skipped']})")
     else:
-        entry = off_policy["clicks_per_request"]
-        print(f"off-policy clicks/request of {off_policy['treatment']}: IPS {entry['ips']:.3f} "
-              f"[{entry['ips_ci_low']:.3f}, {entry['ips_ci_high']:.3f}], SNIPS "
-              f"{entry['snips']:.3f} vs online {entry['online']:.3f} "
-              f"[{entry['online_ci_low']:.3f}, {entry['online_ci_high']:.3f}]")
+        checks = [(off_policy["treatment"], off_policy["clicks_per_request"])]
+        if "self_check" in off_policy:
+            checks.append((f"{off_policy['control']} (exploit, self-check)",
+                           off_policy["self_check"]["clicks_per_request"]))
+        for who, entry in checks:
+            pbm = (f", PBM-IPS {entry['pbm_ips']:.3f} [{entry['pbm_ips_ci_low']:.3f}, "
+                   f"{entry['pbm_ips_ci_high']:.3f}]" if "pbm_ips" in entry else "")
+            print(f"off-policy clicks/request of {who}: IPS {entry['ips']:.3f} "
+                  f"[{entry['ips_ci_low']:.3f}, {entry['ips_ci_high']:.3f}]{pbm}, SNIPS "
+                  f"{entry['snips']:.3f} vs online {entry['online']:.3f} "
+                  f"[{entry['online_ci_low']:.3f}, {entry['online_ci_high']:.3f}]")
     print(f"decision: {section['decision']}")

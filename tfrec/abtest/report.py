@@ -21,7 +21,12 @@ from tfrec.abtest.simulate import LOGS_DIR, OUTCOMES_FILE, RUN_FILE
 from tfrec.data.io import read_table
 from tfrec.evaluation.html_report import (figure, html_page, html_table, json_safe, png_bytes,
                                           png_img)
-from tfrec.evaluation.off_policy import mean_interval, slate_ips_estimate, slate_snips_estimate
+from tfrec.evaluation.off_policy import (
+    mean_interval,
+    pbm_ips_estimate,
+    slate_ips_estimate,
+    slate_snips_estimate,
+)
 from tfrec.evaluation.online import arm_summary, arm_tests, request_outcomes
 from tfrec.serving.experiments import Arm, Experiment, load_experiments
 from tfrec.serving.request_log import read_request_logs
@@ -80,11 +85,95 @@ def replay_lists(arm: Arm, base: str, version: int, logs: pd.DataFrame) -> List[
     return lists
 
 
+def _slates(control_logs: pd.DataFrame, target: List[List[str]], outcomes: pd.DataFrame,
+            prices: Mapping[str, float]) -> Dict[str, Any]:
+    """The logged lists as [lists, positions] arrays for the slate estimators.
+
+    Rewards of each logged slot (clicks, GMV), the logging propensities (at the position,
+    anywhere in the list), and where the target list puts each logged item.
+    """
+    acted = outcomes[outcomes["event_type"].isin(["click", "purchase"])]
+    clicked = set(zip(acted.loc[acted["event_type"] == "click", "session_id"],
+                      acted.loc[acted["event_type"] == "click", "item_id"]))
+    bought = set(zip(acted.loc[acted["event_type"] == "purchase", "session_id"],
+                     acted.loc[acted["event_type"] == "purchase", "item_id"]))
+    width = max(len(x) for x in control_logs["item_ids"])
+    shape = (len(control_logs), width)
+    clicks, gmv = np.zeros(shape), np.zeros(shape)
+    target_p, logging_p = np.zeros(shape), np.ones(shape)
+    target_at, inclusion = np.full(shape, -1, dtype=np.int64), np.zeros(shape)
+    # Logs of an older server carry no inclusion propensities: PBM-IPS is then skipped.
+    has_inclusion = "inclusion_propensities" in control_logs and bool(
+        control_logs["inclusion_propensities"].map(lambda x: x is not None and
+                                                   not np.isscalar(x)).all())
+    for row, log in enumerate(control_logs.itertuples()):
+        where = {item: t for t, item in enumerate(target[row][:width])}
+        included = log.inclusion_propensities if has_inclusion else log.propensities
+        for j, (item, p, q) in enumerate(zip(log.item_ids, log.propensities, included)):
+            clicks[row, j] = (log.request_id, item) in clicked
+            gmv[row, j] = prices.get(item, 0.0) if (log.request_id, item) in bought else 0.0
+            logging_p[row, j], inclusion[row, j] = p, q
+            target_at[row, j] = where.get(item, -1)
+            target_p[row, j] = float(target_at[row, j] == j)
+    return {"clicks": clicks, "gmv": gmv, "target_p": target_p, "logging_p": logging_p,
+            "target_at": target_at, "inclusion": inclusion, "has_inclusion": has_inclusion,
+            "randomized": control_logs["explored"].to_numpy(bool),
+            "users": control_logs["user_id"].to_numpy()}
+
+
+def _estimates(slates: Dict[str, Any], column: str, online: np.ndarray,
+               online_users: np.ndarray, alpha: float) -> Dict[str, Any]:
+    """IPS, SNIPS and PBM-IPS of one reward beside its online mean, with intervals.
+
+    Users are the randomisation unit: the online interval clusters by user and the
+    PBM-IPS bootstrap resamples users.
+    """
+    rewards = slates[column]
+    estimate = slate_ips_estimate(rewards, slates["target_p"], slates["logging_p"],
+                                  alpha=alpha)
+    snips = slate_snips_estimate(rewards, slates["target_p"], slates["logging_p"],
+                                 alpha=alpha)
+    mean, low, high = mean_interval(online, alpha, groups=online_users)
+    entry = {
+        "ips": estimate.value, "ips_ci_low": estimate.ci_low,
+        "ips_ci_high": estimate.ci_high,
+        "effective_sample_size": estimate.effective_sample_size,
+        "snips": snips.value, "snips_ci_low": snips.ci_low, "snips_ci_high": snips.ci_high,
+        "online": mean, "online_ci_low": low, "online_ci_high": high,
+        "online_within_ips_ci": bool(estimate.ci_low <= mean <= estimate.ci_high),
+        "ips_within_online_ci": bool(low <= estimate.value <= high),
+    }
+    if not slates["has_inclusion"]:
+        entry["pbm_ips_skipped"] = ("the logs carry no inclusion propensities (written by "
+                                    "an older server)")
+        return entry
+    try:
+        pbm = pbm_ips_estimate(rewards, slates["target_at"], slates["inclusion"],
+                               slates["randomized"], groups=slates["users"], alpha=alpha)
+    except ValueError as error:  # e.g. too few explored lists to measure position bias
+        entry["pbm_ips_skipped"] = str(error)
+        return entry
+    entry.update({
+        "pbm_ips": pbm.value, "pbm_ips_ci_low": pbm.ci_low, "pbm_ips_ci_high": pbm.ci_high,
+        "pbm_effective_sample_size": pbm.effective_sample_size,
+        "online_within_pbm_ips_ci": bool(pbm.ci_low <= mean <= pbm.ci_high),
+        "pbm_ips_within_online_ci": bool(low <= pbm.value <= high),
+    })
+    return entry
+
+
 def off_policy_check(logs: pd.DataFrame, requests: pd.DataFrame, outcomes: pd.DataFrame,
                      prices: Mapping[str, float], control: Arm, treatment: Arm,
-                     treatment_base: str, alpha: float = 0.05) -> Dict[str, Any]:
-    """IPS estimate of the treatment's clicks and GMV per request from the control
-    arm's logs, beside the treatment's online values with their intervals."""
+                     treatment_base: str, alpha: float = 0.05,
+                     control_base: Optional[str] = None) -> Dict[str, Any]:
+    """Off-policy estimates of the treatment's clicks and GMV per request from the
+    control arm's logs, beside the treatment's online values with their intervals.
+
+    The treatment's online users are not the control's: with few users the two differ
+    by who they are as much as by the ranking. With `control_base`, the same estimators
+    also value the control's own exploit ranking on its logs, beside its exploit-only
+    requests (`self_check`): one population, so a disagreement there is the estimator's.
+    """
     control_logs = logs[logs["arm"] == control.name].reset_index(drop=True)
     explored = any(np.min(p) < 1.0 for p in control_logs["propensities"] if len(p))
     if not explored:
@@ -95,43 +184,24 @@ def off_policy_check(logs: pd.DataFrame, requests: pd.DataFrame, outcomes: pd.Da
     if treated.empty:
         return {"skipped": f"arm {treatment.name!r} served no requests"}
     version = int(treated["version"].max())
-    target = replay_lists(treatment, treatment_base, version, control_logs)
-    acted = outcomes[outcomes["event_type"].isin(["click", "purchase"])]
-    clicked = set(zip(acted.loc[acted["event_type"] == "click", "session_id"],
-                      acted.loc[acted["event_type"] == "click", "item_id"]))
-    bought = set(zip(acted.loc[acted["event_type"] == "purchase", "session_id"],
-                     acted.loc[acted["event_type"] == "purchase", "item_id"]))
-    width = max(len(x) for x in control_logs["item_ids"])
-    shape = (len(control_logs), width)
-    clicks, gmv = np.zeros(shape), np.zeros(shape)
-    target_p, logging_p = np.zeros(shape), np.ones(shape)
-    matched = 0
-    for row, log in enumerate(control_logs.itertuples()):
-        for j, (item, p) in enumerate(zip(log.item_ids, log.propensities)):
-            clicks[row, j] = (log.request_id, item) in clicked
-            gmv[row, j] = prices.get(item, 0.0) if (log.request_id, item) in bought else 0.0
-            logging_p[row, j] = p
-            if j < len(target[row]) and target[row][j] == item:
-                target_p[row, j] = 1.0
-                matched += 1
+    slates = _slates(control_logs, replay_lists(treatment, treatment_base, version,
+                                                control_logs), outcomes, prices)
     result = {"control": control.name, "treatment": treatment.name,
               "treatment_version": version, "logged_requests": len(control_logs),
-              "matched_slots": matched}
+              "matched_slots": int(slates["target_p"].sum()),
+              "inclusion_logged": slates["has_inclusion"]}
     online = requests[requests["arm"] == treatment.name]
-    for name, rewards, column in (("clicks_per_request", clicks, "clicks"),
-                                  ("gmv_per_request", gmv, "gmv")):
-        estimate = slate_ips_estimate(rewards, target_p, logging_p, alpha=alpha)
-        snips = slate_snips_estimate(rewards, target_p, logging_p, alpha=alpha)
-        mean, low, high = mean_interval(online[column].to_numpy(np.float64), alpha)
-        result[name] = {
-            "ips": estimate.value, "ips_ci_low": estimate.ci_low,
-            "ips_ci_high": estimate.ci_high, "effective_sample_size":
-                estimate.effective_sample_size,
-            "snips": snips.value, "snips_ci_low": snips.ci_low, "snips_ci_high": snips.ci_high,
-            "online": mean, "online_ci_low": low, "online_ci_high": high,
-            "online_within_ips_ci": bool(estimate.ci_low <= mean <= estimate.ci_high),
-            "ips_within_online_ci": bool(low <= estimate.value <= high),
-        }
+    for name, column in (("clicks_per_request", "clicks"), ("gmv_per_request", "gmv")):
+        result[name] = _estimates(slates, column, online[column].to_numpy(np.float64),
+                                  online["user_id"].to_numpy(), alpha)
+    if control_base is not None:
+        exploit = requests[(requests["arm"] == control.name) & ~requests["explored"]]
+        own = _slates(control_logs, replay_lists(
+            control, control_base, int(control_logs["version"].max()), control_logs),
+            outcomes, prices)
+        result["self_check"] = {"clicks_per_request": _estimates(
+            own, "clicks", exploit["clicks"].to_numpy(np.float64),
+            exploit["user_id"].to_numpy(), alpha)}
     return result
 
 
@@ -159,7 +229,8 @@ def experiment_section(experiment: Experiment, logs: pd.DataFrame, outcomes: pd.
         "arms": arm_summary(requests),
         "tests": arm_tests(requests, control, treatment, alpha),
         "off_policy": off_policy_check(logs, requests, outcomes, prices, arms[control],
-                                       arms[treatment], models[arms[treatment].model], alpha),
+                                       arms[treatment], models[arms[treatment].model], alpha,
+                                       control_base=models.get(arms[control].model)),
     }
     exploit = requests[(requests["arm"] == control) & ~requests["explored"]]
     if len(exploit) < (requests["arm"] == control).sum():  # the control explored: its cost
@@ -256,17 +327,27 @@ def _plot_arms(report: Dict[str, Any]) -> bytes:
 def _plot_off_policy(section: Dict[str, Any]) -> bytes:
     fig, ax = figure(5.0, 3.2)
     entry = section["clicks_per_request"]
-    for x, (name, value, low, high) in enumerate((
-            ("online", entry["online"], entry["online_ci_low"], entry["online_ci_high"]),
-            ("IPS from control logs", entry["ips"], entry["ips_ci_low"], entry["ips_ci_high"]))):
+    points = [("online", "online"), ("IPS from control logs", "ips")]
+    if "pbm_ips" in entry:
+        points.append(("PBM-IPS from control logs", "pbm_ips"))
+    for x, (_, key) in enumerate(points):
+        value, low, high = entry[key], entry[f"{key}_ci_low"], entry[f"{key}_ci_high"]
         ax.errorbar([x], [value], yerr=[[value - low], [high - value]], fmt="o", capsize=6)
-    ax.set_xticks([0, 1])
-    ax.set_xticklabels(["online", "IPS from control logs"], fontsize=8)
-    ax.set_xlim(-0.5, 1.5)
+    ax.set_xticks(range(len(points)))
+    ax.set_xticklabels([label for label, _ in points], fontsize=7)
+    ax.set_xlim(-0.5, len(points) - 0.5)
     ax.set_ylabel("clicks per request")
     ax.set_title(f"{section['treatment']}: online vs off-policy", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     return png_bytes(fig)
+
+
+def _off_policy_rows(off_policy: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Table rows: the treatment's metrics, then the control's self-check."""
+    rows = {k: v for k, v in off_policy.items() if k != "self_check" and isinstance(v, dict)}
+    for metric, entry in off_policy.get("self_check", {}).items():
+        rows[f"self-check of {off_policy['control']} (exploit): {metric}"] = entry
+    return rows
 
 
 def _section_html(section: Dict[str, Any], alpha: float) -> List[str]:
@@ -282,8 +363,7 @@ def _section_html(section: Dict[str, Any], alpha: float) -> List[str]:
         parts.append(f"<p class='skip'>Skipped: {html.escape(off_policy['skipped'])}</p>")
     else:
         parts.append(png_img(_plot_off_policy(off_policy), "off_policy"))
-        parts.append(html_table({k: v for k, v in off_policy.items() if isinstance(v, dict)},
-                                first="metric"))
+        parts.append(html_table(_off_policy_rows(off_policy), first="metric"))
     return parts
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["OffPolicyEstimate", "importance_weights", "ips_estimate", "slate_ips_estimate",
-           "slate_snips_estimate", "snips_estimate"]
+__all__ = ["OffPolicyEstimate", "importance_weights", "ips_estimate", "pbm_ips_estimate",
+           "position_bias", "slate_ips_estimate", "slate_snips_estimate", "snips_estimate"]
 
 
 @dataclass(frozen=True)
@@ -91,15 +91,25 @@ def _normal_quantile(alpha: float) -> float:
     return NormalDist().inv_cdf(1 - alpha / 2)
 
 
-def mean_interval(values: Sequence[float], alpha: float = 0.05) -> Tuple[float, float, float]:
+def mean_interval(values: Sequence[float], alpha: float = 0.05,
+                  groups: Optional[Sequence[Any]] = None) -> Tuple[float, float, float]:
     """(mean, low, high): the mean with its normal-approximation interval.
 
-    The online side of an off-policy check, measured the way the estimates are.
-    Bounds are NaN for fewer than two values.
+    The online side of an off-policy check, measured the way the estimates are. With
+    `groups` (e.g. the user of each request) the standard error is cluster-robust:
+    one user's requests are not independent draws. Bounds are NaN for fewer than two
+    values (or groups).
     """
     x = np.asarray(values, dtype=np.float64)
     mean = float(x.mean())
-    se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+    if groups is not None:
+        _, group_of = np.unique(np.asarray(groups), return_inverse=True)
+        sums = np.bincount(group_of, weights=x - mean)
+        g = sums.size
+        se = (float(np.sqrt(g / (g - 1) * np.sum(sums ** 2)) / len(x)) if g > 1
+              else float("nan"))
+    else:
+        se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
     z = _normal_quantile(alpha)
     return mean, mean - z * se, mean + z * se
 
@@ -237,3 +247,129 @@ def slate_snips_estimate(rewards: Sequence[Sequence[float]],
         variance += estimate.stderr ** 2
     estimate = _estimate(value, math.sqrt(variance), np.concatenate(weights), alpha)
     return OffPolicyEstimate(**{**estimate.to_dict(), "n": int(lists)})
+
+
+def position_bias(rewards: np.ndarray, shown: np.ndarray, randomized: np.ndarray,
+                  counts: Optional[np.ndarray] = None) -> np.ndarray:
+    """Examination weight of each position, relative to the first, from randomized lists.
+
+    In a list whose order was drawn at random, every position holds the same mix of
+    items, so the mean reward at position j over such lists is theta_j times one
+    common attractiveness (the position-based click model).
+
+    Args:
+      rewards: [lists, positions] reward of the item shown at each position.
+      shown: [lists, positions] a logged item is there.
+      randomized: [lists] the list's order was drawn uniformly at random.
+      counts: optional [lists] weight of each list (a bootstrap's resample counts).
+
+    Returns:
+      float64 [positions], 1 at the first position (0 where no randomized list shows
+      anything).
+
+    Raises:
+      ValueError: no randomized list, or no reward at the first position of any.
+    """
+    weight = randomized.astype(np.float64) * (1.0 if counts is None else counts)
+    shown_at = weight @ shown.astype(np.float64)
+    mean = np.divide(weight @ (rewards * shown), shown_at, out=np.zeros(shown.shape[1]),
+                     where=shown_at > 0)
+    if not np.any(weight > 0):
+        raise ValueError("no randomized (explored) lists: the position bias cannot be "
+                         "measured; log with exploration (epsilon > 0)")
+    if mean[0] <= 0:
+        raise ValueError("no reward at the first position of any randomized list: too few "
+                         "explored lists to measure the position bias")
+    return mean / mean[0]
+
+
+def pbm_ips_estimate(rewards: Sequence[Sequence[float]],
+                     target_position: Sequence[Sequence[int]],
+                     inclusion_propensity: Sequence[Sequence[float]],
+                     randomized: Sequence[bool], groups: Optional[Sequence[Any]] = None,
+                     alpha: float = 0.05, resamples: int = 1000,
+                     seed: int = 0) -> OffPolicyEstimate:
+    """Per-list value of a ranking from logged lists, crediting items at any position.
+
+    Under the position-based click model (reward of item d at position j = theta_j *
+    attractiveness of d), a logged reward of d at position j, scaled by
+    theta_t / theta_j, estimates d's reward at the target's position t; weighting it by
+    1 / P(d in the logged list) instead of 1 / P(d at exactly t) is unbiased with far
+    smaller weights than position-by-position IPS. theta comes from the randomized
+    (explored) lists of the same logs; the interval is a bootstrap over `groups`
+    (users: requests of one user are not independent) that re-measures theta each time.
+
+    Args:
+      rewards: [lists, positions] reward of the item shown at each logged position.
+      target_position: [lists, positions] where the target list puts that item, -1 if
+        it does not show it (or nothing was logged there).
+      inclusion_propensity: [lists, positions] probability the logging policy shows
+        that item anywhere in the list, > 0 where logged.
+      randomized: [lists] the logged order was drawn uniformly at random.
+      groups: [lists] unit of resampling (default each list).
+      alpha: 1 - confidence of the interval.
+      resamples: bootstrap resamples.
+      seed: bootstrap seed.
+
+    Returns:
+      The estimated reward per list; effective_sample_size from the item weights.
+
+    Raises:
+      ValueError: shapes differ, a credited item has no inclusion propensity, a target
+        position lies past the logged width, or as `position_bias`.
+    """
+    lists, positions = _slate_shape(rewards, target_position, inclusion_propensity)
+    r = np.asarray(rewards, dtype=np.float64)
+    t = np.asarray(target_position, dtype=np.int64)
+    p = np.asarray(inclusion_propensity, dtype=np.float64)
+    randomized = np.asarray(randomized, dtype=bool)
+    if randomized.shape != (lists,):
+        raise ValueError(f"randomized must have one flag per list ({lists}), got "
+                         f"{randomized.shape}")
+    if not (np.all(np.isfinite(r)) and np.all(np.isfinite(p))):
+        raise ValueError("rewards and propensities must be finite")
+    credited = t >= 0
+    if np.any(t >= positions):
+        raise ValueError(f"a target position is past the logged width {positions}: the "
+                         f"position bias there cannot be measured")
+    if np.any(credited & ((p <= 0) | (p > 1))):
+        raise ValueError("inclusion propensities of credited items must be in (0, 1]")
+    shown = p > 0
+    weight = np.where(credited, 1.0 / np.where(credited, p, 1.0), 0.0)
+    # A[l, t, j]: weighted reward of list l's items logged at j that the target puts at t.
+    a = np.zeros((lists, positions, positions))
+    rows, cols = np.nonzero(credited)
+    np.add.at(a, (rows, t[rows, cols], cols), (r * weight)[rows, cols])
+    a = a.reshape(lists, positions * positions)
+
+    def value(counts: Optional[np.ndarray]) -> float:
+        theta = position_bias(r, shown, randomized, counts)
+        ratio = np.divide.outer(theta, theta, out=np.zeros((positions, positions)),
+                                where=theta[None, :] > 0)  # theta_t / theta_j
+        per_list = a @ ratio.ravel()
+        if counts is None:
+            return float(per_list.mean())
+        return float(counts @ per_list / counts.sum())
+
+    point = value(None)
+    keys = np.arange(lists) if groups is None else np.asarray(groups)
+    if keys.shape != (lists,):
+        raise ValueError(f"groups must have one key per list ({lists}), got {keys.shape}")
+    _, group_of = np.unique(keys, return_inverse=True)
+    n_groups = int(group_of.max()) + 1
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(int(resamples)):
+        picked = np.bincount(rng.integers(n_groups, size=n_groups), minlength=n_groups)
+        try:
+            draws.append(value(picked[group_of].astype(np.float64)))
+        except ValueError:  # a resample without randomized lists: skip it
+            continue
+    if len(draws) < 2:
+        raise ValueError("too few lists for a bootstrap interval")
+    low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
+    w = weight[credited]
+    ess = float(w.sum() ** 2 / np.sum(w ** 2)) if w.size else 0.0
+    return OffPolicyEstimate(value=point, stderr=float(np.std(draws, ddof=1)),
+                             ci_low=float(low), ci_high=float(high),
+                             effective_sample_size=ess, n=int(lists))

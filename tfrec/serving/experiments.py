@@ -91,6 +91,30 @@ class Exploration:
                                        + self.epsilon / n)
         return index, propensity, explored
 
+    def inclusion(self, index: np.ndarray, item_ids: np.ndarray,
+                  k: np.ndarray) -> np.ndarray:
+        """Probability that each shown item is in its row's list at all, any position.
+
+        (1 - epsilon) * [d is among the policy's top `shown`] + epsilon * shown / n: far
+        larger than the per-position propensity, so an estimator that may credit an item
+        at another position (a position-bias model) weighs logged lists much less.
+
+        Args:
+          index: [rows, kmax] pool positions shown, from `choose` (-1 past a list).
+          item_ids: [rows, width] the pooled ids `choose` drew from.
+          k: [rows] items each row asked for.
+
+        Returns:
+          float32 [rows, kmax], 0 past a row's list.
+        """
+        valid = (item_ids != b"") & (item_ids != "")
+        n = valid.sum(axis=1)
+        shown = np.minimum(np.minimum(k, n), index.shape[1])
+        greedy = (index >= 0) & (index < shown[:, None])
+        share = np.where(n > 0, shown / np.maximum(n, 1), 0.0)[:, None]
+        value = (1.0 - self.epsilon) * greedy + self.epsilon * share
+        return np.where(index >= 0, value, 0.0).astype(np.float32)
+
 
 @dataclasses.dataclass(frozen=True)
 class Arm:

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # One row per request row (a request with a batch of users gives several rows).
 LOG_COLUMNS = ("request_id", "row", "ts", "model", "version", "signature", "experiment",
                "arm", "user_id", "context", "item_ids", "positions", "scores", "propensities",
-               "explored")
+               "explored", "inclusion_propensities")
 FILE_PATTERN = "requests-*.parquet"
 REQUEST_ID_KEY = "x-request-id"  # gRPC metadata naming a call in the log and its outcomes
 _USER, _ITEMS, _SCORES = "user_id", "item_ids", "scores"
@@ -49,6 +49,8 @@ class Served:
       propensities: [rows, k] probability of each shown item at its position; None
         means a deterministic policy (1 for every shown item).
       explored: [rows] the row got an exploration ordering (None: no row did).
+      inclusion: [rows, k] probability of each shown item being in the list at any
+        position; None: deterministic (1).
     """
 
     request_id: str
@@ -62,6 +64,7 @@ class Served:
     outputs: Mapping[str, np.ndarray]
     propensities: Optional[np.ndarray] = None
     explored: Optional[np.ndarray] = None
+    inclusion: Optional[np.ndarray] = None
 
 
 def _text(value: Any) -> Any:
@@ -113,7 +116,7 @@ def log_table(calls: List[Served]) -> pa.Table:
     row_columns: Dict[str, list] = {name: [] for name in (
         "request_id", "row", "ts", "model", "version", "signature", "experiment", "arm",
         "user_id", "context", "explored")}
-    items, positions, scores, propensities, counts = [], [], [], [], []
+    items, positions, scores, propensities, inclusion, counts = [], [], [], [], [], []
     for call in calls:
         ids = call.outputs.get(_ITEMS)
         rows = int(ids.shape[0]) if ids is not None and ids.ndim >= 1 else 1
@@ -126,8 +129,9 @@ def log_table(calls: List[Served]) -> pa.Table:
             scores.append(values[shown].astype(np.float32) if values is not None
                           and values.shape == ids.shape else np.full(shown.sum(), np.nan,
                                                                      np.float32))
-            propensities.append(np.ones(shown.sum(), np.float32) if call.propensities is None
-                                else call.propensities[shown].astype(np.float32))
+            for out, given in ((propensities, call.propensities), (inclusion, call.inclusion)):
+                out.append(np.ones(shown.sum(), np.float32) if given is None
+                           else given[shown].astype(np.float32))
         else:
             counts.append(np.zeros(rows, dtype=np.int64))
         users = call.inputs.get(_USER)
@@ -154,6 +158,8 @@ def log_table(calls: List[Served]) -> pa.Table:
         "scores": pa.array(np.concatenate(scores) if scores else np.array([], np.float32)),
         "propensities": pa.array(np.concatenate(propensities) if propensities
                                  else np.array([], np.float32)),
+        "inclusion_propensities": pa.array(np.concatenate(inclusion) if inclusion
+                                           else np.array([], np.float32)),
     }
     types = {"row": pa.int32(), "ts": pa.float64(), "version": pa.int64(),
              "explored": pa.bool_()}

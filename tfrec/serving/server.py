@@ -429,12 +429,13 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             model_inputs[K_INPUT] = np.maximum(arrays[K_INPUT], explore.pool).astype(
                 arrays[K_INPUT].dtype)
         outputs = self._run(model, loaded, signature, model_inputs, context)
-        propensities = explored_rows = None
+        propensities = explored_rows = inclusion = None
         request_id, made = (request_id_of(context) if self._log is not None or arm is not None
                             else ("", False))
         if explored:
             index, propensities, explored_rows = explore.choose(
                 outputs[ITEM_OUTPUT], arrays[K_INPUT], _draws(experiment, request_id))
+            inclusion = explore.inclusion(index, outputs[ITEM_OUTPUT], arrays[K_INPUT])
             outputs = _reorder(outputs, index)
         if arm is not None:
             rows = next(iter(outputs.values())).shape[0] if outputs else 1
@@ -451,7 +452,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if self._log is not None:
             self._log.log(Served(request_id, time.time(), model, loaded.version, signature_name,
                                  experiment, arm.name if arm is not None else "", arrays,
-                                 outputs, propensities, explored_rows))
+                                 outputs, propensities, explored_rows, inclusion))
         return response
 
     def _record_batch(self, group: Tuple[str, int, str], rows: int, requests: int) -> None:
