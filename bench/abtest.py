@@ -152,7 +152,7 @@ def main(argv=None) -> None:
         def estimator_rows(entries, who):
             rows = []
             for metric, e in entries:
-                for name, key in (("IPS", "ips"), ("PBM-IPS", "pbm_ips")):
+                for name, key in (("IPS", "ips"), ("SNIPS", "snips"), ("PBM-IPS", "pbm_ips")):
                     if key not in e:
                         continue
                     rows.append([f"{who} {metric}", name, f"{e['online']:.4f}",
