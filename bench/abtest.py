@@ -198,8 +198,12 @@ def main(argv=None) -> None:
     if entry:
         print(f"search off-policy clicks/request of the ranker: IPS {entry['ips']:.3f} "
               f"[{entry['ips_ci_low']:.3f}, {entry['ips_ci_high']:.3f}] ("
-              f"{ratio(entry['ips'], entry['online'])} of online {entry['online']:.3f}), SNIPS "
-              f"{entry['snips']:.3f}")
+              f"{ratio(entry['ips'], entry['online'])} of online {entry['online']:.3f} "
+              f"[{entry['online_ci_low']:.3f}, {entry['online_ci_high']:.3f}]), SNIPS "
+              f"{entry['snips']:.3f}" + (
+                  f", PBM-IPS {entry['pbm_ips']:.3f} [{entry['pbm_ips_ci_low']:.3f}, "
+                  f"{entry['pbm_ips_ci_high']:.3f}] ({ratio(entry['pbm_ips'], entry['online'])})"
+                  if "pbm_ips" in entry else ""))
     print(f"search decision: {search['decision']}")
 
 
