@@ -199,9 +199,11 @@ def off_policy_check(logs: pd.DataFrame, requests: pd.DataFrame, outcomes: pd.Da
         own = _slates(control_logs, replay_lists(
             control, control_base, int(control_logs["version"].max()), control_logs),
             outcomes, prices)
-        result["self_check"] = {"clicks_per_request": _estimates(
-            own, "clicks", exploit["clicks"].to_numpy(np.float64),
-            exploit["user_id"].to_numpy(), alpha)}
+        result["self_check"] = {
+            name: _estimates(own, column, exploit[column].to_numpy(np.float64),
+                             exploit["user_id"].to_numpy(), alpha)
+            for name, column in (("clicks_per_request", "clicks"),
+                                 ("gmv_per_request", "gmv"))}
     return result
 
 
