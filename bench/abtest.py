@@ -167,9 +167,13 @@ def main(argv=None) -> None:
                                  f"{e[key + '_ci_high'] - e[key + '_ci_low']:.3f}"])
             return rows
 
-        rows = estimator_rows([(m, e) for m, e in section.items()
-                               if isinstance(e, dict) and m != "self_check"], "ranker")
-        rows += estimator_rows(section.get("self_check", {}).items(), "retrieval exploit")
+        entries = [("ranker", m, e) for m, e in section.items()
+                   if isinstance(e, dict) and m != "self_check"]
+        entries += [("retrieval exploit", m, e)
+                    for m, e in section.get("self_check", {}).items()]
+        rows = [row for who, metric, e in entries for row in estimator_rows([(metric, e)], who)]
+        skipped = [f"{who} {metric}: {e['pbm_ips_skipped']}" for who, metric, e in entries
+                   if "pbm_ips_skipped" in e]
         print(format_table(["policy / metric", "estimator", "online", "online 95% CI (users)",
                             "estimate", "95% CI", "vs online", "online in CI",
                             "estimate in online CI", "CI width"], rows,
@@ -177,6 +181,8 @@ def main(argv=None) -> None:
                                  f"requests ({section['matched_slots']} slots where the logged "
                                  f"item is the ranker's at its position); 'retrieval exploit': "
                                  f"the logging arm's own ranking vs its exploit-only requests"))
+        for line in skipped:
+            print(f"PBM-IPS skipped for {line}")
     print(f"decision: {report['decision']}")
     search = report["search"]
     rows = []
