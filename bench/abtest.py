@@ -160,10 +160,8 @@ def main(argv=None) -> None:
                                  f"{e[key]:.4f}",
                                  f"[{e[key + '_ci_low']:.4f}, {e[key + '_ci_high']:.4f}]",
                                  ratio(e[key], e["online"]),
-                                 "yes" if e[key + "_ci_low"] <= e["online"] <= e[key + "_ci_high"]
-                                 else "no",
-                                 "yes" if e["online_ci_low"] <= e[key] <= e["online_ci_high"]
-                                 else "no",
+                                 "yes" if e[f"online_within_{key}_ci"] else "no",
+                                 "yes" if e[f"{key}_within_online_ci"] else "no",
                                  f"{e[key + '_ci_high'] - e[key + '_ci_low']:.3f}"])
             return rows
 

@@ -154,7 +154,7 @@ def test_sequence_models_beat_pooling_on_a_planted_sequential_pattern(tiny_world
     for name, table in (("catalog", tiny_world.catalog), ("users", tiny_world.users),
                         ("events", events)):
         write_table(table, str(data / f"{name}.parquet"))
-    recall = {}
+    hits = {}
     # The transformer learns the pattern within these 4 epochs with the next-item loss
     # (without it: below pooling at 4 epochs, above it at 10).
     for kind, weight in (("pooled", 0.0), ("gru", 0.0), ("transformer", 1.0)):
@@ -167,6 +167,10 @@ def test_sequence_models_beat_pooling_on_a_planted_sequential_pattern(tiny_world
                                cfg.data.history_length, tower_fn(run.model.query_tower),
                                tower_fn(run.model.candidate_tower), data_dir=None)
         assert rows["two_tower"]["users"] > 200
-        recall[kind] = rows["two_tower"]["recall@10"]
-    assert recall["gru"] > recall["pooled"] + 0.04, recall
-    assert recall["transformer"] > recall["pooled"] + 0.04, recall
+        hits[kind] = rows["two_tower"]["hit_rate@10"]
+    # Users whose top-10 holds one of their next items. Run to run (same seed, threads
+    # reorder float sums) pooling scored 0.74-0.80 and the transformer 0.95-0.96 in 4
+    # runs; recall@10 (every later item of the walk counts) had margins of 0.03-0.15 and
+    # failed a 0.04 margin once in CI.
+    assert hits["gru"] > hits["pooled"] + 0.08, hits
+    assert hits["transformer"] > hits["pooled"] + 0.08, hits

@@ -85,12 +85,12 @@ def replay_lists(arm: Arm, base: str, version: int, logs: pd.DataFrame) -> List[
     return lists
 
 
-def _slates(control_logs: pd.DataFrame, target: List[List[str]], outcomes: pd.DataFrame,
-            prices: Mapping[str, float]) -> Dict[str, Any]:
+def _logged_slots(control_logs: pd.DataFrame, outcomes: pd.DataFrame,
+                  prices: Mapping[str, float]) -> Dict[str, Any]:
     """The logged lists as [lists, positions] arrays for the slate estimators.
 
-    Rewards of each logged slot (clicks, GMV), the logging propensities (at the position,
-    anywhere in the list), and where the target list puts each logged item.
+    Rewards of each logged slot (clicks, GMV) and its logging propensities (at the
+    position, anywhere in the list): built once per log, whatever ranking is valued.
     """
     acted = outcomes[outcomes["event_type"].isin(["click", "purchase"])]
     clicked = set(zip(acted.loc[acted["event_type"] == "click", "session_id"],
@@ -100,25 +100,35 @@ def _slates(control_logs: pd.DataFrame, target: List[List[str]], outcomes: pd.Da
     width = max(len(x) for x in control_logs["item_ids"])
     shape = (len(control_logs), width)
     clicks, gmv = np.zeros(shape), np.zeros(shape)
-    target_p, logging_p = np.zeros(shape), np.ones(shape)
-    target_at, inclusion = np.full(shape, -1, dtype=np.int64), np.zeros(shape)
+    logging_p, inclusion = np.ones(shape), np.zeros(shape)
     # Logs of an older server carry no inclusion propensities: PBM-IPS is then skipped.
     has_inclusion = "inclusion_propensities" in control_logs and bool(
         control_logs["inclusion_propensities"].map(lambda x: x is not None and
                                                    not np.isscalar(x)).all())
     for row, log in enumerate(control_logs.itertuples()):
-        where = {item: t for t, item in enumerate(target[row][:width])}
-        included = log.inclusion_propensities if has_inclusion else log.propensities
-        for j, (item, p, q) in enumerate(zip(log.item_ids, log.propensities, included)):
+        for j, (item, p) in enumerate(zip(log.item_ids, log.propensities)):
             clicks[row, j] = (log.request_id, item) in clicked
             gmv[row, j] = prices.get(item, 0.0) if (log.request_id, item) in bought else 0.0
-            logging_p[row, j], inclusion[row, j] = p, q
-            target_at[row, j] = where.get(item, -1)
-            target_p[row, j] = float(target_at[row, j] == j)
-    return {"clicks": clicks, "gmv": gmv, "target_p": target_p, "logging_p": logging_p,
-            "target_at": target_at, "inclusion": inclusion, "has_inclusion": has_inclusion,
-            "randomized": control_logs["explored"].to_numpy(bool),
+            logging_p[row, j] = p
+        if has_inclusion:
+            included = np.asarray(log.inclusion_propensities, np.float64)
+            inclusion[row, :len(included)] = included
+    return {"clicks": clicks, "gmv": gmv, "logging_p": logging_p, "inclusion": inclusion,
+            "has_inclusion": has_inclusion, "randomized": control_logs["explored"].to_numpy(bool),
             "users": control_logs["user_id"].to_numpy()}
+
+
+def _target_slots(logged: Dict[str, Any], control_logs: pd.DataFrame,
+                  target: List[List[str]]) -> Dict[str, Any]:
+    """`logged` plus where the target ranking puts each logged item (-1: not in its top)
+    and whether it puts it at the logged position (the target propensity)."""
+    shape = logged["clicks"].shape
+    target_at = np.full(shape, -1, dtype=np.int64)
+    for row, items in enumerate(control_logs["item_ids"]):
+        where = {item: t for t, item in enumerate(target[row][:shape[1]])}
+        target_at[row, :len(items)] = [where.get(item, -1) for item in items]
+    target_p = (target_at == np.arange(shape[1])[None, :]).astype(np.float64)
+    return {**logged, "target_at": target_at, "target_p": target_p}
 
 
 def _estimates(slates: Dict[str, Any], column: str, online: np.ndarray,
@@ -140,9 +150,9 @@ def _estimates(slates: Dict[str, Any], column: str, online: np.ndarray,
         "effective_sample_size": estimate.effective_sample_size,
         "snips": snips.value, "snips_ci_low": snips.ci_low, "snips_ci_high": snips.ci_high,
         "online": mean, "online_ci_low": low, "online_ci_high": high,
-        "online_within_ips_ci": bool(estimate.ci_low <= mean <= estimate.ci_high),
-        "ips_within_online_ci": bool(low <= estimate.value <= high),
     }
+    _agreement(entry, "ips")
+    _agreement(entry, "snips")
     if not slates["has_inclusion"]:
         entry["pbm_ips_skipped"] = ("the logs carry no inclusion propensities (written by "
                                     "an older server)")
@@ -156,10 +166,18 @@ def _estimates(slates: Dict[str, Any], column: str, online: np.ndarray,
     entry.update({
         "pbm_ips": pbm.value, "pbm_ips_ci_low": pbm.ci_low, "pbm_ips_ci_high": pbm.ci_high,
         "pbm_effective_sample_size": pbm.effective_sample_size,
-        "online_within_pbm_ips_ci": bool(pbm.ci_low <= mean <= pbm.ci_high),
-        "pbm_ips_within_online_ci": bool(low <= pbm.value <= high),
     })
+    _agreement(entry, "pbm_ips")
     return entry
+
+
+def _agreement(entry: Dict[str, Any], key: str) -> None:
+    """Adds whether the online mean lies in the `key` estimate's interval and the
+    estimate in the online interval (the two readings of "they agree")."""
+    entry[f"online_within_{key}_ci"] = bool(
+        entry[f"{key}_ci_low"] <= entry["online"] <= entry[f"{key}_ci_high"])
+    entry[f"{key}_within_online_ci"] = bool(
+        entry["online_ci_low"] <= entry[key] <= entry["online_ci_high"])
 
 
 def off_policy_check(logs: pd.DataFrame, requests: pd.DataFrame, outcomes: pd.DataFrame,
@@ -184,8 +202,9 @@ def off_policy_check(logs: pd.DataFrame, requests: pd.DataFrame, outcomes: pd.Da
     if treated.empty:
         return {"skipped": f"arm {treatment.name!r} served no requests"}
     version = int(treated["version"].max())
-    slates = _slates(control_logs, replay_lists(treatment, treatment_base, version,
-                                                control_logs), outcomes, prices)
+    logged = _logged_slots(control_logs, outcomes, prices)
+    slates = _target_slots(logged, control_logs, replay_lists(treatment, treatment_base,
+                                                              version, control_logs))
     result = {"control": control.name, "treatment": treatment.name,
               "treatment_version": version, "logged_requests": len(control_logs),
               "matched_slots": int(slates["target_p"].sum()),
@@ -196,9 +215,8 @@ def off_policy_check(logs: pd.DataFrame, requests: pd.DataFrame, outcomes: pd.Da
                                   online["user_id"].to_numpy(), alpha)
     if control_base is not None:
         exploit = requests[(requests["arm"] == control.name) & ~requests["explored"]]
-        own = _slates(control_logs, replay_lists(
-            control, control_base, int(control_logs["version"].max()), control_logs),
-            outcomes, prices)
+        own = _target_slots(logged, control_logs, replay_lists(
+            control, control_base, int(control_logs["version"].max()), control_logs))
         result["self_check"] = {
             name: _estimates(own, column, exploit[column].to_numpy(np.float64),
                              exploit["user_id"].to_numpy(), alpha)

@@ -91,6 +91,20 @@ def _normal_quantile(alpha: float) -> float:
     return NormalDist().inv_cdf(1 - alpha / 2)
 
 
+def _group_index(groups: Optional[Sequence[Any]], n: int) -> np.ndarray:
+    """Group number (0..G-1) of each of `n` values; each value its own group without
+    `groups`. Raises ValueError when there is not one key per value."""
+    keys = np.arange(n) if groups is None else np.asarray(groups)
+    if keys.shape != (n,):
+        raise ValueError(f"groups must have one key per value ({n}), got {keys.shape}")
+    return np.unique(keys, return_inverse=True)[1].reshape(n)
+
+
+def _effective_sample_size(w: np.ndarray) -> float:
+    """Kish's effective sample size of importance weights (0 without a positive one)."""
+    return float(w.sum() ** 2 / np.sum(w ** 2)) if np.any(w > 0) else 0.0
+
+
 def mean_interval(values: Sequence[float], alpha: float = 0.05,
                   groups: Optional[Sequence[Any]] = None) -> Tuple[float, float, float]:
     """(mean, low, high): the mean with its normal-approximation interval.
@@ -103,8 +117,7 @@ def mean_interval(values: Sequence[float], alpha: float = 0.05,
     x = np.asarray(values, dtype=np.float64)
     mean = float(x.mean())
     if groups is not None:
-        _, group_of = np.unique(np.asarray(groups), return_inverse=True)
-        sums = np.bincount(group_of, weights=x - mean)
+        sums = np.bincount(_group_index(groups, len(x)), weights=x - mean)
         g = sums.size
         se = (float(np.sqrt(g / (g - 1) * np.sum(sums ** 2)) / len(x)) if g > 1
               else float("nan"))
@@ -116,7 +129,7 @@ def mean_interval(values: Sequence[float], alpha: float = 0.05,
 
 def _estimate(value: float, stderr: float, w: np.ndarray, alpha: float) -> OffPolicyEstimate:
     z = _normal_quantile(alpha)
-    ess = float(w.sum() ** 2 / np.sum(w ** 2)) if np.any(w > 0) else 0.0
+    ess = _effective_sample_size(w)
     return OffPolicyEstimate(value=float(value), stderr=float(stderr),
                              ci_low=float(value - z * stderr), ci_high=float(value + z * stderr),
                              effective_sample_size=ess, n=int(w.size))
@@ -352,10 +365,7 @@ def pbm_ips_estimate(rewards: Sequence[Sequence[float]],
         return float(counts @ per_list / counts.sum())
 
     point = value(None)
-    keys = np.arange(lists) if groups is None else np.asarray(groups)
-    if keys.shape != (lists,):
-        raise ValueError(f"groups must have one key per list ({lists}), got {keys.shape}")
-    _, group_of = np.unique(keys, return_inverse=True)
+    group_of = _group_index(groups, lists)
     n_groups = int(group_of.max()) + 1
     rng = np.random.default_rng(seed)
     draws = []
@@ -368,8 +378,7 @@ def pbm_ips_estimate(rewards: Sequence[Sequence[float]],
     if len(draws) < 2:
         raise ValueError("too few lists for a bootstrap interval")
     low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
-    w = weight[credited]
-    ess = float(w.sum() ** 2 / np.sum(w ** 2)) if w.size else 0.0
     return OffPolicyEstimate(value=point, stderr=float(np.std(draws, ddof=1)),
                              ci_low=float(low), ci_high=float(high),
-                             effective_sample_size=ess, n=int(lists))
+                             effective_sample_size=_effective_sample_size(weight[credited]),
+                             n=int(lists))
