@@ -19,6 +19,7 @@ are 64 wide; MiniLM's are 384, which adds (384 - 64) * 4 bytes * ~3 copies per p
 Run from the repository root:
 
     python bench/catalog_index.py [--sizes 10000,100000,1000000] [--changed 0.01]
+        [--index auto|ivf|exact] [--compare-exact]
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): one table of 300 products, no
 re-index, 2 queries. Same protocol and table; the figures mean nothing.
@@ -72,6 +73,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="share of the largest table's titles edited for the re-index")
     p.add_argument("--queries", type=int, default=20, help="single queries per export")
     p.add_argument("--workdir", default=None, help="default: a temp dir, removed after")
+    p.add_argument("--index", default="auto", choices=("exact", "ivf", "auto"),
+                   help="`search index --index` (auto: IVF from 100,000 products)")
+    p.add_argument("--compare-exact", action="store_true",
+                   help="also re-index each table with --index exact (titles from the "
+                        "cache) and time both exports' queries: 'vs exact' column")
     return parse_smoke_args(p, argv, SMOKE)
 
 
@@ -115,8 +121,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             "--set", "epochs=1", "--set", "ranker_epochs=1", "--no-export"], env)
         print(f"trained the search run in {trained['seconds']:.0f} s", flush=True)
         rows, measured = [], []
-        plan = [(n, 0.0) for n in sizes] + ([(sizes[-1], args.changed)] if args.changed else [])
-        for size, changed in plan:
+        plan = [(n, 0.0, index) for n in sizes for index in
+                ([args.index, "exact"] if args.compare_exact else [args.index])]
+        plan += [(sizes[-1], args.changed, args.index)] if args.changed else []
+        for size, changed, index in plan:
             table = product_table(size, words, seed=size)
             if changed:
                 edit = np.random.default_rng(1).permutation(size)[:int(round(changed * size))]
@@ -124,49 +132,62 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             path = os.path.join(workdir, f"products_{size}{'_edited' if changed else ''}.parquet")
             table.to_parquet(path, index=False)
             cache = os.path.join(workdir, "cache", str(size))
-            if not changed:
+            second = index != args.index  # the exact twin of a table indexed just before
+            if not changed and not second:
                 shutil.rmtree(cache, ignore_errors=True)
             export = os.path.join(workdir, "export")
+            name = f"{size}_{index}"
             # Its own cache per size (the first pass embeds every title); the edited table
-            # reuses the cache of its size, filled by the first pass.
+            # and the exact twin reuse the cache of its size, filled by the first pass.
             m = run_child(tfrec + ["search", "index", "--run", run, "--catalog", path,
-                                      "--export-base", export, "--model-name", str(size)]
-                             + ["--cache-dir", cache], env)
-            version = os.path.join(export, str(size), sorted(
-                os.listdir(os.path.join(export, str(size))), key=int)[-1])
+                                      "--export-base", export, "--model-name", name,
+                                      "--index", index, "--cache-dir", cache], env)
+            version = os.path.join(export, name, sorted(
+                os.listdir(os.path.join(export, name)), key=int)[-1])
+            with open(os.path.join(version, "assets.extra", "tfrec_model.json")) as f:
+                card = json.load(f)["retrieval_index"]
             rng = np.random.default_rng(7)
             picks = rng.integers(0, size, args.queries)
             queries = [[table["title"].iloc[i], table["product_id"].iloc[i]] for i in picks]
             served = json.loads(run_child(
                 [sys.executable, "-c", SERVE, version, json.dumps(queries)], env)
                 ["stdout"].strip().splitlines()[-1])
-            m.update(size=size, changed=changed, model_mb=dir_mb(version), **served)
+            m.update(size=size, changed=changed, model_mb=dir_mb(version), twin=second,
+                     index=(f"ivf {card['nlist']}/{card['nprobe']}"
+                            if card["index"] == "ivf" else "exact"), **served)
             measured.append(m)
-            print(f"{size:,} products{' (re-index)' if changed else ''}: "
-                  f"{m['seconds']:.1f} s, peak {m['peak_mb']:.0f} MB", flush=True)
+            print(f"{size:,} products{' (re-index)' if changed else ''}, {m['index']}: "
+                  f"{m['seconds']:.1f} s, peak {m['peak_mb']:.0f} MB, query p50 "
+                  f"{m['p50_ms']:.1f} ms", flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     ref = measured[0]
+    exact_ms = {m["size"]: m["p50_ms"] for m in measured if m["index"] == "exact"}
     for m in measured:
         per_s = m["seconds"] / m["size"]
         extra = (m["peak_mb"] - ref["peak_mb"]) * 2**20 / max(m["size"] - ref["size"], 1)
-        rows.append([f"{m['size']:,}" + (f" ({m['changed']:.0%} edited)" if m["changed"] else ""),
+        label = (f" ({m['changed']:.0%} edited)" if m["changed"] else
+                 " (exact twin, cached titles)" if m["twin"] else "")
+        rows.append([f"{m['size']:,}" + label, m["index"],
                      f"{m['seconds']:.1f}", f"{m['size'] / m['seconds']:,.0f}",
                      ratio(per_s, ref["seconds"] / ref["size"]),
                      f"{m['peak_mb']:,.0f}",
                      "-" if m is ref else f"{extra:,.0f}",
                      f"{m['model_mb']:,.0f}", f"{m['load_s']:.1f}", f"{m['p50_ms']:.1f}",
+                     ratio(exact_ms[m["size"]], m["p50_ms"]) if m["size"] in exact_ms else "-",
                      f"{m['found']}/{args.queries}"])
     print()
     print(machine_line())
     print(format_table(
-        ["catalog", "index s", "products/s", "s/product vs smallest", "peak MB",
-         "bytes/product above smallest", "export MB", "load s", "query p50 ms",
-         "own title top-10"], rows,
+        ["catalog", "dense top-k", "index s", "products/s", "s/product vs smallest",
+         "peak MB", "bytes/product above smallest", "export MB", "load s", "query p50 ms",
+         "speed vs exact", "own title top-10"], rows,
         title="tfrec search index: a fresh process per table (tiny BERT, 64-wide vectors)"))
     print("peak MB: max RSS of the `tfrec search index` process; index s: its wall time "
           "(start-up, reading, embedding, BM25, export); a re-index embeds only edited titles")
+    print("dense top-k: exact, or ivf lists/nprobe; speed vs exact: the exact export's "
+          "query p50 / this one's, same table (--compare-exact)")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ explicitly still override these.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -64,6 +65,7 @@ import tensorflow as tf
 from tfrec.data.homedepot import homedepot_path
 from tfrec.search.config import SearchConfig
 from tfrec.search.distill import batch1_latency_ms
+from tfrec.search.index import index_pipeline
 from tfrec.search.train import evaluate_stages, load_search_data, train_search
 
 tf.get_logger().setLevel("ERROR")
@@ -78,6 +80,8 @@ SMOKE = dict(seeds="0", queries=200, epochs=1, ranker_epochs=1, latency_queries=
 ROWS = (("BM25, as typed", "bm25_as_typed"), ("BM25 + speller", "bm25"),
         ("MiniLM zero-shot", "minilm_zero_shot"), ("two-tower", "two_tower"),
         ("hybrid (two-tower + BM25)", "hybrid"), ("two-tower+ranker", "two_tower+ranker"))
+IVF_ROWS = (("two-tower, IVF", "two_tower (ivf)"),
+            ("two-tower+ranker, IVF", "two_tower+ranker (ivf)"))
 METRICS = ("ndcg@10", "recall@100", "mrr")
 
 
@@ -100,6 +104,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--preprocessor", default=SearchConfig.preprocessor)
     p.add_argument("--no-export", dest="export", action="store_false",
                    help="skip exporting the last seed's pipeline and timing the SavedModel")
+    p.add_argument("--ivf", action="store_true",
+                   help="also measure the served stages through an IVF index over the same "
+                        "trained pipeline (what `tfrec search index --index ivf` serves; "
+                        "nprobe tuned on the validation queries), paired with exact search")
     return parse_smoke_args(p, argv, SMOKE)
 
 
@@ -140,6 +148,28 @@ def exported_latency(run, queries: Sequence[str], base: str) -> float:
     return 1000 * float(np.median(times))
 
 
+def ivf_stages(run, cfg: SearchConfig, queries: Sequence[str],
+               latency: Dict[str, float]) -> Dict:
+    """Test metrics and batch-1 ms of the two-tower and the final stage through an IVF
+    index over the trained pipeline (keys "<stage> (ivf)"); the pipeline is exact again
+    afterwards. Returns the index card."""
+    pipe = run.pipeline
+    card = index_pipeline(pipe, dataclasses.replace(cfg, index="ivf"), pipe.tuning_queries)
+    try:
+        for stage, m in evaluate_stages(pipe, run.data.splits["test"], run.data.row_of,
+                                        ("two_tower", "two_tower+ranker")).items():
+            run.metrics[f"{stage} (ivf)"] = m.summary()
+        spec = [tf.TensorSpec([None], tf.string)]
+        latency.update({f"{k} (ivf)": v for k, v in batch1_latency_ms({
+            "two_tower": tf.function(lambda q: pipe.retrieve(q)["rows"][:, :pipe.candidates],
+                                     input_signature=spec),
+            "two_tower+ranker": tf.function(lambda q: pipe.search(q, 10),
+                                            input_signature=spec)}, queries).items()})
+    finally:
+        pipe.set_index(None)
+    return card
+
+
 def bm25_as_typed(run) -> Dict[str, float]:
     """Test metrics of the BM25 stage with the speller detached (queries as typed)."""
     speller, run.pipeline.speller = run.pipeline.speller, None
@@ -158,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
              "--data-dir or set TFREC_DATA_DIR)")
     wall = time.perf_counter()
     workdir = args.workdir or tempfile.mkdtemp(prefix="tfrec-homedepot-")
-    runs, latencies = [], []
+    runs, latencies, ivf_cards = [], [], []
     exported_ms, tiny = None, None
     for i, seed in enumerate(seeds):
         cfg = SearchConfig(seed=seed, epochs=args.epochs, data_dir=args.data_dir,
@@ -177,6 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         runs.append(run)
         queries = sorted(data.splits["test"]["query"].unique())[:args.latency_queries]
         latencies.append(stage_latency(run, queries))
+        if args.ivf:
+            ivf_cards.append(ivf_stages(run, cfg, queries, latencies[-1]))
         if args.export and i == len(seeds) - 1:
             exported_ms = exported_latency(run, queries, os.path.join(workdir, "export"))
         print(f"seed {seed}: " + ", ".join(f"{k} ndcg@10 {v['ndcg@10']:.4f}"
@@ -191,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           + f"; seeds {seeds}")
     reference = {m: np.mean([r.metrics["bm25"][m] for r in runs]) for m in METRICS}
     rows = []
-    for label, key in ROWS:
+    for label, key in ROWS + (IVF_ROWS if args.ivf else ()):
         values = {m: np.array([r.metrics[key][m] for r in runs]) for m in METRICS}
         train = [r.timings["two_tower_s"] + (r.timings["ranker_s"] if "ranker" in key else 0)
                  for r in runs] if key not in ("bm25", "bm25_as_typed", "minilm_zero_shot") \
@@ -210,6 +242,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
              for m in METRICS]
     print("two-tower+ranker minus BM25 per seed: " + "; ".join(
         f"{m} " + ", ".join(f"{g:+.4f}" for g in gain) for m, gain in zip(METRICS, gains)))
+    for seed, card in zip(seeds, ivf_cards):
+        print(f"IVF seed {seed}: {card['nlist']} lists, nprobe {card['nprobe']}, recall@100 "
+              f"vs exact {card['recall_vs_exact']['recall@100']:.3f} on "
+              f"{card['recall_vs_exact']['queries']} {card['recall_vs_exact']['source']}, "
+              f"built in {card['build_seconds']:.1f} s")
+    if args.ivf:
+        print("IVF minus exact per seed: " + "; ".join(
+            f"{stage} ndcg@10 " + ", ".join(
+                f"{r.metrics[stage + ' (ivf)']['ndcg@10'] - r.metrics[stage]['ndcg@10']:+.4f}"
+                for r in runs) for stage in ("two_tower", "two_tower+ranker")))
     if tiny:
         print("BERT: a tiny random encoder (--encoder tiny) stands in for MiniLM (the rows "
               "named MiniLM use it)")

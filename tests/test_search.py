@@ -553,6 +553,12 @@ def test_cli_search_index_errors_exit_2(search_workdir, tmp_path, capsys):
     assert err.startswith("tfrec: error:") and "appears more than once" in err
     assert main(["search", "index", "--run", str(tmp_path), "--catalog", str(bad)]) == 2
     assert "holds no trained search run" in capsys.readouterr().err
+    good = tmp_path / "good.csv"
+    good.write_text("product_id,title\nA,Lampe\nB,台灯\n", encoding="utf-8")
+    assert main(["search", "index", "--run", search_workdir, "--catalog", str(good),
+                 "--index", "ivf", "--nlist", "8", "--nprobe", "9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tfrec: error:") and "nprobe (9) must be <= nlist (8)" in err
 
 
 def test_search_warm_start_grows_vocabularies(search_run, search_workdir, tiny_encoder,
@@ -578,3 +584,143 @@ def test_search_warm_start_grows_vocabularies(search_run, search_workdir, tiny_e
     assert new["words"][:len(old["words"])] == old["words"]
     assert len(new["words"]) > len(old["words"])
     assert all(math.isfinite(m["ndcg@10"]) for m in run.metrics.values())
+
+
+IVF_FRESH_PROCESS = textwrap.dedent(r"""
+    import json, sys
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401  (the BERT preprocessor's ops)
+
+    path, queries, nlist = json.load(open(sys.argv[1]))
+    model = tf.saved_model.load(path)
+    fn = model.signatures["search_nprobe"]
+    out = fn(query=tf.constant(queries), nprobe=tf.fill([len(queries)], nlist))
+    errors = []
+    for bad in ([0] * len(queries), [nlist + 1] * len(queries), [nlist]):
+        try:
+            fn(query=tf.constant(queries), nprobe=tf.constant(bad, tf.int32))
+            errors.append(None)
+        except tf.errors.InvalidArgumentError as e:
+            errors.append(e.message)
+    print("RESULT" + json.dumps({
+        "ids": out["product_ids"].numpy().astype(str).tolist(),
+        "scores": out["scores"].numpy().tolist(),
+        "hybrid": out["hybrid_scores"].numpy().tolist(),
+        "signatures": sorted(model.signatures), "errors": errors,
+        "modules": sorted(n for n in sys.modules if n.split(".")[0] in (
+            "tfrec", "tensorflow_recommenders", "tf_keras", "tensorflow_hub"))}))
+""")
+
+
+def _ivf_choice(pipeline, nlist: int, nprobe: int):
+    from tfrec.models.catalog_index import IndexChoice
+    from tfrec.models.ivf import build_ivf
+
+    plan = build_ivf(pipeline.product_vectors.numpy(), nlist, seed=0)
+    return IndexChoice(plan=plan, nprobe=nprobe, card={"index": "ivf", "nlist": nlist})
+
+
+def test_search_through_an_ivf_index_matches_exact_at_full_probe(search_run, tmp_path):
+    """Dense retrieval through IVF: every list probed gives exact search's answers (the
+    hybrid z-score from the catalog's moments equals the [B, N] one); one list loses
+    products; the export serves it in a fresh process with per-request nprobe."""
+    from tfrec.search.export import export_search
+
+    pipeline, nlist = search_run.pipeline, 8
+    queries = tf.constant(_queries(search_run) + sorted(
+        search_run.data.splits["test"]["query"].unique())[:13])
+    exact = pipeline.retrieve(queries)
+    want = pipeline.search(queries, num_results=NUM_RESULTS)
+    try:
+        pipeline.set_index(_ivf_choice(pipeline, nlist, nprobe=nlist))
+        full = pipeline.retrieve(queries)
+        got = pipeline.search(queries, num_results=NUM_RESULTS)
+        for name in ("rows", "valid"):
+            np.testing.assert_array_equal(full[name].numpy(), exact[name].numpy(), name)
+        for name in ("dense", "bm25", "hybrid", "features"):
+            np.testing.assert_allclose(full[name].numpy(), exact[name].numpy(), rtol=1e-4,
+                                       atol=1e-4, err_msg=name)
+        assert (got["product_ids"].numpy() == want["product_ids"].numpy()).all()
+        one = pipeline.retrieve(queries, nprobe=tf.fill([queries.shape[0]], 1))
+        k = pipeline.candidates
+        kept = [len(set(a[:k]) & set(b[:k])) for a, b in zip(one["rows"].numpy(),
+                                                           exact["rows"].numpy())]
+        assert 0 < sum(kept) < k * len(kept)  # one list of eight: some of the top lost
+        with pytest.raises(ValueError, match="set_index\\(None\\) before refreshing"):
+            pipeline.refresh_product_vectors()
+
+        base = tmp_path / "models"
+        path = export_search(pipeline, str(base), num_results=NUM_RESULTS)
+        with open(os.path.join(path, "assets.extra", "tfrec_model.json")) as f:
+            card = json.load(f)
+        assert card["retrieval_index"]["nlist"] == nlist
+        assert card["signatures"] == ["serving_default", "search_nprobe"]
+        spec = tmp_path / "request.json"
+        spec.write_text(json.dumps([path, [q.decode() for q in queries.numpy()], nlist]))
+        env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+        proc = subprocess.run([sys.executable, "-c", IVF_FRESH_PROCESS, str(spec)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        fresh = json.loads(proc.stdout.split("RESULT", 1)[1])
+        assert fresh["modules"] == [] and fresh["signatures"] == ["search_nprobe",
+                                                                  "serving_default"]
+        assert fresh["ids"] == want["product_ids"].numpy().astype(str).tolist()
+        np.testing.assert_allclose(fresh["hybrid"], want["hybrid_scores"].numpy(), rtol=1e-4,
+                                   atol=1e-4)
+        assert f"nprobe must be between 1 and {nlist}" in fresh["errors"][0]
+        assert f"nprobe must be between 1 and {nlist}" in fresh["errors"][1]
+        assert "same batch size" in fresh["errors"][2]
+        # Over gRPC: the embedded server answers per-request nprobe, and refuses 0.
+        for client in serve_models({"search": str(base / "search")}):
+            request = {"query": np.array([queries.numpy()[0]], dtype=object)}
+            out = client.predict("search", {**request, "nprobe": np.array([nlist], np.int32)},
+                                 "search_nprobe")
+            got_ids = np.asarray(out["product_ids"][0]).astype(str).tolist()
+            assert got_ids == want["product_ids"].numpy()[0].astype(str).tolist()
+            _invalid(lambda: client.predict("search", {**request, "nprobe": np.array(
+                [0], np.int32)}, "search_nprobe"), f"nprobe must be between 1 and {nlist}")
+    finally:
+        pipeline.set_index(None)
+
+
+def test_search_ivf_keeps_the_category_filter(search_run):
+    pipeline = search_run.pipeline
+    head, names = pipeline.category_head, pipeline.category_names.numpy()
+    categories = pipeline.product_categories.numpy()
+    queries = tf.constant(sorted(search_run.data.splits["test"]["query"].unique())[:8])
+    try:
+        pipeline.set_query_categories(head, categories, names, category_filter=0.5)
+        exact = pipeline.retrieve(queries)
+        pipeline.set_index(_ivf_choice(pipeline, 8, nprobe=8))
+        full = pipeline.retrieve(queries)
+        np.testing.assert_array_equal(full["rows"].numpy(), exact["rows"].numpy())
+        one = pipeline.retrieve(queries, nprobe=tf.fill([8], 2))
+        probs = one["category_probs"].numpy()
+        for b, rows in enumerate(one["rows"].numpy()):
+            c = categories[rows[rows >= 0]]
+            p = probs[b, np.maximum(c, 0)]
+            assert ((c < 0) | (p >= 0.5 * probs[b].max() - 1e-6)).all()
+    finally:
+        pipeline.set_index(None)
+        pipeline.set_query_categories(head, categories, names, category_filter=0.0)
+
+
+def test_search_index_builds_the_configured_ivf_tuned_on_validation_queries(search_run,
+                                                                             search_workdir):
+    from tfrec.search.index import index_pipeline, load_search_pipeline
+
+    products = search_run.data.catalog[["product_id", "title"]]
+    loaded, cfg = load_search_pipeline(search_workdir, products,
+                                       overrides={"index": "ivf", "nlist": 8})
+    card = loaded.index_card
+    assert loaded.ivf is not None and card["nlist"] == 8 and 1 <= card["nprobe"] <= 8
+    assert card["recall_vs_exact"]["source"] == "validation queries"
+    assert card["recall_vs_exact"]["queries"] > 0
+    assert card["recall_by_nprobe"][str(card["nprobe"])] >= 0.95 or card["nprobe"] == 8
+    # The default (auto) keeps exact search below index_min_items products.
+    assert index_pipeline(loaded, dataclasses.replace(cfg, index="auto")) == {"index": "exact"}
+    assert loaded.ivf is None
+    for bad, message in (({"index": "fast"}, "export.index must be one of"),
+                         ({"index": "ivf", "nlist": 8, "nprobe": 9}, "must be <= nlist")):
+        with pytest.raises(ValueError, match=message):
+            index_pipeline(loaded, dataclasses.replace(cfg, **bad))

@@ -23,7 +23,7 @@ from tfrec.features.quantize import QuantizedTable, check_precision
 from tfrec.models.ivf import IvfIndex, IvfPlan, build_ivf, default_nlist
 
 __all__ = ["INDEX_KINDS", "IndexChoice", "CatalogIndex", "IndexSearch", "TuningQueries",
-           "choose_index", "exact_top_k", "wants_ivf"]
+           "check_index_settings", "choose_index", "exact_top_k", "wants_ivf"]
 
 INDEX_KINDS = ("exact", "ivf", "auto")
 NEG_INF = float("-inf")
@@ -45,7 +45,8 @@ def wants_ivf(cfg: ExportConfig, num_items: int) -> bool:
     return cfg.index == "ivf" or (cfg.index == "auto" and num_items >= cfg.index_min_items)
 
 
-def _check(cfg: ExportConfig) -> None:
+def check_index_settings(cfg: ExportConfig) -> None:
+    """Raises a ValueError naming the first bad index setting of `cfg`."""
     if cfg.index not in INDEX_KINDS:
         raise ValueError(f"export.index must be one of {', '.join(INDEX_KINDS)}, "
                          f"got {cfg.index!r}")
@@ -56,6 +57,8 @@ def _check(cfg: ExportConfig) -> None:
     for name in ("index_target_recall", "index_recall_floor"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"export.{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.nlist and cfg.nprobe > cfg.nlist:
+        raise ValueError(f"export.nprobe ({cfg.nprobe}) must be <= nlist ({cfg.nlist})")
 
 
 def exact_top_k(queries: np.ndarray, embeddings: np.ndarray, k: int,
@@ -161,7 +164,7 @@ def choose_index(embeddings: np.ndarray, tuning: Optional[TuningQueries], cfg: E
       ValueError: for bad settings (unknown index, negative sizes, recall outside [0, 1],
         nprobe > nlist).
     """
-    _check(cfg)
+    check_index_settings(cfg)
     n = len(embeddings)
     if not wants_ivf(cfg, n):
         return IndexChoice(plan=None)
@@ -319,7 +322,7 @@ class IndexSearch:
     """
 
     def __init__(self, cfg: ExportConfig, tuning: Optional[TuningQueries] = None):
-        _check(cfg)
+        check_index_settings(cfg)
         self.cfg, self.tuning = cfg, tuning
         self._embeddings: Optional[np.ndarray] = None
         self.card: Dict = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -134,12 +134,16 @@ class IvfIndex(tf.Module):
     Args:
       plan: the clustering, built over the same embeddings.
       nprobe: lists scored when a request does not say (1 <= nprobe <= nlist).
+      catalog_rows: the embeddings stay in catalog order and rows come back as catalog
+        rows, through the list members kept here (N int64). For callers whose other
+        catalog tables are row-aligned (search's BM25 postings); gathers are scattered.
 
     Raises:
       ValueError: for nprobe outside [1, nlist].
     """
 
-    def __init__(self, plan: IvfPlan, nprobe: int, name: str = "ivf_index"):
+    def __init__(self, plan: IvfPlan, nprobe: int, catalog_rows: bool = False,
+                 name: str = "ivf_index"):
         super().__init__(name=name)
         if not 1 <= int(nprobe) <= plan.nlist:
             raise ValueError(f"nprobe must be between 1 and nlist ({plan.nlist}), "
@@ -149,6 +153,8 @@ class IvfIndex(tf.Module):
         self.centroids = tf.Variable(plan.centroids, trainable=False, name="centroids")
         self.starts = tf.Variable(plan.offsets[:-1], trainable=False, name="list_starts")
         self.sizes = tf.Variable(plan.sizes, trainable=False, name="list_sizes")
+        self.members = (tf.Variable(plan.order, trainable=False, name="list_members")
+                        if catalog_rows else None)
 
     def check_nprobe(self, nprobe: tf.Tensor) -> list:
         """In-graph checks (InvalidArgumentError, INVALID_ARGUMENT over gRPC)."""
@@ -157,7 +163,8 @@ class IvfIndex(tf.Module):
                 tf.debugging.assert_less_equal(nprobe, self.nlist, message=message)]
 
     def candidates(self, queries: tf.Tensor, nprobe: tf.Tensor) -> tf.RaggedTensor:
-        """[B, (M)] catalog rows (IVF order) of the `nprobe[b]` best lists of each query."""
+        """[B, (M)] rows of the `nprobe[b]` best lists of each query (IVF order, or
+        catalog rows with `catalog_rows`)."""
         probe = tf.reduce_max(nprobe)
         lists = tf.math.top_k(tf.matmul(queries, self.centroids, transpose_b=True),
                               k=probe).indices  # [B, P]
@@ -165,11 +172,14 @@ class IvfIndex(tf.Module):
         sizes = tf.where(keep, tf.gather(self.sizes, lists), tf.constant(0, tf.int64))
         starts = tf.gather(self.starts, lists)
         ranges = tf.ragged.range(tf.reshape(starts, [-1]), tf.reshape(starts + sizes, [-1]))
-        return tf.RaggedTensor.from_row_lengths(ranges.flat_values,
-                                                tf.reduce_sum(sizes, axis=1))
+        rows = ranges.flat_values
+        if self.members is not None:
+            rows = tf.gather(self.members, rows)
+        return tf.RaggedTensor.from_row_lengths(rows, tf.reduce_sum(sizes, axis=1))
 
     def search(self, queries: tf.Tensor, embeddings: tf.Variable, k: tf.Tensor,
-               nprobe: Optional[tf.Tensor] = None, eligible: Optional[tf.Variable] = None
+               nprobe: Optional[tf.Tensor] = None, eligible: Optional[tf.Variable] = None,
+               keep: Optional[Callable[[tf.Tensor], tf.Tensor]] = None
                ) -> Tuple[tf.Tensor, tf.Tensor]:
         """Top-k catalog rows among the probed lists, scored exactly.
 
@@ -180,6 +190,8 @@ class IvfIndex(tf.Module):
           k: scalar number of results.
           nprobe: [B] lists per query (default: the configured nprobe).
           eligible: optional [N] bool; ineligible rows never come back.
+          keep: optional per-query filter, rows [B, M] (>= 0) -> bool [B, M]; rows it
+            rejects never come back.
 
         Returns:
           scores [B, k] (-inf past the candidates) and rows [B, k] int64 (-1 there).
@@ -194,6 +206,8 @@ class IvfIndex(tf.Module):
         valid = rows >= 0
         if eligible is not None:
             valid = tf.logical_and(valid, tf.gather(eligible, tf.maximum(rows, 0)))
+        if keep is not None:
+            valid = tf.logical_and(valid, keep(tf.maximum(rows, 0)))
         scores = tf.where(valid, scores, NEG_INF)
         # top_k needs at least k columns: pad with never-chosen slots.
         short = tf.maximum(k - tf.shape(scores)[1], 0)

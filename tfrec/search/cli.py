@@ -91,6 +91,13 @@ def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", dest="cache_dir",
                    help="title-vector cache (default <run workdir>/cache): titles found "
                         "there are not embedded again")
+    p.add_argument("--index", choices=("exact", "ivf", "auto"),
+                   help="dense retrieval top-k (default: the run's index, auto: IVF from "
+                        "index_min_items products)")
+    p.add_argument("--nlist", type=int, help="IVF lists (default: the run's; 0: ~4 sqrt(N))")
+    p.add_argument("--nprobe", type=int,
+                   help="IVF lists probed per query (default: the run's; 0: tuned on the "
+                        "run's validation queries to index_target_recall)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -280,7 +287,10 @@ def _index(args: argparse.Namespace) -> int:
 
     run_dir = resolve_search_run(args.run)
     products = read_products(args.catalog)  # bad tables fail before TensorFlow work
-    pipeline, cfg = load_search_pipeline(run_dir, products, cache_dir=args.cache_dir)
+    overrides = {k: getattr(args, k) for k in ("index", "nlist", "nprobe")
+                 if getattr(args, k) is not None}
+    pipeline, cfg = load_search_pipeline(run_dir, products, cache_dir=args.cache_dir,
+                                         overrides=overrides)
     workdir = os.path.dirname(os.path.abspath(run_dir))
     export_base = args.export_base or os.path.join(workdir, "export")
     results = args.results or cfg.results
@@ -289,7 +299,11 @@ def _index(args: argparse.Namespace) -> int:
                          card={"run": os.path.abspath(run_dir),
                                "catalog": os.path.abspath(args.catalog),
                                "config": dataclasses.asdict(cfg)})
-    print(f"indexed {len(products)} products; exported {path}")
+    card = pipeline.index_card
+    how = (f"IVF {card['nlist']} lists, nprobe {card['nprobe']}, recall@100 vs exact "
+           f"{card['recall_vs_exact']['recall@100']:.3f} on {card['recall_vs_exact']['source']}"
+           if card.get("index") == "ivf" else "exact top-k")
+    print(f"indexed {len(products)} products ({how}); exported {path}")
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
-from tfrec.config import plain, read_yaml_mapping, set_field
+from tfrec.config import ExportConfig, plain, read_yaml_mapping, set_field
 
 
 SEARCH_STRATEGIES = ("default", "one_device", "mirrored")
@@ -79,6 +79,15 @@ class SearchConfig:
     ranker_holdout: float = 0.2  # share of validation queries that picks the ranker epoch
     ranker_batch_size: int = 32
     results: int = 10  # products the exported model returns
+    # Top-k of the dense retriever, as `export.*` of recommendation runs: exact | ivf |
+    # auto (ivf from index_min_items products); nprobe 0 is tuned to index_target_recall
+    # (recall@100 vs exact on the run's validation queries) when the index is built.
+    index: str = "auto"
+    index_min_items: int = 100_000
+    nlist: int = 0
+    nprobe: int = 0
+    index_target_recall: float = 0.95
+    index_recall_floor: float = 0.9
     embed_batch_size: int = 128
     # Encoder matmuls for the frozen title vectors: auto (bfloat16 on CPUs that multiply
     # it natively, else float32) | float32 | bfloat16 (cosine to float32 > 0.999).
@@ -87,6 +96,13 @@ class SearchConfig:
     # query tower is the cost); the small ranker trains on one device.
     strategy: str = "default"
     cpu_devices: int = 0  # >1 splits the CPU into logical devices (tests of mirrored)
+
+    def index_settings(self) -> ExportConfig:
+        """The index fields as the ExportConfig `tfrec.models.catalog_index` reads."""
+        return ExportConfig(index=self.index, index_min_items=self.index_min_items,
+                            nlist=self.nlist, nprobe=self.nprobe,
+                            index_target_recall=self.index_target_recall,
+                            index_recall_floor=self.index_recall_floor)
 
     @property
     def title_encoder_path(self) -> str:

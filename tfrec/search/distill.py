@@ -23,7 +23,8 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.search.config import SearchConfig
-from tfrec.search.index import load_search_pipeline, resolve_search_run, save_search_run
+from tfrec.search.index import (index_pipeline, load_search_pipeline, resolve_search_run,
+                                save_search_run)
 from tfrec.search.model import query_encoder_of
 from tfrec.search.pipeline import SearchPipeline
 from tfrec.search.train import SearchData, evaluate_stages, load_search_data
@@ -244,7 +245,9 @@ def distill_search(run: str, workdir: str, settings: Optional[DistillConfig] = N
             "ndcg@10"] if len(val) else float("nan")
 
     t = time.perf_counter()
+    pipeline.set_index(None)  # the product vectors are re-embedded after training
     history = _train_student(pipeline, targets, queries, settings, val_ndcg)
+    index_pipeline(pipeline, student_cfg, getattr(pipeline, "tuning_queries", []))
     train_s = time.perf_counter() - t
     student = {"metrics": _stage_metrics(pipeline, test, row_of),
                "latency_ms": query_latency_ms(pipeline, timed) if timed else {}}

@@ -16,7 +16,9 @@ from typing import Any, Dict, Optional
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
+from tfrec.export.retrieval import _same_batch
 from tfrec.export.versioned import save_versioned
+from tfrec.models.catalog_index import NPROBE_SPEC
 from tfrec.search.pipeline import MAX_QUERY_CHARS, SearchPipeline
 
 __all__ = ["SearchModule", "export_search", "SEARCH_NAME", "QUERY_SPEC", "EMPTY_QUERY",
@@ -38,7 +40,9 @@ class SearchModule(tf.Module):
     bm25_scores, hybrid_scores (float32, 0 for padding); corrected_words [B] string,
     the speller's corrections of words the catalog never uses ("" if none); and
     query_category [B] string / query_category_prob [B] float32, the classifier's most
-    probable category of the query ("" and 0 without a classifier). An empty or whitespace-only
+    probable category of the query ("" and 0 without a classifier). With an IVF index,
+    `search_nprobe` takes one more input, nprobe [B] int32 (1..nlist; out of range is
+    INVALID_ARGUMENT), to trade latency against recall per request. An empty or whitespace-only
     query fails with InvalidArgument naming its index (INVALID_ARGUMENT over gRPC);
     over-long queries are cut to MAX_QUERY_CHARS characters and answered; an empty batch
     gets empty [0, num_results] outputs.
@@ -79,16 +83,25 @@ class SearchModule(tf.Module):
         if pipeline.category_head is not None:
             self.product_categories = pipeline.product_categories
             self.category_names = pipeline.category_names
+        self.ivf = pipeline.ivf
+        if pipeline.ivf is not None:
+            self.dense_mean, self.dense_cov = pipeline.dense_mean, pipeline.dense_cov
+            self.search_nprobe = tf.function(self._search, autograph=False,
+                                             input_signature=[QUERY_SPEC, NPROBE_SPEC])
 
-    def _search(self, query: tf.Tensor) -> Dict[str, tf.Tensor]:
+    def _search(self, query: tf.Tensor, nprobe: Optional[tf.Tensor] = None
+                ) -> Dict[str, tf.Tensor]:
         cleaned = SearchPipeline.clean_queries(query)
         empty = tf.equal(tf.strings.length(cleaned), 0)
         batch = tf.size(cleaned)
         first = tf.reduce_min(tf.where(empty, tf.range(batch), batch))
-        check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(empty)),
-                                    [tf.strings.format(EMPTY_QUERY, first)])
-        with tf.control_dependencies([check]):
-            found = self._pipeline.search(tf.identity(cleaned), num_results=self.num_results)
+        checks = [tf.debugging.Assert(tf.logical_not(tf.reduce_any(empty)),
+                                      [tf.strings.format(EMPTY_QUERY, first)])]
+        if nprobe is not None:
+            checks += self.ivf.check_nprobe(nprobe) + _same_batch(query, {"nprobe": nprobe})
+        with tf.control_dependencies(checks):
+            found = self._pipeline.search(tf.identity(cleaned), num_results=self.num_results,
+                                          nprobe=nprobe)
         width = self.num_results
         # pipeline.search returns min(width, retrieved union) columns: pad the rest.
         pad = width - min(width, 2 * self._pipeline.candidates)
@@ -108,7 +121,10 @@ class SearchModule(tf.Module):
         return self._search(query)
 
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
-        return {"serving_default": self.search.get_concrete_function()}
+        out = {"serving_default": self.search.get_concrete_function()}
+        if self.ivf is not None:
+            out["search_nprobe"] = self.search_nprobe.get_concrete_function()
+        return out
 
 
 def search_card(pipeline: SearchPipeline, num_results: int, **extra: Any) -> Dict[str, Any]:
@@ -132,7 +148,9 @@ def search_card(pipeline: SearchPipeline, num_results: int, **extra: Any) -> Dic
             "num_results": int(num_results), "max_query_chars": MAX_QUERY_CHARS,
             # The BERT preprocessor tokenises with TF Text ops (stock TF Serving links them).
             "needs_tensorflow_text": True,
-            "signatures": ["serving_default"], **extra}
+            "retrieval_index": pipeline.index_card,
+            "signatures": ["serving_default"] + (["search_nprobe"] if pipeline.ivf else []),
+            **extra}
 
 
 def export_search(pipeline: SearchPipeline, base_dir: str, model_name: str = SEARCH_NAME,

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -22,8 +22,11 @@ import pandas as pd
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
+from tfrec.config import set_field
 from tfrec.data.schema import SchemaError
 from tfrec.features.lexical import LexicalIndex
+from tfrec.models.catalog_index import (TuningQueries, check_index_settings, choose_index,
+                                        wants_ivf)
 from tfrec.search.category import CatalogCategories, QueryCategoryHead
 from tfrec.search.config import SearchConfig
 from tfrec.search.model import SearchTwoTower, catalog_word_ids, query_encoder_of
@@ -33,13 +36,14 @@ from tfrec.search.ranker import SearchRanker
 log = logging.getLogger(__name__)
 
 __all__ = ["RUN_DIR", "save_search_run", "load_search_pipeline", "read_products",
-           "resolve_search_run", "saved_vocabularies"]
+           "resolve_search_run", "saved_vocabularies", "index_pipeline", "query_vectors"]
 
 RUN_DIR = "search"  # under a `tfrec search train` workdir
 MODEL_DIR = "model"
 META_FILE = "model.json"
 CHECKPOINT = "weights"
 CENTROIDS = "category_centroids.npy"  # title departments' k-means centroids
+MAX_TUNING_QUERIES = 1000  # validation queries an IVF index is tuned on
 PRODUCT_COLUMNS = ("product_id", "title")
 OPTIONAL_PRODUCT_COLUMNS = ("brand", "category", "description")
 
@@ -68,6 +72,45 @@ def _id_vocabulary(two_tower: SearchTwoTower, product_ids: List[str]) -> List[st
     return vocabulary
 
 
+def query_vectors(pipeline: SearchPipeline, queries: Sequence[str],
+                  batch: int = 256) -> np.ndarray:
+    """[Q, H] query vectors as the pipeline serves them (cleaned, with the speller's
+    corrections when the query tower reads them), a batch at a time."""
+    parts = [pipeline.query_vectors(tf.constant(list(queries[s:s + batch]))).numpy()
+             for s in range(0, len(queries), batch)]
+    return np.concatenate(parts) if parts else np.zeros([0, pipeline.two_tower.dim],
+                                                        np.float32)
+
+
+def index_pipeline(pipeline: SearchPipeline, cfg: SearchConfig,
+                   queries: Sequence[str] = ()) -> Dict:
+    """Builds the dense retriever's index the config asks for over the current product
+    vectors (exact, or IVF with nprobe tuned on `queries`) and sets it on `pipeline`.
+
+    Args:
+      pipeline: product vectors final (refresh drops nothing after this; it refuses).
+      cfg: the run's index settings (`index`, `nlist`, `nprobe`, targets).
+      queries: real queries to tune nprobe and measure recall vs exact on (validation
+        queries); none: a sample of the catalog's own vectors stands in (the card says so).
+
+    Returns:
+      The index card (also `pipeline.index_card`, and the export's model card).
+
+    Raises:
+      ValueError: bad index settings.
+    """
+    settings = cfg.index_settings()
+    check_index_settings(settings)
+    pipeline.set_index(None)
+    if wants_ivf(settings, pipeline.num_products):
+        queries = list(queries)[:MAX_TUNING_QUERIES]
+        tuning = (TuningQueries(query_vectors(pipeline, queries), source="validation queries")
+                  if queries else None)
+        pipeline.set_index(choose_index(pipeline.product_vectors.numpy(), tuning, settings,
+                                        seed=cfg.seed))
+    return pipeline.index_card
+
+
 def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
                     categories: Optional[CatalogCategories] = None) -> str:
     """Writes `<run_dir>/model/` (replaced atomically): config, vocabularies, weights.
@@ -90,6 +133,8 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
             "trained_products": len(product_ids),
             # The speller is rebuilt over whatever table is indexed, from these queries.
             "speller_queries": getattr(pipeline.speller, "logged_queries", []),
+            # What an IVF index over a new table is tuned on (validation queries).
+            "tuning_queries": list(getattr(pipeline, "tuning_queries", [])),
             "categories": None}
     head = pipeline.category_head
     if head is not None and categories is not None:
@@ -209,7 +254,9 @@ def read_products(path: str) -> pd.DataFrame:
 
 
 def load_search_pipeline(run_dir: str, products: pd.DataFrame,
-                         cache_dir: Optional[str] = None) -> Tuple[SearchPipeline, SearchConfig]:
+                         cache_dir: Optional[str] = None, index: bool = True,
+                         overrides: Optional[Dict[str, object]] = None
+                         ) -> Tuple[SearchPipeline, SearchConfig]:
     """Rebuilds a trained search pipeline over `products` (any table, no retraining).
 
     Args:
@@ -217,6 +264,9 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
       products: `read_products` output.
       cache_dir: title-vector cache (default: the run's workdir cache, so only titles
         not embedded before cost encoder time).
+      index: build the dense retriever's index the config asks for (`index_pipeline`);
+        False for a pipeline that only passes its weights on (warm start, distillation).
+      overrides: SearchConfig fields to change first (e.g. {"index": "ivf"}).
 
     Returns:
       (pipeline, config of the run).
@@ -226,6 +276,9 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     run_dir = resolve_search_run(run_dir)
     model_dir = os.path.join(run_dir, MODEL_DIR)
     cfg = SearchConfig.from_yaml(os.path.join(model_dir, "config.yaml"))
+    for key, value in (overrides or {}).items():
+        set_field(cfg, key, value, prefix="search")
+    check_index_settings(cfg.index_settings())
     with open(os.path.join(model_dir, META_FILE), encoding="utf-8") as f:
         meta = json.load(f)
     titles = products["title"].astype(str).tolist()
@@ -266,6 +319,9 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     # A LoRA run was saved merged (adapters zero): trace the plain encoder from here.
     two_tower.query_encoder.merge_adapters()
     pipeline.refresh_product_vectors()
+    pipeline.tuning_queries = meta.get("tuning_queries", [])
+    if index:
+        index_pipeline(pipeline, cfg, pipeline.tuning_queries)
     learned = set(meta["id_vocabulary"])
     log.info("search index over %d products (%d with a learned id embedding)", len(ids),
              sum(p in learned for p in ids))

@@ -17,6 +17,8 @@ import tensorflow as tf
 
 from tfrec.features.lexical import LexicalIndex
 from tfrec.features.speller import Speller
+from tfrec.models.catalog_index import IndexChoice
+from tfrec.models.ivf import IvfIndex
 from tfrec.models.lists import masked_zscore
 from tfrec.search.category import QueryCategoryHead
 from tfrec.search.model import SearchTwoTower
@@ -48,7 +50,8 @@ class SearchPipeline(tf.Module):
       refresh: fill the product vectors now; False when trained weights are restored
         next (one pass over the catalog instead of two, minutes at 1M products).
 
-    A query-category classifier is attached after training with `set_query_categories`.
+    A query-category classifier is attached after training with `set_query_categories`,
+    an IVF index over the final product vectors with `set_index`.
     """
 
     def __init__(self, two_tower: SearchTwoTower, lexical: LexicalIndex,
@@ -82,6 +85,8 @@ class SearchPipeline(tf.Module):
         self.dense_corrections = bool(dense_corrections)
         self.category_head: Optional[QueryCategoryHead] = None
         self.category_filter = 0.0
+        self.ivf: Optional[IvfIndex] = None
+        self.index_card: Dict = {"index": "exact"}
         if refresh:
             self.refresh_product_vectors()
 
@@ -131,9 +136,39 @@ class SearchPipeline(tf.Module):
         picked = tf.gather(probs, tf.maximum(categories, 0), batch_dims=1)
         return tf.where(categories >= 0, picked, 0.0)
 
+    def set_index(self, choice: Optional[IndexChoice]) -> None:
+        """Dense retrieval through an IVF index over the current product vectors (None, or
+        a choice without a plan: exact top-k over every product).
+
+        The hybrid score z-scores the dense cosine over the whole catalog; with an index
+        that z-score comes from the catalog's mean vector and covariance (q.m and q'Cq),
+        which are exact and cost [H, H] instead of a [B, N] matmul per query batch.
+
+        Raises:
+          ValueError: a plan over a different number of products.
+        """
+        self.index_card = dict(choice.card) if choice is not None else {"index": "exact"}
+        if choice is None or choice.plan is None:
+            self.ivf = None
+            return
+        if len(choice.plan.order) != self.num_products:
+            raise ValueError(f"the IVF plan covers {len(choice.plan.order)} products, the "
+                             f"pipeline has {self.num_products}")
+        self.ivf = IvfIndex(choice.plan, choice.nprobe, catalog_rows=True)
+        mean, cov = _moments(self.product_vectors)
+        self.dense_mean = tf.Variable(mean, trainable=False, name="dense_mean")
+        self.dense_cov = tf.Variable(cov, trainable=False, name="dense_cov")
+
     def refresh_product_vectors(self, batch_size: int = 8192) -> None:
         """Re-embeds the catalog with the two-tower's current weights, a slice at a time
-        (no second catalog-sized copy)."""
+        (no second catalog-sized copy).
+
+        Raises:
+          ValueError: with an IVF index set (it was built on the old vectors).
+        """
+        if self.ivf is not None:
+            raise ValueError("the IVF index was built on the current product vectors; "
+                             "set_index(None) before refreshing them, then index again")
         for start in range(0, self.num_products, batch_size):
             rows = tf.range(start, min(start + batch_size, self.num_products))
             # scatter_update, not a slice assign: distributed (mirrored) variables take it.
@@ -184,28 +219,61 @@ class SearchPipeline(tf.Module):
         q = self.two_tower.query_vectors(read["dense"], training=False)
         dense = tf.matmul(q, self.product_vectors, transpose_b=True)
         bm25, coverage = self.lexical.scores_and_coverage(read["lexical"])
-        hybrid = ((1.0 - self.hybrid_weight) * masked_zscore(dense)
-                  + self.hybrid_weight * masked_zscore(bm25))
+        hybrid = self._fuse(masked_zscore(dense), masked_zscore(bm25))
         return {"query_vectors": q, "dense": dense, "bm25": bm25, "coverage": coverage,
                 "hybrid": hybrid, "corrections": read["corrections"]}
 
-    def retrieve(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:
+    def _fuse(self, dense_z: tf.Tensor, bm25_z: tf.Tensor) -> tf.Tensor:
+        """The hybrid score from catalog-z-scored dense and BM25 scores."""
+        return (1.0 - self.hybrid_weight) * dense_z + self.hybrid_weight * bm25_z
+
+    def _dense_top(self, q: tf.Tensor, keep, nprobe: Optional[tf.Tensor]):
+        """Each query's `candidates` best dense scores and rows (-1 / -inf past the
+        products found), with the dense z-score of any rows: fn(rows [B, M]) -> [B, M]."""
+        k = self.candidates
+        if self.ivf is None:
+            dense = tf.matmul(q, self.product_vectors, transpose_b=True)  # [B, N]
+            candidates = dense
+            if keep is not None:
+                candidates = tf.where(keep(tf.range(self.num_products)), dense, -1e9)
+            top, rows = tf.math.top_k(candidates, k)
+            z = masked_zscore(dense)
+            return top, rows, (lambda r: tf.gather(dense, r, batch_dims=1),
+                               lambda r: tf.gather(z, r, batch_dims=1))
+        top, rows = self.ivf.search(q, self.product_vectors, k, nprobe, keep=keep)
+        rows = tf.cast(rows, tf.int32)
+        mean = tf.linalg.matvec(q, self.dense_mean)[:, tf.newaxis]  # [B, 1]
+        std = tf.sqrt(tf.reduce_sum(tf.matmul(q, self.dense_cov) * q, axis=1) + 1e-9)
+
+        def scores(r):
+            return tf.reduce_sum(tf.gather(self.product_vectors, r) * q[:, tf.newaxis], -1)
+
+        return top, rows, (scores, lambda r: (scores(r) - mean) / std[:, tf.newaxis])
+
+    def retrieve(self, queries: tf.Tensor, nprobe: Optional[tf.Tensor] = None
+                 ) -> Dict[str, tf.Tensor]:
         """Union of the two-tower and BM25 top lists, [B, 2 * candidates] with features.
 
         Slots of BM25 results already in the two-tower list, or scoring 0 (no query word
-        in the title), are invalid (row -1).
+        in the title), are invalid (row -1). With an IVF index (`set_index`) the two-tower
+        list comes from the `nprobe` [B] best lists (default: the index's own).
         """
-        s = self.catalog_scores(queries)
+        read = self.read_queries(queries)
+        q = self.two_tower.query_vectors(read["dense"], training=False)
+        bm25, coverage = self.lexical.scores_and_coverage(read["lexical"])
         k = self.candidates
-        dense_all, bm25_all = s["dense"], s["bm25"]
-        probs = None
+        probs, keep = None, None
         if self.category_head is not None:
-            probs = self.category_probs(s["query_vectors"])
+            probs = self.category_probs(q)
             if self.category_filter > 0:
-                dense_all, bm25_all = self._filter_categories(probs, dense_all, bm25_all)
-        dense_top, dense_rows = tf.math.top_k(dense_all, k)
+                keep = self._category_keep(probs)
+        dense_top, dense_rows, (dense_of, dense_z_of) = self._dense_top(q, keep, nprobe)
+        bm25_all = bm25 if keep is None else tf.where(
+            keep(tf.range(self.num_products)), bm25, -1e9)
         bm25_top, bm25_rows = tf.math.top_k(bm25_all, k)
-        same = tf.equal(dense_rows[:, :, tf.newaxis], bm25_rows[:, tf.newaxis, :])  # [B, k, k]
+        same = tf.logical_and(  # [B, k, k]; -1 (no product found) matches nothing
+            tf.equal(dense_rows[:, :, tf.newaxis], bm25_rows[:, tf.newaxis, :]),
+            dense_rows[:, :, tf.newaxis] >= 0)
         in_bm25 = tf.reduce_any(same, axis=2)
         in_dense = tf.reduce_any(same, axis=1)
         positions = tf.range(k)[tf.newaxis, :]
@@ -217,8 +285,11 @@ class SearchPipeline(tf.Module):
         bm25_pos = tf.where(in_bm25, tf.argmax(tf.cast(same, tf.int32), axis=2,
                                                 output_type=tf.int32), k)
         bm25_rank = tf.concat([bm25_pos, tf.broadcast_to(positions, tf.shape(bm25_rows))], 1)
-        gathered = {name: tf.gather(s[name], rows, batch_dims=1)
-                    for name in ("dense", "bm25", "coverage", "hybrid")}
+        safe = tf.maximum(rows, 0)
+        gathered = {"dense": dense_of(safe), "bm25": tf.gather(bm25, safe, batch_dims=1),
+                    "coverage": tf.gather(coverage, safe, batch_dims=1)}
+        gathered["hybrid"] = self._fuse(dense_z_of(safe),
+                                        tf.gather(masked_zscore(bm25), safe, batch_dims=1))
         category = None
         if probs is not None:
             category = self._product_category_probs(probs, rows)
@@ -226,24 +297,33 @@ class SearchPipeline(tf.Module):
                                       gathered["coverage"], gathered["hybrid"], dense_rank,
                                       bm25_rank, valid, category_prob=category)
         return {"rows": tf.where(valid, rows, -1), "valid": valid, "features": features,
-                "query_vectors": s["query_vectors"], "corrections": s["corrections"],
+                "query_vectors": q, "corrections": read["corrections"],
                 "category_probs": probs,
-                "product_vectors": tf.gather(self.product_vectors, tf.maximum(rows, 0)),
+                "product_vectors": tf.gather(self.product_vectors, safe),
                 **gathered}
 
-    def _filter_categories(self, probs: tf.Tensor, *scores: tf.Tensor):
-        """Catalog scores [B, N] with products of unlikely categories pushed below all."""
+    def _category_keep(self, probs: tf.Tensor):
+        """fn(rows) -> bool: whether each row's category is likely enough for its query
+        (rows [N] -> [B, N], or [B, M] -> [B, M]; products of unknown category are kept)."""
         allowed = probs >= self.category_filter * tf.reduce_max(probs, axis=1, keepdims=True)
-        keep = tf.gather(tf.concat([allowed, tf.ones_like(allowed[:, :1])], axis=1),
-                         tf.where(self.product_categories >= 0, self.product_categories,
-                                  tf.shape(probs)[1]), axis=1)  # unknown category: kept
-        return tuple(tf.where(keep, x, -1e9) for x in scores)
+        allowed = tf.concat([allowed, tf.ones_like(allowed[:, :1])], axis=1)
+        unknown = tf.shape(probs)[1]
+
+        def keep(rows):
+            categories = tf.gather(self.product_categories, rows)
+            slots = tf.where(categories >= 0, categories, unknown)
+            if rows.shape.rank == 1:
+                return tf.gather(allowed, slots, axis=1)
+            return tf.gather(allowed, slots, batch_dims=1)
+
+        return keep
 
     def ranker_inputs(self, retrieved: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         return {k: retrieved[k] for k in ("query_vectors", "product_vectors", "features",
                                           "valid")}
 
-    def search(self, queries: tf.Tensor, num_results: int = 10) -> Dict[str, tf.Tensor]:
+    def search(self, queries: tf.Tensor, num_results: int = 10,
+               nprobe: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
         """Top `num_results` products per query after re-ranking the retrieved union.
 
         Returns rows [B, n] (-1 past the valid candidates), product_ids, titles, scores
@@ -252,7 +332,7 @@ class SearchPipeline(tf.Module):
         "" if none), query_category [B] and query_category_prob [B] (the classifier's most
         probable category; "" and 0 without one).
         """
-        r = self.retrieve(queries)
+        r = self.retrieve(queries, nprobe)
         if self.ranker is not None:
             scores = self.ranker(self.ranker_inputs(r), training=False)
         else:
@@ -276,3 +356,17 @@ class SearchPipeline(tf.Module):
                                               tf.argmax(r["category_probs"], axis=1))
             out["query_category_prob"] = tf.reduce_max(r["category_probs"], axis=1)
         return out
+
+
+def _moments(vectors: tf.Variable, chunk: int = 65536):
+    """Mean [H] and covariance [H, H] (float32, summed in float64) of the rows of
+    `vectors`, a chunk at a time."""
+    n = int(vectors.shape[0])
+    total, outer = 0.0, 0.0
+    for start in range(0, n, chunk):
+        part = vectors[start:start + chunk].numpy().astype(np.float64)
+        total = total + part.sum(axis=0)
+        outer = outer + part.T @ part
+    mean = total / max(n, 1)
+    cov = outer / max(n, 1) - np.outer(mean, mean)
+    return mean.astype(np.float32), cov.astype(np.float32)

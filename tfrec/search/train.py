@@ -23,13 +23,15 @@ import tensorflow as tf
 from tfrec.data.homedepot import load_homedepot, split_by_query
 from tfrec.features.lexical import LexicalIndex
 from tfrec.features.speller import Speller, speller_from_texts
+from tfrec.models.catalog_index import check_index_settings
 from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.losses import SoftmaxListwiseLoss
 from tfrec.search.category import (catalog_categories, category_accuracy,
                                    category_targets, prior_accuracy, train_category_head)
 from tfrec.search.config import SearchConfig, check_search_strategy
 from tfrec.search.data import judgments_from_events, product_catalog
-from tfrec.search.index import load_search_pipeline, save_search_run, saved_vocabularies
+from tfrec.search.index import (index_pipeline, load_search_pipeline, query_vectors,
+                                save_search_run, saved_vocabularies)
 from tfrec.search.metrics import SearchMetrics, catalog_search_metrics, query_gains
 from tfrec.search.model import (SearchTwoTower, catalog_word_ids, query_encoder_of,
                                  word_vocabulary)
@@ -188,6 +190,8 @@ def _ranked(pipeline: SearchPipeline, queries: Sequence[str], stage: str,
         q = tf.constant(list(queries[start:start + batch]))
         if stage == "two_tower+ranker":
             rows = pipeline.search(q, num_results=2 * pipeline.candidates)["rows"].numpy()
+        elif stage == "two_tower" and pipeline.ivf is not None:  # the list the index serves
+            rows = pipeline.retrieve(q)["rows"][:, :pipeline.candidates].numpy()
         else:
             key = {"two_tower": "dense", "bm25": "bm25", "hybrid": "hybrid"}[stage]
             scores = pipeline.catalog_scores(q)[key]
@@ -256,16 +260,6 @@ def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchDat
                 tf.summary.scalar("epoch_hybrid_ndcg@10", score, step=epoch)
     pipeline.refresh_product_vectors()
     return history
-
-
-def query_vectors(pipeline: SearchPipeline, queries: Sequence[str],
-                  batch: int = 256) -> np.ndarray:
-    """[Q, H] query vectors as the pipeline serves them (cleaned, with the speller's
-    corrections when the query tower reads them), a batch at a time."""
-    parts = [pipeline.query_vectors(tf.constant(list(queries[s:s + batch]))).numpy()
-             for s in range(0, len(queries), batch)]
-    return np.concatenate(parts) if parts else np.zeros([0, pipeline.two_tower.dim],
-                                                        np.float32)
 
 
 def train_query_categories(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData
@@ -420,6 +414,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
         one: its word and id vocabularies grow, the optimizers start fresh.
     """
     check_search_strategy(cfg.strategy)
+    check_index_settings(cfg.index_settings())  # before hours of training, not after
     configure_devices(cfg.cpu_devices)
     strategy = make_strategy(cfg.strategy)
     timings: Dict[str, float] = {}
@@ -431,7 +426,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     log_dir = log_dir or os.path.join("tensorboard_logs", "search", f"seed{cfg.seed}")
     previous = None
     if warm_start:
-        previous, _ = load_search_pipeline(warm_start, data.catalog,
+        previous, _ = load_search_pipeline(warm_start, data.catalog, index=False,
                                            cache_dir=os.path.join(workdir, "cache"))
     with strategy.scope():
         pipeline = build_pipeline(cfg, data, vectors, grow_from=None if previous is None else
@@ -447,6 +442,11 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     history = {f"two_tower_{k}": v for k, v in train_two_tower(pipeline, cfg, data,
                                                                log_dir).items()}
     timings["two_tower_s"] = time.perf_counter() - t
+    # The ranker learns from, and the test measures, the lists the export serves.
+    t = time.perf_counter()
+    pipeline.tuning_queries = sorted(data.splits["val"]["query"].unique())
+    index_pipeline(pipeline, cfg, pipeline.tuning_queries)
+    timings["index_s"] = time.perf_counter() - t
     t = time.perf_counter()
     categories = train_query_categories(pipeline, cfg, data)
     category_metrics: Dict[str, object] = {}
