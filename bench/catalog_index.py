@@ -173,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                      f"{m['seconds']:.1f}", f"{m['size'] / m['seconds']:,.0f}",
                      ratio(per_s, ref["seconds"] / ref["size"]),
                      f"{m['peak_mb']:,.0f}",
-                     "-" if m is ref else f"{extra:,.0f}",
+                     "-" if m["size"] == ref["size"] else f"{extra:,.0f}",
                      f"{m['model_mb']:,.0f}", f"{m['load_s']:.1f}", f"{m['p50_ms']:.1f}",
                      ratio(exact_ms[m["size"]], m["p50_ms"]) if m["size"] in exact_ms else "-",
                      f"{m['found']}/{args.queries}"])

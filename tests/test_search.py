@@ -672,13 +672,13 @@ def test_search_through_an_ivf_index_matches_exact_at_full_probe(search_run, tmp
         assert "same batch size" in fresh["errors"][2]
         # Over gRPC: the embedded server answers per-request nprobe, and refuses 0.
         for client in serve_models({"search": str(base / "search")}):
-            request = {"query": np.array([queries.numpy()[0]], dtype=object)}
-            out = client.predict("search", {**request, "nprobe": np.array([nlist], np.int32)},
-                                 "search_nprobe")
-            got_ids = np.asarray(out["product_ids"][0]).astype(str).tolist()
-            assert got_ids == want["product_ids"].numpy()[0].astype(str).tolist()
-            _invalid(lambda: client.predict("search", {**request, "nprobe": np.array(
-                [0], np.int32)}, "search_nprobe"), f"nprobe must be between 1 and {nlist}")
+            query = queries.numpy()[0].decode()
+            got_ids = [r["product_id"] for r in client.catalog_search(query, nprobe=nlist)]
+            want_ids = want["product_ids"].numpy()[0].astype(str).tolist()
+            assert got_ids == [p for p in want_ids if p]
+            assert [r["product_id"] for r in client.catalog_search(query)] == got_ids
+            _invalid(lambda: client.catalog_search(query, nprobe=0),
+                     f"nprobe must be between 1 and {nlist}")
     finally:
         pipeline.set_index(None)
 

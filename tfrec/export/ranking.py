@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
+from tfrec.features.quantize import catalog_rows
 from tfrec.models.attribution import GROUPS, integrated_gradients
 from tfrec.models.catalog_index import (CatalogIndex, TuningQueries, choose_index,
                                         in_index_order)
@@ -152,7 +153,7 @@ class RankingCore(tf.Module):
 
     def retrieval_scores(self, query: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
         """Two-tower scores [B, L] of candidate rows [B, L]; 0 for padding."""
-        items = tf.gather(self.item_embeddings, tf.maximum(rows, 0))  # [B, L, D]
+        items = catalog_rows(self.item_embeddings, tf.maximum(rows, 0))  # [B, L, D]
         scores = tf.einsum("bd,bld->bl", query, items)
         return tf.where(rows >= 0, scores, 0.0)
 

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
-from tfrec.features.quantize import (check_precision, gather_rows, quantize_embeddings,
+from tfrec.features.quantize import (catalog_rows, check_precision, quantize_embeddings,
                                      quantized_tables, table_key)
 from tfrec.models.catalog_index import (NPROBE_SPEC, CatalogIndex, TuningQueries,
                                         choose_index, in_index_order)
@@ -180,7 +180,7 @@ class RetrievalModule(tf.Module):
         checks += self._nprobe_checks(nprobe, item_id)
         with tf.control_dependencies(checks):
             k = tf.minimum(k, self.num_items - 1)
-            query = gather_rows(self.item_embeddings, index)
+            query = catalog_rows(self.item_embeddings, index)
             # An item is not similar to itself.
             return self._top_k(query, tf.maximum(k, 1), index[:, tf.newaxis], nprobe)
 

@@ -77,10 +77,11 @@ class QuantizedTable(tf.Module):
 
     def gather(self, ids: tf.Tensor) -> tf.Tensor:
         """Rows `ids` (any shape) as float32 [..., D]."""
-        rows = tf.cast(tf.gather(self.values, ids), tf.float32)
+        # From whole reads, not the variables: `scores` reads them whole (catalog_rows).
+        rows = tf.cast(tf.gather(self.values.value(), ids), tf.float32)
         if self.scale is None:
             return rows
-        return rows * tf.expand_dims(tf.gather(self.scale, ids), -1)
+        return rows * tf.expand_dims(tf.gather(self.scale.value(), ids), -1)
 
     def scores(self, queries: tf.Tensor) -> tf.Tensor:
         """queries [B, D] @ table^T -> [B, N] float32 (scale applied per column)."""
@@ -131,6 +132,27 @@ def quantize_embeddings(models: Sequence[tf.keras.layers.Layer], precision: str
                 out[table_key(table)] = QuantizedTable(table.numpy(), precision,
                                                        name=f"{layer.name}_{precision}")
     return out
+
+
+def catalog_rows(table, ids: tf.Tensor) -> tf.Tensor:
+    """Rows `ids` of a serving-time catalog table (float variable or QuantizedTable)
+    that is also read whole, e.g. by an exact top-k matmul.
+
+    A gather on the variable itself (ResourceGather) puts it in copy-on-read mode for
+    good, after which every whole read copies the table (~45 ms per call for 41k x 384
+    floats); gathering from one read of it keeps whole reads free. Not for trained
+    tables: their sparse updates would make that read copy on every step.
+    """
+    if isinstance(table, QuantizedTable):
+        return table.gather(ids)
+    return tf.gather(table.value(), ids)
+
+
+def dense_reads(variable: tf.Variable) -> None:
+    """Ends copy-on-read mode of a variable filled by sparse writes (scatter_update),
+    so whole reads stop copying it (see `catalog_rows`); each replica's copy."""
+    for part in getattr(variable, "values", (variable,)):
+        tf.raw_ops.DisableCopyOnRead(resource=part.handle)
 
 
 def gather_rows(table, ids: tf.Tensor) -> tf.Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 import tfrec  # noqa: F401
 import tensorflow as tf
 
-from tfrec.features.quantize import gather_rows
+from tfrec.features.quantize import catalog_rows
 
 __all__ = ["IvfPlan", "IvfIndex", "build_ivf", "default_nlist", "train_centroids",
            "assign_lists"]
@@ -201,7 +201,7 @@ class IvfIndex(tf.Module):
             nprobe = tf.fill([tf.shape(queries)[0]], self.nprobe)
         cand = self.candidates(queries, tf.cast(nprobe, tf.int32))
         rows = cand.to_tensor(default_value=-1)  # [B, M]
-        vectors = tf.cast(gather_rows(embeddings, tf.maximum(rows, 0)), tf.float32)
+        vectors = tf.cast(catalog_rows(embeddings, tf.maximum(rows, 0)), tf.float32)
         scores = tf.linalg.matvec(vectors, queries)  # [B, M]
         valid = rows >= 0
         if eligible is not None:

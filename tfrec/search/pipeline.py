@@ -16,6 +16,7 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.features.lexical import LexicalIndex
+from tfrec.features.quantize import catalog_rows, dense_reads
 from tfrec.features.speller import Speller
 from tfrec.models.catalog_index import IndexChoice
 from tfrec.models.ivf import IvfIndex
@@ -174,6 +175,7 @@ class SearchPipeline(tf.Module):
             # scatter_update, not a slice assign: distributed (mirrored) variables take it.
             self.product_vectors.scatter_update(tf.IndexedSlices(
                 self.two_tower.product_vectors(rows, training=False), rows))
+        dense_reads(self.product_vectors)  # else every exact top-k copies the table
 
     @staticmethod
     def clean_queries(queries: tf.Tensor) -> tf.Tensor:
@@ -246,7 +248,7 @@ class SearchPipeline(tf.Module):
         std = tf.sqrt(tf.reduce_sum(tf.matmul(q, self.dense_cov) * q, axis=1) + 1e-9)
 
         def scores(r):
-            return tf.reduce_sum(tf.gather(self.product_vectors, r) * q[:, tf.newaxis], -1)
+            return tf.reduce_sum(catalog_rows(self.product_vectors, r) * q[:, tf.newaxis], -1)
 
         return top, rows, (scores, lambda r: (scores(r) - mean) / std[:, tf.newaxis])
 
@@ -299,7 +301,7 @@ class SearchPipeline(tf.Module):
         return {"rows": tf.where(valid, rows, -1), "valid": valid, "features": features,
                 "query_vectors": q, "corrections": read["corrections"],
                 "category_probs": probs,
-                "product_vectors": tf.gather(self.product_vectors, safe),
+                "product_vectors": catalog_rows(self.product_vectors, safe),
                 **gathered}
 
     def _category_keep(self, probs: tf.Tensor):

@@ -349,8 +349,8 @@ class PredictClient:
     # -- catalog search contract (tfrec.search.export) ---------------------------
 
     def catalog_search(self, query: str, model: str = "search", k: Optional[int] = None,
-                       version: Optional[int] = None,
-                       timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+                       version: Optional[int] = None, timeout: Optional[float] = None,
+                       nprobe: Optional[int] = None) -> List[Dict[str, Any]]:
         """Catalog search (`tfrec search train` export): raw query in, top products out.
 
         Rows carry rank, product_id, title, score (the ranker's), dense_score (two-tower
@@ -363,18 +363,26 @@ class PredictClient:
           k: Keep at most this many rows (the export returns a fixed number).
           version: Specific model version; None for the latest.
           timeout: Per-call deadline overriding the client's.
+          nprobe: IVF lists to probe (the export's `search_nprobe` signature; only IVF
+            exports have it); None: the export's tuned default.
         """
-        return self.explain_catalog_search(query, model, k, version, timeout)["results"]
+        return self.explain_catalog_search(query, model, k, version, timeout,
+                                           nprobe)["results"]
 
     def explain_catalog_search(self, query: str, model: str = "search",
                                k: Optional[int] = None, version: Optional[int] = None,
-                               timeout: Optional[float] = None) -> Dict[str, Any]:
+                               timeout: Optional[float] = None,
+                               nprobe: Optional[int] = None) -> Dict[str, Any]:
         """`catalog_search` plus how the query was read: {"query", "corrected_words",
         "query_category", "query_category_prob", "results"}; corrected_words are the
         speller's corrections, query_category the classifier's most probable category
         ("" / 0.0 if none, or if the export predates them)."""
-        outputs = self.predict(model, {"query": np.array([query], dtype=object)},
-                               "serving_default", version, timeout=timeout)
+        inputs = {"query": np.array([query], dtype=object)}
+        if nprobe is not None:
+            inputs["nprobe"] = np.array([nprobe], np.int32)
+        outputs = self.predict(model, inputs,
+                               "serving_default" if nprobe is None else "search_nprobe",
+                               version, timeout=timeout)
         rows = rows_from(outputs, ids="product_ids")
         corrected = outputs.get("corrected_words")
         category = outputs.get("query_category")
