@@ -127,16 +127,6 @@ def test_catalog_rows_keep_whole_reads_of_a_catalog_table_free_of_copies():
     values = np.random.default_rng(0).normal(size=[rows, dim]).astype(np.float32)
     query = tf.constant(values[:1])
 
-    def fastest_matmul(table) -> float:
-        top = tf.function(lambda q: tf.math.top_k(tf.matmul(q, table, transpose_b=True), 10))
-        top(query)
-        times = []
-        for _ in range(15):
-            start = time.perf_counter()
-            top(query).values.numpy()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     fresh = tf.Variable(values)
     gathered = tf.Variable(values)
     tf.gather(gathered, [1, 2])  # ResourceGather: copy-on-read from here on
@@ -145,8 +135,18 @@ def test_catalog_rows_keep_whole_reads_of_a_catalog_table_free_of_copies():
     filled = tf.Variable(tf.zeros([rows, dim]))
     filled.scatter_update(tf.IndexedSlices(tf.constant(values), tf.range(rows)))
     dense_reads(filled)
-    reference = fastest_matmul(fresh)
-    assert fastest_matmul(gathered) > 3 * reference  # the effect guarded against is real
-    assert fastest_matmul(ours) < 2 * reference
-    assert fastest_matmul(filled) < 2 * reference
+    tables = {"fresh": fresh, "gathered": gathered, "ours": ours, "filled": filled}
+    tops = {name: tf.function(lambda q, t=t: tf.math.top_k(tf.matmul(q, t, transpose_b=True),
+                                                           10))
+            for name, t in tables.items()}
+    fastest = {name: float("inf") for name in tables}
+    for _ in range(25):  # interleaved rounds: load from elsewhere falls on every table
+        for name, top in tops.items():
+            start = time.perf_counter()
+            top(query).values.numpy()
+            fastest[name] = min(fastest[name], time.perf_counter() - start)
+    reference = fastest["fresh"]
+    assert fastest["gathered"] > 3 * reference, fastest  # the effect guarded against is real
+    assert fastest["ours"] < 2 * reference, fastest
+    assert fastest["filled"] < 2 * reference, fastest
     np.testing.assert_array_equal(catalog_rows(ours, [3]).numpy(), values[3:4])

@@ -145,7 +145,7 @@ def catalog_rows(table, ids: tf.Tensor) -> tf.Tensor:
     """
     if isinstance(table, QuantizedTable):
         return table.gather(ids)
-    return tf.gather(table.value(), ids)
+    return tf.gather(tf.convert_to_tensor(table), ids)  # a variable: one whole read
 
 
 def dense_reads(variable: tf.Variable) -> None:
