@@ -134,8 +134,9 @@ BENCHES: Dict[str, Expect] = {
         [r"0 +reason \(leave-one-out\) +\d", r"0 +most recent item +\d",
          r"0 +matched query word +\d", r"0 +100 +\d"]),
     "catalog_index": Expect(
-        [("catalog", "index s", "products/s", "peak MB", "export MB", "own title top-10")],
-        [r"300 +\d"]),
+        [("catalog", "dense top-k", "index s", "products/s", "peak MB", "export MB",
+          "own title top-10")],
+        [r"300 +exact +\d"]),
     "prepare": Expect(
         [("world", "engine", "wall s", "time vs pandas", "all procs peak MB",
           "MB per 1M events", "disk peak MB", "same as pandas")],
