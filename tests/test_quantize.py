@@ -123,7 +123,7 @@ def test_catalog_rows_keep_whole_reads_of_a_catalog_table_free_of_copies():
     read instead, and `dense_reads` ends the mode after sparse writes."""
     from tfrec.features.quantize import catalog_rows, dense_reads
 
-    rows, dim = 40_000, 256  # 41 MB: a copy costs far more than the matmul
+    rows, dim = 60_000, 256  # 61 MB: a copy costs more than the matmul
     values = np.random.default_rng(0).normal(size=[rows, dim]).astype(np.float32)
     query = tf.constant(values[:1])
 
@@ -145,8 +145,12 @@ def test_catalog_rows_keep_whole_reads_of_a_catalog_table_free_of_copies():
             start = time.perf_counter()
             top(query).values.numpy()
             fastest[name] = min(fastest[name], time.perf_counter() - start)
-    reference = fastest["fresh"]
-    assert fastest["gathered"] > 3 * reference, fastest  # the effect guarded against is real
-    assert fastest["ours"] < 2 * reference, fastest
-    assert fastest["filled"] < 2 * reference, fastest
+    # Quiet machine: gathered ~10x fresh, ours and filled ~1x; under CI load the copy's
+    # share shrinks (gathered 1.9x fresh seen), so compare with the copying table.
+    assert fastest["ours"] < 0.75 * fastest["gathered"], fastest
+    assert fastest["filled"] < 0.75 * fastest["gathered"], fastest
+    # And by construction: the gather reads the variable whole, never ResourceGather.
+    graph = tf.function(lambda: catalog_rows(ours, [1, 2])).get_concrete_function().graph
+    ops = {op.type for op in graph.get_operations()}
+    assert "ReadVariableOp" in ops and "ResourceGather" not in ops, ops
     np.testing.assert_array_equal(catalog_rows(ours, [3]).numpy(), values[3:4])
