@@ -231,7 +231,8 @@ class SearchPipeline(tf.Module):
 
     def _dense_top(self, q: tf.Tensor, keep, nprobe: Optional[tf.Tensor]):
         """Each query's `candidates` best dense scores and rows (-1 / -inf past the
-        products found), with the dense z-score of any rows: fn(rows [B, M]) -> [B, M]."""
+        products found), with fn(rows [B, M], their vectors [B, M, H]) -> their dense
+        scores and catalog z-scores, [B, M] each."""
         k = self.candidates
         if self.ivf is None:
             dense = tf.matmul(q, self.product_vectors, transpose_b=True)  # [B, N]
@@ -240,17 +241,18 @@ class SearchPipeline(tf.Module):
                 candidates = tf.where(keep(tf.range(self.num_products)), dense, -1e9)
             top, rows = tf.math.top_k(candidates, k)
             z = masked_zscore(dense)
-            return top, rows, (lambda r: tf.gather(dense, r, batch_dims=1),
-                               lambda r: tf.gather(z, r, batch_dims=1))
+            return top, rows, lambda r, vectors: (tf.gather(dense, r, batch_dims=1),
+                                                  tf.gather(z, r, batch_dims=1))
         top, rows = self.ivf.search(q, self.product_vectors, k, nprobe, keep=keep)
         rows = tf.cast(rows, tf.int32)
         mean = tf.linalg.matvec(q, self.dense_mean)[:, tf.newaxis]  # [B, 1]
         std = tf.sqrt(tf.reduce_sum(tf.matmul(q, self.dense_cov) * q, axis=1) + 1e-9)
 
-        def scores(r):
-            return tf.reduce_sum(catalog_rows(self.product_vectors, r) * q[:, tf.newaxis], -1)
+        def scores(r, vectors):
+            dense = tf.reduce_sum(vectors * q[:, tf.newaxis], -1)
+            return dense, (dense - mean) / std[:, tf.newaxis]
 
-        return top, rows, (scores, lambda r: (scores(r) - mean) / std[:, tf.newaxis])
+        return top, rows, scores
 
     def retrieve(self, queries: tf.Tensor, nprobe: Optional[tf.Tensor] = None
                  ) -> Dict[str, tf.Tensor]:
@@ -269,7 +271,7 @@ class SearchPipeline(tf.Module):
             probs = self.category_probs(q)
             if self.category_filter > 0:
                 keep = self._category_keep(probs)
-        dense_top, dense_rows, (dense_of, dense_z_of) = self._dense_top(q, keep, nprobe)
+        dense_top, dense_rows, dense_of = self._dense_top(q, keep, nprobe)
         bm25_all = bm25 if keep is None else tf.where(
             keep(tf.range(self.num_products)), bm25, -1e9)
         bm25_top, bm25_rows = tf.math.top_k(bm25_all, k)
@@ -288,9 +290,11 @@ class SearchPipeline(tf.Module):
                                                 output_type=tf.int32), k)
         bm25_rank = tf.concat([bm25_pos, tf.broadcast_to(positions, tf.shape(bm25_rows))], 1)
         safe = tf.maximum(rows, 0)
-        gathered = {"dense": dense_of(safe), "bm25": tf.gather(bm25, safe, batch_dims=1),
+        vectors = catalog_rows(self.product_vectors, safe)  # once: scores and ranker input
+        dense, dense_z = dense_of(safe, vectors)
+        gathered = {"dense": dense, "bm25": tf.gather(bm25, safe, batch_dims=1),
                     "coverage": tf.gather(coverage, safe, batch_dims=1)}
-        gathered["hybrid"] = self._fuse(dense_z_of(safe),
+        gathered["hybrid"] = self._fuse(dense_z,
                                         tf.gather(masked_zscore(bm25), safe, batch_dims=1))
         category = None
         if probs is not None:
@@ -301,7 +305,7 @@ class SearchPipeline(tf.Module):
         return {"rows": tf.where(valid, rows, -1), "valid": valid, "features": features,
                 "query_vectors": q, "corrections": read["corrections"],
                 "category_probs": probs,
-                "product_vectors": catalog_rows(self.product_vectors, safe),
+                "product_vectors": vectors,
                 **gathered}
 
     def _category_keep(self, probs: tf.Tensor):
