@@ -52,6 +52,26 @@ def test_plan_covers_the_catalog_once_and_is_seeded():
         IvfIndex(plan, nprobe=33)
 
 
+def test_kmeans_in_chunks_gives_the_centroids_of_one_pass():
+    """Assigning the sample chunk by chunk bounds memory and changes no centroid."""
+    x = _clustered()
+    whole = train_centroids(x, nlist=32, seed=5, chunk=len(x))
+    np.testing.assert_allclose(train_centroids(x, nlist=32, seed=5, chunk=97), whole,
+                               atol=1e-6)
+    # A reference Lloyd iteration in numpy: sample rows, then nearest-centroid means.
+    rng = np.random.RandomState(5)
+    take = 32 * 64  # sample_per_list's default
+    sample = x[np.sort(rng.choice(len(x), take, replace=False))]
+    centroids = sample[rng.choice(take, 32, replace=False)]
+    for _ in range(10):
+        lists = np.argmax(sample @ centroids.T, axis=1)
+        for c in range(32):
+            if np.any(lists == c):
+                mean = sample[lists == c].sum(axis=0)
+                centroids[c] = mean / np.linalg.norm(mean)
+    np.testing.assert_allclose(whole, centroids, atol=1e-4)
+
+
 def test_all_lists_probed_is_exact_and_recall_grows_with_nprobe():
     x = _clustered()
     plan = build_ivf(x, nlist=32, seed=0)

@@ -70,18 +70,22 @@ def assign_lists(vectors: np.ndarray, centroids: np.ndarray, chunk: int = 8192) 
     return np.concatenate(out) if out else np.zeros([0], np.int64)
 
 
-@tf.function(reduce_retracing=True)
-def _lloyd_step(sample: tf.Tensor, centroids: tf.Tensor) -> tf.Tensor:
-    """One spherical k-means update; an emptied cluster keeps its centroid."""
-    lists = tf.argmax(tf.matmul(sample, centroids, transpose_b=True), axis=1)
-    nlist = tf.shape(centroids)[0]
+def _lloyd_step(sample: np.ndarray, centroids: np.ndarray, chunk: int) -> np.ndarray:
+    """One spherical k-means update; an emptied cluster keeps its centroid.
+
+    Assignments go chunk by chunk: the whole [sample, nlist] score matrix is 4 GB at
+    1M items (256k sampled vectors x 4,000 lists).
+    """
+    lists = assign_lists(sample, centroids, chunk=chunk)
+    nlist = len(centroids)
     sums = tf.math.unsorted_segment_sum(sample, lists, nlist)
-    counts = tf.math.unsorted_segment_sum(tf.ones_like(lists, tf.float32), lists, nlist)
-    return tf.where(counts[:, None] > 0, _unit(sums), centroids)
+    counts = np.bincount(lists, minlength=nlist)
+    return tf.where(counts[:, None] > 0, _unit(sums), centroids).numpy()
 
 
 def train_centroids(vectors: np.ndarray, nlist: int, iterations: int = 10,
-                    sample_per_list: int = 64, seed: int = 0) -> np.ndarray:
+                    sample_per_list: int = 64, seed: int = 0,
+                    chunk: int = 8192) -> np.ndarray:
     """Spherical k-means centroids over a seeded sample of the vectors.
 
     Args:
@@ -91,6 +95,7 @@ def train_centroids(vectors: np.ndarray, nlist: int, iterations: int = 10,
       sample_per_list: training sample size per cluster (the full set if smaller):
         bounds build time at millions of items.
       seed: sampling and initialisation seed (same seed, same index).
+      chunk: sampled vectors assigned at a time (bounds memory, not the result).
 
     Returns:
       [nlist, d] float32 unit-norm centroids.
@@ -107,11 +112,11 @@ def train_centroids(vectors: np.ndarray, nlist: int, iterations: int = 10,
     rng = np.random.RandomState(seed)
     take = min(n, max(nlist, nlist * sample_per_list))
     sample = np.asarray(vectors)[np.sort(rng.choice(n, take, replace=False))]
-    sample = _unit(tf.constant(sample, tf.float32))
-    centroids = tf.gather(sample, rng.choice(take, nlist, replace=False))
+    sample = _unit(tf.constant(sample, tf.float32)).numpy()
+    centroids = sample[rng.choice(take, nlist, replace=False)]
     for _ in range(iterations):
-        centroids = _lloyd_step(sample, centroids)
-    return centroids.numpy().astype(np.float32)
+        centroids = _lloyd_step(sample, centroids, chunk)
+    return centroids.astype(np.float32)
 
 
 def build_ivf(vectors: np.ndarray, nlist: Optional[int] = None, iterations: int = 10,
