@@ -91,7 +91,8 @@ def index_pipeline(pipeline: SearchPipeline, cfg: SearchConfig,
       pipeline: product vectors final (refresh drops nothing after this; it refuses).
       cfg: the run's index settings (`index`, `nlist`, `nprobe`, targets).
       queries: real queries to tune nprobe and measure recall vs exact on (validation
-        queries); none: a sample of the catalog's own vectors stands in (the card says so).
+        queries; a seeded sample of MAX_TUNING_QUERIES when there are more); none: a
+        sample of the catalog's own vectors stands in (the card says so).
 
     Returns:
       The index card (also `pipeline.index_card`, and the export's model card).
@@ -103,7 +104,11 @@ def index_pipeline(pipeline: SearchPipeline, cfg: SearchConfig,
     check_index_settings(settings)
     pipeline.set_index(None)
     if wants_ivf(settings, pipeline.num_products):
-        queries = list(queries)[:MAX_TUNING_QUERIES]
+        queries = list(queries)
+        if len(queries) > MAX_TUNING_QUERIES:  # a seeded sample, not an alphabetical prefix
+            keep = np.random.default_rng(cfg.seed).choice(len(queries), MAX_TUNING_QUERIES,
+                                                          replace=False)
+            queries = [queries[i] for i in np.sort(keep)]
         tuning = (TuningQueries(query_vectors(pipeline, queries), source="validation queries")
                   if queries else None)
         pipeline.set_index(choose_index(pipeline.product_vectors.numpy(), tuning, settings,
@@ -265,7 +270,7 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
       cache_dir: title-vector cache (default: the run's workdir cache, so only titles
         not embedded before cost encoder time).
       index: build the dense retriever's index the config asks for (`index_pipeline`);
-        False for a pipeline that only passes its weights on (warm start, distillation).
+        False for a pipeline that only passes its weights on (warm start).
       overrides: SearchConfig fields to change first (e.g. {"index": "ivf"}).
 
     Returns:
