@@ -18,7 +18,7 @@ from tfrec.config import ExportConfig
 from tfrec.models.catalog_index import NPROBE_SPEC, TuningQueries
 from tfrec.export.ranking import NEG_INF, RankingCore, sort_by
 from tfrec.export.reasons import Reasons
-from tfrec.export.retrieval import _same_batch
+from tfrec.export.retrieval import same_batch
 from tfrec.metrics.candidates import excludes_history
 from tfrec.models.ranking import RankingModel
 from tfrec.models.retrieval import TwoTowerModel
@@ -139,13 +139,13 @@ class PipelineModule(tf.Module):
         core = self.core
         request = core.request(query, user_id, history, device, hour)
         message = f"k must be between 1 and {self.candidates} (the retrieval candidates)"
-        checks = checks(request) + _same_batch(user_id, {
+        checks = checks(request) + same_batch(user_id, {
             "history": history, "device": device, "hour": hour, "k": k, "query": query,
             "exclude_item_ids": exclude_item_ids, "purchased_item_ids": purchased_item_ids}) + [
             tf.debugging.assert_greater_equal(k, 1, message=message),
             tf.debugging.assert_less_equal(k, self.candidates, message=message)]
         if nprobe is not None:
-            checks += core.index.check_nprobe(nprobe) + _same_batch(user_id, {"nprobe": nprobe})
+            checks += core.index.check_nprobe(nprobe) + same_batch(user_id, {"nprobe": nprobe})
         with tf.control_dependencies(checks):
             exclude_history = not search or self.search_excludes_history
             blocked = tf.concat([history, exclude_item_ids, purchased_item_ids] if

@@ -23,7 +23,7 @@ from tfrec.models.attribution import GROUPS, integrated_gradients
 from tfrec.models.catalog_index import (CatalogIndex, TuningQueries, choose_index,
                                         in_index_order)
 from tfrec.metrics.retrieval import embed_in_batches
-from tfrec.export.retrieval import _same_batch
+from tfrec.export.retrieval import same_batch
 from tfrec.models.ranking import RankingModel
 from tfrec.models.retrieval import TwoTowerModel
 from tfrec.models.embedding import tower_fn
@@ -213,7 +213,7 @@ class RankerModule(tf.Module):
     def _checks(self, request: Dict[str, tf.Tensor], candidate_ids: tf.Tensor,
                 rows: tf.Tensor) -> list:
         unknown = tf.logical_and(rows < 0, tf.not_equal(candidate_ids, ""))
-        return _same_batch(request["user_id"], {**request, "candidate_ids": candidate_ids}) + [
+        return same_batch(request["user_id"], {**request, "candidate_ids": candidate_ids}) + [
             tf.debugging.Assert(
                 tf.shape(candidate_ids)[1] <= self.max_candidates,
                 ["too many candidates:", tf.shape(candidate_ids)[1],

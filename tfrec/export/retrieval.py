@@ -31,7 +31,7 @@ EXCLUDE_SPEC = tf.TensorSpec([None], tf.bool, name="exclude_seen")
 ITEM_SPEC = tf.TensorSpec([None], tf.string, name="item_id")
 
 
-def _same_batch(reference: tf.Tensor, tensors: Dict[str, tf.Tensor]) -> list:
+def same_batch(reference: tf.Tensor, tensors: Dict[str, tf.Tensor]) -> list:
     """In-graph checks that every input has one row per request row."""
     batch = tf.shape(reference)[0]
     return [tf.debugging.assert_equal(
@@ -143,7 +143,7 @@ class RetrievalModule(tf.Module):
         return {"item_ids": ids, "scores": values, "titles": titles}
 
     def _query(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
-        checks = _same_batch(features["user_id"], features)
+        checks = same_batch(features["user_id"], features)
         checks.append(tf.debugging.assert_greater(
             tf.shape(features["history"])[1], -1, message="history must be a 2-D [batch, items]"))
         with tf.control_dependencies(checks):
@@ -153,16 +153,16 @@ class RetrievalModule(tf.Module):
         return {"embedding": self._query(features)}
 
     def _candidate_embedding(self, features):
-        with tf.control_dependencies(_same_batch(features["item_id"], features)):
+        with tf.control_dependencies(same_batch(features["item_id"], features)):
             return {"embedding": self._tower(self.candidate_tower, features)}
 
     def _nprobe_checks(self, nprobe: Optional[tf.Tensor], reference: tf.Tensor) -> list:
         if nprobe is None:
             return []
-        return self.index.check_nprobe(nprobe) + _same_batch(reference, {"nprobe": nprobe})
+        return self.index.check_nprobe(nprobe) + same_batch(reference, {"nprobe": nprobe})
 
     def _recommend(self, features, k, exclude_seen, nprobe=None):
-        checks = self._check_k(k) + _same_batch(features["user_id"], {"k": k,
+        checks = self._check_k(k) + same_batch(features["user_id"], {"k": k,
                                                                        "exclude_seen": exclude_seen})
         checks += self._nprobe_checks(nprobe, features["user_id"])
         with tf.control_dependencies(checks):
@@ -174,7 +174,7 @@ class RetrievalModule(tf.Module):
 
     def _similar_items(self, item_id, k, nprobe=None):
         index = self.item_index.lookup(item_id)
-        checks = self._check_k(k) + _same_batch(item_id, {"k": k}) + [
+        checks = self._check_k(k) + same_batch(item_id, {"k": k}) + [
             tf.debugging.assert_non_negative(
                 index, message="unknown item_id: similar_items needs ids from the catalog")]
         checks += self._nprobe_checks(nprobe, item_id)

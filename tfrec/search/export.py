@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tfrec.export.retrieval import _same_batch
+from tfrec.export.retrieval import same_batch
 from tfrec.export.versioned import save_versioned
 from tfrec.models.catalog_index import NPROBE_SPEC
 from tfrec.search.pipeline import MAX_QUERY_CHARS, SearchPipeline
@@ -98,7 +98,7 @@ class SearchModule(tf.Module):
         checks = [tf.debugging.Assert(tf.logical_not(tf.reduce_any(empty)),
                                       [tf.strings.format(EMPTY_QUERY, first)])]
         if nprobe is not None:
-            checks += self.ivf.check_nprobe(nprobe) + _same_batch(query, {"nprobe": nprobe})
+            checks += self.ivf.check_nprobe(nprobe) + same_batch(query, {"nprobe": nprobe})
         with tf.control_dependencies(checks):
             found = self._pipeline.search(tf.identity(cleaned), num_results=self.num_results,
                                           nprobe=nprobe)
