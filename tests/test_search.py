@@ -724,3 +724,17 @@ def test_search_index_builds_the_configured_ivf_tuned_on_validation_queries(sear
                          ({"index": "ivf", "nlist": 8, "nprobe": 9}, "must be <= nlist")):
         with pytest.raises(ValueError, match=message):
             index_pipeline(loaded, dataclasses.replace(cfg, **bad))
+
+
+def test_ivf_tuning_takes_a_seeded_sample_of_many_validation_queries():
+    """More validation queries than the tuning cap: a seeded spread, not the first ones."""
+    from tfrec.search.index import MAX_TUNING_QUERIES, tuning_sample
+
+    few = ["无线耳机", "café table", "drill"]
+    assert tuning_sample(few, seed=0) == few
+    many = sorted(f"query {i:05d} 蓝牙" for i in range(3 * MAX_TUNING_QUERIES))
+    picked = tuning_sample(many, seed=0)
+    assert len(picked) == MAX_TUNING_QUERIES == len(set(picked))
+    assert picked == sorted(picked) and set(picked) <= set(many)
+    assert picked != many[:MAX_TUNING_QUERIES] and picked[-1] > many[MAX_TUNING_QUERIES]
+    assert tuning_sample(many, seed=0) == picked != tuning_sample(many, seed=1)

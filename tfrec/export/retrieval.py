@@ -163,7 +163,7 @@ class RetrievalModule(tf.Module):
 
     def _recommend(self, features, k, exclude_seen, nprobe=None):
         checks = self._check_k(k) + same_batch(features["user_id"], {"k": k,
-                                                                       "exclude_seen": exclude_seen})
+                                                                      "exclude_seen": exclude_seen})
         checks += self._nprobe_checks(nprobe, features["user_id"])
         with tf.control_dependencies(checks):
             query = self._query(features)

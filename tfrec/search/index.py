@@ -82,6 +82,16 @@ def query_vectors(pipeline: SearchPipeline, queries: Sequence[str],
                                                         np.float32)
 
 
+def tuning_sample(queries: Sequence[str], seed: int) -> List[str]:
+    """At most MAX_TUNING_QUERIES of `queries`, in their order: a seeded sample, not a
+    prefix (validation queries come sorted, and a prefix would be alphabetical)."""
+    queries = list(queries)
+    if len(queries) <= MAX_TUNING_QUERIES:
+        return queries
+    keep = np.random.default_rng(seed).choice(len(queries), MAX_TUNING_QUERIES, replace=False)
+    return [queries[i] for i in np.sort(keep)]
+
+
 def index_pipeline(pipeline: SearchPipeline, cfg: SearchConfig,
                    queries: Sequence[str] = ()) -> Dict:
     """Builds the dense retriever's index the config asks for over the current product
@@ -104,11 +114,7 @@ def index_pipeline(pipeline: SearchPipeline, cfg: SearchConfig,
     check_index_settings(settings)
     pipeline.set_index(None)
     if wants_ivf(settings, pipeline.num_products):
-        queries = list(queries)
-        if len(queries) > MAX_TUNING_QUERIES:  # a seeded sample, not an alphabetical prefix
-            keep = np.random.default_rng(cfg.seed).choice(len(queries), MAX_TUNING_QUERIES,
-                                                          replace=False)
-            queries = [queries[i] for i in np.sort(keep)]
+        queries = tuning_sample(queries, cfg.seed)
         tuning = (TuningQueries(query_vectors(pipeline, queries), source="validation queries")
                   if queries else None)
         pipeline.set_index(choose_index(pipeline.product_vectors.numpy(), tuning, settings,
