@@ -58,7 +58,8 @@ def test_export_layout_and_reload_in_fresh_process(exported_model, tiny_world, t
     assert os.path.basename(exported_model) == "1"
     assert os.path.exists(os.path.join(exported_model, "saved_model.pb"))
     assert os.path.exists(os.path.join(exported_model, "assets.extra", "tfrec_model.json"))
-    # TF Serving warm-up requests: the retrieval signatures that answer a sample input.
+    # TF Serving warm-up requests for every signature: similar_items refuses unknown ids,
+    # so its sample carries a catalog item id.
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
 
@@ -66,7 +67,8 @@ def test_export_layout_and_reload_in_fresh_process(exported_model, tiny_world, t
     warmed = {prediction_log_pb2.PredictionLog.FromString(r.numpy())
               .predict_log.request.model_spec.signature_name
               for r in tf.data.TFRecordDataset(warmup)}
-    assert {"serving_default", "query_embedding"} <= warmed, warmed
+    assert warmed == {"serving_default", "query_embedding", "candidate_embedding",
+                      "similar_items"}, warmed
     catalog = tiny_world.catalog
     history_item, catalog_item = catalog["item_id"].iloc[3], catalog["item_id"].iloc[7]
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}

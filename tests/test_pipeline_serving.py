@@ -71,6 +71,28 @@ def served(exported):
                              "pipeline": os.path.join(exported["base"], "pipeline")})
 
 
+def test_ranker_and_pipeline_exports_warm_every_signature(exported, world):
+    """The ranker refuses candidate ids outside its catalog, so warm-up samples carry a
+    catalog item id: with a made-up id the heaviest model served its first request cold."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from tfrec.export.warmup import WARMUP_FILE
+
+    def warmup(path: str) -> list:
+        return [prediction_log_pb2.PredictionLog.FromString(r.numpy()).predict_log.request
+                for r in tf.data.TFRecordDataset(
+                    os.path.join(path, "assets.extra", WARMUP_FILE))]
+
+    for key in ("ranker_dir", "pipeline_dir"):
+        with open(os.path.join(exported[key], "assets.extra", "tfrec_model.json")) as f:
+            signatures = json.load(f)["signatures"]
+        names = sorted(r.model_spec.signature_name for r in warmup(exported[key]))
+        assert names == signatures, key
+    candidates = {c.decode() for r in warmup(exported["ranker_dir"])
+                  for c in r.inputs["candidate_ids"].string_val}
+    assert candidates and candidates <= set(world["ids"]), candidates
+
+
 def _requests(world) -> list:
     """(model, signature, inputs as (values, dtype)) sent in and out of process."""
     ids, user, history = world["ids"], world["user"], world["history"]

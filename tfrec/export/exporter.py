@@ -28,6 +28,19 @@ log = logging.getLogger(__name__)
 RANKER_NAME = "ranker"
 PIPELINE_NAME = "pipeline"
 
+# Signature inputs holding catalog item ids. The ranker and `similar_items` refuse ids
+# outside the served catalog, so their warm-up requests carry a real one.
+ITEM_ID_INPUTS = ("item_id", "candidate_ids", "history", "exclude_item_ids",
+                  "purchased_item_ids")
+
+
+def warmup_values(catalog: pd.DataFrame) -> dict:
+    """Warm-up sample values: the exported catalog's first item id for every item-id
+    input (other inputs keep `warmup.sample_inputs`' defaults)."""
+    if catalog.empty:
+        return {}
+    return {name: str(catalog["item_id"].iloc[0]) for name in ITEM_ID_INPUTS}
+
 
 def _index_inputs(run_dir: str, catalog: pd.DataFrame, export: ExportConfig, model) -> dict:
     """The `index` / `queries` arguments of a module (validation queries only for IVF)."""
@@ -69,7 +82,8 @@ def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
             "precision": module.precision, "privacy": privacy_card(run_dir),
             **(card or {})}
     return save_versioned(module, module.signatures(), export.base_dir, export.model_name,
-                          export.version, extra_files={"tfrec_model.json": card})
+                          export.version, extra_files={"tfrec_model.json": card},
+                          warmup_values=warmup_values(catalog))
 
 
 def _signatures_only():
@@ -136,7 +150,8 @@ def export_ranker(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
                          max_candidates=module.max_candidates)
     with _signatures_only():
         return save_versioned(module, signatures, export.base_dir, model_name,
-                              export.version, extra_files={"tfrec_model.json": card})
+                              export.version, extra_files={"tfrec_model.json": card},
+                              warmup_values=warmup_values(catalog))
 
 
 def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
@@ -180,4 +195,5 @@ def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
                          retrieval_privacy=privacy_card(run_dir))
     with _signatures_only():
         return save_versioned(module, signatures, export.base_dir, model_name,
-                              export.version, extra_files={"tfrec_model.json": card})
+                              export.version, extra_files={"tfrec_model.json": card},
+                              warmup_values=warmup_values(catalog))

@@ -101,7 +101,8 @@ def write_json(directory: str, files: Dict[str, dict]) -> None:
 
 def save_versioned(module: tf.Module, signatures: Dict[str, object], base_dir: str,
                    model_name: str, version: Optional[int] = None,
-                   extra_files: Optional[Dict[str, dict]] = None, warmup: bool = True) -> str:
+                   extra_files: Optional[Dict[str, dict]] = None, warmup: bool = True,
+                   warmup_values: Optional[Dict[str, object]] = None) -> str:
     """Saves `module` as version `version` (default: next integer) atomically.
 
     Args:
@@ -113,11 +114,13 @@ def save_versioned(module: tf.Module, signatures: Dict[str, object], base_dir: s
       extra_files: JSON files written under `assets.extra/` (model card, config).
       warmup: also write TF Serving warm-up requests (`tfrec.export.warmup`), one per
         signature that answers a sample input, replayed before the version serves.
+      warmup_values: input key -> the warm-up requests' value for it (e.g. a catalog
+        item id for inputs that refuse unknown ids; see `warmup.sample_inputs`).
     """
     def write(tmp: str) -> None:
         tf.saved_model.save(module, tmp, signatures=signatures)
         if warmup:
-            requests = warmup_requests(model_name, signatures)
+            requests = warmup_requests(model_name, signatures, warmup_values)
             if requests:
                 write_warmup(tmp, requests)
         if extra_files:

@@ -58,8 +58,11 @@ def _call(function, values: Mapping[str, np.ndarray]) -> None:
     function(*positional, **{k: tensor(k, v) for k, v in kwargs.items()})
 
 
-def _sample(spec: tf.TensorSpec) -> np.ndarray:
+def _sample(spec: tf.TensorSpec, value: object = None) -> np.ndarray:
     shape = [1 if d is None else int(d) for d in spec.shape.as_list()]
+    if value is not None:
+        return np.full(shape, value, dtype=object if spec.dtype == tf.string
+                       else spec.dtype.as_numpy_dtype)
     if spec.dtype == tf.string:
         return np.full(shape, "x", dtype=object)
     if spec.dtype == tf.bool:
@@ -67,10 +70,16 @@ def _sample(spec: tf.TensorSpec) -> np.ndarray:
     return np.full(shape, 1 if spec.dtype.is_integer else 0.0, dtype=spec.dtype.as_numpy_dtype)
 
 
-def sample_inputs(function) -> Dict[str, np.ndarray]:
+def sample_inputs(function, values: Optional[Mapping[str, object]] = None
+                  ) -> Dict[str, np.ndarray]:
     """One-row inputs of a signature, by input key, from its specs ("x", 1, 0.0, False).
 
     Unknown dimensions become 1; integers are 1, so a top-k signature is valid.
+
+    Args:
+      function: a concrete function (a signature).
+      values: input key -> the value to fill that input with instead (e.g. a catalog
+        item id for inputs that refuse unknown ids).
 
     Raises:
       ValueError: an input whose signature key cannot be told (an unnamed spec).
@@ -78,25 +87,40 @@ def sample_inputs(function) -> Dict[str, np.ndarray]:
     specs = _input_specs(function)
     if specs is None:
         raise ValueError("the function has an input without a name")
-    return {key: _sample(spec) for key, spec in specs.items()}
+    values = values or {}
+    return {key: _sample(spec, values.get(key)) for key, spec in specs.items()}
 
 
-def warmup_requests(model_name: str, signatures: Mapping[str, object]
+def _cause(error: Exception) -> str:
+    """The line of an error that says what failed: a graph error's message holds the
+    Python stack of the failing op first and the cause last (then indented node names)."""
+    lines = [line for line in str(error).splitlines()
+             if line.strip() and not line[:1].isspace()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def warmup_requests(model_name: str, signatures: Mapping[str, object],
+                    values: Optional[Mapping[str, object]] = None
                     ) -> List[predict_pb2.PredictRequest]:
     """A PredictRequest per signature that answers its sample inputs.
 
     Each sample is run once here: a signature that refuses it (e.g. `similar_items` of
-    an unknown item id "x") gets no warm-up request, since a failing warm-up request
-    would make TF Serving refuse the whole version.
+    an unknown item id "x" when `values` names no catalog item) gets no warm-up request,
+    since a failing warm-up request would make TF Serving refuse the whole version.
+
+    Args:
+      model_name: the model the requests are addressed to.
+      signatures: signature name -> concrete function.
+      values: input key -> sample value (see `sample_inputs`).
     """
     requests = []
     for name, function in sorted(signatures.items()):
         try:
-            inputs = sample_inputs(function)
+            inputs = sample_inputs(function, values)
             _call(function, inputs)
         except (tf.errors.OpError, ValueError, TypeError) as e:
             log.info("no warm-up request for signature %r: its sample input fails (%s: %s)",
-                     name, type(e).__name__, str(e)[:300])
+                     name, type(e).__name__, _cause(e)[:300])
             continue
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model_name
