@@ -72,13 +72,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--changed", type=float, default=0.01,
                    help="share of the largest table's titles edited for the re-index")
     p.add_argument("--queries", type=int, default=20, help="single queries per export")
-    p.add_argument("--workdir", default=None, help="default: a temp dir, removed after")
+    p.add_argument("--workdir", default=None,
+                   help="a new or empty directory, kept after (default: a temp dir, "
+                        "removed after)")
     p.add_argument("--index", default="auto", choices=("exact", "ivf", "auto"),
                    help="`search index --index` (auto: IVF from 100,000 products)")
     p.add_argument("--compare-exact", action="store_true",
                    help="also re-index each table with --index exact (titles from the "
                         "cache) and time both exports' queries: 'vs exact' column")
-    return parse_smoke_args(p, argv, SMOKE)
+    args = parse_smoke_args(p, argv, SMOKE)
+    # The run, its tiny BERT and the exports are written afresh: a used directory would
+    # mix two runs' files (and the encoder refuses to overwrite itself).
+    if args.workdir and os.path.isdir(args.workdir) and os.listdir(args.workdir):
+        p.error(f"--workdir {args.workdir} is not empty (it holds an earlier run): give a "
+                "new or empty directory")
+    return args
 
 
 def product_table(size: int, words: Sequence[str], seed: int) -> pd.DataFrame:
