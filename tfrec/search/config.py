@@ -86,7 +86,7 @@ class SearchConfig:
     index_min_items: int = 100_000
     nlist: int = 0
     nprobe: int = 0
-    index_target_recall: float = 0.95
+    index_target_recall: float = 0.98
     index_recall_floor: float = 0.9
     embed_batch_size: int = 128
     # Encoder matmuls for the frozen title vectors: auto (bfloat16 on CPUs that multiply
