@@ -25,9 +25,17 @@ top-100, loaded with tf.saved_model.load) at batch 1 and 32.
 Part 3, training step time by catalog size (--step-items, default 5,000 and 1,000,000;
 empty skips): the model of part 2 built for each size and each --optimizers value
 (`train.optimizer`: adam, whose sparse update rewrites every row of the embedding tables
-and their two moment tables; lazy_adam, which updates only the rows a batch touches),
---train-steps timed steps at --batch-size after --warmup-steps. The key figure is the
-ms/step at each size as a ratio to the smallest size with the same optimizer.
+and their two moment tables; lazy_adam, which updates only the rows a batch touches).
+The sizes' models live side by side and take turns: --rounds rounds of --train-steps
+timed steps each at --batch-size (after --warmup-steps), the order flipped every round,
+so a change of machine load falls on both sizes alike. The key figure is the median over
+rounds of the round's ms/step ratio to the smallest size with the same optimizer (and
+its range).
+
+Both training parts feed batches as the trainer does: `model.preprocess` (id lookups,
+tokens, trigrams) in the tf.data map, in parallel with the step, prefetched; no cache,
+so every batch pays its lookups (the trainer caches preprocessed examples that fit
+`train.input_cache_mb`, which later epochs then skip).
 
 Run from the repository root:  python bench/large_catalog.py [--sizes 100000,1000000]
 
@@ -68,7 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import format_table, machine_line, parse_smoke_args, time_calls  # noqa: E402
 
 SMOKE = dict(sizes="1000", train_items=1000, train_steps=2, warmup_steps=1, batch_size=32,
-             users=100, warmup=2, requests=10, step_items="1000",
+             users=100, warmup=2, requests=10, step_items="1000", rounds=2,
              optimizers="lazy_adam")
 
 DIM = 64
@@ -193,13 +201,22 @@ def large_model(n: int, args, optimizer: Optional[str] = None) -> tuple:
     return catalog, users, cfg, model, phases
 
 
+def training_batches(model, catalog, users, cfg, args, rng, steps: int) -> tf.data.Dataset:
+    """`steps` batches fed as the trainer feeds them: raw examples batched, then
+    `model.preprocess` in the parallel map (string work off the step), prefetched."""
+    examples = synthetic_examples(catalog, users, steps * args.batch_size,
+                                  cfg.data.history_length, rng)
+    return (tf.data.Dataset.from_tensor_slices(examples)
+            .batch(args.batch_size, drop_remainder=True)
+            .map(model.preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE))
+
+
 def timed_steps(model, catalog, users, cfg, args, rng) -> tuple:
     """(seconds of args.train_steps fit steps after args.warmup_steps untimed ones,
     warm-up seconds, last loss)."""
-    examples = synthetic_examples(catalog, users, (args.warmup_steps + args.train_steps)
-                                  * args.batch_size, cfg.data.history_length, rng)
-    dataset = tf.data.Dataset.from_tensor_slices(examples).batch(args.batch_size,
-                                                                 drop_remainder=True)
+    dataset = training_batches(model, catalog, users, cfg, args, rng,
+                               args.warmup_steps + args.train_steps)
     t0 = time.perf_counter()
     model.fit(dataset.take(args.warmup_steps), epochs=1, verbose=0)
     warm = time.perf_counter() - t0
@@ -209,20 +226,39 @@ def timed_steps(model, catalog, users, cfg, args, rng) -> tuple:
 
 
 def step_time_rows(args, rng) -> list:
-    """Part 3: ms per training step by catalog size and optimizer, vs the smallest size."""
+    """Part 3: ms per training step by catalog size and optimizer, vs the smallest size,
+    the sizes' models taking turns (see the module docstring)."""
     rows = []
     for optimizer in args.optimizers:
-        reference = None
+        steps, ms = {}, {n: [] for n in args.step_items}
         for n in args.step_items:
             catalog, users, cfg, model, _ = large_model(n, args, optimizer)
-            seconds, _, loss = timed_steps(model, catalog, users, cfg, args, rng)
-            ms = 1000 * seconds / args.train_steps
-            reference = reference or ms
-            rows.append([optimizer, f"{n:,}", args.batch_size, f"{ms:,.0f}",
-                         f"{ms / reference:.2f}x", f"{loss:.2f}"])
-            print(f"  {optimizer} {n:,} items: {ms:,.0f} ms/step", flush=True)
-            del model
-            tf.keras.backend.clear_session()
+            batches = iter(training_batches(
+                model, catalog, users, cfg, args, rng,
+                args.warmup_steps + args.rounds * args.train_steps))
+            step = model.make_train_function()
+            for _ in range(args.warmup_steps):
+                step(batches)
+            steps[n] = (step, batches)
+        loss = {}
+        for r in range(args.rounds):
+            for n in (args.step_items if r % 2 == 0 else args.step_items[::-1]):
+                step, batches = steps[n]
+                t0 = time.perf_counter()
+                for _ in range(args.train_steps):
+                    logs = step(batches)
+                loss[n] = float(logs["loss"])  # waits for the last step
+                ms[n].append(1000 * (time.perf_counter() - t0) / args.train_steps)
+        smallest = args.step_items[0]
+        for n in args.step_items:
+            ratios = [a / b for a, b in zip(ms[n], ms[smallest])]
+            rows.append([optimizer, f"{n:,}", args.batch_size, f"{statistics.median(ms[n]):,.0f}",
+                         f"{statistics.median(ratios):.2f}x",
+                         f"{min(ratios):.2f}-{max(ratios):.2f}x", f"{loss[n]:.2f}"])
+            print(f"  {optimizer} {n:,} items: {statistics.median(ms[n]):,.0f} ms/step "
+                  f"(rounds: {', '.join(f'{m:,.0f}' for m in ms[n])})", flush=True)
+        del steps
+        tf.keras.backend.clear_session()
     return rows
 
 
@@ -288,7 +324,10 @@ def main(argv=None) -> None:
                         help="catalog sizes of the step-time table (empty skips it)")
     parser.add_argument("--optimizers", default="adam,lazy_adam",
                         help="train.optimizer values of the step-time table")
-    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--train-steps", type=int, default=20,
+                        help="timed steps of part 2, and per size per round of part 3")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="part 3: rounds in which the sizes take turns")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--users", type=int, default=30000, help="user ids in the vocabulary")
@@ -328,9 +367,11 @@ def main(argv=None) -> None:
               f"dim {DIM}); {args.warmup} warm-up calls, then back-to-back requests"))
     if steps:
         print()
-        print(format_table(["optimizer", "catalog", "batch", "ms/step", "vs smallest", "loss"],
-                           steps, title=f"training step time by catalog size ({args.train_steps} "
-                                        f"steps after {args.warmup_steps} warm-up)"))
+        print(format_table(["optimizer", "catalog", "batch", "ms/step", "vs smallest",
+                            "range", "loss"],
+                           steps, title=f"training step time by catalog size ({args.rounds} "
+                                        f"rounds of {args.train_steps} steps per size, taking "
+                                        f"turns, after {args.warmup_steps} warm-up; medians)"))
     if phases:
         print()
         print(f"retrieval model at {args.train_items:,} items (process peak RSS "

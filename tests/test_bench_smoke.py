@@ -89,8 +89,10 @@ BENCHES: Dict[str, Expect] = {
         [r"0 +two_tower +\d", row("two_tower+ranker"), row("two_tower+oracle_ranker"),
          r"0 +oracle \(whole catalog\) +\d", r"default +\d+\.\d +1\.00x"]),
     "large_catalog": Expect(
-        [("catalog", "batch", "p50 ms", "queries/s")],
-        [r"1,000 +1 +\d", r"1,000 +32 +\d", r"1,000 \(exported model\) +32 +-"]),
+        [("catalog", "batch", "p50 ms", "queries/s"),
+         ("optimizer", "catalog", "ms/step", "vs smallest", "range")],
+        [r"1,000 +1 +\d", r"1,000 +32 +\d", r"1,000 \(exported model\) +32 +-",
+         r"lazy_adam +1,000 +32 +\d+ +1\.00x +1\.00-1\.00x"]),
     "distributed": Expect(
         [("setup", "cluster", "ex/s median", "vs 1 process")],
         [row("PS: 1 worker + 1 ps")], forbidden=["failed"]),
