@@ -236,10 +236,12 @@ def step_time_rows(args, rng) -> list:
             batches = iter(training_batches(
                 model, catalog, users, cfg, args, rng,
                 args.warmup_steps + args.rounds * args.train_steps))
-            step = model.make_train_function()
+            steps[n] = (model.make_train_function(), batches)
+        # Warm up after every model is built: building the 1M-item model evicts the
+        # smaller one's tables and graphs from the caches.
+        for step, batches in steps.values():
             for _ in range(args.warmup_steps):
                 step(batches)
-            steps[n] = (step, batches)
         loss = {}
         for r in range(args.rounds):
             for n in (args.step_items if r % 2 == 0 else args.step_items[::-1]):
