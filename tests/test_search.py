@@ -480,14 +480,16 @@ def test_search_index_serves_a_new_product_table_without_retraining(search_run, 
         titles = never_judged.head(10)
 
         def found() -> int:  # never-judged products found by their own titles
-            return sum(row["product_id"] in [r["product_id"] for r in
-                                             client.catalog_search(row["title"], model="search")]
-                       for _, row in titles.iterrows())
+            return sum(row["product_id"] in [r["product_id"] for r in client.catalog_search(
+                row["title"], model="search", k=20)] for _, row in titles.iterrows())
 
         assert found() == 0  # the training export indexes judged products only
+        # Every candidate of the two retrievers' union comes back (in the ranker's order),
+        # so what is asserted below is retrieval, not the order a one-epoch tiny ranker picks.
+        union = 2 * TINY_FIELDS["candidates"]
         proc = subprocess.run(
             [sys.executable, "-m", "tfrec", "search", "index", "--run", search_workdir,
-             "--catalog", str(path), "--export-base", str(base), "--results", "20",
+             "--catalog", str(path), "--export-base", str(base), "--results", str(union),
              "--cache-dir", str(tmp_path / "cache")],
             capture_output=True, text=True, timeout=600, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -498,10 +500,11 @@ def test_search_index_serves_a_new_product_table_without_retraining(search_run, 
                                if state == "AVAILABLE"], timeout=60)
         for product, title in NEW_PRODUCTS.items():
             rows = client.catalog_search(title, model="search")
-            assert len(rows) == 20
-            # Returned, and the lexical index scores it highest of all (its words are its
-            # own); where the ranker puts it is the tiny ranker's: trained one epoch, it
-            # has put NEU-1, whose 14 query tokens are all unique to it, at ranks 1-20.
+            assert NUM_RESULTS < len(rows) <= union
+            # Retrieved, and the lexical index scores it highest of all (its words are its
+            # own). Where the ranker puts it is the tiny ranker's: trained one epoch, it has
+            # put NEU-1, whose 14 query tokens are all unique to it, at ranks 1-20 and, in
+            # one CI run, below 20 (of the 40 candidates).
             ids = [r["product_id"] for r in rows]
             assert product in ids, (title, rows)
             mine = rows[ids.index(product)]
