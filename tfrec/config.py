@@ -247,7 +247,7 @@ class ExportConfig:
     # Lists probed per query; 0: the smallest that reaches index_target_recall (recall@100
     # against exact search on validation queries), measured at export.
     nprobe: int = 0
-    # Held-out recall@100 loses 0.25-0.45x the share of exact's top-100 the index misses
+    # Held-out recall@100 loses 0.25-0.43x the share of exact's top-100 the index misses
     # (validation, bench/README.md): 0.98 keeps it within 1% of exact search.
     index_target_recall: float = 0.98
     index_recall_floor: float = 0.9  # export warns below it (and the card says so)
