@@ -217,6 +217,7 @@ class TrainConfig:
     run_name: Optional[str] = None
     log_dir: str = "tensorboard_logs"
     checkpoint_dir: str = "work/checkpoints"
+    # Weight histograms every N epochs (`training.histograms`: a bounded sample of each); 0: off.
     histogram_freq: int = 1
     deterministic: bool = False
     seed: int = 42

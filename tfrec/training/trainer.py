@@ -43,6 +43,7 @@ from tfrec.training.callbacks import (PROJECTOR_MAX_POINTS, BackupAndRestore,
                                       RefreshCatalogIndex, RetrievalEvaluation,
                                       config_fingerprint, metric_key, refresh_index, tower_fn,
                                       write_hparams, write_projector)
+from tfrec.training.histograms import SampledTensorBoard
 from tfrec.training.title_vectors import title_vectors
 from tfrec.training.warm_start import grow_vocabularies, transfer_weights
 from tfrec.training.keep_best import KeepBestEpoch
@@ -376,10 +377,10 @@ def train_retrieval(cfg: Config,
         timer,  # first: its epoch end comes before the evaluation callbacks'
         RefreshCatalogIndex(tables.catalog),  # no-op unless factorized metrics are on
         evaluation,  # first: adds val_recall_at_k to the logs the others read
-        tf.keras.callbacks.TensorBoard(tb_dir if chief else tempfile.mkdtemp(),
-                                       histogram_freq=cfg.train.histogram_freq,
-                                       update_freq="epoch", write_graph=False,
-                                       profile_batch=profile_steps(cfg) if chief else 0),
+        SampledTensorBoard(tb_dir if chief else tempfile.mkdtemp(),
+                           histogram_freq=cfg.train.histogram_freq,
+                           update_freq="epoch", write_graph=False,
+                           profile_batch=profile_steps(cfg) if chief else 0),
         KeepBestEpoch(monitor=monitor, patience=cfg.train.early_stopping_patience),
         BackupAndRestore(os.path.join(run_dir, "backup"),
                          config_fingerprint(cfg.model, cfg.features)),
