@@ -6,6 +6,7 @@ memory, and several shards let tf.distribute split input by file across workers.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -15,6 +16,7 @@ import tensorflow as tf
 
 from tfrec.data.feature_spec import FeatureSpec, default_spec
 from tfrec.data.io import atomic_write
+from tfrec.data.packing import ColumnPacker
 
 def shard_name(prefix: str, index: int, num_shards: int) -> str:
     """File name of one shard, e.g. "train-00001-of-00004.tfrecord"."""
@@ -169,16 +171,23 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
         return preprocess(batch) if preprocess is not None else batch
 
     # With a cache and `preprocess`, examples are parsed and preprocessed (in batches)
-    # before the cache, kept singly without their -1 "grams" padding, and re-batched
-    # (re-padded) every epoch; otherwise records are batched, then parsed.
+    # before the cache, packed into one row per dtype (tf.data pays per component for
+    # every example it shuffles and batches), kept singly without the -1 padding of
+    # their variable-length columns, re-batched (re-padded) and unpacked every epoch;
+    # otherwise records are batched, then parsed.
     early = cache and preprocess is not None
     if early:
         ds = ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                                       deterministic=deterministic)
+        packer = ColumnPacker(ds.element_spec)
+        _check_padded(ds.element_spec, packer)
         # Slices are copied out of each batch (flat_map), not moved: `unbatch()` moves
         # them and crashed (SIGSEGV in MaybeMoveSliceToElement) on the Chinese world.
+        ds = ds.map(packer.pack, num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=deterministic)
         ds = ds.flat_map(tf.data.Dataset.from_tensor_slices).map(
-            _strip_padding, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+            functools.partial(_strip_padding, keys=packer.variable_keys),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if cache:
         ds = ds.cache()
     if shuffle:
@@ -186,8 +195,10 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
     if repeat:
         ds = ds.repeat()
     if early:
-        ds = ds.padded_batch(batch_size, padding_values=_padding_values(ds.element_spec),
-                             drop_remainder=drop_remainder)
+        ds = ds.padded_batch(batch_size, padding_values=_padding_values(
+            ds.element_spec, packer.variable_keys), drop_remainder=drop_remainder)
+        ds = ds.map(packer.unpack, num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=deterministic)
     else:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
@@ -198,23 +209,35 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
 
 
 # Variable-length preprocessed inputs (TextEncoder trigram buckets) pad with -1.
-PADDED_KEY, PAD_INDEX = "grams", -1
+PAD_INDEX = -1
 
 
-def _strip_padding(example: Any) -> Any:
-    """One preprocessed example without the -1 padding its batch gave its "grams"."""
-    if isinstance(example, dict):
-        return {k: (tf.boolean_mask(v, v != PAD_INDEX) if k == PADDED_KEY else _strip_padding(v))
-                for k, v in example.items()}
-    return example
+def _check_padded(spec: Any, packer: ColumnPacker) -> None:
+    """Variable-length preprocessed columns must be [B, n] integer ids padded with -1.
+
+    Raises:
+      ValueError: a variable-length column of another dtype or rank (its padding is
+        unknown).
+    """
+    flat = tf.nest.flatten(spec)
+    bad = [flat[int(k)] for k in packer.variable_keys
+           if not flat[int(k)].dtype.is_integer or flat[int(k)].shape.rank != 2]
+    if bad:
+        raise ValueError(f"make_dataset(cache=True, preprocess=...) re-pads variable-length "
+                         f"columns with {PAD_INDEX}, so they must be [batch, n] integer ids; "
+                         f"preprocess returned {bad}")
 
 
-def _padding_values(spec: Any) -> Any:
-    """padded_batch values: -1 for "grams", a zero of its dtype elsewhere (fixed shapes)."""
-    if isinstance(spec, dict):
-        return {k: (tf.constant(PAD_INDEX, v.dtype) if k == PADDED_KEY
-                    else _padding_values(v)) for k, v in spec.items()}
-    return tf.constant("" if spec.dtype == tf.string else 0, spec.dtype)
+def _strip_padding(example: Dict[str, tf.Tensor], keys: List[str]) -> Dict[str, tf.Tensor]:
+    """One packed example without the -1 padding its batch gave its variable columns."""
+    return {k: (tf.boolean_mask(v, v != PAD_INDEX) if k in keys else v)
+            for k, v in example.items()}
+
+
+def _padding_values(spec: Dict[str, tf.TensorSpec], keys: List[str]) -> Dict[str, tf.Tensor]:
+    """padded_batch values: -1 for the variable columns, a zero of its dtype elsewhere."""
+    return {k: tf.constant("" if v.dtype == tf.string else PAD_INDEX if k in keys else 0,
+                           v.dtype) for k, v in spec.items()}
 
 
 def count_records(file_pattern: str) -> int:
