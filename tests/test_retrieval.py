@@ -219,6 +219,22 @@ def _strip(x: np.ndarray) -> list:
     return [list(row[row >= 0]) for row in x]
 
 
+def test_validation_loss_is_one_whole_pass_every_epoch(trained_run, tiny_config, tiny_world):
+    """The trainer keeps one validation iterator over a repeated dataset (a new one per
+    epoch re-instantiates the preprocessing); every epoch must still evaluate exactly
+    the validation set once: the kept epoch's val_loss equals a fresh evaluation."""
+    from tfrec.training.trainer import evaluate_keras_metrics
+
+    history = trained_run.history
+    assert len(history["val_loss"]) >= 2, "needs several epochs to test the kept iterator"
+    monitor = "val_" + tiny_config.train.early_stopping_metric
+    kept = int(np.argmax(history[monitor]))
+    fresh = evaluate_keras_metrics(
+        trained_run.model, load_meta(tiny_config.data.tfrecord_dir)["patterns"]["val"],
+        tiny_world.catalog, tiny_config.train.batch_size, tiny_config.data.history_length)
+    assert fresh["loss"] == pytest.approx(history["val_loss"][kept], rel=1e-5)
+
+
 def test_preprocessed_input_cache_reshuffles_and_matches_uncached(trained_run, tiny_config):
     """`make_dataset(cache=True, preprocess=...)` keeps integer examples after the first
     epoch; later epochs are reshuffled and re-padded, with the same examples and values

@@ -345,6 +345,7 @@ def train_retrieval(cfg: Config,
 
     patterns = meta["patterns"]
     steps_per_epoch = cfg.train.steps_per_epoch
+    validation_steps = None  # None: the whole validation set, a new iterator per epoch
     if parameter_server:
         # Workers pull batches forever from their own input pipeline: Keras needs a
         # dataset function and a fixed number of steps per epoch.
@@ -368,6 +369,12 @@ def train_retrieval(cfg: Config,
         val_ds = make_dataset(patterns["val"], cfg.train.batch_size, cfg.data.history_length,
                               shuffle=False, deterministic=True, features=model.features,
                               preprocess=model.preprocess)
+        val_examples = int(meta["counts"].get("val") or 0)
+        if workers == 1 and val_examples > 0:
+            # One pass per epoch from an iterator kept across epochs: a new iterator
+            # re-instantiates the preprocessing functions (~0.3 s each epoch).
+            val_ds = val_ds.repeat()
+            validation_steps = -(-val_examples // cfg.train.batch_size)
     eval_set = build_eval_set(tables.events, t_val, t_test, cfg.data.history_length,
                               max_users=cfg.train.eval_max_users, seed=cfg.train.seed)
     evaluation = RetrievalEvaluation(eval_set, tables.catalog, cfg.train.eval_ks)
@@ -395,7 +402,8 @@ def train_retrieval(cfg: Config,
 
     start = time.perf_counter()
     history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
-                        steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                        steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
+                        callbacks=callbacks,
                         verbose=2 if chief else 0)
     elapsed = time.perf_counter() - start
     epochs_run = max(1, len(history.history.get("loss", [])))
