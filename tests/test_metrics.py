@@ -463,3 +463,29 @@ def test_scored_list_metrics_by_hand():
     assert out["gauc"] == pytest.approx((0.5 * 3 + 0.0 * 4) / 7)
     with pytest.raises(ValueError, match="must be equal"):
         scored_list_metrics(scores, labels[:, :2])
+
+
+def test_retrieve_with_scores_is_exact_sorted_and_skips_excluded():
+    """Top-k by dot product over chunks of users: the brute-force order, excluded items
+    never returned, ties to the lower catalog row, k capped at the catalog."""
+    from tfrec.metrics.retrieval import retrieve_with_scores
+
+    rng = np.random.default_rng(0)
+    users, items = rng.standard_normal((37, 8)), rng.standard_normal((300, 8))
+    items[3] *= 10
+    items[7] = items[3]  # a tie at the top: item 3 must come first
+    users[0] = items[3]
+    ids = np.asarray([f"商品{i}" for i in range(300)], dtype=object)
+    exclude = [set() for _ in range(37)]
+    exclude[1] = {ids[int(np.argmax(items @ users[1]))], "not in the catalog"}
+    got, scores = retrieve_with_scores(users, items, ids, 20, exclude, chunk=16)
+    full = users @ items.T
+    for u in range(37):
+        allowed = [i for i in range(300) if ids[i] not in exclude[u]]
+        want = sorted(allowed, key=lambda i: (-full[u, i], i))[:20]
+        assert list(got[u]) == [ids[i] for i in want]
+        np.testing.assert_allclose(scores[u], full[u, want], rtol=1e-6)
+    assert list(got[0][:2]) == ["商品3", "商品7"]
+    assert scores.dtype == np.float32 and got.shape == (37, 20)
+    everything, _ = retrieve_with_scores(users[:2], items[:5], ids[:5], 10)
+    assert everything.shape == (2, 5)
