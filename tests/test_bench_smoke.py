@@ -145,6 +145,9 @@ BENCHES: Dict[str, Expect] = {
         [r"tiny \(0\.03M events\) +pandas +\d.* yes$",
          r"tiny \(0\.03M events\) +Beam, memory shuffle +\d.* yes$",
          r"tiny \(0\.03M events\) +Beam, disk shuffle +\d.* yes$"]),
+    "retrieval_topk": Expect(
+        [("items", "users", "numpy s", "tfrec s", "tfrec speed-up", "same ids")],
+        [r"2,000 +64 +\d", r"20,000 +64 +\d"]),
     "weight_histograms": Expect(
         [("item table", "keras s", "tfrec s", "tfrec vs keras", "keras RSS growth MB")],
         [r"1,000 x 64 +\d", r"20,000 x 64 +\d"]),
