@@ -151,7 +151,7 @@ def retrieve_with_scores(query_emb: np.ndarray, item_emb: np.ndarray, item_ids: 
                 if cols:
                     scores[row, cols] = -np.inf
         # Sorted, ties to the lower catalog row; on both cores, unlike argpartition +
-        # argsort (1.8x faster at 5k items, 6.5x at 1M: bench/README.md).
+        # argsort (with the matmul: 1.6x faster at 5k items, 3x at 1M; bench/README.md).
         top = tf.math.top_k(scores, k=k)
         ids.append(item_ids[top.indices.numpy()])
         scores_out.append(top.values.numpy())
