@@ -29,7 +29,7 @@ import numpy as np
 import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line, parse_smoke_args  # noqa: E402
+from _common import format_table, machine_line, parse_smoke_args, ratio  # noqa: E402
 from tfrec.metrics.retrieval import SCORE_BUDGET, retrieve_with_scores  # noqa: E402
 
 SMOKE = dict(items="2000,20000", users=64, repeats=1)
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
         ref, new = statistics.median(times["numpy"]), statistics.median(times["tfrec"])
         same = float(np.mean(lists["numpy"] == lists["tfrec"]))
         rows.append([f"{n:,}", f"{args.users:,}", f"{ref:.3f}", f"{new:.3f}",
-                     f"{ref / new:.2f}x", f"{same:.4f}"])
+                     ratio(ref, new), f"{same:.4f}"])
     print(format_table(
         ["items", "users", "numpy s", "tfrec s", "tfrec speed-up", "same ids"], rows,
         title=f"exact top-{args.k} by dot product, dim {args.dim}, median of "

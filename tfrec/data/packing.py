@@ -41,7 +41,7 @@ class ColumnPacker:
             row = s.shape[1:]
             if row.is_fully_defined():
                 self._fixed.setdefault(s.dtype.name, []).append(
-                    (i, row, max(1, row.num_elements())))
+                    (i, row, row.num_elements()))
             else:
                 self._variable.append(i)
 

@@ -180,11 +180,11 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
         ds = ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                                       deterministic=deterministic)
         packer = ColumnPacker(ds.element_spec)
-        _check_padded(ds.element_spec, packer)
-        # Slices are copied out of each batch (flat_map), not moved: `unbatch()` moves
-        # them and crashed (SIGSEGV in MaybeMoveSliceToElement) on the Chinese world.
         ds = ds.map(packer.pack, num_parallel_calls=tf.data.AUTOTUNE,
                     deterministic=deterministic)
+        _check_padded(ds.element_spec, packer.variable_keys)
+        # Slices are copied out of each batch (flat_map), not moved: `unbatch()` moves
+        # them and crashed (SIGSEGV in MaybeMoveSliceToElement) on the Chinese world.
         ds = ds.flat_map(tf.data.Dataset.from_tensor_slices).map(
             functools.partial(_strip_padding, keys=packer.variable_keys),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
@@ -212,16 +212,14 @@ def make_dataset(file_pattern: str, batch_size: int, history_length: int,
 PAD_INDEX = -1
 
 
-def _check_padded(spec: Any, packer: ColumnPacker) -> None:
+def _check_padded(spec: Dict[str, tf.TensorSpec], keys: List[str]) -> None:
     """Variable-length preprocessed columns must be [B, n] integer ids padded with -1.
 
     Raises:
       ValueError: a variable-length column of another dtype or rank (its padding is
         unknown).
     """
-    flat = tf.nest.flatten(spec)
-    bad = [flat[int(k)] for k in packer.variable_keys
-           if not flat[int(k)].dtype.is_integer or flat[int(k)].shape.rank != 2]
+    bad = [spec[k] for k in keys if not spec[k].dtype.is_integer or spec[k].shape.rank != 2]
     if bad:
         raise ValueError(f"make_dataset(cache=True, preprocess=...) re-pads variable-length "
                          f"columns with {PAD_INDEX}, so they must be [batch, n] integer ids; "
