@@ -10,6 +10,11 @@ report can estimate the ranker arm from its logs (position-based IPS) and compar
 the ranker arm's online result. Ratios are against the retrieval arm of the same run.
 
 Usage: python bench/abtest.py [--world small] [--users 2000] [--days 7]
+       [--epsilon 0.3] [--subsample 0.6 --keep 0.4] [--control-share 0.8]
+
+--subsample adds order-keeping subsamples of the pool to the retrieval arm's exploration
+and --control-share puts more users on it (more logged lists for the off-policy estimate,
+fewer on the ranker); --work-dir keeps the world and models for the next run.
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, 1 retrieval and
 1 ranker epoch, 60 shoppers for 2 days. Same steps and tables; the figures mean
@@ -20,6 +25,7 @@ explicitly still override these.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -36,8 +42,15 @@ SMOKE = dict(world="tiny", epochs=1, ranker_epochs=1, users=60, days=2, eval_use
 
 
 def prepare(root: str, args) -> dict:
-    """World, retrieval, ranker, offline test metrics and the two exports under `root`."""
+    """World, retrieval, ranker, offline test metrics and the two exports under `root`.
+
+    A `root` that already holds them (an earlier run with the same --work-dir) is reused.
+    """
     cfg = world_config(root, args.world, args.seed, args.epochs, args.ranker_epochs)
+    done = os.path.join(root, "prepared.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            return {"cfg": cfg, "offline": json.load(f), "seconds": 0.0}
     start = time.perf_counter()
     workflow.generate(cfg)
     run = workflow.train(cfg)
@@ -45,6 +58,8 @@ def prepare(root: str, args) -> dict:
     offline = workflow.evaluate(cfg, run=run.run_name, max_users=args.eval_users)
     workflow.export(cfg, run=run.run_name, model=run.model)
     workflow.export_ranking(cfg, run=run.run_name, retrieval=run.model, ranker=ranked.model)
+    with open(done, "w") as f:
+        json.dump(offline, f, default=float)
     return {"cfg": cfg, "offline": offline, "seconds": time.perf_counter() - start}
 
 
@@ -62,7 +77,17 @@ def main(argv=None) -> None:
     parser.add_argument("--days", type=int, default=7, help="simulated days")
     parser.add_argument("--k", type=int, default=10, help="items per list")
     parser.add_argument("--epsilon", type=float, default=0.3,
-                        help="exploration share of the retrieval arm")
+                        help="share of the retrieval arm's requests shown a random order")
+    parser.add_argument("--subsample", type=float, default=0.0,
+                        help="share of its requests shown an order-keeping subsample")
+    parser.add_argument("--keep", type=float, default=0.5,
+                        help="probability of keeping each pooled item in a subsample")
+    parser.add_argument("--control-share", type=float, default=0.5, dest="control_share",
+                        help="users on the retrieval (logging) arm")
+    parser.add_argument("--work-dir", default=None, dest="work_dir",
+                        help="keep the world, models and exports here and reuse them")
+    parser.add_argument("--out", default=None,
+                        help="write the A/B run (logs, outcomes, report) here and keep it")
     parser.add_argument("--workers", type=int, default=4, help="shoppers requesting at once")
     parser.add_argument("--search-share", type=float, default=0.4, dest="search_share",
                         help="share of requests that are searches (experiment 'search')")
@@ -74,17 +99,22 @@ def main(argv=None) -> None:
     from tfrec.data.synthetic import World
 
     print(machine_line())
-    with tempfile.TemporaryDirectory(prefix="tfrec-bench-abtest-") as root:
+    with tempfile.TemporaryDirectory(prefix="tfrec-bench-abtest-") as tmp:
+        root = args.work_dir or tmp
         prepared = prepare(root, args)
         cfg = prepared["cfg"]
         print(f"world, retrieval, ranker, offline evaluation, exports: "
               f"{prepared['seconds']:.0f}s", flush=True)
-        path = os.path.join(root, "experiments.yaml")
+        out = args.out or os.path.join(tmp, "abtest")
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "experiments.yaml")  # beside its run: runs may share root
+        models = {name: os.path.join(os.path.abspath(root), "models", name)
+                  for name in ("retrieval", "pipeline")}
         with open(path, "w") as f:
             yaml.safe_dump(ranker_experiments(
                 args.epsilon, cfg.ranking.candidates, salt=f"bench-{args.seed}-",
-                models={"retrieval": "models/retrieval", "pipeline": "models/pipeline"}), f)
-        out = os.path.join(root, "abtest")
+                models=models, subsample=args.subsample, keep=args.keep,
+                control_share=args.control_share), f)
         t0 = time.perf_counter()
         record = run_abtest(World.load(cfg.data.data_dir), cfg.data.data_dir, path, out,
                             users=args.users, days=args.days, k=args.k, seed=args.seed,
@@ -106,9 +136,11 @@ def main(argv=None) -> None:
     print()
     print(format_table(["arm", "requests", "users", "CTR", "CVR", "GMV/user", "GMV/req",
                         "clicks/req", "CTR vs retrieval", "GMV/req vs retrieval"], rows,
-                       title=f"online, {args.world} world, top-{args.k} lists (retrieval arm "
-                             f"explores with epsilon {args.epsilon}; 'exploit only': its "
-                             f"requests that got the model's order)"))
+                       title=f"online, {args.world} world, top-{args.k} lists, "
+                             f"{args.control_share:.0%} of users on retrieval (it explores: "
+                             f"random order {args.epsilon:g}, subsample {args.subsample:g} "
+                             f"keeping {args.keep:g}; 'exploit only': its requests that got "
+                             f"the model's order)"))
     tests = [[metric, f"{t['control_mean']:.4g}", f"{t['treatment_mean']:.4g}",
               f"{t['relative_uplift']:+.1%}" if t["control_mean"] else "n/a",
               f"[{t['ci_low']:.4g}, {t['ci_high']:.4g}]",

@@ -32,6 +32,12 @@ EPSILON, POOL = 0.5, 12
 EXPERIMENTS = ranker_experiments(EPSILON, POOL, salt="test-", names=("home", "search"),
                                  models={"retrieval": "models/retrieval",
                                          "pipeline": "models/pipeline"})
+# Every user on one exploring arm: random orders and order-keeping subsamples.
+SUBSAMPLING = Exploration(epsilon=0.2, pool=POOL, subsample=0.6, keep=0.4)
+EXPERIMENTS["experiments"].append({"name": "home_sub", "arms": [
+    {"name": "retrieval", "model": "retrieval", "share": 1.0,
+     "inputs": {"query": "", "exclude_seen": True},
+     "exploration": {"epsilon": 0.2, "pool": POOL, "subsample": 0.6, "keep": 0.4}}]})
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +138,44 @@ def test_exploration_orders_the_pool_with_logged_propensities(served, tiny_world
     assert 0 < mine["explored"].sum() < len(mine)
 
 
+def test_subsampled_lists_are_logged_with_exact_propensities(served, tiny_world):
+    """Through the real server: order-keeping subsamples and random orders of the top
+    `pool`, each logged item's propensity at its position and anywhere in the list
+    equal to the exact mixture, and the `randomized` column marks the random orders."""
+    from tfrec.serving.experiments import subsample_positions
+
+    server, client, _ = served
+    user = str(tiny_world.users["user_id"].iloc[0])
+    top = client.predict("retrieval", {**home_inputs(user, k=POOL), "query":
+                                       np.array([""], dtype=object),
+                                       "exclude_seen": np.array([True])})["item_ids"][0]
+    rank = {item.decode(): i for i, item in enumerate(top)}
+    ids = [f"sub-{i}" for i in range(40)]
+    for request_id in ids:
+        client.predict("home_sub", home_inputs(user, k=5), request_id=request_id)
+    server.request_log.stop()  # flush
+    server.request_log.start()
+    logs = read_request_logs(server.request_log.directory)
+    mine = logs[logs["request_id"].isin(ids)]
+    assert len(mine) == 40
+    thin = subsample_positions(POOL, 5, 0.4)
+    kinds = {"random": 0, "subsample": 0, "model": 0}
+    for row in mine.itertuples():
+        ranks = np.array([rank[item] for item in row.item_ids])
+        at = np.arange(5)
+        greedy = 1 - SUBSAMPLING.epsilon - SUBSAMPLING.subsample
+        expected = greedy * (ranks == at) + 0.2 / POOL + 0.6 * thin[ranks, at]
+        np.testing.assert_allclose(row.propensities, expected, rtol=1e-5)
+        inclusion = greedy * (ranks < 5) + 0.2 * 5 / POOL + 0.6 * thin[ranks].sum(axis=1)
+        np.testing.assert_allclose(row.inclusion_propensities, inclusion, rtol=1e-5)
+        if not row.randomized:
+            assert (np.diff(ranks) > 0).all()  # a subsample keeps the model's order
+        if not row.explored:
+            assert (ranks == at).all()
+        kinds["random" if row.randomized else "subsample" if row.explored else "model"] += 1
+    assert min(kinds.values()) >= 2, kinds  # all three kinds served (20% / 60% / 20%)
+
+
 def test_logs_carry_context_and_unicode(served):
     server, client, experiment = served
     user = "顾客-José"
@@ -228,40 +272,75 @@ def test_the_example_experiments_file_is_the_ranker_experiment():
     assert {n: e.arms for n, e in example.items()} == {n: e.arms for n, e in expected.items()}
 
 
-def test_exploration_propensities_are_exact():
+EXPLORATIONS = {
+    "shuffle": Exploration(epsilon=0.3, pool=6),
+    "subsample": Exploration(subsample=0.5, keep=0.4, pool=6),
+    "both": Exploration(epsilon=0.2, subsample=0.5, keep=0.6, pool=6),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPLORATIONS))
+def test_exploration_propensities_are_exact(kind):
     """Empirical frequency of each (pool item, position) matches the logged propensity."""
-    explore = Exploration(epsilon=0.3, pool=6)
+    explore = EXPLORATIONS[kind]
     ids = np.array([[f"i{j}" for j in range(6)]], dtype=object)
     rng = np.random.default_rng(0)
     counts = np.zeros((6, 3))
     logged = {}
     n = 20000
     for _ in range(n):
-        index, propensity, _ = explore.choose(ids, np.array([3]), rng)
-        for j, i in enumerate(index[0]):
+        draw = explore.choose(ids, np.array([3]), rng)
+        assert (draw.index[0] >= 0).all()  # the list is always full
+        if draw.explored[0] and not draw.randomized[0]:  # a subsample keeps the order
+            assert (np.diff(draw.index[0]) > 0).all()
+        for j, i in enumerate(draw.index[0]):
             counts[i, j] += 1
-            logged[(i, j)] = propensity[0, j]
+            logged[(i, j)] = draw.propensity[0, j]
     for (i, j), p in logged.items():
         assert abs(counts[i, j] / n - p) < 0.01, (i, j, counts[i, j] / n, p)
 
 
-def test_exploration_inclusion_propensities_are_exact():
+@pytest.mark.parametrize("kind", sorted(EXPLORATIONS))
+def test_exploration_inclusion_propensities_are_exact(kind):
     """Empirical frequency of each pool item appearing anywhere in the list matches the
     inclusion propensity `Exploration.inclusion` logs for it."""
-    explore = Exploration(epsilon=0.3, pool=6)
+    explore = EXPLORATIONS[kind]
     ids = np.array([[f"i{j}" for j in range(5)] + [""]], dtype=object)  # 5 valid of 6
     rng = np.random.default_rng(1)
     counts, logged, n = np.zeros(5), {}, 20000
     for _ in range(n):
-        index, _, _ = explore.choose(ids, np.array([3]), rng)
-        inclusion = explore.inclusion(index, ids, np.array([3]))
-        for i, p in zip(index[0], inclusion[0]):
+        draw = explore.choose(ids, np.array([3]), rng)
+        inclusion = explore.inclusion(draw.index, ids, np.array([3]))
+        for i, p in zip(draw.index[0], inclusion[0]):
             counts[i] += 1
             logged[i] = p
     assert sorted(logged) == [0, 1, 2, 3, 4]
     for i, p in logged.items():
         assert abs(counts[i] / n - p) < 0.01, (i, counts[i] / n, p)
-    assert logged[0] == pytest.approx(0.7 + 0.3 * 3 / 5) and logged[4] == pytest.approx(0.18)
+    if kind == "shuffle":
+        assert logged[0] == pytest.approx(0.7 + 0.3 * 3 / 5)
+        assert logged[4] == pytest.approx(0.18)
+
+
+def test_subsample_positions_fill_the_list_in_order():
+    """Each list position holds exactly one item; with a small keep the list is still
+    full (the last items are kept surely) and items never move up past their rank."""
+    from tfrec.serving.experiments import subsample_positions
+
+    for n, shown, keep in ((6, 3, 0.4), (100, 10, 0.05), (4, 4, 0.5), (5, 1, 1.0)):
+        p = subsample_positions(n, shown, keep)
+        assert p.shape == (n, shown)
+        assert np.allclose(p.sum(axis=0), 1.0)
+        assert (p.sum(axis=1) <= 1 + 1e-12).all()
+        assert np.allclose(np.triu(p, 1)[:shown], 0.0)  # item i never before position i
+    assert np.allclose(subsample_positions(5, 1, 1.0)[:, 0], [1, 0, 0, 0, 0])
+    assert np.allclose(subsample_positions(4, 4, 0.5), np.eye(4))
+    with pytest.raises(ValueError, match="epsilon \\+ subsample"):
+        Exploration(epsilon=0.6, subsample=0.5, pool=10)
+    with pytest.raises(ValueError, match="keep"):
+        Exploration(subsample=0.5, keep=0.0, pool=10)
+    with pytest.raises(ValueError, match="pool of >= 2"):
+        Exploration(subsample=0.5, pool=1)
 
 
 def test_request_log_is_bounded_and_loses_nothing_it_accepted(tmp_path):

@@ -113,8 +113,10 @@ def _logged_slots(control_logs: pd.DataFrame, outcomes: pd.DataFrame,
         if has_inclusion:
             included = np.asarray(log.inclusion_propensities, np.float64)
             inclusion[row, :len(included)] = included
+    # Logs of an older server: every explored list was a uniformly random ordering.
+    randomized = control_logs["randomized" if "randomized" in control_logs else "explored"]
     return {"clicks": clicks, "gmv": gmv, "logging_p": logging_p, "inclusion": inclusion,
-            "has_inclusion": has_inclusion, "randomized": control_logs["explored"].to_numpy(bool),
+            "has_inclusion": has_inclusion, "randomized": randomized.to_numpy(bool),
             "users": control_logs["user_id"].to_numpy()}
 
 

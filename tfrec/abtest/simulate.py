@@ -38,7 +38,9 @@ LOGS_DIR, OUTCOMES_FILE, DATA_DIR = "logs", "outcomes.parquet", "data"
 
 def ranker_experiments(epsilon: float, pool: int, salt: str = "",
                        models: Optional[Mapping[str, str]] = None,
-                       names: Tuple[str, str] = ("home_feed", "search")) -> Dict[str, Any]:
+                       names: Tuple[str, str] = ("home_feed", "search"),
+                       subsample: float = 0.0, keep: float = 0.5,
+                       control_share: float = 0.5) -> Dict[str, Any]:
     """The experiments file (as a mapping) that tests tfrec's ranker: retrieval order vs
     the retrieval -> ranker -> rules pipeline, for recommendations and for search.
 
@@ -47,19 +49,24 @@ def ranker_experiments(epsilon: float, pool: int, salt: str = "",
     `yaml.safe_dump`; serving/experiments.yaml is this with epsilon 0.1, pool 100.
 
     Args:
-      epsilon / pool: Exploration of the retrieval arms.
+      epsilon / pool / subsample / keep: Exploration of the retrieval arms.
       salt: Prefix of the experiments' salts.
       models: Optional `models:` section (name -> base path).
       names: Names of the recommendation and the search experiment.
+      control_share: Users on the retrieval arms (the logging policy); a larger share
+        logs more lists for the off-policy estimate of the ranker.
     """
     lists = {"exclude_item_ids": [""], "purchased_item_ids": [""]}
     explore = {"epsilon": float(epsilon), "pool": int(pool)}
+    if subsample:
+        explore.update(subsample=float(subsample), keep=float(keep))
+    shares = (float(control_share), 1.0 - float(control_share))
 
     def experiment(name: str, retrieval_inputs: Dict[str, Any], signature: str):
         return {"name": name, "salt": f"{salt}{name}", "arms": [
             {"name": "retrieval", "model": "retrieval", "signature": "serving_default",
-             "share": 0.5, "inputs": retrieval_inputs, "exploration": explore},
-            {"name": "ranker", "model": "pipeline", "signature": signature, "share": 0.5,
+             "share": shares[0], "inputs": retrieval_inputs, "exploration": explore},
+            {"name": "ranker", "model": "pipeline", "signature": signature, "share": shares[1],
              "inputs": lists}]}
 
     raw: Dict[str, Any] = {"experiments": [

@@ -2,18 +2,19 @@
 
 A request for an experiment's name goes to one arm (model, version, signature), chosen
 by hashing the user id with the experiment's salt: a user sees the same arm on every
-request, and a new salt reshuffles users for the next test. An arm may explore: with
-probability epsilon it serves a random ordering of its top `pool` items instead of its
-top k, so every pooled item has a known, non-zero propensity at every position and
-another ranking can be evaluated from the logs (IPS).
+request, and a new salt reshuffles users for the next test. An arm may explore: on a
+share of requests it serves a random ordering, or an order-keeping random subsample, of
+its top `pool` items instead of its top k, so every pooled item has a known, non-zero
+propensity and another ranking can be evaluated from the logs (IPS).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
@@ -28,38 +29,109 @@ class ExperimentError(ValueError):
     """An experiments file or a request to an experiment is invalid."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Exploration:
-    """With probability `epsilon`, serve a uniformly random ordering of the top `pool`.
+class Draw(NamedTuple):
+    """What `Exploration.choose` served for a batch of rows.
 
-    The propensity of item d at position j is then (1 - epsilon) * [d is the policy's
-    j-th item] + epsilon / n, with n the valid items in the pool: exact and cheap, and
-    positive for every pooled item at every position.
+    Attributes:
+      index: [rows, kmax] positions in the pool shown, -1 past a row's list.
+      propensity: [rows, kmax] probability of each shown item at its position.
+      explored: [rows] the row got any exploration (not the model's top k).
+      randomized: [rows] the row's order was drawn uniformly at random (the lists that
+        measure position bias).
+    """
+
+    index: np.ndarray
+    propensity: np.ndarray
+    explored: np.ndarray
+    randomized: np.ndarray
+
+
+@functools.lru_cache(maxsize=512)
+def subsample_positions(n: int, shown: int, keep: float) -> np.ndarray:
+    """P(the pool's i-th item lands at list position j) for a subsampled list.
+
+    The list walks the pool best first and keeps each item with probability `keep`
+    until `shown` are kept; an item is kept surely when the rest of the pool is just
+    enough to fill the list. A dynamic programme over how many were kept so far gives
+    exact propensities; it depends on (n, shown, keep) only, so it is cached.
 
     Args:
-      epsilon: Share of requests explored, in [0, 1].
+      n: valid items in the pool.
+      shown: list length (<= n).
+      keep: probability of keeping an item, in (0, 1].
+
+    Returns:
+      Read-only float64 [n, shown]; each column sums to 1.
+    """
+    out = np.zeros((n, shown))
+    kept = np.zeros(shown + 1)  # P(c items kept before item i), c = 0..shown
+    kept[0] = 1.0
+    need = shown - np.arange(shown + 1)
+    for i in range(n):
+        p = np.where(n - i <= need, 1.0, keep)
+        p[shown] = 0.0  # the list is full
+        out[i] = kept[:shown] * p[:shown]
+        moved = kept * p
+        kept = kept - moved
+        kept[1:] += moved[:-1]
+    out.flags.writeable = False
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Exploration:
+    """Randomised lists among the model's top `pool`, with exact propensities.
+
+    Two kinds, mixed with the model's own top k: with probability `epsilon` a uniformly
+    random ordering of the pool (every item equally likely at every position: what
+    measures position bias), with probability `subsample` a subsample that keeps the
+    model's order (each pooled item kept with probability `keep`, best first, until
+    the list is full). Subsampled lists cost the shopper less and show the items just
+    below the top k far more often, which is what another ranker of the same
+    candidates mostly promotes: its off-policy estimate gets smaller weights.
+
+    Args:
+      epsilon: Share of requests shown a uniformly random ordering, in [0, 1].
       pool: Items the exploration draws from (the model is asked for max(k, pool)).
+      subsample: Share of requests shown an order-keeping subsample, in [0, 1].
+      keep: Probability of keeping each pooled item in a subsample, in (0, 1].
+
+    Raises:
+      ExperimentError: a share or probability out of range, shares summing over 1, or
+        exploration with a pool of fewer than 2 items.
     """
 
     epsilon: float = 0.0
     pool: int = 0
+    subsample: float = 0.0
+    keep: float = 0.5
 
     def __post_init__(self):
-        if not 0.0 <= float(self.epsilon) <= 1.0:
-            raise ExperimentError(f"exploration epsilon must be in [0, 1], got {self.epsilon}")
+        for name in ("epsilon", "subsample"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ExperimentError(f"exploration {name} must be in [0, 1], got "
+                                      f"{getattr(self, name)}")
+        if self.epsilon + self.subsample > 1.0 + 1e-9:
+            raise ExperimentError(f"exploration epsilon + subsample must be <= 1, got "
+                                  f"{self.epsilon} + {self.subsample}")
+        if not 0.0 < float(self.keep) <= 1.0:
+            raise ExperimentError(f"exploration keep must be in (0, 1], got {self.keep}")
         if int(self.pool) < 0:
             raise ExperimentError(f"exploration pool must be >= 0, got {self.pool}")
-        if self.epsilon > 0 and int(self.pool) < 2:
-            raise ExperimentError(f"exploration with epsilon {self.epsilon} needs a pool of "
-                                  f">= 2 items, got {self.pool}")
+        if self.active and int(self.pool) < 2:
+            raise ExperimentError(f"exploration (epsilon {self.epsilon}, subsample "
+                                  f"{self.subsample}) needs a pool of >= 2 items, got "
+                                  f"{self.pool}")
 
     @property
     def active(self) -> bool:
-        return self.epsilon > 0
+        return self.epsilon > 0 or self.subsample > 0
 
-    def choose(self, item_ids: np.ndarray, k: np.ndarray,
-               rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Positions of the pool to show per row, their propensities, explored rows.
+    def _greedy(self) -> float:
+        return max(0.0, 1.0 - self.epsilon - self.subsample)
+
+    def choose(self, item_ids: np.ndarray, k: np.ndarray, rng: np.random.Generator) -> Draw:
+        """Positions of the pool to show per row and their propensities.
 
         Args:
           item_ids: [rows, width] pooled ids, best first ("" pads missing items).
@@ -67,37 +139,58 @@ class Exploration:
           rng: Randomness of the exploration draws.
 
         Returns:
-          (index [rows, kmax] into the pool, -1 past a row's list; propensity [rows, kmax];
-          explored [rows]: the row got the random ordering).
+          A `Draw`; propensities are exact under the mixture of the three kinds.
         """
         rows, width = item_ids.shape
         kmax = int(min(width, max(1, int(np.max(k)) if len(k) else 1)))
         index = np.full((rows, kmax), -1, dtype=np.int64)
         propensity = np.zeros((rows, kmax), dtype=np.float32)
         explored = np.zeros(rows, dtype=bool)
+        randomized = np.zeros(rows, dtype=bool)
         valid = (item_ids != b"") & (item_ids != "")
         for row in range(rows):
             n = int(valid[row].sum())  # valid items come first (top-k order)
             shown = min(int(k[row]), n, kmax)
             if shown <= 0:
                 continue
-            if rng.random() < self.epsilon:
-                explored[row] = True
+            draw = rng.random()
+            if draw < self.epsilon:
+                randomized[row] = True
                 picked = rng.permutation(n)[:shown]
+            elif draw < self.epsilon + self.subsample:
+                picked = self._subsample(n, shown, rng)
             else:
                 picked = np.arange(shown)
+            explored[row] = draw < self.epsilon + self.subsample
             index[row, :shown] = picked
-            propensity[row, :shown] = ((1.0 - self.epsilon) * (picked == np.arange(shown))
-                                       + self.epsilon / n)
-        return index, propensity, explored
+            at = np.arange(shown)
+            propensity[row, :shown] = (self._greedy() * (picked == at) + self.epsilon / n
+                                       + self.subsample * self._subsampled(n, shown)[picked, at])
+        return Draw(index, propensity, explored, randomized)
+
+    def _subsample(self, n: int, shown: int, rng: np.random.Generator) -> np.ndarray:
+        draws = rng.random(n)
+        kept: List[int] = []
+        for i in range(n):
+            if len(kept) == shown:
+                break
+            if n - i <= shown - len(kept) or draws[i] < self.keep:
+                kept.append(i)
+        return np.asarray(kept, dtype=np.int64)
+
+    def _subsampled(self, n: int, shown: int) -> np.ndarray:
+        if self.subsample <= 0:
+            return np.zeros((n, shown))
+        return subsample_positions(n, shown, float(self.keep))
 
     def inclusion(self, index: np.ndarray, item_ids: np.ndarray,
                   k: np.ndarray) -> np.ndarray:
         """Probability that each shown item is in its row's list at all, any position.
 
-        (1 - epsilon) * [d is among the policy's top `shown`] + epsilon * shown / n: far
-        larger than the per-position propensity, so an estimator that may credit an item
-        at another position (a position-bias model) weighs logged lists much less.
+        greedy * [d is among the policy's top `shown`] + epsilon * shown / n + subsample *
+        P(a subsample keeps d): far larger than the per-position propensity, so an
+        estimator that may credit an item at another position (a position-bias model)
+        weighs logged lists much less.
 
         Args:
           index: [rows, kmax] pool positions shown, from `choose` (-1 past a list).
@@ -112,7 +205,13 @@ class Exploration:
         shown = np.minimum(np.minimum(k, n), index.shape[1])
         greedy = (index >= 0) & (index < shown[:, None])
         share = np.where(n > 0, shown / np.maximum(n, 1), 0.0)[:, None]
-        value = (1.0 - self.epsilon) * greedy + self.epsilon * share
+        value = self._greedy() * greedy + self.epsilon * share
+        if self.subsample > 0:
+            for row in range(index.shape[0]):
+                at = index[row] >= 0
+                if shown[row] > 0 and at.any():
+                    kept = self._subsampled(int(n[row]), int(shown[row])).sum(axis=1)
+                    value[row, at] += self.subsample * kept[index[row, at]]
         return np.where(index >= 0, value, 0.0).astype(np.float32)
 
 
@@ -199,17 +298,19 @@ def _arm(raw: Mapping[str, Any], experiment: str) -> Arm:
             raise ExperimentError(f"{where}: every arm needs a {field!r}")
     values = dict(raw)
     explore = values.pop("exploration", None) or {}
-    if not isinstance(explore, Mapping) or set(explore) - {"epsilon", "pool"}:
-        raise ExperimentError(f"{where} arm {raw['name']!r}: exploration takes epsilon and "
-                              f"pool, got {explore!r}")
+    known_explore = {f.name for f in dataclasses.fields(Exploration)}
+    if not isinstance(explore, Mapping) or set(explore) - known_explore:
+        raise ExperimentError(f"{where} arm {raw['name']!r}: exploration takes "
+                              f"{sorted(known_explore)}, got {explore!r}")
     inputs = values.pop("inputs", None) or {}
     if not isinstance(inputs, Mapping):
         raise ExperimentError(f"{where} arm {raw['name']!r}: inputs must be a mapping of "
                               f"input name -> default value")
     try:
         return Arm(**values, inputs=dict(inputs),
-                   exploration=Exploration(float(explore.get("epsilon", 0.0)),
-                                           int(explore.get("pool", 0))))
+                   exploration=Exploration(
+                       float(explore.get("epsilon", 0.0)), int(explore.get("pool", 0)),
+                       float(explore.get("subsample", 0.0)), float(explore.get("keep", 0.5))))
     except (TypeError, ValueError) as e:
         raise ExperimentError(f"{where} arm {raw['name']!r}: {e}") from None
 
@@ -296,8 +397,9 @@ def describe(experiments: Mapping[str, Experiment],
         for arm in experiment.arms:
             live = versions.get(arm.model) or []
             version = arm.version if arm.version is not None else (max(live) if live else None)
-            explore = (f", explore eps={arm.exploration.epsilon:g} pool={arm.exploration.pool}"
-                       if arm.exploration.active else "")
+            e = arm.exploration
+            explore = (f", explore eps={e.epsilon:g} subsample={e.subsample:g} keep={e.keep:g} "
+                       f"pool={e.pool}" if e.active else "")
             arms.append(f"{arm.name}: {arm.model}/{version if version is not None else 'none'}"
                         f"/{arm.signature} {arm.share:.0%}{explore}")
         lines.append(f"experiment {experiment.name} (salt {experiment.salt!r}): "

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # One row per request row (a request with a batch of users gives several rows).
 LOG_COLUMNS = ("request_id", "row", "ts", "model", "version", "signature", "experiment",
                "arm", "user_id", "context", "item_ids", "positions", "scores", "propensities",
-               "explored", "inclusion_propensities")
+               "explored", "inclusion_propensities", "randomized")
 FILE_PATTERN = "requests-*.parquet"
 REQUEST_ID_KEY = "x-request-id"  # gRPC metadata naming a call in the log and its outcomes
 _USER, _ITEMS, _SCORES = "user_id", "item_ids", "scores"
@@ -49,6 +49,7 @@ class Served:
       propensities: [rows, k] probability of each shown item at its position; None
         means a deterministic policy (1 for every shown item).
       explored: [rows] the row got an exploration ordering (None: no row did).
+      randomized: [rows] that ordering was uniformly random (None: no row's was).
       inclusion: [rows, k] probability of each shown item being in the list at any
         position; None: deterministic (1).
     """
@@ -64,6 +65,7 @@ class Served:
     outputs: Mapping[str, np.ndarray]
     propensities: Optional[np.ndarray] = None
     explored: Optional[np.ndarray] = None
+    randomized: Optional[np.ndarray] = None
     inclusion: Optional[np.ndarray] = None
 
 
@@ -115,7 +117,7 @@ def log_table(calls: List[Served]) -> pa.Table:
     """
     row_columns: Dict[str, list] = {name: [] for name in (
         "request_id", "row", "ts", "model", "version", "signature", "experiment", "arm",
-        "user_id", "context", "explored")}
+        "user_id", "context", "explored", "randomized")}
     items, positions, scores, propensities, inclusion, counts = [], [], [], [], [], []
     for call in calls:
         ids = call.outputs.get(_ITEMS)
@@ -148,8 +150,9 @@ def log_table(calls: List[Served]) -> pa.Table:
                 _text(users[row]) if users is not None and users.ndim == 1
                 and users.shape[0] > row else "")
             row_columns["context"].append(_context(call.inputs, row))
-            row_columns["explored"].append(bool(call.explored[row])
-                                           if call.explored is not None else False)
+            for flag in ("explored", "randomized"):
+                given = getattr(call, flag)
+                row_columns[flag].append(bool(given[row]) if given is not None else False)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]) if counts else [0]
     flat = {
         "item_ids": _strings(np.concatenate(items) if items else np.array([], dtype=object)),
@@ -162,7 +165,7 @@ def log_table(calls: List[Served]) -> pa.Table:
                                            else np.array([], np.float32)),
     }
     types = {"row": pa.int32(), "ts": pa.float64(), "version": pa.int64(),
-             "explored": pa.bool_()}
+             "explored": pa.bool_(), "randomized": pa.bool_()}
     columns = {name: pa.array(values, type=types.get(name, pa.string()))
                for name, values in row_columns.items()}
     columns.update({name: _list_array(offsets, values) for name, values in flat.items()})

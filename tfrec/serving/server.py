@@ -39,6 +39,7 @@ from tfrec.serving.experiments import (
     K_INPUT,
     USER_INPUT,
     Arm,
+    Draw,
     Experiment,
     Exploration,
     check_models,
@@ -271,6 +272,14 @@ def request_id_of(context) -> Tuple[str, bool]:
     return f"{_ID_PREFIX}-{next(_id_counter)}", True
 
 
+def _draw_columns(draw: Optional[Draw]) -> Dict[str, Optional[np.ndarray]]:
+    """The request log's exploration fields of one call (all None: not explored)."""
+    if draw is None:
+        return {"propensities": None, "explored": None, "randomized": None}
+    return {"propensities": draw.propensity, "explored": draw.explored,
+            "randomized": draw.randomized}
+
+
 def _draws(experiment: str, request_id: str) -> np.random.Generator:
     """Exploration randomness of one call: a retried request id gets the same order."""
     digest = hashlib.sha256(f"{experiment}\0{request_id}".encode("utf-8")).digest()
@@ -429,14 +438,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             model_inputs[K_INPUT] = np.maximum(arrays[K_INPUT], explore.pool).astype(
                 arrays[K_INPUT].dtype)
         outputs = self._run(model, loaded, signature, model_inputs, context)
-        propensities = explored_rows = inclusion = None
+        draw = inclusion = None
         request_id, made = (request_id_of(context) if self._log is not None or arm is not None
                             else ("", False))
         if explored:
-            index, propensities, explored_rows = explore.choose(
-                outputs[ITEM_OUTPUT], arrays[K_INPUT], _draws(experiment, request_id))
-            inclusion = explore.inclusion(index, outputs[ITEM_OUTPUT], arrays[K_INPUT])
-            outputs = _reorder(outputs, index)
+            draw = explore.choose(outputs[ITEM_OUTPUT], arrays[K_INPUT],
+                                  _draws(experiment, request_id))
+            inclusion = explore.inclusion(draw.index, outputs[ITEM_OUTPUT], arrays[K_INPUT])
+            outputs = _reorder(outputs, draw.index)
         if arm is not None:
             rows = next(iter(outputs.values())).shape[0] if outputs else 1
             outputs = dict(outputs)
@@ -452,7 +461,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if self._log is not None:
             self._log.log(Served(request_id, time.time(), model, loaded.version, signature_name,
                                  experiment, arm.name if arm is not None else "", arrays,
-                                 outputs, propensities, explored_rows, inclusion))
+                                 outputs, **_draw_columns(draw), inclusion=inclusion))
         return response
 
     def _record_batch(self, group: Tuple[str, int, str], rows: int, requests: int) -> None:
