@@ -176,6 +176,21 @@ def test_subsampled_lists_are_logged_with_exact_propensities(served, tiny_world)
     assert min(kinds.values()) >= 2, kinds  # all three kinds served (20% / 60% / 20%)
 
 
+def test_random_orders_of_older_log_files_are_their_explored_rows():
+    """Logs read across an older server's files (no `randomized` column) and newer ones:
+    the older rows' explored lists count as random orders, the newer rows keep theirs."""
+    import pandas as pd
+
+    from tfrec.abtest.report import randomized_rows
+
+    old = pd.DataFrame({"explored": [True, False]})
+    new = pd.DataFrame({"explored": [True, True, False], "randomized": [False, True, False]})
+    assert randomized_rows(old).tolist() == [True, False]
+    both = pd.concat([old, new], ignore_index=True)
+    assert both["randomized"].isna().sum() == 2
+    assert randomized_rows(both).tolist() == [True, False, False, True, False]
+
+
 def test_logs_carry_context_and_unicode(served):
     server, client, experiment = served
     user = "顾客-José"

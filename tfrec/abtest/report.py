@@ -113,11 +113,21 @@ def _logged_slots(control_logs: pd.DataFrame, outcomes: pd.DataFrame,
         if has_inclusion:
             included = np.asarray(log.inclusion_propensities, np.float64)
             inclusion[row, :len(included)] = included
-    # Logs of an older server: every explored list was a uniformly random ordering.
-    randomized = control_logs["randomized" if "randomized" in control_logs else "explored"]
     return {"clicks": clicks, "gmv": gmv, "logging_p": logging_p, "inclusion": inclusion,
-            "has_inclusion": has_inclusion, "randomized": randomized.to_numpy(bool),
+            "has_inclusion": has_inclusion, "randomized": randomized_rows(control_logs),
             "users": control_logs["user_id"].to_numpy()}
+
+
+def randomized_rows(logs: pd.DataFrame) -> np.ndarray:
+    """Which logged rows got a uniformly random order (the position-bias lists).
+
+    Files of an older server have no `randomized` column (missing once read beside
+    newer files): every list it explored was a random order, so `explored` stands in.
+    """
+    explored = logs["explored"].astype(bool)
+    if "randomized" not in logs:
+        return explored.to_numpy(bool)
+    return logs["randomized"].where(logs["randomized"].notna(), explored).to_numpy(bool)
 
 
 def _target_slots(logged: Dict[str, Any], control_logs: pd.DataFrame,
