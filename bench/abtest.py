@@ -7,7 +7,9 @@ days from the real embedded server (experiment routing by hashed user id, reques
 logging on loopback) and react with the world's true utilities and position bias.
 Arm "retrieval" explores (epsilon, pool = the pipeline's candidates) so that the
 report can estimate the ranker arm from its logs (position-based IPS) and compare with
-the ranker arm's online result. Ratios are against the retrieval arm of the same run.
+the ranker arm's online result, and against the truth: the ranker's expected clicks
+under the world's own behaviour model on the very requests the estimates come from.
+Ratios are against the retrieval arm of the same run.
 
 Usage: python bench/abtest.py [--world small] [--users 2000] [--days 7]
        [--epsilon 0.3] [--subsample 0.6 --keep 0.4] [--control-share 0.8]
@@ -61,6 +63,42 @@ def prepare(root: str, args) -> dict:
     with open(done, "w") as f:
         json.dump(offline, f, default=float)
     return {"cfg": cfg, "offline": offline, "seconds": time.perf_counter() - start}
+
+
+def true_values(world, out: str, experiment: str) -> dict:
+    """The ranker's expected clicks per request under the world's own behaviour model,
+    on the retrieval arm's logged requests (what the off-policy estimates estimate) and
+    on the ranker arm's own requests (what its online mean measures)."""
+    import json
+
+    import numpy as np
+
+    from tfrec.abtest.report import replay_lists
+    from tfrec.data.io import read_table
+    from tfrec.serving.experiments import load_experiments
+    from tfrec.serving.request_log import read_request_logs
+
+    with open(os.path.join(out, "abtest.json")) as f:
+        record = json.load(f)
+    arms = {a.name: a for a in load_experiments(record["experiments_file"])[0][
+        experiment].arms}
+    logs = read_request_logs(os.path.join(out, "logs"))
+    logs = logs[logs["experiment"] == experiment]
+    when = read_table(os.path.join(out, "outcomes.parquet"), "events").groupby(
+        "session_id")["ts"].min()  # simulated request times
+    control = logs[logs["arm"] == "retrieval"].reset_index(drop=True)
+    treated = logs[logs["arm"] == "ranker"].reset_index(drop=True)
+    replayed = replay_lists(arms["ranker"], record["models"][arms["ranker"].model],
+                            int(treated["version"].max()), control)
+
+    def mean(frame, lists):
+        return float(np.mean([world.expected_clicks(u, list(items), int(when.get(r, 0)))
+                              for u, items, r in zip(frame["user_id"], lists,
+                                                     frame["request_id"])]))
+
+    widths = control["item_ids"].map(len)
+    return {"logged": mean(control, [items[:w] for items, w in zip(replayed, widths)]),
+            "own": mean(treated, treated["item_ids"])}
 
 
 def main(argv=None) -> None:
@@ -122,6 +160,7 @@ def main(argv=None) -> None:
                             search_share=args.search_share)
         simulated = time.perf_counter() - t0
         report = abtest_report(out)
+        truth = true_values(World.load(cfg.data.data_dir), out, "home_feed")
     print(f"{record['requests']} requests from {record['users']} shoppers over {args.days} "
           f"days in {simulated:.0f}s ({record['requests'] / simulated:.0f} requests/s incl. "
           f"reactions)")
@@ -213,6 +252,20 @@ def main(argv=None) -> None:
                                  f"the logging arm's own ranking vs its exploit-only requests"))
         for line in skipped:
             print(f"PBM-IPS skipped for {line}")
+        clicks = section["clicks_per_request"]
+        rows = [["true value on the retrieval arm's requests (world's model)",
+                 f"{truth['logged']:.4f}", "1.00x"]]
+        rows += [[name, f"{clicks[key]:.4f}", ratio(clicks[key], truth["logged"])]
+                 for name, key in (("PBM-IPS", "pbm_ips"), ("IPS", "ips"), ("SNIPS", "snips"))
+                 if key in clicks]
+        rows += [["true value on its own arm's requests (world's model)",
+                  f"{truth['own']:.4f}", ratio(truth["own"], truth["logged"])],
+                 ["online, its own arm", f"{clicks['online']:.4f}",
+                  ratio(clicks["online"], truth["logged"])]]
+        print()
+        print(format_table(["ranker clicks per request", "value", "vs true on logged"], rows,
+                           title="the estimators against the truth they estimate: the "
+                                 "simulator's expected clicks of the ranker's lists"))
     print(f"decision: {report['decision']}")
     search = report["search"]
     rows = []

@@ -380,6 +380,25 @@ def test_request_log_is_bounded_and_loses_nothing_it_accepted(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
 
+def test_expected_clicks_is_the_mean_of_what_shoppers_do(tiny_world):
+    """`World.expected_clicks` (depth and noise integrated out) against the mean clicks of
+    `World.react` over many draws, with and without a searched-for target."""
+    user = str(tiny_world.users["user_id"].iloc[3])
+    items = [str(i) for i in tiny_world.catalog["item_id"].iloc[:8]] + ["not-an-item"]
+    ts = tiny_world.t_end + 3600
+    rng = np.random.default_rng(0)
+    for target in (None, items[5]):
+        clicks = [tiny_world.react(user, items, ts, rng, target)["clicked"].sum()
+                  for _ in range(4000)]
+        expected = tiny_world.expected_clicks(user, items, ts, target)
+        error = np.std(clicks) / np.sqrt(len(clicks))
+        assert abs(np.mean(clicks) - expected) < 4 * error, (np.mean(clicks), expected)
+    assert tiny_world.expected_clicks(user, items, ts, items[5]) > \
+        tiny_world.expected_clicks(user, items, ts)
+    assert tiny_world.expected_clicks("no-such-user", items, ts) == 0.0
+    assert tiny_world.expected_clicks(user, ["not-an-item"], ts) == 0.0
+
+
 # -- simulated shoppers and the A/B report ------------------------------------------------
 
 @pytest.fixture(scope="module")
