@@ -602,8 +602,7 @@ def shopper_funnel(truth: Dict[str, np.ndarray], spec: WorldSpec, users: np.ndar
     n = len(items)
     target = np.zeros(n, dtype=bool) if is_target is None else np.asarray(is_target)
     utility = true_utility(truth, spec, users, items, ts)
-    click_logit = (_CLICK_BIAS + _CLICK_SCALE * utility - 0.5 * np.log1p(positions)
-                   + _TARGET_BONUS * target + rng.normal(0, _CLICK_NOISE, n))
+    click_logit = _click_logit(utility, positions, target) + rng.normal(0, _CLICK_NOISE, n)
     clicked = rng.random(n) < _sigmoid(click_logit)
     cart_logit = _CART_BIAS + 0.5 * utility + 0.8 * target
     carted = clicked & (rng.random(n) < _sigmoid(cart_logit))
@@ -882,7 +881,7 @@ def _simulate_sessions(spec: WorldSpec, vocab: _Vocab, truth: Dict[str, np.ndarr
     sess, cand, is_target = sess[order], cand[order], is_target[order]
     starts = np.searchsorted(sess, np.arange(num_sessions))
     position = np.arange(len(sess)) - starts[sess]
-    depth = rng.integers(max(2, k // 2), k + 1, size=num_sessions)
+    depth = rng.integers(_min_depth(k), k + 1, size=num_sessions)
     seen = position < depth[sess]
     sess, cand, is_target, position = sess[seen], cand[seen], is_target[seen], position[seen]
 
@@ -948,6 +947,18 @@ def _simulate_sessions(spec: WorldSpec, vocab: _Vocab, truth: Dict[str, np.ndarr
         "query_target": target[search].astype(np.int64),
         "query_synonym": synonym, "query_typo": typo,
     }, num_sessions)
+
+
+def _click_logit(utility: np.ndarray, positions: np.ndarray,
+                 is_target: np.ndarray) -> np.ndarray:
+    """Click logit before the noise: utility, position and the searched-for item."""
+    return (_CLICK_BIAS + _CLICK_SCALE * utility - 0.5 * np.log1p(positions)
+            + _TARGET_BONUS * is_target)
+
+
+def _min_depth(k: int) -> int:
+    """Shoppers scroll to a depth uniform on _min_depth(k)..k of a k-item list."""
+    return max(2, k // 2)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -1018,7 +1029,7 @@ class World:
         user = self._index("user").get(str(user_id), -1)
         shown = [(j, str(i), items.get(str(i), -1)) for j, i in enumerate(item_ids)]
         k = len(shown)
-        depth = int(rng.integers(max(2, k // 2), k + 1)) if k else 0
+        depth = int(rng.integers(_min_depth(k), k + 1)) if k else 0
         seen = [s for s in shown[:depth] if s[2] >= 0 and user >= 0]
         frame = pd.DataFrame({"position": [s[0] for s in seen],
                               "item_id": [s[1] for s in seen]})
@@ -1057,14 +1068,12 @@ class World:
         if not known.any():
             return 0.0
         positions = np.arange(k)
-        low = max(2, k // 2)  # depth is uniform on low..k, as in `react`
-        depths = np.arange(low, k + 1)
+        depths = np.arange(_min_depth(k), k + 1)
         seen = (depths[None, :] > positions[:, None]).mean(axis=1)
         utility = true_utility(self.ground_truth, self.spec, np.full(k, user),
                                np.where(known, index, 0), np.full(k, ts))
         is_target = np.array([target is not None and str(i) == target for i in item_ids])
-        logit = (_CLICK_BIAS + _CLICK_SCALE * utility - 0.5 * np.log1p(positions)
-                 + _TARGET_BONUS * is_target)
+        logit = _click_logit(utility, positions, is_target)
         nodes, weights = np.polynomial.hermite_e.hermegauss(24)
         click = _sigmoid(logit[:, None] + _CLICK_NOISE * nodes[None, :]) @ (
             weights / weights.sum())
