@@ -68,7 +68,8 @@ def prepare(root: str, args) -> dict:
 def true_values(world, out: str, experiment: str) -> dict:
     """The ranker's expected clicks per request under the world's own behaviour model,
     on the retrieval arm's logged requests (what the off-policy estimates estimate) and
-    on the ranker arm's own requests (what its online mean measures)."""
+    on the ranker arm's own requests (what its online mean measures), over all requests
+    and over each user's first (before either arm's lists changed what users hold)."""
     import json
 
     import numpy as np
@@ -84,21 +85,29 @@ def true_values(world, out: str, experiment: str) -> dict:
         experiment].arms}
     logs = read_request_logs(os.path.join(out, "logs"))
     logs = logs[logs["experiment"] == experiment]
-    when = read_table(os.path.join(out, "outcomes.parquet"), "events").groupby(
-        "session_id")["ts"].min()  # simulated request times
+    # Simulated request times: every served list's impressions are in the run's events
+    # (outcomes alone miss the requests nobody clicked).
+    events = read_table(os.path.join(out, "data", "events.parquet"), "events")
+    when = events[events["event_type"] == "impression"].groupby("session_id")["ts"].min()
     control = logs[logs["arm"] == "retrieval"].reset_index(drop=True)
     treated = logs[logs["arm"] == "ranker"].reset_index(drop=True)
     replayed = replay_lists(arms["ranker"], record["models"][arms["ranker"].model],
                             int(treated["version"].max()), control)
 
-    def mean(frame, lists):
-        return float(np.mean([world.expected_clicks(u, list(items), int(when.get(r, 0)))
-                              for u, items, r in zip(frame["user_id"], lists,
-                                                     frame["request_id"])]))
+    def values(frame, lists):
+        return np.array([world.expected_clicks(u, list(items), int(when[r]))
+                         for u, items, r in zip(frame["user_id"], lists, frame["request_id"])])
+
+    def first(frame):  # each user's first request: the state the world left, no carryover
+        ts = frame["request_id"].map(when)
+        return (ts == ts.groupby(frame["user_id"]).transform("min")).to_numpy()
 
     widths = control["item_ids"].map(len)
-    return {"logged": mean(control, [items[:w] for items, w in zip(replayed, widths)]),
-            "own": mean(treated, treated["item_ids"])}
+    logged = values(control, [items[:w] for items, w in zip(replayed, widths)])
+    own = values(treated, treated["item_ids"])
+    return {"logged": float(logged.mean()), "own": float(own.mean()),
+            "logged_first": float(logged[first(control)].mean()),
+            "own_first": float(own[first(treated)].mean())}
 
 
 def main(argv=None) -> None:
@@ -261,7 +270,11 @@ def main(argv=None) -> None:
         rows += [["true value on its own arm's requests (world's model)",
                   f"{truth['own']:.4f}", ratio(truth["own"], truth["logged"])],
                  ["online, its own arm", f"{clicks['online']:.4f}",
-                  ratio(clicks["online"], truth["logged"])]]
+                  ratio(clicks["online"], truth["logged"])],
+                 ["true value, retrieval arm's users' first requests",
+                  f"{truth['logged_first']:.4f}", ratio(truth["logged_first"], truth["logged"])],
+                 ["true value, its own arm's users' first requests",
+                  f"{truth['own_first']:.4f}", ratio(truth["own_first"], truth["logged"])]]
         print()
         print(format_table(["ranker clicks per request", "value", "vs true on logged"], rows,
                            title="the estimators against the truth they estimate: the "
