@@ -235,6 +235,34 @@ def test_validation_loss_is_one_whole_pass_every_epoch(trained_run, tiny_config,
     assert fresh["loss"] == pytest.approx(history["val_loss"][kept], rel=1e-5)
 
 
+def test_calls_of_several_steps_train_on_every_batch_of_every_epoch(trained_run,
+                                                                   tiny_config):
+    """The trainer runs `train.steps_per_execution` steps per graph call; with a known
+    number of batches the epoch's last call runs what is left, so every epoch still
+    trains on all of them (Keras refuses several steps per call over a dataset of
+    unknown length)."""
+    model = trained_run.model
+    assert tiny_config.train.steps_per_execution > 1
+    assert int(model._steps_per_execution.numpy()) == tiny_config.train.steps_per_execution
+    examples = int(load_meta(tiny_config.data.tfrecord_dir)["counts"]["train"])
+    per_epoch = examples // tiny_config.train.batch_size  # drop_remainder: >= 2 batches
+    assert examples >= 2 * tiny_config.train.batch_size
+    assert per_epoch % tiny_config.train.steps_per_execution != 0  # a short last call
+    epochs = len(trained_run.history["loss"])
+    assert int(model.optimizer.iterations.numpy()) == epochs * per_epoch
+
+
+def test_steps_per_execution_errors(tiny_config):
+    from tfrec.training.trainer import steps_per_execution
+
+    cfg = copy.deepcopy(tiny_config)
+    assert steps_per_execution(cfg, single_replica=False) == 1  # several replicas: one step a call
+    for bad in (0, -3, 2.5, True):
+        cfg.train.steps_per_execution = bad
+        with pytest.raises(ValueError, match="train.steps_per_execution must be an integer"):
+            steps_per_execution(cfg, single_replica=True)
+
+
 def test_preprocessed_input_cache_reshuffles_and_matches_uncached(trained_run, tiny_config):
     """`make_dataset(cache=True, preprocess=...)` keeps integer examples after the first
     epoch; later epochs are reshuffled and re-padded, with the same examples and values

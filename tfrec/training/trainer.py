@@ -33,7 +33,7 @@ from tfrec.data.io import load_data_tables
 from tfrec.data.prepare import (PSEUDONYM_META, load_meta, prepare_records, read_vocab,
                                  source_signature)
 from tfrec.data.pseudonym import is_pseudonym, key_fingerprint, users_key
-from tfrec.data.tfrecord import make_dataset
+from tfrec.data.tfrecord import count_records, make_dataset
 from tfrec.data.feature_spec import catalog_features
 from tfrec.metrics.retrieval import build_eval_set, embed_in_batches
 from tfrec.features.vocab import Vocabularies, build_vocabularies
@@ -214,12 +214,26 @@ def cache_input(cfg: Config, examples: int) -> bool:
     return budget > 0 and examples * CACHED_EXAMPLE_BYTES <= budget
 
 
+def steps_per_execution(cfg: Config, single_replica: bool) -> int:
+    """Training steps per graph call: `train.steps_per_execution` on one replica, else 1.
+
+    Raises:
+      ValueError: a value below 1.
+    """
+    value = cfg.train.steps_per_execution
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"train.steps_per_execution must be an integer >= 1, got {value!r}")
+    return value if single_replica else 1
+
+
 def build_model(vocab: Vocabularies, cfg: Config, precision: str = "float32",
-                dp_noise: Optional[float] = None) -> TwoTowerModel:
+                dp_noise: Optional[float] = None,
+                steps_per_execution: int = 1) -> TwoTowerModel:
     """Builds and compiles the model; float16 towers get a loss-scaling optimizer.
 
     With `cfg.train.dp`, a DP-SGD model with noise multiplier `dp_noise` (required then)
-    and a non-lazy optimizer.
+    and a non-lazy optimizer. `steps_per_execution` is Keras' (the trainer passes
+    `train.steps_per_execution` when it runs in one process).
     """
     features = FeatureSpec.from_config(cfg.features)
     name = cfg.train.optimizer
@@ -235,7 +249,7 @@ def build_model(vocab: Vocabularies, cfg: Config, precision: str = "float32",
     optimizer = make_optimizer(name, cfg.train.learning_rate)
     if precision == "mixed_float16":
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer)
+    model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution)
     return model
 
 
@@ -323,8 +337,12 @@ def train_retrieval(cfg: Config,
     if cfg.train.dp is not None:
         planned = (cfg.train.steps_per_epoch or per_epoch) * cfg.train.epochs
         dp_noise = resolve_noise(cfg.train.dp, sampling_rate, planned)
+    # Several steps per call on one replica only: under Mirrored strategies their loop's
+    # collectives failed (two logical CPUs), and cluster workers shard the data.
+    single = not parameter_server and strategy.num_replicas_in_sync == 1
     with strategy.scope():
-        model = build_model(vocab, cfg, precision, dp_noise=dp_noise)
+        model = build_model(vocab, cfg, precision, dp_noise=dp_noise,
+                            steps_per_execution=steps_per_execution(cfg, single))
         warm = transfer_weights(previous[0], model) if previous is not None else None
         if vectors is not None:
             model.candidate_tower.title_vectors.set_vectors(vocab.catalog_items, vectors)
@@ -366,6 +384,10 @@ def train_retrieval(cfg: Config,
             train_ds = with_negatives(train_ds, negatives_dataset(
                 tables.catalog, model, cfg.train.dp.num_negatives, cfg.train.seed),
                 None if steps_per_epoch else per_epoch)
+        if single and not steps_per_epoch:
+            # Known steps: Keras then shortens the epoch's last call to what is left,
+            # instead of stopping the epoch at the call that runs out of batches.
+            train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(per_epoch))
         val_ds = make_dataset(patterns["val"], cfg.train.batch_size, cfg.data.history_length,
                               shuffle=False, deterministic=True, features=model.features,
                               preprocess=model.preprocess)
@@ -542,7 +564,9 @@ def evaluate_keras_metrics(model: TwoTowerModel, val_pattern: str, catalog: pd.D
     refresh_index(model, catalog)
     dataset = make_dataset(val_pattern, batch_size, history_length, shuffle=False,
                            deterministic=True, features=model.features)
-    results = model.evaluate(dataset, return_dict=True, verbose=0)
+    # Keras needs the number of batches when the model runs several steps per call.
+    steps = -(-count_records(val_pattern) // batch_size)
+    results = model.evaluate(dataset, steps=steps, return_dict=True, verbose=0)
     return {k: float(v) for k, v in results.items()}
 
 
