@@ -93,8 +93,8 @@ SMOKE = dict(world="tiny", batch_size=256, epochs=1, eval_users=50,
              variants="baseline,tfrec,input_only")
 
 VARIANTS = ("baseline", "tfrec", "tfrec_one_step", "tfrec_uncached", "tfrec_in_step",
-            "tfrec_no_trigrams", "tfrec_ids", "tfrec_ids_one_step", "tfrec_transformer", "tfrec_gru", "input_only", "input_preprocessed",
-            "input_cached")
+            "tfrec_no_trigrams", "tfrec_ids", "tfrec_ids_one_step", "tfrec_transformer",
+            "tfrec_gru", "input_only", "input_preprocessed", "input_cached")
 LABELS = {"tfrec": "tfrec (as tfrec train)",
           "tfrec_one_step": "tfrec, one step per call",
           "tfrec_ids_one_step": "tfrec, ids only, one step per call",

@@ -233,7 +233,7 @@ def build_model(vocab: Vocabularies, cfg: Config, precision: str = "float32",
 
     With `cfg.train.dp`, a DP-SGD model with noise multiplier `dp_noise` (required then)
     and a non-lazy optimizer. `steps_per_execution` is Keras' (the trainer passes
-    `train.steps_per_execution` when it runs in one process).
+    `train.steps_per_execution` when it trains on one replica).
     """
     features = FeatureSpec.from_config(cfg.features)
     name = cfg.train.optimizer
@@ -385,8 +385,8 @@ def train_retrieval(cfg: Config,
                 tables.catalog, model, cfg.train.dp.num_negatives, cfg.train.seed),
                 None if steps_per_epoch else per_epoch)
         if single and not steps_per_epoch:
-            # Known steps: Keras then shortens the epoch's last call to what is left,
-            # instead of stopping the epoch at the call that runs out of batches.
+            # Keras refuses several steps per call over a dataset of unknown length;
+            # knowing it, it shortens the epoch's last call to the batches left.
             train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(per_epoch))
         val_ds = make_dataset(patterns["val"], cfg.train.batch_size, cfg.data.history_length,
                               shuffle=False, deterministic=True, features=model.features,
