@@ -257,6 +257,8 @@ def test_steps_per_execution_errors(tiny_config):
 
     cfg = copy.deepcopy(tiny_config)
     assert steps_per_execution(cfg, single_replica=False) == 1  # several replicas: one step a call
+    cfg.train.profile_steps = (2, 3)  # the profiler counts calls: trace the steps asked for
+    assert steps_per_execution(cfg, single_replica=True) == 1
     for bad in (0, -3, 2.5, True):
         cfg.train.steps_per_execution = bad
         with pytest.raises(ValueError, match="train.steps_per_execution must be an integer"):

@@ -202,7 +202,8 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None
     # Training steps per call into the graph (Keras steps_per_execution): one call per
     # step costs ~1 ms of Python and dispatch, as much as a small model's step. One
-    # replica only (distributed strategies run 1); callbacks see every Nth batch.
+    # replica only (distributed strategies and profiled runs use 1); callbacks see
+    # every Nth batch.
     steps_per_execution: int = 16
     # Preprocessed training examples (integer ids, token ids, trigram buckets) stay in
     # memory after the first epoch when they fit in this many MB (estimated at 2 KB per

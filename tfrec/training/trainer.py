@@ -217,13 +217,16 @@ def cache_input(cfg: Config, examples: int) -> bool:
 def steps_per_execution(cfg: Config, single_replica: bool) -> int:
     """Training steps per graph call: `train.steps_per_execution` on one replica, else 1.
 
+    Also 1 when `train.profile_steps` asks for a trace: Keras' profiler counts calls, and
+    the steps traced should be the steps asked for.
+
     Raises:
       ValueError: a value below 1.
     """
     value = cfg.train.steps_per_execution
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"train.steps_per_execution must be an integer >= 1, got {value!r}")
-    return value if single_replica else 1
+    return value if single_replica and not cfg.train.profile_steps else 1
 
 
 def build_model(vocab: Vocabularies, cfg: Config, precision: str = "float32",
