@@ -235,27 +235,32 @@ def test_validation_loss_is_one_whole_pass_every_epoch(trained_run, tiny_config,
     assert fresh["loss"] == pytest.approx(history["val_loss"][kept], rel=1e-5)
 
 
-def test_calls_of_several_steps_train_on_every_batch_of_every_epoch(trained_run,
-                                                                   tiny_config):
-    """The trainer runs `train.steps_per_execution` steps per graph call; with a known
-    number of batches the epoch's last call runs what is left, so every epoch still
-    trains on all of them (Keras refuses several steps per call over a dataset of
-    unknown length)."""
-    model = trained_run.model
-    assert tiny_config.train.steps_per_execution > 1
-    assert int(model._steps_per_execution.numpy()) == tiny_config.train.steps_per_execution
-    examples = int(load_meta(tiny_config.data.tfrecord_dir)["counts"]["train"])
-    per_epoch = examples // tiny_config.train.batch_size  # drop_remainder: >= 2 batches
-    assert examples >= 2 * tiny_config.train.batch_size
-    assert per_epoch % tiny_config.train.steps_per_execution != 0  # a short last call
-    epochs = len(trained_run.history["loss"])
-    assert int(model.optimizer.iterations.numpy()) == epochs * per_epoch
+def test_calls_of_several_steps_train_on_every_batch_of_every_epoch(tiny_config,
+                                                                   tmp_path):
+    """With `train.steps_per_execution` > 1 the trainer declares the epoch's batches, so
+    the last call of each epoch runs what is left and every epoch trains on all of them
+    (Keras refuses several steps per call over a dataset of unknown length)."""
+    cfg = copy.deepcopy(tiny_config)
+    cfg.train.steps_per_execution, cfg.train.epochs = 16, 2
+    cfg.train.early_stopping_patience, cfg.train.histogram_freq = 5, 0
+    cfg.train.checkpoint_dir, cfg.train.log_dir = str(tmp_path / "ckpt"), str(tmp_path / "tb")
+    cfg.train.run_name = "calls16"
+    run = train_retrieval(cfg)
+    assert int(run.model._steps_per_execution.numpy()) == 16
+    examples = int(load_meta(cfg.data.tfrecord_dir)["counts"]["train"])
+    per_epoch = examples // cfg.train.batch_size  # drop_remainder: >= 2 batches
+    assert examples >= 2 * cfg.train.batch_size
+    assert per_epoch % 16 != 0  # a short last call
+    assert int(run.model.optimizer.iterations.numpy()) == 2 * per_epoch
 
 
 def test_steps_per_execution_errors(tiny_config):
     from tfrec.training.trainer import steps_per_execution
 
     cfg = copy.deepcopy(tiny_config)
+    assert tiny_config.train.steps_per_execution == 1  # the default: short runs trace less
+    cfg.train.steps_per_execution = 16
+    assert steps_per_execution(cfg, single_replica=True) == 16
     assert steps_per_execution(cfg, single_replica=False) == 1  # several replicas: one step a call
     cfg.train.profile_steps = (2, 3)  # the profiler counts calls: trace the steps asked for
     assert steps_per_execution(cfg, single_replica=True) == 1

@@ -200,11 +200,12 @@ class TrainConfig:
     batch_size: int = 512
     epochs: int = 8
     steps_per_epoch: Optional[int] = None
-    # Training steps per call into the graph (Keras steps_per_execution): one call per
-    # step costs ~1 ms of Python and dispatch, as much as a small model's step. One
-    # replica only (distributed strategies and profiled runs use 1); callbacks see
-    # every Nth batch.
-    steps_per_execution: int = 16
+    # Training steps per call into the graph (Keras steps_per_execution). One call per
+    # step costs ~1 ms of dispatch, as much as a small model's step, but a multi-step
+    # call takes 0.5-2 s longer to trace: 16 pays off from a few thousand steps per run
+    # (1.2x-1.4x ids-only examples/s), and made a 4-epoch small-world run 1.2x slower.
+    # One replica only (distributed strategies and profiled runs use 1).
+    steps_per_execution: int = 1
     # Preprocessed training examples (integer ids, token ids, trigram buckets) stay in
     # memory after the first epoch when they fit in this many MB (estimated at 2 KB per
     # example), so later epochs skip all string work; 0 re-reads the TFRecords each epoch.
