@@ -35,7 +35,9 @@ its range).
 Both training parts feed batches as the trainer does: `model.preprocess` (id lookups,
 tokens, trigrams) in the tf.data map, in parallel with the step, prefetched; no cache,
 so every batch pays its lookups (the trainer caches preprocessed examples that fit
-`train.input_cache_mb`, which later epochs then skip).
+`train.input_cache_mb`, which later epochs then skip). Each batch also carries the
+trainer's `model.catalog_negatives` uniform draws from the whole catalog (default 256),
+gathered and preprocessed in tf.data.
 
 Run from the repository root:  python bench/large_catalog.py [--sizes 100000,1000000]
 
@@ -69,6 +71,7 @@ from tfrec.data.synthetic import WorldSpec, generate_world
 from tfrec.export.retrieval import RetrievalModule
 from tfrec.export.versioned import save_versioned
 from tfrec.features.vocab import build_vocabularies
+from tfrec.training.negatives import negatives_dataset, with_negatives
 from tfrec.training.trainer import build_model
 
 tf.get_logger().setLevel("ERROR")
@@ -141,12 +144,17 @@ def latency_rows(args, rng) -> list:
     return rows
 
 
+def zipf_shares(n: int) -> np.ndarray:
+    """Share of the positives of each of `n` items, the i-th in proportion to 1 / i."""
+    popularity = 1.0 / np.arange(1, n + 1)
+    return popularity / popularity.sum()
+
+
 def synthetic_examples(catalog: pd.DataFrame, users: np.ndarray, rows: int, history: int,
                        rng) -> dict:
     """Training examples whose positives follow a Zipf-like popularity over the catalog."""
     n = len(catalog)
-    popularity = 1.0 / np.arange(1, n + 1)
-    popularity /= popularity.sum()
+    popularity = zipf_shares(n)
     pos = rng.choice(n, size=rows, p=popularity)
     hist = rng.choice(n, size=(rows, history), p=popularity)
     items = catalog["item_id"].astype(str).to_numpy(dtype=object)
@@ -203,13 +211,18 @@ def large_model(n: int, args, optimizer: Optional[str] = None) -> tuple:
 
 def training_batches(model, catalog, users, cfg, args, rng, steps: int) -> tf.data.Dataset:
     """`steps` batches fed as the trainer feeds them: raw examples batched, then
-    `model.preprocess` in the parallel map (string work off the step), prefetched."""
+    `model.preprocess` in the parallel map (string work off the step), prefetched, with
+    the trainer's uniform catalog draws (`model.catalog_negatives`) beside each batch."""
     examples = synthetic_examples(catalog, users, steps * args.batch_size,
                                   cfg.data.history_length, rng)
-    return (tf.data.Dataset.from_tensor_slices(examples)
-            .batch(args.batch_size, drop_remainder=True)
-            .map(model.preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE))
+    ds = (tf.data.Dataset.from_tensor_slices(examples)
+          .batch(args.batch_size, drop_remainder=True)
+          .map(model.preprocess, num_parallel_calls=tf.data.AUTOTUNE))
+    if cfg.model.catalog_negatives:
+        shares = pd.Series(zipf_shares(len(catalog)), catalog["item_id"].to_numpy())
+        ds = with_negatives(ds, negatives_dataset(catalog, model, cfg.model.catalog_negatives,
+                                                  args.seed, shares=shares))
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def timed_steps(model, catalog, users, cfg, args, rng) -> tuple:

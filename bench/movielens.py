@@ -57,7 +57,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 import numpy as np
@@ -77,6 +77,7 @@ from tfrec.features.vocab import build_vocabularies
 from tfrec.models.catalog_index import IndexSearch, TuningQueries
 from tfrec.models.embedding import tower_fn
 from tfrec.training.callbacks import refresh_index
+from tfrec.training.negatives import negatives_dataset, with_negatives
 from tfrec.training.trainer import build_model
 
 tf.get_logger().setLevel("ERROR")
@@ -123,6 +124,7 @@ class TwoTowerSetup:
     temperature: float = 0.1
     id_dropout: float = 0.0
     logq: bool = True
+    catalog_negatives: int = 0  # model.catalog_negatives: uniform draws beside in-batch
     lr: float = 0.002
     epochs: int = 10
     batch_size: int = 1024
@@ -230,6 +232,36 @@ def example_arrays(queries: pd.DataFrame, items: pd.DataFrame, history: np.ndarr
     }
 
 
+def setup_overrides(pairs: Sequence[str]) -> Dict[str, Any]:
+    """"FIELD=VALUE" strings -> typed changes of `TwoTowerSetup` fields.
+
+    Raises:
+      ValueError: not FIELD=VALUE, an unknown field, or a value of the wrong type.
+    """
+    fields = {f.name: f for f in dataclasses.fields(TwoTowerSetup)}
+    defaults = TwoTowerSetup(name="")
+    out: Dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in fields or key == "name":
+            raise ValueError(f"--override {pair!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{sorted(k for k in fields if k != 'name')}")
+        current = getattr(defaults, key)
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(text)
+                out[key] = text.lower() == "true"
+            elif isinstance(current, tuple):
+                out[key] = tuple(int(v) for v in text.split(",") if v)
+            else:
+                out[key] = type(current)(text)
+        except ValueError:
+            raise ValueError(f"--override {pair!r}: {text!r} is not a valid "
+                             f"{type(current).__name__}") from None
+    return out
+
+
 def to_dataset(arrays: Dict[str, np.ndarray], batch_size: int, shuffle: bool,
                seed: int, preprocess=None) -> tf.data.Dataset:
     """Batches of the example arrays; with `preprocess` (the model's), mapped in tf.data
@@ -261,6 +293,7 @@ def build_two_tower(setup: TwoTowerSetup, train: pd.DataFrame, items: pd.DataFra
     cfg.model.temperature = setup.temperature
     cfg.model.id_dropout = setup.id_dropout
     cfg.model.logq_correction = setup.logq
+    cfg.model.catalog_negatives = setup.catalog_negatives
     cfg.model.history_encoder = setup.encoder
     cfg.model.char_ngram_bins = 5000 if setup.content else 0
     cfg.model.factorized_topk_ks = tuple(factorized_ks)
@@ -279,17 +312,23 @@ def train_two_tower(setup: TwoTowerSetup, train: pd.DataFrame, items: pd.DataFra
     """Builds and fits tfrec's TwoTowerModel on training ratings (history from train)."""
     model = build_two_tower(setup, train, items, factorized_ks)
     probs = sampling_probabilities(train, items)
+
+    def batches(arrays: Dict[str, np.ndarray], seed: int) -> tf.data.Dataset:
+        ds = to_dataset(arrays, setup.batch_size, True, seed, model.preprocess)
+        if setup.catalog_negatives:  # as `tfrec train` adds them
+            ds = with_negatives(ds, negatives_dataset(items, model, setup.catalog_negatives,
+                                                      seed, shares=probs))
+        return ds
+
     if setup.history_mode == "profile":  # fresh profile samples every epoch
         for epoch in range(setup.epochs):
             history = profile_history(train, train, setup.history, seed=setup.seed + epoch)
             arrays = example_arrays(train, items, history, probs, setup.hour)
-            model.fit(to_dataset(arrays, setup.batch_size, True, setup.seed + epoch,
-                                 model.preprocess), epochs=1, verbose=0)
+            model.fit(batches(arrays, setup.seed + epoch), epochs=1, verbose=0)
         return model
     history = history_matrix(train, train, setup.history)
     arrays = example_arrays(train, items, history, probs, setup.hour)
-    model.fit(to_dataset(arrays, setup.batch_size, True, setup.seed, model.preprocess),
-              epochs=setup.epochs, verbose=0)
+    model.fit(batches(arrays, setup.seed), epochs=setup.epochs, verbose=0)
     return model
 
 
@@ -528,8 +567,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="epochs of every tfrec setup (0: each setup's tuned epochs)")
     parser.add_argument("--tutorial-epochs", type=int, default=3,
                         help="epochs of the TFRS tutorial model (the tutorial's 3)")
-    parser.add_argument("--setups", choices=["all", "last"], default="all",
-                        help="tfrec setups per protocol: all, or only the last (richest)")
+    parser.add_argument("--setups", choices=["all", "first", "last"], default="all",
+                        help="tfrec setups per protocol: all, only the first (ids only) or "
+                             "only the last (richest)")
+    parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a field of every tfrec setup (e.g. temperature=0.1, "
+                             "catalog_negatives=512); repeatable; for tuning with --tune")
     parser.add_argument("--index", choices=["exact", "ivf"], default="exact",
                         help="tfrec retrieval lists (protocol 1's numpy check, protocol 2) "
                              "by exact search or through the IVF index an export builds "
@@ -554,10 +597,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"using the first {len(ml.ratings):,} ratings of u.data (--ratings)", flush=True)
 
     def chosen(setups: Sequence[TwoTowerSetup]) -> List[TwoTowerSetup]:
-        setups = list(setups[-1:] if args.setups == "last" else setups)
+        setups = list({"all": setups, "first": setups[:1], "last": setups[-1:]}[args.setups])
         if args.epochs:
             setups = [dataclasses.replace(s, epochs=args.epochs) for s in setups]
-        return setups
+        return [dataclasses.replace(s, **changes, name=s.name + suffix) for s in setups]
+
+    try:
+        changes = setup_overrides(args.override)
+    except ValueError as err:
+        parser.error(str(err))
+    suffix = "".join(f", {k}={v}" for k, v in changes.items())
 
     if args.protocol in ("1", "both"):
         rows = protocol_1(ml, chosen(P1_SETUPS), args.tune, args.seeds,

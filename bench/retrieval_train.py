@@ -11,7 +11,9 @@ What is measured (all in one process, on the training period of one synthetic wo
                        Features: user id, 20-item history (ids, categories, brands),
                        query text, device, hour;
                        item id, title (words + char trigrams), category, brand, price;
-                       logQ correction, accidental-hit removal, id dropout.
+                       logQ correction, accidental-hit removal, id dropout, 256
+                       uniform catalog draws per step beside the in-batch negatives
+                       (`model.catalog_negatives`, drawn and preprocessed in tf.data).
   tfrec, 16 steps per call  the same with `train.steps_per_execution` 16 (Keras runs
                        16 training steps per graph call; the trainer's default is 1).
   tfrec, uncached      the same without the cache: preprocessing runs every epoch, in
@@ -22,11 +24,14 @@ What is measured (all in one process, on the training period of one synthetic wo
                        inside the training step (tfrec before preprocessing moved to
                        tf.data).
   tfrec, no trigrams   tfrec with `char_ngram_bins=0` (the price of typo robustness).
+  tfrec, in-batch negatives only  tfrec with `model.catalog_negatives` 0 (the price of
+                       the catalog draws).
   tfrec, transformer / GRU history  tfrec with `model.history_encoder` transformer
                        or gru instead of the pooled history (the sequence models' cost).
   tfrec, ids only      tfrec configured like the baseline: `model.query_features
                        [user_id]`, `candidate_features [item_id]`, no hidden layer, no id
-                       dropout (logQ correction and accidental-hit removal stay on);
+                       dropout, no catalog draws (logQ correction and accidental-hit
+                       removal stay on);
                        "ids only, 16 steps per call" with steps_per_execution 16.
   baseline             TFRS basic-retrieval tutorial: StringLookup + Embedding per tower
                        on user_id / item_id only, `tfrs.tasks.Retrieval()` without
@@ -75,13 +80,14 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfrec.config import Config
-from tfrec.data.examples import positive_interactions
+from tfrec.data.examples import candidate_probabilities, positive_interactions
 from tfrec.data.io import load_tables
 from tfrec.data.synthetic import generate_world
 from tfrec.data.tfrecord import make_dataset
 from tfrec.metrics.retrieval import build_eval_set, evaluate_embeddings
 from tfrec.features.vocab import build_vocabularies
 from tfrec.models.embedding import tower_fn
+from tfrec.training.negatives import negatives_dataset, with_negatives
 from tfrec.training.trainer import (build_model, cache_input, ensure_prepared,
                                     steps_per_execution)
 
@@ -93,7 +99,7 @@ SMOKE = dict(world="tiny", batch_size=256, epochs=1, eval_users=50,
              variants="baseline,tfrec,input_only")
 
 VARIANTS = ("baseline", "tfrec", "tfrec_calls16", "tfrec_uncached", "tfrec_in_step",
-            "tfrec_no_trigrams", "tfrec_ids", "tfrec_ids_calls16", "tfrec_transformer",
+            "tfrec_no_trigrams", "tfrec_no_draws", "tfrec_ids", "tfrec_ids_calls16", "tfrec_transformer",
             "tfrec_gru", "input_only", "input_preprocessed", "input_cached")
 LABELS = {"tfrec": "tfrec (as tfrec train)",
           "tfrec_calls16": "tfrec, 16 steps per call",
@@ -101,6 +107,7 @@ LABELS = {"tfrec": "tfrec (as tfrec train)",
           "tfrec_uncached": "tfrec, input not cached",
           "tfrec_in_step": "tfrec, strings in the step",
           "tfrec_no_trigrams": "tfrec, no char trigrams",
+          "tfrec_no_draws": "tfrec, in-batch negatives only",
           "tfrec_ids": "tfrec, ids only",
           "tfrec_transformer": "tfrec, transformer history",
           "tfrec_gru": "tfrec, GRU history",
@@ -290,6 +297,8 @@ def run(args, variants, cfg, meta, tables):
             run_cfg = copy.deepcopy(cfg)
             if variant == "tfrec_no_trigrams":
                 run_cfg.model.char_ngram_bins = 0
+            if variant in ("tfrec_no_draws", "tfrec_ids", "tfrec_ids_calls16"):
+                run_cfg.model.catalog_negatives = 0
             if variant in ("tfrec_transformer", "tfrec_gru"):
                 run_cfg.model.history_encoder = variant.split("_")[1]
             if variant in ("tfrec_ids", "tfrec_ids_calls16"):
@@ -304,6 +313,11 @@ def run(args, variants, cfg, meta, tables):
             cached = variant != "tfrec_uncached" and cache_input(run_cfg, n_train)
             ds = tfrec_dataset(None if variant == "tfrec_in_step" else model,
                                cache=cached and variant != "tfrec_in_step")
+            if run_cfg.model.catalog_negatives:  # as the trainer adds them
+                ds = with_negatives(ds, negatives_dataset(
+                    tables.catalog, model, run_cfg.model.catalog_negatives, args.seed,
+                    shares=candidate_probabilities(positives[positives["ts"] < t_val],
+                                                   tables.catalog)))
             # The trainer's known steps per epoch (the last call runs what is left).
             ds = ds.apply(tf.data.experimental.assert_cardinality(
                 n_train // args.batch_size))

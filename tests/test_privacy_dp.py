@@ -96,7 +96,7 @@ def real_batch(dp_run):
     from tfrec.data.io import load_tables
     from tfrec.data.prepare import load_meta
     from tfrec.data.tfrecord import make_dataset
-    from tfrec.training.privacy import negatives_dataset
+    from tfrec.training.negatives import negatives_dataset
     from tfrec.training.trainer import load_trained_model
 
     work, run_dir, _ = dp_run

@@ -239,9 +239,12 @@ def test_calls_of_several_steps_train_on_every_batch_of_every_epoch(tiny_config,
                                                                    tmp_path):
     """With `train.steps_per_execution` > 1 the trainer declares the epoch's batches, so
     the last call of each epoch runs what is left and every epoch trains on all of them
-    (Keras refuses several steps per call over a dataset of unknown length)."""
+    (Keras refuses several steps per call over a dataset of unknown length). The batches
+    carry uniform catalog draws (`model.catalog_negatives`): zipped with an endless
+    stream, the epoch keeps its length."""
     cfg = copy.deepcopy(tiny_config)
     cfg.train.steps_per_execution, cfg.train.epochs = 16, 2
+    cfg.model.catalog_negatives = 32
     cfg.train.early_stopping_patience, cfg.train.histogram_freq = 5, 0
     cfg.train.checkpoint_dir, cfg.train.log_dir = str(tmp_path / "ckpt"), str(tmp_path / "tb")
     cfg.train.run_name = "calls16"

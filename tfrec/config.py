@@ -85,6 +85,10 @@ class ModelConfig:
     logq_correction: bool = True
     num_hard_negatives: Optional[int] = None
     remove_accidental_hits: bool = True
+    # > 0: each training step also scores this many items drawn uniformly from the
+    # catalog beside the in-batch ones (mixed negatives): in-batch negatives are the
+    # popular items, while serving ranks against the whole catalog, tail included.
+    catalog_negatives: int = 256
     id_dropout: float = 0.2  # drop item/user ids so content features carry cold start
     # How the query tower reads the recent items: "pooled" (recency-weighted mean),
     # "transformer" (causal self-attention over item, category, brand and position) or

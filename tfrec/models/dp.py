@@ -13,10 +13,8 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.features.layers import IdEmbedding, dense_pooling
-from tfrec.models.retrieval import PREPROCESSED, TwoTowerModel
+from tfrec.models.retrieval import NEGATIVES, PREPROCESSED, TwoTowerModel
 
-# Batch key of the sampled catalog items (candidate-tower inputs, plus "item_key").
-NEGATIVES = "dp_negatives"
 # Added to the logit of a sampled negative that is the example's own positive.
 _MASKED = -1e9
 
@@ -193,7 +191,7 @@ class DPTwoTowerModel(TwoTowerModel):
     """Two-tower model whose training step is DP-SGD over sampled catalog negatives.
 
     Each training batch carries `NEGATIVES` (uniform catalog samples, see
-    `tfrec.training.privacy`); evaluation keeps the in-batch loss of `TwoTowerModel`.
+    `tfrec.training.negatives`); evaluation keeps the in-batch loss of `TwoTowerModel`.
 
     Args:
       vocab, config, precision, features: as `TwoTowerModel` (precision must be float32).
@@ -220,7 +218,7 @@ class DPTwoTowerModel(TwoTowerModel):
     def train_step(self, features):
         if NEGATIVES not in features:
             raise ValueError("a DP training batch needs sampled catalog negatives "
-                             f"({NEGATIVES!r}; see tfrec.training.privacy.with_negatives)")
+                             f"({NEGATIVES!r}; see tfrec.training.negatives.with_negatives)")
         negatives = dict(features[NEGATIVES])
         negatives[PREPROCESSED] = with_id_dropout(self.candidate_tower, negatives[PREPROCESSED])
         examples = {k: v for k, v in features.items() if k not in (NEGATIVES, "candidate_prob")}

@@ -23,6 +23,8 @@ from tfrec.models.towers import CandidateTower, QueryTower
 
 # Key of a batch already preprocessed by `TwoTowerModel.preprocess` (in tf.data).
 PREPROCESSED = "candidate_inputs"
+# Batch key of uniform catalog samples scored beside the in-batch candidates (training).
+NEGATIVES = "catalog_negatives"
 
 
 @contextlib.contextmanager
@@ -129,13 +131,30 @@ class TwoTowerModel(tfrs.Model):
             out["item_key"] = tf.strings.to_hash_bucket_fast(features["item_id"], 2 ** 62)
         return out
 
+    def preprocess_negatives(self, negatives: Mapping[str, Any]) -> Dict[str, Any]:
+        """Raw catalog draws ({"raw": candidate features, "draw_prob", "candidate_prob"})
+        -> what `compute_loss` scores beside the batch: preprocessed candidate inputs and
+        the ids of accidental-hit removal (see `tfrec.training.negatives`)."""
+        raw = negatives["raw"]
+        out = {k: v for k, v in negatives.items() if k != "raw"}
+        out.update({PREPROCESSED: self.candidate_tower.preprocess(raw),
+                    "item_key": tf.strings.to_hash_bucket_fast(raw["item_id"], 2 ** 62),
+                    "item_id": raw["item_id"]})
+        return out
+
     def compute_loss(self, features: Mapping[str, Any], training: bool = False) -> tf.Tensor:
+        negatives = features.get(NEGATIVES) if training else None
         if PREPROCESSED not in features:  # raw batch: preprocess inside the step
             features = self.preprocess(features)
+        if negatives is not None and PREPROCESSED not in negatives:
+            negatives = self.preprocess_negatives(negatives)
         query = self.query_tower.encode(features["query_inputs"], training=training)
         candidate = self.candidate_tower.encode(features[PREPROCESSED], training=training)
         sampling = features.get("candidate_prob") if self.config.logq_correction else None
         ids = features.get("item_id") if self.index is not None else features.get("item_key")
+        if negatives is not None:
+            candidate, sampling, ids = self._with_negatives(
+                query, candidate, sampling, ids, negatives)
         loss = self.task(
             query, candidate,
             sample_weight=features.get("weight"),
@@ -151,6 +170,36 @@ class TwoTowerModel(tfrs.Model):
             loss += self.config.history_next_item_weight * n * history.next_item_loss(
                 features["query_inputs"]["history"], training=training)
         return loss
+
+    def _with_negatives(self, query: tf.Tensor, candidate: tf.Tensor,
+                        sampling: Optional[tf.Tensor], ids: Optional[tf.Tensor],
+                        negatives: Mapping[str, Any]):
+        """Appends uniform catalog samples to the in-batch candidates (mixed negatives).
+
+        The logQ correction subtracts log(the column item's probability under the mixture):
+        (rows x its share + draws / catalog size) / (rows + draws), for positives and draws
+        alike, counted per replica (which sees a share of both). A probability, not a
+        count: TFRS clips it to [1e-6, 1].
+
+        Raises:
+          ValueError: logQ correction on, and the draws carry no "candidate_prob".
+        """
+        sampled = self.candidate_tower.encode(negatives[PREPROCESSED], training=True)
+        candidate = tf.concat([candidate, tf.cast(sampled, candidate.dtype)], 0)
+        if sampling is not None:
+            if "candidate_prob" not in negatives:
+                raise ValueError("logQ correction with catalog negatives needs each draw's "
+                                 "share (negatives_dataset(..., shares=...))")
+            rows = tf.cast(tf.shape(query)[0], tf.float32)
+            uniform = tf.reduce_sum(tf.cast(negatives["draw_prob"], tf.float32))
+            shares = tf.concat([tf.cast(sampling, tf.float32),
+                                tf.cast(negatives["candidate_prob"], tf.float32)], 0)
+            draws = tf.cast(tf.shape(sampled)[0], tf.float32)
+            sampling = (rows * shares + uniform) / (rows + draws)
+        if ids is not None:
+            key = "item_id" if self.index is not None else "item_key"
+            ids = tf.concat([ids, negatives[key]], 0)
+        return candidate, sampling, ids
 
     def build_from_features(self) -> None:
         """Creates all variables with one dummy batch (needed before restoring weights)."""

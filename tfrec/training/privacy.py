@@ -1,4 +1,4 @@
-"""Privacy of DP-SGD retrieval training (`train.dp`): settings, negatives, accounting.
+"""Privacy of DP-SGD retrieval training (`train.dp`): settings and accounting.
 
 Epsilon comes from dp-accounting's RDP accountant for a Poisson-sampled Gaussian
 mechanism composed over the steps run. The input pipeline takes shuffled fixed-size
@@ -13,15 +13,10 @@ import logging
 import os
 from typing import Any, Dict, Iterator, Optional
 
-import pandas as pd
-
 import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import Config, DPConfig
-from tfrec.data.feature_spec import catalog_features
-from tfrec.models.dp import NEGATIVES
-from tfrec.models.retrieval import PREPROCESSED, TwoTowerModel
 
 log = logging.getLogger(__name__)
 
@@ -155,43 +150,6 @@ def dp_report(dp: DPConfig, noise_multiplier: float, sampling_rate: float, steps
             "sampling_rate": sampling_rate, "examples": int(examples),
             "batch_size": int(batch_size), "num_negatives": dp.num_negatives,
             "optimizer": optimizer, "privacy_unit": PRIVACY_UNIT, "accountant": ACCOUNTANT}
-
-
-def negatives_dataset(catalog: pd.DataFrame, model: TwoTowerModel, num: int,
-                      seed: int) -> tf.data.Dataset:
-    """Endless batches of `num` catalog items drawn uniformly (with replacement), seeded.
-
-    The catalog is public: negatives drawn from it carry no training data. Each element
-    is {"candidate_inputs": preprocessed candidate features, "item_key": [num] int64}.
-    """
-    columns = {k: tf.constant(v) for k, v in catalog_features(catalog, model).items()}
-    size = len(catalog)
-
-    def pick(draws: tf.Tensor) -> Dict[str, Any]:
-        rows = tf.math.floormod(draws, size)
-        raw = {k: tf.gather(v, rows) for k, v in columns.items()}
-        return {PREPROCESSED: model.candidate_tower.preprocess(raw),
-                "item_key": tf.strings.to_hash_bucket_fast(raw["item_id"], 2 ** 62)}
-
-    return (tf.data.Dataset.random(seed=seed).batch(num)
-            .map(pick, num_parallel_calls=tf.data.AUTOTUNE))
-
-
-def with_negatives(train: tf.data.Dataset, negatives: tf.data.Dataset,
-                   batches: Optional[int] = None) -> tf.data.Dataset:
-    """Training batches with a batch of sampled negatives each (under `NEGATIVES`).
-
-    Args:
-      train / negatives: the training batches and `negatives_dataset`.
-      batches: batches per pass over `train` when known. Keras then knows the epoch
-        length: with an unknown one it runs one more step that finds no data, which
-        counts in `optimizer.iterations` (the steps accounted) without an update.
-    """
-    out = tf.data.Dataset.zip((train, negatives)).map(lambda batch, neg: {**batch,
-                                                                          NEGATIVES: neg})
-    if batches is not None:
-        out = out.apply(tf.data.experimental.assert_cardinality(batches))
-    return out.prefetch(tf.data.AUTOTUNE)
 
 
 class EpsilonLogger(tf.keras.callbacks.Callback):

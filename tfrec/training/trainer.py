@@ -27,7 +27,7 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import Config
-from tfrec.data.examples import positive_interactions
+from tfrec.data.examples import candidate_probabilities, positive_interactions
 from tfrec.data.feature_spec import FeatureSpec
 from tfrec.data.io import load_data_tables
 from tfrec.data.prepare import (PSEUDONYM_META, load_meta, prepare_records, read_vocab,
@@ -48,8 +48,10 @@ from tfrec.training.title_vectors import title_vectors
 from tfrec.training.warm_start import grow_vocabularies, transfer_weights
 from tfrec.training.keep_best import KeepBestEpoch
 from tfrec.training.optimizers import make_optimizer
+from tfrec.training.negatives import (check_negatives, negatives_dataset,
+                                      raw_negatives_dataset, with_negatives)
 from tfrec.training.privacy import (EpsilonLogger, check_dp, dp_optimizer, dp_report,
-                                    negatives_dataset, resolve_noise, with_negatives)
+                                    resolve_noise)
 from tfrec.training.strategy import (configure_devices, is_chief, make_strategy, num_workers,
                                      resolve_precision, tf_config)
 
@@ -286,6 +288,7 @@ def train_retrieval(cfg: Config,
     precision = resolve_precision(cfg.train.mixed_precision)
     if cfg.train.dp is not None:
         check_dp(cfg, precision)  # before any data or device work
+    check_negatives(cfg)
     strategy = make_strategy(cfg.train.strategy, cfg.train.tpu, cfg.train.ps_min_shard_bytes)
     chief = is_chief(strategy)
     parameter_server = isinstance(strategy, tf.distribute.ParameterServerStrategy)
@@ -372,8 +375,9 @@ def train_retrieval(cfg: Config,
         # dataset function and a fixed number of steps per epoch.
         steps_per_epoch = steps_per_epoch or max(
             1, int(meta["counts"]["train"]) // cfg.train.batch_size)
+        shares = candidate_probabilities(train_positives, tables.catalog)
         train_ds = tf.keras.utils.experimental.DatasetCreator(
-            _ps_dataset_fn(patterns["train"], cfg, drop_remainder))
+            _ps_dataset_fn(patterns["train"], cfg, drop_remainder, tables.catalog, shares))
         val_ds = None
     else:
         train_ds = make_dataset(patterns["train"], cfg.train.batch_size,
@@ -383,9 +387,12 @@ def train_retrieval(cfg: Config,
                                 drop_remainder=drop_remainder, features=model.features,
                                 preprocess=model.preprocess,
                                 cache=cache_input(cfg, int(meta["counts"]["train"])))
-        if dp_noise is not None:  # each batch meets uniform samples of the catalog
+        draws = cfg.train.dp.num_negatives if dp_noise is not None else \
+            cfg.model.catalog_negatives
+        if draws:  # each batch meets uniform samples of the catalog
             train_ds = with_negatives(train_ds, negatives_dataset(
-                tables.catalog, model, cfg.train.dp.num_negatives, cfg.train.seed),
+                tables.catalog, model, draws, cfg.train.seed,
+                shares=candidate_probabilities(train_positives, tables.catalog)),
                 None if steps_per_epoch else per_epoch)
         if single and not steps_per_epoch:
             # Keras refuses several steps per call over a dataset of unknown length;
@@ -517,16 +524,25 @@ class _ResumeLog(tf.keras.callbacks.Callback):
         self._first = False
 
 
-def _ps_dataset_fn(pattern: str, cfg: Config, drop_remainder: bool):
-    """Per-worker input of ParameterServerStrategy: each worker shuffles its own stream."""
+def _ps_dataset_fn(pattern: str, cfg: Config, drop_remainder: bool, catalog: pd.DataFrame,
+                   shares: pd.Series):
+    """Per-worker input of ParameterServerStrategy: each worker shuffles its own stream.
+
+    Batches stay raw (the model's layers live on the coordinator): the step preprocesses
+    them, and the catalog draws (`model.catalog_negatives`), itself.
+    """
+    features = FeatureSpec.from_config(cfg.features)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        return make_dataset(pattern, context.get_per_replica_batch_size(cfg.train.batch_size),
-                            cfg.data.history_length, shuffle=True,
-                            seed=cfg.train.seed + context.input_pipeline_id,
-                            deterministic=cfg.train.deterministic, repeat=True,
-                            drop_remainder=drop_remainder,
-                            features=FeatureSpec.from_config(cfg.features))
+        seed = cfg.train.seed + context.input_pipeline_id
+        ds = make_dataset(pattern, context.get_per_replica_batch_size(cfg.train.batch_size),
+                          cfg.data.history_length, shuffle=True, seed=seed,
+                          deterministic=cfg.train.deterministic, repeat=True,
+                          drop_remainder=drop_remainder, features=features)
+        if cfg.model.catalog_negatives:
+            ds = with_negatives(ds, raw_negatives_dataset(
+                catalog, cfg.model.catalog_negatives, seed, shares, features))
+        return ds
 
     return dataset_fn
 
@@ -596,6 +612,7 @@ def _hparams(cfg: Config, precision: str, strategy: tf.distribute.Strategy,
     return {"embedding_dim": m.embedding_dim, "hidden_units": str(list(m.hidden_units)),
             "temperature": m.temperature, "logq_correction": m.logq_correction,
             "num_hard_negatives": m.num_hard_negatives or 0, "id_dropout": m.id_dropout,
+            "catalog_negatives": m.catalog_negatives,
             "batch_size": t.batch_size, "learning_rate": t.learning_rate,
             "optimizer": t.optimizer, "strategy": t.strategy,
             "replicas": strategy.num_replicas_in_sync, "precision": precision,
