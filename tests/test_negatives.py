@@ -112,3 +112,28 @@ def test_catalog_negatives_errors(untrained, tiny_config):
     partial = pd.Series(0.5, catalog["item_id"].iloc[:2])
     with pytest.raises(ValueError, match="shares has no value for catalog items"):
         negatives_dataset(catalog, model, 8, seed=0, shares=partial)
+
+
+def test_draw_shares_are_the_records_candidate_prob(tiny_world_dir, tmp_path):
+    """An item gets one probability in the logQ correction, in the batch or drawn: the
+    draws' shares equal the candidate_prob the training records carry, also when
+    `data.train_days` keeps only recent training examples."""
+    from tfrec.data.examples import positive_interactions
+    from tfrec.data.io import load_tables
+    from tfrec.data.prepare import prepare_dataset
+    from tfrec.data.tfrecord import make_dataset
+    from tfrec.training.negatives import draw_shares
+
+    meta = prepare_dataset(tiny_world_dir, str(tmp_path / "records"), history_length=4,
+                           num_shards=1, train_days=5)
+    tables = load_tables(tiny_world_dir)
+    shares = draw_shares(positive_interactions(tables.events), tables.catalog,
+                         int(meta["split"]["t_val"]))
+    seen = {}
+    for batch in make_dataset(meta["patterns"]["train"], 512, 4, shuffle=False):
+        seen.update(zip((v.decode() for v in batch["item_id"].numpy()),
+                        batch["candidate_prob"].numpy().tolist()))
+    assert len(seen) > 10
+    np.testing.assert_allclose([seen[i] for i in seen], shares[list(seen)].to_numpy(),
+                               rtol=1e-6)
+    assert shares.sum() == pytest.approx(1.0)

@@ -16,6 +16,7 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import Config
+from tfrec.data.examples import candidate_probabilities
 from tfrec.data.feature_spec import FeatureSpec, catalog_features
 from tfrec.models.retrieval import NEGATIVES, PREPROCESSED, TwoTowerModel
 
@@ -30,6 +31,21 @@ def check_negatives(cfg: Config) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"model.catalog_negatives must be an integer >= 0, got {value!r}")
     return value
+
+
+def draw_shares(positives: pd.DataFrame, catalog: pd.DataFrame, t_val: int) -> pd.Series:
+    """Each catalog item's share of the training positives, as the records' candidate_prob.
+
+    The logQ correction gives an item one probability whether it comes in the batch or
+    among the draws, so the draws need the very shares the records carry: all positives
+    before validation (`data.train_days` drops old examples, not their counts).
+
+    Args:
+      positives: `positive_interactions` of the whole event log.
+      catalog: the catalog the draws come from.
+      t_val: start of the validation period.
+    """
+    return candidate_probabilities(positives, catalog, before_ts=t_val)
 
 
 def raw_negatives_dataset(catalog: pd.DataFrame, num: int, seed: int,

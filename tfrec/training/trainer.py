@@ -27,7 +27,7 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import Config
-from tfrec.data.examples import candidate_probabilities, positive_interactions
+from tfrec.data.examples import positive_interactions
 from tfrec.data.feature_spec import FeatureSpec
 from tfrec.data.io import load_data_tables
 from tfrec.data.prepare import (PSEUDONYM_META, load_meta, prepare_records, read_vocab,
@@ -48,7 +48,7 @@ from tfrec.training.title_vectors import title_vectors
 from tfrec.training.warm_start import grow_vocabularies, transfer_weights
 from tfrec.training.keep_best import KeepBestEpoch
 from tfrec.training.optimizers import make_optimizer
-from tfrec.training.negatives import (check_negatives, negatives_dataset,
+from tfrec.training.negatives import (check_negatives, draw_shares, negatives_dataset,
                                       raw_negatives_dataset, with_negatives)
 from tfrec.training.privacy import (EpsilonLogger, check_dp, dp_optimizer, dp_report,
                                     resolve_noise)
@@ -368,6 +368,7 @@ def train_retrieval(cfg: Config,
         _log_sharding(model)
 
     patterns = meta["patterns"]
+    shares = draw_shares(positives, tables.catalog, t_val)  # of the catalog draws
     steps_per_epoch = cfg.train.steps_per_epoch
     validation_steps = None  # None: the whole validation set, a new iterator per epoch
     if parameter_server:
@@ -375,7 +376,6 @@ def train_retrieval(cfg: Config,
         # dataset function and a fixed number of steps per epoch.
         steps_per_epoch = steps_per_epoch or max(
             1, int(meta["counts"]["train"]) // cfg.train.batch_size)
-        shares = candidate_probabilities(train_positives, tables.catalog)
         train_ds = tf.keras.utils.experimental.DatasetCreator(
             _ps_dataset_fn(patterns["train"], cfg, drop_remainder, tables.catalog, shares))
         val_ds = None
@@ -391,8 +391,7 @@ def train_retrieval(cfg: Config,
             cfg.model.catalog_negatives
         if draws:  # each batch meets uniform samples of the catalog
             train_ds = with_negatives(train_ds, negatives_dataset(
-                tables.catalog, model, draws, cfg.train.seed,
-                shares=candidate_probabilities(train_positives, tables.catalog)),
+                tables.catalog, model, draws, cfg.train.seed, shares=shares),
                 None if steps_per_epoch else per_epoch)
         if single and not steps_per_epoch:
             # Keras refuses several steps per call over a dataset of unknown length;
