@@ -65,7 +65,7 @@ import pandas as pd
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfrec.config import Config, ExportConfig
+from tfrec.config import Config, ExportConfig, parse_assignment, set_field
 from tfrec.data.examples import histories_before
 from tfrec.data.movielens import (MovieLens, load_movielens, movielens_path, ratings_to_events,
                                   stratified_split, targets_by_user, tutorial_split)
@@ -233,32 +233,20 @@ def example_arrays(queries: pd.DataFrame, items: pd.DataFrame, history: np.ndarr
 
 
 def setup_overrides(pairs: Sequence[str]) -> Dict[str, Any]:
-    """"FIELD=VALUE" strings -> typed changes of `TwoTowerSetup` fields.
+    """"FIELD=VALUE" strings -> changes of `TwoTowerSetup` fields, values read as YAML
+    and type-checked as `tfrec --set` checks config fields.
 
     Raises:
       ValueError: not FIELD=VALUE, an unknown field, or a value of the wrong type.
     """
-    fields = {f.name: f for f in dataclasses.fields(TwoTowerSetup)}
-    defaults = TwoTowerSetup(name="")
+    probe = TwoTowerSetup(name="")
     out: Dict[str, Any] = {}
     for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or key not in fields or key == "name":
-            raise ValueError(f"--override {pair!r}: expected FIELD=VALUE with FIELD one of "
-                             f"{sorted(k for k in fields if k != 'name')}")
-        current = getattr(defaults, key)
-        try:
-            if isinstance(current, bool):
-                if text.lower() not in ("true", "false"):
-                    raise ValueError(text)
-                out[key] = text.lower() == "true"
-            elif isinstance(current, tuple):
-                out[key] = tuple(int(v) for v in text.split(",") if v)
-            else:
-                out[key] = type(current)(text)
-        except ValueError:
-            raise ValueError(f"--override {pair!r}: {text!r} is not a valid "
-                             f"{type(current).__name__}") from None
+        key, value = parse_assignment(pair, "FIELD=VALUE", flag="--override")
+        if key == "name":
+            raise ValueError(f"--override {pair!r}: a setup's name cannot be changed")
+        set_field(probe, key, value, prefix="setup")
+        out[key] = getattr(probe, key)
     return out
 
 

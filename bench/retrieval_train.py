@@ -80,14 +80,14 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfrec.config import Config
-from tfrec.data.examples import candidate_probabilities, positive_interactions
+from tfrec.data.examples import positive_interactions
 from tfrec.data.io import load_tables
 from tfrec.data.synthetic import generate_world
 from tfrec.data.tfrecord import make_dataset
 from tfrec.metrics.retrieval import build_eval_set, evaluate_embeddings
 from tfrec.features.vocab import build_vocabularies
 from tfrec.models.embedding import tower_fn
-from tfrec.training.negatives import negatives_dataset, with_negatives
+from tfrec.training.negatives import draw_shares, negatives_dataset, with_negatives
 from tfrec.training.trainer import (build_model, cache_input, ensure_prepared,
                                     steps_per_execution)
 
@@ -316,8 +316,7 @@ def run(args, variants, cfg, meta, tables):
             if run_cfg.model.catalog_negatives:  # as the trainer adds them
                 ds = with_negatives(ds, negatives_dataset(
                     tables.catalog, model, run_cfg.model.catalog_negatives, args.seed,
-                    shares=candidate_probabilities(positives[positives["ts"] < t_val],
-                                                   tables.catalog)))
+                    shares=draw_shares(positives, tables.catalog, t_val)))
             # The trainer's known steps per epoch (the last call runs what is left).
             ds = ds.apply(tf.data.experimental.assert_cardinality(
                 n_train // args.batch_size))

@@ -349,16 +349,16 @@ class Config:
         return self
 
 
-def parse_assignment(item: str, usage: str) -> Tuple[str, Any]:
-    """`key=value` (CLI `--set`) -> (key, value parsed as YAML), or a ValueError."""
+def parse_assignment(item: str, usage: str, flag: str = "--set") -> Tuple[str, Any]:
+    """`key=value` (CLI `flag`) -> (key, value parsed as YAML), or a ValueError."""
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ValueError(f"--set expects {usage}, got {item!r}")
+        raise ValueError(f"{flag} expects {usage}, got {item!r}")
     try:
         return key, yaml.safe_load(value)
     except yaml.YAMLError as e:
-        raise ValueError(f"--set {item!r}: the value is not valid YAML ({e})") from e
+        raise ValueError(f"{flag} {item!r}: the value is not valid YAML ({e})") from e
 
 
 def read_yaml_mapping(path: str, what: str, holds: str) -> Dict[str, Any]:

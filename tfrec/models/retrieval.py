@@ -27,6 +27,12 @@ PREPROCESSED = "candidate_inputs"
 NEGATIVES = "catalog_negatives"
 
 
+def item_key(item_id: tf.Tensor) -> tf.Tensor:
+    """String item ids -> int64 keys for accidental-hit removal (collisions over 2^62
+    buckets are negligible); the batch and the catalog draws must hash alike."""
+    return tf.strings.to_hash_bucket_fast(item_id, 2 ** 62)
+
+
 @contextlib.contextmanager
 def dtype_policy(name: str) -> Iterator[None]:
     """Layers built inside get policy `name`; the global policy is restored after.
@@ -128,7 +134,7 @@ class TwoTowerModel(tfrs.Model):
         if self.index is not None:
             out["item_id"] = features["item_id"]
         elif self.config.remove_accidental_hits:
-            out["item_key"] = tf.strings.to_hash_bucket_fast(features["item_id"], 2 ** 62)
+            out["item_key"] = item_key(features["item_id"])
         return out
 
     def preprocess_negatives(self, negatives: Mapping[str, Any]) -> Dict[str, Any]:
@@ -138,7 +144,7 @@ class TwoTowerModel(tfrs.Model):
         raw = negatives["raw"]
         out = {k: v for k, v in negatives.items() if k != "raw"}
         out.update({PREPROCESSED: self.candidate_tower.preprocess(raw),
-                    "item_key": tf.strings.to_hash_bucket_fast(raw["item_id"], 2 ** 62),
+                    "item_key": item_key(raw["item_id"]),
                     "item_id": raw["item_id"]})
         return out
 
