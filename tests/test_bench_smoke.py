@@ -123,9 +123,11 @@ BENCHES: Dict[str, Expect] = {
          r"2,000 +ivf recommend_nprobe nprobe=8 +\d"]),
     "compression": Expect(
         [("variant", "ndcg@10", "vs SavedModel", "top-10 overlap", "size MB", "p50 ms",
-          "p50 vs SavedModel")],
+          "p50 vs SavedModel"),
+         ("pipeline (ranker)", "val ndcg@10", "test ndcg@10", "kept ranker gain",
+          "ranker weights trained", "p50 vs teacher")],
         [row("SavedModel float32"), row("SavedModel int8"), row("TFLite float32"),
-         row("TFLite int8"),
+         row("TFLite int8"), row("teacher int8"), row("student, distilled T=5"),
          # Home Depot tables (or their skip line without the file)
          r"(LoRA r=4 \(query, value\)\s{2,}\S|search table skipped)",
          r"(top-1 blocks\s{2,}\S|search table skipped)",

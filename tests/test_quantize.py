@@ -154,3 +154,72 @@ def test_catalog_rows_keep_whole_reads_of_a_catalog_table_free_of_copies():
     ops = {op.type for op in graph.get_operations()}
     assert "ReadVariableOp" in ops and "ResourceGather" not in ops, ops
     np.testing.assert_array_equal(catalog_rows(ours, [3]).numpy(), values[3:4])
+
+
+FRESH_PIPELINE = textwrap.dedent(r"""
+    import json, sys
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401
+
+    request = json.loads(sys.argv[2])
+    n = len(request["user_id"])
+    empty = tf.constant([[""]] * n)
+    out = tf.saved_model.load(sys.argv[1]).signatures["recommend"](
+        user_id=tf.constant(request["user_id"]), history=tf.constant(request["history"]),
+        device=tf.constant(request["device"]), hour=tf.constant(request["hour"], tf.int64),
+        k=tf.constant([10] * n), exclude_item_ids=empty, purchased_item_ids=empty)
+    print("RESULT" + json.dumps({"item_ids": out["item_ids"].numpy().astype(str).tolist(),
+                                 "scores": out["ranker_scores"].numpy().tolist()}))
+""")
+
+
+@pytest.fixture(scope="module")
+def quantized_pipelines(trained_run, trained_ranker, tiny_world, tmp_path_factory):
+    from tfrec.config import ExportConfig
+    from tfrec.export.exporter import export_pipeline
+
+    base = tmp_path_factory.mktemp("quantized_pipeline")
+    return {p: export_pipeline(trained_run.run_dir, tiny_world.catalog,
+                               ExportConfig(base_dir=str(base), precision=p),
+                               model_name=f"pipeline_{p}", retrieval=trained_run.model,
+                               ranker=trained_ranker.model)
+            for p in ("float32", "int8")}
+
+
+def test_quantized_pipeline_is_smaller_and_answers_alike(quantized_pipelines, trained_run,
+                                                         trained_ranker, tiny_world):
+    """export.precision covers the ranker and the pipeline (one `RankingCore`): the query
+    tower's and the ranker's large tables and the catalog embeddings are stored in int8,
+    and a fresh process gets (nearly) the float32 answers from them."""
+    from tfrec.features.quantize import table_key
+
+    variables = {table_key(v): v for m in (trained_run.model.query_tower, trained_ranker.model)
+                 for v in m.variables}
+    tables = sum(int(np.prod(v.shape)) * 4 for v in variables.values()
+                 if len(v.shape) == 2 and v.shape[0] >= MIN_ROWS)
+    assert tables > 0
+    float32, int8 = quantized_pipelines["float32"], quantized_pipelines["int8"]
+    assert variables_bytes(int8) <= variables_bytes(float32) - 0.7 * tables
+    with open(os.path.join(int8, "assets.extra", "tfrec_model.json")) as f:
+        assert json.load(f)["precision"] == "int8"
+    users = list(tiny_world.events["user_id"].drop_duplicates().iloc[:12])
+    items = list(tiny_world.catalog["item_id"])
+    request = {"user_id": users, "history": [[items[i], items[i + 20]] for i in range(12)],
+               "device": ["mobile"] * 12, "hour": list(range(12))}
+    proc = [subprocess.run([sys.executable, "-c", FRESH_PIPELINE, path, json.dumps(request)],
+                           capture_output=True, text=True, timeout=240)
+            for path in (float32, int8)]
+    for p in proc:
+        assert p.returncode == 0, p.stderr[-3000:]
+    want, got = (json.loads([x for x in p.stdout.splitlines()
+                             if x.startswith("RESULT")][-1][len("RESULT"):]) for p in proc)
+    overlap = np.mean([len(set(a) & set(b)) / 10
+                       for a, b in zip(got["item_ids"], want["item_ids"])])
+    assert overlap >= 0.9, overlap
+    # The ranker's score of each item both return: per-row int8 rounding moves it by
+    # ~0.1-1% of the score range here.
+    pairs = [(dict(zip(a, s)), dict(zip(b, t))) for a, s, b, t in zip(
+        got["item_ids"], got["scores"], want["item_ids"], want["scores"])]
+    diff = max(abs(g[i] - w[i]) for g, w in pairs for i in w if i and i in g)
+    scale = max(abs(x) for _, w in pairs for i, x in w.items() if i)
+    assert diff <= 0.02 * scale, (diff, scale)

@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "users did next), logging to tensorboard_logs/<run>/ranker.")
     _add_common(p)
     p.add_argument("--run", help="retrieval run name (default: latest)")
+    p.add_argument("--teacher", metavar="RUN",
+                   help="distil: also learn the scores of the ranker of this run (name or "
+                        "path; a copy of --run's run with its larger ranker), weighted by "
+                        "ranking.distill_weight")
     p.add_argument("--strategy", choices=["default", "one_device", "mirrored", "multi_worker",
                                           "tpu"], help="tf.distribute strategy")
     p.add_argument("--text-mode", dest="text_mode", choices=["bow", "fast", "cross"],
@@ -250,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "<version>/ with float32.tflite and int8.tflite: query tower, item "
                         "embeddings and a top-k; builtin TFLite ops only)")
     p.add_argument("--precision", choices=("float32", "bfloat16", "int8"),
-                   help="storage of the retrieval SavedModel's catalog-sized tables (id, word "
-                        "and trigram tables, catalog embeddings); int8 keeps a scale per row. "
+                   help="storage of the SavedModels' catalog-sized tables (id, word and "
+                        "trigram tables of retrieval and ranker, catalog embeddings); int8 "
+                        "keeps a scale per row. "
                         "Read back as float32: about 1/4 (int8) or 1/2 of their memory")
     p.add_argument("--k", type=int, default=20,
                    help="results per request of the tflite export (fixed in the file)")
@@ -493,7 +498,7 @@ def _run(args: argparse.Namespace) -> int:
         print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in result.val_metrics.items()))
         print(f"run dir {result.run_dir}; TensorBoard logs {result.tensorboard_dir}")
     elif cmd == "train-ranker":
-        result = workflow.train_ranker(cfg, run=args.run)
+        result = workflow.train_ranker(cfg, run=args.run, teacher=args.teacher)
         print(f"ranker trained on {result.lists} lists in {result.seconds:.0f}s")
         print("validation: " + " ".join(f"{k}={v:.4f}" for k, v in result.val_metrics.items()))
         print(f"ranker dir {result.ranker_dir}; TensorBoard logs {result.tensorboard_dir}")

@@ -84,11 +84,19 @@ def prepare(cfg: Config, dead_letter: Optional[str] = None, buckets: int = 256,
                            dead_letter=dead_letter, buckets=buckets, shuffle=shuffle)
 
 
-def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None):
-    """Trains the ranker of a retrieval run on its validation-period candidate lists."""
-    from tfrec.training.ranking_trainer import train_ranker as _train_ranker
+def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None, teacher=None):
+    """Trains the ranker of a retrieval run on its validation-period candidate lists.
 
-    return _train_ranker(cfg, run=run, retrieval=retrieval)
+    Args:
+      teacher: a trained ranker (model, or the name/path of a run whose ranker/ it is)
+        the new one also learns from (`ranking.distill_weight`); None: labels only.
+    """
+    from tfrec.training.ranking_trainer import load_ranker, train_ranker as _train_ranker
+    from tfrec.training.trainer import resolve_run_dir
+
+    if isinstance(teacher, str):
+        teacher, _ = load_ranker(resolve_run_dir(cfg.train.checkpoint_dir, teacher))
+    return _train_ranker(cfg, run=run, retrieval=retrieval, teacher=teacher)
 
 
 def evaluate(cfg: Config, run: Optional[str] = None, saved_model: Optional[str] = None,

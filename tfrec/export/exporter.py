@@ -144,10 +144,10 @@ def export_ranker(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
     """
     retrieval, ranker = _trained_pair(run_dir, retrieval, ranker)
     module = RankerModule(_for_catalog(retrieval, catalog), ranker, catalog,
-                          max_candidates=max_candidates)
+                          max_candidates=max_candidates, precision=export.precision)
     signatures = module.signatures()
     card = _ranking_card("ranker", run_dir, catalog, ranker, signatures,
-                         max_candidates=module.max_candidates)
+                         max_candidates=module.max_candidates, precision=module.core.precision)
     with _signatures_only():
         return save_versioned(module, signatures, export.base_dir, model_name,
                               export.version, extra_files={"tfrec_model.json": card},
@@ -173,9 +173,6 @@ def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
       search_history: "keep"/"exclude" history items in `search` (None: as trained).
     """
     retrieval, ranker = _trained_pair(run_dir, retrieval, ranker)
-    if export.precision != "float32":
-        log.warning("export.precision=%s applies to the retrieval model; the pipeline is "
-                    "exported in float32", export.precision)
     module = PipelineModule(_for_catalog(retrieval, catalog), ranker, catalog,
                             candidates=candidates,
                             max_per_brand=max_per_brand, search_history=search_history,
@@ -187,7 +184,8 @@ def export_pipeline(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
                     ranker.config.search_history)
     signatures = module.signatures()
     card = _ranking_card("pipeline", run_dir, catalog, ranker, signatures,
-                         candidates=module.candidates, max_per_brand=module.max_per_brand,
+                         precision=module.core.precision, candidates=module.candidates,
+                         max_per_brand=module.max_per_brand,
                          search_history=module.search_history,
                          in_stock_column=module.core.has_stock,
                          reasons=module.reasons is not None,

@@ -86,10 +86,10 @@ class PipelineModule(tf.Module):
       search_history: "keep" or "exclude" the request's history items in `search`
         results; None: as the ranker's training lists did (its `search_history`), so
         training and serving agree. `recommend` always excludes them.
-
-    Raises:
-      index: export settings of the retrieval top-k (None: exact). With an IVF index,
-        `recommend_nprobe` and `search_nprobe` take one more input, nprobe [B] int32.
+      index: export settings of the retrieval top-k (None: exact) and the storage of
+        the large tables (its `precision`: the query tower's, the ranker's and the
+        catalog embeddings). With an IVF index, `recommend_nprobe` and `search_nprobe`
+        take one more input, nprobe [B] int32.
       queries: validation queries the IVF recall is measured on (`validation_queries`).
       reasons: return a reason per item (costs a ranker pass per history item over the
         k shown items).
@@ -146,7 +146,7 @@ class PipelineModule(tf.Module):
             tf.debugging.assert_less_equal(k, self.candidates, message=message)]
         if nprobe is not None:
             checks += core.index.check_nprobe(nprobe) + same_batch(user_id, {"nprobe": nprobe})
-        with tf.control_dependencies(checks):
+        with tf.control_dependencies(checks), core.quantized():
             exclude_history = not search or self.search_excludes_history
             blocked = tf.concat([history, exclude_item_ids, purchased_item_ids] if
                                 exclude_history else [exclude_item_ids, purchased_item_ids],

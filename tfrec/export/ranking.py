@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
-from tfrec.features.quantize import catalog_rows
+from tfrec.features.quantize import (catalog_rows, check_precision, quantized_tables,
+                                     track_quantized)
 from tfrec.models.attribution import GROUPS, integrated_gradients
 from tfrec.models.catalog_index import (CatalogIndex, TuningQueries, choose_index,
                                         in_index_order)
@@ -106,8 +107,12 @@ class RankingCore(tf.Module):
             log.info("the ranker is pointed at the export catalog (%d items, popularity 0)",
                      len(ids))
             ranker.use_catalog(catalog)
-        self.query_tower = retrieval.query_tower
-        self.ranker = ranker
+        self.precision = check_precision((index or ExportConfig()).precision)
+        # The query tower and ranker tables at export.precision (the float ones unsaved).
+        tables = track_quantized(
+            self, {"query_tower": retrieval.query_tower, "ranker": ranker}, self.precision,
+            keep=[ranker.text_match] if ranker.text_match is not None else [])
+        object.__setattr__(self, "_tables", tables)  # int keys: not a trackable dict
         self.tasks = tuple(ranker.tasks)
         self.num_items = len(ids)
         embeddings = embed_in_batches(tower_fn(retrieval.candidate_tower), features)
@@ -117,7 +122,7 @@ class RankingCore(tf.Module):
         self.index_card = choice.card
         features, embeddings, stock = in_index_order(choice, features, embeddings, stock)
         ids = features["item_id"]
-        self.index = CatalogIndex(embeddings, choice)
+        self.index = CatalogIndex(embeddings, choice, self.precision)
         self.item_embeddings = self.index.item_embeddings
         self.item_ids = tf.Variable(ids.astype(str), trainable=False, dtype=tf.string,
                                     name="item_ids")
@@ -132,6 +137,11 @@ class RankingCore(tf.Module):
             tf.lookup.KeyValueTensorInitializer(tf.constant(ids.astype(str)),
                                                 tf.range(self.num_items, dtype=tf.int64)),
             default_value=-1)
+
+    def quantized(self):
+        """Context in which graphs read the quantized tables (a no-op at float32);
+        every serving graph over this core is traced inside it."""
+        return quantized_tables(self._tables)
 
     def rows(self, item_ids: tf.Tensor) -> tf.Tensor:
         """Catalog row of each id; -1 for padding ("") and unknown ids."""
@@ -197,10 +207,13 @@ class RankerModule(tf.Module):
       catalog: items that may be candidates.
       max_candidates: longest candidate list accepted (default ranking.max_candidates).
       explain_steps: integration points of `explain` (its cost is steps x candidates).
+      precision: storage of the large tables ("float32", "bfloat16", "int8"; see
+        `tfrec.features.quantize`).
     """
 
     def __init__(self, retrieval: TwoTowerModel, ranker: RankingModel, catalog: pd.DataFrame,
-                 max_candidates: Optional[int] = None, explain_steps: int = 32):
+                 max_candidates: Optional[int] = None, explain_steps: int = 32,
+                 precision: str = "float32"):
         super().__init__(name="tfrec_ranker")
         self.max_candidates = int(max_candidates or ranker.config.max_candidates)
         if self.max_candidates < 1:
@@ -208,7 +221,8 @@ class RankerModule(tf.Module):
         if explain_steps < 1:
             raise ValueError(f"explain_steps must be >= 1, got {explain_steps}")
         self.explain_steps = int(explain_steps)
-        self.core = RankingCore(retrieval, ranker, catalog)
+        self.core = RankingCore(retrieval, ranker, catalog,
+                                index=ExportConfig(index="exact", precision=precision))
 
     def _checks(self, request: Dict[str, tf.Tensor], candidate_ids: tf.Tensor,
                 rows: tf.Tensor) -> list:
@@ -235,6 +249,10 @@ class RankerModule(tf.Module):
 
     @tf.function(input_signature=[*REQUEST_SPECS, CANDIDATES_SPEC], autograph=False)
     def rank(self, query, user_id, history, device, hour, candidate_ids):
+        with self.core.quantized():
+            return self._rank(query, user_id, history, device, hour, candidate_ids)
+
+    def _rank(self, query, user_id, history, device, hour, candidate_ids):
         request, rows, retrieval = self._checked(query, user_id, history, device, hour,
                                                  candidate_ids)
         ranked = self.core.rank(request, candidate_ids, retrieval)
@@ -251,6 +269,10 @@ class RankerModule(tf.Module):
 
     @tf.function(input_signature=[*REQUEST_SPECS, CANDIDATES_SPEC], autograph=False)
     def explain(self, query, user_id, history, device, hour, candidate_ids):
+        with self.core.quantized():
+            return self._explain(query, user_id, history, device, hour, candidate_ids)
+
+    def _explain(self, query, user_id, history, device, hour, candidate_ids):
         request, rows, retrieval = self._checked(query, user_id, history, device, hour,
                                                  candidate_ids)
         parts = integrated_gradients(

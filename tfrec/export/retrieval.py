@@ -18,8 +18,8 @@ import tensorflow as tf
 
 from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
-from tfrec.features.quantize import (catalog_rows, check_precision, quantize_embeddings,
-                                     quantized_tables, table_key)
+from tfrec.features.quantize import (catalog_rows, check_precision, quantized_tables,
+                                     track_quantized)
 from tfrec.models.catalog_index import (NPROBE_SPEC, CatalogIndex, TuningQueries,
                                         choose_index, in_index_order)
 from tfrec.metrics.retrieval import embed_in_batches
@@ -102,21 +102,10 @@ class RetrievalModule(tf.Module):
     def _track_towers(self, model: TwoTowerModel) -> None:
         """Towers as attributes (float32), or untracked beside their quantized tables and
         whatever else their graphs read (so the float tables are not saved)."""
-        if self.precision == "float32":
-            self.query_tower, self.candidate_tower = model.query_tower, model.candidate_tower
-            self._tables = {}
-            return
-        towers = (model.query_tower, model.candidate_tower)
-        tables = quantize_embeddings(towers, self.precision)
-        for name, tower in zip(("query_tower", "candidate_tower"), towers):
-            object.__setattr__(self, name, tower)  # bypasses tf.Module's tracking
-        object.__setattr__(self, "_tables", tables)
-        self.quantized_tables = list(tables.values())
-        variables = {table_key(v): v for tower in towers for v in tower.variables}
-        self.tower_variables = [v for key, v in variables.items() if key not in tables]
-        # Lookup layers own hash tables (resources, not variables) the graphs read.
-        self.lookups = [layer for tower in towers for layer in tower.submodules
-                        if isinstance(layer, tf.keras.layers.StringLookup)]
+        tables = track_quantized(
+            self, {"query_tower": model.query_tower, "candidate_tower": model.candidate_tower},
+            self.precision)
+        object.__setattr__(self, "_tables", tables)  # int keys: not a trackable dict
 
     def _tower(self, tower, features: Dict[str, tf.Tensor]) -> tf.Tensor:
         with quantized_tables(self._tables):

@@ -118,20 +118,63 @@ def lookup_table(table):
     return table
 
 
-def quantize_embeddings(models: Sequence[tf.keras.layers.Layer], precision: str
-                        ) -> Dict[int, QuantizedTable]:
+def quantize_embeddings(models: Sequence[tf.keras.layers.Layer], precision: str,
+                        keep: Sequence[tf.Module] = ()) -> Dict[int, QuantizedTable]:
     """Quantized copies of the Embedding tables of `models` with >= MIN_ROWS rows,
-    keyed by `table_key` of the float variable (shared layers once)."""
+    keyed by `table_key` of the float variable (shared layers once).
+
+    Args:
+      keep: sub-modules whose tables stay float32 (layers that read their tables
+        without `lookup_table`, e.g. a BERT encoder).
+    """
+    kept = {id(layer) for module in keep for layer in (module, *module.submodules)}
     out: Dict[int, QuantizedTable] = {}
     for model in models:
         for layer in model.submodules:
-            if not isinstance(layer, tf.keras.layers.Embedding) or not layer.built:
+            if (not isinstance(layer, tf.keras.layers.Embedding) or not layer.built
+                    or id(layer) in kept):
                 continue
             table = layer.embeddings
             if table.shape[0] >= MIN_ROWS and table_key(table) not in out:
                 out[table_key(table)] = QuantizedTable(table.numpy(), precision,
                                                        name=f"{layer.name}_{precision}")
     return out
+
+
+def track_quantized(module: tf.Module, models: Dict[str, tf.keras.layers.Layer],
+                    precision: str, keep: Sequence[tf.Module] = ()
+                    ) -> Dict[int, QuantizedTable]:
+    """Makes `models` attributes of `module`, so a SavedModel of it stores them with
+    their large tables quantized instead of float32.
+
+    At float32 the models are ordinary tracked attributes. Otherwise they are set
+    untracked, and the module tracks what their graphs read instead: the quantized
+    tables, every other variable, the lookup layers' hash tables and the `keep`
+    modules whole. Graphs must be traced inside `quantized_tables(<returned dict>)`.
+
+    Returns:
+      The quantized tables keyed by `table_key` ({} at float32).
+    """
+    check_precision(precision)
+    if precision == "float32":
+        for name, model in models.items():
+            setattr(module, name, model)
+        return {}
+    tables = quantize_embeddings(list(models.values()), precision, keep)
+    for name, model in models.items():
+        object.__setattr__(module, name, model)  # bypasses tf.Module's tracking
+    module.quantized_tables = list(tables.values())
+    variables = {table_key(v): v for model in models.values() for v in model.variables}
+    module.model_variables = [v for key, v in variables.items() if key not in tables]
+    # Hash tables (resources, not variables) the graphs read: lookup layers' and any
+    # other layer's own (e.g. a speller's).
+    layers = [layer for model in models.values() for layer in model.submodules]
+    module.lookups = [layer for layer in layers
+                      if isinstance(layer, tf.keras.layers.StringLookup)]
+    module.resources = [value for layer in layers for value in vars(layer).values()
+                        if isinstance(value, tf.saved_model.experimental.TrackableResource)]
+    module.kept_modules = list(keep)
+    return tables
 
 
 def catalog_rows(table, ids: tf.Tensor) -> tf.Tensor:

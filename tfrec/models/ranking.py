@@ -28,6 +28,8 @@ from tfrec.models.losses import get_loss
 from tfrec.models.target_attention import TargetAttention
 
 TASKS = ("click", "purchase", "relevance")
+# A teacher ranker's combined scores [B, L] of the training lists (distillation input).
+TEACHER_SCORE = "teacher_score"
 TEXT_MODES = ("bow", "fast", "cross")
 NUMERIC_FEATURES = 14  # popularity x3, retrieval score x2, trend z-score, affinity x8
 SHARE_FLOOR = 0.02  # log(share + floor) keeps unseen categories finite
@@ -89,6 +91,9 @@ class RankingModel(tf.keras.Model):
         self.vocab = vocab
         self.catalog = catalog
         self.text_match = text_match
+        if not config.distill_weight >= 0 or not config.distill_temperature > 0:
+            raise ValueError("ranking.distill_weight must be >= 0 and distill_temperature > 0, "
+                             f"got {config.distill_weight} and {config.distill_temperature}")
         if not isinstance(config.target_attention, bool):
             raise ValueError(f"ranking.target_attention must be true or false, "
                              f"got {config.target_attention!r}")
@@ -369,11 +374,18 @@ class RankingModel(tf.keras.Model):
     def call(self, f: Dict[str, tf.Tensor], training: Optional[bool] = None
              ) -> Dict[str, tf.Tensor]:
         logits = self.logits(self.scoring_inputs(f, training))
-        if training and self.config.position_debias and "position" in f and "click" in logits:
-            position = tf.clip_by_value(tf.cast(f["position"], tf.int32) + 1, 0,
-                                        self.config.list_size)
-            logits["click"] += tf.squeeze(self.position_bias(position), -1)
+        if self._uses_position(f, training) and "click" in logits:
+            logits["click"] += self._position_term(f)
         return logits
+
+    def _uses_position(self, f: Dict[str, tf.Tensor], training: Optional[bool]) -> bool:
+        return bool(training and self.config.position_debias and "position" in f)
+
+    def _position_term(self, f: Dict[str, tf.Tensor]) -> tf.Tensor:
+        """The training-only position tower's share of the click logit [B, L]."""
+        position = tf.clip_by_value(tf.cast(f["position"], tf.int32) + 1, 0,
+                                    self.config.list_size)
+        return tf.squeeze(self.position_bias(position), -1)
 
     def _attributes(self, item: Dict[str, tf.Tensor]) -> list:
         """Declared extra catalog columns of each candidate: [] or [[B*L, A]]."""
@@ -384,9 +396,32 @@ class RankingModel(tf.keras.Model):
         """One ranking score from the heads, weighted by the task weights."""
         return tf.add_n([self.task_weight(t) * logits[t] for t in self.tasks])
 
+    def distill_loss(self, f: Dict[str, tf.Tensor], logits: Dict[str, tf.Tensor]
+                     ) -> tf.Tensor:
+        """Mean over lists of KL(teacher || this ranker) of the softmax over each list's
+        real candidates of the combined scores at `distill_temperature`, times T squared
+        (so the gradients keep their size as T changes).
+
+        Args:
+          f: lists with TEACHER_SCORE [B, L] (the teacher's `score`) and item_id.
+          logits: this ranker's serving logits (no position tower) for `f`.
+        """
+        t = float(self.config.distill_temperature)
+        valid = tf.not_equal(f["item_id"], "")
+        log_student = tf.nn.log_softmax(tf.where(valid, self.score(logits) / t, -1e9))
+        log_teacher = tf.nn.log_softmax(
+            tf.where(valid, tf.cast(f[TEACHER_SCORE], tf.float32) / t, -1e9))
+        kl = tf.where(valid, tf.exp(log_teacher) * (log_teacher - log_student), 0.0)
+        return tf.reduce_mean(tf.reduce_sum(kl, axis=1)) * t * t
+
     def compute_loss_for(self, f: Dict[str, tf.Tensor], training: bool) -> tf.Tensor:
         logits = self(f, training=training)
         total = 0.0
+        if TEACHER_SCORE in f and self.config.distill_weight > 0:
+            serving = dict(logits)  # what serving scores: without the position tower
+            if self._uses_position(f, training) and "click" in logits:
+                serving["click"] = logits["click"] - self._position_term(f)
+            total += self.config.distill_weight * self.distill_loss(f, serving)
         for task in self.tasks:
             labels = tf.cast(f[task], tf.float32)
             if self.list_loss is None:

@@ -31,7 +31,7 @@ from tfrec.metrics.retrieval import build_eval_set
 from tfrec.features.catalog import CatalogLookup, catalog_statistics
 from tfrec.features.vocab import Vocabularies
 from tfrec.models.encoder_rate import encoder_optimizer
-from tfrec.models.ranking import RankingModel
+from tfrec.models.ranking import TEACHER_SCORE as TEACHER, RankingModel
 from tfrec.models.embedding import tower_fn
 from tfrec.training.callbacks import BackupAndRestore, config_fingerprint, metric_key
 from tfrec.metrics.candidates import (candidate_lists, concat_lists, excludes_history,
@@ -137,7 +137,7 @@ def _dataset(arrays: Dict[str, np.ndarray], batch: int, shuffle: bool, seed: int
 def predict_scores(model: RankingModel, arrays: Dict[str, np.ndarray],
                    batch: int = 64) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
     """Combined score and per-task logits [N, L] of fixed candidate lists."""
-    inputs = {k: v for k, v in arrays.items() if k not in LABELS + ("position",)}
+    inputs = {k: v for k, v in arrays.items() if k not in LABELS + ("position", TEACHER)}
     scores, heads = [], {t: [] for t in model.tasks}
     n = len(inputs["user_id"])
     for start in range(0, n, batch):
@@ -242,8 +242,8 @@ def training_lists(cfg: Config, run_dir: str, retrieval=None, max_users: Optiona
 
 def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
                  max_users: Optional[int] = None,
-                 extra_callbacks: Optional[List[tf.keras.callbacks.Callback]] = None
-                 ) -> RankerResult:
+                 extra_callbacks: Optional[List[tf.keras.callbacks.Callback]] = None,
+                 teacher: Optional[RankingModel] = None) -> RankerResult:
     """Trains the ranker of a retrieval run on its validation-period candidate lists.
 
     Args:
@@ -252,6 +252,9 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
       retrieval: the trained retrieval model if already in memory.
       max_users: cap on the lists (users) used, for quick runs.
       extra_callbacks: more Keras callbacks.
+      teacher: a trained ranker (usually larger) whose scores of the same lists this one
+        also learns (`ranking.distill_weight`, `distill_temperature`); the teacher must
+        read the same retrieval scores, i.e. belong to this retrieval run or a copy.
     """
     run_dir = resolve_run_dir(cfg.train.checkpoint_dir, run)
     run_cfg = Config.from_yaml(os.path.join(run_dir, "config.yaml"))
@@ -271,6 +274,8 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
         raise ValueError(f"only {len(arrays['user_id'])} users have positives in the validation "
                          "period: too few ranking lists to train on")
     train, val = _split_lists(arrays, 0.1, cfg.train.seed)
+    if teacher is not None:
+        train[TEACHER] = predict_scores(teacher, train)[0].astype(np.float32)
     tables = load_data_tables(cfg.data)
     vocab = Vocabularies.load(run_dir)
     if chief:
@@ -279,7 +284,8 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
                                FeatureSpec.from_config(cfg.features))
     with strategy.scope():
         model = build_ranker(vocab, cfg, tables.catalog, stats, precision)
-        model({k: tf.constant(v[:2]) for k, v in train.items() if k not in LABELS})
+        model({k: tf.constant(v[:2]) for k, v in train.items()
+               if k not in LABELS + (TEACHER,)})
         model.adapt_numeric(train)
         warm = None
         if cfg.train.warm_start:  # the previous ranker's weights, tables grown
@@ -311,7 +317,8 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
         _write_json(os.path.join(out_dir, "metrics.json"),
                     {"validation": val_metrics, "history": plain, "seconds": seconds,
                      "warm_start": warm, "train_steps": int(model.optimizer.iterations.numpy()),
-                     "train_lists": len(train["user_id"]), "val_lists": len(val["user_id"])})
+                     "train_lists": len(train["user_id"]), "val_lists": len(val["user_id"]),
+                     "distilled": teacher is not None})
     return RankerResult(ranker_dir=out_dir, tensorboard_dir=tb_dir, model=model, history=plain,
                         val_metrics=val_metrics, lists=len(train["user_id"]), seconds=seconds)
 
