@@ -11,6 +11,17 @@ p99 over --requests calls after --warmup; the SavedModel call includes its in-gr
 tokenisation, the TFLite call starts from prepared tokens, as an app's native tokenizer
 would hand them over). Ratios are against the SavedModel of the same run.
 
+Ranker task (same world and retrieval run, --seeds): the recommendation ranker as
+trained (the teacher), its pipeline SavedModel (retrieval top-K -> ranker -> top-10, no
+brand cap) in float32, bfloat16 and int8 (`export.precision`), and smaller students
+(--student overrides) trained on labels only and distilled from the teacher
+(`tfrec train-ranker --teacher`, one per --temperatures). Columns: the ranker's own
+validation NDCG@10 (held-out validation-period lists: where a temperature is picked),
+test NDCG@10 and recall@10 of the pipeline's lists, the share of the teacher's gain over
+the retrieval order kept, top-10 overlap with the teacher's lists, ranker weights
+trained, size on disk and batch-1 `recommend` latency, with ratios to the teacher's
+float32 pipeline of the same run.
+
 Search task (Home Depot, needs ../shared/data and `tfrec text import-minilm`): the
 query encoder of the search two-tower (MiniLM) adapted four ways on the same query split
 (`tfrec.search.train`: build_pipeline + train_two_tower, epoch picked on validation):
@@ -26,12 +37,14 @@ of the two-tower, hybrid and two-tower+ranker stages, the share of the teacher's
 BM25 the student keeps, and batch-1 ms of the query tower (query vector + catalog top-100)
 and of the whole `search` call, with the student/teacher ratio.
 
-Usage: python bench/compression.py [--tasks recommendation,search,distill] [--world small]
-       [--seeds 0] [--search-seeds 0,1,2]
+Usage: python bench/compression.py [--tasks recommendation,ranker,search,distill]
+       [--world small] [--seeds 0] [--search-seeds 0,1,2]
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, one seed, one
-epoch, 100 users, 20 timed calls; search on the first 200 Home Depot queries with a tiny
-random BERT (skipped without the file). Same code and tables; the figures mean nothing.
+epoch, 100 users, 20 timed calls, the teacher in float32 and int8 and one distilled
+student (T=5) only, no RSS processes; search
+on the first 200 Home Depot queries with a tiny random BERT (skipped without the file).
+Same code and tables; the figures mean nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -56,8 +70,12 @@ from tfrec import workflow  # noqa: E402
 SMOKE = dict(world="tiny", seeds=[0], epochs=1, users=100, warmup=3, requests=20,
              search_seeds="0", queries=200, encoder="tiny", lora_rank=4, top_layers=1,
              student_layers=1, distill_epochs=1, title_queries=100, ranker_epochs=1,
-             latency_queries=3)
+             rec_ranker_epochs=1, temperatures=[5.0], rss=False, latency_queries=3,
+             teacher_precisions=["float32", "int8"], labels_student=False)
 K = 10
+# The ranker's student: one cross layer, one narrow deep layer, narrower text pieces.
+STUDENT = ["ranking.cross_layers=1", "ranking.deep_units=[32]", "ranking.text_embedding_dim=16"]
+DISTILL = ["ranking.distill_weight=1.0"]
 VARIANTS = ("SavedModel float32", "SavedModel bfloat16", "SavedModel int8", "TFLite float32",
             "TFLite int8")
 
@@ -104,18 +122,57 @@ def edge_caller(path: str, variant: str):
     return call, lambda inputs: runner(**inputs), rec.inputs
 
 
+RSS_SCRIPT = r"""
+import sys
+kind, path = sys.argv[1], sys.argv[2]
+if kind == "tflite":
+    from ai_edge_litert.interpreter import Interpreter
+    if path:
+        Interpreter(model_path=path).allocate_tensors()
+else:
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401
+    if path:
+        tf.saved_model.load(path)
+# VmHWM: this process image's peak (ru_maxrss would carry the forking parent's over exec)
+with open("/proc/self/status") as f:
+    print([int(line.split()[1]) for line in f if line.startswith("VmHWM:")][0] / 1024)
+"""
+
+
+MEASURE_RSS = {"on": True}  # --no-rss (smoke): a process per model costs seconds each
+
+
+def loaded_rss_mb(kind: str, path: str = "") -> float:
+    """Peak RSS (MB) of a fresh process that loads one model ("savedmodel": TensorFlow
+    and TF Text imported; "tflite": the LiteRT interpreter, tensors allocated); without
+    `path`, the runtime's own floor. NaN with --no-rss."""
+    import subprocess
+
+    if not MEASURE_RSS["on"]:
+        return float("nan")
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, kind, path], capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loading {path or kind} failed: {proc.stderr[-2000:]}")
+    return float(proc.stdout.split()[-1])
+
+
 def timed(call, requests: list, warmup: int, count: int):
     """p50 / p99 ms of batch-1 calls."""
     times = time_calls(call, requests, warmup, count)
     return np.percentile(times, 50), np.percentile(times, 99)
 
 
-def one_seed(seed: int, root: str, args) -> dict:
-    from tfrec.metrics.retrieval import evaluate_lists
-
-    cfg = world_config(root, args.world, seed, args.epochs)
+def world_run(seed: int, root: str, args):
+    """(config, retrieval run) of one generated world: what both recommendation tables
+    start from."""
+    cfg = world_config(root, args.world, seed, args.epochs, args.rec_ranker_epochs)
     workflow.generate(cfg)
-    run = workflow.train(cfg)
+    return cfg, workflow.train(cfg)
+
+
+def one_seed(cfg, run, args) -> dict:
     saved = {}
     for precision in ("float32", "bfloat16", "int8"):
         cfg.export.precision, cfg.export.model_name = precision, f"retrieval_{precision}"
@@ -131,16 +188,26 @@ def one_seed(seed: int, root: str, args) -> dict:
                                 for i in range(0, len(eval_set), 256)])
         p50, p99 = timed(call, singles, args.warmup, args.requests)
         out[f"SavedModel {precision}"] = {"lists": lists, "mb": dir_mb(path), "p50": p50,
-                                          "p99": p99}
+                                          "p99": p99, "rss": loaded_rss_mb("savedmodel", path),
+                                          "path": path}
     for variant in ("float32", "int8"):
         call, raw, prepare = edge_caller(edge, variant)
         lists = call(features)
         prepared = [prepare(f) for f in singles]
         p50, p99 = timed(raw, prepared, args.warmup, args.requests)
-        out[f"TFLite {variant}"] = {
-            "lists": lists, "mb": os.path.getsize(os.path.join(edge, f"{variant}.tflite"))
-            / 2 ** 20, "p50": p50, "p99": p99}
-    reference_lists = out[VARIANTS[0]]["lists"]
+        path = os.path.join(edge, f"{variant}.tflite")
+        out[f"TFLite {variant}"] = {"lists": lists, "mb": os.path.getsize(path) / 2 ** 20,
+                                    "p50": p50, "p99": p99,
+                                    "rss": loaded_rss_mb("tflite", path)}
+    return score_lists(out, VARIANTS[0], eval_set)
+
+
+def score_lists(out: dict, reference: str, eval_set) -> dict:
+    """Replaces each row's "lists" by its NDCG / recall@K and top-K overlap with the
+    `reference` row's lists."""
+    from tfrec.metrics.retrieval import evaluate_lists
+
+    reference_lists = out[reference]["lists"]
     for row in out.values():
         lists = row.pop("lists")
         metrics = evaluate_lists(lists.tolist(), eval_set, (K,))
@@ -148,6 +215,132 @@ def one_seed(seed: int, root: str, args) -> dict:
         row["overlap"] = float(np.mean([len((set(a) - {""}) & set(b)) / K
                                         for a, b in zip(reference_lists, lists)]))
     return out
+
+
+def pipeline_caller(path: str):
+    """Top-K ids of the pipeline's `recommend` signature (history, nothing else excluded)."""
+    import tensorflow_text  # noqa: F401
+
+    fn = tf.saved_model.load(path).signatures["recommend"]
+
+    def call(f: dict) -> np.ndarray:
+        n = len(f["user_id"])
+        empty = tf.constant([[""]] * n)
+        out = fn(user_id=tf.constant(f["user_id"].astype(str)),
+                 history=tf.constant(f["history"].astype(str)),
+                 device=tf.constant(f["device"].astype(str)),
+                 hour=tf.constant(f["hour"], tf.int64), k=tf.constant([K] * n),
+                 exclude_item_ids=empty, purchased_item_ids=empty)
+        return out["item_ids"].numpy().astype(str)
+    return call
+
+
+def trained_weights(model) -> int:
+    return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+
+
+def ranker_seed(cfg, run, args, retrieval_path: Optional[str] = None) -> dict:
+    """Per variant: test lists of its exported pipeline (retrieval top-K -> ranker ->
+    top-10, no brand cap), size, batch-1 latency and the ranker's trained weights;
+    "retrieval": the retrieval SavedModel's lists (the order the rankers improve on)."""
+    import copy
+
+    from tfrec.data.examples import positive_interactions
+    from tfrec.data.io import load_data_tables
+    from tfrec.export.exporter import export_pipeline
+    from tfrec.features.catalog import catalog_statistics
+    from tfrec.training.trainer import ensure_prepared
+
+    tables = load_data_tables(cfg.data)
+    t_test = int(ensure_prepared(cfg)["split"]["t_test"])
+    # Served as of the test start: popularity counted up to then, nothing later.
+    stats = catalog_statistics(tables.catalog, positive_interactions(tables.events), t_test)
+    if retrieval_path is None:  # the retrieval table's float32 export otherwise
+        cfg.export.precision, cfg.export.model_name = "float32", "retrieval_lists"
+        retrieval_path = workflow.export(cfg, run=run.run_name, model=run.model)
+    rankers = {"teacher": workflow.train_ranker(cfg, run=run.run_name, retrieval=run.model)}
+    students = [("student, labels only", [], None)] * args.labels_student + [
+        (f"student, distilled T={t:g}", args.distill + [f"ranking.distill_temperature={t}"],
+         rankers["teacher"].model) for t in args.temperatures]
+    for name, overrides, teacher in students:
+        student = copy.deepcopy(cfg).override(args.student + overrides)
+        rankers[name] = workflow.train_ranker(student, run=run.run_name, retrieval=run.model,
+                                              teacher=teacher)
+    paths = {}
+    base = os.path.join(os.path.dirname(cfg.export.base_dir), "ranker_bench")
+    for name, result in rankers.items():
+        result.model.use_catalog(tables.catalog, stats)
+        for precision in (args.teacher_precisions if name == "teacher" else ("float32",)):
+            export = copy.deepcopy(cfg.export)
+            export.base_dir, export.precision = base, precision
+            label = f"{name} {precision}" if name == "teacher" else name
+            paths[label] = (export_pipeline(
+                run.run_dir, tables.catalog, export, max_per_brand=None,
+                model_name="".join(c if c.isalnum() else "_" for c in label),
+                retrieval=run.model, ranker=result.model),
+                trained_weights(result.model), result.val_metrics[f"score_ndcg_at_{K}"])
+    eval_set = eval_set_of(cfg, args.users)
+    singles = [{k: v[i:i + 1] for k, v in eval_set.query_features().items()}
+               for i in range(len(eval_set))]
+
+    def lists_of(call) -> np.ndarray:
+        return np.concatenate([call(eval_set.query_features(slice(i, i + 256)))
+                               for i in range(0, len(eval_set), 256)])
+
+    out = {"retrieval": {"lists": lists_of(saved_model_caller(retrieval_path))}}
+    for label, (path, weights, val) in paths.items():
+        call = pipeline_caller(path)
+        p50, p99 = timed(call, singles, args.warmup, args.requests)
+        out[label] = {"lists": lists_of(call), "mb": dir_mb(path), "p50": p50, "p99": p99,
+                      "weights": weights, "val": val,
+                      "rss": loaded_rss_mb("savedmodel", path)}
+    return score_lists(out, "teacher float32", eval_set)
+
+
+def ranker_table(runs: list, args) -> None:
+    """Mean ± sd over seeds per variant; ratios and kept gain are per-seed, then averaged."""
+    ref = "teacher float32"
+    rows = []
+    for label in [k for k in runs[0] if k != "retrieval"]:
+        def per_seed(key: str, reference: str = ref):
+            return np.array([r[label][key] / r[reference][key] if r[reference][key] else np.nan
+                             for r in runs])
+
+        ndcg = np.array([r[label]["ndcg"] for r in runs])
+        gain = [(r[label]["ndcg"] - r["retrieval"]["ndcg"])
+                / (r[ref]["ndcg"] - r["retrieval"]["ndcg"])
+                for r in runs if r[ref]["ndcg"] != r["retrieval"]["ndcg"]]
+        rows.append([label, f"{np.mean([r[label]['val'] for r in runs]):.4f}",
+                     f"{ndcg.mean():.4f} ± {ndcg.std():.4f}",
+                     f"{np.nanmean(per_seed('ndcg')):.3f}x",
+                     f"{np.mean(gain):.2f}" if gain else "n/a",
+                     f"{np.mean([r[label]['recall'] for r in runs]):.4f}",
+                     f"{np.mean([r[label]['overlap'] for r in runs]):.3f}",
+                     f"{runs[0][label]['weights']:,}",
+                     f"{np.mean([r[label]['mb'] for r in runs]):.2f}",
+                     f"{np.nanmean(per_seed('mb')):.2f}x",
+                     f"{np.mean([r[label]['rss'] for r in runs]):.0f}",
+                     f"{np.mean([r[label]['p50'] for r in runs]):.2f}",
+                     f"{np.mean([r[label]['p99'] for r in runs]):.2f}",
+                     f"{np.nanmean(per_seed('p50')):.2f}x"])
+    retrieval = np.array([r["retrieval"]["ndcg"] for r in runs])
+    print()
+    print(format_table(
+        ["pipeline (ranker)", f"val ndcg@{K}", f"test ndcg@{K}", "vs teacher", "kept ranker gain", f"recall@{K}",
+         "top-10 overlap", "ranker weights trained", "size MB", "size vs teacher",
+         "RSS MB", "p50 ms", "p99 ms", "p50 vs teacher"], rows,
+        title=f"recommendation ranker, {args.world} world, seeds {args.seeds} (mean ± sd): "
+              f"pipeline SavedModels (retrieval top-K -> ranker -> top-{K}), batch-1 "
+              f"recommend in-process; retrieval order NDCG@{K} {retrieval.mean():.4f}; kept "
+              "ranker gain = (variant - retrieval) / (teacher - retrieval); val: the "
+              "ranker's held-out validation-period lists (pick T there)"))
+    print(f"RSS MB: peak of a fresh process after loading the pipeline (TensorFlow + TF Text "
+          f"alone: {loaded_rss_mb('savedmodel'):.0f})")
+    print(f"student: {' '.join(args.student)}; distilled with {' '.join(args.distill)} "
+          f"at temperatures {args.temperatures}")
+    print("LoRA / top-N rows: none for this ranker (bag-of-words text, no BERT encoder to "
+          "adapt); TFLite: the on-device export is the retrieval query tower + top-k "
+          "(table above), the ranker stays on the server.")
 
 
 def encoder_weights(pipeline) -> int:
@@ -314,7 +507,7 @@ def main(argv=None) -> None:
     from tfrec.search.config import SearchConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default="recommendation,search,distill")
+    parser.add_argument("--tasks", default="recommendation,ranker,search,distill")
     parser.add_argument("--world", default="small")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=None,
@@ -340,31 +533,60 @@ def main(argv=None) -> None:
     parser.add_argument("--title-queries", type=int, default=20000)
     parser.add_argument("--ranker-epochs", type=int, default=SearchConfig.ranker_epochs)
     parser.add_argument("--latency-queries", type=int, default=50)
+    parser.add_argument("--rec-ranker-epochs", type=int, default=None,
+                        help="recommendation ranker epochs (default: the ranking config's)")
+    parser.add_argument("--student", nargs="+", default=STUDENT, metavar="FIELD=VALUE",
+                        help="the smaller ranker's config overrides")
+    parser.add_argument("--distill", nargs="+", default=DISTILL, metavar="FIELD=VALUE",
+                        help="the distilled students' extra overrides")
+    parser.add_argument("--no-rss", dest="rss", action="store_false",
+                        help="skip the fresh-process RSS of each model")
+    parser.add_argument("--teacher-precisions", nargs="+", default=["float32", "bfloat16",
+                                                                     "int8"],
+                        help="the teacher pipeline's exports (float32 first: the reference)")
+    parser.add_argument("--no-labels-student", dest="labels_student", action="store_false",
+                        help="skip the student trained on labels only")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 5.0],
+                        help="one distilled student per distillation temperature")
     args = parse_smoke_args(parser, argv, SMOKE)
     tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
+    MEASURE_RSS["on"] = args.rss
     print(machine_line())
     if "search" in tasks:
         search_table(args)
     if "distill" in tasks:
         distill_table(args)
-    if "recommendation" not in tasks:
+    if not tasks & {"recommendation", "ranker"}:
         return
+    ranker_runs = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory(prefix=f"tfrec-compression-{seed}-") as root:
-            rows = one_seed(seed, root, args)
+            cfg, run = world_run(seed, root, args)
+            rows = one_seed(cfg, run, args) if "recommendation" in tasks else None
+            if "ranker" in tasks:
+                ranker_runs.append(ranker_seed(
+                    cfg, run, args, rows[VARIANTS[0]]["path"] if rows else None))
+        if rows is None:
+            continue
         ref = rows[VARIANTS[0]]
         table = [[name, f"{r['ndcg']:.4f}", ratio(r["ndcg"], ref["ndcg"]),
                   f"{r['recall']:.4f}", f"{r['overlap']:.3f}", f"{r['mb']:.2f}",
-                  ratio(r["mb"], ref["mb"]), f"{r['p50']:.3f}", f"{r['p99']:.3f}",
-                  ratio(r["p50"], ref["p50"])] for name, r in rows.items()]
+                  ratio(r["mb"], ref["mb"]), f"{r['rss']:.0f}", f"{r['p50']:.3f}",
+                  f"{r['p99']:.3f}", ratio(r["p50"], ref["p50"])] for name, r in rows.items()]
         print()
         print(format_table(
             ["variant", f"ndcg@{K}", "vs SavedModel", f"recall@{K}", "top-10 overlap",
-             "size MB", "size vs SavedModel", "p50 ms", "p99 ms", "p50 vs SavedModel"],
+             "size MB", "size vs SavedModel", "RSS MB", "p50 ms", "p99 ms",
+             "p50 vs SavedModel"],
             table, title=f"recommendation retrieval, {args.world} world, seed {seed}: "
                          "float32 SavedModel vs quantized and on-device (batch 1, in-process)"))
         print(f"TFLite int8 / float32 size: "
               f"{rows['TFLite int8']['mb'] / rows['TFLite float32']['mb']:.3f}")
+        print(f"RSS MB: peak of a fresh process after loading the model; the runtimes alone "
+              f"take {loaded_rss_mb('savedmodel'):.0f} (TensorFlow + TF Text) and "
+              f"{loaded_rss_mb('tflite'):.0f} (LiteRT)")
+    if ranker_runs:
+        ranker_table(ranker_runs, args)
 
 
 if __name__ == "__main__":
