@@ -140,7 +140,7 @@ def test_catalog_rows_keep_whole_reads_of_a_catalog_table_free_of_copies():
                                                            10))
             for name, t in tables.items()}
     fastest = {name: float("inf") for name in tables}
-    for _ in range(25):  # interleaved rounds: load from elsewhere falls on every table
+    for _ in range(60):  # interleaved rounds: load from elsewhere falls on every table
         for name, top in tops.items():
             start = time.perf_counter()
             top(query).values.numpy()
