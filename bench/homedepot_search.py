@@ -26,11 +26,15 @@ exported model):
   two-tower+ranker     union of the two-tower and BM25 top-100 lists re-scored by the
                        DCN ranker (BERT query / product vectors, BM25, coverage,
                        retrieval scores and ranks), trained on the validation queries'
-                       lists (20% of them held out to pick its epoch).
-"train s": two-tower fine-tuning (+ ranker training on its row); the shared MiniLM
-title embedding of the catalog (once per run) is printed separately. "ms/query": batch-1
-latency of that stage on the CPU (median over --latency-queries test queries, in-process
-tf.function); the last seed's pipeline is also exported and its SavedModel timed.
+                       lists (20% of them held out to pick its epoch) and on every
+                       train query's list from a two-tower that did not train on it
+                       (`ranker_folds` 2: two more two-towers, each on half the train
+                       queries).
+"train s": two-tower fine-tuning (+ the fold two-towers and the ranker on its row); the
+shared MiniLM title embedding of the catalog (once per run) is printed separately.
+"ms/query": batch-1 latency of that stage on the CPU (median over --latency-queries test
+queries, in-process tf.function); the last seed's pipeline is also exported and its
+SavedModel timed.
 
 Run from the repository root (needs `tfrec text import-minilm`, i.e. work/text/minilm):
 
@@ -66,7 +70,7 @@ from tfrec.data.homedepot import homedepot_path
 from tfrec.search.config import SearchConfig
 from tfrec.search.distill import batch1_latency_ms
 from tfrec.search.index import index_pipeline
-from tfrec.search.train import evaluate_stages, load_search_data, train_search
+from tfrec.search.train import evaluate_stages, load_search_data, train_ranker, train_search
 
 tf.get_logger().setLevel("ERROR")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +83,9 @@ SMOKE = dict(seeds="0", queries=200, epochs=1, ranker_epochs=1, latency_queries=
 
 ROWS = (("BM25, as typed", "bm25_as_typed"), ("BM25 + speller", "bm25"),
         ("MiniLM zero-shot", "minilm_zero_shot"), ("two-tower", "two_tower"),
-        ("hybrid (two-tower + BM25)", "hybrid"), ("two-tower+ranker", "two_tower+ranker"))
+        ("hybrid (two-tower + BM25)", "hybrid"),
+        ("two-tower+ranker, validation lists only", "two_tower+ranker (val lists)"),
+        ("two-tower+ranker", "two_tower+ranker"))
 IVF_ROWS = (("two-tower, IVF", "two_tower (ivf)"),
             ("two-tower+ranker, IVF", "two_tower+ranker (ivf)"))
 METRICS = ("ndcg@10", "recall@100", "mrr")
@@ -170,6 +176,19 @@ def ivf_stages(run, cfg: SearchConfig, queries: Sequence[str],
     return card
 
 
+def val_lists_ranker(run, cfg: SearchConfig) -> Dict[str, float]:
+    """Test metrics of a ranker trained on the validation lists only (as before
+    `ranker_folds`), on the same two-tower: the paired reference of the final row. The
+    run's own ranker is put back afterwards."""
+    ranker = run.pipeline.ranker
+    try:
+        train_ranker(run.pipeline, cfg, run.data)  # no extra lists
+        return evaluate_stages(run.pipeline, run.data.splits["test"], run.data.row_of,
+                               ("two_tower+ranker",))["two_tower+ranker"].summary()
+    finally:
+        run.pipeline.ranker = ranker
+
+
 def bm25_as_typed(run) -> Dict[str, float]:
     """Test metrics of the BM25 stage with the speller detached (queries as typed)."""
     speller, run.pipeline.speller = run.pipeline.speller, None
@@ -204,6 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         run = train_search(cfg, workdir, data=data, zero_shot=True,
                            log_dir=os.path.join(workdir, "tensorboard_logs", f"seed{seed}"))
         run.metrics["bm25_as_typed"] = bm25_as_typed(run)
+        if cfg.ranker_folds:
+            run.metrics["two_tower+ranker (val lists)"] = val_lists_ranker(run, cfg)
         runs.append(run)
         queries = sorted(data.splits["test"]["query"].unique())[:args.latency_queries]
         latencies.append(stage_latency(run, queries))
@@ -224,8 +245,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     reference = {m: np.mean([r.metrics["bm25"][m] for r in runs]) for m in METRICS}
     rows = []
     for label, key in ROWS + (IVF_ROWS if args.ivf else ()):
+        if not all(key in r.metrics for r in runs):  # e.g. ranker_folds 0: no paired row
+            continue
         values = {m: np.array([r.metrics[key][m] for r in runs]) for m in METRICS}
-        train = [r.timings["two_tower_s"] + (r.timings["ranker_s"] if "ranker" in key else 0)
+        folds = key.startswith("two_tower+ranker") and "(val lists)" not in key
+        train = [r.timings["two_tower_s"] + (r.timings["ranker_s"]
+                                             + folds * r.timings.get("ranker_folds_s", 0.0)
+                                             if "ranker" in key else 0)
                  for r in runs] if key not in ("bm25", "bm25_as_typed", "minilm_zero_shot") \
             else [0.0]
         rows.append([label] + [f"{values[m].mean():.4f} ± {values[m].std():.4f}"
@@ -233,7 +259,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     + [ratio(values["ndcg@10"].mean(), reference["ndcg@10"]),
                        ratio(values["recall@100"].mean(), reference["recall@100"]),
                        f"{np.mean(train):.0f}",
-                       f"{np.median([lat[key] for lat in latencies]):.1f}"])
+                       # The paired ranker has the final stage's graph: its latency.
+                       f"{np.median([lat.get(key, lat.get('two_tower+ranker')) for lat in latencies]):.1f}"])
     print(format_table(["model", "NDCG@10", "Recall@100", "MRR", "NDCG vs BM25",
                         "R@100 vs BM25", "train s", "ms/query"], rows,
                        title="Home Depot full-catalog search, test queries "
@@ -242,6 +269,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
              for m in METRICS]
     print("two-tower+ranker minus BM25 per seed: " + "; ".join(
         f"{m} " + ", ".join(f"{g:+.4f}" for g in gain) for m, gain in zip(METRICS, gains)))
+    if all("two_tower+ranker (val lists)" in r.metrics for r in runs):
+        print("ranker with cross-fitted training-query lists minus validation lists only, "
+              "per seed: " + "; ".join(
+                  f"{m} " + ", ".join(f"{r.metrics['two_tower+ranker'][m] - r.metrics['two_tower+ranker (val lists)'][m]:+.4f}"
+                                      for r in runs) for m in METRICS))
     for seed, card in zip(seeds, ivf_cards):
         print(f"IVF seed {seed}: {card['nlist']} lists, nprobe {card['nprobe']}, recall@100 "
               f"vs exact {card['recall_vs_exact']['recall@100']:.3f} on "

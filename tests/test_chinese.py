@@ -130,7 +130,8 @@ def test_grpc_answers_chinese_queries(zh_run, zh_world):
 
 # A small search run (as in test_search), on the Chinese world's search log.
 SEARCH_FIELDS = dict(epochs=1, negatives=64, candidates=20, ranker_epochs=3, query_length=8,
-                     title_length=16, batch_size=32)
+                     title_length=16, batch_size=32,
+                     ranker_folds=0)  # tests/test_search.py covers the cross-fitting
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ def lora_search(tiny_encoder, tmp_path_factory):
 
     cfg = dataclasses.replace(_tiny_config(tiny_encoder), lora_rank=4, lora_alpha=8.0,
                               lora_targets=("query", "value", "intermediate"), epochs=2,
-                              ranker_epochs=1)
+                              ranker_epochs=1, ranker_folds=0)
     workdir = str(tmp_path_factory.mktemp("lora_search"))
     return train_search(cfg, workdir, log_dir=str(tmp_path_factory.mktemp("lora_logs"))), \
         workdir

@@ -294,7 +294,7 @@ def test_cli_search_train_prints_the_table_and_exports(tiny_encoder, search_run,
     # in-process session run covers the default strategy).
     sets = [f"{k}={v}" for k, v in TINY_FIELDS.items()] + [
         f"encoder={encoder}", f"preprocessor={preprocessor}", "strategy=mirrored",
-        "cpu_devices=2"]
+        "cpu_devices=2", "ranker_folds=0"]  # the session run covers the cross-fitting
     export_base = tmp_path / "export"
     # The session run's workdir: its title-vector cache spares the CLI the title encoding.
     proc = _cli(["--judgments", "synthetic:tiny", "--workdir", search_workdir,
@@ -390,6 +390,39 @@ def test_search_cli_helpers(capsys):
     assert main(["search", "train", "--set", "strategy=multi_worker"]) == 2
     assert "search strategy must be one of default, one_device, mirrored" in (
         capsys.readouterr().err)
+    assert main(["search", "train", "--set", "ranker_folds=1"]) == 2
+    assert "ranker_folds must be 0" in capsys.readouterr().err
+
+
+def test_ranker_learns_from_cross_fitted_lists_of_every_training_query(search_run,
+                                                                      tiny_encoder):
+    """The session run's ranker (ranker_folds=2, the default) trained on the validation
+    lists it does not hold out plus one list per training query; each fold's lists come
+    from a two-tower trained on the other fold only."""
+    from tfrec.search.train import crossfit_lists, retrieved_lists
+    from tfrec.training.strategy import make_strategy
+
+    run = search_run
+    data, pipeline = run.data, run.pipeline
+    train_queries = set(data.splits["train"]["query"])
+    val_lists = len(retrieved_lists(pipeline, data.splits["val"], data.row_of)["queries"])
+    held = max(1, round(0.2 * val_lists))
+    assert run.history["ranker_lists"] == [val_lists - held + len(train_queries)]
+    assert run.timings["ranker_folds_s"] > 0
+
+    cfg = dataclasses.replace(_tiny_config(tiny_encoder), ranker_folds=2)
+    vectors = pipeline.two_tower.title_vectors.numpy()
+    folds = crossfit_lists(cfg, data, vectors, make_strategy("default"))
+    seen = [set(f["queries"]) for f in folds]
+    assert len(folds) == 2 and not seen[0] & seen[1] and seen[0] | seen[1] == train_queries
+    for fold in folds:
+        # Each list carries its own tower's vectors, bounded by the lists, not the catalog.
+        assert fold["table"].shape[0] == len(np.unique(np.maximum(fold["rows"], 0)))
+        assert fold["local"].max() < fold["table"].shape[0]
+        assert fold["features"].shape[:2] == fold["rows"].shape
+        assert (fold["labels"][fold["rows"] >= 0] >= 0).all()
+    assert crossfit_lists(dataclasses.replace(cfg, ranker_folds=0), data, vectors,
+                          make_strategy("default")) == []
 
 
 def test_search_run_classifies_test_queries_far_above_the_most_common_category(search_run):
@@ -417,6 +450,78 @@ def test_category_probability_is_a_ranker_feature_of_each_candidate(search_run):
             assert r["features"].numpy()[b, slot, column] == pytest.approx(want, abs=1e-6)
     share = r["features"].numpy()[..., FEATURES.index("category_share")]
     assert share.max() == pytest.approx(1.0) and share.min() >= 0.0
+
+
+def test_title_coverage_and_word_counts_are_ranker_features(search_run):
+    """A query made of one product's title words covers all of that title; one of its
+    words covers 1 / (its distinct words); the counts are log-scaled columns."""
+    pipeline = search_run.pipeline
+    catalog = search_run.data.catalog
+    lexical = pipeline.lexical
+    tokens = [set(t) for t in lexical.tokenize(tf.constant(catalog["title"].tolist())
+                                               ).to_list()]
+    counts = {}
+    for t in tokens:
+        for w in t:
+            counts[w] = counts.get(w, 0) + 1
+    # A title of >= 3 distinct tokens, one of which no other title has (BM25 finds it).
+    row = next(i for i, t in enumerate(tokens) if len(t) >= 3 and min(counts[w] for w in t) == 1)
+    title = catalog["title"].iloc[row]
+    words = sorted(tokens[row])
+    one_word = min(words, key=lambda w: counts[w]).decode()
+    r = pipeline.retrieve(tf.constant([title, one_word]))
+    rows, features = r["rows"].numpy(), r["features"].numpy()
+    cols = {name: FEATURES.index(name) for name in ("title_coverage", "query_terms",
+                                                    "title_terms", "coverage")}
+    assert pipeline.title_terms.numpy()[row] == len(words)
+    for b, want in ((0, 1.0), (1, 1.0 / len(words))):
+        slot = np.flatnonzero(rows[b] == row)
+        assert slot.size == 1, (b, title)  # BM25 retrieves it for its own words
+        f = features[b, slot[0]]
+        assert f[cols["title_coverage"]] == pytest.approx(want, rel=1e-5)
+        assert f[cols["coverage"]] == pytest.approx(1.0)
+        assert f[cols["title_terms"]] == pytest.approx(np.log1p(len(words)) / 3, rel=1e-5)
+    assert features[1, :, cols["query_terms"]][r["valid"].numpy()[1]] == pytest.approx(
+        np.log1p(1) / 3)
+    # Coverage counts distinct words: a repeated one is still one word of the title.
+    repeated = pipeline.retrieve(tf.constant([f"{one_word} {one_word}"]))
+    assert repeated["features"].numpy()[0, :, cols["title_coverage"]].max() <= 1.0 + 1e-6
+
+
+def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
+        search_run, search_workdir, tiny_encoder, tmp_path):
+    """Runs saved by an earlier tfrec have no `ranker_features` and a ranker over the
+    first LEGACY_FEATURES columns: they reload with those columns and rank as before."""
+    from tfrec.search.index import META_FILE, MODEL_DIR, load_search_pipeline, save_search_run
+    from tfrec.search.pipeline import SearchPipeline
+    from tfrec.search.ranker import LEGACY_FEATURES
+    from tfrec.search.train import train_ranker
+
+    catalog = search_run.data.catalog
+    old, _ = load_search_pipeline(search_workdir, catalog, index=False)
+    assert old.ranker_features == len(FEATURES)
+    old.ranker_features = LEGACY_FEATURES
+    cfg = dataclasses.replace(_tiny_config(tiny_encoder), ranker_epochs=1)
+    train_ranker(old, cfg, search_run.data)
+    queries = tf.constant(sorted(search_run.data.splits["test"]["query"].unique())[:6])
+    assert old.retrieve(queries)["features"].shape[-1] == LEGACY_FEATURES
+    want = old.search(queries, num_results=10)["rows"].numpy()
+    run_dir = str(tmp_path / "old_run" / "search")
+    save_search_run(old, cfg, run_dir, categories=old.saved_categories)
+    meta_file = os.path.join(run_dir, MODEL_DIR, META_FILE)
+    with open(meta_file, encoding="utf-8") as f:
+        meta = json.load(f)
+    del meta["ranker_features"]  # as an earlier tfrec wrote it
+    with open(meta_file, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    loaded, _ = load_search_pipeline(run_dir, catalog, index=False,
+                                     cache_dir=os.path.join(search_workdir, "cache"))
+    assert loaded.ranker_features == LEGACY_FEATURES
+    np.testing.assert_array_equal(loaded.search(queries, num_results=10)["rows"].numpy(), want)
+    with pytest.raises(ValueError, match="ranker_features must be in"):
+        SearchPipeline(old.two_tower, old.lexical, None, catalog["product_id"].tolist(),
+                       catalog["title"].tolist(), ranker_features=LEGACY_FEATURES - 1,
+                       refresh=False)
 
 
 def test_category_filter_keeps_likely_categories_only(search_run):

@@ -132,6 +132,23 @@ class LexicalIndex(tf.keras.layers.Layer):
         """
         return self._accumulate(queries, with_coverage=True)
 
+    def query_terms(self, queries: tf.Tensor) -> tf.Tensor:
+        """[B] float32: distinct tokens of each raw query, unknown ones included (the
+        denominator of `scores_and_coverage`'s coverage)."""
+        tokens = self.tokenize(queries)
+        rows = tokens.value_rowids()
+        keys = tf.strings.join([tf.strings.as_string(rows), tokens.flat_values], separator=" ")
+        unique_keys, slot = tf.unique(keys, out_idx=tf.int64)
+        first = tf.math.unsorted_segment_min(tf.range(tf.size(keys, out_type=tf.int64)), slot,
+                                             tf.size(unique_keys, out_type=tf.int64))
+        return tf.math.unsorted_segment_sum(tf.ones_like(first, tf.float32),
+                                            tf.gather(rows, first), tokens.nrows())
+
+    def document_terms(self) -> np.ndarray:
+        """[num_docs] float32: distinct catalog tokens of each document (the postings are
+        one per distinct (term, document) pair)."""
+        return np.bincount(self.postings.numpy(), minlength=self._num_docs).astype(np.float32)
+
     def _accumulate(self, queries: tf.Tensor,
                     with_coverage: bool) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
         tokens = self.tokenize(queries)

@@ -14,7 +14,7 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 from tfrec.config import parse_assignment, set_field
-from tfrec.search.config import SearchConfig, check_search_strategy
+from tfrec.search.config import SearchConfig, check_ranker_folds, check_search_strategy
 
 DEFAULT_WORKDIR = os.path.join("work", "search")
 # Rows of the metrics table, in pipeline order; absent stages are skipped.
@@ -166,9 +166,10 @@ def check_inputs(cfg: SearchConfig) -> None:
 
     Raises:
       FileNotFoundError: naming the missing judgments file or encoder directory.
-      ValueError: a strategy search training does not support.
+      ValueError: a strategy search training does not support, or bad ranker_folds.
     """
     check_search_strategy(cfg.strategy)
+    check_ranker_folds(cfg.ranker_folds)
     source = cfg.judgments
     if source and not source.startswith("synthetic:") and not os.path.isfile(source):
         raise FileNotFoundError(f"judgments file {source!r} does not exist (pass a Home Depot "

@@ -27,6 +27,14 @@ def check_search_strategy(name: str) -> None:
                          "recommendation models)")
 
 
+def check_ranker_folds(folds: int) -> None:
+    """Raises a ValueError unless `folds` is 0 (validation lists only) or >= 2."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 0 or folds == 1:
+        raise ValueError(f"ranker_folds must be 0 (the ranker learns from validation lists "
+                         f"only) or >= 2 (cross-fitted training-query lists too), got "
+                         f"{folds!r}")
+
+
 @dataclass
 class SearchConfig:
     """Catalog search run (tfrec search train): judgments -> two-tower + BM25 -> ranker.
@@ -77,6 +85,11 @@ class SearchConfig:
     ranker_epochs: int = 30
     ranker_lr: float = 1e-3
     ranker_holdout: float = 0.2  # share of validation queries that picks the ranker epoch
+    # k >= 2: the ranker also learns from every training query's list, each retrieved by
+    # one of k two-towers trained without that query's fold (cross-fitting: a tower
+    # scores its own training queries too well); 0: validation lists only. Costs k more
+    # two-tower fits, each on (k-1)/k of the training queries.
+    ranker_folds: int = 2
     ranker_batch_size: int = 32
     results: int = 10  # products the exported model returns
     # Top-k of the dense retriever, as `export.*` of recommendation runs: exact | ivf |

@@ -79,6 +79,7 @@ class SearchModule(tf.Module):
         self.product_vectors = pipeline.product_vectors
         self.product_ids = pipeline.product_ids
         self.titles = pipeline.titles
+        self.title_terms = pipeline.title_terms
         self.category_head = pipeline.category_head
         if pipeline.category_head is not None:
             self.product_categories = pipeline.product_categories

@@ -31,7 +31,7 @@ from tfrec.search.category import CatalogCategories, QueryCategoryHead
 from tfrec.search.config import SearchConfig
 from tfrec.search.model import SearchTwoTower, catalog_word_ids, query_encoder_of
 from tfrec.search.pipeline import SearchPipeline
-from tfrec.search.ranker import SearchRanker
+from tfrec.search.ranker import LEGACY_FEATURES, SearchRanker
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
     meta = {"words": list(two_tower.word_lookup.get_vocabulary()[1:]),  # [UNK] is row 0
             "id_vocabulary": _id_vocabulary(two_tower, product_ids),
             "ranker": pipeline.ranker is not None,
+            "ranker_features": pipeline.ranker_features,
             "trained_products": len(product_ids),
             # The speller is rebuilt over whatever table is indexed, from these queries.
             "speller_queries": getattr(pipeline.speller, "logged_queries", []),
@@ -307,7 +308,9 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     pipeline = SearchPipeline(two_tower, LexicalIndex(titles), ranker, ids, titles,
                               candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
                               dense_corrections=cfg.dense_corrections,
-                              speller=speller, refresh=False)  # once, after the restore
+                              speller=speller, refresh=False,  # once, after the restore
+                              # Runs saved before the later ranker columns read the first 11.
+                              ranker_features=meta.get("ranker_features", LEGACY_FEATURES))
     head = None
     saved = meta.get("categories")
     if saved:

@@ -23,7 +23,7 @@ from tfrec.models.ivf import IvfIndex
 from tfrec.models.lists import masked_zscore
 from tfrec.search.category import QueryCategoryHead
 from tfrec.search.model import SearchTwoTower
-from tfrec.search.ranker import SearchRanker, candidate_features
+from tfrec.search.ranker import FEATURES, LEGACY_FEATURES, SearchRanker, candidate_features
 
 __all__ = ["SearchPipeline", "MAX_QUERY_CHARS"]
 
@@ -50,6 +50,8 @@ class SearchPipeline(tf.Module):
         vector) also reads the query with its corrections appended.
       refresh: fill the product vectors now; False when trained weights are restored
         next (one pass over the catalog instead of two, minutes at 1M products).
+      ranker_features: how many leading `FEATURES` columns the ranker reads
+        (`LEGACY_FEATURES` for a run saved before the later columns existed).
 
     A query-category classifier is attached after training with `set_query_categories`,
     an IVF index over the final product vectors with `set_index`.
@@ -59,7 +61,8 @@ class SearchPipeline(tf.Module):
                  ranker: Optional[SearchRanker], product_ids: Sequence[str],
                  titles: Sequence[str], candidates: int = 100, hybrid_weight: float = 0.2,
                  speller: Optional[Speller] = None, dense_corrections: bool = True,
-                 refresh: bool = True, name: str = "search_pipeline"):
+                 refresh: bool = True, ranker_features: int = len(FEATURES),
+                 name: str = "search_pipeline"):
         super().__init__(name=name)
         if lexical.num_docs != two_tower.num_products or len(product_ids) != lexical.num_docs:
             raise ValueError(f"catalog sizes differ: two-tower {two_tower.num_products}, "
@@ -70,6 +73,10 @@ class SearchPipeline(tf.Module):
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         if not 0.0 <= hybrid_weight <= 1.0:
             raise ValueError(f"hybrid_weight must be in [0, 1], got {hybrid_weight}")
+        if not LEGACY_FEATURES <= ranker_features <= len(FEATURES):
+            raise ValueError(f"ranker_features must be in [{LEGACY_FEATURES}, {len(FEATURES)}], "
+                             f"got {ranker_features}")
+        self.ranker_features = int(ranker_features)
         self.two_tower, self.lexical, self.ranker = two_tower, lexical, ranker
         self.speller = speller
         self.num_products = len(product_ids)
@@ -83,6 +90,8 @@ class SearchPipeline(tf.Module):
         self.product_vectors = tf.Variable(
             tf.zeros([self.num_products, two_tower.title_vectors.shape[1]]), trainable=False,
             name="product_vectors")
+        self.title_terms = tf.Variable(lexical.document_terms(), trainable=False,
+                                       name="title_terms")
         self.dense_corrections = bool(dense_corrections)
         self.category_head: Optional[QueryCategoryHead] = None
         self.category_filter = 0.0
@@ -299,9 +308,14 @@ class SearchPipeline(tf.Module):
         category = None
         if probs is not None:
             category = self._product_category_probs(probs, rows)
-        features = candidate_features(gathered["dense"], gathered["bm25"],
-                                      gathered["coverage"], gathered["hybrid"], dense_rank,
-                                      bm25_rank, valid, category_prob=category)
+        query_terms = self.lexical.query_terms(read["lexical"])  # coverage's denominator
+        title_terms = tf.gather(self.title_terms, safe)
+        matched = gathered["coverage"] * tf.maximum(query_terms, 1.0)[:, tf.newaxis]
+        features = candidate_features(
+            gathered["dense"], gathered["bm25"], gathered["coverage"], gathered["hybrid"],
+            dense_rank, bm25_rank, valid, category_prob=category,
+            title_coverage=matched / tf.maximum(title_terms, 1.0), query_terms=query_terms,
+            title_terms=title_terms)[..., :self.ranker_features]
         return {"rows": tf.where(valid, rows, -1), "valid": valid, "features": features,
                 "query_vectors": q, "corrections": read["corrections"],
                 "category_probs": probs,

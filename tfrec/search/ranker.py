@@ -17,18 +17,23 @@ import tensorflow_recommenders as tfrs
 
 from tfrec.models.lists import masked_zscore
 
-__all__ = ["FEATURES", "SearchRanker", "candidate_features"]
+__all__ = ["FEATURES", "LEGACY_FEATURES", "SearchRanker", "candidate_features"]
 
-# Columns of candidate_features, in order.
+# Columns of candidate_features, in order; new ones are appended, so a ranker trained on
+# the first k columns reads them unchanged.
 FEATURES = ("dense", "dense_z", "bm25_rel", "bm25_z", "coverage", "hybrid", "dense_rank",
-            "bm25_rank", "bm25_hit", "category_prob", "category_share")
+            "bm25_rank", "bm25_hit", "category_prob", "category_share", "title_coverage",
+            "query_terms", "title_terms")
+LEGACY_FEATURES = 11  # the columns of search runs saved before title_coverage
 _NEG = -1e9
 
 
 def candidate_features(dense: tf.Tensor, bm25: tf.Tensor, coverage: tf.Tensor,
                        hybrid: tf.Tensor, dense_rank: tf.Tensor, bm25_rank: tf.Tensor,
-                       valid: tf.Tensor, category_prob: Optional[tf.Tensor] = None
-                       ) -> tf.Tensor:
+                       valid: tf.Tensor, category_prob: Optional[tf.Tensor] = None,
+                       title_coverage: Optional[tf.Tensor] = None,
+                       query_terms: Optional[tf.Tensor] = None,
+                       title_terms: Optional[tf.Tensor] = None) -> tf.Tensor:
     """[B, C, len(FEATURES)] float32 ranker inputs from per-candidate signals [B, C].
 
     Scores are made comparable across queries (z-scores and max-normalised BM25 within
@@ -44,10 +49,20 @@ def candidate_features(dense: tf.Tensor, bm25: tf.Tensor, coverage: tf.Tensor,
       valid: candidate slots that hold a product.
       category_prob: the query-category classifier's probability of the candidate's
         category (None: no classifier, both category columns 0).
+      title_coverage: share of the title's distinct words in the query: "toilet" covers
+        all of "Toilet" but a third of "toilet seat cover" (None: 0).
+      query_terms: [B] distinct words of each query (None: 0); lets the ranker weigh
+        lexical and dense evidence by how specific the query is.
+      title_terms: [B, C] distinct words of each title (None: 0).
     """
     w = tf.cast(valid, tf.float32)
+    zeros = tf.zeros_like(w)
     if category_prob is None:
-        category_prob = tf.zeros_like(w)
+        category_prob = zeros
+    title_coverage = zeros if title_coverage is None else title_coverage
+    query_terms = zeros if query_terms is None else tf.broadcast_to(
+        tf.cast(query_terms, tf.float32)[:, tf.newaxis], tf.shape(w))
+    title_terms = zeros if title_terms is None else title_terms
     category_prob = tf.cast(category_prob, tf.float32) * w
     # Share of the list's most likely category: "is this the category the query is about".
     share = tf.math.divide_no_nan(category_prob,
@@ -57,7 +72,10 @@ def candidate_features(dense: tf.Tensor, bm25: tf.Tensor, coverage: tf.Tensor,
                masked_zscore(bm25, valid), coverage, hybrid,
                1.0 / (1.0 + tf.cast(dense_rank, tf.float32) / 10.0),
                1.0 / (1.0 + tf.cast(bm25_rank, tf.float32) / 10.0),
-               tf.cast(bm25 > 0, tf.float32), category_prob, share]
+               tf.cast(bm25 > 0, tf.float32), category_prob, share, title_coverage,
+               # Counts on a log scale near the other columns' range (1 word: 0.23).
+               tf.math.log1p(query_terms) / 3.0,
+               tf.math.log1p(tf.cast(title_terms, tf.float32)) / 3.0]
     return tf.stack([tf.cast(c, tf.float32) for c in columns], axis=-1) * w[..., tf.newaxis]
 
 

@@ -22,13 +22,14 @@ import tensorflow as tf
 
 from tfrec.data.homedepot import load_homedepot, split_by_query
 from tfrec.features.lexical import LexicalIndex
+from tfrec.features.quantize import catalog_rows
 from tfrec.features.speller import Speller, speller_from_texts
 from tfrec.models.catalog_index import check_index_settings
 from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.losses import SoftmaxListwiseLoss
 from tfrec.search.category import (catalog_categories, category_accuracy,
                                    category_targets, prior_accuracy, train_category_head)
-from tfrec.search.config import SearchConfig, check_search_strategy
+from tfrec.search.config import SearchConfig, check_ranker_folds, check_search_strategy
 from tfrec.search.data import judgments_from_events, product_catalog
 from tfrec.search.index import (index_pipeline, load_search_pipeline, query_vectors,
                                 save_search_run, saved_vocabularies)
@@ -36,7 +37,7 @@ from tfrec.search.metrics import SearchMetrics, catalog_search_metrics, query_ga
 from tfrec.search.model import (SearchTwoTower, catalog_word_ids, query_encoder_of,
                                  word_vocabulary)
 from tfrec.search.pipeline import SearchPipeline
-from tfrec.search.ranker import SearchRanker
+from tfrec.search.ranker import FEATURES, SearchRanker
 from tfrec.training.keep_best import KeepBestEpoch, fit_keep_best
 from tfrec.training.strategy import configure_devices, make_strategy
 from tfrec.training.warm_start import append_new, transfer_weights
@@ -114,12 +115,14 @@ def title_vectors(cfg: SearchConfig, titles: Sequence[str],
 
 
 def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
-                   grow_from: Optional[Dict[str, List[str]]] = None) -> SearchPipeline:
+                   grow_from: Optional[Dict[str, List[str]]] = None,
+                   ranker_features: int = len(FEATURES)) -> SearchPipeline:
     """Zero-shot pipeline: untrained residuals (= BERT cosine), BM25, no ranker yet.
 
     Args:
       grow_from: vocabularies of a run to warm-start from ({"words", "id_vocabulary"}):
         its words and ids keep their rows, new ones are appended.
+      ranker_features: the ranker's input columns (a warm start keeps its run's).
     """
     titles = data.catalog["title"].tolist()
     train = data.splits["train"]
@@ -144,7 +147,8 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
                           data.catalog["product_id"].tolist(), titles,
                           candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
                           dense_corrections=cfg.dense_corrections,
-                          speller=build_speller(cfg, titles, train["query"].unique()))
+                          speller=build_speller(cfg, titles, train["query"].unique()),
+                          ranker_features=ranker_features)
 
 
 def build_speller(cfg: SearchConfig, titles: Sequence[str],
@@ -342,15 +346,79 @@ class _ShuffledLists(tf.keras.utils.Sequence):
         self.order = self.rng.permutation(self.rows)
 
 
+def with_vectors(lists: Dict[str, np.ndarray], product_vectors) -> Dict[str, np.ndarray]:
+    """`lists` plus the product vectors its candidates need: "table" [U, H] (each distinct
+    row once) and "local" [n, C] (index into it), so lists from another pipeline keep
+    that pipeline's vectors at a size bounded by the lists, not by the catalog."""
+    unique = np.unique(np.maximum(lists["rows"], 0))
+    table = catalog_rows(product_vectors, tf.constant(unique, tf.int32)).numpy()
+    local = np.searchsorted(unique, np.maximum(lists["rows"], 0)).astype(np.int32)
+    return {**lists, "table": table, "local": local}
+
+
+def crossfit_lists(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
+                   strategy: tf.distribute.Strategy,
+                   start_from: Optional[SearchPipeline] = None,
+                   grow_from: Optional[Dict[str, List[str]]] = None
+                   ) -> List[Dict[str, np.ndarray]]:
+    """Ranker lists of the training queries, each fold retrieved by a two-tower trained
+    without it (`cfg.ranker_folds` folds; [] when 0).
+
+    A two-tower ranks its own training queries better than any query it will serve, so
+    their lists would teach the ranker to trust it too much; held-out folds give lists
+    like serving's, ~7x more than the validation queries alone on Home Depot.
+
+    Args:
+      vectors: the frozen title vectors [N, H] (shared with the main pipeline).
+      strategy: where the fold two-towers train (as the main one).
+      start_from: a warm-start pipeline whose two-tower weights each fold starts from.
+      grow_from: its vocabularies (see `build_pipeline`).
+
+    Returns:
+      One `with_vectors` dict per fold (`retrieved_lists` keys + "table", "local").
+    """
+    folds = cfg.ranker_folds
+    check_ranker_folds(folds)
+    train = data.splits["train"]
+    queries = np.asarray(sorted(train["query"].unique()), dtype=object)
+    if folds == 0 or len(queries) < folds:
+        return []
+    fold_of = np.random.default_rng(cfg.seed + 7).permutation(len(queries)) % folds
+    features = len(FEATURES) if start_from is None else start_from.ranker_features
+    out = []
+    for fold in range(folds):
+        inside = set(queries[fold_of != fold])
+        held = train[~train["query"].isin(inside)]
+        fold_data = dataclasses.replace(data, splits={
+            "train": train[train["query"].isin(inside)], "val": data.splits["val"],
+            "test": held})
+        with strategy.scope():
+            pipeline = build_pipeline(cfg, fold_data, vectors, grow_from=grow_from,
+                                      ranker_features=features)
+            if start_from is not None:
+                transfer_weights(start_from.two_tower, pipeline.two_tower)
+        train_two_tower(pipeline, cfg, fold_data)
+        index_pipeline(pipeline, cfg, sorted(data.splits["val"]["query"].unique()))
+        train_query_categories(pipeline, cfg, fold_data)  # the ranker reads its probabilities
+        out.append(with_vectors(retrieved_lists(pipeline, held, data.row_of),
+                                pipeline.product_vectors))
+        log.info("ranker cross-fitting: fold %d/%d, %d lists", fold + 1, folds,
+                 len(out[-1]["queries"]))
+        del pipeline
+    return out
+
+
 def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
                  log_dir: Optional[str] = None,
-                 start_from: Optional[SearchRanker] = None) -> Dict[str, List[float]]:
+                 start_from: Optional[SearchRanker] = None,
+                 extra_lists: Sequence[Dict[str, np.ndarray]] = ()) -> Dict[str, List[float]]:
     """Fits a SearchRanker on the validation queries' retrieved lists; sets pipeline.ranker.
 
     A `ranker_holdout` share of those queries is never trained on and picks the epoch
     (NDCG@10 of the re-ranked list); the ranker can only improve on the retrieval order
     it is given if that held-out score says so. `start_from`: a trained ranker whose
-    weights this one starts from (warm start).
+    weights this one starts from (warm start). `extra_lists`: more training lists with
+    their own vectors (`crossfit_lists`); the held-out share stays validation lists.
     """
     row_of = data.row_of
     lists = retrieved_lists(pipeline, data.splits["val"], row_of)
@@ -360,18 +428,24 @@ def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
                          "validation share of `split`")
     order = np.random.default_rng(cfg.seed).permutation(n)
     held = max(1, int(round(cfg.ranker_holdout * n)))
-    fit_rows, held_rows = order[held:], order[:held]
+    parts = [with_vectors(lists, pipeline.product_vectors)] + list(extra_lists)
+    offsets = np.cumsum([0] + [len(p["table"]) for p in parts[:-1]])
+    table = tf.constant(np.concatenate([p["table"] for p in parts]))
+    local = np.concatenate([p["local"] + o for p, o in zip(parts, offsets)])
+    stacked = {k: np.concatenate([p[k] for p in parts])
+               for k in ("query_vectors", "features", "valid", "labels")}
+    fit_rows = np.concatenate([order[held:], np.arange(n, len(local))])
+    held_rows = order[:held]
     tf.random.set_seed(cfg.seed)
     ranker = SearchRanker()
     ranker.compile(optimizer=tf.keras.optimizers.Adam(cfg.ranker_lr),
                    loss=SoftmaxListwiseLoss())
-    vectors = pipeline.product_vectors
 
     def inputs(rows: np.ndarray) -> Dict[str, tf.Tensor]:
-        return {"query_vectors": tf.constant(lists["query_vectors"][rows]),
-                "product_vectors": tf.gather(vectors, np.maximum(lists["rows"][rows], 0)),
-                "features": tf.constant(lists["features"][rows]),
-                "valid": tf.constant(lists["valid"][rows])}
+        return {"query_vectors": tf.constant(stacked["query_vectors"][rows]),
+                "product_vectors": tf.gather(table, local[rows]),
+                "features": tf.constant(stacked["features"][rows]),
+                "valid": tf.constant(stacked["valid"][rows])}
 
     if start_from is not None:
         ranker(inputs(fit_rows[:1]))  # creates the weights
@@ -385,7 +459,7 @@ def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
 
     batches = _ShuffledLists(fit_rows, cfg.ranker_batch_size,
                              np.random.default_rng(cfg.seed + 1),
-                             lambda rows: (inputs(rows), tf.constant(lists["labels"][rows])))
+                             lambda rows: (inputs(rows), tf.constant(stacked["labels"][rows])))
     keep = KeepBestEpoch(score_fn=held_ndcg, log_key="holdout_ndcg@10")
     callbacks = [keep]
     if log_dir:
@@ -394,7 +468,8 @@ def train_ranker(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
     fit = ranker.fit(batches, epochs=cfg.ranker_epochs, shuffle=False, verbose=0,
                      callbacks=callbacks)
     history = {"loss": [float(x) for x in fit.history.get("loss", [])],
-               "holdout_ndcg@10": list(keep.scores)}
+               "holdout_ndcg@10": list(keep.scores),
+               "lists": [float(len(fit_rows))]}
     pipeline.ranker = ranker
     return history
 
@@ -414,6 +489,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
         one: its word and id vocabularies grow, the optimizers start fresh.
     """
     check_search_strategy(cfg.strategy)
+    check_ranker_folds(cfg.ranker_folds)
     check_index_settings(cfg.index_settings())  # before hours of training, not after
     configure_devices(cfg.cpu_devices)
     strategy = make_strategy(cfg.strategy)
@@ -429,8 +505,11 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
         previous, _ = load_search_pipeline(warm_start, data.catalog, index=False,
                                            cache_dir=os.path.join(workdir, "cache"))
     with strategy.scope():
-        pipeline = build_pipeline(cfg, data, vectors, grow_from=None if previous is None else
-                                  saved_vocabularies(warm_start))
+        pipeline = build_pipeline(
+            cfg, data, vectors,
+            grow_from=None if previous is None else saved_vocabularies(warm_start),
+            # A warm-started ranker keeps its input columns.
+            ranker_features=len(FEATURES) if previous is None else previous.ranker_features)
         if previous is not None:
             transfer_weights(previous.two_tower, pipeline.two_tower)
     row_of, test = data.row_of, data.splits["test"]
@@ -458,9 +537,13 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
                                                   "test_accuracy", "test_prior_accuracy")}}
     timings["query_category_s"] = time.perf_counter() - t
     t = time.perf_counter()
+    extra = crossfit_lists(cfg, data, vectors, strategy, start_from=previous,
+                           grow_from=None if previous is None else saved_vocabularies(warm_start))
+    timings["ranker_folds_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     history.update({f"ranker_{k}": v for k, v in train_ranker(
         pipeline, cfg, data, log_dir,
-        start_from=None if previous is None else previous.ranker).items()})
+        start_from=None if previous is None else previous.ranker, extra_lists=extra).items()})
     timings["ranker_s"] = time.perf_counter() - t
     t = time.perf_counter()
     for stage, m in evaluate_stages(pipeline, test, row_of).items():
