@@ -392,6 +392,8 @@ def test_search_cli_helpers(capsys):
         capsys.readouterr().err)
     assert main(["search", "train", "--set", "ranker_folds=1"]) == 2
     assert "ranker_folds must be 0" in capsys.readouterr().err
+    assert main(["search", "train", "--set", "ranker_fold_lists=0"]) == 2
+    assert "ranker_fold_lists must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_ranker_learns_from_cross_fitted_lists_of_every_training_query(search_run,
@@ -410,11 +412,14 @@ def test_ranker_learns_from_cross_fitted_lists_of_every_training_query(search_ru
     assert run.history["ranker_lists"] == [val_lists - held + len(train_queries)]
     assert run.timings["ranker_folds_s"] > 0
 
-    cfg = dataclasses.replace(_tiny_config(tiny_encoder), ranker_folds=2)
+    # The session run listed every training query; here a cap of 9 lists in all takes a
+    # seeded sample of 5 per fold (the folds' towers still train on all the rest).
+    cfg = dataclasses.replace(_tiny_config(tiny_encoder), ranker_folds=2, ranker_fold_lists=9)
     vectors = pipeline.two_tower.title_vectors.numpy()
     folds = crossfit_lists(cfg, data, vectors, make_strategy("default"))
     seen = [set(f["queries"]) for f in folds]
-    assert len(folds) == 2 and not seen[0] & seen[1] and seen[0] | seen[1] == train_queries
+    assert [len(s) for s in seen] == [5, 5] and not seen[0] & seen[1]
+    assert seen[0] | seen[1] <= train_queries
     for fold in folds:
         # Each list carries its own tower's vectors, bounded by the lists, not the catalog.
         assert fold["table"].shape[0] == len(np.unique(np.maximum(fold["rows"], 0)))

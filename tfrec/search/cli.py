@@ -169,7 +169,7 @@ def check_inputs(cfg: SearchConfig) -> None:
       ValueError: a strategy search training does not support, or bad ranker_folds.
     """
     check_search_strategy(cfg.strategy)
-    check_ranker_folds(cfg.ranker_folds)
+    check_ranker_folds(cfg.ranker_folds, cfg.ranker_fold_lists)
     source = cfg.judgments
     if source and not source.startswith("synthetic:") and not os.path.isfile(source):
         raise FileNotFoundError(f"judgments file {source!r} does not exist (pass a Home Depot "

@@ -27,12 +27,15 @@ def check_search_strategy(name: str) -> None:
                          "recommendation models)")
 
 
-def check_ranker_folds(folds: int) -> None:
-    """Raises a ValueError unless `folds` is 0 (validation lists only) or >= 2."""
+def check_ranker_folds(folds: int, lists: int = 1) -> None:
+    """Raises a ValueError unless `folds` is 0 (validation lists only) or >= 2, and the
+    cap on their lists (`ranker_fold_lists`) is >= 1."""
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 0 or folds == 1:
         raise ValueError(f"ranker_folds must be 0 (the ranker learns from validation lists "
                          f"only) or >= 2 (cross-fitted training-query lists too), got "
                          f"{folds!r}")
+    if isinstance(lists, bool) or not isinstance(lists, int) or lists < 1:
+        raise ValueError(f"ranker_fold_lists must be an integer >= 1, got {lists!r}")
 
 
 @dataclass
@@ -90,6 +93,10 @@ class SearchConfig:
     # scores its own training queries too well); 0: validation lists only. Costs k more
     # two-tower fits, each on (k-1)/k of the training queries.
     ranker_folds: int = 2
+    # At most this many cross-fitted lists in all (a seeded sample of each fold's
+    # queries; its tower still trains on all of the rest): the lists and their candidate
+    # vectors are held in memory, and a shop's log can hold millions of queries.
+    ranker_fold_lists: int = 20_000
     ranker_batch_size: int = 32
     results: int = 10  # products the exported model returns
     # Top-k of the dense retriever, as `export.*` of recommendation runs: exact | ivf |

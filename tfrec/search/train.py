@@ -362,7 +362,8 @@ def crossfit_lists(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
                    grow_from: Optional[Dict[str, List[str]]] = None
                    ) -> List[Dict[str, np.ndarray]]:
     """Ranker lists of the training queries, each fold retrieved by a two-tower trained
-    without it (`cfg.ranker_folds` folds; [] when 0).
+    without it (`cfg.ranker_folds` folds; [] when 0; at most `cfg.ranker_fold_lists` in
+    all, a seeded sample of each fold's queries beyond that).
 
     A two-tower ranks its own training queries better than any query it will serve, so
     their lists would teach the ranker to trust it too much; held-out folds give lists
@@ -378,17 +379,22 @@ def crossfit_lists(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
       One `with_vectors` dict per fold (`retrieved_lists` keys + "table", "local").
     """
     folds = cfg.ranker_folds
-    check_ranker_folds(folds)
+    check_ranker_folds(folds, cfg.ranker_fold_lists)
     train = data.splits["train"]
     queries = np.asarray(sorted(train["query"].unique()), dtype=object)
     if folds == 0 or len(queries) < folds:
         return []
-    fold_of = np.random.default_rng(cfg.seed + 7).permutation(len(queries)) % folds
+    rng = np.random.default_rng(cfg.seed + 7)
+    fold_of = rng.permutation(len(queries)) % folds
+    per_fold = -(-cfg.ranker_fold_lists // folds)  # ceil: at most the cap in all
     features = len(FEATURES) if start_from is None else start_from.ranker_features
     out = []
     for fold in range(folds):
         inside = set(queries[fold_of != fold])
         held = train[~train["query"].isin(inside)]
+        listed = queries[fold_of == fold]
+        if len(listed) > per_fold:  # the tower trains on all the rest; lists of a sample
+            listed = rng.choice(listed, per_fold, replace=False)
         fold_data = dataclasses.replace(data, splits={
             "train": train[train["query"].isin(inside)], "val": data.splits["val"],
             "test": held})
@@ -400,7 +406,8 @@ def crossfit_lists(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
         train_two_tower(pipeline, cfg, fold_data)
         index_pipeline(pipeline, cfg, sorted(data.splits["val"]["query"].unique()))
         train_query_categories(pipeline, cfg, fold_data)  # the ranker reads its probabilities
-        out.append(with_vectors(retrieved_lists(pipeline, held, data.row_of),
+        listed_rows = held[held["query"].isin(set(listed))]
+        out.append(with_vectors(retrieved_lists(pipeline, listed_rows, data.row_of),
                                 pipeline.product_vectors))
         log.info("ranker cross-fitting: fold %d/%d, %d lists", fold + 1, folds,
                  len(out[-1]["queries"]))
@@ -489,7 +496,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
         one: its word and id vocabularies grow, the optimizers start fresh.
     """
     check_search_strategy(cfg.strategy)
-    check_ranker_folds(cfg.ranker_folds)
+    check_ranker_folds(cfg.ranker_folds, cfg.ranker_fold_lists)
     check_index_settings(cfg.index_settings())  # before hours of training, not after
     configure_devices(cfg.cpu_devices)
     strategy = make_strategy(cfg.strategy)
