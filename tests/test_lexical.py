@@ -105,6 +105,20 @@ def test_coverage_by_hand():
     np.testing.assert_allclose(scores.numpy(), _reference(docs, queries), rtol=1e-4, atol=1e-6)
 
 
+def test_query_terms_count_distinct_tokens_unknown_ones_included():
+    docs = ["red drill", "Café crème", "无线耳机 蓝牙"]
+    queries = ["red lamp red", "", "CAFÉ café xyz", "无线"]
+    index = LexicalIndex(docs)
+    scores, coverage, terms = index.scores_coverage_and_terms(tf.constant(queries))
+    # "无线" is two characters and their bigram: three tokens.
+    np.testing.assert_array_equal(terms.numpy(), [2.0, 0.0, 2.0, 3.0])
+    want_scores, want_coverage = index.scores_and_coverage(tf.constant(queries))
+    np.testing.assert_array_equal(scores.numpy(), want_scores.numpy())
+    np.testing.assert_array_equal(coverage.numpy(), want_coverage.numpy())
+    # Four characters + three bigrams, two + one: ten.
+    np.testing.assert_array_equal(index.document_terms(), [2.0, 2.0, 10.0])
+
+
 def test_empty_batch_and_graph_mode(layer):
     fn = tf.function(layer.scores_and_coverage,
                      input_signature=[tf.TensorSpec([None], tf.string)])

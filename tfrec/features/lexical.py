@@ -130,27 +130,25 @@ class LexicalIndex(tf.keras.layers.Layer):
         Args:
           queries: [B] tf.string.
         """
-        return self._accumulate(queries, with_coverage=True)
+        return self._accumulate(queries, with_coverage=True)[:2]
 
-    def query_terms(self, queries: tf.Tensor) -> tf.Tensor:
-        """[B] float32: distinct tokens of each raw query, unknown ones included (the
-        denominator of `scores_and_coverage`'s coverage)."""
-        tokens = self.tokenize(queries)
-        rows = tokens.value_rowids()
-        keys = tf.strings.join([tf.strings.as_string(rows), tokens.flat_values], separator=" ")
-        unique_keys, slot = tf.unique(keys, out_idx=tf.int64)
-        first = tf.math.unsorted_segment_min(tf.range(tf.size(keys, out_type=tf.int64)), slot,
-                                             tf.size(unique_keys, out_type=tf.int64))
-        return tf.math.unsorted_segment_sum(tf.ones_like(first, tf.float32),
-                                            tf.gather(rows, first), tokens.nrows())
+    def scores_coverage_and_terms(self, queries: tf.Tensor
+                                  ) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """`scores_and_coverage` plus [B] float32 distinct tokens of each query, unknown
+        ones included (coverage's denominator), from the same tokenisation.
+
+        Args:
+          queries: [B] tf.string.
+        """
+        return self._accumulate(queries, with_coverage=True)
 
     def document_terms(self) -> np.ndarray:
         """[num_docs] float32: distinct catalog tokens of each document (the postings are
         one per distinct (term, document) pair)."""
         return np.bincount(self.postings.numpy(), minlength=self._num_docs).astype(np.float32)
 
-    def _accumulate(self, queries: tf.Tensor,
-                    with_coverage: bool) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
+    def _accumulate(self, queries: tf.Tensor, with_coverage: bool
+                    ) -> Tuple[tf.Tensor, Optional[tf.Tensor], Optional[tf.Tensor]]:
         tokens = self.tokenize(queries)
         batch = tf.shape(tokens.row_splits, out_type=tf.int64)[0] - 1
         flat, rows = tokens.flat_values, tokens.value_rowids()
@@ -186,12 +184,12 @@ class LexicalIndex(tf.keras.layers.Layer):
         shape = tf.stack([batch, tf.constant(self._num_docs, tf.int64)])  # [-1, 0] is ambiguous
         scores = tf.reshape(tf.math.unsorted_segment_sum(values, cell, size), shape)
         if not with_coverage:
-            return scores, None
+            return scores, None, None
         matched = tf.math.unsorted_segment_sum(tf.ones_like(values), cell, size)
         per_query = tf.math.unsorted_segment_sum(
             tf.ones_like(distinct_rows, tf.float32), distinct_rows, batch)
         coverage = tf.reshape(matched, shape) / tf.maximum(per_query, 1.0)[:, None]
-        return scores, coverage
+        return scores, coverage, per_query
 
 
 def _check_queries(queries: Any) -> tf.Tensor:

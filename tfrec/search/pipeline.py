@@ -273,7 +273,7 @@ class SearchPipeline(tf.Module):
         """
         read = self.read_queries(queries)
         q = self.two_tower.query_vectors(read["dense"], training=False)
-        bm25, coverage = self.lexical.scores_and_coverage(read["lexical"])
+        bm25, coverage, query_terms = self.lexical.scores_coverage_and_terms(read["lexical"])
         k = self.candidates
         probs, keep = None, None
         if self.category_head is not None:
@@ -308,7 +308,6 @@ class SearchPipeline(tf.Module):
         category = None
         if probs is not None:
             category = self._product_category_probs(probs, rows)
-        query_terms = self.lexical.query_terms(read["lexical"])  # coverage's denominator
         title_terms = tf.gather(self.title_terms, safe)
         matched = gathered["coverage"] * tf.maximum(query_terms, 1.0)[:, tf.newaxis]
         features = candidate_features(
