@@ -11,8 +11,12 @@ Protocol (bench/README.md, "Home Depot full-catalog search"):
              >= 2.5; each averaged over the test queries with such a product.
 Rows (one tfrec.search.pipeline.SearchPipeline per seed; same code path as the
 exported model):
-  BM25, as typed       Okapi BM25 over titles (k1 1.2, b 0.75, the shared Unicode tokens),
-                       in-graph (tfrec.features.lexical.LexicalIndex), query as typed.
+  BM25, plain terms    Okapi BM25 over titles (k1 1.2, b 0.75, the shared Unicode tokens:
+                       `lexical_analyzer` "plain"), in-graph
+                       (tfrec.features.lexical.LexicalIndex), query as typed: the BM25
+                       of every tfrec before the "light" analyzer.
+  BM25, as typed       the same with the run's analyzer (default "light": letter/digit
+                       runs split, plural suffixes folded), query as typed.
   BM25 + speller       the same, the query speller's corrections added to the query
                        (tfrec.features.speller; what the pipeline's BM25 stage runs). The
                        "vs BM25" columns are against this row.
@@ -70,9 +74,11 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec.data.homedepot import homedepot_path
+from tfrec.features.lexical import LexicalIndex
 from tfrec.search.config import SearchConfig
 from tfrec.search.distill import batch1_latency_ms
 from tfrec.search.index import index_pipeline
+from tfrec.search.metrics import catalog_search_metrics, query_gains
 from tfrec.search.train import evaluate_stages, load_search_data, train_ranker, train_search
 
 tf.get_logger().setLevel("ERROR")
@@ -84,7 +90,8 @@ from _common import (first_queries, format_table, machine_line, parse_smoke_args
 SMOKE = dict(seeds="0", queries=200, epochs=1, ranker_epochs=1, latency_queries=5,
              export=False, encoder="tiny")
 
-ROWS = (("BM25, as typed", "bm25_as_typed"), ("BM25 + speller", "bm25"),
+ROWS = (("BM25, plain terms, as typed", "bm25_plain"), ("BM25, as typed", "bm25_as_typed"),
+        ("BM25 + speller", "bm25"),
         ("MiniLM zero-shot", "minilm_zero_shot"), ("two-tower", "two_tower"),
         ("hybrid (two-tower + BM25)", "hybrid"),
         ("two-tower+ranker, validation lists only", "two_tower+ranker (val lists)"),
@@ -125,7 +132,10 @@ def stage_latency(run, queries: Sequence[str]) -> Dict[str, float]:
     """Median batch-1 ms per query of each stage (tf.functions, after a warm-up)."""
     pipe = run.pipeline
     spec = [tf.TensorSpec([None], tf.string)]
+    plain = LexicalIndex(run.data.catalog["title"].tolist(), analyzer="plain")
     fns = {
+        "bm25_plain": tf.function(lambda q: tf.math.top_k(plain(pipe.clean_queries(q)), 100),
+                                  input_signature=spec),
         "bm25_as_typed": tf.function(
             lambda q: tf.math.top_k(pipe.lexical(pipe.clean_queries(q)), 100),
             input_signature=spec),
@@ -205,6 +215,18 @@ def bm25_as_typed(run) -> Dict[str, float]:
         run.pipeline.speller = speller
 
 
+def bm25_plain(run) -> Dict[str, float]:
+    """Test metrics of BM25 over the shared tokens ("plain" analyzer), queries as typed:
+    what the run's analyzer is measured against."""
+    test = run.data.splits["test"]
+    queries = sorted(test["query"].unique())
+    index = LexicalIndex(run.data.catalog["title"].tolist(), analyzer="plain")
+    top = [tf.math.top_k(index(tf.constant(queries[i:i + 64])), 100).indices.numpy()
+           for i in range(0, len(queries), 64)]
+    return catalog_search_metrics(np.concatenate(top),
+                                  query_gains(test, run.data.row_of, queries)).summary()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -229,6 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         run = train_search(cfg, workdir, data=data, zero_shot=True,
                            log_dir=os.path.join(workdir, "tensorboard_logs", f"seed{seed}"))
         run.metrics["bm25_as_typed"] = bm25_as_typed(run)
+        run.metrics["bm25_plain"] = bm25_plain(run)
         if cfg.ranker_folds:
             run.metrics["two_tower+ranker (val lists)"] = val_lists_ranker(run, cfg)
         runs.append(run)
@@ -258,7 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             "ranker_s", "ranker_folds_s")  # the fold two-towers are the ranker's cost
         train = [r.timings["two_tower_s"] + (sum(r.timings.get(k, 0.0) for k in ranker_s)
                                              if "ranker" in key else 0)
-                 for r in runs] if key not in ("bm25", "bm25_as_typed", "minilm_zero_shot") \
+                 for r in runs] if key not in ("bm25", "bm25_as_typed", "bm25_plain",
+                                               "minilm_zero_shot") \
             else [0.0]
         rows.append([label] + [f"{values[m].mean():.4f} ± {values[m].std():.4f}"
                                for m in METRICS]

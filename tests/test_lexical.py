@@ -93,6 +93,27 @@ def test_scores_match_baseline_on_home_depot_titles():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_light_analyzer_matches_its_baseline_and_finds_plurals_and_fused_sizes():
+    docs = ["Door Knob, Satin Nickel", "Screen Door 32 in. x 80 in.", "Replacement batteries",
+            "Café crème 2-pack", "无线蓝牙耳机 降噪", "door knobs"]
+    queries = ["door knobs", "screen door 32x80", "battery", "CAFÉS crèmes", "蓝牙耳机", ""]
+    light = LexicalIndex(docs, analyzer="light")
+    got = light(tf.constant(queries)).numpy()
+    np.testing.assert_allclose(got, _reference(docs, queries, analyzer="light"), rtol=1e-4,
+                               atol=1e-6)
+    plain = LexicalIndex(docs)(tf.constant(queries)).numpy()
+    # "knobs" meets "Knob", "32x80" meets "32 in. x 80 in.", "battery" meets "batteries".
+    assert got[0, 0] > plain[0, 0] and got[0, 5] > 0
+    assert got[1].argmax() == 1 and got[1, 1] > plain[1, 1]
+    assert got[2].argmax() == 2 and plain[2, 2] == 0
+    assert got[3].argmax() == 3 and got[4].argmax() == 4 and not got[5].any()
+    np.testing.assert_allclose(got[4], plain[4], atol=0)  # CJK terms are not folded
+    _, coverage = light.scores_and_coverage(tf.constant(["door knobs"]))
+    assert coverage.numpy()[0, 0] == 1.0
+    restored = LexicalIndex.from_config(light.get_config())
+    assert restored.analyzer == "light" and LexicalIndex(["a"]).analyzer == "plain"
+
+
 def test_coverage_by_hand():
     docs = ["red drill", "red red lamp", "blue lamp shade"]
     queries = ["red lamp red", "red xyz", "", "xyz", "Lamp-shade LAMP"]
@@ -209,6 +230,7 @@ def test_bad_queries_raise(layer, queries, message):
     (dict(texts=["red"], b=2.0), "b must be"),
     (dict(texts=["red"], num_docs=1), "not both"),
     (dict(num_docs=-1), "num_docs"),
+    (dict(texts=["red"], analyzer="snowball"), "analyzer must be one of plain, light"),
 ])
 def test_bad_construction_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -394,6 +395,9 @@ def test_search_cli_helpers(capsys):
     assert "ranker_folds must be 0" in capsys.readouterr().err
     assert main(["search", "train", "--set", "ranker_fold_lists=0"]) == 2
     assert "ranker_fold_lists must be an integer >= 1" in capsys.readouterr().err
+    assert main(["search", "train", "--set", "lexical_analyzer=porter"]) == 2
+    assert ("search.lexical_analyzer must be one of plain, light, got 'porter'"
+            in capsys.readouterr().err)
 
 
 def test_ranker_learns_from_cross_fitted_lists_of_every_training_query(search_run,
@@ -496,15 +500,29 @@ def test_title_coverage_and_word_counts_are_ranker_features(search_run):
 def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
         search_run, search_workdir, tiny_encoder, tmp_path):
     """Runs saved by an earlier tfrec have no `ranker_features` and a ranker over the
-    first LEGACY_FEATURES columns: they reload with those columns and rank as before."""
-    from tfrec.search.index import META_FILE, MODEL_DIR, load_search_pipeline, save_search_run
+    first LEGACY_FEATURES columns, no `lexical_analyzer` and plain BM25 terms: they reload
+    with those columns and terms and rank as before."""
+    from tfrec.search.index import (META_FILE, MODEL_DIR, load_search_pipeline,
+                                    resolve_search_run, save_search_run)
     from tfrec.search.pipeline import SearchPipeline
     from tfrec.search.ranker import LEGACY_FEATURES
     from tfrec.search.train import train_ranker
 
     catalog = search_run.data.catalog
-    old, _ = load_search_pipeline(search_workdir, catalog, index=False)
-    assert old.ranker_features == len(FEATURES)
+    new_run = resolve_search_run(search_workdir)
+    with open(os.path.join(new_run, MODEL_DIR, META_FILE), encoding="utf-8") as f:
+        assert json.load(f)["lexical_analyzer"] == "light"  # the default
+    copied = str(tmp_path / "plain_run" / "search")
+    shutil.copytree(new_run, copied)
+    plain_meta = os.path.join(copied, MODEL_DIR, META_FILE)
+    with open(plain_meta, encoding="utf-8") as f:
+        meta = json.load(f)
+    del meta["lexical_analyzer"]
+    with open(plain_meta, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    old, _ = load_search_pipeline(copied, catalog, index=False,
+                                  cache_dir=os.path.join(search_workdir, "cache"))
+    assert old.lexical.analyzer == "plain" and old.ranker_features == len(FEATURES)
     old.ranker_features = LEGACY_FEATURES
     cfg = dataclasses.replace(_tiny_config(tiny_encoder), ranker_epochs=1)
     train_ranker(old, cfg, search_run.data)
@@ -516,12 +534,12 @@ def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
     meta_file = os.path.join(run_dir, MODEL_DIR, META_FILE)
     with open(meta_file, encoding="utf-8") as f:
         meta = json.load(f)
-    del meta["ranker_features"]  # as an earlier tfrec wrote it
+    del meta["ranker_features"], meta["lexical_analyzer"]  # as an earlier tfrec wrote it
     with open(meta_file, "w", encoding="utf-8") as f:
         json.dump(meta, f)
     loaded, _ = load_search_pipeline(run_dir, catalog, index=False,
                                      cache_dir=os.path.join(search_workdir, "cache"))
-    assert loaded.ranker_features == LEGACY_FEATURES
+    assert loaded.ranker_features == LEGACY_FEATURES and loaded.lexical.analyzer == "plain"
     np.testing.assert_array_equal(loaded.search(queries, num_results=10)["rows"].numpy(), want)
     with pytest.raises(ValueError, match="ranker_features must be in"):
         SearchPipeline(old.two_tower, old.lexical, None, catalog["product_id"].tolist(),

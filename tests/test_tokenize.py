@@ -28,6 +28,25 @@ def test_tokens_keep_every_script(text, tokens):
     assert tokenize([text]) == [tokens]
 
 
+@pytest.mark.parametrize("text, tokens", [
+    # Letter/digit runs split; plurals folded (Harman's S-stemmer), kept words kept.
+    ("Screen Doors 32x80 bulbs2700K", ["screen", "door", "32", "x", "80", "bulb", "2700", "k"]),
+    ("batteries hoses toes glass status gas bus", ["battery", "hose", "toe", "glass",
+                                                   "status", "gas", "bus"]),
+    # Accented Latin folds as letters; CJK, Greek finals and model numbers pass unchanged.
+    ("Cafés crèmes Größes", ["café", "crème", "grösse"]),
+    ("iPhone15手机壳 无线耳机s", ["iphone", "15", "手", "机", "壳", "手机", "机壳", "无",
+                              "线", "耳", "机", "无线", "线耳", "耳机", "s"]),
+    ("", []),
+])
+def test_light_analyzer_splits_digits_and_folds_plurals(text, tokens):
+    assert tokenize([text], "light") == [tokens]
+    graph = text_tokens(tf.constant([text]), "light").to_list()[0]
+    assert [t.decode() for t in graph] == tokens
+    # "plain" (the default) is the shared tokenizer unchanged.
+    assert tokenize([text], "plain") == tokenize([text])
+
+
 def test_python_and_graph_tokens_agree_including_invalid_utf8():
     texts = ["Café 无线耳机 iPhone15", "ＡＢＣ", "x" * 300, ""]
     graph = [[t.decode() for t in row] for row in text_tokens(tf.constant(texts)).to_list()]
@@ -57,3 +76,5 @@ def test_bad_input_is_a_clear_error():
         tokenize(["ok", None])
     with pytest.raises(ValueError, match="max_tokens"):
         token_vocabulary(["a"], max_tokens=-1)
+    with pytest.raises(ValueError, match="analyzer must be one of plain, light, got 'porter'"):
+        tokenize(["a"], "porter")

@@ -11,17 +11,18 @@ from typing import List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from tfrec.features.tokenize import tokenize
+from tfrec.features.tokenize import check_analyzer, tokenize
 
 
-def bm25_tokenize(text: str) -> List[str]:
+def bm25_tokenize(text: str, analyzer: str = "plain") -> List[str]:
     """Tokens of one text, as every tfrec text path splits them (`tfrec.features.tokenize`).
 
-    "Wood-Deck 2x4" -> ["wood", "deck", "2x4"]; "无线耳机" -> 无 线 耳 机 无线 线耳 耳机.
+    "Wood-Deck 2x4" -> ["wood", "deck", "2x4"]; "无线耳机" -> 无 线 耳 机 无线 线耳 耳机;
+    analyzer "light": "Wood-Decks 2x4" -> ["wood", "deck", "2", "x", "4"].
     """
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
-    return tokenize([text])[0]
+    return tokenize([text], analyzer)[0]
 
 
 def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -41,17 +42,19 @@ class BM25Scorer:
     Args:
       k1: term-frequency saturation.
       b: document-length normalisation (0 = none, 1 = full).
+      analyzer: how texts and queries become terms (`tfrec.features.tokenize.ANALYZERS`).
     """
 
     # Queries scored together: bounds the dense [queries, documents] block.
     _QUERY_BLOCK = 64
 
-    def __init__(self, k1: float = 1.2, b: float = 0.75) -> None:
+    def __init__(self, k1: float = 1.2, b: float = 0.75, analyzer: str = "plain") -> None:
         if k1 < 0:
             raise ValueError(f"k1 must be >= 0, got {k1}")
         if not 0.0 <= b <= 1.0:
             raise ValueError(f"b must be in [0, 1], got {b}")
         self.k1, self.b = float(k1), float(b)
+        self.analyzer = check_analyzer(analyzer)
         self.doc_ids_: Optional[np.ndarray] = None
 
     def fit(self, doc_ids: Sequence[str], texts: Sequence[str]) -> "BM25Scorer":
@@ -69,7 +72,7 @@ class BM25Scorer:
             raise ValueError("no documents to index")
         if len(set(doc_ids.tolist())) != len(doc_ids):
             raise ValueError("doc_ids must be unique")
-        tokens = tokenize(texts)
+        tokens = tokenize(texts, self.analyzer)
         lengths = np.fromiter((len(t) for t in tokens), dtype=np.float64, count=len(tokens))
         flat = [w for doc in tokens for w in doc]
         doc_of = np.repeat(np.arange(len(tokens)), lengths.astype(np.int64))
@@ -109,7 +112,7 @@ class BM25Scorer:
             raise ValueError("queries must be a list of strings; wrap a single query in [ ]")
         queries = list(queries)
         num_docs = len(self.doc_ids_)
-        terms = [self._query_terms(t) for t in tokenize(queries)]
+        terms = [self._query_terms(t) for t in tokenize(queries, self.analyzer)]
         lengths = np.fromiter((t.size for t in terms), dtype=np.int64, count=len(terms))
         codes = np.concatenate(terms) if terms else np.zeros(0, np.int64)
         starts, sizes = self.indptr_[codes], self.indptr_[codes + 1] - self.indptr_[codes]

@@ -20,7 +20,7 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.features.bm25 import BM25Scorer, expand_ranges
-from tfrec.features.tokenize import text_tokens
+from tfrec.features.tokenize import check_analyzer, text_tokens
 
 __all__ = ["LexicalIndex", "lexical_tokens"]
 
@@ -28,9 +28,9 @@ _HASH_BUCKETS = 2**63 - 1  # to_hash_bucket_fast returns fingerprints in [0, 2**
 _SENTINEL = np.int64(2**63 - 1)  # fingerprint of the sentinel term, above any real one
 
 
-def lexical_tokens(text: tf.Tensor) -> tf.RaggedTensor:
+def lexical_tokens(text: tf.Tensor, analyzer: str = "plain") -> tf.RaggedTensor:
     """[B] strings -> ragged tokens, as `bm25_tokenize` splits them (any script)."""
-    return text_tokens(text)
+    return text_tokens(text, analyzer)
 
 
 class LexicalIndex(tf.keras.layers.Layer):
@@ -43,9 +43,9 @@ class LexicalIndex(tf.keras.layers.Layer):
     scores 0 everywhere. Invalid UTF-8 bytes (impossible in a Python str) act as
     separators, like U+FFFD would.
 
-    Serialization: `get_config()` holds k1, b and the index sizes, not the texts (41k
-    titles do not belong in a model JSON). `from_config` (or `texts=None` with the sizes)
-    builds an empty index of the right shapes that scores 0 everywhere until
+    Serialization: `get_config()` holds k1, b, the analyzer and the index sizes, not the
+    texts (41k titles do not belong in a model JSON). `from_config` (or `texts=None` with
+    the sizes) builds an empty index of the right shapes that scores 0 everywhere until
     `load_weights` or a checkpoint restore fills it. Weights round-trip through the TF
     checkpoint format (the `save_weights` default), `model.save` (SavedModel or
     `.keras`) and `tf.saved_model.save`; legacy `.h5` weight files cannot hold the string
@@ -58,13 +58,16 @@ class LexicalIndex(tf.keras.layers.Layer):
       b: document-length normalisation in [0, 1].
       num_docs, num_terms, num_postings: sizes of the placeholder when texts is None
         (as written by get_config); must be omitted when texts is given.
+      analyzer: how titles and queries become terms (`tfrec.features.tokenize.ANALYZERS`;
+        "light" also splits letter/digit runs and folds plural suffixes).
     """
 
     def __init__(self, texts: Optional[Sequence[str]] = None, k1: float = 1.2,
                  b: float = 0.75, num_docs: Optional[int] = None,
                  num_terms: Optional[int] = None, num_postings: Optional[int] = None,
-                 **kwargs: Any):
+                 analyzer: str = "plain", **kwargs: Any):
         super().__init__(**kwargs)
+        self.analyzer = check_analyzer(analyzer)
         if k1 < 0:
             raise ValueError(f"k1 must be >= 0, got {k1}")
         if not 0.0 <= b <= 1.0:
@@ -74,7 +77,7 @@ class LexicalIndex(tf.keras.layers.Layer):
             if any(s is not None for s in sizes):
                 raise ValueError("pass either texts or the placeholder sizes (num_docs, "
                                  "num_terms, num_postings), not both")
-            arrays = _build_index(texts, k1, b)
+            arrays = _build_index(texts, k1, b, self.analyzer)
         else:
             arrays = _placeholder(*(0 if s is None else s for s in sizes))
         self.k1, self.b = float(k1), float(b)
@@ -105,7 +108,7 @@ class LexicalIndex(tf.keras.layers.Layer):
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
-        config.update(k1=self.k1, b=self.b, num_docs=self._num_docs,
+        config.update(k1=self.k1, b=self.b, analyzer=self.analyzer, num_docs=self._num_docs,
                       num_terms=self._num_terms,
                       num_postings=int(self.postings.shape[0]))
         return config
@@ -115,7 +118,7 @@ class LexicalIndex(tf.keras.layers.Layer):
 
     def tokenize(self, queries: tf.Tensor) -> tf.RaggedTensor:
         """[B] strings -> ragged [B, None] tokens, as `bm25_tokenize` would split them."""
-        return lexical_tokens(_check_queries(queries))
+        return lexical_tokens(_check_queries(queries), self.analyzer)
 
     def call(self, queries: tf.Tensor) -> tf.Tensor:
         """[B] tf.string -> [B, num_docs] float32 BM25 scores."""
@@ -216,7 +219,7 @@ def _fingerprints(terms: np.ndarray) -> np.ndarray:
     return tf.strings.to_hash_bucket_fast(terms.astype(object), _HASH_BUCKETS).numpy()
 
 
-def _build_index(texts: Sequence[str], k1: float, b: float) -> tuple:
+def _build_index(texts: Sequence[str], k1: float, b: float, analyzer: str) -> tuple:
     """BM25Scorer's CSR weights, re-ordered by term fingerprint, plus the sentinel."""
     if isinstance(texts, (str, bytes)):
         raise ValueError("texts must be a sequence of document strings, got a single string")
@@ -229,7 +232,8 @@ def _build_index(texts: Sequence[str], k1: float, b: float) -> tuple:
                              "replace missing texts with '' before indexing")
     if len(texts) >= 2**31:
         raise ValueError(f"{len(texts)} documents do not fit int32 postings")
-    bm25 = BM25Scorer(k1=k1, b=b).fit([str(i) for i in range(len(texts))], texts)
+    bm25 = BM25Scorer(k1=k1, b=b, analyzer=analyzer).fit([str(i) for i in range(len(texts))],
+                                                          texts)
     vocab = np.asarray(list(bm25.vocab_), dtype=object)  # code order (dict keeps it)
     fingerprints = _fingerprints(vocab)
     order = np.argsort(fingerprints, kind="stable")

@@ -12,6 +12,10 @@ separates. CJK (Han, kana, hangul) runs are their own segments, tokenised as sin
 characters plus the bigrams of adjacent characters ("无线耳机" -> 无 线 耳 机 无线 线耳 耳机);
 other segments are one token each. Character n-grams are taken per segment, so they
 cover any script.
+
+Analyzers (`ANALYZERS`) choose what a lexical index matches on top of these rules:
+"plain" as above; "light" also splits letter/digit runs ("32x80" -> 32 x 80, "2700k" ->
+2700 k) and folds plural suffixes (`fold_plurals`), so "door knobs" finds "Door Knob".
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tensorflow_text as tf_text
 
-__all__ = ["normalize_text", "text_segments", "segment_tokens", "text_tokens",
+from tfrec.features.analyzers import ANALYZERS, check_analyzer
+
+__all__ = ["ANALYZERS", "check_analyzer", "normalize_text", "text_segments",
+           "split_letters_digits", "fold_plurals", "segment_tokens", "text_tokens",
            "char_ngrams", "tokenize", "token_vocabulary"]
 
 # CJK scripts (Han incl. the iteration marks, kana, hangul) plus the katakana-hiragana
@@ -35,6 +42,12 @@ CJK_CHAR = f"[{_CJK}]"  # one character of a script written without spaces
 # which NFKC has already turned into digits).
 _SEPARATORS = r"[^\p{L}\p{M}\p{N}]+"
 
+# Harman's S-stemmer (1991), first matching rule only: each output ends in y, e or a
+# non-s letter, so the later rules cannot re-apply. Letters-only tokens: digits, CJK
+# characters (never ending in "s") and short words ("gas", "bus") pass unchanged.
+_PLURAL_RULES = ((r"^(\pL+[^ae\PL])ies$", r"\1y"),  # batteries -> battery
+                 (r"^(\pL+[^aeo\PL])es$", r"\1e"),  # hoses -> hose (toes: next rule)
+                 (r"^(\pL{2,}[^us\PL])s$", r"\1"))  # bulbs -> bulb; glass, status kept
 # Texts tokenised per call of `tokenize` (bounds the eager batch on long catalogs).
 _BATCH = 65536
 # Plain TF ops, no Python control flow on tensors: autograph would only add trace time.
@@ -55,6 +68,29 @@ def text_segments(normalized: tf.Tensor) -> tf.RaggedTensor:
     spaced = tf.strings.regex_replace(normalized, _SEPARATORS, " ")
     spaced = tf.strings.regex_replace(spaced, f"({_CJK_RUN})", r" \1 ")
     return tf.strings.split(spaced)
+
+
+@_plain_ops
+def split_letters_digits(normalized: tf.Tensor) -> tf.Tensor:
+    """Spaces between letters and digits: sizes and model numbers typed fused ("32x80",
+    "bulbs2700k") match titles that write them apart. Two passes: a boundary of each kind
+    is two characters, so matches of one kind never overlap."""
+    spaced = tf.strings.regex_replace(normalized, r"(\pL)(\pN)", r"\1 \2")
+    return tf.strings.regex_replace(spaced, r"(\pN)(\pL)", r"\1 \2")
+
+
+@_plain_ops
+def fold_plurals(tokens: tf.Tensor) -> tf.Tensor:
+    """[...] tokens with plural suffixes folded (Harman's S-stemmer: -ies -> -y unless
+    after a/e, -es -> -e unless after a/e/o, -s -> "" unless after u/s).
+
+    A light rule for languages that pluralise with -s (English, French, Spanish...);
+    a query and a title fold alike, so "bulbs" and "bulb" meet even where a fold is not
+    a real word ("boxes" -> "boxe").
+    """
+    for pattern, rewrite in _PLURAL_RULES:
+        tokens = tf.strings.regex_replace(tokens, pattern, rewrite)
+    return tokens
 
 
 def _characters(strings: tf.Tensor):
@@ -109,9 +145,20 @@ def segment_tokens(segments: tf.RaggedTensor) -> tf.RaggedTensor:
 
 
 @_plain_ops
-def text_tokens(texts: tf.Tensor) -> tf.RaggedTensor:
-    """[B] raw strings -> ragged [B, T] tokens (normalise, segment, expand CJK)."""
-    return segment_tokens(text_segments(normalize_text(texts)))
+def text_tokens(texts: tf.Tensor, analyzer: str = "plain") -> tf.RaggedTensor:
+    """[B] raw strings -> ragged [B, T] tokens (normalise, segment, expand CJK).
+
+    Args:
+      texts: [B] tf.string.
+      analyzer: one of `ANALYZERS` ("light": letter/digit splits, plurals folded).
+    """
+    normalized = normalize_text(texts)
+    if check_analyzer(analyzer) == "light":
+        normalized = split_letters_digits(normalized)
+    tokens = segment_tokens(text_segments(normalized))
+    if analyzer == "light":
+        tokens = tokens.with_flat_values(fold_plurals(tokens.flat_values))
+    return tokens
 
 
 @_plain_ops
@@ -122,32 +169,35 @@ def char_ngrams(segments: tf.RaggedTensor, n: int = 3) -> tf.RaggedTensor:
     return tf.strings.ngrams(chars, n, separator="").merge_dims(1, 2)
 
 
-@tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-def _tokens_graph(texts: tf.Tensor) -> tf.RaggedTensor:
-    return text_tokens(texts)
+# One traced graph per analyzer, built on first use.
+_TOKEN_GRAPHS = {name: tf.function(lambda texts, name=name: text_tokens(texts, name),
+                                   input_signature=[tf.TensorSpec([None], tf.string)])
+                 for name in ANALYZERS}
 
 
-def tokenize(texts: Sequence[str]) -> List[List[str]]:
+def tokenize(texts: Sequence[str], analyzer: str = "plain") -> List[List[str]]:
     """Python strings -> token lists, by the same graph the models run.
 
     Args:
       texts: strings (a single str is a ValueError: wrap it in a list).
+      analyzer: one of `ANALYZERS`.
 
     Returns:
       one list of tokens (str) per text.
 
     Raises:
-      ValueError: if texts is a str or holds a non-string.
+      ValueError: if texts is a str or holds a non-string, or analyzer is unknown.
     """
     if isinstance(texts, (str, bytes)):
         raise ValueError("texts must be a list of strings; wrap a single text in [ ]")
+    graph = _TOKEN_GRAPHS[check_analyzer(analyzer)]
     texts = list(texts)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(f"texts[{i}] must be a string, got {type(text).__name__}")
     out: List[List[str]] = []
     for start in range(0, len(texts), _BATCH):
-        ragged = _tokens_graph(tf.constant(texts[start:start + _BATCH], tf.string))
+        ragged = graph(tf.constant(texts[start:start + _BATCH], tf.string))
         words = [w.decode("utf-8") for w in ragged.flat_values.numpy().tolist()]
         splits = ragged.row_splits.numpy().tolist()
         out.extend(words[a:b] for a, b in zip(splits[:-1], splits[1:]))

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import yaml
 
 from tfrec.config import ExportConfig, plain, read_yaml_mapping, set_field
+from tfrec.features.analyzers import check_analyzer
 
 
 SEARCH_STRATEGIES = ("default", "one_device", "mirrored")
@@ -75,6 +76,9 @@ class SearchConfig:
     word_min_count: int = 2  # words in the learned bag-of-words vocabulary
     id_embeddings: bool = False  # product-id embeddings for products judged in training
     candidates: int = 100  # per retriever; the ranker re-scores their union (<= 2x)
+    # BM25 terms (tfrec.features.analyzers): "light" also splits letter/digit runs
+    # ("32x80") and folds plurals ("knobs" finds "Knob"); "plain": the shared tokens.
+    lexical_analyzer: str = "light"
     hybrid_weight: float = 0.2  # BM25 share of the fused retrieval score
     speller: bool = True  # correct words the catalog never uses (added to the BM25 query)
     dense_corrections: bool = True  # the query tower also reads the corrections

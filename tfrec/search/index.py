@@ -142,6 +142,7 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
             "id_vocabulary": _id_vocabulary(two_tower, product_ids),
             "ranker": pipeline.ranker is not None,
             "ranker_features": pipeline.ranker_features,
+            "lexical_analyzer": pipeline.lexical.analyzer,
             "trained_products": len(product_ids),
             # The speller is rebuilt over whatever table is indexed, from these queries.
             "speller_queries": getattr(pipeline.speller, "logged_queries", []),
@@ -305,7 +306,9 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     two_tower.set_word_lookup(words)
     ranker = SearchRanker() if meta["ranker"] else None
     speller = build_speller(cfg, titles, meta.get("speller_queries", []))
-    pipeline = SearchPipeline(two_tower, LexicalIndex(titles), ranker, ids, titles,
+    # Runs saved before the analyzer setting indexed plain tokens.
+    lexical = LexicalIndex(titles, analyzer=meta.get("lexical_analyzer", "plain"))
+    pipeline = SearchPipeline(two_tower, lexical, ranker, ids, titles,
                               candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
                               dense_corrections=cfg.dense_corrections,
                               speller=speller, refresh=False,  # once, after the restore

@@ -21,6 +21,7 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.data.homedepot import load_homedepot, split_by_query
+from tfrec.features.analyzers import check_analyzer
 from tfrec.features.lexical import LexicalIndex
 from tfrec.features.quantize import catalog_rows
 from tfrec.features.speller import Speller, speller_from_texts
@@ -143,7 +144,7 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
         temperature=cfg.temperature,
         negative_rows=sorted({row_of[p] for p in train["product_id"]}))
     two_tower.set_word_lookup(vocabulary)
-    return SearchPipeline(two_tower, LexicalIndex(titles), None,
+    return SearchPipeline(two_tower, LexicalIndex(titles, analyzer=cfg.lexical_analyzer), None,
                           data.catalog["product_id"].tolist(), titles,
                           candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
                           dense_corrections=cfg.dense_corrections,
@@ -497,6 +498,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     """
     check_search_strategy(cfg.strategy)
     check_ranker_folds(cfg.ranker_folds, cfg.ranker_fold_lists)
+    check_analyzer(cfg.lexical_analyzer, "search.lexical_analyzer")
     check_index_settings(cfg.index_settings())  # before hours of training, not after
     configure_devices(cfg.cpu_devices)
     strategy = make_strategy(cfg.strategy)
