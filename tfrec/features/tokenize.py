@@ -152,11 +152,12 @@ def text_tokens(texts: tf.Tensor, analyzer: str = "plain") -> tf.RaggedTensor:
       texts: [B] tf.string.
       analyzer: one of `ANALYZERS` ("light": letter/digit splits, plurals folded).
     """
+    light = check_analyzer(analyzer) == "light"
     normalized = normalize_text(texts)
-    if check_analyzer(analyzer) == "light":
+    if light:
         normalized = split_letters_digits(normalized)
     tokens = segment_tokens(text_segments(normalized))
-    if analyzer == "light":
+    if light:
         tokens = tokens.with_flat_values(fold_plurals(tokens.flat_values))
     return tokens
 
