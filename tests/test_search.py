@@ -398,6 +398,45 @@ def test_search_cli_helpers(capsys):
     assert main(["search", "train", "--set", "lexical_analyzer=porter"]) == 2
     assert ("search.lexical_analyzer must be one of plain, light, got 'porter'"
             in capsys.readouterr().err)
+    assert main(["search", "train", "--set", "word_analyzer=snowball"]) == 2
+    assert ("search.word_analyzer must be one of plain, light, got 'snowball'"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("analyzer", ["plain", "light"])
+def test_word_bag_analyzer_decides_which_query_and_title_words_meet(tiny_encoder, analyzer):
+    """With the light analyzer the word bag reads "knobs" as the title's "knob" and
+    "2700k" as "2700 k"; plain keeps them apart. Chinese and accented words meet either way."""
+    from tfrec.search.model import (SearchTwoTower, catalog_word_ids, query_encoder_of,
+                                    word_vocabulary)
+
+    titles = ["Brass Door Knob 2700 K", "Café Größe Tisch", "无线耳机 蓝牙"]
+    vocabulary = word_vocabulary(titles, min_count=1, analyzer=analyzer)
+    assert "knob" in vocabulary and "grösse" in vocabulary and "耳机" in vocabulary
+    tower = SearchTwoTower(query_encoder_of(_tiny_config(tiny_encoder)),
+                           np.zeros([3, 64], np.float32),
+                           catalog_word_ids(titles, vocabulary, analyzer=analyzer),
+                           len(vocabulary), ["a", "b", "c"], word_analyzer=analyzer)
+    tower.set_word_lookup(vocabulary)
+    # Large random word vectors: the bag outweighs the (unit) BERT part of a query.
+    words = np.random.default_rng(0).normal(size=[len(vocabulary) + 1, 64]) * 100
+    tower.words.set_weights([words.astype(np.float32)])
+    products = tower.catalog_vectors().numpy()
+
+    def best(query: str) -> tuple:
+        scores = products @ tower.query_vectors(tf.constant([query])).numpy()[0]
+        return int(np.argmax(scores)), float(scores.max())
+
+    assert best("CAFÉ größe")[0] == 1 and best("蓝牙耳机")[0] == 2
+    knob, plural = best("brass door knob 2700 k"), best("Brass Door Knobs 2700K")
+    assert knob[0] == 0 and knob[1] > 0.99
+    if analyzer == "light":
+        assert plural[0] == 0 and plural[1] > 0.99
+    else:  # "knobs" and "2700k" are words the titles do not have
+        assert plural[1] < 0.9
+    with pytest.raises(ValueError, match="word_analyzer must be one of plain, light"):
+        SearchTwoTower(tower.query_encoder, np.zeros([3, 64], np.float32),
+                       np.zeros([3, 4], np.int32), 1, ["a", "b", "c"], word_analyzer="porter")
 
 
 def test_ranker_learns_from_cross_fitted_lists_of_every_training_query(search_run,
@@ -500,8 +539,8 @@ def test_title_coverage_and_word_counts_are_ranker_features(search_run):
 def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
         search_run, search_workdir, tiny_encoder, tmp_path):
     """Runs saved by an earlier tfrec have no `ranker_features` and a ranker over the
-    first LEGACY_FEATURES columns, no `lexical_analyzer` and plain BM25 terms: they reload
-    with those columns and terms and rank as before."""
+    first LEGACY_FEATURES columns, no `lexical_analyzer` / `word_analyzer` and plain
+    terms: they reload with those columns and terms and rank as before."""
     from tfrec.search.index import (META_FILE, MODEL_DIR, load_search_pipeline,
                                     resolve_search_run, save_search_run)
     from tfrec.search.pipeline import SearchPipeline
@@ -511,18 +550,20 @@ def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
     catalog = search_run.data.catalog
     new_run = resolve_search_run(search_workdir)
     with open(os.path.join(new_run, MODEL_DIR, META_FILE), encoding="utf-8") as f:
-        assert json.load(f)["lexical_analyzer"] == "light"  # the default
+        saved = json.load(f)
+    assert saved["lexical_analyzer"] == saved["word_analyzer"] == "light"  # the defaults
     copied = str(tmp_path / "plain_run" / "search")
     shutil.copytree(new_run, copied)
     plain_meta = os.path.join(copied, MODEL_DIR, META_FILE)
     with open(plain_meta, encoding="utf-8") as f:
         meta = json.load(f)
-    del meta["lexical_analyzer"]
+    del meta["lexical_analyzer"], meta["word_analyzer"]
     with open(plain_meta, "w", encoding="utf-8") as f:
         json.dump(meta, f)
     old, _ = load_search_pipeline(copied, catalog, index=False,
                                   cache_dir=os.path.join(search_workdir, "cache"))
-    assert old.lexical.analyzer == "plain" and old.ranker_features == len(FEATURES)
+    assert old.lexical.analyzer == old.two_tower.word_analyzer == "plain"
+    assert old.ranker_features == len(FEATURES)
     old.ranker_features = LEGACY_FEATURES
     cfg = dataclasses.replace(_tiny_config(tiny_encoder), ranker_epochs=1)
     train_ranker(old, cfg, search_run.data)
@@ -534,12 +575,14 @@ def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
     meta_file = os.path.join(run_dir, MODEL_DIR, META_FILE)
     with open(meta_file, encoding="utf-8") as f:
         meta = json.load(f)
-    del meta["ranker_features"], meta["lexical_analyzer"]  # as an earlier tfrec wrote it
+    # As an earlier tfrec wrote it.
+    del meta["ranker_features"], meta["lexical_analyzer"], meta["word_analyzer"]
     with open(meta_file, "w", encoding="utf-8") as f:
         json.dump(meta, f)
     loaded, _ = load_search_pipeline(run_dir, catalog, index=False,
                                      cache_dir=os.path.join(search_workdir, "cache"))
     assert loaded.ranker_features == LEGACY_FEATURES and loaded.lexical.analyzer == "plain"
+    assert loaded.two_tower.word_analyzer == "plain"
     np.testing.assert_array_equal(loaded.search(queries, num_results=10)["rows"].numpy(), want)
     with pytest.raises(ValueError, match="ranker_features must be in"):
         SearchPipeline(old.two_tower, old.lexical, None, catalog["product_id"].tolist(),

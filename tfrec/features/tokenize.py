@@ -206,7 +206,7 @@ def tokenize(texts: Sequence[str], analyzer: str = "plain") -> List[List[str]]:
 
 
 def token_vocabulary(texts: Sequence[str], max_tokens: Optional[int] = None,
-                     min_count: int = 1) -> List[str]:
+                     min_count: int = 1, analyzer: str = "plain") -> List[str]:
     """Tokens of `texts` seen at least `min_count` times, most frequent first.
 
     Ties are broken alphabetically so the vocabulary does not depend on text order.
@@ -215,13 +215,14 @@ def token_vocabulary(texts: Sequence[str], max_tokens: Optional[int] = None,
       texts: strings to count tokens in.
       max_tokens: keep at most this many (None: all).
       min_count: drop rarer tokens.
+      analyzer: one of `ANALYZERS`.
 
     Returns:
       the token list.
     """
     if max_tokens is not None and max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0 or None, got {max_tokens}")
-    counts = collections.Counter(t for row in tokenize(texts) for t in row)
+    counts = collections.Counter(t for row in tokenize(texts, analyzer) for t in row)
     kept = sorted((w for w, c in counts.items() if c >= min_count),
                   key=lambda w: (-counts[w], w))
     return kept if max_tokens is None else kept[:max_tokens]

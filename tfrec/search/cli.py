@@ -168,11 +168,12 @@ def check_inputs(cfg: SearchConfig) -> None:
     Raises:
       FileNotFoundError: naming the missing judgments file or encoder directory.
       ValueError: a strategy search training does not support, bad ranker_folds or an
-        unknown lexical_analyzer.
+        unknown lexical_analyzer or word_analyzer.
     """
     check_search_strategy(cfg.strategy)
     check_ranker_folds(cfg.ranker_folds, cfg.ranker_fold_lists)
     check_analyzer(cfg.lexical_analyzer, "search.lexical_analyzer")
+    check_analyzer(cfg.word_analyzer, "search.word_analyzer")
     source = cfg.judgments
     if source and not source.startswith("synthetic:") and not os.path.isfile(source):
         raise FileNotFoundError(f"judgments file {source!r} does not exist (pass a Home Depot "

@@ -79,6 +79,9 @@ class SearchConfig:
     # BM25 terms (tfrec.features.analyzers): "light" also splits letter/digit runs
     # ("32x80") and folds plurals ("knobs" finds "Knob"); "plain": the shared tokens.
     lexical_analyzer: str = "light"
+    # Terms of the two-tower's learned title/query word bag (same choices), so a query's
+    # "knobs" moves with the title's "knob".
+    word_analyzer: str = "light"
     hybrid_weight: float = 0.2  # BM25 share of the fused retrieval score
     speller: bool = True  # correct words the catalog never uses (added to the BM25 query)
     dense_corrections: bool = True  # the query tower also reads the corrections

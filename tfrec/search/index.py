@@ -143,6 +143,7 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
             "ranker": pipeline.ranker is not None,
             "ranker_features": pipeline.ranker_features,
             "lexical_analyzer": pipeline.lexical.analyzer,
+            "word_analyzer": two_tower.word_analyzer,
             "trained_products": len(product_ids),
             # The speller is rebuilt over whatever table is indexed, from these queries.
             "speller_queries": getattr(pipeline.speller, "logged_queries", []),
@@ -300,13 +301,16 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
         os.path.dirname(os.path.abspath(run_dir)), "cache"))
     encoder = query_encoder_of(cfg)
     words = meta["words"]
-    two_tower = SearchTwoTower(encoder, vectors, catalog_word_ids(titles, words), len(words),
-                               ids, id_vocabulary=meta["id_vocabulary"],
-                               negatives=cfg.negatives, temperature=cfg.temperature)
+    # Runs saved before these settings used plain terms for both.
+    word_analyzer = meta.get("word_analyzer", "plain")
+    two_tower = SearchTwoTower(encoder, vectors,
+                               catalog_word_ids(titles, words, analyzer=word_analyzer),
+                               len(words), ids, id_vocabulary=meta["id_vocabulary"],
+                               negatives=cfg.negatives, temperature=cfg.temperature,
+                               word_analyzer=word_analyzer)
     two_tower.set_word_lookup(words)
     ranker = SearchRanker() if meta["ranker"] else None
     speller = build_speller(cfg, titles, meta.get("speller_queries", []))
-    # Runs saved before the analyzer setting indexed plain tokens.
     lexical = LexicalIndex(titles, analyzer=meta.get("lexical_analyzer", "plain"))
     pipeline = SearchPipeline(two_tower, lexical, ranker, ids, titles,
                               candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,

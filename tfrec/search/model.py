@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_hub as hub
 import tensorflow_text  # noqa: F401  (ops of the preprocessor SavedModel)
 
+from tfrec.features.analyzers import check_analyzer
 from tfrec.features.tokenize import text_tokens, token_vocabulary, tokenize
 from tfrec.models.encoder_rate import minimize
 from tfrec.search.config import SearchConfig
@@ -33,17 +34,22 @@ __all__ = ["QueryEncoder", "SearchTwoTower", "word_vocabulary",
 MAX_TITLE_WORDS = 32
 
 
-def word_vocabulary(texts: Sequence[str], min_count: int = 2) -> List[str]:
-    """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
-    return token_vocabulary([str(t) for t in texts], min_count=min_count)
+def word_vocabulary(texts: Sequence[str], min_count: int = 2,
+                    analyzer: str = "plain") -> List[str]:
+    """Words (terms of `analyzer`) seen at least `min_count` times, most frequent first
+    (ties alphabetical)."""
+    return token_vocabulary([str(t) for t in texts], min_count=min_count, analyzer=analyzer)
 
 
 def catalog_word_ids(titles: Sequence[str], vocabulary: Sequence[str],
-                     max_words: int = MAX_TITLE_WORDS) -> np.ndarray:
-    """[N, max_words] int32 word ids per title: 1 + vocabulary index, 0 = pad/unknown."""
+                     max_words: int = MAX_TITLE_WORDS, analyzer: str = "plain") -> np.ndarray:
+    """[N, max_words] int32 word ids per title: 1 + vocabulary index, 0 = pad/unknown.
+
+    `analyzer` must be the one the vocabulary and the query tower use.
+    """
     index = {w: i + 1 for i, w in enumerate(vocabulary)}
     out = np.zeros([len(titles), max_words], np.int32)
-    for row, words in enumerate(tokenize([str(t) for t in titles])):
+    for row, words in enumerate(tokenize([str(t) for t in titles], analyzer)):
         ids = [index[w] for w in words if w in index][:max_words]
         out[row, :len(ids)] = ids
     return out
@@ -143,14 +149,21 @@ class SearchTwoTower(tf.keras.Model):
       negative_rows: catalog rows negatives are drawn from (default: all). Draw them
         from the products the training judgments cover, or the model learns "judged
         at all" as a product prior instead of query relevance.
+      word_analyzer: terms of the word bag (`tfrec.features.analyzers`); the one
+        `title_words` were built with, so query and title words meet.
+
+    Raises:
+      ValueError: mismatched shapes, bad settings or an unknown word_analyzer.
     """
 
     def __init__(self, query_encoder: QueryEncoder, title_vectors: np.ndarray,
                  title_words: np.ndarray, num_words: int, product_ids: Sequence[str],
                  id_vocabulary: Sequence[str] = (), negatives: int = 2048,
                  id_dropout: float = 0.5, temperature: float = 0.05,
-                 negative_rows: Optional[Sequence[int]] = None, **kwargs):
+                 negative_rows: Optional[Sequence[int]] = None,
+                 word_analyzer: str = "plain", **kwargs):
         super().__init__(**kwargs)
+        self.word_analyzer = check_analyzer(word_analyzer, "word_analyzer")
         title_vectors = np.asarray(title_vectors, np.float32)
         if title_vectors.ndim != 2 or len(title_vectors) != len(product_ids):
             raise ValueError(f"title_vectors must be [num_products, dim] with one row per "
@@ -221,7 +234,7 @@ class SearchTwoTower(tf.keras.Model):
         """[B] query strings -> [B, H] unit vectors."""
         queries = tf.reshape(tf.convert_to_tensor(queries, tf.string), [-1])
         base = tf.math.l2_normalize(self.query_encoder(queries, training=training), axis=-1)
-        words = self.word_lookup(text_tokens(queries))  # OOV -> 0, also the pad id
+        words = self.word_lookup(text_tokens(queries, self.word_analyzer))  # OOV, pad -> 0
         words = words.to_tensor(default_value=0, shape=[None, MAX_TITLE_WORDS])
         return tf.math.l2_normalize(base + self.query_adapter(base) + self._bag(words), axis=-1)
 

@@ -128,7 +128,7 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
     titles = data.catalog["title"].tolist()
     train = data.splits["train"]
     vocabulary = word_vocabulary(titles + train["query"].unique().tolist(),
-                                 min_count=cfg.word_min_count)
+                                 min_count=cfg.word_min_count, analyzer=cfg.word_analyzer)
     id_vocabulary = sorted(set(train["product_id"])) if cfg.id_embeddings else []
     if grow_from is not None:
         vocabulary = append_new(grow_from["words"], vocabulary)
@@ -137,12 +137,13 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
     row_of = data.row_of
     encoder = query_encoder_of(cfg)
     two_tower = SearchTwoTower(
-        encoder, vectors, catalog_word_ids(titles, vocabulary), len(vocabulary),
-        data.catalog["product_id"].tolist(),
+        encoder, vectors, catalog_word_ids(titles, vocabulary, analyzer=cfg.word_analyzer),
+        len(vocabulary), data.catalog["product_id"].tolist(),
         id_vocabulary=id_vocabulary,
         negatives=cfg.negatives,
         temperature=cfg.temperature,
-        negative_rows=sorted({row_of[p] for p in train["product_id"]}))
+        negative_rows=sorted({row_of[p] for p in train["product_id"]}),
+        word_analyzer=cfg.word_analyzer)
     two_tower.set_word_lookup(vocabulary)
     return SearchPipeline(two_tower, LexicalIndex(titles, analyzer=cfg.lexical_analyzer), None,
                           data.catalog["product_id"].tolist(), titles,
@@ -499,6 +500,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     check_search_strategy(cfg.strategy)
     check_ranker_folds(cfg.ranker_folds, cfg.ranker_fold_lists)
     check_analyzer(cfg.lexical_analyzer, "search.lexical_analyzer")
+    check_analyzer(cfg.word_analyzer, "search.word_analyzer")
     check_index_settings(cfg.index_settings())  # before hours of training, not after
     configure_devices(cfg.cpu_devices)
     strategy = make_strategy(cfg.strategy)
