@@ -235,3 +235,21 @@ def test_bad_queries_raise(layer, queries, message):
 def test_bad_construction_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LexicalIndex(**kwargs)
+
+
+@pytest.mark.parametrize("k1, b, message", [
+    (True, 0.5, "k1 must be a number >= 0, got True"),
+    ("1.2", 0.5, "k1 must be a number"),
+    (float("nan"), 0.5, "k1 must be a number >= 0, got nan"),
+    (1.2, None, "b must be a number in"),
+    (1.2, -0.1, r"b must be a number in \[0, 1\], got -0.1"),
+])
+def test_bm25_settings_are_checked_before_any_index_is_built(k1, b, message):
+    from tfrec.features.analyzers import check_bm25
+    from tfrec.features.bm25 import BM25Scorer
+
+    check_bm25(np.float32(0.6), np.float64(0.5))  # numpy numbers are numbers
+    with pytest.raises(ValueError, match=message):
+        check_bm25(k1, b)
+    with pytest.raises(ValueError, match=message):
+        BM25Scorer(k1=k1, b=b)

@@ -401,6 +401,10 @@ def test_search_cli_helpers(capsys):
     assert main(["search", "train", "--set", "word_analyzer=snowball"]) == 2
     assert ("search.word_analyzer must be one of plain, light, got 'snowball'"
             in capsys.readouterr().err)
+    assert main(["search", "train", "--set", "bm25_k1=-0.5"]) == 2
+    assert "search.bm25_k1 must be a number >= 0, got -0.5" in capsys.readouterr().err
+    assert main(["search", "train", "--set", "bm25_b=1.5"]) == 2
+    assert "search.bm25_b must be a number in [0, 1], got 1.5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("analyzer", ["plain", "light"])
@@ -539,8 +543,8 @@ def test_title_coverage_and_word_counts_are_ranker_features(search_run):
 def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
         search_run, search_workdir, tiny_encoder, tmp_path):
     """Runs saved by an earlier tfrec have no `ranker_features` and a ranker over the
-    first LEGACY_FEATURES columns, no `lexical_analyzer` / `word_analyzer` and plain
-    terms: they reload with those columns and terms and rank as before."""
+    first LEGACY_FEATURES columns, no `lexical_analyzer` / `word_analyzer` / `bm25`, plain
+    terms and BM25 k1 1.2, b 0.75: they reload with those and rank as before."""
     from tfrec.search.index import (META_FILE, MODEL_DIR, load_search_pipeline,
                                     resolve_search_run, save_search_run)
     from tfrec.search.pipeline import SearchPipeline
@@ -552,17 +556,20 @@ def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
     with open(os.path.join(new_run, MODEL_DIR, META_FILE), encoding="utf-8") as f:
         saved = json.load(f)
     assert saved["lexical_analyzer"] == saved["word_analyzer"] == "light"  # the defaults
+    cfg = SearchConfig()
+    assert saved["bm25"] == {"k1": cfg.bm25_k1, "b": cfg.bm25_b}
     copied = str(tmp_path / "plain_run" / "search")
     shutil.copytree(new_run, copied)
     plain_meta = os.path.join(copied, MODEL_DIR, META_FILE)
     with open(plain_meta, encoding="utf-8") as f:
         meta = json.load(f)
-    del meta["lexical_analyzer"], meta["word_analyzer"]
+    del meta["lexical_analyzer"], meta["word_analyzer"], meta["bm25"]
     with open(plain_meta, "w", encoding="utf-8") as f:
         json.dump(meta, f)
     old, _ = load_search_pipeline(copied, catalog, index=False,
                                   cache_dir=os.path.join(search_workdir, "cache"))
     assert old.lexical.analyzer == old.two_tower.word_analyzer == "plain"
+    assert (old.lexical.k1, old.lexical.b) == (1.2, 0.75)
     assert old.ranker_features == len(FEATURES)
     old.ranker_features = LEGACY_FEATURES
     cfg = dataclasses.replace(_tiny_config(tiny_encoder), ranker_epochs=1)
@@ -576,7 +583,7 @@ def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
     with open(meta_file, encoding="utf-8") as f:
         meta = json.load(f)
     # As an earlier tfrec wrote it.
-    del meta["ranker_features"], meta["lexical_analyzer"], meta["word_analyzer"]
+    del meta["ranker_features"], meta["lexical_analyzer"], meta["word_analyzer"], meta["bm25"]
     with open(meta_file, "w", encoding="utf-8") as f:
         json.dump(meta, f)
     loaded, _ = load_search_pipeline(run_dir, catalog, index=False,

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from tfrec.features.analyzers import check_bm25
 from tfrec.features.tokenize import check_analyzer, tokenize
 
 
@@ -49,10 +50,7 @@ class BM25Scorer:
     _QUERY_BLOCK = 64
 
     def __init__(self, k1: float = 1.2, b: float = 0.75, analyzer: str = "plain") -> None:
-        if k1 < 0:
-            raise ValueError(f"k1 must be >= 0, got {k1}")
-        if not 0.0 <= b <= 1.0:
-            raise ValueError(f"b must be in [0, 1], got {b}")
+        check_bm25(k1, b)
         self.k1, self.b = float(k1), float(b)
         self.analyzer = check_analyzer(analyzer)
         self.doc_ids_: Optional[np.ndarray] = None

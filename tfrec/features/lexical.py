@@ -20,6 +20,7 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.features.bm25 import BM25Scorer, expand_ranges
+from tfrec.features.analyzers import check_bm25
 from tfrec.features.tokenize import check_analyzer, text_tokens
 
 __all__ = ["LexicalIndex", "lexical_tokens"]
@@ -68,10 +69,7 @@ class LexicalIndex(tf.keras.layers.Layer):
                  analyzer: str = "plain", **kwargs: Any):
         super().__init__(**kwargs)
         self.analyzer = check_analyzer(analyzer)
-        if k1 < 0:
-            raise ValueError(f"k1 must be >= 0, got {k1}")
-        if not 0.0 <= b <= 1.0:
-            raise ValueError(f"b must be in [0, 1], got {b}")
+        check_bm25(k1, b)
         sizes = (num_docs, num_terms, num_postings)
         if texts is not None:
             if any(s is not None for s in sizes):

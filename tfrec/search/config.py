@@ -79,6 +79,10 @@ class SearchConfig:
     # BM25 terms (tfrec.features.analyzers): "light" also splits letter/digit runs
     # ("32x80") and folds plurals ("knobs" finds "Knob"); "plain": the shared tokens.
     lexical_analyzer: str = "light"
+    # BM25 term-frequency saturation and title-length normalisation: titles are short and
+    # rarely repeat a word, so less of both than the usual 1.2 / 0.75 for long documents.
+    bm25_k1: float = 0.6
+    bm25_b: float = 0.6
     # Terms of the two-tower's learned title/query word bag (same choices), so a query's
     # "knobs" moves with the title's "knob".
     word_analyzer: str = "light"

@@ -144,6 +144,7 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
             "ranker_features": pipeline.ranker_features,
             "lexical_analyzer": pipeline.lexical.analyzer,
             "word_analyzer": two_tower.word_analyzer,
+            "bm25": {"k1": pipeline.lexical.k1, "b": pipeline.lexical.b},
             "trained_products": len(product_ids),
             # The speller is rebuilt over whatever table is indexed, from these queries.
             "speller_queries": getattr(pipeline.speller, "logged_queries", []),
@@ -301,7 +302,7 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
         os.path.dirname(os.path.abspath(run_dir)), "cache"))
     encoder = query_encoder_of(cfg)
     words = meta["words"]
-    # Runs saved before these settings used plain terms for both.
+    # Runs saved before these settings: plain terms for both, BM25 k1 1.2 and b 0.75.
     word_analyzer = meta.get("word_analyzer", "plain")
     two_tower = SearchTwoTower(encoder, vectors,
                                catalog_word_ids(titles, words, analyzer=word_analyzer),
@@ -311,7 +312,9 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     two_tower.set_word_lookup(words)
     ranker = SearchRanker() if meta["ranker"] else None
     speller = build_speller(cfg, titles, meta.get("speller_queries", []))
-    lexical = LexicalIndex(titles, analyzer=meta.get("lexical_analyzer", "plain"))
+    bm25 = meta.get("bm25", {"k1": 1.2, "b": 0.75})
+    lexical = LexicalIndex(titles, k1=bm25["k1"], b=bm25["b"],
+                           analyzer=meta.get("lexical_analyzer", "plain"))
     pipeline = SearchPipeline(two_tower, lexical, ranker, ids, titles,
                               candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
                               dense_corrections=cfg.dense_corrections,

@@ -21,7 +21,7 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.data.homedepot import load_homedepot, split_by_query
-from tfrec.features.analyzers import check_analyzer
+from tfrec.features.analyzers import check_analyzer, check_bm25
 from tfrec.features.lexical import LexicalIndex
 from tfrec.features.quantize import catalog_rows
 from tfrec.features.speller import Speller, speller_from_texts
@@ -145,7 +145,8 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
         negative_rows=sorted({row_of[p] for p in train["product_id"]}),
         word_analyzer=cfg.word_analyzer)
     two_tower.set_word_lookup(vocabulary)
-    return SearchPipeline(two_tower, LexicalIndex(titles, analyzer=cfg.lexical_analyzer), None,
+    lexical = LexicalIndex(titles, k1=cfg.bm25_k1, b=cfg.bm25_b, analyzer=cfg.lexical_analyzer)
+    return SearchPipeline(two_tower, lexical, None,
                           data.catalog["product_id"].tolist(), titles,
                           candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
                           dense_corrections=cfg.dense_corrections,
@@ -501,6 +502,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     check_ranker_folds(cfg.ranker_folds, cfg.ranker_fold_lists)
     check_analyzer(cfg.lexical_analyzer, "search.lexical_analyzer")
     check_analyzer(cfg.word_analyzer, "search.word_analyzer")
+    check_bm25(cfg.bm25_k1, cfg.bm25_b, "search.bm25_")
     check_index_settings(cfg.index_settings())  # before hours of training, not after
     configure_devices(cfg.cpu_devices)
     strategy = make_strategy(cfg.strategy)
