@@ -19,8 +19,8 @@ import numpy as np
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from tfrec.features.bm25 import BM25Scorer, expand_ranges
 from tfrec.features.analyzers import check_bm25
+from tfrec.features.bm25 import BM25Scorer, expand_ranges
 from tfrec.features.tokenize import check_analyzer, text_tokens
 
 __all__ = ["LexicalIndex", "lexical_tokens"]
