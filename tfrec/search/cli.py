@@ -14,8 +14,7 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 from tfrec.config import parse_assignment, set_field
-from tfrec.features.analyzers import check_analyzer, check_bm25
-from tfrec.search.config import SearchConfig, check_ranker_folds, check_search_strategy
+from tfrec.search.config import SearchConfig
 
 DEFAULT_WORKDIR = os.path.join("work", "search")
 # Rows of the metrics table, in pipeline order; absent stages are skipped.
@@ -167,14 +166,10 @@ def check_inputs(cfg: SearchConfig) -> None:
 
     Raises:
       FileNotFoundError: naming the missing judgments file or encoder directory.
-      ValueError: a strategy search training does not support, bad ranker_folds or an
-        unknown lexical_analyzer or word_analyzer, or BM25 k1 / b out of range.
+      ValueError: a setting `SearchConfig.check` refuses (strategy, ranker folds,
+        analyzers, BM25 k1 / b).
     """
-    check_search_strategy(cfg.strategy)
-    check_ranker_folds(cfg.ranker_folds, cfg.ranker_fold_lists)
-    check_analyzer(cfg.lexical_analyzer, "search.lexical_analyzer")
-    check_analyzer(cfg.word_analyzer, "search.word_analyzer")
-    check_bm25(cfg.bm25_k1, cfg.bm25_b, "search.bm25_")
+    cfg.check()
     source = cfg.judgments
     if source and not source.startswith("synthetic:") and not os.path.isfile(source):
         raise FileNotFoundError(f"judgments file {source!r} does not exist (pass a Home Depot "

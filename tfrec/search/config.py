@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import yaml
 
 from tfrec.config import ExportConfig, plain, read_yaml_mapping, set_field
-from tfrec.features.analyzers import check_analyzer
+from tfrec.features.analyzers import check_analyzer, check_bm25
 
 
 SEARCH_STRATEGIES = ("default", "one_device", "mirrored")
@@ -127,6 +127,15 @@ class SearchConfig:
     # query tower is the cost); the small ranker trains on one device.
     strategy: str = "default"
     cpu_devices: int = 0  # >1 splits the CPU into logical devices (tests of mirrored)
+
+    def check(self) -> None:
+        """Raises a ValueError naming the first setting training cannot use (strategy,
+        ranker folds, analyzers, BM25 k1 / b), before data or models load."""
+        check_search_strategy(self.strategy)
+        check_ranker_folds(self.ranker_folds, self.ranker_fold_lists)
+        check_analyzer(self.lexical_analyzer, "search.lexical_analyzer")
+        check_analyzer(self.word_analyzer, "search.word_analyzer")
+        check_bm25(self.bm25_k1, self.bm25_b, "search.bm25_")
 
     def index_settings(self) -> ExportConfig:
         """The index fields as the ExportConfig `tfrec.models.catalog_index` reads."""

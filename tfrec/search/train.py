@@ -21,7 +21,6 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.data.homedepot import load_homedepot, split_by_query
-from tfrec.features.analyzers import check_analyzer, check_bm25
 from tfrec.features.lexical import LexicalIndex
 from tfrec.features.quantize import catalog_rows
 from tfrec.features.speller import Speller, speller_from_texts
@@ -30,7 +29,7 @@ from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.losses import SoftmaxListwiseLoss
 from tfrec.search.category import (catalog_categories, category_accuracy,
                                    category_targets, prior_accuracy, train_category_head)
-from tfrec.search.config import SearchConfig, check_ranker_folds, check_search_strategy
+from tfrec.search.config import SearchConfig, check_ranker_folds
 from tfrec.search.data import judgments_from_events, product_catalog
 from tfrec.search.index import (index_pipeline, load_search_pipeline, query_vectors,
                                 save_search_run, saved_vocabularies)
@@ -498,11 +497,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
       warm_start: a saved search run (workdir or its search/ dir) whose weights start this
         one: its word and id vocabularies grow, the optimizers start fresh.
     """
-    check_search_strategy(cfg.strategy)
-    check_ranker_folds(cfg.ranker_folds, cfg.ranker_fold_lists)
-    check_analyzer(cfg.lexical_analyzer, "search.lexical_analyzer")
-    check_analyzer(cfg.word_analyzer, "search.word_analyzer")
-    check_bm25(cfg.bm25_k1, cfg.bm25_b, "search.bm25_")
+    cfg.check()
     check_index_settings(cfg.index_settings())  # before hours of training, not after
     configure_devices(cfg.cpu_devices)
     strategy = make_strategy(cfg.strategy)
