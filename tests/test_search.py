@@ -262,6 +262,12 @@ def test_served_search_corrects_a_misspelled_title_word(search_served, search_ru
         assert result["bm25_score"] == pytest.approx(bm25[row_of[result["product_id"]]],
                                                      rel=1e-4, abs=1e-4)
     assert search_served.explain_catalog_search(word)["corrected_words"] == ""
+    # Two catalog words typed as one are searched apart.
+    frequent = sorted(w for w, n in words.items() if n >= 3 and len(w) >= 4 and w.isalpha())
+    left, right = next((a, b) for a in frequent for b in frequent
+                       if a != b and a + b not in words)
+    assert search_served.explain_catalog_search(left + right)["corrected_words"] == (
+        f"{left} {right}")
     args = ["query", "--server", search_served.address, "--model", "search", "--k", "3"]
     assert main(args + ["--query", typo, "--explain"]) == 0
     out = capsys.readouterr().out
@@ -543,8 +549,9 @@ def test_title_coverage_and_word_counts_are_ranker_features(search_run):
 def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
         search_run, search_workdir, tiny_encoder, tmp_path):
     """Runs saved by an earlier tfrec have no `ranker_features` and a ranker over the
-    first LEGACY_FEATURES columns, no `lexical_analyzer` / `word_analyzer` / `bm25`, plain
-    terms and BM25 k1 1.2, b 0.75: they reload with those and rank as before."""
+    first LEGACY_FEATURES columns, no `lexical_analyzer` / `word_analyzer` / `bm25` /
+    `speller_compounds`, plain terms, BM25 k1 1.2, b 0.75 and a speller without compounds:
+    they reload with those and rank as before."""
     from tfrec.search.index import (META_FILE, MODEL_DIR, load_search_pipeline,
                                     resolve_search_run, save_search_run)
     from tfrec.search.pipeline import SearchPipeline
@@ -558,18 +565,20 @@ def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
     assert saved["lexical_analyzer"] == saved["word_analyzer"] == "light"  # the defaults
     cfg = SearchConfig()
     assert saved["bm25"] == {"k1": cfg.bm25_k1, "b": cfg.bm25_b}
+    assert saved["speller_compounds"] is True
     copied = str(tmp_path / "plain_run" / "search")
     shutil.copytree(new_run, copied)
     plain_meta = os.path.join(copied, MODEL_DIR, META_FILE)
     with open(plain_meta, encoding="utf-8") as f:
         meta = json.load(f)
-    del meta["lexical_analyzer"], meta["word_analyzer"], meta["bm25"]
+    del meta["lexical_analyzer"], meta["word_analyzer"], meta["bm25"], meta["speller_compounds"]
     with open(plain_meta, "w", encoding="utf-8") as f:
         json.dump(meta, f)
     old, _ = load_search_pipeline(copied, catalog, index=False,
                                   cache_dir=os.path.join(search_workdir, "cache"))
     assert old.lexical.analyzer == old.two_tower.word_analyzer == "plain"
     assert (old.lexical.k1, old.lexical.b) == (1.2, 0.75)
+    assert not old.speller.options.compounds
     assert old.ranker_features == len(FEATURES)
     old.ranker_features = LEGACY_FEATURES
     cfg = dataclasses.replace(_tiny_config(tiny_encoder), ranker_epochs=1)
@@ -583,7 +592,8 @@ def test_a_run_saved_before_the_new_ranker_columns_still_loads_and_ranks(
     with open(meta_file, encoding="utf-8") as f:
         meta = json.load(f)
     # As an earlier tfrec wrote it.
-    del meta["ranker_features"], meta["lexical_analyzer"], meta["word_analyzer"], meta["bm25"]
+    del (meta["ranker_features"], meta["lexical_analyzer"], meta["word_analyzer"], meta["bm25"],
+         meta["speller_compounds"])
     with open(meta_file, "w", encoding="utf-8") as f:
         json.dump(meta, f)
     loaded, _ = load_search_pipeline(run_dir, catalog, index=False,

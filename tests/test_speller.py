@@ -42,6 +42,34 @@ def test_what_is_left_alone(speller):
     assert _correct(speller, ["sea"]) == ["sea"]  # 3 letters: too many close neighbours
 
 
+def test_fused_words_are_split_and_split_words_joined():
+    titles = ["Lawn Mower 21 in.", "Fire Pit bowl", "Outdoor Ceiling Fan", "Rust-Oleum paint",
+              "Café Tisch rund", "toolbox steel", "vinyl plank", "无线耳机 蓝牙"] * 3
+    sp = speller_from_texts(titles)[0]
+    queries = ["lawnmower", "firepit kit", "out door fan", "rustoleum paint", "cafétisch",
+               "tool box", "vynal plank", "firepit2", "fan pit", "无线耳机", "out 2 door"]
+    assert [c.decode() for c in sp.corrections(tf.constant(queries)).numpy()] == [
+        "lawn mower", "fire pit", "outdoor", "rust oleum", "café tisch", "toolbox", "vinyl",
+        "",  # a digit: a model number, left alone
+        "",  # both halves known, but "fanpit" is no catalog word
+        "", ""]
+    # Splits replace the word in the corrected query; joins only add to it.
+    assert _correct(sp, ["lawnmower blade", "out door fan"]) == ["lawn mower blade",
+                                                                 "out door fan"]
+    # Parts shorter than part_min_length neither split nor join ("a c" is not "ac").
+    short = speller_from_texts(["ac unit window", "a c"] * 3)[0]
+    assert short.corrections(tf.constant(["a c unit"])).numpy().tolist() == [b""]
+    four = speller_from_texts(titles, options=SpellerOptions(part_min_length=4))[0]
+    assert four.corrections(tf.constant(["firepit", "out door"])).numpy().tolist() == [
+        b"", b""]
+    off = speller_from_texts(titles, options=SpellerOptions(compounds=False))[0]
+    assert [c.decode() for c in off.corrections(tf.constant(queries[:3])).numpy()] == [
+        "", "", ""]
+    fn = tf.function(sp.corrections, input_signature=[tf.TensorSpec([None], tf.string)])
+    assert [c.decode() for c in fn(tf.constant(["", "out door", "lawnmower"])).numpy()] == [
+        "", "outdoor", "lawn mower"]
+
+
 def test_one_wrong_chinese_character_is_repaired_from_its_neighbours():
     titles = ["无线耳机 蓝牙", "头戴耳机", "无线鼠标", "蓝牙音箱", "折叠椅 户外",
               "双人沙发"] * 3
@@ -86,6 +114,8 @@ def test_options_are_checked():
         Speller({"word": 3}, options=SpellerOptions(min_length=8, long_length=5))
     with pytest.raises(ValueError, match="max_length"):
         Speller({"word": 3}, options=SpellerOptions(max_length=40))
+    with pytest.raises(ValueError, match="part_min_length must be >= 1"):
+        Speller({"word": 3}, options=SpellerOptions(part_min_length=0))
     assert word_counts(["Café café", "无线 耳机"]) == {"café": 2, "无线": 1, "耳机": 1}
 
 

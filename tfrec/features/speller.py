@@ -10,6 +10,10 @@ CJK text has no words to look up; its typical slip is one wrong character with t
 reading (a pinyin input slip: 无线耳饥 for 无线耳机). A character neither of whose
 neighbouring bigrams the catalog knows is replaced by the catalog's most frequent
 character between the same neighbours (a table of trigrams with the middle left out).
+
+Compounds are typed both ways ("lawnmower" / "lawn mower", "out door" / "outdoor"): an
+unknown word with no correction is split into two catalog words, and two typed words
+whose concatenation is a catalog word add it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class SpellerOptions:
       cjk: correct single characters in CJK runs from their neighbours.
       cjk_min_count: times a character bigram / trigram must occur in the catalog to be
         offered as a CJK correction.
+      compounds: split unknown words into two catalog words and join typed word pairs
+        that the catalog writes as one word.
+      part_min_length: letters of each part of a split or joined compound (shorter parts
+        match by accident: "kid" + "die").
     """
 
     min_length: int = 4
@@ -59,6 +67,8 @@ class SpellerOptions:
     query_known: int = 10
     cjk: bool = True
     cjk_min_count: int = 2
+    compounds: bool = True
+    part_min_length: int = 3
 
     def validate(self) -> None:
         if not 1 <= self.min_length <= self.long_length <= self.max_length:
@@ -68,7 +78,7 @@ class SpellerOptions:
             raise ValueError(f"max_length must be <= 32 (deletion patterns grow as its "
                              f"square), got {self.max_length}")
         for name in ("min_count", "max_words", "candidates_per_key", "query_known",
-                     "cjk_min_count"):
+                     "cjk_min_count", "part_min_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -220,6 +230,14 @@ class Speller(tf.Module):
                                                 tf.constant([contexts[k] for k in keys] or [""],
                                                             tf.string)),
             default_value="", name="cjk_contexts")
+        # Compound parts: frequent catalog words of letters only (no digit, no CJK).
+        parts = sorted((w for w, ok in zip(frequent, _correctable(
+            frequent, dataclasses.replace(options, min_length=options.part_min_length)))
+            if ok), key=lambda w: (-counts[w], w))[:options.max_words] if options.compounds else []
+        self.num_parts = len(parts)
+        self._parts = _lookup(parts, "compound_parts")
+        self._part_log_counts = tf.constant(
+            np.log1p([counts[w] for w in parts] + [0]).astype(np.float32))
         patterns = _deletion_patterns(options.max_length)
         self._patterns = tf.constant(patterns)
         self._pattern_drops = tf.constant((~patterns).sum(axis=1).astype(np.int32))
@@ -237,7 +255,11 @@ class Speller(tf.Module):
                     & ~tf.strings.regex_full_match(words, _NOT_CORRECTED)
                     & (lengths >= o.min_length) & (lengths <= o.max_length))
         at = tf.where(eligible)  # [U, 1]
-        fixed = self._correct_unknown(tf.gather_nd(words, at), tf.gather_nd(lengths, at))
+        unknown, unknown_lengths = tf.gather_nd(words, at), tf.gather_nd(lengths, at)
+        fixed = self._correct_unknown(unknown, unknown_lengths)
+        if o.compounds:  # no word within reach: maybe two fused ("lawnmower")
+            fixed = tf.where(tf.equal(fixed, unknown),
+                             self._split_compounds(unknown, unknown_lengths), fixed)
         words = tf.tensor_scatter_nd_update(words, at, fixed)
         if not o.cjk:
             return words
@@ -272,6 +294,45 @@ class Speller(tf.Module):
         candidate = self._contexts.lookup(key)
         fixed = tf.where(unsupported & tf.not_equal(candidate, ""), candidate, flat)
         return tf.strings.reduce_join(chars.with_flat_values(fixed), axis=1)
+
+    def _split_compounds(self, words: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
+        """[U] words -> [U] "left right" where both halves are catalog words (the split
+        whose rarer half is most frequent), else the word itself."""
+        o = self.options
+        cut = tf.range(1, o.max_length, dtype=tf.int32)[tf.newaxis]  # [1, L-1]
+        lengths = tf.cast(lengths, tf.int32)[:, tf.newaxis]  # [U, 1]
+        cut = tf.broadcast_to(cut, [tf.shape(words)[0], o.max_length - 1])
+        at = tf.minimum(cut, lengths)  # substr refuses positions past the end
+        spread = tf.broadcast_to(words[:, tf.newaxis], tf.shape(cut))
+        left = tf.strings.substr(spread, tf.zeros_like(at), at, unit="UTF8_CHAR")
+        right = tf.strings.substr(spread, at, lengths - at, unit="UTF8_CHAR")
+        li, ri = self._parts.lookup(left), self._parts.lookup(right)
+        ok = ((cut >= o.part_min_length) & (lengths - cut >= o.part_min_length)
+              & (li >= 0) & (ri >= 0))
+        none = tf.constant(self.num_parts, tf.int64)  # the log-count padding (0)
+        rarer = tf.minimum(tf.gather(self._part_log_counts, tf.where(li >= 0, li, none)),
+                           tf.gather(self._part_log_counts, tf.where(ri >= 0, ri, none)))
+        best = tf.argmax(tf.where(ok, rarer, -1.0), axis=1, output_type=tf.int32)
+        split = tf.strings.join([tf.gather(left, best, batch_dims=1),
+                                 tf.gather(right, best, batch_dims=1)], separator=" ")
+        return tf.where(tf.reduce_any(ok, axis=1), split, words)
+
+    def _joined_pairs(self, segments: tf.RaggedTensor) -> tf.RaggedTensor:
+        """Ragged [B, J]: each pair of neighbouring typed words whose concatenation is a
+        catalog word ("out door" -> "outdoor"), as that word."""
+        o = self.options
+        flat = segments.flat_values
+        rows = segments.value_rowids()
+        after = tf.concat([flat[1:], [""]], 0)
+        same_query = tf.concat([tf.equal(rows[1:], rows[:-1]), [False]], 0)
+        lengths = tf.strings.length(flat, unit="UTF8_CHAR")
+        letters = (~tf.strings.regex_full_match(flat, _NOT_CORRECTED)
+                   & (lengths >= o.part_min_length))
+        joined = flat + after
+        hit = (same_query & letters & tf.concat([letters[1:], [False]], 0)
+               & (self._parts.lookup(joined) >= 0))
+        return tf.ragged.boolean_mask(segments.with_flat_values(joined),
+                                      segments.with_flat_values(hit))
 
     def _correct_unknown(self, words: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
         """[U] unknown words -> [U] their best correction, or themselves."""
@@ -315,7 +376,8 @@ class Speller(tf.Module):
         return tf.where(found, tf.gather(self._words, tf.minimum(pick, none)), words)
 
     def corrections(self, queries: tf.Tensor) -> tf.Tensor:
-        """[B] raw queries -> [B] strings of the corrected words only ("" if none).
+        """[B] raw queries -> [B] strings of the corrected words only ("" if none), then
+        the compounds that typed word pairs join into.
 
         Appended to a query, they add the catalog's spelling without dropping what the
         shopper typed (a wrong correction costs a little precision, not the match).
@@ -325,6 +387,8 @@ class Speller(tf.Module):
         changed = tf.not_equal(fixed, segments.flat_values)
         kept = tf.ragged.boolean_mask(segments.with_flat_values(fixed),
                                       segments.with_flat_values(changed))
+        if self.options.compounds:
+            kept = tf.concat([kept, self._joined_pairs(segments)], axis=1)
         return tf.strings.reduce_join(kept, axis=1, separator=" ")
 
     def correct(self, queries: tf.Tensor) -> tf.Tensor:

@@ -88,6 +88,9 @@ class SearchConfig:
     word_analyzer: str = "light"
     hybrid_weight: float = 0.2  # BM25 share of the fused retrieval score
     speller: bool = True  # correct words the catalog never uses (added to the BM25 query)
+    # The speller also splits fused words into two catalog words ("lawnmower") and joins
+    # typed pairs the catalog writes as one ("out door" -> "outdoor").
+    speller_compounds: bool = True
     dense_corrections: bool = True  # the query tower also reads the corrections
     # Query -> category classifier (ranker features): auto|catalog|clusters|off; "auto"
     # uses the catalog's category column if it has one; "clusters": title departments

@@ -141,6 +141,7 @@ def search_card(pipeline: SearchPipeline, num_results: int, **extra: Any) -> Dic
             "speller": None if pipeline.speller is None else {
                 "words": pipeline.speller.num_words, "keys": pipeline.speller.num_keys,
                 "cjk_contexts": pipeline.speller.num_contexts,
+                "compound_parts": pipeline.speller.num_parts,
                 "dense_corrections": pipeline.dense_corrections},
             "ranker": pipeline.ranker is not None,
             "query_category": None if pipeline.category_head is None else {

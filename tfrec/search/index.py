@@ -148,6 +148,8 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
             "trained_products": len(product_ids),
             # The speller is rebuilt over whatever table is indexed, from these queries.
             "speller_queries": getattr(pipeline.speller, "logged_queries", []),
+            "speller_compounds": pipeline.speller is not None
+                                 and pipeline.speller.options.compounds,
             # What an IVF index over a new table is tuned on (validation queries).
             "tuning_queries": list(getattr(pipeline, "tuning_queries", [])),
             "categories": None}
@@ -311,6 +313,8 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
                                word_analyzer=word_analyzer)
     two_tower.set_word_lookup(words)
     ranker = SearchRanker() if meta["ranker"] else None
+    # Runs saved before compound splits and joins: a speller without them.
+    cfg.speller_compounds = bool(meta.get("speller_compounds", False))
     speller = build_speller(cfg, titles, meta.get("speller_queries", []))
     bm25 = meta.get("bm25", {"k1": 1.2, "b": 0.75})
     lexical = LexicalIndex(titles, k1=bm25["k1"], b=bm25["b"],

@@ -23,7 +23,7 @@ import tensorflow as tf
 from tfrec.data.homedepot import load_homedepot, split_by_query
 from tfrec.features.lexical import LexicalIndex
 from tfrec.features.quantize import catalog_rows
-from tfrec.features.speller import Speller, speller_from_texts
+from tfrec.features.speller import Speller, SpellerOptions, speller_from_texts
 from tfrec.models.catalog_index import check_index_settings
 from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.losses import SoftmaxListwiseLoss
@@ -163,7 +163,8 @@ def build_speller(cfg: SearchConfig, titles: Sequence[str],
     """
     if not cfg.speller:
         return None
-    speller, info = speller_from_texts(titles, queries)
+    speller, info = speller_from_texts(titles, queries,
+                                       SpellerOptions(compounds=cfg.speller_compounds))
     log.info("speller: %d catalog words offered, %d deletion keys, %d known words",
              info["words"], info["keys"], info["known"])
     return speller
