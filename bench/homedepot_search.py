@@ -29,7 +29,8 @@ exported model):
                        judgments (graded multi-positive softmax, catalog negatives),
                        product tower = frozen MiniLM title vector + learned residual from
                        title words; epoch picked on validation.
-  hybrid               catalog-z-scored fusion 0.8 two-tower + 0.2 BM25.
+  hybrid               catalog-z-scored fusion (1 - w) two-tower + w BM25, w picked from
+                       0-0.5 by validation NDCG@10 after the two-tower trains.
   two-tower+ranker     union of the two-tower and BM25 top-100 lists re-scored by the
                        DCN ranker (BERT query / product vectors, BM25, coverage,
                        retrieval scores and ranks), trained on the validation queries'

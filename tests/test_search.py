@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -321,13 +322,49 @@ def test_cli_search_train_prints_the_table_and_exports(tiny_encoder, search_run,
     assert exported == [str(export_base / "search" / "1")], out
     assert os.path.isfile(os.path.join(exported[0], "saved_model.pb"))
     with open(os.path.join(exported[0], "assets.extra", "tfrec_model.json")) as f:
-        assert json.load(f)["num_results"] == 4  # --results
+        card = json.load(f)
+    assert card["num_results"] == 4  # --results
+    # The weight validation picked: printed, in the card's config and its pipeline facts.
+    weight = float(re.search(r"hybrid score: BM25 weight ([0-9.]+) \(best validation", out)[1])
+    assert card["hybrid_weight"] == card["config"]["hybrid_weight"] == weight, out
     assert glob.glob(str(tmp_path / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
 
 
 def _homedepot_file() -> str:
     data_dir = os.environ.get("TFREC_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
     return os.path.join(data_dir, "homedepot", "queries_dev.csv")
+
+
+def test_hybrid_weight_is_picked_on_validation_and_saved(search_run, search_workdir):
+    """The BM25 share of the hybrid score is the validation argmax of the grid; the saved
+    config (what `tfrec search index` and exports rebuild from) carries it."""
+    from tfrec.search.index import MODEL_DIR, resolve_search_run
+    from tfrec.search.train import evaluate_stages, tune_hybrid_weight
+
+    pipeline, data = search_run.pipeline, search_run.data
+    grid = SearchConfig().hybrid_weights
+    scores = search_run.history["hybrid_weight_val_ndcg@10"]
+    assert len(scores) == len(grid)
+    assert pipeline.hybrid_weight == grid[int(np.argmax(scores))]
+    # The workdir's saved run (a later session test may have trained it again).
+    run_dir = resolve_search_run(search_workdir)
+    saved = SearchConfig.from_yaml(os.path.join(run_dir, MODEL_DIR, "config.yaml"))
+    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+        saved_scores = json.load(f)["history"]["hybrid_weight_val_ndcg@10"]
+    assert saved.hybrid_weight == grid[int(np.argmax(saved_scores))]
+    chosen = pipeline.hybrid_weight
+    try:
+        ndcg = tune_hybrid_weight(pipeline, (0.0, 0.5, 1.0), data.splits["val"], data.row_of)
+        assert pipeline.hybrid_weight == max(ndcg, key=ndcg.get)
+        for w in (0.0, 0.5, 1.0):  # each is the hybrid stage's NDCG@10 at that weight
+            pipeline.hybrid_weight = w
+            want = evaluate_stages(pipeline, data.splits["val"], data.row_of, ("hybrid",))
+            assert ndcg[w] == pytest.approx(want["hybrid"].summary()["ndcg@10"], abs=1e-6)
+        assert len(set(ndcg.values())) > 1  # the weight matters on this world
+        with pytest.raises(ValueError, match=r"numbers in \[0, 1\]"):
+            tune_hybrid_weight(pipeline, (0.2, 1.5), data.splits["val"], data.row_of)
+    finally:
+        pipeline.hybrid_weight = chosen
 
 
 def test_search_trains_on_a_home_depot_slice(tiny_encoder, tmp_path):
@@ -404,6 +441,9 @@ def test_search_cli_helpers(capsys):
     assert main(["search", "train", "--set", "lexical_analyzer=porter"]) == 2
     assert ("search.lexical_analyzer must be one of plain, light, got 'porter'"
             in capsys.readouterr().err)
+    assert main(["search", "train", "--set", "hybrid_weights=[0.2, 1.5]"]) == 2
+    assert "search.hybrid_weight and search.hybrid_weights must be numbers in [0, 1], got 1.5" \
+        in capsys.readouterr().err
     assert main(["search", "train", "--set", "word_analyzer=snowball"]) == 2
     assert ("search.word_analyzer must be one of plain, light, got 'snowball'"
             in capsys.readouterr().err)

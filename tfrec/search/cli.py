@@ -218,7 +218,9 @@ def _train(args: argparse.Namespace) -> int:
         path = export_search(run.pipeline, export_base, model_name=args.model_name,
                              version=args.version, num_results=cfg.results,
                              card={"metrics": run.metrics, "judgments": cfg.judgments,
-                                   "seed": cfg.seed, "config": dataclasses.asdict(cfg)})
+                                   "seed": cfg.seed, "config": dataclasses.asdict(
+                                       dataclasses.replace(  # as validation tuned it
+                                           cfg, hybrid_weight=run.pipeline.hybrid_weight))})
     if args.json:
         print(json.dumps({"metrics": run.metrics, "query_category": run.query_category,
                           "timings": run.timings, "export": path}, indent=2))
@@ -228,6 +230,10 @@ def _train(args: argparse.Namespace) -> int:
           f"val {sizes.get('val', 0)} / test {sizes.get('test', 0)}; trained in "
           f"{run.timings.get('total_s', 0.0):.0f}s ({cfg.strategy}, {run.replicas} replicas)")
     print(format_metrics(run.metrics))
+    tuned = run.history.get("hybrid_weight_val_ndcg@10")
+    print(f"hybrid score: BM25 weight {run.pipeline.hybrid_weight:g}"
+          + (f" (best validation NDCG@10 {max(tuned):.4f} of {len(tuned)} weights tried)"
+             if tuned else ""))
     qc = run.query_category
     if qc:
         print(f"query category ({qc['categories']} categories from the {qc['source']}): test "

@@ -87,6 +87,9 @@ class SearchConfig:
     # "knobs" moves with the title's "knob".
     word_analyzer: str = "light"
     hybrid_weight: float = 0.2  # BM25 share of the fused retrieval score
+    # Validation NDCG@10 picks hybrid_weight among these after the two-tower trains (which
+    # retriever deserves more weight depends on the catalog); () keeps hybrid_weight.
+    hybrid_weights: Tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
     speller: bool = True  # correct words the catalog never uses (added to the BM25 query)
     # The speller also splits fused words into two catalog words ("lawnmower") and joins
     # typed pairs the catalog writes as one ("out door" -> "outdoor").
@@ -133,8 +136,12 @@ class SearchConfig:
 
     def check(self) -> None:
         """Raises a ValueError naming the first setting training cannot use (strategy,
-        ranker folds, analyzers, BM25 k1 / b), before data or models load."""
+        hybrid weights, ranker folds, analyzers, BM25 k1 / b), before data or models load."""
         check_search_strategy(self.strategy)
+        for w in (self.hybrid_weight, *self.hybrid_weights):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+                raise ValueError(f"search.hybrid_weight and search.hybrid_weights must be "
+                                 f"numbers in [0, 1], got {w!r}")
         check_ranker_folds(self.ranker_folds, self.ranker_fold_lists)
         check_analyzer(self.lexical_analyzer, "search.lexical_analyzer")
         check_analyzer(self.word_analyzer, "search.word_analyzer")

@@ -9,6 +9,7 @@ every product, judged or not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -162,7 +163,9 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
     tmp = tempfile.mkdtemp(prefix=".model-", dir=run_dir)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the run dir is shared like any other
     try:
-        cfg.to_yaml(os.path.join(tmp, "config.yaml"))
+        # The pipeline's own fusion weight (validation may have moved it from cfg's).
+        dataclasses.replace(cfg, hybrid_weight=pipeline.hybrid_weight).to_yaml(
+            os.path.join(tmp, "config.yaml"))
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, ensure_ascii=False)
         if meta["categories"] is not None and categories.centroids is not None:

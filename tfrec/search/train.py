@@ -26,6 +26,7 @@ from tfrec.features.quantize import catalog_rows
 from tfrec.features.speller import Speller, SpellerOptions, speller_from_texts
 from tfrec.models.catalog_index import check_index_settings
 from tfrec.models.encoder_rate import encoder_optimizer
+from tfrec.models.lists import masked_zscore
 from tfrec.models.losses import SoftmaxListwiseLoss
 from tfrec.search.category import (catalog_categories, category_accuracy,
                                    category_targets, prior_accuracy, train_category_head)
@@ -219,6 +220,40 @@ def evaluate_stages(pipeline: SearchPipeline, judgments: pd.DataFrame,
     queries = sorted(judgments["query"].unique())
     gains = query_gains(judgments, row_of, queries)
     return {s: catalog_search_metrics(_ranked(pipeline, queries, s), gains) for s in stages}
+
+
+def tune_hybrid_weight(pipeline: SearchPipeline, weights: Sequence[float],
+                       judgments: pd.DataFrame, row_of: Dict[str, int],
+                       batch: int = 64) -> Dict[float, float]:
+    """Sets the pipeline's hybrid weight (BM25 share) to the one of `weights` with the best
+    NDCG@10 over `judgments` (validation queries); returns weight -> NDCG@10.
+
+    How much BM25 adds to the two-tower depends on the catalog's text and the tower's
+    fit (a keyword-heavy log wants more), so it is measured per run, not fixed.
+
+    Raises:
+      ValueError: no weights, a weight outside [0, 1], or no judged queries.
+    """
+    weights = [float(w) for w in weights]
+    if not weights or any(not 0.0 <= w <= 1.0 for w in weights):
+        raise ValueError(f"hybrid weights must be a non-empty list of numbers in [0, 1], "
+                         f"got {weights}")
+    queries = sorted(judgments["query"].unique())
+    if not queries:
+        raise ValueError("tuning the hybrid weight needs judged validation queries")
+    depth = min(_DEPTH, pipeline.num_products)
+    ranked: Dict[float, List[np.ndarray]] = {w: [] for w in weights}
+    for start in range(0, len(queries), batch):
+        scores = pipeline.catalog_scores(tf.constant(queries[start:start + batch]))
+        dense_z, bm25_z = masked_zscore(scores["dense"]), masked_zscore(scores["bm25"])
+        for w in weights:  # one pass of the query tower for every weight
+            fused = (1.0 - w) * dense_z + w * bm25_z
+            ranked[w].append(_to_depth(tf.math.top_k(fused, depth)[1].numpy()))
+    gains = query_gains(judgments, row_of, queries)
+    ndcg = {w: catalog_search_metrics(np.concatenate(r), gains).summary()["ndcg@10"]
+            for w, r in ranked.items()}
+    pipeline.hybrid_weight = max(weights, key=ndcg.__getitem__)  # ties: the first
+    return ndcg
 
 
 def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
@@ -535,6 +570,15 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     pipeline.tuning_queries = sorted(data.splits["val"]["query"].unique())
     index_pipeline(pipeline, cfg, pipeline.tuning_queries)
     timings["index_s"] = time.perf_counter() - t
+    if cfg.hybrid_weights and len(data.splits["val"]):
+        t = time.perf_counter()
+        tuned = tune_hybrid_weight(pipeline, cfg.hybrid_weights, data.splits["val"], row_of)
+        history["hybrid_weight_val_ndcg@10"] = [tuned[w] for w in sorted(tuned)]
+        # The saved config, the fold pipelines and the export use the chosen weight.
+        cfg = dataclasses.replace(cfg, hybrid_weight=pipeline.hybrid_weight)
+        log.info("hybrid weight %.2f (validation NDCG@10 %s)", cfg.hybrid_weight,
+                 ", ".join(f"{w:g}: {v:.4f}" for w, v in sorted(tuned.items())))
+        timings["hybrid_weight_s"] = time.perf_counter() - t
     t = time.perf_counter()
     categories = train_query_categories(pipeline, cfg, data)
     category_metrics: Dict[str, object] = {}
