@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
 
@@ -37,6 +37,13 @@ def check_ranker_folds(folds: int, lists: int = 1) -> None:
                          f"{folds!r}")
     if isinstance(lists, bool) or not isinstance(lists, int) or lists < 1:
         raise ValueError(f"ranker_fold_lists must be an integer >= 1, got {lists!r}")
+
+
+def check_hybrid_weights(weights: Sequence[Any], what: str) -> None:
+    """Raises a ValueError unless every weight is a number in [0, 1] (a BM25 share)."""
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+            raise ValueError(f"{what} must be numbers in [0, 1], got {w!r}")
 
 
 @dataclass
@@ -138,10 +145,8 @@ class SearchConfig:
         """Raises a ValueError naming the first setting training cannot use (strategy,
         hybrid weights, ranker folds, analyzers, BM25 k1 / b), before data or models load."""
         check_search_strategy(self.strategy)
-        for w in (self.hybrid_weight, *self.hybrid_weights):
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
-                raise ValueError(f"search.hybrid_weight and search.hybrid_weights must be "
-                                 f"numbers in [0, 1], got {w!r}")
+        check_hybrid_weights((self.hybrid_weight, *self.hybrid_weights),
+                             "search.hybrid_weight and search.hybrid_weights")
         check_ranker_folds(self.ranker_folds, self.ranker_fold_lists)
         check_analyzer(self.lexical_analyzer, "search.lexical_analyzer")
         check_analyzer(self.word_analyzer, "search.word_analyzer")

@@ -25,11 +25,17 @@ from tfrec.search.category import QueryCategoryHead
 from tfrec.search.model import SearchTwoTower
 from tfrec.search.ranker import FEATURES, LEGACY_FEATURES, SearchRanker, candidate_features
 
-__all__ = ["SearchPipeline", "MAX_QUERY_CHARS"]
+__all__ = ["SearchPipeline", "MAX_QUERY_CHARS", "fuse_hybrid"]
 
 # Longer queries are cut before tokenising: bounds the cost of junk input.
 MAX_QUERY_CHARS = 512
 
+
+
+def fuse_hybrid(dense_z: tf.Tensor, bm25_z: tf.Tensor, weight: float) -> tf.Tensor:
+    """The hybrid score from catalog-z-scored dense and BM25 scores (`weight`: BM25's
+    share), for serving and for choosing the weight alike."""
+    return (1.0 - weight) * dense_z + weight * bm25_z
 
 class SearchPipeline(tf.Module):
     """Query strings -> ranked catalog rows with per-stage scores.
@@ -224,19 +230,19 @@ class SearchPipeline(tf.Module):
                                             training=False)
 
     def catalog_scores(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:
-        """Every product's dense, bm25, coverage and hybrid score [B, N] (+ query_vectors,
-        corrections)."""
+        """Every product's dense, bm25, coverage and hybrid score [B, N], the catalog
+        z-scores the hybrid fuses (dense_z, bm25_z), query_vectors and corrections."""
         read = self.read_queries(queries)
         q = self.two_tower.query_vectors(read["dense"], training=False)
         dense = tf.matmul(q, self.product_vectors, transpose_b=True)
         bm25, coverage = self.lexical.scores_and_coverage(read["lexical"])
-        hybrid = self._fuse(masked_zscore(dense), masked_zscore(bm25))
+        dense_z, bm25_z = masked_zscore(dense), masked_zscore(bm25)
         return {"query_vectors": q, "dense": dense, "bm25": bm25, "coverage": coverage,
-                "hybrid": hybrid, "corrections": read["corrections"]}
+                "dense_z": dense_z, "bm25_z": bm25_z, "hybrid": self._fuse(dense_z, bm25_z),
+                "corrections": read["corrections"]}
 
     def _fuse(self, dense_z: tf.Tensor, bm25_z: tf.Tensor) -> tf.Tensor:
-        """The hybrid score from catalog-z-scored dense and BM25 scores."""
-        return (1.0 - self.hybrid_weight) * dense_z + self.hybrid_weight * bm25_z
+        return fuse_hybrid(dense_z, bm25_z, self.hybrid_weight)
 
     def _dense_top(self, q: tf.Tensor, keep, nprobe: Optional[tf.Tensor]):
         """Each query's `candidates` best dense scores and rows (-1 / -inf past the

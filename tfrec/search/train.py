@@ -26,18 +26,17 @@ from tfrec.features.quantize import catalog_rows
 from tfrec.features.speller import Speller, SpellerOptions, speller_from_texts
 from tfrec.models.catalog_index import check_index_settings
 from tfrec.models.encoder_rate import encoder_optimizer
-from tfrec.models.lists import masked_zscore
 from tfrec.models.losses import SoftmaxListwiseLoss
 from tfrec.search.category import (catalog_categories, category_accuracy,
                                    category_targets, prior_accuracy, train_category_head)
-from tfrec.search.config import SearchConfig, check_ranker_folds
+from tfrec.search.config import SearchConfig, check_hybrid_weights, check_ranker_folds
 from tfrec.search.data import judgments_from_events, product_catalog
 from tfrec.search.index import (index_pipeline, load_search_pipeline, query_vectors,
                                 save_search_run, saved_vocabularies)
 from tfrec.search.metrics import SearchMetrics, catalog_search_metrics, query_gains
 from tfrec.search.model import (SearchTwoTower, catalog_word_ids, query_encoder_of,
                                  word_vocabulary)
-from tfrec.search.pipeline import SearchPipeline
+from tfrec.search.pipeline import SearchPipeline, fuse_hybrid
 from tfrec.search.ranker import FEATURES, SearchRanker
 from tfrec.training.keep_best import KeepBestEpoch, fit_keep_best
 from tfrec.training.strategy import configure_devices, make_strategy
@@ -234,10 +233,10 @@ def tune_hybrid_weight(pipeline: SearchPipeline, weights: Sequence[float],
     Raises:
       ValueError: no weights, a weight outside [0, 1], or no judged queries.
     """
+    if not weights:
+        raise ValueError("hybrid weights must be a non-empty list of numbers in [0, 1]")
+    check_hybrid_weights(weights, "hybrid weights")
     weights = [float(w) for w in weights]
-    if not weights or any(not 0.0 <= w <= 1.0 for w in weights):
-        raise ValueError(f"hybrid weights must be a non-empty list of numbers in [0, 1], "
-                         f"got {weights}")
     queries = sorted(judgments["query"].unique())
     if not queries:
         raise ValueError("tuning the hybrid weight needs judged validation queries")
@@ -245,9 +244,8 @@ def tune_hybrid_weight(pipeline: SearchPipeline, weights: Sequence[float],
     ranked: Dict[float, List[np.ndarray]] = {w: [] for w in weights}
     for start in range(0, len(queries), batch):
         scores = pipeline.catalog_scores(tf.constant(queries[start:start + batch]))
-        dense_z, bm25_z = masked_zscore(scores["dense"]), masked_zscore(scores["bm25"])
         for w in weights:  # one pass of the query tower for every weight
-            fused = (1.0 - w) * dense_z + w * bm25_z
+            fused = fuse_hybrid(scores["dense_z"], scores["bm25_z"], w)
             ranked[w].append(_to_depth(tf.math.top_k(fused, depth)[1].numpy()))
     gains = query_gains(judgments, row_of, queries)
     ndcg = {w: catalog_search_metrics(np.concatenate(r), gains).summary()["ndcg@10"]
