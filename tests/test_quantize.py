@@ -161,28 +161,39 @@ FRESH_PIPELINE = textwrap.dedent(r"""
     import tensorflow as tf
     import tensorflow_text  # noqa: F401
 
-    request = json.loads(sys.argv[2])
+    request = json.loads(sys.argv[3])
     n = len(request["user_id"])
     empty = tf.constant([[""]] * n)
     out = tf.saved_model.load(sys.argv[1]).signatures["recommend"](
         user_id=tf.constant(request["user_id"]), history=tf.constant(request["history"]),
         device=tf.constant(request["device"]), hour=tf.constant(request["hour"], tf.int64),
         k=tf.constant([10] * n), exclude_item_ids=empty, purchased_item_ids=empty)
+    # The ranker export's `rank` (serving_default) over fixed candidate lists.
+    ranked = tf.saved_model.load(sys.argv[2]).signatures["serving_default"](
+        query=tf.constant([""] * n), user_id=tf.constant(request["user_id"]),
+        history=tf.constant(request["history"]), device=tf.constant(request["device"]),
+        hour=tf.constant(request["hour"], tf.int64),
+        candidate_ids=tf.constant(request["candidates"]))
     print("RESULT" + json.dumps({"item_ids": out["item_ids"].numpy().astype(str).tolist(),
-                                 "scores": out["ranker_scores"].numpy().tolist()}))
+                                 "scores": out["ranker_scores"].numpy().tolist(),
+                                 "ranked_ids": ranked["item_ids"].numpy().astype(str).tolist(),
+                                 "ranked_scores": ranked["scores"].numpy().tolist()}))
 """)
 
 
 @pytest.fixture(scope="module")
 def quantized_pipelines(trained_run, trained_ranker, tiny_world, tmp_path_factory):
     from tfrec.config import ExportConfig
-    from tfrec.export.exporter import export_pipeline
+    from tfrec.export.exporter import export_pipeline, export_ranker
 
     base = tmp_path_factory.mktemp("quantized_pipeline")
-    return {p: export_pipeline(trained_run.run_dir, tiny_world.catalog,
-                               ExportConfig(base_dir=str(base), precision=p),
-                               model_name=f"pipeline_{p}", retrieval=trained_run.model,
-                               ranker=trained_ranker.model)
+    models = {"retrieval": trained_run.model, "ranker": trained_ranker.model}
+    return {p: (export_pipeline(trained_run.run_dir, tiny_world.catalog,
+                                ExportConfig(base_dir=str(base), precision=p),
+                                model_name=f"pipeline_{p}", **models),
+                export_ranker(trained_run.run_dir, tiny_world.catalog,
+                              ExportConfig(base_dir=str(base), precision=p),
+                              model_name=f"ranker_{p}", **models))
             for p in ("float32", "int8")}
 
 
@@ -190,7 +201,7 @@ def test_quantized_pipeline_is_smaller_and_answers_alike(quantized_pipelines, tr
                                                          trained_ranker, tiny_world):
     """export.precision covers the ranker and the pipeline (one `RankingCore`): the query
     tower's and the ranker's large tables and the catalog embeddings are stored in int8,
-    and a fresh process gets (nearly) the float32 answers from them."""
+    and a fresh process gets (nearly) the float32 answers from both exports."""
     from tfrec.features.quantize import table_key
 
     variables = {table_key(v): v for m in (trained_run.model.query_tower, trained_ranker.model)
@@ -198,17 +209,19 @@ def test_quantized_pipeline_is_smaller_and_answers_alike(quantized_pipelines, tr
     tables = sum(int(np.prod(v.shape)) * 4 for v in variables.values()
                  if len(v.shape) == 2 and v.shape[0] >= MIN_ROWS)
     assert tables > 0
-    float32, int8 = quantized_pipelines["float32"], quantized_pipelines["int8"]
+    (float32, ranker32), (int8, ranker8) = (quantized_pipelines[p] for p in ("float32", "int8"))
     assert variables_bytes(int8) <= variables_bytes(float32) - 0.7 * tables
-    with open(os.path.join(int8, "assets.extra", "tfrec_model.json")) as f:
-        assert json.load(f)["precision"] == "int8"
+    for path in (int8, ranker8):
+        with open(os.path.join(path, "assets.extra", "tfrec_model.json")) as f:
+            assert json.load(f)["precision"] == "int8"
     users = list(tiny_world.events["user_id"].drop_duplicates().iloc[:12])
     items = list(tiny_world.catalog["item_id"])
     request = {"user_id": users, "history": [[items[i], items[i + 20]] for i in range(12)],
-               "device": ["mobile"] * 12, "hour": list(range(12))}
-    proc = [subprocess.run([sys.executable, "-c", FRESH_PIPELINE, path, json.dumps(request)],
-                           capture_output=True, text=True, timeout=240)
-            for path in (float32, int8)]
+               "device": ["mobile"] * 12, "hour": list(range(12)),
+               "candidates": [items[i:i + 20] for i in range(12)]}
+    proc = [subprocess.run([sys.executable, "-c", FRESH_PIPELINE, path, ranker,
+                            json.dumps(request)], capture_output=True, text=True, timeout=240)
+            for path, ranker in ((float32, ranker32), (int8, ranker8))]
     for p in proc:
         assert p.returncode == 0, p.stderr[-3000:]
     want, got = (json.loads([x for x in p.stdout.splitlines()
@@ -223,3 +236,15 @@ def test_quantized_pipeline_is_smaller_and_answers_alike(quantized_pipelines, tr
     diff = max(abs(g[i] - w[i]) for g, w in pairs for i in w if i and i in g)
     scale = max(abs(x) for _, w in pairs for i, x in w.items() if i)
     assert diff <= 0.02 * scale, (diff, scale)
+    # The ranker export scores the same 20 candidates per shopper: every candidate comes
+    # back, scored within the same bound, and the top 5 mostly agree.
+    ranked = [(dict(zip(a, s)), dict(zip(b, t))) for a, s, b, t in zip(
+        got["ranked_ids"], got["ranked_scores"], want["ranked_ids"], want["ranked_scores"])]
+    for (g, w), candidates in zip(ranked, request["candidates"]):
+        assert set(g) == set(w) == set(candidates)
+    diff = max(abs(g[i] - w[i]) for g, w in ranked for i in w)
+    scale = max(abs(x) for _, w in ranked for x in w.values())
+    assert 0 < diff <= 0.02 * scale, (diff, scale)
+    top5 = np.mean([len(set(a[:5]) & set(b[:5])) / 5
+                    for a, b in zip(got["ranked_ids"], want["ranked_ids"])])
+    assert top5 >= 0.8, top5

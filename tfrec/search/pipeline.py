@@ -22,6 +22,7 @@ from tfrec.models.catalog_index import IndexChoice
 from tfrec.models.ivf import IvfIndex
 from tfrec.models.lists import masked_zscore
 from tfrec.search.category import QueryCategoryHead
+from tfrec.search.config import check_hybrid_weights
 from tfrec.search.model import SearchTwoTower
 from tfrec.search.ranker import FEATURES, LEGACY_FEATURES, SearchRanker, candidate_features
 
@@ -31,11 +32,11 @@ __all__ = ["SearchPipeline", "MAX_QUERY_CHARS", "fuse_hybrid"]
 MAX_QUERY_CHARS = 512
 
 
-
 def fuse_hybrid(dense_z: tf.Tensor, bm25_z: tf.Tensor, weight: float) -> tf.Tensor:
     """The hybrid score from catalog-z-scored dense and BM25 scores (`weight`: BM25's
     share), for serving and for choosing the weight alike."""
     return (1.0 - weight) * dense_z + weight * bm25_z
+
 
 class SearchPipeline(tf.Module):
     """Query strings -> ranked catalog rows with per-stage scores.
@@ -77,8 +78,7 @@ class SearchPipeline(tf.Module):
             raise ValueError(f"{len(titles)} titles for {len(product_ids)} product ids")
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
-        if not 0.0 <= hybrid_weight <= 1.0:
-            raise ValueError(f"hybrid_weight must be in [0, 1], got {hybrid_weight}")
+        check_hybrid_weights([hybrid_weight], "hybrid_weight")
         if not LEGACY_FEATURES <= ranker_features <= len(FEATURES):
             raise ValueError(f"ranker_features must be in [{LEGACY_FEATURES}, {len(FEATURES)}], "
                              f"got {ranker_features}")
