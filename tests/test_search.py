@@ -706,15 +706,15 @@ def test_search_index_serves_a_new_product_table_without_retraining(search_run, 
     try:
         assert client.wait_until_available("search", timeout=30) == 1
         titles = never_judged.head(10)
+        # Every candidate of the two retrievers' union comes back (in the ranker's order),
+        # so what is asserted below is retrieval, not the order a tiny ranker picks.
+        union = 2 * TINY_FIELDS["candidates"]
 
-        def found() -> int:  # never-judged products found by their own titles
+        def found() -> int:  # never-judged products retrieved by their own titles
             return sum(row["product_id"] in [r["product_id"] for r in client.catalog_search(
-                row["title"], model="search", k=20)] for _, row in titles.iterrows())
+                row["title"], model="search", k=union)] for _, row in titles.iterrows())
 
         assert found() == 0  # the training export indexes judged products only
-        # Every candidate of the two retrievers' union comes back (in the ranker's order),
-        # so what is asserted below is retrieval, not the order a one-epoch tiny ranker picks.
-        union = 2 * TINY_FIELDS["candidates"]
         proc = subprocess.run(
             [sys.executable, "-m", "tfrec", "search", "index", "--run", search_workdir,
              "--catalog", str(path), "--export-base", str(base), "--results", str(union),
@@ -738,9 +738,10 @@ def test_search_index_serves_a_new_product_table_without_retraining(search_run, 
             mine = rows[ids.index(product)]
             assert mine["title"] == title
             assert mine["bm25_score"] == max(r["bm25_score"] for r in rows), (title, rows)
-        # Products nobody judged are found by their own titles (a tiny random encoder
-        # trained one epoch: BM25 carries most of it).
-        assert found() >= 5
+        # Products nobody judged are retrieved by their own titles (BM25 ranks each first
+        # by far). Not asserted: their rank after the tiny ranker (3 epochs), which put all
+        # six first in local runs and only one of them in its top 20 (of 40) in a CI run.
+        assert found() == len(titles)
         # The query-category classifier came along (the saved run's: another test retrains
         # the run in this workdir, so not necessarily search_run's classifier).
         leaves = set(tiny_world.catalog["category"])
