@@ -121,6 +121,7 @@ class TwoTowerSetup:
     embedding_dim: int = 64
     id_dim: int = 64
     hidden: Tuple[int, ...] = (128,)
+    projection: bool = True  # model.projection; False: ids-only towers, no output Dense
     temperature: float = 0.1
     id_dropout: float = 0.0
     logq: bool = True
@@ -278,6 +279,9 @@ def build_two_tower(setup: TwoTowerSetup, train: pd.DataFrame, items: pd.DataFra
     cfg.model.id_embedding_dim = setup.id_dim
     cfg.model.text_embedding_dim = 32
     cfg.model.hidden_units = tuple(setup.hidden)
+    cfg.model.projection = setup.projection
+    if not setup.projection:  # the towers' parts are their vectors: ids only
+        cfg.model.query_features, cfg.model.candidate_features = ("user_id",), ("item_id",)
     cfg.model.temperature = setup.temperature
     cfg.model.id_dropout = setup.id_dropout
     cfg.model.logq_correction = setup.logq
@@ -492,7 +496,8 @@ def two_tower_top10(model, setup: TwoTowerSetup, train: pd.DataFrame, users: np.
 
 P2_SETUPS = [
     TwoTowerSetup("tfrec two-tower, ids only", content=False, history=0, embedding_dim=64,
-                  id_dim=64, hidden=(), temperature=0.2, lr=0.003, epochs=12),
+                  id_dim=64, hidden=(), projection=False, temperature=0.2, lr=0.003,
+                  epochs=12),
     TwoTowerSetup("tfrec two-tower, + title/genres + 20 sampled train ratings", content=True,
                   history=20, history_mode="profile", embedding_dim=64, id_dim=64,
                   hidden=(128,), temperature=0.2, lr=0.003, epochs=6, id_dropout=0.1),

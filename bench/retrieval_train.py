@@ -31,7 +31,8 @@ What is measured (all in one process, on the training period of one synthetic wo
   tfrec, ids only      tfrec configured like the baseline: `model.query_features
                        [user_id]`, `candidate_features [item_id]`, no hidden layer, no id
                        dropout, no catalog draws (logQ correction and accidental-hit
-                       removal stay on);
+                       removal stay on); "no output Dense" also without the towers'
+                       output Dense (`model.projection false`);
                        "ids only, 16 steps per call" with steps_per_execution 16.
   baseline             TFRS basic-retrieval tutorial: StringLookup + Embedding per tower
                        on user_id / item_id only, `tfrs.tasks.Retrieval()` without
@@ -99,8 +100,9 @@ SMOKE = dict(world="tiny", batch_size=256, epochs=1, eval_users=50,
              variants="baseline,tfrec,input_only")
 
 VARIANTS = ("baseline", "tfrec", "tfrec_calls16", "tfrec_uncached", "tfrec_in_step",
-            "tfrec_no_trigrams", "tfrec_no_draws", "tfrec_ids", "tfrec_ids_calls16", "tfrec_transformer",
-            "tfrec_gru", "input_only", "input_preprocessed", "input_cached")
+            "tfrec_no_trigrams", "tfrec_no_draws", "tfrec_ids", "tfrec_ids_no_dense",
+            "tfrec_ids_calls16", "tfrec_transformer", "tfrec_gru", "input_only",
+            "input_preprocessed", "input_cached")
 LABELS = {"tfrec": "tfrec (as tfrec train)",
           "tfrec_calls16": "tfrec, 16 steps per call",
           "tfrec_ids_calls16": "tfrec, ids only, 16 steps per call",
@@ -109,6 +111,7 @@ LABELS = {"tfrec": "tfrec (as tfrec train)",
           "tfrec_no_trigrams": "tfrec, no char trigrams",
           "tfrec_no_draws": "tfrec, in-batch negatives only",
           "tfrec_ids": "tfrec, ids only",
+          "tfrec_ids_no_dense": "tfrec, ids only, no output Dense",
           "tfrec_transformer": "tfrec, transformer history",
           "tfrec_gru": "tfrec, GRU history",
           "baseline": "baseline TFRS tutorial (ids)",
@@ -297,14 +300,16 @@ def run(args, variants, cfg, meta, tables):
             run_cfg = copy.deepcopy(cfg)
             if variant == "tfrec_no_trigrams":
                 run_cfg.model.char_ngram_bins = 0
-            if variant in ("tfrec_no_draws", "tfrec_ids", "tfrec_ids_calls16"):
+            ids_only = variant in ("tfrec_ids", "tfrec_ids_no_dense", "tfrec_ids_calls16")
+            if variant == "tfrec_no_draws" or ids_only:
                 run_cfg.model.catalog_negatives = 0
             if variant in ("tfrec_transformer", "tfrec_gru"):
                 run_cfg.model.history_encoder = variant.split("_")[1]
-            if variant in ("tfrec_ids", "tfrec_ids_calls16"):
+            if ids_only:
                 run_cfg.model.query_features, run_cfg.model.candidate_features = (
                     ("user_id",), ("item_id",))
                 run_cfg.model.hidden_units, run_cfg.model.id_dropout = (), 0.0
+                run_cfg.model.projection = variant != "tfrec_ids_no_dense"
             if variant.endswith("_calls16"):
                 run_cfg.train.steps_per_execution = 16
             # One replica, as the trainer runs here: its steps per call.

@@ -337,3 +337,99 @@ def test_ids_only_configuration(tiny_config, tiny_world, trained_run):
     config.query_features = ("user_id", "mood")
     with pytest.raises(ValueError, match=r"model.query_features: unknown feature\(s\) \['mood'\]"):
         TwoTowerModel(trained_run.model.vocab, config)
+
+
+NO_PROJECTION_PROCESS = r"""
+import json, sys
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  (TF Text ops, as TF Serving links them)
+
+m = tf.saved_model.load(sys.argv[1])
+users, items = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+n = len(users)
+q = m.signatures["query_embedding"](
+    user_id=tf.constant(users), history=tf.constant([[""]] * n), query=tf.constant([""] * n),
+    device=tf.constant([""] * n), hour=tf.constant([0] * n, tf.int64))["embedding"]
+c = m.signatures["candidate_embedding"](
+    item_id=tf.constant(items), title=tf.constant(["无线耳机 café"] * len(items)),
+    category=tf.constant([""] * len(items)), brand=tf.constant([""] * len(items)),
+    price=tf.constant([0.0] * len(items)))["embedding"]
+print("RESULT" + json.dumps({"query": q.numpy().tolist(), "candidate": c.numpy().tolist()}))
+"""
+
+
+def test_towers_without_projection_are_their_trained_id_embeddings(tiny_config, tiny_world,
+                                                                    trained_run, tmp_path):
+    """`model.projection=false`: each tower's vector is its (normalised) id embedding, with
+    no output Dense; it trains, and the export serves the same vectors in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    from tfrec.config import ExportConfig
+    from tfrec.data.tfrecord import make_dataset
+    from tfrec.export.exporter import export_retrieval
+    from tfrec.training.trainer import build_model
+
+    cfg = copy.deepcopy(tiny_config)
+    m = cfg.model
+    m.query_features, m.candidate_features = ("user_id",), ("item_id",)
+    m.hidden_units, m.projection, m.id_dropout, m.catalog_negatives = (), False, 0.0, 0
+    m.id_embedding_dim = m.embedding_dim
+    cfg.train.learning_rate = 0.01
+    model = build_model(trained_run.model.vocab, cfg)
+    model.build_from_features()
+    assert model.query_tower.mlp is None and model.candidate_tower.mlp is None
+    assert not any("mlp" in v.name for v in model.trainable_variables)
+    tables = [model.query_tower.user.embedding.embeddings,
+              model.candidate_tower.item.embedding.embeddings]
+    before = [t.numpy().copy() for t in tables]
+    pattern = load_meta(cfg.data.tfrecord_dir)["patterns"]["train"]
+    ds = make_dataset(pattern, 64, cfg.data.history_length, shuffle=False,
+                      features=model.features, preprocess=model.preprocess).take(8)
+    fit = model.fit(ds, epochs=2, verbose=0).history["loss"]
+    assert fit[1] < fit[0], fit
+    assert all(np.abs(t.numpy() - b).max() > 0 for t, b in zip(tables, before))
+
+    catalog = tiny_world.catalog
+    users = [str(tiny_world.users["user_id"].iloc[0]), "用户-é-never-seen"]
+    items = [str(catalog["item_id"].iloc[0]), str(catalog["item_id"].iloc[5])]
+    layer = model.query_tower.user
+    want_q = tf.math.l2_normalize(tf.gather(tables[0], layer.preprocess(tf.constant(users))), -1)
+    query = {"user_id": np.asarray(users, dtype=object),
+             "history": np.asarray([[""]] * 2, dtype=object),
+             "query": np.asarray(["", ""], dtype=object),
+             "device": np.asarray(["", ""], dtype=object), "hour": np.zeros(2, np.int64)}
+    got_q = tower_fn(model.query_tower)(query)
+    np.testing.assert_allclose(got_q, want_q.numpy(), atol=1e-6)
+    rows = model.candidate_tower.item.preprocess(tf.constant(items))
+    want_c = tf.math.l2_normalize(tf.gather(tables[1], rows), -1).numpy()
+
+    export = ExportConfig(base_dir=str(tmp_path), model_name="ids", index="exact")
+    path = export_retrieval(trained_run.run_dir, catalog, export, model=model)
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    proc = subprocess.run([sys.executable, "-c", NO_PROJECTION_PROCESS, path,
+                           json.dumps(users), json.dumps(items)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    np.testing.assert_allclose(out["query"], got_q, atol=1e-5)
+    np.testing.assert_allclose(out["candidate"], want_c, atol=1e-5)
+
+
+def test_towers_without_projection_errors(tiny_config, trained_run):
+    from tfrec.models.retrieval import TwoTowerModel
+
+    config = copy.deepcopy(tiny_config.model)
+    config.projection = False
+    with pytest.raises(ValueError, match=r"model.projection=false .* no hidden layers; set "
+                                         r"model.hidden_units=\[\] \(got \[32\]\)"):
+        config.hidden_units = (32,)
+        TwoTowerModel(trained_run.model.vocab, config)
+    config.hidden_units = ()
+    config.query_features, config.candidate_features = ("user_id",), ("item_id",)
+    config.id_embedding_dim, config.embedding_dim = 16, 32
+    with pytest.raises(ValueError, match=r"model.projection=false: the query_tower parts "
+                                         r"\['user'\] are 16 wide together but "
+                                         r"model.embedding_dim is 32"):
+        TwoTowerModel(trained_run.model.vocab, config)

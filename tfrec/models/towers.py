@@ -29,6 +29,21 @@ def _mlp(hidden: Sequence[int], out_dim: int, name: str) -> tf.keras.Sequential:
     return tf.keras.Sequential(layers, name=name)
 
 
+def _output(config: ModelConfig, name: str) -> Optional[tf.keras.Sequential]:
+    """The tower's MLP, or None when `model.projection` is off (the parts are the vector).
+
+    Raises:
+      ValueError: projection off together with hidden layers.
+    """
+    if config.projection:
+        return _mlp(config.hidden_units, config.embedding_dim, name)
+    if tuple(config.hidden_units):
+        raise ValueError("model.projection=false makes a tower's parts its vector, so it "
+                         "takes no hidden layers; set model.hidden_units=[] (got "
+                         f"{list(config.hidden_units)})")
+    return None
+
+
 def _l2_normalize(x: tf.Tensor) -> tf.Tensor:
     return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
 
@@ -62,7 +77,8 @@ def selected(config_names: Sequence[str], available: Sequence[str], field_name: 
 
 
 class _Tower(tf.keras.Model):
-    """Concatenates its parts' vectors and maps them through an MLP to a unit vector.
+    """Concatenates its parts' vectors and maps them through an MLP to a unit vector
+    (with `model.projection` off, the concatenation itself is normalised).
 
     Raw features go through each part's `call` (serving, evaluation); a training batch
     preprocessed in tf.data goes through each part's `encode` -- the same layers, so the
@@ -94,7 +110,16 @@ class _Tower(tf.keras.Model):
                               for _, layer, get in self.parts])
 
     def _combine(self, parts: List[tf.Tensor]) -> tf.Tensor:
-        return _l2_normalize(self.mlp(tf.concat([tf.cast(p, parts[0].dtype) for p in parts], 1)))
+        x = tf.concat([tf.cast(p, parts[0].dtype) for p in parts], 1)
+        if self.mlp is not None:
+            return _l2_normalize(self.mlp(x))
+        if x.shape[-1] != self.embedding_dim:
+            raise ValueError(
+                f"model.projection=false: the {self.name} parts {[k for k, _, _ in self.parts]} "
+                f"are {x.shape[-1]} wide together but model.embedding_dim is "
+                f"{self.embedding_dim}; make them equal (ids only: model.id_embedding_dim = "
+                "model.embedding_dim) or set model.projection=true")
+        return _l2_normalize(x)
 
 
 QUERY_FEATURES = ("user_id", "history", "query", "device", "hour")
@@ -153,7 +178,8 @@ class QueryTower(_Tower):
             self.device = IdEmbedding(vocab.devices, features["device"].dim, name="device")
         if "hour" in used:
             self.hour = HourEmbedding(features["hour"].dim, name="hour")
-        self.mlp = _mlp(config.hidden_units, config.embedding_dim, "query_mlp")
+        self.embedding_dim = config.embedding_dim
+        self.mlp = _output(config, "query_mlp")
 
     @property
     def input_specs(self) -> Dict[str, tf.TensorSpec]:
@@ -204,7 +230,8 @@ class CandidateTower(_Tower):
         if config.title_encoder:  # vectors are filled by training / export, not here
             self.title_vectors = ItemVectors(vocab.catalog_items, config.title_vector_width,
                                              config.title_vector_dim, name="title_vectors")
-        self.mlp = _mlp(config.hidden_units, config.embedding_dim, "candidate_mlp")
+        self.embedding_dim = config.embedding_dim
+        self.mlp = _output(config, "candidate_mlp")
 
     @property
     def input_specs(self) -> Dict[str, tf.TensorSpec]:

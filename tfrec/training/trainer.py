@@ -609,6 +609,7 @@ def _hparams(cfg: Config, precision: str, strategy: tf.distribute.Strategy,
              dp_noise: Optional[float] = None) -> Dict[str, object]:
     m, t = cfg.model, cfg.train
     return {"embedding_dim": m.embedding_dim, "hidden_units": str(list(m.hidden_units)),
+            "projection": m.projection,
             "temperature": m.temperature, "logq_correction": m.logq_correction,
             "num_hard_negatives": m.num_hard_negatives or 0, "id_dropout": m.id_dropout,
             "catalog_negatives": m.catalog_negatives,
