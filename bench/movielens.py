@@ -26,7 +26,8 @@ Protocol 2 - Microsoft Recommenders MovieLens benchmark
   |rel|) and MAP (sum of precision at hits in the top 10 / |rel|, their `map_at_k` of
   the published table); MAP@10 normalised by min(|rel|, 10) is printed too.
   Baselines (same split, same evaluation code): popularity and item-item
-  co-occurrence (SAR-like, Jaccard). tfrec rows: ids only, and ids + content + a
+  co-occurrence (SAR-like, Jaccard). tfrec rows: ids only (towers without the output
+  Dense, `model.projection: false`: better on validation here), and ids + content + a
   history of 20 of the user's training ratings drawn at random (one list per user is
   asked for, its targets are spread over the user's whole timeline, so the query is
   the profile; 8 samples averaged at query time, fresh samples each training epoch).
