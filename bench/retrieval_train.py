@@ -54,6 +54,7 @@ recall is computed after all epochs (warm-up included) with tfrec's evaluation (
 frozen at the start of the validation period, seen items excluded, --eval-users users).
 
 Run from the repository root:  python bench/retrieval_train.py [--world small]
+[--set train.learning_rate=0.01 ...] (--set changes every tfrec variant's config).
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, batch 256, 1
 warm-up + 1 timed epoch, recall on 50 validation users, variants baseline, tfrec and
@@ -203,6 +204,9 @@ def main(argv=None):
                         help="Adagrad learning rate of the baseline (the tutorial's)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma list among {','.join(VARIANTS)} (baseline always runs)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="change the config of every tfrec variant, after its own "
+                             "settings (e.g. train.learning_rate=0.01); repeatable")
     parser.add_argument("--work-dir", default=None,
                         help="keep the world and TFRecords here and reuse them "
                              "(default: a temporary directory, deleted)")
@@ -211,6 +215,10 @@ def main(argv=None):
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose among {list(VARIANTS)}")
+    try:  # a bad --set fails here, before the world is generated
+        copy.deepcopy(Config()).override(args.set)
+    except ValueError as err:
+        parser.error(str(err))
     if "baseline" not in variants:
         variants.insert(0, "baseline")
 
@@ -312,6 +320,7 @@ def run(args, variants, cfg, meta, tables):
                 run_cfg.model.projection = variant != "tfrec_ids_no_dense"
             if variant.endswith("_calls16"):
                 run_cfg.train.steps_per_execution = 16
+            run_cfg.override(args.set)
             # One replica, as the trainer runs here: its steps per call.
             model = build_model(vocab, run_cfg, steps_per_execution=steps_per_execution(
                 run_cfg, single_replica=True))
