@@ -418,18 +418,30 @@ def test_towers_without_projection_are_their_trained_id_embeddings(tiny_config, 
 
 
 def test_towers_without_projection_errors(tiny_config, trained_run):
+    from tfrec.config import FeaturesConfig
+    from tfrec.data.feature_spec import FeatureSpec
     from tfrec.models.retrieval import TwoTowerModel
 
+    vocab = trained_run.model.vocab
     config = copy.deepcopy(tiny_config.model)
     config.projection = False
+    config.hidden_units = (32,)
     with pytest.raises(ValueError, match=r"model.projection=false .* no hidden layers; set "
                                          r"model.hidden_units=\[\] \(got \[32\]\)"):
-        config.hidden_units = (32,)
-        TwoTowerModel(trained_run.model.vocab, config)
+        TwoTowerModel(vocab, config)
     config.hidden_units = ()
+    with pytest.raises(ValueError, match=r"set model.query_features=\[user_id\] \(got "
+                                         r"\['user_id', 'history', 'query'"):
+        TwoTowerModel(vocab, config)
     config.query_features, config.candidate_features = ("user_id",), ("item_id",)
     config.id_embedding_dim, config.embedding_dim = 16, 32
-    with pytest.raises(ValueError, match=r"model.projection=false: the query_tower parts "
-                                         r"\['user'\] are 16 wide together but "
-                                         r"model.embedding_dim is 32"):
-        TwoTowerModel(trained_run.model.vocab, config)
+    with pytest.raises(ValueError, match=r"model.id_embedding_dim \(16\) must equal "
+                                         r"model.embedding_dim \(32\)"):
+        TwoTowerModel(vocab, config)
+    config.id_embedding_dim = 32
+    TwoTowerModel(vocab, config)  # ids only, equal widths: fine
+    # A declared catalog column would widen the candidate tower.
+    spec = FeatureSpec.from_config(FeaturesConfig(item_numeric=("rating",)))
+    with pytest.raises(ValueError, match=r"the candidate tower would also read "
+                                         r"\['declared column rating'\]"):
+        TwoTowerModel(vocab, config, features=spec)

@@ -72,8 +72,8 @@ class ModelConfig:
     id_embedding_dim: int = 64
     text_embedding_dim: int = 64
     hidden_units: Tuple[int, ...] = (128,)
-    # False: a tower's vector is its parts' concatenation itself, no output Dense (needs
-    # hidden_units=[] and the parts' widths to sum to embedding_dim, e.g. ids only with
+    # False: each tower's vector is its id embedding itself, no output Dense (ids-only
+    # towers: query_features [user_id], candidate_features [item_id], hidden_units [],
     # id_embedding_dim = embedding_dim). Choose on validation: on MovieLens protocol 2 the
     # Dense over free id embeddings cost nDCG@10 (bench/README); elsewhere it helped.
     projection: bool = True

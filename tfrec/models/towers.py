@@ -30,18 +30,42 @@ def _mlp(hidden: Sequence[int], out_dim: int, name: str) -> tf.keras.Sequential:
 
 
 def _output(config: ModelConfig, name: str) -> Optional[tf.keras.Sequential]:
-    """The tower's MLP, or None when `model.projection` is off (the parts are the vector).
+    """The tower's MLP, or None when `model.projection` is off."""
+    return _mlp(config.hidden_units, config.embedding_dim, name) if config.projection else None
+
+
+def check_projection(config: ModelConfig, used: Sequence[str], id_feature: str, field: str,
+                     also: Sequence[str] = ()) -> None:
+    """Without projection a tower's vector is its id embedding itself (ids-only towers, as
+    in a plain matrix factorisation), so nothing else may feed it.
+
+    Args:
+      config: model hyper-parameters.
+      used: the built-in features the tower reads.
+      id_feature: its id feature ("user_id" / "item_id").
+      field: the config field naming those features.
+      also: other parts it would read (declared catalog columns, title vectors).
 
     Raises:
-      ValueError: projection off together with hidden layers.
+      ValueError: projection off with hidden layers, other features or unequal widths.
     """
     if config.projection:
-        return _mlp(config.hidden_units, config.embedding_dim, name)
+        return
     if tuple(config.hidden_units):
-        raise ValueError("model.projection=false makes a tower's parts its vector, so it "
+        raise ValueError("model.projection=false makes each tower its id embedding, so it "
                          "takes no hidden layers; set model.hidden_units=[] (got "
                          f"{list(config.hidden_units)})")
-    return None
+    if tuple(used) != (id_feature,):
+        raise ValueError(f"model.projection=false makes each tower its id embedding; set "
+                         f"model.{field}=[{id_feature}] (got {list(used)})")
+    if also:
+        raise ValueError(f"model.projection=false makes each tower its id embedding, but "
+                         f"the {field.split('_')[0]} tower would also read {list(also)}; "
+                         "set model.projection=true")
+    if config.id_embedding_dim != config.embedding_dim:
+        raise ValueError(f"model.projection=false: model.id_embedding_dim "
+                         f"({config.id_embedding_dim}) must equal model.embedding_dim "
+                         f"({config.embedding_dim})")
 
 
 def _l2_normalize(x: tf.Tensor) -> tf.Tensor:
@@ -78,7 +102,7 @@ def selected(config_names: Sequence[str], available: Sequence[str], field_name: 
 
 class _Tower(tf.keras.Model):
     """Concatenates its parts' vectors and maps them through an MLP to a unit vector
-    (with `model.projection` off, the concatenation itself is normalised).
+    (with `model.projection` off, its id embedding is normalised instead).
 
     Raw features go through each part's `call` (serving, evaluation); a training batch
     preprocessed in tf.data goes through each part's `encode` -- the same layers, so the
@@ -111,15 +135,7 @@ class _Tower(tf.keras.Model):
 
     def _combine(self, parts: List[tf.Tensor]) -> tf.Tensor:
         x = tf.concat([tf.cast(p, parts[0].dtype) for p in parts], 1)
-        if self.mlp is not None:
-            return _l2_normalize(self.mlp(x))
-        if x.shape[-1] != self.embedding_dim:
-            raise ValueError(
-                f"model.projection=false: the {self.name} parts {[k for k, _, _ in self.parts]} "
-                f"are {x.shape[-1]} wide together but model.embedding_dim is "
-                f"{self.embedding_dim}; make them equal (ids only: model.id_embedding_dim = "
-                "model.embedding_dim) or set model.projection=true")
-        return _l2_normalize(x)
+        return _l2_normalize(x if self.mlp is None else self.mlp(x))
 
 
 QUERY_FEATURES = ("user_id", "history", "query", "device", "hour")
@@ -149,6 +165,7 @@ class QueryTower(_Tower):
         super().__init__(**kwargs)
         self.features = features = features or default_spec()
         used = selected(config.query_features, QUERY_FEATURES, "query_features")
+        check_projection(config, used, "user_id", "query_features")
         dim = config.id_embedding_dim
         if "user_id" in used:
             self.user = IdEmbedding(vocab.users, dim, dropout=config.id_dropout,
@@ -178,7 +195,6 @@ class QueryTower(_Tower):
             self.device = IdEmbedding(vocab.devices, features["device"].dim, name="device")
         if "hour" in used:
             self.hour = HourEmbedding(features["hour"].dim, name="hour")
-        self.embedding_dim = config.embedding_dim
         self.mlp = _output(config, "query_mlp")
 
     @property
@@ -210,6 +226,9 @@ class CandidateTower(_Tower):
         super().__init__(**kwargs)
         self.features = features = features or default_spec()
         used = selected(config.candidate_features, CANDIDATE_FEATURES, "candidate_features")
+        wider = [f"declared column {f.name}" for f in features.extras]
+        check_projection(config, used, "item_id", "candidate_features",
+                         also=wider + (["title vectors"] if config.title_encoder else []))
         dim = config.id_embedding_dim
         if "item_id" in used:
             self.item = IdEmbedding(vocab.items, dim, dropout=config.id_dropout, name="item")
@@ -230,7 +249,6 @@ class CandidateTower(_Tower):
         if config.title_encoder:  # vectors are filled by training / export, not here
             self.title_vectors = ItemVectors(vocab.catalog_items, config.title_vector_width,
                                              config.title_vector_dim, name="title_vectors")
-        self.embedding_dim = config.embedding_dim
         self.mlp = _output(config, "candidate_mlp")
 
     @property
