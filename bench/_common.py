@@ -247,18 +247,28 @@ def skip(reason: str) -> None:
     sys.exit(0)
 
 
+_TINY_BERTS: Dict[Tuple[Tuple[str, ...], int], Tuple[str, str]] = {}  # (vocab, length) -> paths
+
+
 def tiny_bert(out_dir: str, texts: Sequence[str], max_words: int = 1000,
               seq_length: int = 64) -> Tuple[str, str]:
     """(encoder, preprocessor) of a tiny random BERT (2 layers, hidden 64) in `out_dir`.
 
     Smoke runs use it in place of MiniLM (work/text/minilm): same TF-Hub interface, built
     like tests/conftest.py's tiny_encoder, its vocabulary the frequent words of `texts`.
+    The same vocabulary again in one process returns the first build (seeded alike).
     """
     from tfrec.text.hub_export import build_tiny_encoder
     from tfrec.text.vocab import words_from_texts
 
-    return build_tiny_encoder(out_dir, vocab_tokens=words_from_texts(texts, max_words=max_words),
-                              layers=2, hidden=64, heads=2, seq_length=seq_length, seed=0)
+    vocab = tuple(words_from_texts(texts, max_words=max_words))
+    built = _TINY_BERTS.get((vocab, seq_length))
+    if built and all(os.path.exists(p) for p in built):  # same BERT: built once per process
+        return built
+    built = _TINY_BERTS[(vocab, seq_length)] = tuple(build_tiny_encoder(
+        out_dir, vocab_tokens=list(vocab), layers=2, hidden=64, heads=2, seq_length=seq_length,
+        seed=0))
+    return built
 
 
 def world_config(root: str, world: str, seed: int, epochs=None, ranker_epochs=None):

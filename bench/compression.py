@@ -39,10 +39,12 @@ and of the whole `search` call, with the student/teacher ratio.
 
 Usage: python bench/compression.py [--tasks recommendation,ranker,search,distill]
        [--world small] [--seeds 0] [--search-seeds 0,1,2]
+       [--precisions float32 bfloat16 int8] [--teacher-precisions float32 bfloat16 int8]
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, one seed, one
-epoch, 100 users, 20 timed calls, the teacher in float32 and int8 and one distilled
-student (T=5) only, no RSS processes; search
+epoch, 100 users, 20 timed calls, the retrieval SavedModel in float32 and int8, the
+teacher pipeline in float32 and one distilled student (T=5) only (`--precisions`,
+`--teacher-precisions`: each export costs ~10-20 s), no RSS processes; search
 on the first 200 Home Depot queries with a tiny random BERT (skipped without the file).
 Same code and tables; the figures mean nothing.
 """
@@ -71,7 +73,8 @@ SMOKE = dict(world="tiny", seeds=[0], epochs=1, users=100, warmup=3, requests=20
              search_seeds="0", queries=200, encoder="tiny", lora_rank=4, top_layers=1,
              student_layers=1, distill_epochs=1, title_queries=100, ranker_epochs=1,
              rec_ranker_epochs=1, temperatures=[5.0], rss=False, latency_queries=3,
-             teacher_precisions=["float32", "int8"], labels_student=False)
+             precisions=["float32", "int8"], teacher_precisions=["float32"],
+             labels_student=False)
 K = 10
 # The ranker's student: one cross layer, one narrow deep layer, narrower text pieces.
 STUDENT = ["ranking.cross_layers=1", "ranking.deep_units=[32]", "ranking.text_embedding_dim=16"]
@@ -174,7 +177,7 @@ def world_run(seed: int, root: str, args):
 
 def one_seed(cfg, run, args) -> dict:
     saved = {}
-    for precision in ("float32", "bfloat16", "int8"):
+    for precision in args.precisions:
         cfg.export.precision, cfg.export.model_name = precision, f"retrieval_{precision}"
         saved[precision] = workflow.export(cfg, run=run.run_name, model=run.model)
     edge = workflow.export_edge(cfg, run=run.run_name, k=K)
@@ -541,6 +544,8 @@ def main(argv=None) -> None:
                         help="the distilled students' extra overrides")
     parser.add_argument("--no-rss", dest="rss", action="store_false",
                         help="skip the fresh-process RSS of each model")
+    parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16", "int8"],
+                        help="the retrieval SavedModel's exports (float32 first: the reference)")
     parser.add_argument("--teacher-precisions", nargs="+", default=["float32", "bfloat16",
                                                                      "int8"],
                         help="the teacher pipeline's exports (float32 first: the reference)")
@@ -549,6 +554,11 @@ def main(argv=None) -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 5.0],
                         help="one distilled student per distillation temperature")
     args = parse_smoke_args(parser, argv, SMOKE)
+    for flag, values in (("--precisions", args.precisions),
+                         ("--teacher-precisions", args.teacher_precisions)):
+        if values[0] != "float32" or not set(values) <= {"float32", "bfloat16", "int8"}:
+            parser.error(f"{flag}: float32 first (the reference), then bfloat16 / int8; "
+                         f"got {values}")
     tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
     MEASURE_RSS["on"] = args.rss
     print(machine_line())

@@ -128,7 +128,7 @@ BENCHES: Dict[str, Expect] = {
          ("pipeline (ranker)", "val ndcg@10", "test ndcg@10", "kept ranker gain",
           "ranker weights trained", "p50 vs teacher")],
         [row("SavedModel float32"), row("SavedModel int8"), row("TFLite float32"),
-         row("TFLite int8"), row("teacher int8"), row("student, distilled T=5"),
+         row("TFLite int8"), row("teacher float32"), row("student, distilled T=5"),
          # Home Depot tables (or their skip line without the file)
          r"(LoRA r=4 \(query, value\)\s{2,}\S|search table skipped)",
          r"(top-1 blocks\s{2,}\S|search table skipped)",
