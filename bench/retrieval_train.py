@@ -216,7 +216,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose among {list(VARIANTS)}")
     try:  # a bad --set fails here, before the world is generated
-        copy.deepcopy(Config()).override(args.set)
+        Config().override(args.set)
     except ValueError as err:
         parser.error(str(err))
     if "baseline" not in variants:

@@ -34,7 +34,7 @@ def _output(config: ModelConfig, name: str) -> Optional[tf.keras.Sequential]:
     return _mlp(config.hidden_units, config.embedding_dim, name) if config.projection else None
 
 
-def check_projection(config: ModelConfig, used: Sequence[str], id_feature: str, field: str,
+def _check_projection(config: ModelConfig, used: Sequence[str], id_feature: str, field: str,
                      also: Sequence[str] = ()) -> None:
     """Without projection a tower's vector is its id embedding itself (ids-only towers, as
     in a plain matrix factorisation), so nothing else may feed it.
@@ -165,7 +165,7 @@ class QueryTower(_Tower):
         super().__init__(**kwargs)
         self.features = features = features or default_spec()
         used = selected(config.query_features, QUERY_FEATURES, "query_features")
-        check_projection(config, used, "user_id", "query_features")
+        _check_projection(config, used, "user_id", "query_features")
         dim = config.id_embedding_dim
         if "user_id" in used:
             self.user = IdEmbedding(vocab.users, dim, dropout=config.id_dropout,
@@ -227,7 +227,7 @@ class CandidateTower(_Tower):
         self.features = features = features or default_spec()
         used = selected(config.candidate_features, CANDIDATE_FEATURES, "candidate_features")
         wider = [f"declared column {f.name}" for f in features.extras]
-        check_projection(config, used, "item_id", "candidate_features",
+        _check_projection(config, used, "item_id", "candidate_features",
                          also=wider + (["title vectors"] if config.title_encoder else []))
         dim = config.id_embedding_dim
         if "item_id" in used:
