@@ -327,6 +327,9 @@ def test_cli_search_train_prints_the_table_and_exports(tiny_encoder, search_run,
     # The weight validation picked: printed, in the card's config and its pipeline facts.
     weight = float(re.search(r"hybrid score: BM25 weight ([0-9.]+) \(best validation", out)[1])
     assert card["hybrid_weight"] == card["config"]["hybrid_weight"] == weight, out
+    feedback = float(re.search(r"results past 20: feedback weight ([0-9.]+) \(best "
+                               r"validation Recall@100", out)[1])
+    assert card["feedback"]["weight"] == card["config"]["feedback_weight"] == feedback, out
     assert glob.glob(str(tmp_path / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
 
 
@@ -365,6 +368,59 @@ def test_hybrid_weight_is_picked_on_validation_and_saved(search_run, search_work
             tune_hybrid_weight(pipeline, (0.2, 1.5), data.splits["val"], data.row_of)
     finally:
         pipeline.hybrid_weight = chosen
+
+
+def test_feedback_weight_is_picked_on_validation_recall_and_saved(search_run,
+                                                                  search_workdir):
+    """The feedback weight is the validation Recall@100 argmax of the grid; a weight
+    re-orders only what follows the ranker's first feedback_keep results, and the saved
+    run loads back with it."""
+    from tfrec.search.index import MODEL_DIR, load_search_pipeline, resolve_search_run
+    from tfrec.search.metrics import catalog_search_metrics, query_gains
+    from tfrec.search.train import _ranked, tune_feedback_weight
+
+    pipeline, data = search_run.pipeline, search_run.data
+    grid = SearchConfig().feedback_weights
+    scores = search_run.history["feedback_weight_val_recall@100"]
+    assert len(scores) == len(grid)
+    assert pipeline.feedback_weight == grid[int(np.argmax(scores))]
+    run_dir = resolve_search_run(search_workdir)
+    saved = SearchConfig.from_yaml(os.path.join(run_dir, MODEL_DIR, "config.yaml"))
+    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+        saved_scores = json.load(f)["history"]["feedback_weight_val_recall@100"]
+    assert saved.feedback_weight == grid[int(np.argmax(saved_scores))]
+    loaded, _ = load_search_pipeline(run_dir, data.catalog, index=False)
+    assert loaded.feedback_weight == saved.feedback_weight
+    assert (loaded.feedback_keep, loaded.feedback_top) == (saved.feedback_keep,
+                                                           saved.feedback_top)
+    chosen = pipeline.feedback_weight
+    queries = sorted(data.splits["val"]["query"].unique())
+    try:
+        recall = tune_feedback_weight(pipeline, (0.0, 2.0, 8.0), data.splits["val"],
+                                      data.row_of)
+        assert pipeline.feedback_weight == max(recall, key=recall.get)
+        ranked = {}
+        for w in (0.0, 2.0, 8.0):
+            pipeline.feedback_weight = w
+            ranked[w] = _ranked(pipeline, queries, "two_tower+ranker")
+            want = catalog_search_metrics(ranked[w], query_gains(data.splits["val"],
+                                                                 data.row_of, queries))
+            assert recall[w] == pytest.approx(want.summary()["recall@100"], abs=1e-6)
+        keep = pipeline.feedback_keep
+        union = {}
+        for w in (0.0, 2.0, 8.0):  # every retrieved candidate, in the final order
+            pipeline.feedback_weight = w
+            found = pipeline.search(tf.constant(queries), num_results=2 * pipeline.candidates)
+            union[w] = found["rows"].numpy()
+        for w in (2.0, 8.0):  # the head stays; the tail moves
+            np.testing.assert_array_equal(union[w][:, :keep], union[0.0][:, :keep])
+            assert (union[w][:, keep:] != union[0.0][:, keep:]).any()
+            # Same candidates, other order: nothing is dropped or added.
+            assert all(sorted(a) == sorted(b) for a, b in zip(union[w], union[0.0]))
+        with pytest.raises(ValueError, match=r"finite numbers >= 0"):
+            tune_feedback_weight(pipeline, (0.5, -1.0), data.splits["val"], data.row_of)
+    finally:
+        pipeline.feedback_weight = chosen
 
 
 def test_search_trains_on_a_home_depot_slice(tiny_encoder, tmp_path):
@@ -444,6 +500,11 @@ def test_search_cli_helpers(capsys):
     assert main(["search", "train", "--set", "hybrid_weights=[0.2, 1.5]"]) == 2
     assert "search.hybrid_weight and search.hybrid_weights must be numbers in [0, 1], got 1.5" \
         in capsys.readouterr().err
+    assert main(["search", "train", "--set", "feedback_weights=[0.5, -1]"]) == 2
+    assert ("search.feedback_weight(s) must be finite numbers >= 0 (0 = off), got -1"
+            in capsys.readouterr().err)
+    assert main(["search", "train", "--set", "feedback_keep=0"]) == 2
+    assert "search.feedback_keep must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["search", "train", "--set", "word_analyzer=snowball"]) == 2
     assert ("search.word_analyzer must be one of plain, light, got 'snowball'"
             in capsys.readouterr().err)

@@ -220,7 +220,8 @@ def _train(args: argparse.Namespace) -> int:
                              card={"metrics": run.metrics, "judgments": cfg.judgments,
                                    "seed": cfg.seed, "config": dataclasses.asdict(
                                        dataclasses.replace(  # as validation tuned it
-                                           cfg, hybrid_weight=run.pipeline.hybrid_weight))})
+                                           cfg, hybrid_weight=run.pipeline.hybrid_weight,
+                                           feedback_weight=run.pipeline.feedback_weight))})
     if args.json:
         print(json.dumps({"metrics": run.metrics, "query_category": run.query_category,
                           "timings": run.timings, "export": path}, indent=2))
@@ -234,6 +235,12 @@ def _train(args: argparse.Namespace) -> int:
     print(f"hybrid score: BM25 weight {run.pipeline.hybrid_weight:g}"
           + (f" (best validation NDCG@10 {max(tuned):.4f} of {len(tuned)} weights tried)"
              if tuned else ""))
+    tuned = run.history.get("feedback_weight_val_recall@100")
+    if run.pipeline.ranker is not None:
+        print(f"results past {run.pipeline.feedback_keep}: feedback weight "
+              f"{run.pipeline.feedback_weight:g}"
+              + (f" (best validation Recall@100 {max(tuned):.4f} of {len(tuned)} weights "
+                 f"tried)" if tuned else ""))
     qc = run.query_category
     if qc:
         print(f"query category ({qc['categories']} categories from the {qc['source']}): test "

@@ -7,6 +7,7 @@ judgments) and no users, so it shares no section with the recommendation Config.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -44,6 +45,20 @@ def check_hybrid_weights(weights: Sequence[Any], what: str) -> None:
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
             raise ValueError(f"{what} must be numbers in [0, 1], got {w!r}")
+
+
+def check_feedback(weights: Sequence[Any], keep: Any, top: Any,
+                   what: str = "feedback") -> None:
+    """Raises a ValueError unless every weight is a finite number >= 0 and keep / top
+    are integers >= 1 (`what` prefixes the field names in the message)."""
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) \
+                or not math.isfinite(w) or w < 0:
+            raise ValueError(f"{what}_weight(s) must be finite numbers >= 0 (0 = off), "
+                             f"got {w!r}")
+    for name, value in (("keep", keep), ("top", top)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what}_{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -97,6 +112,15 @@ class SearchConfig:
     # Validation NDCG@10 picks hybrid_weight among these after the two-tower trains (which
     # retriever deserves more weight depends on the catalog); () keeps hybrid_weight.
     hybrid_weights: Tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    # Pseudo-relevance feedback past the ranker's first feedback_keep results: the rest
+    # are ordered by ranker z-score + feedback_weight x z-scored cosine to the mean
+    # two-tower vector of the feedback_top best hybrid candidates (tfrec.search.feedback).
+    # Validation Recall@100 picks the weight among feedback_weights after the ranker
+    # trains (0 = off; () keeps feedback_weight).
+    feedback_weight: float = 0.0
+    feedback_weights: Tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+    feedback_keep: int = 20
+    feedback_top: int = 10
     speller: bool = True  # correct words the catalog never uses (added to the BM25 query)
     # The speller also splits fused words into two catalog words ("lawnmower") and joins
     # typed pairs the catalog writes as one ("out door" -> "outdoor").
@@ -143,11 +167,14 @@ class SearchConfig:
 
     def check(self) -> None:
         """Raises a ValueError naming the first setting training cannot use (strategy,
-        hybrid weights, ranker folds, analyzers, BM25 k1 / b), before data or models load."""
+        hybrid weights, ranker folds, feedback, analyzers, BM25 k1 / b), before data or
+        models load."""
         check_search_strategy(self.strategy)
         check_hybrid_weights((self.hybrid_weight, *self.hybrid_weights),
                              "search.hybrid_weight and search.hybrid_weights")
         check_ranker_folds(self.ranker_folds, self.ranker_fold_lists)
+        check_feedback((self.feedback_weight, *self.feedback_weights), self.feedback_keep,
+                       self.feedback_top, "search.feedback")
         check_analyzer(self.lexical_analyzer, "search.lexical_analyzer")
         check_analyzer(self.word_analyzer, "search.word_analyzer")
         check_bm25(self.bm25_k1, self.bm25_b, "search.bm25_")

@@ -163,8 +163,9 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
     tmp = tempfile.mkdtemp(prefix=".model-", dir=run_dir)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the run dir is shared like any other
     try:
-        # The pipeline's own fusion weight (validation may have moved it from cfg's).
-        dataclasses.replace(cfg, hybrid_weight=pipeline.hybrid_weight).to_yaml(
+        # The pipeline's own weights (validation may have moved them from cfg's).
+        dataclasses.replace(cfg, hybrid_weight=pipeline.hybrid_weight,
+                            feedback_weight=pipeline.feedback_weight).to_yaml(
             os.path.join(tmp, "config.yaml"))
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, ensure_ascii=False)
@@ -327,7 +328,10 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
                               dense_corrections=cfg.dense_corrections,
                               speller=speller, refresh=False,  # once, after the restore
                               # Runs saved before the later ranker columns read the first 11.
-                              ranker_features=meta.get("ranker_features", LEGACY_FEATURES))
+                              ranker_features=meta.get("ranker_features", LEGACY_FEATURES),
+                              feedback_weight=cfg.feedback_weight,
+                              feedback_keep=cfg.feedback_keep,
+                              feedback_top=cfg.feedback_top)
     head = None
     saved = meta.get("categories")
     if saved:

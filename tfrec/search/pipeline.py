@@ -22,7 +22,8 @@ from tfrec.models.catalog_index import IndexChoice
 from tfrec.models.ivf import IvfIndex
 from tfrec.models.lists import masked_zscore
 from tfrec.search.category import QueryCategoryHead
-from tfrec.search.config import check_hybrid_weights
+from tfrec.search.config import check_feedback, check_hybrid_weights
+from tfrec.search.feedback import feedback_scores
 from tfrec.search.model import SearchTwoTower
 from tfrec.search.ranker import FEATURES, LEGACY_FEATURES, SearchRanker, candidate_features
 
@@ -59,6 +60,10 @@ class SearchPipeline(tf.Module):
         next (one pass over the catalog instead of two, minutes at 1M products).
       ranker_features: how many leading `FEATURES` columns the ranker reads
         (`LEGACY_FEATURES` for a run saved before the later columns existed).
+      feedback_weight, feedback_keep, feedback_top: past the ranker's first
+        `feedback_keep` results, order by ranker z-score + weight x cosine to the
+        centroid of the `feedback_top` best hybrid candidates (`feedback_scores`;
+        0 = the ranker's order throughout).
 
     A query-category classifier is attached after training with `set_query_categories`,
     an IVF index over the final product vectors with `set_index`.
@@ -69,7 +74,8 @@ class SearchPipeline(tf.Module):
                  titles: Sequence[str], candidates: int = 100, hybrid_weight: float = 0.2,
                  speller: Optional[Speller] = None, dense_corrections: bool = True,
                  refresh: bool = True, ranker_features: int = len(FEATURES),
-                 name: str = "search_pipeline"):
+                 feedback_weight: float = 0.0, feedback_keep: int = 20,
+                 feedback_top: int = 10, name: str = "search_pipeline"):
         super().__init__(name=name)
         if lexical.num_docs != two_tower.num_products or len(product_ids) != lexical.num_docs:
             raise ValueError(f"catalog sizes differ: two-tower {two_tower.num_products}, "
@@ -79,6 +85,7 @@ class SearchPipeline(tf.Module):
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         check_hybrid_weights([hybrid_weight], "hybrid_weight")
+        check_feedback([feedback_weight], feedback_keep, feedback_top)
         if not LEGACY_FEATURES <= ranker_features <= len(FEATURES):
             raise ValueError(f"ranker_features must be in [{LEGACY_FEATURES}, {len(FEATURES)}], "
                              f"got {ranker_features}")
@@ -88,6 +95,8 @@ class SearchPipeline(tf.Module):
         self.num_products = len(product_ids)
         self.candidates = int(min(candidates, self.num_products))
         self.hybrid_weight = float(hybrid_weight)
+        self.feedback_weight = float(feedback_weight)
+        self.feedback_keep, self.feedback_top = int(feedback_keep), int(feedback_top)
         # Variables, not constants: a million titles stay out of the serving graph proto.
         self.product_ids = tf.Variable(np.asarray(product_ids, dtype=object), trainable=False,
                                        dtype=tf.string, name="product_ids")
@@ -347,19 +356,30 @@ class SearchPipeline(tf.Module):
         return {k: retrieved[k] for k in ("query_vectors", "product_vectors", "features",
                                           "valid")}
 
+    def ranked_scores(self, retrieved: Dict[str, tf.Tensor],
+                      feedback_weight: float) -> tf.Tensor:
+        """[B, C] final scores of retrieved candidates: ranker logits, or with a feedback
+        weight > 0 the ranker's head and the feedback-ordered tail (`feedback_scores`)."""
+        scores = self.ranker(self.ranker_inputs(retrieved), training=False)
+        if feedback_weight <= 0:
+            return scores
+        return feedback_scores(scores, retrieved["hybrid"], retrieved["product_vectors"],
+                               retrieved["valid"], feedback_weight, self.feedback_keep,
+                               self.feedback_top)
+
     def search(self, queries: tf.Tensor, num_results: int = 10,
                nprobe: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
         """Top `num_results` products per query after re-ranking the retrieved union.
 
         Returns rows [B, n] (-1 past the valid candidates), product_ids, titles, scores
-        (ranker logits, or hybrid without a ranker) and the dense / bm25 / hybrid
+        (`ranked_scores`, or hybrid without a ranker) and the dense / bm25 / hybrid
         scores of the same products, corrected_words [B] (the speller's corrections,
         "" if none), query_category [B] and query_category_prob [B] (the classifier's most
         probable category; "" and 0 without one).
         """
         r = self.retrieve(queries, nprobe)
         if self.ranker is not None:
-            scores = self.ranker(self.ranker_inputs(r), training=False)
+            scores = self.ranked_scores(r, self.feedback_weight)
         else:
             scores = tf.where(r["valid"], r["hybrid"], -1e9)
         n = tf.minimum(num_results, tf.shape(scores)[1])

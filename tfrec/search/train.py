@@ -29,7 +29,8 @@ from tfrec.models.encoder_rate import encoder_optimizer
 from tfrec.models.losses import SoftmaxListwiseLoss
 from tfrec.search.category import (catalog_categories, category_accuracy,
                                    category_targets, prior_accuracy, train_category_head)
-from tfrec.search.config import SearchConfig, check_hybrid_weights, check_ranker_folds
+from tfrec.search.config import (SearchConfig, check_feedback, check_hybrid_weights,
+                                 check_ranker_folds)
 from tfrec.search.data import judgments_from_events, product_catalog
 from tfrec.search.index import (index_pipeline, load_search_pipeline, query_vectors,
                                 save_search_run, saved_vocabularies)
@@ -150,7 +151,9 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
                           candidates=cfg.candidates, hybrid_weight=cfg.hybrid_weight,
                           dense_corrections=cfg.dense_corrections,
                           speller=build_speller(cfg, titles, train["query"].unique()),
-                          ranker_features=ranker_features)
+                          ranker_features=ranker_features,
+                          feedback_weight=cfg.feedback_weight,
+                          feedback_keep=cfg.feedback_keep, feedback_top=cfg.feedback_top)
 
 
 def build_speller(cfg: SearchConfig, titles: Sequence[str],
@@ -252,6 +255,42 @@ def tune_hybrid_weight(pipeline: SearchPipeline, weights: Sequence[float],
             for w, r in ranked.items()}
     pipeline.hybrid_weight = max(weights, key=ndcg.__getitem__)  # ties: the first
     return ndcg
+
+
+def tune_feedback_weight(pipeline: SearchPipeline, weights: Sequence[float],
+                         judgments: pd.DataFrame, row_of: Dict[str, int],
+                         batch: int = 64) -> Dict[float, float]:
+    """Sets the pipeline's feedback weight to the one of `weights` with the best
+    Recall@100 over `judgments` (validation queries); returns weight -> Recall@100.
+
+    The feedback re-orders only what follows the ranker's head, so the deep recall is
+    what it can change; whether the catalog's product lines make the centroid a good
+    guide is measured per run.
+
+    Raises:
+      ValueError: no ranker, no weights, a weight below 0, or no judged queries.
+    """
+    if pipeline.ranker is None:
+        raise ValueError("tuning the feedback weight needs a trained ranker (train_ranker)")
+    if not weights:
+        raise ValueError("feedback weights must be a non-empty list of numbers >= 0")
+    check_feedback(weights, pipeline.feedback_keep, pipeline.feedback_top)
+    weights = [float(w) for w in weights]
+    queries = sorted(judgments["query"].unique())
+    if not queries:
+        raise ValueError("tuning the feedback weight needs judged validation queries")
+    ranked: Dict[float, List[np.ndarray]] = {w: [] for w in weights}
+    for start in range(0, len(queries), batch):
+        r = pipeline.retrieve(tf.constant(queries[start:start + batch]))
+        for w in weights:  # one retrieval per batch for every weight
+            scores = pipeline.ranked_scores(r, w)
+            order = tf.math.top_k(scores, min(_DEPTH, int(scores.shape[1])))[1]
+            ranked[w].append(_to_depth(tf.gather(r["rows"], order, batch_dims=1).numpy()))
+    gains = query_gains(judgments, row_of, queries)
+    recall = {w: catalog_search_metrics(np.concatenate(r), gains).summary()["recall@100"]
+              for w, r in ranked.items()}
+    pipeline.feedback_weight = max(weights, key=recall.__getitem__)  # ties: the first
+    return recall
 
 
 def train_two_tower(pipeline: SearchPipeline, cfg: SearchConfig, data: SearchData,
@@ -596,6 +635,15 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
         pipeline, cfg, data, log_dir,
         start_from=None if previous is None else previous.ranker, extra_lists=extra).items()})
     timings["ranker_s"] = time.perf_counter() - t
+    if cfg.feedback_weights and len(data.splits["val"]):
+        t = time.perf_counter()
+        tuned = tune_feedback_weight(pipeline, cfg.feedback_weights, data.splits["val"],
+                                     row_of)
+        history["feedback_weight_val_recall@100"] = [tuned[w] for w in sorted(tuned)]
+        cfg = dataclasses.replace(cfg, feedback_weight=pipeline.feedback_weight)
+        log.info("feedback weight %.2f (validation Recall@100 %s)", cfg.feedback_weight,
+                 ", ".join(f"{w:g}: {v:.4f}" for w, v in sorted(tuned.items())))
+        timings["feedback_weight_s"] = time.perf_counter() - t
     t = time.perf_counter()
     for stage, m in evaluate_stages(pipeline, test, row_of).items():
         metrics[stage] = m.summary()

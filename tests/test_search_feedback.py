@@ -1,0 +1,71 @@
+"""Pseudo-relevance feedback past the ranker's head (tfrec.search.feedback)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tfrec  # noqa: F401
+import tensorflow as tf
+
+from tfrec.search.config import SearchConfig, check_feedback
+from tfrec.search.feedback import feedback_scores
+
+
+def _order(scores: np.ndarray) -> list:
+    return list(np.argsort(-scores, kind="stable"))
+
+
+def _list():
+    """One query, six candidates (the last invalid). Ranker order: 0 1 2 3 4. The best
+    hybrid candidates 0 and 1 point along x; candidate 4 (ranked last) does too, 2 and
+    3 do not."""
+    scores = tf.constant([[5.0, 4.0, 3.0, 2.0, 1.0, 9.0]])
+    hybrid = tf.constant([[3.0, 2.0, 0.0, 0.0, 0.0, 99.0]])
+    vectors = tf.constant([[[1.0, 0.1], [1.0, -0.1], [0.0, 1.0], [-0.2, 1.0], [1.0, 0.0],
+                            [1.0, 0.0]]])
+    valid = tf.constant([[True, True, True, True, True, False]])
+    return scores, hybrid, vectors, valid
+
+
+def test_the_head_keeps_its_order_and_the_tail_follows_the_centroid():
+    scores, hybrid, vectors, valid = _list()
+    out = feedback_scores(scores, hybrid, vectors, valid, weight=2.0, keep=2, top=2)[0]
+    out = out.numpy()
+    assert out[5] == -1e9  # invalid stays last, whatever its ranker score and hybrid
+    assert _order(out)[:5] == [0, 1, 4, 2, 3]  # 4 shares the head's product line
+    assert out[:2].min() > out[2:5].max()  # a total order: the head above the tail
+    # Weight 0: the ranker's order all the way down.
+    plain = feedback_scores(scores, hybrid, vectors, valid, weight=0.0, keep=2, top=2)[0]
+    assert _order(plain.numpy())[:5] == [0, 1, 2, 3, 4]
+    # keep covers the list: nothing moves.
+    whole = feedback_scores(scores, hybrid, vectors, valid, weight=2.0, keep=5, top=2)[0]
+    assert _order(whole.numpy())[:5] == [0, 1, 2, 3, 4]
+
+
+def test_feedback_handles_short_lists_and_batches():
+    scores, hybrid, vectors, valid = _list()
+    # top larger than the list, and a second query with one valid candidate.
+    batch = [tf.concat([x, x], 0) for x in (scores, hybrid, vectors)]
+    mask = tf.constant([[True] * 5 + [False], [False, False, True, False, False, False]])
+    out = feedback_scores(*batch, mask, weight=1.0, keep=3, top=50).numpy()
+    assert np.isfinite(out).all()
+    assert out[1, 2] > -1e9 and (np.delete(out[1], 2) == -1e9).all()
+    assert _order(out[0])[:3] == [0, 1, 2]
+    fn = tf.function(lambda s, h, v, m: feedback_scores(s, h, v, m, 1.0, 3, 50))
+    np.testing.assert_allclose(fn(*batch, mask).numpy(), out, rtol=1e-6)
+
+
+@pytest.mark.parametrize("weights, keep, top, message", [
+    ((-0.5,), 20, 10, r"finite numbers >= 0 \(0 = off\), got -0.5"),
+    ((float("nan"),), 20, 10, "finite numbers >= 0"),
+    ((True,), 20, 10, "finite numbers >= 0"),
+    ((0.5,), 0, 10, "feedback_keep must be an integer >= 1, got 0"),
+    ((0.5,), 20, 2.5, "feedback_top must be an integer >= 1, got 2.5"),
+])
+def test_bad_feedback_settings_are_named(weights, keep, top, message):
+    with pytest.raises(ValueError, match=message):
+        check_feedback(weights, keep, top)
+    cfg = SearchConfig(feedback_weights=weights, feedback_keep=keep, feedback_top=top)
+    with pytest.raises(ValueError, match="search.feedback"):
+        cfg.check()
