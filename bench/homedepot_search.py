@@ -38,9 +38,17 @@ exported model):
                        train query's list from a two-tower that did not train on it
                        (`ranker_folds` 2: two more two-towers, each on half the train
                        queries).
+                       Past the ranker's first 20 results, pseudo-relevance feedback
+                       (tfrec.search.feedback): ranker z-score + w x cosine to the mean
+                       two-tower vector of the 10 best hybrid candidates, w picked from
+                       `feedback_weights` by validation Recall@100 after the ranker trains.
   two-tower+ranker, validation lists only
                        the same pipeline's ranker retrained on the validation lists alone
-                       (the ranker before `ranker_folds`): a paired reference.
+                       (the ranker before `ranker_folds`, with the run's feedback weight):
+                       a paired reference.
+  two-tower+ranker, no feedback
+                       the final pipeline with feedback weight 0 (the ranker's order
+                       throughout): a paired reference.
 "train s": two-tower fine-tuning (+ the fold two-towers and the ranker on its row); the
 shared MiniLM title embedding of the catalog (once per run) is printed separately.
 "ms/query": batch-1 latency of that stage on the CPU (median over --latency-queries test
@@ -100,6 +108,7 @@ ROWS = (("BM25, plain terms, as typed", "bm25_plain"), ("BM25, as typed", "bm25_
         ("MiniLM zero-shot", "minilm_zero_shot"), ("two-tower", "two_tower"),
         ("hybrid (two-tower + BM25)", "hybrid"),
         ("two-tower+ranker, validation lists only", "two_tower+ranker (val lists)"),
+        ("two-tower+ranker, no feedback", "two_tower+ranker (no feedback)"),
         ("two-tower+ranker", "two_tower+ranker"))
 IVF_ROWS = (("two-tower, IVF", "two_tower (ivf)"),
             ("two-tower+ranker, IVF", "two_tower+ranker (ivf)"))
@@ -212,6 +221,17 @@ def val_lists_ranker(run, cfg: SearchConfig) -> Dict[str, float]:
         run.pipeline.ranker = ranker
 
 
+def without_feedback(run) -> Dict[str, float]:
+    """Test metrics of the final stage with the feedback weight 0 (the ranker's order all
+    the way down), on the same pipeline: the paired reference of the feedback."""
+    weight, run.pipeline.feedback_weight = run.pipeline.feedback_weight, 0.0
+    try:
+        return evaluate_stages(run.pipeline, run.data.splits["test"], run.data.row_of,
+                               ("two_tower+ranker",))["two_tower+ranker"].summary()
+    finally:
+        run.pipeline.feedback_weight = weight
+
+
 def bm25_as_typed(run) -> Dict[str, float]:
     """Test metrics of the BM25 stage with the speller detached (queries as typed)."""
     speller, run.pipeline.speller = run.pipeline.speller, None
@@ -277,6 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         run.metrics["bm25_plain"] = bm25_plain(run, plain)
         if cfg.ranker_folds:
             run.metrics["two_tower+ranker (val lists)"] = val_lists_ranker(run, cfg)
+        run.metrics["two_tower+ranker (no feedback)"] = without_feedback(run)
         runs.append(run)
         queries = sorted(data.splits["test"]["query"].unique())[:args.latency_queries]
         latencies.append(stage_latency(run, queries, plain))
@@ -301,7 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             continue
         values = {m: np.array([r.metrics[key][m] for r in runs]) for m in METRICS}
         ranker_s = ("ranker_val_lists_s",) if "(val lists)" in key else (
-            "ranker_s", "ranker_folds_s")  # the fold two-towers are the ranker's cost
+            "ranker_s", "ranker_folds_s", "feedback_weight_s")  # folds: the ranker's cost
         train = [r.timings["two_tower_s"] + (sum(r.timings.get(k, 0.0) for k in ranker_s)
                                              if "ranker" in key else 0)
                  for r in runs] if key not in ("bm25", "bm25_as_typed", "bm25_plain",
@@ -330,6 +351,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print("ranker with cross-fitted training-query lists minus validation lists only, "
               "per seed: " + "; ".join(f"{m} " + ", ".join(f"{d:+.4f}" for d in diff)
                                        for m, diff in zip(METRICS, diffs)))
+    unfed = "two_tower+ranker (no feedback)"
+    print("feedback weight picked on validation per seed: " + ", ".join(
+        f"{r.pipeline.feedback_weight:g}" for r in runs) + "; with minus without, per seed: "
+        + "; ".join(f"{m} " + ", ".join(
+            f"{r.metrics[FINAL][m] - r.metrics[unfed][m]:+.4f}" for r in runs)
+            for m in METRICS))
     for seed, card in zip(seeds, ivf_cards):
         print(f"IVF seed {seed}: {card['nlist']} lists, nprobe {card['nprobe']}, recall@100 "
               f"vs exact {card['recall_vs_exact']['recall@100']:.3f} on "
