@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 
 import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS and quiet log defaults, before TensorFlow)
 
-from tfrec.config import Config
+from tfrec.config import EXPORT_PRECISIONS, Config
 from tfrec.logs import configure_logging
 
 
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tflite: an on-device export instead (<base>/<model>_tflite/"
                         "<version>/ with float32.tflite and int8.tflite: query tower, item "
                         "embeddings and a top-k; builtin TFLite ops only)")
-    p.add_argument("--precision", choices=("float32", "bfloat16", "int8"),
+    p.add_argument("--precision", choices=EXPORT_PRECISIONS,
                    help="storage of the SavedModels' catalog-sized tables (id, word and "
                         "trigram tables of retrieval and ranker, catalog embeddings); int8 "
                         "keeps a scale per row. "

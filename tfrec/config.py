@@ -251,6 +251,10 @@ class TrainConfig:
     dp: Optional[DPConfig] = field(default=None, metadata={"nested": DPConfig})
 
 
+# Storage choices of exported catalog-sized tables (tfrec.features.quantize reads them).
+EXPORT_PRECISIONS = ("float32", "bfloat16", "int8")
+
+
 @dataclass
 class ExportConfig:
     """Versioned SavedModel layout: `<base_dir>/<model_name>/<version>/`."""
@@ -276,8 +280,8 @@ class ExportConfig:
     index_recall_floor: float = 0.9  # export warns below it (and the card says so)
     # Storage of the SavedModels' catalog-sized tables (towers' and ranker's embedding
     # tables of >= 1024 rows, catalog embeddings; retrieval, ranker and pipeline exports):
-    # "float32", "bfloat16" or "int8" (a float32 scale per row); read back as float32, so
-    # the arithmetic is unchanged.
+    # EXPORT_PRECISIONS: "float32", "bfloat16" or "int8" (a float32 scale per row); read
+    # back as float32, so the arithmetic is unchanged.
     precision: str = "float32"
     # Pipeline: a reason per returned item ("because you viewed ...", matched query words,
     # brand / category affinity, popularity), measured with the ranker (tfrec.export.reasons).

@@ -17,7 +17,9 @@ import numpy as np
 import tfrec  # noqa: F401
 import tensorflow as tf
 
-PRECISIONS = ("float32", "bfloat16", "int8")
+from tfrec.config import EXPORT_PRECISIONS
+
+PRECISIONS = EXPORT_PRECISIONS
 # Tables with fewer rows stay float32: they weigh nothing and int8 rounding would show
 # in every request (hours, devices, price buckets).
 MIN_ROWS = 1024
