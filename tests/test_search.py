@@ -338,23 +338,31 @@ def _homedepot_file() -> str:
     return os.path.join(data_dir, "homedepot", "queries_dev.csv")
 
 
-def test_hybrid_weight_is_picked_on_validation_and_saved(search_run, search_workdir):
-    """The BM25 share of the hybrid score is the validation argmax of the grid; the saved
-    config (what `tfrec search index` and exports rebuild from) carries it."""
+def _picked_and_saved(search_run, search_workdir, field: str, history_key: str):
+    """Asserts the run's `field` is the argmax of its validation scores over the default
+    grid, in the run and in the workdir's saved run (a later session test may have
+    trained it again); returns the saved config and the run dir."""
     from tfrec.search.index import MODEL_DIR, resolve_search_run
-    from tfrec.search.train import evaluate_stages, tune_hybrid_weight
 
-    pipeline, data = search_run.pipeline, search_run.data
-    grid = SearchConfig().hybrid_weights
-    scores = search_run.history["hybrid_weight_val_ndcg@10"]
+    grid = getattr(SearchConfig(), field + "s")
+    scores = search_run.history[history_key]
     assert len(scores) == len(grid)
-    assert pipeline.hybrid_weight == grid[int(np.argmax(scores))]
-    # The workdir's saved run (a later session test may have trained it again).
+    assert getattr(search_run.pipeline, field) == grid[int(np.argmax(scores))]
     run_dir = resolve_search_run(search_workdir)
     saved = SearchConfig.from_yaml(os.path.join(run_dir, MODEL_DIR, "config.yaml"))
     with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
-        saved_scores = json.load(f)["history"]["hybrid_weight_val_ndcg@10"]
-    assert saved.hybrid_weight == grid[int(np.argmax(saved_scores))]
+        saved_scores = json.load(f)["history"][history_key]
+    assert getattr(saved, field) == grid[int(np.argmax(saved_scores))]
+    return saved, run_dir
+
+
+def test_hybrid_weight_is_picked_on_validation_and_saved(search_run, search_workdir):
+    """The BM25 share of the hybrid score is the validation argmax of the grid; the saved
+    config (what `tfrec search index` and exports rebuild from) carries it."""
+    from tfrec.search.train import evaluate_stages, tune_hybrid_weight
+
+    pipeline, data = search_run.pipeline, search_run.data
+    _picked_and_saved(search_run, search_workdir, "hybrid_weight", "hybrid_weight_val_ndcg@10")
     chosen = pipeline.hybrid_weight
     try:
         ndcg = tune_hybrid_weight(pipeline, (0.0, 0.5, 1.0), data.splits["val"], data.row_of)
@@ -375,20 +383,13 @@ def test_feedback_weight_is_picked_on_validation_recall_and_saved(search_run,
     """The feedback weight is the validation Recall@100 argmax of the grid; a weight
     re-orders only what follows the ranker's first feedback_keep results, and the saved
     run loads back with it."""
-    from tfrec.search.index import MODEL_DIR, load_search_pipeline, resolve_search_run
+    from tfrec.search.index import load_search_pipeline
     from tfrec.search.metrics import catalog_search_metrics, query_gains
     from tfrec.search.train import _ranked, tune_feedback_weight
 
     pipeline, data = search_run.pipeline, search_run.data
-    grid = SearchConfig().feedback_weights
-    scores = search_run.history["feedback_weight_val_recall@100"]
-    assert len(scores) == len(grid)
-    assert pipeline.feedback_weight == grid[int(np.argmax(scores))]
-    run_dir = resolve_search_run(search_workdir)
-    saved = SearchConfig.from_yaml(os.path.join(run_dir, MODEL_DIR, "config.yaml"))
-    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
-        saved_scores = json.load(f)["history"]["feedback_weight_val_recall@100"]
-    assert saved.feedback_weight == grid[int(np.argmax(saved_scores))]
+    saved, run_dir = _picked_and_saved(search_run, search_workdir, "feedback_weight",
+                                       "feedback_weight_val_recall@100")
     loaded, _ = load_search_pipeline(run_dir, data.catalog, index=False)
     assert loaded.feedback_weight == saved.feedback_weight
     assert (loaded.feedback_keep, loaded.feedback_top) == (saved.feedback_keep,
@@ -438,7 +439,8 @@ def test_search_trains_on_a_home_depot_slice(tiny_encoder, tmp_path):
 
     # No category column: title departments (k-means of the title vectors) as categories.
     cfg = dataclasses.replace(_tiny_config(tiny_encoder, judgments=str(csv)),
-                              query_category="clusters", category_clusters=4)
+                              query_category="clusters", category_clusters=4,
+                              ranker_folds=0)  # the session run covers the cross-fitting
     run = train_search(cfg, str(tmp_path / "work"), log_dir=str(tmp_path / "logs"))
     assert set(run.metrics) == set(STAGES) - {"minilm_zero_shot"}
     assert run.query_category["source"] == "clusters" and run.query_category["categories"] == 4
