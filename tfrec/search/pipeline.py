@@ -360,10 +360,16 @@ class SearchPipeline(tf.Module):
                       feedback_weight: float) -> tf.Tensor:
         """[B, C] final scores of retrieved candidates: ranker logits, or with a feedback
         weight > 0 the ranker's head and the feedback-ordered tail (`feedback_scores`)."""
-        scores = self.ranker(self.ranker_inputs(retrieved), training=False)
+        return self.with_feedback(self.ranker(self.ranker_inputs(retrieved), training=False),
+                                  retrieved, feedback_weight)
+
+    def with_feedback(self, logits: tf.Tensor, retrieved: Dict[str, tf.Tensor],
+                      feedback_weight: float) -> tf.Tensor:
+        """The ranker's [B, C] `logits` of `retrieved` with the feedback at this weight
+        (unchanged at 0): one ranker pass serves every weight tried."""
         if feedback_weight <= 0:
-            return scores
-        return feedback_scores(scores, retrieved["hybrid"], retrieved["product_vectors"],
+            return logits
+        return feedback_scores(logits, retrieved["hybrid"], retrieved["product_vectors"],
                                retrieved["valid"], feedback_weight, self.feedback_keep,
                                self.feedback_top)
 

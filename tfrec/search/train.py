@@ -282,8 +282,9 @@ def tune_feedback_weight(pipeline: SearchPipeline, weights: Sequence[float],
     ranked: Dict[float, List[np.ndarray]] = {w: [] for w in weights}
     for start in range(0, len(queries), batch):
         r = pipeline.retrieve(tf.constant(queries[start:start + batch]))
-        for w in weights:  # one retrieval per batch for every weight
-            scores = pipeline.ranked_scores(r, w)
+        logits = pipeline.ranker(pipeline.ranker_inputs(r), training=False)
+        for w in weights:  # one retrieval and ranker pass per batch for every weight
+            scores = pipeline.with_feedback(logits, r, w)
             order = tf.math.top_k(scores, min(_DEPTH, int(scores.shape[1])))[1]
             ranked[w].append(_to_depth(tf.gather(r["rows"], order, batch_dims=1).numpy()))
     gains = query_gains(judgments, row_of, queries)
