@@ -205,6 +205,7 @@ def _train(args: argparse.Namespace) -> int:
     export_base = args.export_base or os.path.join(args.workdir, "export")
 
     from tfrec.search.export import export_search
+    from tfrec.search.index import tuned_config
     from tfrec.search.train import train_search
 
     log_dir = args.log_dir or os.path.join("tensorboard_logs", "search", f"seed{cfg.seed}")
@@ -219,9 +220,7 @@ def _train(args: argparse.Namespace) -> int:
                              version=args.version, num_results=cfg.results,
                              card={"metrics": run.metrics, "judgments": cfg.judgments,
                                    "seed": cfg.seed, "config": dataclasses.asdict(
-                                       dataclasses.replace(  # as validation tuned it
-                                           cfg, hybrid_weight=run.pipeline.hybrid_weight,
-                                           feedback_weight=run.pipeline.feedback_weight))})
+                                       tuned_config(cfg, run.pipeline))})
     if args.json:
         print(json.dumps({"metrics": run.metrics, "query_category": run.query_category,
                           "timings": run.timings, "export": path}, indent=2))

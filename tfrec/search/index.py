@@ -36,7 +36,7 @@ from tfrec.search.ranker import LEGACY_FEATURES, SearchRanker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RUN_DIR", "save_search_run", "load_search_pipeline", "read_products",
+__all__ = ["RUN_DIR", "tuned_config", "save_search_run", "load_search_pipeline", "read_products",
            "resolve_search_run", "saved_vocabularies", "index_pipeline", "query_vectors"]
 
 RUN_DIR = "search"  # under a `tfrec search train` workdir
@@ -123,6 +123,13 @@ def index_pipeline(pipeline: SearchPipeline, cfg: SearchConfig,
     return pipeline.index_card
 
 
+def tuned_config(cfg: SearchConfig, pipeline: SearchPipeline) -> SearchConfig:
+    """`cfg` with the weights validation picked for `pipeline` (hybrid, feedback): what
+    the saved run, its config.yaml and the export's card record."""
+    return dataclasses.replace(cfg, hybrid_weight=pipeline.hybrid_weight,
+                               feedback_weight=pipeline.feedback_weight)
+
+
 def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
                     categories: Optional[CatalogCategories] = None) -> str:
     """Writes `<run_dir>/model/` (replaced atomically): config, vocabularies, weights.
@@ -164,9 +171,7 @@ def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the run dir is shared like any other
     try:
         # The pipeline's own weights (validation may have moved them from cfg's).
-        dataclasses.replace(cfg, hybrid_weight=pipeline.hybrid_weight,
-                            feedback_weight=pipeline.feedback_weight).to_yaml(
-            os.path.join(tmp, "config.yaml"))
+        tuned_config(cfg, pipeline).to_yaml(os.path.join(tmp, "config.yaml"))
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, ensure_ascii=False)
         if meta["categories"] is not None and categories.centroids is not None:

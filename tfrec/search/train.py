@@ -33,7 +33,7 @@ from tfrec.search.config import (SearchConfig, check_feedback, check_hybrid_weig
                                  check_ranker_folds)
 from tfrec.search.data import judgments_from_events, product_catalog
 from tfrec.search.index import (index_pipeline, load_search_pipeline, query_vectors,
-                                save_search_run, saved_vocabularies)
+                                save_search_run, saved_vocabularies, tuned_config)
 from tfrec.search.metrics import SearchMetrics, catalog_search_metrics, query_gains
 from tfrec.search.model import (SearchTwoTower, catalog_word_ids, query_encoder_of,
                                  word_vocabulary)
@@ -613,7 +613,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
         tuned = tune_hybrid_weight(pipeline, cfg.hybrid_weights, data.splits["val"], row_of)
         history["hybrid_weight_val_ndcg@10"] = [tuned[w] for w in sorted(tuned)]
         # The saved config, the fold pipelines and the export use the chosen weight.
-        cfg = dataclasses.replace(cfg, hybrid_weight=pipeline.hybrid_weight)
+        cfg = tuned_config(cfg, pipeline)
         log.info("hybrid weight %.2f (validation NDCG@10 %s)", cfg.hybrid_weight,
                  ", ".join(f"{w:g}: {v:.4f}" for w, v in sorted(tuned.items())))
         timings["hybrid_weight_s"] = time.perf_counter() - t
@@ -641,7 +641,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
         tuned = tune_feedback_weight(pipeline, cfg.feedback_weights, data.splits["val"],
                                      row_of)
         history["feedback_weight_val_recall@100"] = [tuned[w] for w in sorted(tuned)]
-        cfg = dataclasses.replace(cfg, feedback_weight=pipeline.feedback_weight)
+        cfg = tuned_config(cfg, pipeline)
         log.info("feedback weight %.2f (validation Recall@100 %s)", cfg.feedback_weight,
                  ", ".join(f"{w:g}: {v:.4f}" for w, v in sorted(tuned.items())))
         timings["feedback_weight_s"] = time.perf_counter() - t
