@@ -40,15 +40,22 @@ exported model):
                        queries).
                        Past the ranker's first 20 results, pseudo-relevance feedback
                        (tfrec.search.feedback): ranker z-score + w x cosine to the mean
-                       two-tower vector of the 10 best hybrid candidates, w picked from
-                       `feedback_weights` by validation Recall@100 after the ranker trains.
+                       two-tower vector of the 10 best hybrid candidates; and up to 50
+                       more products retrieved by the query vector moved to that mean,
+                       ranked with the rest. The weight and the number of extra
+                       products are picked from `feedback_weights` x `feedback_extras`
+                       by validation Recall@100 after the ranker trains.
   two-tower+ranker, validation lists only
                        the same pipeline's ranker retrained on the validation lists alone
                        (the ranker before `ranker_folds`, with the run's feedback weight):
                        a paired reference.
   two-tower+ranker, no feedback
-                       the final pipeline with feedback weight 0 (the ranker's order
-                       throughout): a paired reference.
+                       the final pipeline with feedback weight 0 and no extra products
+                       (the ranker's order of the two retrievers' union): a paired
+                       reference.
+  two-tower+ranker, no feedback products
+                       the final pipeline with its feedback weight but no extra
+                       products: what the feedback query's products add.
 "train s": two-tower fine-tuning (+ the fold two-towers and the ranker on its row); the
 shared MiniLM title embedding of the catalog (once per run) is printed separately.
 "ms/query": batch-1 latency of that stage on the CPU (median over --latency-queries test
@@ -109,6 +116,7 @@ ROWS = (("BM25, plain terms, as typed", "bm25_plain"), ("BM25, as typed", "bm25_
         ("hybrid (two-tower + BM25)", "hybrid"),
         ("two-tower+ranker, validation lists only", "two_tower+ranker (val lists)"),
         ("two-tower+ranker, no feedback", "two_tower+ranker (no feedback)"),
+        ("two-tower+ranker, no feedback products", "two_tower+ranker (no feedback products)"),
         ("two-tower+ranker", "two_tower+ranker"))
 IVF_ROWS = (("two-tower, IVF", "two_tower (ivf)"),
             ("two-tower+ranker, IVF", "two_tower+ranker (ivf)"))
@@ -221,15 +229,20 @@ def val_lists_ranker(run, cfg: SearchConfig) -> Dict[str, float]:
         run.pipeline.ranker = ranker
 
 
-def without_feedback(run) -> Dict[str, float]:
-    """Test metrics of the final stage with the feedback weight 0 (the ranker's order all
-    the way down), on the same pipeline: the paired reference of the feedback."""
-    weight, run.pipeline.feedback_weight = run.pipeline.feedback_weight, 0.0
+def without_feedback(run, weight: bool = True) -> Dict[str, float]:
+    """Test metrics of the final stage without the feedback's extra products and, with
+    `weight`, with feedback weight 0 (the ranker's order all the way down), on the same
+    pipeline: the paired references of the feedback."""
+    pipeline = run.pipeline
+    saved = pipeline.feedback_weight, pipeline.feedback_extra
+    pipeline.feedback_extra = 0
+    if weight:
+        pipeline.feedback_weight = 0.0
     try:
-        return evaluate_stages(run.pipeline, run.data.splits["test"], run.data.row_of,
+        return evaluate_stages(pipeline, run.data.splits["test"], run.data.row_of,
                                ("two_tower+ranker",))["two_tower+ranker"].summary()
     finally:
-        run.pipeline.feedback_weight = weight
+        pipeline.feedback_weight, pipeline.feedback_extra = saved
 
 
 def bm25_as_typed(run) -> Dict[str, float]:
@@ -298,6 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if cfg.ranker_folds:
             run.metrics["two_tower+ranker (val lists)"] = val_lists_ranker(run, cfg)
         run.metrics["two_tower+ranker (no feedback)"] = without_feedback(run)
+        run.metrics["two_tower+ranker (no feedback products)"] = without_feedback(
+            run, weight=False)
         runs.append(run)
         queries = sorted(data.splits["test"]["query"].unique())[:args.latency_queries]
         latencies.append(stage_latency(run, queries, plain))
@@ -322,7 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             continue
         values = {m: np.array([r.metrics[key][m] for r in runs]) for m in METRICS}
         ranker_s = ("ranker_val_lists_s",) if "(val lists)" in key else (
-            "ranker_s", "ranker_folds_s", "feedback_weight_s")  # folds: the ranker's cost
+            "ranker_s", "ranker_folds_s", "feedback_s")  # folds: the ranker's cost
         train = [r.timings["two_tower_s"] + (sum(r.timings.get(k, 0.0) for k in ranker_s)
                                              if "ranker" in key else 0)
                  for r in runs] if key not in ("bm25", "bm25_as_typed", "bm25_plain",
@@ -352,8 +367,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               "per seed: " + "; ".join(f"{m} " + ", ".join(f"{d:+.4f}" for d in diff)
                                        for m, diff in zip(METRICS, diffs)))
     unfed = "two_tower+ranker (no feedback)"
-    print("feedback weight picked on validation per seed: " + ", ".join(
-        f"{r.pipeline.feedback_weight:g}" for r in runs) + "; with minus without, per seed: "
+    print("feedback weight / extra products picked on validation per seed: " + ", ".join(
+        f"{r.pipeline.feedback_weight:g} / {r.pipeline.feedback_extra}" for r in runs)
+        + "; with minus without, per seed: "
         + "; ".join(f"{m} " + ", ".join(
             f"{r.metrics[FINAL][m] - r.metrics[unfed][m]:+.4f}" for r in runs)
             for m in METRICS))

@@ -38,10 +38,15 @@ TINY_FIELDS = dict(epochs=1, negatives=64, candidates=20, ranker_epochs=3, query
                    title_length=16, batch_size=32)
 
 
-def _tiny_config(tiny_encoder, judgments: str = "synthetic:tiny") -> SearchConfig:
+# The session run always adds 5 feedback products, so every export, IVF and gRPC test
+# serves lists that hold them (the CLI test tunes the default grid).
+SESSION_EXTRAS = (5,)
+
+
+def _tiny_config(tiny_encoder, judgments: str = "synthetic:tiny", **fields) -> SearchConfig:
     encoder, preprocessor = tiny_encoder
     return SearchConfig(judgments=judgments, encoder=encoder, preprocessor=preprocessor,
-                        **TINY_FIELDS)
+                        **{**TINY_FIELDS, **fields})
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +59,8 @@ def search_run(tiny_encoder, search_workdir, tmp_path_factory):
     from tfrec.search.train import train_search
 
     log_dir = str(tmp_path_factory.mktemp("search_logs"))
-    run = train_search(_tiny_config(tiny_encoder), search_workdir, zero_shot=True,
-                       log_dir=log_dir)
+    run = train_search(_tiny_config(tiny_encoder, feedback_extras=SESSION_EXTRAS),
+                       search_workdir, zero_shot=True, log_dir=log_dir)
     run.log_dir = log_dir
     return run
 
@@ -100,7 +105,7 @@ def test_search_module_pads_checks_and_answers_empty_batches(search_run):
     from tfrec.search.export import SearchModule
 
     pipeline = search_run.pipeline
-    wide = 2 * pipeline.candidates + 5  # more than the retrieved union: padded
+    wide = pipeline.list_width + 5  # more than the retrieved list: padded
     module = SearchModule(pipeline, num_results=wide)
     out = module.search(tf.constant(["  mat  ", LONG_QUERY]))
     assert out["product_ids"].shape == (2, wide) and out["scores"].dtype == tf.float32
@@ -327,9 +332,12 @@ def test_cli_search_train_prints_the_table_and_exports(tiny_encoder, search_run,
     # The weight validation picked: printed, in the card's config and its pipeline facts.
     weight = float(re.search(r"hybrid score: BM25 weight ([0-9.]+) \(best validation", out)[1])
     assert card["hybrid_weight"] == card["config"]["hybrid_weight"] == weight, out
-    feedback = float(re.search(r"results past 20: feedback weight ([0-9.]+) \(best "
-                               r"validation Recall@100", out)[1])
-    assert card["feedback"]["weight"] == card["config"]["feedback_weight"] == feedback, out
+    feedback = re.search(r"results past 20: feedback weight ([0-9.]+), ([0-9]+) more "
+                         r"products from the feedback query \(best validation Recall@100", out)
+    assert card["feedback"]["weight"] == card["config"]["feedback_weight"] == float(
+        feedback[1]), out
+    assert card["feedback"]["extra"] == card["config"]["feedback_extra"] == int(
+        feedback[2]), out
     assert glob.glob(str(tmp_path / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
 
 
@@ -378,36 +386,49 @@ def test_hybrid_weight_is_picked_on_validation_and_saved(search_run, search_work
         pipeline.hybrid_weight = chosen
 
 
-def test_feedback_weight_is_picked_on_validation_recall_and_saved(search_run,
-                                                                  search_workdir):
-    """The feedback weight is the validation Recall@100 argmax of the grid; a weight
-    re-orders only what follows the ranker's first feedback_keep results, and the saved
-    run loads back with it."""
-    from tfrec.search.index import load_search_pipeline
+def test_feedback_is_picked_on_validation_recall_and_saved(search_run, search_workdir):
+    """The feedback weight and extra products are the validation Recall@100 argmax of
+    the grid; a weight re-orders only what follows the ranker's first feedback_keep
+    results, extra products join the list from outside both retrievers' lists, and the
+    saved run loads back with both."""
+    from tfrec.search.index import MODEL_DIR, load_search_pipeline, resolve_search_run
     from tfrec.search.metrics import catalog_search_metrics, query_gains
-    from tfrec.search.train import _ranked, tune_feedback_weight
+    from tfrec.search.train import _ranked, tune_feedback
 
     pipeline, data = search_run.pipeline, search_run.data
-    saved, run_dir = _picked_and_saved(search_run, search_workdir, "feedback_weight",
-                                       "feedback_weight_val_recall@100")
+    grid = [(e, w) for e in SESSION_EXTRAS for w in SearchConfig().feedback_weights]
+    history = search_run.history["feedback_val_recall@100"]
+    assert [(e, w) for e, w, _ in history] == grid
+    best = grid[int(np.argmax([v for *_, v in history]))]
+    assert (pipeline.feedback_extra, pipeline.feedback_weight) == best
+    assert pipeline.feedback_extra == SESSION_EXTRAS[0]  # the lists every export serves
+    run_dir = resolve_search_run(search_workdir)
+    saved = SearchConfig.from_yaml(os.path.join(run_dir, MODEL_DIR, "config.yaml"))
+    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
+        saved_history = json.load(f)["history"]["feedback_val_recall@100"]
+    assert (saved.feedback_extra, saved.feedback_weight) == tuple(
+        saved_history[int(np.argmax([v for *_, v in saved_history]))][:2])
     loaded, _ = load_search_pipeline(run_dir, data.catalog, index=False)
-    assert loaded.feedback_weight == saved.feedback_weight
-    assert (loaded.feedback_keep, loaded.feedback_top) == (saved.feedback_keep,
-                                                           saved.feedback_top)
-    chosen = pipeline.feedback_weight
+    assert (loaded.feedback_weight, loaded.feedback_extra, loaded.feedback_keep,
+            loaded.feedback_top) == (saved.feedback_weight, saved.feedback_extra,
+                                     saved.feedback_keep, saved.feedback_top)
+    chosen = pipeline.feedback_extra, pipeline.feedback_weight
     queries = sorted(data.splits["val"]["query"].unique())
+    gains = query_gains(data.splits["val"], data.row_of, queries)
     try:
-        recall = tune_feedback_weight(pipeline, (0.0, 2.0, 8.0), data.splits["val"],
-                                      data.row_of)
-        assert pipeline.feedback_weight == max(recall, key=recall.get)
-        ranked = {}
-        for w in (0.0, 2.0, 8.0):
-            pipeline.feedback_weight = w
-            ranked[w] = _ranked(pipeline, queries, "two_tower+ranker")
-            want = catalog_search_metrics(ranked[w], query_gains(data.splits["val"],
-                                                                 data.row_of, queries))
-            assert recall[w] == pytest.approx(want.summary()["recall@100"], abs=1e-6)
+        recall = tune_feedback(pipeline, (0.0, 2.0, 8.0), data.splits["val"], data.row_of,
+                               extras=(0, 7))
+        assert list(recall) == [(e, w) for e in (0, 7) for w in (0.0, 2.0, 8.0)]
+        assert (pipeline.feedback_extra, pipeline.feedback_weight) == max(recall,
+                                                                          key=recall.get)
+        for extra, w in recall:  # each is the final stage's Recall@100 at that setting
+            pipeline.feedback_extra, pipeline.feedback_weight = extra, w
+            want = catalog_search_metrics(_ranked(pipeline, queries, "two_tower+ranker"),
+                                          gains)
+            assert recall[(extra, w)] == pytest.approx(want.summary()["recall@100"],
+                                                       abs=1e-6)
         keep = pipeline.feedback_keep
+        pipeline.feedback_extra = 0
         union = {}
         for w in (0.0, 2.0, 8.0):  # every retrieved candidate, in the final order
             pipeline.feedback_weight = w
@@ -418,10 +439,24 @@ def test_feedback_weight_is_picked_on_validation_recall_and_saved(search_run,
             assert (union[w][:, keep:] != union[0.0][:, keep:]).any()
             # Same candidates, other order: nothing is dropped or added.
             assert all(sorted(a) == sorted(b) for a, b in zip(union[w], union[0.0]))
+        # Extra products: the same union plus up to 7 new distinct rows per query.
+        plain = pipeline.retrieve(tf.constant(queries), extra=0)
+        more = pipeline.retrieve(tf.constant(queries), extra=7)
+        width = int(plain["rows"].shape[1])
+        assert more["rows"].shape[1] == width + 7
+        np.testing.assert_array_equal(more["rows"][:, :width], plain["rows"])
+        np.testing.assert_allclose(more["dense"][:, :width], plain["dense"], atol=1e-6)
+        added = more["rows"][:, width:].numpy()
+        assert (added >= 0).mean() > 0.9
+        for base, new in zip(plain["rows"].numpy(), added):
+            new = new[new >= 0]
+            assert len(set(new)) == len(new) and not set(new) & set(base[base >= 0])
         with pytest.raises(ValueError, match=r"finite numbers >= 0"):
-            tune_feedback_weight(pipeline, (0.5, -1.0), data.splits["val"], data.row_of)
+            tune_feedback(pipeline, (0.5, -1.0), data.splits["val"], data.row_of)
+        with pytest.raises(ValueError, match=r"integers >= 0"):
+            tune_feedback(pipeline, (0.5,), data.splits["val"], data.row_of, extras=(5, -1))
     finally:
-        pipeline.feedback_weight = chosen
+        pipeline.feedback_extra, pipeline.feedback_weight = chosen
 
 
 def test_search_trains_on_a_home_depot_slice(tiny_encoder, tmp_path):
@@ -507,6 +542,9 @@ def test_search_cli_helpers(capsys):
             in capsys.readouterr().err)
     assert main(["search", "train", "--set", "feedback_keep=0"]) == 2
     assert "search.feedback_keep must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["search", "train", "--set", "feedback_extras=[10, 2.5]"]) == 2
+    assert ("search.feedback_extra(s) must be integers >= 0 (0 = none), got 2.5"
+            in capsys.readouterr().err)
     assert main(["search", "train", "--set", "word_analyzer=snowball"]) == 2
     assert ("search.word_analyzer must be one of plain, light, got 'snowball'"
             in capsys.readouterr().err)

@@ -9,7 +9,7 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.search.config import SearchConfig, check_feedback
-from tfrec.search.feedback import feedback_scores
+from tfrec.search.feedback import feedback_centroid, feedback_query, feedback_scores
 
 
 def _order(scores: np.ndarray) -> list:
@@ -56,6 +56,21 @@ def test_feedback_handles_short_lists_and_batches():
     np.testing.assert_allclose(fn(*batch, mask).numpy(), out, rtol=1e-6)
 
 
+def test_the_centroid_is_the_best_hybrid_candidates_and_the_query_moves_halfway():
+    _, hybrid, vectors, valid = _list()
+    # The two best valid hybrid candidates (0, 1) point along x; the invalid one (hybrid
+    # 99) is left out.
+    centroid = feedback_centroid(hybrid, vectors, valid, top=2).numpy()[0]
+    np.testing.assert_allclose(centroid, [1.0, 0.0], atol=1e-6)
+    # With top 3 the third best (2, along y, hybrid 0 tied with 3 and 4) joins in.
+    wider = feedback_centroid(hybrid, vectors, valid, top=3).numpy()[0]
+    assert wider[1] > 0.1 and abs(np.linalg.norm(wider) - 1.0) < 1e-6
+    # The feedback query is a unit vector as close to the query as to the centroid.
+    query = tf.constant([[0.0, 3.0]])
+    moved = feedback_query(query, centroid[np.newaxis]).numpy()[0]
+    np.testing.assert_allclose(moved, [2 ** -0.5, 2 ** -0.5], atol=1e-6)
+
+
 @pytest.mark.parametrize("weights, keep, top, message", [
     ((-0.5,), 20, 10, r"finite numbers >= 0 \(0 = off\), got -0.5"),
     ((float("nan"),), 20, 10, "finite numbers >= 0"),
@@ -69,3 +84,13 @@ def test_bad_feedback_settings_are_named(weights, keep, top, message):
     cfg = SearchConfig(feedback_weights=weights, feedback_keep=keep, feedback_top=top)
     with pytest.raises(ValueError, match="search.feedback"):
         cfg.check()
+
+
+@pytest.mark.parametrize("extras", [(-1,), (2.5,), (True,)])
+def test_bad_feedback_extras_are_named(extras):
+    with pytest.raises(ValueError, match=r"feedback_extra\(s\) must be integers >= 0"):
+        check_feedback((0.5,), 20, 10, extras=extras)
+    with pytest.raises(ValueError, match=r"search.feedback_extra\(s\)"):
+        SearchConfig(feedback_extras=extras).check()
+    with pytest.raises(ValueError, match=r"search.feedback_extra\(s\)"):
+        SearchConfig(feedback_extra=extras[0]).check()

@@ -234,12 +234,13 @@ def _train(args: argparse.Namespace) -> int:
     print(f"hybrid score: BM25 weight {run.pipeline.hybrid_weight:g}"
           + (f" (best validation NDCG@10 {max(tuned):.4f} of {len(tuned)} weights tried)"
              if tuned else ""))
-    tuned = run.history.get("feedback_weight_val_recall@100")
+    tuned = run.history.get("feedback_val_recall@100")
     if run.pipeline.ranker is not None:
         print(f"results past {run.pipeline.feedback_keep}: feedback weight "
-              f"{run.pipeline.feedback_weight:g}"
-              + (f" (best validation Recall@100 {max(tuned):.4f} of {len(tuned)} weights "
-                 f"tried)" if tuned else ""))
+              f"{run.pipeline.feedback_weight:g}, {run.pipeline.feedback_extra} more products "
+              f"from the feedback query"
+              + (f" (best validation Recall@100 {max(v for *_, v in tuned):.4f} of "
+                 f"{len(tuned)} settings tried)" if tuned else ""))
     qc = run.query_category
     if qc:
         print(f"query category ({qc['categories']} categories from the {qc['source']}): test "

@@ -48,9 +48,10 @@ def check_hybrid_weights(weights: Sequence[Any], what: str) -> None:
 
 
 def check_feedback(weights: Sequence[Any], keep: Any, top: Any,
-                   what: str = "feedback") -> None:
-    """Raises a ValueError unless every weight is a finite number >= 0 and keep / top
-    are integers >= 1 (`what` prefixes the field names in the message)."""
+                   what: str = "feedback", extras: Sequence[Any] = ()) -> None:
+    """Raises a ValueError unless every weight is a finite number >= 0, keep / top are
+    integers >= 1 and every extra an integer >= 0 (`what` prefixes the field names in
+    the message)."""
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) \
                 or not math.isfinite(w) or w < 0:
@@ -59,6 +60,10 @@ def check_feedback(weights: Sequence[Any], keep: Any, top: Any,
     for name, value in (("keep", keep), ("top", top)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{what}_{name} must be an integer >= 1, got {value!r}")
+    for value in extras:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{what}_extra(s) must be integers >= 0 (0 = none), "
+                             f"got {value!r}")
 
 
 @dataclass
@@ -121,6 +126,11 @@ class SearchConfig:
     feedback_weights: Tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
     feedback_keep: int = 20
     feedback_top: int = 10
+    # Products the feedback query (the query vector moved to that centroid) retrieves
+    # beyond both lists, added to the ranker's list; validation Recall@100 picks among
+    # feedback_extras together with the weight (() keeps feedback_extra).
+    feedback_extra: int = 0
+    feedback_extras: Tuple[int, ...] = (0, 10, 25, 50)
     speller: bool = True  # correct words the catalog never uses (added to the BM25 query)
     # The speller also splits fused words into two catalog words ("lawnmower") and joins
     # typed pairs the catalog writes as one ("out door" -> "outdoor").
@@ -174,7 +184,8 @@ class SearchConfig:
                              "search.hybrid_weight and search.hybrid_weights")
         check_ranker_folds(self.ranker_folds, self.ranker_fold_lists)
         check_feedback((self.feedback_weight, *self.feedback_weights), self.feedback_keep,
-                       self.feedback_top, "search.feedback")
+                       self.feedback_top, "search.feedback",
+                       (self.feedback_extra, *self.feedback_extras))
         check_analyzer(self.lexical_analyzer, "search.lexical_analyzer")
         check_analyzer(self.word_analyzer, "search.word_analyzer")
         check_bm25(self.bm25_k1, self.bm25_b, "search.bm25_")

@@ -105,7 +105,7 @@ class SearchModule(tf.Module):
                                           nprobe=nprobe)
         width = self.num_results
         # pipeline.search returns min(width, retrieved union) columns: pad the rest.
-        pad = width - min(width, 2 * self._pipeline.candidates)
+        pad = width - min(width, self._pipeline.list_width)
         out = {}
         for name in OUTPUTS:
             value = found[name]
@@ -139,7 +139,7 @@ def search_card(pipeline: SearchPipeline, num_results: int, **extra: Any) -> Dic
             "candidates_per_retriever": pipeline.candidates,
             "hybrid_weight": pipeline.hybrid_weight,
             "feedback": {"weight": pipeline.feedback_weight, "keep": pipeline.feedback_keep,
-                         "top": pipeline.feedback_top},
+                         "top": pipeline.feedback_top, "extra": pipeline.feedback_extra},
             "speller": None if pipeline.speller is None else {
                 "words": pipeline.speller.num_words, "keys": pipeline.speller.num_keys,
                 "cjk_contexts": pipeline.speller.num_contexts,

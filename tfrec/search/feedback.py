@@ -14,9 +14,38 @@ import tensorflow as tf
 
 from tfrec.models.lists import masked_zscore
 
-__all__ = ["feedback_scores"]
+__all__ = ["feedback_centroid", "feedback_query", "feedback_scores"]
 
 _NEG = -1e9
+
+
+def feedback_centroid(hybrid: tf.Tensor, vectors: tf.Tensor, valid: tf.Tensor,
+                      top: int = 10) -> tf.Tensor:
+    """[B, H] unit mean of the unit vectors of each list's `top` best valid hybrid
+    candidates: what the list's surest matches have in common.
+
+    Args:
+      hybrid: [B, C] hybrid retrieval scores.
+      vectors: [B, C, H] the candidates' two-tower product vectors.
+      valid: [B, C] bool, real candidates.
+      top: how many best hybrid candidates make the centroid.
+    """
+    valid = tf.cast(valid, tf.bool)
+    vectors = tf.math.l2_normalize(tf.cast(vectors, tf.float32), axis=-1)
+    _, lead = tf.math.top_k(tf.where(valid, tf.cast(hybrid, tf.float32), _NEG),
+                            tf.minimum(top, tf.shape(hybrid)[1]))
+    lead_valid = tf.cast(tf.gather(valid, lead, batch_dims=1), tf.float32)
+    centroid = tf.reduce_sum(tf.gather(vectors, lead, batch_dims=1)
+                             * lead_valid[..., tf.newaxis], axis=1)
+    return tf.math.l2_normalize(centroid, axis=-1)
+
+
+def feedback_query(query_vectors: tf.Tensor, centroid: tf.Tensor) -> tf.Tensor:
+    """[B, H] the query vector moved halfway to the list's centroid (Rocchio in the
+    two-tower's space): retrieves products like the surest matches that neither first
+    list reached."""
+    q = tf.math.l2_normalize(tf.cast(query_vectors, tf.float32), axis=-1)
+    return tf.math.l2_normalize(q + tf.cast(centroid, tf.float32), axis=-1)
 
 
 def feedback_scores(scores: tf.Tensor, hybrid: tf.Tensor, vectors: tf.Tensor,
@@ -42,14 +71,9 @@ def feedback_scores(scores: tf.Tensor, hybrid: tf.Tensor, vectors: tf.Tensor,
     """
     valid = tf.cast(valid, tf.bool)
     z = masked_zscore(tf.where(valid, tf.cast(scores, tf.float32), 0.0), valid)
+    centroid = feedback_centroid(hybrid, vectors, valid, top)
     vectors = tf.math.l2_normalize(tf.cast(vectors, tf.float32), axis=-1)
-    width = tf.shape(hybrid)[1]
-    _, lead = tf.math.top_k(tf.where(valid, tf.cast(hybrid, tf.float32), _NEG),
-                            tf.minimum(top, width))
-    lead_valid = tf.cast(tf.gather(valid, lead, batch_dims=1), tf.float32)
-    centroid = tf.reduce_sum(tf.gather(vectors, lead, batch_dims=1)
-                             * lead_valid[..., tf.newaxis], axis=1)
-    cosine = tf.einsum("bch,bh->bc", vectors, tf.math.l2_normalize(centroid, axis=-1))
+    cosine = tf.einsum("bch,bh->bc", vectors, centroid)
     tail = z + weight * masked_zscore(cosine, valid)
     # Each candidate's place in the ranker's order (ties: the earlier column).
     place = tf.argsort(tf.argsort(tf.where(valid, -z, -_NEG), stable=True), stable=True)

@@ -127,7 +127,8 @@ def tuned_config(cfg: SearchConfig, pipeline: SearchPipeline) -> SearchConfig:
     """`cfg` with the weights validation picked for `pipeline` (hybrid, feedback): what
     the saved run, its config.yaml and the export's card record."""
     return dataclasses.replace(cfg, hybrid_weight=pipeline.hybrid_weight,
-                               feedback_weight=pipeline.feedback_weight)
+                               feedback_weight=pipeline.feedback_weight,
+                               feedback_extra=pipeline.feedback_extra)
 
 
 def save_search_run(pipeline: SearchPipeline, cfg: SearchConfig, run_dir: str,
@@ -336,7 +337,8 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
                               ranker_features=meta.get("ranker_features", LEGACY_FEATURES),
                               feedback_weight=cfg.feedback_weight,
                               feedback_keep=cfg.feedback_keep,
-                              feedback_top=cfg.feedback_top)
+                              feedback_top=cfg.feedback_top,
+                              feedback_extra=cfg.feedback_extra)
     head = None
     saved = meta.get("categories")
     if saved:

@@ -23,7 +23,7 @@ from tfrec.models.ivf import IvfIndex
 from tfrec.models.lists import masked_zscore
 from tfrec.search.category import QueryCategoryHead
 from tfrec.search.config import check_feedback, check_hybrid_weights
-from tfrec.search.feedback import feedback_scores
+from tfrec.search.feedback import feedback_centroid, feedback_query, feedback_scores
 from tfrec.search.model import SearchTwoTower
 from tfrec.search.ranker import FEATURES, LEGACY_FEATURES, SearchRanker, candidate_features
 
@@ -64,6 +64,8 @@ class SearchPipeline(tf.Module):
         `feedback_keep` results, order by ranker z-score + weight x cosine to the
         centroid of the `feedback_top` best hybrid candidates (`feedback_scores`;
         0 = the ranker's order throughout).
+      feedback_extra: products the feedback query (the query vector moved to that
+        centroid) retrieves beyond both lists, appended to every list (0: none).
 
     A query-category classifier is attached after training with `set_query_categories`,
     an IVF index over the final product vectors with `set_index`.
@@ -75,7 +77,8 @@ class SearchPipeline(tf.Module):
                  speller: Optional[Speller] = None, dense_corrections: bool = True,
                  refresh: bool = True, ranker_features: int = len(FEATURES),
                  feedback_weight: float = 0.0, feedback_keep: int = 20,
-                 feedback_top: int = 10, name: str = "search_pipeline"):
+                 feedback_top: int = 10, feedback_extra: int = 0,
+                 name: str = "search_pipeline"):
         super().__init__(name=name)
         if lexical.num_docs != two_tower.num_products or len(product_ids) != lexical.num_docs:
             raise ValueError(f"catalog sizes differ: two-tower {two_tower.num_products}, "
@@ -85,7 +88,7 @@ class SearchPipeline(tf.Module):
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         check_hybrid_weights([hybrid_weight], "hybrid_weight")
-        check_feedback([feedback_weight], feedback_keep, feedback_top)
+        check_feedback([feedback_weight], feedback_keep, feedback_top, extras=[feedback_extra])
         if not LEGACY_FEATURES <= ranker_features <= len(FEATURES):
             raise ValueError(f"ranker_features must be in [{LEGACY_FEATURES}, {len(FEATURES)}], "
                              f"got {ranker_features}")
@@ -97,6 +100,7 @@ class SearchPipeline(tf.Module):
         self.hybrid_weight = float(hybrid_weight)
         self.feedback_weight = float(feedback_weight)
         self.feedback_keep, self.feedback_top = int(feedback_keep), int(feedback_top)
+        self.feedback_extra = int(feedback_extra)
         # Variables, not constants: a million titles stay out of the serving graph proto.
         self.product_ids = tf.Variable(np.asarray(product_ids, dtype=object), trainable=False,
                                        dtype=tf.string, name="product_ids")
@@ -253,11 +257,12 @@ class SearchPipeline(tf.Module):
     def _fuse(self, dense_z: tf.Tensor, bm25_z: tf.Tensor) -> tf.Tensor:
         return fuse_hybrid(dense_z, bm25_z, self.hybrid_weight)
 
-    def _dense_top(self, q: tf.Tensor, keep, nprobe: Optional[tf.Tensor]):
-        """Each query's `candidates` best dense scores and rows (-1 / -inf past the
-        products found), with fn(rows [B, M], their vectors [B, M, H]) -> their dense
-        scores and catalog z-scores, [B, M] each."""
-        k = self.candidates
+    def _dense_top(self, q: tf.Tensor, keep, nprobe: Optional[tf.Tensor],
+                   count: Optional[int] = None):
+        """Each query's `count` (default `candidates`) best dense scores and rows (-1 /
+        -inf past the products found), with fn(rows [B, M], their vectors [B, M, H]) ->
+        their dense scores and catalog z-scores, [B, M] each."""
+        k = min(count or self.candidates, self.num_products)
         if self.ivf is None:
             dense = tf.matmul(q, self.product_vectors, transpose_b=True)  # [B, N]
             candidates = dense
@@ -278,14 +283,18 @@ class SearchPipeline(tf.Module):
 
         return top, rows, scores
 
-    def retrieve(self, queries: tf.Tensor, nprobe: Optional[tf.Tensor] = None
-                 ) -> Dict[str, tf.Tensor]:
-        """Union of the two-tower and BM25 top lists, [B, 2 * candidates] with features.
+    def retrieve(self, queries: tf.Tensor, nprobe: Optional[tf.Tensor] = None,
+                 extra: Optional[int] = None) -> Dict[str, tf.Tensor]:
+        """Union of the two-tower and BM25 top lists, [B, 2 * candidates + extra] with
+        features.
 
         Slots of BM25 results already in the two-tower list, or scoring 0 (no query word
         in the title), are invalid (row -1). With an IVF index (`set_index`) the two-tower
-        list comes from the `nprobe` [B] best lists (default: the index's own).
+        list comes from the `nprobe` [B] best lists (default: the index's own). The last
+        `extra` slots (default `feedback_extra`) hold what the feedback query retrieves
+        beyond both lists (`_feedback_rows`).
         """
+        extra = self.feedback_extra if extra is None else int(extra)
         read = self.read_queries(queries)
         q = self.two_tower.query_vectors(read["dense"], training=False)
         bm25, coverage, query_terms = self.lexical.scores_coverage_and_terms(read["lexical"])
@@ -316,10 +325,25 @@ class SearchPipeline(tf.Module):
         safe = tf.maximum(rows, 0)
         vectors = catalog_rows(self.product_vectors, safe)  # once: scores and ranker input
         dense, dense_z = dense_of(safe, vectors)
+        bm25_z = masked_zscore(bm25)
+        hybrid = self._fuse(dense_z, tf.gather(bm25_z, safe, batch_dims=1))
+        if extra > 0:
+            more = self._feedback_rows(q, tf.where(valid, rows, -1), valid, hybrid, vectors,
+                                       keep, nprobe, extra)
+            more_safe = tf.maximum(more, 0)
+            more_vectors = catalog_rows(self.product_vectors, more_safe)
+            more_dense, more_z = dense_of(more_safe, more_vectors)
+            absent = tf.fill(tf.shape(more), k)  # in neither retriever's top list
+            rows, safe = tf.concat([rows, more], 1), tf.concat([safe, more_safe], 1)
+            valid = tf.concat([valid, more >= 0], 1)
+            dense_rank = tf.concat([dense_rank, absent], 1)
+            bm25_rank = tf.concat([bm25_rank, absent], 1)
+            vectors = tf.concat([vectors, more_vectors], 1)
+            dense = tf.concat([dense, more_dense], 1)
+            hybrid = tf.concat([hybrid, self._fuse(
+                more_z, tf.gather(bm25_z, more_safe, batch_dims=1))], 1)
         gathered = {"dense": dense, "bm25": tf.gather(bm25, safe, batch_dims=1),
-                    "coverage": tf.gather(coverage, safe, batch_dims=1)}
-        gathered["hybrid"] = self._fuse(dense_z,
-                                        tf.gather(masked_zscore(bm25), safe, batch_dims=1))
+                    "coverage": tf.gather(coverage, safe, batch_dims=1), "hybrid": hybrid}
         category = None
         if probs is not None:
             category = self._product_category_probs(probs, rows)
@@ -336,6 +360,27 @@ class SearchPipeline(tf.Module):
                 "product_vectors": vectors,
                 **gathered}
 
+    def _feedback_rows(self, q: tf.Tensor, rows: tf.Tensor, valid: tf.Tensor,
+                       hybrid: tf.Tensor, vectors: tf.Tensor, keep,
+                       nprobe: Optional[tf.Tensor], extra: int) -> tf.Tensor:
+        """[B, extra] rows the feedback query ranks highest among products in neither
+        list (-1 past those found), by the same exact or IVF search as the first list.
+
+        Args:
+          rows: [B, C] the union's rows, -1 in invalid slots.
+        """
+        fq = feedback_query(q, feedback_centroid(hybrid, vectors, valid, self.feedback_top))
+        width = min(extra + 2 * self.candidates, self.num_products)  # the union is <= 2k
+        top, found, _ = self._dense_top(fq, keep, nprobe, width)
+        listed = tf.reduce_any(tf.equal(found[:, :, tf.newaxis], rows[:, tf.newaxis, :]), 2)
+        new = tf.logical_and(tf.logical_and(found >= 0, top > -1e8), tf.logical_not(listed))
+        # The first `extra` new rows in the feedback query's order.
+        order = tf.argsort(tf.where(new, 0, 1), axis=1, stable=True)[:, :extra]
+        picked = tf.gather(found, order, batch_dims=1)
+        picked = tf.where(tf.gather(new, order, batch_dims=1), picked, -1)
+        short = extra - tf.shape(picked)[1]  # a catalog smaller than the lists
+        return tf.pad(picked, [[0, 0], [0, short]], constant_values=-1)
+
     def _category_keep(self, probs: tf.Tensor):
         """fn(rows) -> bool: whether each row's category is likely enough for its query
         (rows [N] -> [B, N], or [B, M] -> [B, M]; products of unknown category are kept)."""
@@ -351,6 +396,11 @@ class SearchPipeline(tf.Module):
             return tf.gather(allowed, slots, batch_dims=1)
 
         return keep
+
+    @property
+    def list_width(self) -> int:
+        """Candidate slots `retrieve` returns per query: both lists + the feedback's."""
+        return 2 * self.candidates + self.feedback_extra
 
     def ranker_inputs(self, retrieved: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         return {k: retrieved[k] for k in ("query_vectors", "product_vectors", "features",

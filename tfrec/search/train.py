@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -153,7 +153,8 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
                           speller=build_speller(cfg, titles, train["query"].unique()),
                           ranker_features=ranker_features,
                           feedback_weight=cfg.feedback_weight,
-                          feedback_keep=cfg.feedback_keep, feedback_top=cfg.feedback_top)
+                          feedback_keep=cfg.feedback_keep, feedback_top=cfg.feedback_top,
+                          feedback_extra=cfg.feedback_extra)
 
 
 def build_speller(cfg: SearchConfig, titles: Sequence[str],
@@ -199,7 +200,7 @@ def _ranked(pipeline: SearchPipeline, queries: Sequence[str], stage: str,
     for start in range(0, len(queries), batch):
         q = tf.constant(list(queries[start:start + batch]))
         if stage == "two_tower+ranker":
-            rows = pipeline.search(q, num_results=2 * pipeline.candidates)["rows"].numpy()
+            rows = pipeline.search(q, num_results=pipeline.list_width)["rows"].numpy()
         elif stage == "two_tower" and pipeline.ivf is not None:  # the list the index serves
             rows = pipeline.retrieve(q)["rows"][:, :pipeline.candidates].numpy()
         else:
@@ -257,40 +258,48 @@ def tune_hybrid_weight(pipeline: SearchPipeline, weights: Sequence[float],
     return ndcg
 
 
-def tune_feedback_weight(pipeline: SearchPipeline, weights: Sequence[float],
-                         judgments: pd.DataFrame, row_of: Dict[str, int],
-                         batch: int = 64) -> Dict[float, float]:
-    """Sets the pipeline's feedback weight to the one of `weights` with the best
-    Recall@100 over `judgments` (validation queries); returns weight -> Recall@100.
+def tune_feedback(pipeline: SearchPipeline, weights: Sequence[float],
+                  judgments: pd.DataFrame, row_of: Dict[str, int],
+                  extras: Sequence[int] = (0,), batch: int = 64
+                  ) -> Dict[Tuple[int, float], float]:
+    """Sets the pipeline's feedback extra products and weight to the pair of `extras` x
+    `weights` with the best Recall@100 over `judgments` (validation queries); returns
+    (extra, weight) -> Recall@100.
 
-    The feedback re-orders only what follows the ranker's head, so the deep recall is
-    what it can change; whether the catalog's product lines make the centroid a good
-    guide is measured per run.
+    The feedback re-orders only what follows the ranker's head and adds products to
+    the list, so the deep recall is what it can change; whether the catalog's product
+    lines make the centroid a good guide is measured per run.
 
     Raises:
-      ValueError: no ranker, no weights, a weight below 0, or no judged queries.
+      ValueError: no ranker, no weights or extras, a weight below 0, an extra below 0,
+        or no judged queries.
     """
     if pipeline.ranker is None:
-        raise ValueError("tuning the feedback weight needs a trained ranker (train_ranker)")
-    if not weights:
-        raise ValueError("feedback weights must be a non-empty list of numbers >= 0")
-    check_feedback(weights, pipeline.feedback_keep, pipeline.feedback_top)
-    weights = [float(w) for w in weights]
+        raise ValueError("tuning the feedback needs a trained ranker (train_ranker)")
+    if not weights or not extras:
+        raise ValueError("feedback weights must be a non-empty list of numbers >= 0 and "
+                         "feedback extras a non-empty list of integers >= 0")
+    check_feedback(weights, pipeline.feedback_keep, pipeline.feedback_top, extras=extras)
+    grid = [(int(e), float(w)) for e in extras for w in weights]
     queries = sorted(judgments["query"].unique())
     if not queries:
-        raise ValueError("tuning the feedback weight needs judged validation queries")
-    ranked: Dict[float, List[np.ndarray]] = {w: [] for w in weights}
+        raise ValueError("tuning the feedback needs judged validation queries")
+    ranked: Dict[Tuple[int, float], List[np.ndarray]] = {g: [] for g in grid}
     for start in range(0, len(queries), batch):
-        r = pipeline.retrieve(tf.constant(queries[start:start + batch]))
-        logits = pipeline.ranker(pipeline.ranker_inputs(r), training=False)
-        for w in weights:  # one retrieval and ranker pass per batch for every weight
-            scores = pipeline.with_feedback(logits, r, w)
-            order = tf.math.top_k(scores, min(_DEPTH, int(scores.shape[1])))[1]
-            ranked[w].append(_to_depth(tf.gather(r["rows"], order, batch_dims=1).numpy()))
+        q = tf.constant(queries[start:start + batch])
+        for extra in dict.fromkeys(e for e, _ in grid):
+            r = pipeline.retrieve(q, extra=extra)
+            logits = pipeline.ranker(pipeline.ranker_inputs(r), training=False)
+            for w in weights:  # one retrieval and ranker pass per extra for every weight
+                scores = pipeline.with_feedback(logits, r, float(w))
+                order = tf.math.top_k(scores, min(_DEPTH, int(scores.shape[1])))[1]
+                ranked[(extra, float(w))].append(
+                    _to_depth(tf.gather(r["rows"], order, batch_dims=1).numpy()))
     gains = query_gains(judgments, row_of, queries)
-    recall = {w: catalog_search_metrics(np.concatenate(r), gains).summary()["recall@100"]
-              for w, r in ranked.items()}
-    pipeline.feedback_weight = max(weights, key=recall.__getitem__)  # ties: the first
+    recall = {g: catalog_search_metrics(np.concatenate(r), gains).summary()["recall@100"]
+              for g, r in ranked.items()}
+    best = max(grid, key=recall.__getitem__)  # ties: the first (fewer extras, lower weight)
+    pipeline.feedback_extra, pipeline.feedback_weight = best
     return recall
 
 
@@ -389,12 +398,16 @@ def train_query_categories(pipeline: SearchPipeline, cfg: SearchConfig, data: Se
 
 def retrieved_lists(pipeline: SearchPipeline, judgments: pd.DataFrame,
                     row_of: Dict[str, int], batch: int = 64) -> Dict[str, np.ndarray]:
-    """The retrieved union per judged query, with ranker inputs and graded labels."""
+    """The retrieved union per judged query, with ranker inputs and graded labels.
+
+    The two retrievers' lists only: the feedback's extra products are tuned after the
+    ranker trains (`tune_feedback`) and join the lists at search time.
+    """
     queries = sorted(judgments["query"].unique())
     gains = query_gains(judgments, row_of, queries)
     parts: Dict[str, List[np.ndarray]] = {}
     for start in range(0, len(queries), batch):
-        r = pipeline.retrieve(tf.constant(queries[start:start + batch]))
+        r = pipeline.retrieve(tf.constant(queries[start:start + batch]), extra=0)
         for key in ("rows", "valid", "features", "query_vectors"):
             parts.setdefault(key, []).append(r[key].numpy())
     out = {k: np.concatenate(v) for k, v in parts.items()}
@@ -636,15 +649,18 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
         pipeline, cfg, data, log_dir,
         start_from=None if previous is None else previous.ranker, extra_lists=extra).items()})
     timings["ranker_s"] = time.perf_counter() - t
-    if cfg.feedback_weights and len(data.splits["val"]):
+    if (cfg.feedback_weights or cfg.feedback_extras) and len(data.splits["val"]):
         t = time.perf_counter()
-        tuned = tune_feedback_weight(pipeline, cfg.feedback_weights, data.splits["val"],
-                                     row_of)
-        history["feedback_weight_val_recall@100"] = [tuned[w] for w in sorted(tuned)]
+        tuned = tune_feedback(pipeline, cfg.feedback_weights or (cfg.feedback_weight,),
+                              data.splits["val"], row_of,
+                              cfg.feedback_extras or (cfg.feedback_extra,))
+        # [extra, weight, Recall@100] in grid order (extras outer).
+        history["feedback_val_recall@100"] = [[e, w, v] for (e, w), v in tuned.items()]
         cfg = tuned_config(cfg, pipeline)
-        log.info("feedback weight %.2f (validation Recall@100 %s)", cfg.feedback_weight,
-                 ", ".join(f"{w:g}: {v:.4f}" for w, v in sorted(tuned.items())))
-        timings["feedback_weight_s"] = time.perf_counter() - t
+        log.info("feedback: %d extra products, weight %.2f (validation Recall@100 %s)",
+                 cfg.feedback_extra, cfg.feedback_weight,
+                 ", ".join(f"{e}/{w:g}: {v:.4f}" for (e, w), v in tuned.items()))
+        timings["feedback_s"] = time.perf_counter() - t
     t = time.perf_counter()
     for stage, m in evaluate_stages(pipeline, test, row_of).items():
         metrics[stage] = m.summary()
