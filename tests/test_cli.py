@@ -41,6 +41,23 @@ def test_train_without_data_is_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["export", "--precision", "fp16"], "tfrec: error: export: argument --precision: "
+                                        "invalid choice: 'fp16'"),
+    (["search", "nope"], "tfrec: error: search: argument SEARCH_COMMAND: invalid choice: "
+                         "'nope'"),
+    (["search", "train", "--nope"], "tfrec: error: unrecognized arguments: --nope"),
+    (["nope"], "tfrec: error: argument COMMAND: invalid choice: 'nope'"),
+])
+def test_usage_errors_have_the_tfrec_prefix(argv, message, capsys):
+    """Usage errors of any subcommand read like every other error of the CLI."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage: tfrec" in err, err
+
+
 def test_bad_config_values_are_rejected(tmp_path):
     proc = tfrec("generate", "--workdir", str(tmp_path), "--set", "train.epochs=many")
     assert proc.returncode == 2 and "train.epochs must be int" in proc.stderr

@@ -127,8 +127,19 @@ def _step_range(text: str) -> Tuple[int, int]:
     return first, last
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors read `tfrec: error: [subcommand: ]message`, as every
+    other error of the command line does (argparse would print "tfrec export: error:");
+    subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        command = self.prog.partition(" ")[2]
+        self.exit(2, f"tfrec: error: {command + ': ' if command else ''}{message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tfrec", description="e-commerce search and recommendation with TensorFlow")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
