@@ -322,26 +322,27 @@ class SearchPipeline(tf.Module):
         bm25_pos = tf.where(in_bm25, tf.argmax(tf.cast(same, tf.int32), axis=2,
                                                 output_type=tf.int32), k)
         bm25_rank = tf.concat([bm25_pos, tf.broadcast_to(positions, tf.shape(bm25_rows))], 1)
-        safe = tf.maximum(rows, 0)
-        vectors = catalog_rows(self.product_vectors, safe)  # once: scores and ranker input
-        dense, dense_z = dense_of(safe, vectors)
         bm25_z = masked_zscore(bm25)
-        hybrid = self._fuse(dense_z, tf.gather(bm25_z, safe, batch_dims=1))
+
+        def scored(slots: tf.Tensor):
+            """safe rows, vectors (gathered once: scores and ranker input), dense, hybrid."""
+            safe = tf.maximum(slots, 0)
+            vectors = catalog_rows(self.product_vectors, safe)
+            dense, dense_z = dense_of(safe, vectors)
+            return safe, vectors, dense, self._fuse(dense_z,
+                                                    tf.gather(bm25_z, safe, batch_dims=1))
+
+        safe, vectors, dense, hybrid = scored(rows)
         if extra > 0:
             more = self._feedback_rows(q, tf.where(valid, rows, -1), valid, hybrid, vectors,
                                        keep, nprobe, extra)
-            more_safe = tf.maximum(more, 0)
-            more_vectors = catalog_rows(self.product_vectors, more_safe)
-            more_dense, more_z = dense_of(more_safe, more_vectors)
+            rows, safe, vectors, dense, hybrid = (
+                tf.concat(pair, 1) for pair in zip((rows, safe, vectors, dense, hybrid),
+                                                   (more, *scored(more))))
             absent = tf.fill(tf.shape(more), k)  # in neither retriever's top list
-            rows, safe = tf.concat([rows, more], 1), tf.concat([safe, more_safe], 1)
             valid = tf.concat([valid, more >= 0], 1)
             dense_rank = tf.concat([dense_rank, absent], 1)
             bm25_rank = tf.concat([bm25_rank, absent], 1)
-            vectors = tf.concat([vectors, more_vectors], 1)
-            dense = tf.concat([dense, more_dense], 1)
-            hybrid = tf.concat([hybrid, self._fuse(
-                more_z, tf.gather(bm25_z, more_safe, batch_dims=1))], 1)
         gathered = {"dense": dense, "bm25": tf.gather(bm25, safe, batch_dims=1),
                     "coverage": tf.gather(coverage, safe, batch_dims=1), "hybrid": hybrid}
         category = None
