@@ -26,6 +26,9 @@ def test_shipped_config_file_is_the_default():
     ({"train": {"epochs": 2.5}}, "train.epochs must be an integer"),
     ({"model": {"logq_correction": "yes"}}, "must be true/false"),
     ({"train": 5}, "must be a mapping"),
+    ({"ranking": {"patience": "abc"}}, "ranking.patience must be an integer or null"),
+    ({"ranking": {"patience": 1.5}}, "ranking.patience must be an integer or null"),
+    ({"train": {"steps_per_epoch": True}}, "train.steps_per_epoch must be an integer or null"),
 ])
 def test_bad_values_name_the_field(raw, message):
     with pytest.raises(ValueError, match=message):
@@ -33,8 +36,11 @@ def test_bad_values_name_the_field(raw, message):
 
 
 def test_cli_style_overrides():
-    cfg = Config().override(["train.epochs=7", "model.hidden_units=[32]", "train.tpu=null"])
+    cfg = Config().override(["train.epochs=7", "model.hidden_units=[32]", "train.tpu=null",
+                             "ranking.patience=3"])
     assert cfg.train.epochs == 7 and cfg.model.hidden_units == (32,) and cfg.train.tpu is None
+    assert cfg.ranking.patience == 3 and Config().override(
+        ["ranking.patience=null"]).ranking.patience is None
     with pytest.raises(ValueError, match="section.field=value"):
         Config().override(["epochs=3"])
 

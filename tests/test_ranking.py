@@ -224,3 +224,26 @@ def test_bad_ranker_configs_are_clear_errors(ranking_data):
     import pandas as pd
     with pytest.raises(ValueError, match="missing column"):
         CatalogLookup(pd.DataFrame({"item_id": ["a"]}))
+
+
+def test_ranker_trains_every_epoch_unless_given_a_patience(trained_run, tiny_config, tmp_path):
+    """The ranker's first epochs barely move it, so by default no epoch count stops it
+    early; `ranking.patience` stops it after that many epochs without a better score."""
+    import shutil
+    from copy import deepcopy
+
+    from tfrec.training.ranking_trainer import train_ranker
+
+    shutil.copytree(trained_run.run_dir, tmp_path / "copy",
+                    ignore=shutil.ignore_patterns("ranker"))
+    cfg = deepcopy(tiny_config)
+    cfg.train.checkpoint_dir = str(tmp_path)
+    cfg.ranking.epochs, cfg.ranking.learning_rate = 4, 0.0  # the score never improves
+    every = train_ranker(cfg, run="copy", retrieval=trained_run.model)
+    assert len(every.history["loss"]) == 4
+    cfg.ranking.patience = 1
+    stopped = train_ranker(cfg, run="copy", retrieval=trained_run.model)
+    assert len(stopped.history["loss"]) == 2
+    cfg.ranking.patience = 0
+    with pytest.raises(ValueError, match="ranking.patience must be an integer >= 1 or null"):
+        train_ranker(cfg, run="copy", retrieval=trained_run.model)

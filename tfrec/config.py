@@ -165,6 +165,10 @@ class RankingConfig:
     max_candidates: int = 500  # larger candidate lists are rejected at serving
     eval_ks: Tuple[int, ...] = (10,)
     epochs: int = 5
+    # Epochs without a better validation NDCG before the ranker stops (None: train them
+    # all; the best epoch is kept either way). Its first epochs barely move it (the
+    # corrections start at zero), so patience 2 could stop it before it learned anything.
+    patience: Optional[int] = None
     batch_size: int = 128
     learning_rate: float = 0.0005
     # adam | lazy_adam (embedding rows updated only when a batch touches them, so the step
@@ -404,6 +408,9 @@ def set_field(target: Any, key: str, value: Any, prefix: str = "") -> None:
     default = getattr(target, key)
     if names[key].type in ("float", "Optional[float]"):
         value = _float(value, f"{prefix}.{key}")
+    if names[key].type == "Optional[int]" and value is not None and (
+            isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"config field {prefix}.{key} must be an integer or null, got {value!r}")
     if isinstance(default, tuple) and isinstance(value, (list, tuple)):
         value = tuple(value)
     elif isinstance(default, bool) and not isinstance(value, bool):

@@ -255,7 +255,13 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
       teacher: a trained ranker (usually larger) whose scores of the same lists this one
         also learns (`ranking.distill_weight`, `distill_temperature`); the teacher must
         read the same retrieval scores, i.e. belong to this retrieval run or a copy.
+
+    Raises:
+      ValueError: ranking.patience below 1, or too few validation lists to train on.
     """
+    if cfg.ranking.patience is not None and cfg.ranking.patience < 1:
+        raise ValueError("ranking.patience must be an integer >= 1 or null (train every "
+                         f"epoch), got {cfg.ranking.patience}")
     run_dir = resolve_run_dir(cfg.train.checkpoint_dir, run)
     run_cfg = Config.from_yaml(os.path.join(run_dir, "config.yaml"))
     cfg.data = run_cfg.data
@@ -299,7 +305,8 @@ def train_ranker(cfg: Config, run: Optional[str] = None, retrieval=None,
         evaluation,  # first: adds val_* metrics the others read
         tf.keras.callbacks.TensorBoard(tb_dir if chief else tempfile.mkdtemp(),
                                        update_freq="epoch", write_graph=False),
-        KeepBestEpoch(monitor=f"val_score_ndcg_at_{cfg.ranking.eval_ks[0]}", patience=2),
+        KeepBestEpoch(monitor=f"val_score_ndcg_at_{cfg.ranking.eval_ks[0]}",
+                      patience=cfg.ranking.patience),
         BackupAndRestore(os.path.join(out_dir, "backup"),
                          config_fingerprint(cfg.ranking, cfg.features)),
     ] + list(extra_callbacks or [])
