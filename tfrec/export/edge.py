@@ -2,8 +2,8 @@
 
 Phones and edge boxes run TFLite's builtin ops only (no TF kernels, no TF Text), so text
 is tokenised by the caller (`text_tokens`, settings in the model card) and history
-pooling is dense. Two files per version: float32, and int8 dynamic-range weights (about
-a quarter of the size; activations stay float).
+pooling is dense. Two files per version: float32, and int8 dynamic-range weights with
+one scale per tensor (under a third of the size; activations stay float).
 """
 
 from __future__ import annotations
@@ -158,6 +158,10 @@ class EdgeModule(tf.Module):
         converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, self)
         if variant == "int8":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic-range weights
+            # One scale per tensor: per-row scales and int64 zero points cost an embedding
+            # row 12 bytes beside its 64 int8 ones (int8 file 0.33x of float32 -> 0.29x;
+            # top-10 overlap with float32 0.992 -> 0.988 on the small world).
+            converter._experimental_disable_per_channel = True
         return converter.convert()
 
     def _describe(self, specs: Dict[str, tf.TensorSpec]) -> dict:
