@@ -166,8 +166,8 @@ class RankingConfig:
     eval_ks: Tuple[int, ...] = (10,)
     epochs: int = 5
     # Epochs without a better validation NDCG before the ranker stops (None: train them
-    # all; the best epoch is kept either way). Its first epochs barely move it (the
-    # corrections start at zero), so patience 2 could stop it before it learned anything.
+    # all; the best epoch is kept either way). Its first epochs barely move it, so
+    # patience 2 could stop it before it learned anything (bench/README.md, Ranking).
     patience: Optional[int] = None
     batch_size: int = 128
     learning_rate: float = 0.0005
