@@ -239,10 +239,10 @@ def test_ranker_trains_every_epoch_unless_given_a_patience(trained_run, tiny_con
     cfg = deepcopy(tiny_config)
     cfg.train.checkpoint_dir = str(tmp_path)
     cfg.ranking.epochs, cfg.ranking.learning_rate = 4, 0.0  # the score never improves
-    every = train_ranker(cfg, run="copy", retrieval=trained_run.model)
+    every = train_ranker(cfg, run="copy", retrieval=trained_run.model, max_users=40)
     assert len(every.history["loss"]) == 4
     cfg.ranking.patience = 1
-    stopped = train_ranker(cfg, run="copy", retrieval=trained_run.model)
+    stopped = train_ranker(cfg, run="copy", retrieval=trained_run.model, max_users=40)
     assert len(stopped.history["loss"]) == 2
     cfg.ranking.patience = 0
     with pytest.raises(ValueError, match="ranking.patience must be an integer >= 1 or null"):
