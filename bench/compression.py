@@ -40,13 +40,14 @@ and of the whole `search` call, with the student/teacher ratio.
 Usage: python bench/compression.py [--tasks recommendation,ranker,search,distill]
        [--world small] [--seeds 0] [--search-seeds 0,1,2]
        [--precisions float32 bfloat16 int8] [--teacher-precisions float32 bfloat16 int8]
+       [--student-layers 2 0] [--distill-lr 0=1e-3]
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, one seed, one
 epoch, 100 users, 20 timed calls, the retrieval SavedModel in float32 and int8, the
 teacher pipeline in float32 and one distilled student (T=5) only (`--precisions`,
 `--teacher-precisions`: each export costs ~10-20 s), no RSS processes; search
-on the first 200 Home Depot queries with a tiny random BERT (skipped without the file).
-Same code and tables; the figures mean nothing.
+on the first 200 Home Depot queries with a tiny random BERT (skipped without the file),
+a search teacher without cross-fitted ranker lists, distilled into the word bag only. Same code and tables; the figures mean nothing.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ from tfrec.features.quantize import PRECISIONS  # noqa: E402
 
 SMOKE = dict(world="tiny", seeds=[0], epochs=1, users=100, warmup=3, requests=20,
              search_seeds="0", queries=200, encoder="tiny", lora_rank=4, top_layers=1,
-             student_layers=1, distill_epochs=1, title_queries=100, ranker_epochs=1,
-             rec_ranker_epochs=1, temperatures=[5.0], rss=False, latency_queries=3,
+             student_layers=[0], distill_epochs=1, ranker_folds=0, title_queries=100,
+             ranker_epochs=1, rec_ranker_epochs=1, temperatures=[5.0], rss=False, latency_queries=3,
              precisions=["float32", "int8"], teacher_precisions=["float32"],
              labels_student=False)
 K = 10
@@ -441,6 +442,8 @@ def distill_seed(seed: int, args, workdir: str) -> dict:
     cfg = SearchConfig(seed=seed, epochs=args.search_epochs, data_dir=args.data_dir,
                        encoder=args.encoder, preprocessor=args.preprocessor,
                        ranker_epochs=args.ranker_epochs)
+    if args.ranker_folds is not None:
+        cfg.ranker_folds = args.ranker_folds
     if args.encoder == "tiny":
         data = first_queries(cfg, args.queries)
         texts = data.catalog["title"].tolist() + data.judgments["query"].unique().tolist()
@@ -463,48 +466,78 @@ def distill_seed(seed: int, args, workdir: str) -> dict:
     if not (args.reuse_teachers and os.path.isdir(os.path.join(teacher_dir, "search", "model"))):
         train_search(cfg, teacher_dir,
                      log_dir=os.path.join(workdir, "logs", f"teacher_{seed}"))
-    settings = DistillConfig(layers=args.student_layers, epochs=args.distill_epochs,
-                             title_queries=args.title_queries, seed=seed)
-    return distill_search(teacher_dir, os.path.join(workdir, f"student_{seed}"), settings,
-                          latency_queries=args.latency_queries)
+    out = {}
+    for layers in args.student_layers:
+        settings = DistillConfig(layers=layers, epochs=args.distill_epochs,
+                                 title_queries=args.title_queries, seed=seed,
+                                 lr=args.distill_lr.get(layers, DistillConfig.lr))
+        out[layers] = distill_search(teacher_dir, os.path.join(
+            workdir, f"student_{seed}_{layers}"), settings, latency_queries=args.latency_queries)
+        out[layers].pop("pipeline")
+    return out
+
+
+def student_label(layers: int) -> str:
+    return "student, word bag" if layers == 0 else f"student, {layers} blocks"
 
 
 def distill_table(args) -> None:
+    """Teacher and one row per student; without feedback products: the same pipeline
+    minus the feedback query's second catalog pass (its NDCG@10, kept gain against the
+    teacher as it serves, and search ms)."""
     setup = home_depot_seeds(args, "distillation")
     if setup is None:
         return
     seeds, workdir = setup
-    runs = []
+    runs = []  # per seed: {layers: distill result}
     for seed in seeds:
-        result = distill_seed(seed, args, workdir)
-        result.pop("pipeline")
-        runs.append(result)
-        print(f"distill seed {seed}: kept gain {result['kept_gain_over_bm25']}, "
-              f"{result['total_s']:.0f} s", flush=True)
+        runs.append(distill_seed(seed, args, workdir))
+        for layers, result in runs[-1].items():
+            print(f"distill seed {seed}, {student_label(layers)}: kept gain "
+                  f"{result['kept_gain_over_bm25']}, {result['total_s']:.0f} s", flush=True)
     stages = ("two_tower", "hybrid", "two_tower+ranker")
+    first = args.student_layers[0]
+    sides = [("teacher", first, "teacher")] + [
+        (student_label(layers), layers, "student") for layers in args.student_layers]
+    nofb = "metrics_no_feedback_products"
+    teacher_ms = {t: np.mean([r[first]["teacher"]["latency_ms"][t] for r in runs])
+                  for t in ("query_tower", "search")}
+    bm25 = np.array([r[first]["teacher"]["metrics"]["bm25"]["ndcg@10"] for r in runs])
+    teacher_ndcg = np.array([r[first]["teacher"]["metrics"]["two_tower+ranker"]["ndcg@10"]
+                             for r in runs])
     rows = []
-    for side in ("teacher", "student"):
-        row = [side]
+    for label, layers, side in sides:
+        results = [r[layers] for r in runs]
+        row = [label]
         for stage in stages:
-            v = np.array([r[side]["metrics"][stage]["ndcg@10"] for r in runs])
+            v = np.array([r[side]["metrics"][stage]["ndcg@10"] for r in results])
             row.append(f"{v.mean():.4f} ± {v.std():.4f}")
-        kept = [np.mean([r["kept_gain_over_bm25"][s] for r in runs]) if side == "student"
+        kept = [np.mean([r["kept_gain_over_bm25"][s] for r in results]) if side == "student"
                 else 1.0 for s in stages]
         row += [f"{k:.2f}" for k in kept]
         for timing in ("query_tower", "search"):
-            ms = np.mean([r[side]["latency_ms"][timing] for r in runs])
-            ref = np.mean([r["teacher"]["latency_ms"][timing] for r in runs])
-            row += [f"{ms:.2f}", ratio(ms, ref)]
+            ms = np.mean([r[side]["latency_ms"][timing] for r in results])
+            row += [f"{ms:.2f}", ratio(ms, teacher_ms[timing])]
+        if all(nofb in r[side] for r in results):
+            v = np.array([r[side][nofb]["two_tower+ranker"]["ndcg@10"] for r in results])
+            ms = np.mean([r[side]["latency_ms"]["search_no_feedback_products"]
+                          for r in results])
+            row += [f"{v.mean():.4f}", f"{np.mean((v - bm25) / (teacher_ndcg - bm25)):.2f}",
+                    f"{ms:.2f}", ratio(ms, teacher_ms["search"])]
+        else:
+            row += ["n/a"] * 4
         rows.append(row)
-    bm25 = np.array([r["teacher"]["metrics"]["bm25"]["ndcg@10"] for r in runs])
     print()
     print(format_table(
         ["model", "two-tower NDCG@10", "hybrid NDCG@10", "+ranker NDCG@10",
          "kept gain two-tower", "kept gain hybrid", "kept gain +ranker", "query tower ms",
-         "vs teacher", "search ms", "search vs teacher"], rows,
+         "vs teacher", "search ms", "search vs teacher", "+ranker NDCG@10 no fb products",
+         "kept gain no fb products", "search ms no fb products", "no fb vs teacher"], rows,
         title=f"Home Depot search distillation, seeds {seeds}: teacher {args.encoder} "
-              f"fine-tuned, student its first {args.student_layers} blocks (BM25 NDCG@10 "
-              f"{bm25.mean():.4f}; kept gain = (student - BM25) / (teacher - BM25))"))
+              f"fine-tuned; students: its first N blocks or a word bag (BM25 NDCG@10 "
+              f"{bm25.mean():.4f}; kept gain = (student - BM25) / (teacher - BM25), the "
+              f"teacher as it serves; 'no fb products': without the feedback query's "
+              f"second catalog pass)"))
 
 
 def main(argv=None) -> None:
@@ -530,12 +563,19 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--top-layers", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="keeps the title-vector cache")
-    parser.add_argument("--student-layers", type=int, default=2)
+    parser.add_argument("--student-layers", type=int, nargs="+", default=[2, 0],
+                        help="one distilled student per value: its transformer blocks "
+                             "(0: a word bag)")
+    parser.add_argument("--distill-lr", nargs="+", default=["0=1e-3"], metavar="LAYERS=LR",
+                        help="a student's learning rate by its layers (others: "
+                             "DistillConfig's)")
     parser.add_argument("--reuse-teachers", action="store_true",
                         help="distil the teachers a previous run left in --workdir")
     parser.add_argument("--distill-epochs", type=int, default=6)
     parser.add_argument("--title-queries", type=int, default=20000)
     parser.add_argument("--ranker-epochs", type=int, default=SearchConfig.ranker_epochs)
+    parser.add_argument("--ranker-folds", type=int, default=None,
+                        help="the search teacher's cross-fitting folds (default: the config's)")
     parser.add_argument("--latency-queries", type=int, default=50)
     parser.add_argument("--rec-ranker-epochs", type=int, default=None,
                         help="recommendation ranker epochs (default: the ranking config's)")
@@ -556,6 +596,11 @@ def main(argv=None) -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 5.0],
                         help="one distilled student per distillation temperature")
     args = parse_smoke_args(parser, argv, SMOKE)
+    try:
+        args.distill_lr = {int(k): float(v) for k, v in
+                           (item.split("=", 1) for item in args.distill_lr)}
+    except ValueError:
+        parser.error(f"--distill-lr: LAYERS=LR pairs, e.g. 0=1e-3, got {args.distill_lr}")
     for flag, values in (("--precisions", args.precisions),
                          ("--teacher-precisions", args.teacher_precisions)):
         if values[0] != "float32":

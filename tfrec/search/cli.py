@@ -104,7 +104,8 @@ def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
 def add_distill_command(sub) -> None:
     p = sub.add_parser(
         "distill", help="distil a trained search into a shallower query encoder",
-        description="Train a student query encoder (the teacher's first --layers blocks) "
+        description="Train a student query encoder (the teacher's first --layers blocks, "
+                    "or a word bag with --layers 0) "
                     "on the teacher's query vectors and score lists (cosine + listwise KL; "
                     "tfrec.search.distill), save it as a search run under --workdir, print "
                     "teacher vs student NDCG@10 and batch-1 latency, and export it.")
@@ -112,7 +113,8 @@ def add_distill_command(sub) -> None:
                    help="the teacher: a --workdir of `tfrec search train`")
     p.add_argument("--workdir", required=True,
                    help="output: student encoder, student run (search/), distill.json")
-    p.add_argument("--layers", type=int, help="blocks the student keeps (default 2)")
+    p.add_argument("--layers", type=int,
+                   help="blocks the student keeps (default 2; 0: a bag of word vectors)")
     p.add_argument("--epochs", type=int, help="distillation epochs (default 6)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one DistillConfig field, e.g. --set lr=2e-4")
@@ -285,6 +287,10 @@ def _distill(args: argparse.Namespace) -> int:
     print(format_metrics(result["student"]["metrics"], title="student, test"))
     kept = ", ".join(f"{k} {v:.2f}" for k, v in result["kept_gain_over_bm25"].items())
     print(f"student keeps of the teacher's NDCG@10 gain over BM25: {kept}")
+    if "kept_gain_no_feedback_products" in result:
+        kept = ", ".join(f"{k} {v:.2f}"
+                         for k, v in result["kept_gain_no_feedback_products"].items())
+        print(f"... the student without feedback products (one catalog pass): {kept}")
     for name, (t, s_) in {k: (result["teacher"]["latency_ms"].get(k, math.nan), v) for k, v in
                           result["student"]["latency_ms"].items()}.items():
         print(f"batch-1 {name} ms: teacher {t:.2f}, student {s_:.2f} ({s_ / t:.2f}x)")

@@ -19,6 +19,7 @@ from tfrec.features.analyzers import check_analyzer, check_bm25
 
 
 SEARCH_STRATEGIES = ("default", "one_device", "mirrored")
+QUERY_ENCODERS = ("bert", "word_bag")
 
 
 def check_search_strategy(name: str) -> None:
@@ -84,6 +85,10 @@ class SearchConfig:
     # teacher's here while its query tower runs the smaller student.
     title_encoder: str = ""
     query_length: int = 16  # BERT tokens per query
+    # "bert": `encoder` runs on the query; "word_bag": the mean of its words' vectors in
+    # `encoder`'s vocabulary (a distilled student, `tfrec search distill --layers 0`).
+    query_encoder: str = "bert"
+    word_bag_words: int = 0  # word_bag: rows of multi-piece words (set by the distillation)
     title_length: int = 48  # BERT tokens per title (frozen title embeddings)
     top_layers: int = 0  # fine-tune only the last N query-encoder blocks (0 = all)
     fine_tune: bool = True  # train the query encoder (False: frozen BERT + learned residuals)
@@ -180,6 +185,9 @@ class SearchConfig:
         hybrid weights, ranker folds, feedback, analyzers, BM25 k1 / b), before data or
         models load."""
         check_search_strategy(self.strategy)
+        if self.query_encoder not in QUERY_ENCODERS:
+            raise ValueError(f"search.query_encoder must be one of {list(QUERY_ENCODERS)}, "
+                             f"got {self.query_encoder!r}")
         check_hybrid_weights((self.hybrid_weight, *self.hybrid_weights),
                              "search.hybrid_weight and search.hybrid_weights")
         check_ranker_folds(self.ranker_folds, self.ranker_fold_lists)

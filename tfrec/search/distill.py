@@ -1,11 +1,13 @@
-"""Distils a trained search run's query encoder into a shallower one (`tfrec search distill`).
+"""Distils a trained search run's query encoder into a smaller one (`tfrec search distill`).
 
 The query encoder is the per-request cost of search (titles are embedded offline). The
-student keeps the teacher's first `layers` transformer blocks (fine-tuned weights) and
-learns to reproduce the teacher's query vectors (cosine) and its score distribution over
-the teacher's top products (listwise KL, temperature `temperature`), on the training
-queries plus product titles as unlabelled pseudo-queries. The product tower and the rest
-of the pipeline are the teacher's, unchanged; the epoch is picked on validation NDCG@10.
+student keeps the teacher's first `layers` transformer blocks (fine-tuned weights), or
+with `layers=0` is a bag of word vectors started from the teacher's vector of each word
+alone (`tfrec.search.word_bag`). It learns to reproduce the teacher's query vectors
+(cosine) and its score distribution over the teacher's top products (listwise KL,
+temperature `temperature`), on the training queries plus product titles as unlabelled
+pseudo-queries. The product tower and the rest of the pipeline are the teacher's,
+unchanged; the epoch is picked on validation NDCG@10.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ from tfrec.search.index import (index_pipeline, load_search_pipeline, resolve_se
 from tfrec.search.model import query_encoder_of
 from tfrec.search.pipeline import SearchPipeline
 from tfrec.search.train import SearchData, evaluate_stages, load_search_data
+from tfrec.search.word_bag import (WordBagEncoder, max_word_pieces, multi_piece_words,
+                                   teacher_word_vectors)
 from tfrec.text.bert import build_encoder, canonical_weight_name, encoder_weights
 from tfrec.text.config import BertConfig
 from tfrec.text.hub_export import ENCODER_KIND, export_encoder, read_export_info, vocab_path
-from tfrec.text.vocab import read_vocab
+from tfrec.text.vocab import read_vocab, special_ids
+from tfrec.training.optimizers import LazyAdam
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,9 @@ class DistillConfig:
     fifth or sixth epoch on three query splits).
 
     Args:
-      layers: transformer blocks the student keeps (the teacher's first ones).
+      layers: transformer blocks the student keeps (the teacher's first ones); 0: a
+        word bag (`WordBagEncoder`: a gather and a mean per query), trained with LazyAdam
+        so a step updates only the rows its queries hold.
       epochs: passes over the distillation queries (the best by validation NDCG@10 wins).
       batch_size: queries per step.
       lr: Adam learning rate of the student encoder and query adapter.
@@ -53,6 +60,8 @@ class DistillConfig:
       temperature: softmax temperature of the KL (on the teacher's scaled cosines).
       kl_weight: weight of the KL beside the cosine loss.
       title_queries: product titles added as pseudo-queries (0: training queries only).
+      bag_words: with layers=0, the most frequent multi-piece words of the titles and
+        training queries that get their own row (others: the mean of their pieces).
       seed: sampling and shuffling seed.
     """
 
@@ -64,18 +73,21 @@ class DistillConfig:
     temperature: float = 1.0
     kl_weight: float = 1.0
     title_queries: int = 20000
+    bag_words: int = 100_000
     seed: int = 0
 
     def check(self, teacher_layers: int) -> None:
         """Raises ValueError on settings that cannot work, naming the field."""
-        if not 1 <= self.layers < teacher_layers:
-            raise ValueError(f"layers must be in [1, {teacher_layers - 1}] (the teacher has "
-                             f"{teacher_layers} blocks), got {self.layers}")
+        if not 0 <= self.layers < teacher_layers:
+            raise ValueError(f"layers must be in [0, {teacher_layers - 1}] (the teacher has "
+                             f"{teacher_layers} blocks; 0: a word bag), got "
+                             f"{self.layers}")
         for name in ("epochs", "batch_size", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.title_queries < 0:
-            raise ValueError(f"title_queries must be >= 0, got {self.title_queries}")
+        if self.title_queries < 0 or self.bag_words < 0:
+            raise ValueError(f"title_queries and bag_words must be >= 0, got "
+                             f"{self.title_queries} and {self.bag_words}")
         if not (self.lr > 0 and self.temperature > 0 and self.kl_weight >= 0):
             raise ValueError("lr and temperature must be > 0 and kl_weight >= 0")
 
@@ -138,6 +150,25 @@ def _stage_metrics(pipeline: SearchPipeline, split, row_of, stages=STAGES) -> Di
                                                        tuple(present)).items()}
 
 
+def _side(pipeline: SearchPipeline, split, row_of, timed: Sequence[str]) -> Dict[str, dict]:
+    """Test metrics and batch-1 latency of one side (teacher or student); with feedback
+    products, also its ranked lists without them (a second catalog pass it can skip)."""
+    out = {"metrics": _stage_metrics(pipeline, split, row_of),
+           "latency_ms": query_latency_ms(pipeline, timed) if timed else {}}
+    if pipeline.feedback_extra:
+        extra, pipeline.feedback_extra = pipeline.feedback_extra, 0
+        try:
+            out["metrics_no_feedback_products"] = _stage_metrics(
+                pipeline, split, row_of, ("bm25", "two_tower+ranker"))
+            if timed:
+                out["latency_ms"]["search_no_feedback_products"] = batch1_latency_ms(
+                    {"search": tf.function(lambda q: pipeline.search(q, 10))},
+                    timed)["search"]
+        finally:
+            pipeline.feedback_extra = extra
+    return out
+
+
 def query_latency_ms(pipeline: SearchPipeline, queries: Sequence[str]) -> Dict[str, float]:
     """Median batch-1 ms of the query tower (vectors + catalog top-100) and of `search`."""
     fns = {"query_tower": tf.function(
@@ -168,7 +199,8 @@ def _train_student(pipeline: SearchPipeline, targets: Dict[str, np.ndarray],
     two_tower = pipeline.two_tower
     variables = (two_tower.query_encoder.trainable_variables
                  + two_tower.query_adapter.trainable_variables)
-    optimizer = tf.keras.optimizers.Adam(settings.lr)
+    optimizer = (LazyAdam(settings.lr) if isinstance(two_tower.query_encoder, WordBagEncoder)
+                 else tf.keras.optimizers.Adam(settings.lr))
     products = tf.constant(pipeline.product_vectors.numpy())  # the frozen product side
     scale = tf.exp(two_tower.log_scale)
     tau = settings.temperature
@@ -222,6 +254,9 @@ def distill_search(run: str, workdir: str, settings: Optional[DistillConfig] = N
     settings = settings or DistillConfig()
     run = resolve_search_run(run)
     cfg = SearchConfig.from_yaml(os.path.join(run, "model", "config.yaml"))
+    if cfg.query_encoder != "bert":
+        raise ValueError(f"the teacher run {run!r} has a {cfg.query_encoder!r} query encoder: "
+                         "distil a run trained with BERT")
     teacher_layers = int(read_export_info(cfg.encoder, ENCODER_KIND)["config"]["num_layers"])
     settings.check(teacher_layers)
     start = time.perf_counter()
@@ -230,15 +265,35 @@ def distill_search(run: str, workdir: str, settings: Optional[DistillConfig] = N
     pipeline, _ = load_search_pipeline(run, data.catalog, cache_dir=cache)
     row_of, test, val = data.row_of, data.splits["test"], data.splits["val"]
     timed = sorted(test["query"].unique())[:latency_queries]
-    teacher = {"metrics": _stage_metrics(pipeline, test, row_of),
-               "latency_ms": query_latency_ms(pipeline, timed) if timed else {}}
+    teacher = _side(pipeline, test, row_of, timed)
     os.makedirs(workdir, exist_ok=True)
-    encoder_path = student_encoder(pipeline, cfg.encoder, settings.layers, workdir)
     queries = distill_queries(data, settings.title_queries, settings.seed)
     targets = teacher_targets(pipeline, queries, min(settings.top_k, len(data.catalog)))
-    student_cfg = dataclasses.replace(cfg, encoder=encoder_path, fine_tune=True, top_layers=0,
-                                      lora_rank=0, title_encoder=cfg.title_encoder_path)
-    pipeline.two_tower.query_encoder = query_encoder_of(student_cfg)
+    if settings.layers:
+        encoder_path = student_encoder(pipeline, cfg.encoder, settings.layers, workdir)
+        student_cfg = dataclasses.replace(cfg, encoder=encoder_path, fine_tune=True,
+                                          top_layers=0, lora_rank=0,
+                                          title_encoder=cfg.title_encoder_path)
+        encoder = query_encoder_of(student_cfg)
+    else:
+        encoder_path = None
+        teacher_encoder = pipeline.two_tower.query_encoder
+        vocab = read_vocab(vocab_path(cfg.encoder))
+        special = special_ids(vocab)
+        texts = (data.catalog["title"].astype(str).tolist()
+                 + data.splits["train"]["query"].astype(str).unique().tolist())
+        words = multi_piece_words(teacher_encoder.tokenize, texts,
+                                  max_word_pieces(len(vocab)), settings.bag_words)
+        student_cfg = dataclasses.replace(cfg, query_encoder="word_bag", fine_tune=True,
+                                          top_layers=0, lora_rank=0, word_bag_words=len(words),
+                                          title_encoder=cfg.title_encoder_path)
+        encoder = query_encoder_of(student_cfg)
+        encoder.pieces.assign(teacher_word_vectors(
+            teacher_encoder.encoder, [(i,) for i in range(len(vocab))], special.cls,
+            special.sep))
+        encoder.set_words(words, teacher_word_vectors(teacher_encoder.encoder, words,
+                                                      special.cls, special.sep))
+    pipeline.two_tower.query_encoder = encoder
 
     def val_ndcg() -> float:
         return evaluate_stages(pipeline, val, row_of, ("hybrid",))["hybrid"].summary()[
@@ -249,8 +304,7 @@ def distill_search(run: str, workdir: str, settings: Optional[DistillConfig] = N
     history = _train_student(pipeline, targets, queries, settings, val_ndcg)
     index_pipeline(pipeline, student_cfg, getattr(pipeline, "tuning_queries", []))
     train_s = time.perf_counter() - t
-    student = {"metrics": _stage_metrics(pipeline, test, row_of),
-               "latency_ms": query_latency_ms(pipeline, timed) if timed else {}}
+    student = _side(pipeline, test, row_of, timed)
     out = os.path.join(workdir, "search")
     save_search_run(pipeline, student_cfg, out,
                     categories=getattr(pipeline, "saved_categories", None))
@@ -259,6 +313,11 @@ def distill_search(run: str, workdir: str, settings: Optional[DistillConfig] = N
               "teacher_run": os.path.abspath(run), "distill_queries": len(queries),
               "train_s": train_s, "total_s": time.perf_counter() - start,
               "kept_gain_over_bm25": kept_gain(teacher["metrics"], student["metrics"])}
+    if "metrics_no_feedback_products" in student:
+        # The student without the feedback query's second catalog pass, against the
+        # teacher as it serves (with it).
+        result["kept_gain_no_feedback_products"] = kept_gain(
+            teacher["metrics"], student["metrics_no_feedback_products"])
     with open(os.path.join(out, "distill.json"), "w") as f:
         json.dump(result, f, indent=2)
     result["pipeline"] = pipeline

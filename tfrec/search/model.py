@@ -22,6 +22,7 @@ from tfrec.features.analyzers import check_analyzer
 from tfrec.features.tokenize import text_tokens, token_vocabulary, tokenize
 from tfrec.models.encoder_rate import minimize
 from tfrec.search.config import SearchConfig
+from tfrec.search.word_bag import WordBagEncoder
 from tfrec.models.text_match import _EncoderLayer, _load_preprocessor, encoder_trainable_names
 from tfrec.text.embedding import mean_pool, trim_padding
 from tfrec.text.hub_export import load_keras_encoder
@@ -117,8 +118,12 @@ class QueryEncoder(tf.keras.layers.Layer):
         return mean_pool(tf.cast(outputs["sequence_output"], tf.float32), inputs["input_mask"])
 
 
-def query_encoder_of(cfg: SearchConfig) -> QueryEncoder:
-    """The query encoder a search run's config describes (training and reloads alike)."""
+def query_encoder_of(cfg: SearchConfig) -> tf.keras.layers.Layer:
+    """The query encoder a search run's config describes (training and reloads alike):
+    a QueryEncoder, or a WordBagEncoder for `query_encoder: word_bag`."""
+    if cfg.query_encoder == "word_bag":
+        return WordBagEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.query_length,
+                            words=cfg.word_bag_words)
     tuned = cfg.fine_tune
     return QueryEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.query_length,
                         trainable=tuned, top_layers=cfg.top_layers if tuned else 0,
@@ -136,7 +141,7 @@ class SearchTwoTower(tf.keras.Model):
     The encoder gets its own (small) learning rate: `encoder_optimizer`.
 
     Args:
-      query_encoder: QueryEncoder (BERT, fine-tuned or not).
+      query_encoder: QueryEncoder (BERT, fine-tuned or not) or WordBagEncoder.
       title_vectors: [N, H] frozen sentence embeddings of the catalog titles.
       title_words: [N, W] int word ids of the titles (catalog_word_ids).
       num_words: vocabulary size (ids 1..num_words; 0 = pad).
@@ -156,7 +161,7 @@ class SearchTwoTower(tf.keras.Model):
       ValueError: mismatched shapes, bad settings or an unknown word_analyzer.
     """
 
-    def __init__(self, query_encoder: QueryEncoder, title_vectors: np.ndarray,
+    def __init__(self, query_encoder: tf.keras.layers.Layer, title_vectors: np.ndarray,
                  title_words: np.ndarray, num_words: int, product_ids: Sequence[str],
                  id_vocabulary: Sequence[str] = (), negatives: int = 2048,
                  id_dropout: float = 0.5, temperature: float = 0.05,

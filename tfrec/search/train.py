@@ -585,6 +585,10 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
         one: its word and id vocabularies grow, the optimizers start fresh.
     """
     cfg.check()
+    if cfg.query_encoder != "bert":
+        raise ValueError(f"search.query_encoder {cfg.query_encoder!r} is a distilled "
+                         "student: train with the BERT encoder, then `tfrec search distill "
+                         "--layers 0` (its word pieces start from the teacher's vectors)")
     check_index_settings(cfg.index_settings())  # before hours of training, not after
     configure_devices(cfg.cpu_devices)
     strategy = make_strategy(cfg.strategy)
