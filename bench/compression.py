@@ -47,7 +47,8 @@ epoch, 100 users, 20 timed calls, the retrieval SavedModel in float32 and int8, 
 teacher pipeline in float32 and one distilled student (T=5) only (`--precisions`,
 `--teacher-precisions`: each export costs ~10-20 s), no RSS processes; search
 on the first 200 Home Depot queries with a tiny random BERT (skipped without the file),
-a search teacher without cross-fitted ranker lists, distilled into the word bag only. Same code and tables; the figures mean nothing.
+a search teacher without cross-fitted ranker lists, distilled into the word bag only.
+Same code and tables; the figures mean nothing.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ from tfrec.features.quantize import PRECISIONS  # noqa: E402
 SMOKE = dict(world="tiny", seeds=[0], epochs=1, users=100, warmup=3, requests=20,
              search_seeds="0", queries=200, encoder="tiny", lora_rank=4, top_layers=1,
              student_layers=[0], distill_epochs=1, ranker_folds=0, title_queries=100,
-             ranker_epochs=1, rec_ranker_epochs=1, temperatures=[5.0], rss=False, latency_queries=3,
+             ranker_epochs=1, rec_ranker_epochs=1, temperatures=[5.0], rss=False,
+             latency_queries=3,
              precisions=["float32", "int8"], teacher_precisions=["float32"],
              labels_student=False)
 K = 10
@@ -485,6 +487,8 @@ def distill_table(args) -> None:
     """Teacher and one row per student; without feedback products: the same pipeline
     minus the feedback query's second catalog pass (its NDCG@10, kept gain against the
     teacher as it serves, and search ms)."""
+    from tfrec.search.distill import kept_gain
+
     setup = home_depot_seeds(args, "distillation")
     if setup is None:
         return
@@ -503,8 +507,6 @@ def distill_table(args) -> None:
     teacher_ms = {t: np.mean([r[first]["teacher"]["latency_ms"][t] for r in runs])
                   for t in ("query_tower", "search")}
     bm25 = np.array([r[first]["teacher"]["metrics"]["bm25"]["ndcg@10"] for r in runs])
-    teacher_ndcg = np.array([r[first]["teacher"]["metrics"]["two_tower+ranker"]["ndcg@10"]
-                             for r in runs])
     rows = []
     for label, layers, side in sides:
         results = [r[layers] for r in runs]
@@ -522,8 +524,10 @@ def distill_table(args) -> None:
             v = np.array([r[side][nofb]["two_tower+ranker"]["ndcg@10"] for r in results])
             ms = np.mean([r[side]["latency_ms"]["search_no_feedback_products"]
                           for r in results])
-            row += [f"{v.mean():.4f}", f"{np.mean((v - bm25) / (teacher_ndcg - bm25)):.2f}",
-                    f"{ms:.2f}", ratio(ms, teacher_ms["search"])]
+            kept = np.mean([kept_gain(r["teacher"]["metrics"], r[side][nofb])[
+                "two_tower+ranker"] for r in results])
+            row += [f"{v.mean():.4f}", f"{kept:.2f}", f"{ms:.2f}",
+                    ratio(ms, teacher_ms["search"])]
         else:
             row += ["n/a"] * 4
         rows.append(row)

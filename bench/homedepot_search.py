@@ -233,16 +233,9 @@ def without_feedback(run, weight: bool = True) -> Dict[str, float]:
     """Test metrics of the final stage without the feedback's extra products and, with
     `weight`, with feedback weight 0 (the ranker's order all the way down), on the same
     pipeline: the paired references of the feedback."""
-    pipeline = run.pipeline
-    saved = pipeline.feedback_weight, pipeline.feedback_extra
-    pipeline.feedback_extra = 0
-    if weight:
-        pipeline.feedback_weight = 0.0
-    try:
-        return evaluate_stages(pipeline, run.data.splits["test"], run.data.row_of,
+    with run.pipeline.feedback_settings(extra=0, weight=0.0 if weight else None):
+        return evaluate_stages(run.pipeline, run.data.splits["test"], run.data.row_of,
                                ("two_tower+ranker",))["two_tower+ranker"].summary()
-    finally:
-        pipeline.feedback_weight, pipeline.feedback_extra = saved
 
 
 def bm25_as_typed(run) -> Dict[str, float]:

@@ -30,12 +30,11 @@ from tfrec.search.index import (index_pipeline, load_search_pipeline, resolve_se
 from tfrec.search.model import query_encoder_of
 from tfrec.search.pipeline import SearchPipeline
 from tfrec.search.train import SearchData, evaluate_stages, load_search_data
-from tfrec.search.word_bag import (WordBagEncoder, max_word_pieces, multi_piece_words,
-                                   teacher_word_vectors)
+from tfrec.search.word_bag import WordBagEncoder, max_word_pieces, multi_piece_words
 from tfrec.text.bert import build_encoder, canonical_weight_name, encoder_weights
 from tfrec.text.config import BertConfig
 from tfrec.text.hub_export import ENCODER_KIND, export_encoder, read_export_info, vocab_path
-from tfrec.text.vocab import read_vocab, special_ids
+from tfrec.text.vocab import read_vocab
 from tfrec.training.optimizers import LazyAdam
 
 log = logging.getLogger(__name__)
@@ -156,16 +155,13 @@ def _side(pipeline: SearchPipeline, split, row_of, timed: Sequence[str]) -> Dict
     out = {"metrics": _stage_metrics(pipeline, split, row_of),
            "latency_ms": query_latency_ms(pipeline, timed) if timed else {}}
     if pipeline.feedback_extra:
-        extra, pipeline.feedback_extra = pipeline.feedback_extra, 0
-        try:
+        with pipeline.feedback_settings(extra=0):
             out["metrics_no_feedback_products"] = _stage_metrics(
                 pipeline, split, row_of, ("bm25", "two_tower+ranker"))
             if timed:
                 out["latency_ms"]["search_no_feedback_products"] = batch1_latency_ms(
                     {"search": tf.function(lambda q: pipeline.search(q, 10))},
                     timed)["search"]
-        finally:
-            pipeline.feedback_extra = extra
     return out
 
 
@@ -269,30 +265,22 @@ def distill_search(run: str, workdir: str, settings: Optional[DistillConfig] = N
     os.makedirs(workdir, exist_ok=True)
     queries = distill_queries(data, settings.title_queries, settings.seed)
     targets = teacher_targets(pipeline, queries, min(settings.top_k, len(data.catalog)))
+    teacher_encoder = pipeline.two_tower.query_encoder
+    encoder_path, words = None, []
     if settings.layers:
         encoder_path = student_encoder(pipeline, cfg.encoder, settings.layers, workdir)
-        student_cfg = dataclasses.replace(cfg, encoder=encoder_path, fine_tune=True,
-                                          top_layers=0, lora_rank=0,
-                                          title_encoder=cfg.title_encoder_path)
-        encoder = query_encoder_of(student_cfg)
+        student_fields = {"encoder": encoder_path}
     else:
-        encoder_path = None
-        teacher_encoder = pipeline.two_tower.query_encoder
-        vocab = read_vocab(vocab_path(cfg.encoder))
-        special = special_ids(vocab)
         texts = (data.catalog["title"].astype(str).tolist()
                  + data.splits["train"]["query"].astype(str).unique().tolist())
-        words = multi_piece_words(teacher_encoder.tokenize, texts,
-                                  max_word_pieces(len(vocab)), settings.bag_words)
-        student_cfg = dataclasses.replace(cfg, query_encoder="word_bag", fine_tune=True,
-                                          top_layers=0, lora_rank=0, word_bag_words=len(words),
-                                          title_encoder=cfg.title_encoder_path)
-        encoder = query_encoder_of(student_cfg)
-        encoder.pieces.assign(teacher_word_vectors(
-            teacher_encoder.encoder, [(i,) for i in range(len(vocab))], special.cls,
-            special.sep))
-        encoder.set_words(words, teacher_word_vectors(teacher_encoder.encoder, words,
-                                                      special.cls, special.sep))
+        words = multi_piece_words(teacher_encoder.tokenize, texts, max_word_pieces(
+            len(read_vocab(vocab_path(cfg.encoder)))), settings.bag_words)
+        student_fields = {"query_encoder": "word_bag", "word_bag_words": len(words)}
+    student_cfg = dataclasses.replace(cfg, fine_tune=True, top_layers=0, lora_rank=0,
+                                      title_encoder=cfg.title_encoder_path, **student_fields)
+    encoder = query_encoder_of(student_cfg)
+    if isinstance(encoder, WordBagEncoder):
+        encoder.start_from(teacher_encoder.encoder, words)
     pipeline.two_tower.query_encoder = encoder
 
     def val_ndcg() -> float:

@@ -123,7 +123,7 @@ def query_encoder_of(cfg: SearchConfig) -> tf.keras.layers.Layer:
     a QueryEncoder, or a WordBagEncoder for `query_encoder: word_bag`."""
     if cfg.query_encoder == "word_bag":
         return WordBagEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.query_length,
-                            words=cfg.word_bag_words)
+                              words=cfg.word_bag_words)
     tuned = cfg.fine_tune
     return QueryEncoder(cfg.encoder, cfg.preprocessor, seq_length=cfg.query_length,
                         trainable=tuned, top_layers=cfg.top_layers if tuned else 0,

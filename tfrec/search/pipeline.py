@@ -8,7 +8,8 @@ synonyms and typos) feed the ranker: the union of their top lists.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import contextlib
+from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -397,6 +398,21 @@ class SearchPipeline(tf.Module):
             return tf.gather(allowed, slots, batch_dims=1)
 
         return keep
+
+    @contextlib.contextmanager
+    def feedback_settings(self, extra: Optional[int] = None,
+                          weight: Optional[float] = None) -> Iterator[None]:
+        """Runs the block with other feedback products / weight (None: unchanged), then
+        restores both: the paired "without feedback" measurements of one pipeline."""
+        saved = self.feedback_extra, self.feedback_weight
+        if extra is not None:
+            self.feedback_extra = int(extra)
+        if weight is not None:
+            self.feedback_weight = float(weight)
+        try:
+            yield
+        finally:
+            self.feedback_extra, self.feedback_weight = saved
 
     @property
     def list_width(self) -> int:

@@ -588,7 +588,7 @@ def train_search(cfg: SearchConfig, workdir: str, data: Optional[SearchData] = N
     if cfg.query_encoder != "bert":
         raise ValueError(f"search.query_encoder {cfg.query_encoder!r} is a distilled "
                          "student: train with the BERT encoder, then `tfrec search distill "
-                         "--layers 0` (its word pieces start from the teacher's vectors)")
+                         "--layers 0` (its words start from the teacher's vectors)")
     check_index_settings(cfg.index_settings())  # before hours of training, not after
     configure_devices(cfg.cpu_devices)
     strategy = make_strategy(cfg.strategy)

@@ -22,7 +22,7 @@ import tensorflow_text  # noqa: F401  (ops of the preprocessor SavedModel)
 from tfrec.models.text_match import _load_preprocessor
 from tfrec.text.embedding import mean_pool
 from tfrec.text.hub_export import ENCODER_KIND, read_export_info, vocab_path
-from tfrec.text.vocab import read_vocab
+from tfrec.text.vocab import read_vocab, special_ids
 
 __all__ = ["WordBagEncoder", "max_word_pieces", "multi_piece_words", "teacher_word_vectors"]
 
@@ -111,6 +111,15 @@ class WordBagEncoder(tf.keras.layers.Layer):
         keys[len(words):] = np.iinfo(np.int64).max
         self.word_keys.assign(keys)
         self.word_vectors.assign(table)
+
+    def start_from(self, teacher: tf.keras.layers.Layer,
+                   words: Sequence[Tuple[int, ...]] = ()) -> None:
+        """Sets every piece's row and the multi-piece `words`' rows to the teacher BERT
+        encoder's output for that piece or word alone (`teacher_word_vectors`)."""
+        special = special_ids(read_vocab(vocab_path(self.encoder_handle)))
+        self.pieces.assign(teacher_word_vectors(
+            teacher, [(i,) for i in range(self.vocab_size)], special.cls, special.sep))
+        self.set_words(words, teacher_word_vectors(teacher, words, special.cls, special.sep))
 
     def call(self, queries: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
         pieces = tf.cast(self.tokenize(queries), tf.int64)[:, :self.seq_length - 2]
