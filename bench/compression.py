@@ -485,7 +485,7 @@ def student_label(layers: int) -> str:
 
 def distill_table(args) -> None:
     """Teacher and one row per student; without feedback products: the same pipeline
-    minus the feedback query's second catalog pass (its NDCG@10, kept gain against the
+    minus the feedback query's products (its NDCG@10, kept gain against the
     teacher as it serves, and search ms)."""
     from tfrec.search.distill import kept_gain
 
@@ -541,7 +541,7 @@ def distill_table(args) -> None:
               f"fine-tuned; students: its first N blocks or a word bag (BM25 NDCG@10 "
               f"{bm25.mean():.4f}; kept gain = (student - BM25) / (teacher - BM25), the "
               f"teacher as it serves; 'no fb products': without the feedback query's "
-              f"second catalog pass)"))
+              f"products)"))
 
 
 def main(argv=None) -> None:

@@ -338,6 +338,7 @@ def test_cli_search_train_prints_the_table_and_exports(tiny_encoder, search_run,
         feedback[1]), out
     assert card["feedback"]["extra"] == card["config"]["feedback_extra"] == int(
         feedback[2]), out
+    assert card["feedback"]["pool"] == card["config"]["feedback_pool"] == 1000
     assert glob.glob(str(tmp_path / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
 
 
@@ -457,6 +458,42 @@ def test_feedback_is_picked_on_validation_recall_and_saved(search_run, search_wo
             tune_feedback(pipeline, (0.5,), data.splits["val"], data.row_of, extras=(5, -1))
     finally:
         pipeline.feedback_extra, pipeline.feedback_weight = chosen
+
+
+def test_feedback_pool_reads_the_first_pass_instead_of_a_second(search_run):
+    """With a pool, the feedback products come from the first dense pass's top N: the
+    whole catalog as pool gives what the second pass gives; a short pool picks new rows
+    of that pass's top N only, and the lists before them do not change."""
+    pipeline, data = search_run.pipeline, search_run.data
+    queries = tf.constant(sorted(data.splits["val"]["query"].unique()) + ["无线耳机 蓝牙",
+                                                                          "café crème"])
+    chosen = pipeline.feedback_pool
+    assert chosen == SearchConfig().feedback_pool
+    try:
+        pipeline.feedback_pool = 0
+        second = pipeline.retrieve(queries, extra=7)
+        pipeline.feedback_pool = pipeline.num_products
+        whole = pipeline.retrieve(queries, extra=7)
+        np.testing.assert_array_equal(whole["rows"], second["rows"])
+        np.testing.assert_allclose(whole["features"], second["features"], atol=1e-5)
+        pool = pipeline.candidates + 20
+        pipeline.feedback_pool = pool
+        short = pipeline.retrieve(queries, extra=7)
+        width = int(short["rows"].shape[1]) - 7
+        np.testing.assert_array_equal(short["rows"][:, :width], second["rows"][:, :width])
+        dense = tf.matmul(pipeline.query_vectors(queries), pipeline.product_vectors,
+                          transpose_b=True)
+        first = tf.math.top_k(dense, pool)[1].numpy()
+        added = short["rows"][:, width:].numpy()
+        assert (added >= 0).any()
+        for top, base, new in zip(first, short["rows"][:, :width].numpy(), added):
+            new = new[new >= 0]
+            assert set(new) <= set(top) and not set(new) & set(base[base >= 0])
+            assert len(set(new)) == len(new)
+        found = pipeline.search(queries, num_results=5)
+        assert found["rows"].shape == (len(queries.numpy()), 5)
+    finally:
+        pipeline.feedback_pool = chosen
 
 
 def test_search_trains_on_a_home_depot_slice(tiny_encoder, tmp_path):

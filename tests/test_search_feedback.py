@@ -94,3 +94,11 @@ def test_bad_feedback_extras_are_named(extras):
         SearchConfig(feedback_extras=extras).check()
     with pytest.raises(ValueError, match=r"search.feedback_extra\(s\)"):
         SearchConfig(feedback_extra=extras[0]).check()
+
+
+@pytest.mark.parametrize("pool", [-1, 2.5, True])
+def test_bad_feedback_pool_is_named(pool):
+    with pytest.raises(ValueError, match=r"feedback_pool must be an integer >= 0"):
+        check_feedback((0.5,), 20, 10, pool=pool)
+    with pytest.raises(ValueError, match=r"search.feedback_pool"):
+        SearchConfig(feedback_pool=pool).check()

@@ -290,7 +290,7 @@ def _distill(args: argparse.Namespace) -> int:
     if "kept_gain_no_feedback_products" in result:
         kept = ", ".join(f"{k} {v:.2f}"
                          for k, v in result["kept_gain_no_feedback_products"].items())
-        print(f"... the student without feedback products (one catalog pass): {kept}")
+        print(f"... the student without feedback products: {kept}")
     for name, (t, s_) in {k: (result["teacher"]["latency_ms"].get(k, math.nan), v) for k, v in
                           result["student"]["latency_ms"].items()}.items():
         print(f"batch-1 {name} ms: teacher {t:.2f}, student {s_:.2f} ({s_ / t:.2f}x)")

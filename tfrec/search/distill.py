@@ -151,7 +151,8 @@ def _stage_metrics(pipeline: SearchPipeline, split, row_of, stages=STAGES) -> Di
 
 def _side(pipeline: SearchPipeline, split, row_of, timed: Sequence[str]) -> Dict[str, dict]:
     """Test metrics and batch-1 latency of one side (teacher or student); with feedback
-    products, also its ranked lists without them (a second catalog pass it can skip)."""
+    products, also its ranked lists without them (the feedback query and the ranker slots
+    it fills, plus a second catalog pass when `feedback_pool` is 0)."""
     out = {"metrics": _stage_metrics(pipeline, split, row_of),
            "latency_ms": query_latency_ms(pipeline, timed) if timed else {}}
     if pipeline.feedback_extra:
@@ -302,7 +303,7 @@ def distill_search(run: str, workdir: str, settings: Optional[DistillConfig] = N
               "train_s": train_s, "total_s": time.perf_counter() - start,
               "kept_gain_over_bm25": kept_gain(teacher["metrics"], student["metrics"])}
     if "metrics_no_feedback_products" in student:
-        # The student without the feedback query's second catalog pass, against the
+        # The student without the feedback query's products, against the
         # teacher as it serves (with it).
         result["kept_gain_no_feedback_products"] = kept_gain(
             teacher["metrics"], student["metrics_no_feedback_products"])

@@ -139,7 +139,8 @@ def search_card(pipeline: SearchPipeline, num_results: int, **extra: Any) -> Dic
             "candidates_per_retriever": pipeline.candidates,
             "hybrid_weight": pipeline.hybrid_weight,
             "feedback": {"weight": pipeline.feedback_weight, "keep": pipeline.feedback_keep,
-                         "top": pipeline.feedback_top, "extra": pipeline.feedback_extra},
+                         "top": pipeline.feedback_top, "extra": pipeline.feedback_extra,
+                         "pool": pipeline.feedback_pool},
             "speller": None if pipeline.speller is None else {
                 "words": pipeline.speller.num_words, "keys": pipeline.speller.num_keys,
                 "cjk_contexts": pipeline.speller.num_contexts,

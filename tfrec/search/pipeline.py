@@ -9,7 +9,7 @@ synonyms and typos) feed the ranker: the union of their top lists.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -67,6 +67,9 @@ class SearchPipeline(tf.Module):
         0 = the ranker's order throughout).
       feedback_extra: products the feedback query (the query vector moved to that
         centroid) retrieves beyond both lists, appended to every list (0: none).
+      feedback_pool: where the feedback query looks for them: 0, a second pass over the
+        whole catalog (or the index); N > 0, only the first dense pass's top N (no second
+        pass; the moved query stays close to the first).
 
     A query-category classifier is attached after training with `set_query_categories`,
     an IVF index over the final product vectors with `set_index`.
@@ -78,7 +81,7 @@ class SearchPipeline(tf.Module):
                  speller: Optional[Speller] = None, dense_corrections: bool = True,
                  refresh: bool = True, ranker_features: int = len(FEATURES),
                  feedback_weight: float = 0.0, feedback_keep: int = 20,
-                 feedback_top: int = 10, feedback_extra: int = 0,
+                 feedback_top: int = 10, feedback_extra: int = 0, feedback_pool: int = 0,
                  name: str = "search_pipeline"):
         super().__init__(name=name)
         if lexical.num_docs != two_tower.num_products or len(product_ids) != lexical.num_docs:
@@ -89,7 +92,8 @@ class SearchPipeline(tf.Module):
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         check_hybrid_weights([hybrid_weight], "hybrid_weight")
-        check_feedback([feedback_weight], feedback_keep, feedback_top, extras=[feedback_extra])
+        check_feedback([feedback_weight], feedback_keep, feedback_top, extras=[feedback_extra],
+                       pool=feedback_pool)
         if not LEGACY_FEATURES <= ranker_features <= len(FEATURES):
             raise ValueError(f"ranker_features must be in [{LEGACY_FEATURES}, {len(FEATURES)}], "
                              f"got {ranker_features}")
@@ -102,6 +106,7 @@ class SearchPipeline(tf.Module):
         self.feedback_weight = float(feedback_weight)
         self.feedback_keep, self.feedback_top = int(feedback_keep), int(feedback_top)
         self.feedback_extra = int(feedback_extra)
+        self.feedback_pool = int(feedback_pool)
         # Variables, not constants: a million titles stay out of the serving graph proto.
         self.product_ids = tf.Variable(np.asarray(product_ids, dtype=object), trainable=False,
                                        dtype=tf.string, name="product_ids")
@@ -293,7 +298,8 @@ class SearchPipeline(tf.Module):
         in the title), are invalid (row -1). With an IVF index (`set_index`) the two-tower
         list comes from the `nprobe` [B] best lists (default: the index's own). The last
         `extra` slots (default `feedback_extra`) hold what the feedback query retrieves
-        beyond both lists (`_feedback_rows`).
+        beyond both lists (`_feedback_rows`), among the first pass's top `feedback_pool`
+        products when that is > 0.
         """
         extra = self.feedback_extra if extra is None else int(extra)
         read = self.read_queries(queries)
@@ -305,7 +311,14 @@ class SearchPipeline(tf.Module):
             probs = self.category_probs(q)
             if self.category_filter > 0:
                 keep = self._category_keep(probs)
-        dense_top, dense_rows, dense_of = self._dense_top(q, keep, nprobe)
+        pool = None
+        if extra > 0 and self.feedback_pool > 0:  # one dense pass, longer
+            dense_top, dense_rows, dense_of = self._dense_top(
+                q, keep, nprobe, max(self.feedback_pool, k))
+            pool = dense_top, dense_rows
+            dense_top, dense_rows = dense_top[:, :k], dense_rows[:, :k]
+        else:
+            dense_top, dense_rows, dense_of = self._dense_top(q, keep, nprobe)
         bm25_all = bm25 if keep is None else tf.where(
             keep(tf.range(self.num_products)), bm25, -1e9)
         bm25_top, bm25_rows = tf.math.top_k(bm25_all, k)
@@ -336,7 +349,7 @@ class SearchPipeline(tf.Module):
         safe, vectors, dense, hybrid = scored(rows)
         if extra > 0:
             more = self._feedback_rows(q, tf.where(valid, rows, -1), valid, hybrid, vectors,
-                                       keep, nprobe, extra)
+                                       keep, nprobe, extra, pool)
             rows, safe, vectors, dense, hybrid = (
                 tf.concat(pair, 1) for pair in zip((rows, safe, vectors, dense, hybrid),
                                                    (more, *scored(more))))
@@ -364,16 +377,29 @@ class SearchPipeline(tf.Module):
 
     def _feedback_rows(self, q: tf.Tensor, rows: tf.Tensor, valid: tf.Tensor,
                        hybrid: tf.Tensor, vectors: tf.Tensor, keep,
-                       nprobe: Optional[tf.Tensor], extra: int) -> tf.Tensor:
+                       nprobe: Optional[tf.Tensor], extra: int,
+                       pool: Optional[Tuple[tf.Tensor, tf.Tensor]] = None) -> tf.Tensor:
         """[B, extra] rows the feedback query ranks highest among products in neither
-        list (-1 past those found), by the same exact or IVF search as the first list.
+        list (-1 past those found), by the same exact or IVF search as the first list,
+        or among the `pool` products only.
 
         Args:
           rows: [B, C] the union's rows, -1 in invalid slots.
+          pool: the first dense pass's longer list (scores, rows [B, P]); None: search
+            the catalog again.
         """
         fq = feedback_query(q, feedback_centroid(hybrid, vectors, valid, self.feedback_top))
         width = min(extra + 2 * self.candidates, self.num_products)  # the union is <= 2k
-        top, found, _ = self._dense_top(fq, keep, nprobe, width)
+        if pool is None:
+            top, found, _ = self._dense_top(fq, keep, nprobe, width)
+        else:
+            pool_top, pool_rows = pool
+            scores = tf.reduce_sum(
+                catalog_rows(self.product_vectors, tf.maximum(pool_rows, 0))
+                * fq[:, tf.newaxis], axis=-1)
+            scores = tf.where(tf.logical_and(pool_rows >= 0, pool_top > -1e8), scores, -1e9)
+            top, order = tf.math.top_k(scores, tf.minimum(width, tf.shape(pool_rows)[1]))
+            found = tf.gather(pool_rows, order, batch_dims=1)
         listed = tf.reduce_any(tf.equal(found[:, :, tf.newaxis], rows[:, tf.newaxis, :]), 2)
         new = tf.logical_and(tf.logical_and(found >= 0, top > -1e8), tf.logical_not(listed))
         # The first `extra` new rows in the feedback query's order.

@@ -154,7 +154,8 @@ def build_pipeline(cfg: SearchConfig, data: SearchData, vectors: np.ndarray,
                           ranker_features=ranker_features,
                           feedback_weight=cfg.feedback_weight,
                           feedback_keep=cfg.feedback_keep, feedback_top=cfg.feedback_top,
-                          feedback_extra=cfg.feedback_extra)
+                          feedback_extra=cfg.feedback_extra,
+                          feedback_pool=cfg.feedback_pool)
 
 
 def build_speller(cfg: SearchConfig, titles: Sequence[str],
