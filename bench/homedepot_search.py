@@ -86,7 +86,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 import numpy as np

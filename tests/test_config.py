@@ -19,6 +19,20 @@ def test_shipped_config_file_is_the_default():
     assert Config.from_yaml("configs/retrieval.yaml") == Config()
 
 
+def test_shipped_search_config_lists_every_field_at_its_default():
+    """configs/search.yaml says it is the full default config: every field, in order."""
+    import dataclasses
+
+    import yaml
+
+    from tfrec.search.config import SearchConfig
+
+    with open("configs/search.yaml", encoding="utf-8") as f:
+        listed = list(yaml.safe_load(f))
+    assert listed == [field.name for field in dataclasses.fields(SearchConfig)]
+    assert SearchConfig.from_yaml("configs/search.yaml") == SearchConfig()
+
+
 @pytest.mark.parametrize("raw, message", [
     ({"trian": {}}, "unknown config section 'trian'"),
     ({"train": {"epoch": 3}}, "unknown config field train.epoch"),

@@ -3,6 +3,7 @@
 import copy
 import glob
 import os
+import re
 
 import numpy as np
 import pytest
@@ -271,6 +272,24 @@ def test_steps_per_execution_errors(tiny_config):
         cfg.train.steps_per_execution = bad
         with pytest.raises(ValueError, match="train.steps_per_execution must be an integer"):
             steps_per_execution(cfg, single_replica=True)
+
+
+def test_early_stopping_patience_below_one_is_refused(tiny_config):
+    from tfrec.training.trainer import early_stopping_patience
+
+    cfg = copy.deepcopy(tiny_config)
+    assert early_stopping_patience(cfg) == 2
+    for bad in (0, -1, 1.5, True):
+        cfg.train.early_stopping_patience = bad
+        with pytest.raises(ValueError, match=r"train.early_stopping_patience must be an "
+                                             r"integer >= 1 .*got " + re.escape(repr(bad))):
+            early_stopping_patience(cfg)
+    cfg.train.early_stopping_patience = 0
+    cfg.train.run_name = "patience_zero"
+    with pytest.raises(ValueError, match="train.early_stopping_patience"):
+        train_retrieval(cfg)
+    # Refused before any data or run directory is touched.
+    assert not os.path.exists(os.path.join(cfg.train.checkpoint_dir, "patience_zero"))
 
 
 def test_preprocessed_input_cache_reshuffles_and_matches_uncached(trained_run, tiny_config):

@@ -231,6 +231,21 @@ def steps_per_execution(cfg: Config, single_replica: bool) -> int:
     return value if single_replica and not cfg.train.profile_steps else 1
 
 
+def early_stopping_patience(cfg: Config) -> int:
+    """`train.early_stopping_patience`: epochs without a better validation score before
+    training stops (0 would stop after the second epoch whatever it scored).
+
+    Raises:
+      ValueError: not an integer >= 1.
+    """
+    value = cfg.train.early_stopping_patience
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"train.early_stopping_patience must be an integer >= 1 (epochs "
+                         f"without a better {cfg.train.early_stopping_metric}; a value "
+                         f"above train.epochs never stops early), got {value!r}")
+    return value
+
+
 def build_model(vocab: Vocabularies, cfg: Config, precision: str = "float32",
                 dp_noise: Optional[float] = None,
                 steps_per_execution: int = 1) -> TwoTowerModel:
@@ -281,6 +296,7 @@ def train_retrieval(cfg: Config,
       extra_callbacks: more Keras callbacks, run after the built-in ones.
     """
     profile_steps(cfg)  # a bad range fails before any data or device work
+    patience = early_stopping_patience(cfg)
     configure_devices(cfg.train.cpu_devices)
     tf.keras.utils.set_random_seed(cfg.train.seed)
     if cfg.train.deterministic:
@@ -419,7 +435,7 @@ def train_retrieval(cfg: Config,
                            histogram_freq=cfg.train.histogram_freq,
                            update_freq="epoch", write_graph=False,
                            profile_batch=profile_steps(cfg) if chief else 0),
-        KeepBestEpoch(monitor=monitor, patience=cfg.train.early_stopping_patience),
+        KeepBestEpoch(monitor=monitor, patience=patience),
         BackupAndRestore(os.path.join(run_dir, "backup"),
                          config_fingerprint(cfg.model, cfg.features)),
         _ResumeLog(),
