@@ -339,7 +339,7 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
                               feedback_keep=cfg.feedback_keep,
                               feedback_top=cfg.feedback_top,
                               feedback_extra=cfg.feedback_extra,
-                          feedback_pool=cfg.feedback_pool)
+                              feedback_pool=cfg.feedback_pool)
     head = None
     saved = meta.get("categories")
     if saved:
