@@ -413,10 +413,9 @@ def test_feedback_is_picked_on_validation_recall_and_saved(search_run, search_wo
     assert (loaded.feedback_weight, loaded.feedback_extra, loaded.feedback_keep,
             loaded.feedback_top) == (saved.feedback_weight, saved.feedback_extra,
                                      saved.feedback_keep, saved.feedback_top)
-    chosen = pipeline.feedback_extra, pipeline.feedback_weight
     queries = sorted(data.splits["val"]["query"].unique())
     gains = query_gains(data.splits["val"], data.row_of, queries)
-    try:
+    with pipeline.feedback_settings():  # the chosen extra and weight come back after
         recall = tune_feedback(pipeline, (0.0, 2.0, 8.0), data.splits["val"], data.row_of,
                                extras=(0, 7))
         assert list(recall) == [(e, w) for e in (0, 7) for w in (0.0, 2.0, 8.0)]
@@ -456,8 +455,6 @@ def test_feedback_is_picked_on_validation_recall_and_saved(search_run, search_wo
             tune_feedback(pipeline, (0.5, -1.0), data.splits["val"], data.row_of)
         with pytest.raises(ValueError, match=r"integers >= 0"):
             tune_feedback(pipeline, (0.5,), data.splits["val"], data.row_of, extras=(5, -1))
-    finally:
-        pipeline.feedback_extra, pipeline.feedback_weight = chosen
 
 
 def test_feedback_pool_reads_the_first_pass_instead_of_a_second(search_run):
@@ -467,33 +464,30 @@ def test_feedback_pool_reads_the_first_pass_instead_of_a_second(search_run):
     pipeline, data = search_run.pipeline, search_run.data
     queries = tf.constant(sorted(data.splits["val"]["query"].unique()) + ["无线耳机 蓝牙",
                                                                           "café crème"])
-    chosen = pipeline.feedback_pool
-    assert chosen == SearchConfig().feedback_pool
-    try:
-        pipeline.feedback_pool = 0
+    assert pipeline.feedback_pool == SearchConfig().feedback_pool
+    with pipeline.feedback_settings(pool=0):
         second = pipeline.retrieve(queries, extra=7)
-        pipeline.feedback_pool = pipeline.num_products
+    with pipeline.feedback_settings(pool=pipeline.num_products):
         whole = pipeline.retrieve(queries, extra=7)
-        np.testing.assert_array_equal(whole["rows"], second["rows"])
-        np.testing.assert_allclose(whole["features"], second["features"], atol=1e-5)
-        pool = pipeline.candidates + 20
-        pipeline.feedback_pool = pool
+    np.testing.assert_array_equal(whole["rows"], second["rows"])
+    np.testing.assert_allclose(whole["features"], second["features"], atol=1e-5)
+    pool = pipeline.candidates + 20
+    with pipeline.feedback_settings(pool=pool):
         short = pipeline.retrieve(queries, extra=7)
-        width = int(short["rows"].shape[1]) - 7
-        np.testing.assert_array_equal(short["rows"][:, :width], second["rows"][:, :width])
-        dense = tf.matmul(pipeline.query_vectors(queries), pipeline.product_vectors,
-                          transpose_b=True)
-        first = tf.math.top_k(dense, pool)[1].numpy()
-        added = short["rows"][:, width:].numpy()
-        assert (added >= 0).any()
-        for top, base, new in zip(first, short["rows"][:, :width].numpy(), added):
-            new = new[new >= 0]
-            assert set(new) <= set(top) and not set(new) & set(base[base >= 0])
-            assert len(set(new)) == len(new)
         found = pipeline.search(queries, num_results=5)
-        assert found["rows"].shape == (len(queries.numpy()), 5)
-    finally:
-        pipeline.feedback_pool = chosen
+    assert pipeline.feedback_pool == SearchConfig().feedback_pool  # restored
+    width = int(short["rows"].shape[1]) - 7
+    np.testing.assert_array_equal(short["rows"][:, :width], second["rows"][:, :width])
+    dense = tf.matmul(pipeline.query_vectors(queries), pipeline.product_vectors,
+                      transpose_b=True)
+    first = tf.math.top_k(dense, pool)[1].numpy()
+    added = short["rows"][:, width:].numpy()
+    assert (added >= 0).any()
+    for top, base, new in zip(first, short["rows"][:, :width].numpy(), added):
+        new = new[new >= 0]
+        assert set(new) <= set(top) and not set(new) & set(base[base >= 0])
+        assert len(set(new)) == len(new)
+    assert found["rows"].shape == (len(queries.numpy()), 5)
 
 
 def test_search_trains_on_a_home_depot_slice(tiny_encoder, tmp_path):

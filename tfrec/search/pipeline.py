@@ -426,19 +426,22 @@ class SearchPipeline(tf.Module):
         return keep
 
     @contextlib.contextmanager
-    def feedback_settings(self, extra: Optional[int] = None,
-                          weight: Optional[float] = None) -> Iterator[None]:
-        """Runs the block with other feedback products / weight (None: unchanged), then
-        restores both: the paired "without feedback" measurements of one pipeline."""
-        saved = self.feedback_extra, self.feedback_weight
+    def feedback_settings(self, extra: Optional[int] = None, weight: Optional[float] = None,
+                          pool: Optional[int] = None) -> Iterator[None]:
+        """Runs the block with other feedback products / weight / pool (None: unchanged),
+        then restores all three (also what the block set itself): the paired "without
+        feedback" measurements of one pipeline."""
+        saved = self.feedback_extra, self.feedback_weight, self.feedback_pool
         if extra is not None:
             self.feedback_extra = int(extra)
         if weight is not None:
             self.feedback_weight = float(weight)
+        if pool is not None:
+            self.feedback_pool = int(pool)
         try:
             yield
         finally:
-            self.feedback_extra, self.feedback_weight = saved
+            self.feedback_extra, self.feedback_weight, self.feedback_pool = saved
 
     @property
     def list_width(self) -> int:
