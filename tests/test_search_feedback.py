@@ -102,3 +102,15 @@ def test_bad_feedback_pool_is_named(pool):
         check_feedback((0.5,), 20, 10, pool=pool)
     with pytest.raises(ValueError, match=r"search.feedback_pool"):
         SearchConfig(feedback_pool=pool).check()
+
+
+@pytest.mark.parametrize("pool", [1, 100])
+def test_a_feedback_pool_within_the_dense_list_is_refused(pool):
+    """The first pass's top `candidates` is the dense list: no new product there."""
+    with pytest.raises(ValueError, match=r"feedback_pool must be 0 .* more than the 100 "
+                                         r"candidates"):
+        check_feedback((0.5,), 20, 10, pool=pool, candidates=100)
+    with pytest.raises(ValueError, match=r"search.feedback_pool must be 0"):
+        SearchConfig(feedback_pool=pool, candidates=100).check()
+    SearchConfig(feedback_pool=101, candidates=100).check()
+    SearchConfig(feedback_pool=0, candidates=100).check()

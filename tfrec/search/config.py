@@ -49,10 +49,14 @@ def check_hybrid_weights(weights: Sequence[Any], what: str) -> None:
 
 
 def check_feedback(weights: Sequence[Any], keep: Any, top: Any,
-                   what: str = "feedback", extras: Sequence[Any] = (), pool: Any = 0) -> None:
+                   what: str = "feedback", extras: Sequence[Any] = (), pool: Any = 0,
+                   candidates: Optional[int] = None) -> None:
     """Raises a ValueError unless every weight is a finite number >= 0, keep / top are
-    integers >= 1 and every extra and the pool an integer >= 0 (`what` prefixes the field
-    names in the message)."""
+    integers >= 1, every extra an integer >= 0 and the pool 0 or an integer above
+    `candidates` (`what` prefixes the field names in the message).
+
+    A pool of at most `candidates` rows holds only the dense list itself, so the feedback
+    query could never find a new product there."""
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) \
                 or not math.isfinite(w) or w < 0:
@@ -68,6 +72,10 @@ def check_feedback(weights: Sequence[Any], keep: Any, top: Any,
     if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
         raise ValueError(f"{what}_pool must be an integer >= 0 (0 = a second pass over the "
                          f"catalog), got {pool!r}")
+    if candidates is not None and 0 < pool <= candidates:
+        raise ValueError(f"{what}_pool must be 0 (a second pass over the catalog) or more "
+                         f"than the {candidates} candidates: the first pass's top {pool} are "
+                         f"the dense list itself, where feedback finds no new product")
 
 
 @dataclass
@@ -140,7 +148,7 @@ class SearchConfig:
     feedback_extra: int = 0
     feedback_extras: Tuple[int, ...] = (0, 10, 25, 50)
     # Where the feedback query finds them: 0, a second pass over the catalog (or index);
-    # N > 0, the first dense pass's top N only (one catalog pass per query; at 1,000 the
+    # N > candidates, the first dense pass's top N only (one catalog pass per query; at 1,000 the
     # same Home Depot validation NDCG@10 / Recall@100 as the second pass).
     feedback_pool: int = 1000
     speller: bool = True  # correct words the catalog never uses (added to the BM25 query)
@@ -200,7 +208,8 @@ class SearchConfig:
         check_ranker_folds(self.ranker_folds, self.ranker_fold_lists)
         check_feedback((self.feedback_weight, *self.feedback_weights), self.feedback_keep,
                        self.feedback_top, "search.feedback",
-                       (self.feedback_extra, *self.feedback_extras), self.feedback_pool)
+                       (self.feedback_extra, *self.feedback_extras), self.feedback_pool,
+                       self.candidates)
         check_analyzer(self.lexical_analyzer, "search.lexical_analyzer")
         check_analyzer(self.word_analyzer, "search.word_analyzer")
         check_bm25(self.bm25_k1, self.bm25_b, "search.bm25_")

@@ -68,8 +68,8 @@ class SearchPipeline(tf.Module):
       feedback_extra: products the feedback query (the query vector moved to that
         centroid) retrieves beyond both lists, appended to every list (0: none).
       feedback_pool: where the feedback query looks for them: 0, a second pass over the
-        whole catalog (or the index); N > 0, only the first dense pass's top N (no second
-        pass; the moved query stays close to the first).
+        whole catalog (or the index); N > `candidates`, only the first dense pass's top N
+        (no second pass; the moved query stays close to the first).
 
     A query-category classifier is attached after training with `set_query_categories`,
     an IVF index over the final product vectors with `set_index`.
@@ -93,7 +93,7 @@ class SearchPipeline(tf.Module):
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         check_hybrid_weights([hybrid_weight], "hybrid_weight")
         check_feedback([feedback_weight], feedback_keep, feedback_top, extras=[feedback_extra],
-                       pool=feedback_pool)
+                       pool=feedback_pool, candidates=candidates)
         if not LEGACY_FEATURES <= ranker_features <= len(FEATURES):
             raise ValueError(f"ranker_features must be in [{LEGACY_FEATURES}, {len(FEATURES)}], "
                              f"got {ranker_features}")
@@ -437,6 +437,7 @@ class SearchPipeline(tf.Module):
         if weight is not None:
             self.feedback_weight = float(weight)
         if pool is not None:
+            check_feedback((), 1, 1, pool=pool, candidates=self.candidates)
             self.feedback_pool = int(pool)
         try:
             yield
