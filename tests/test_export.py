@@ -50,6 +50,8 @@ FRESH_PROCESS = textwrap.dedent(r"""
         out["k0"] = e.message
     out["modules"] = sorted(n for n in sys.modules if n.split(".")[0] in
                             ("tfrec", "tensorflow_recommenders", "tf_keras"))
+    out["functions"] = sorted(n for n in dir(m) if isinstance(
+        getattr(m, n, None), tf.types.experimental.PolymorphicFunction))
     print("RESULT" + json.dumps(out))
 """)
 
@@ -79,6 +81,7 @@ def test_export_layout_and_reload_in_fresh_process(exported_model, tiny_world, t
     assert out["signatures"] == ["candidate_embedding", "query_embedding", "serving_default",
                                  "similar_items"]
     assert out["modules"] == [], "the fresh process must need TensorFlow (+ TF Text ops) only"
+    assert out["functions"] == [], "each serving graph is saved once, as a signature"
     ids = set(catalog["item_id"])
     titles = dict(zip(catalog["item_id"], catalog["title"]))
     first, second = out["item_ids"]
@@ -121,6 +124,35 @@ def test_versions_are_written_atomically_and_never_overwritten(tmp_path):
     with pytest.raises(Exception):
         save_versioned(Broken(), {"serving_default": lambda x: x}, str(tmp_path), "m")
     assert sorted(os.listdir(tmp_path / "m")) == ["1", "2"]
+
+
+def test_signature_modules_are_saved_with_their_signatures_only(tmp_path):
+    """A SignatureModule's tf.function attributes are neither traced again by the save nor
+    stored beside the signatures: the SavedModel holds each serving graph once."""
+    import tensorflow as tf
+
+    from tfrec.export.versioned import SignatureModule
+
+    traces = []
+
+    class Tiny(SignatureModule):
+        def __init__(self):
+            super().__init__()
+            self.scale = tf.Variable(3.0)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+        def triple(self, x):
+            traces.append(1)
+            return {"y": self.scale * x}
+
+    module = Tiny()
+    path = save_versioned(module, {"serving_default": module.triple.get_concrete_function()},
+                          str(tmp_path), "m")
+    assert len(traces) == 1, "the save traced the function again"
+    loaded = tf.saved_model.load(path)
+    assert not hasattr(loaded, "triple")
+    y = loaded.signatures["serving_default"](x=tf.constant([1.0, 2.0]))["y"]
+    np.testing.assert_allclose(y.numpy(), [3.0, 6.0])  # the variable is saved
 
 
 SCORE_PROCESS = textwrap.dedent(r"""

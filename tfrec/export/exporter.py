@@ -81,9 +81,11 @@ def export_retrieval(run_dir: str, catalog: pd.DataFrame, export: ExportConfig,
             "signatures": sorted(module.signatures()), "retrieval_index": module.index_card,
             "precision": module.precision, "privacy": privacy_card(run_dir),
             **(card or {})}
-    return save_versioned(module, module.signatures(), export.base_dir, export.model_name,
-                          export.version, extra_files={"tfrec_model.json": card},
-                          warmup_values=warmup_values(catalog))
+    with _signatures_only():
+        return save_versioned(module, module.signatures(), export.base_dir,
+                              export.model_name, export.version,
+                              extra_files={"tfrec_model.json": card},
+                              warmup_values=warmup_values(catalog))
 
 
 def _signatures_only():

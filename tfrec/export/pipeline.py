@@ -19,6 +19,7 @@ from tfrec.models.catalog_index import NPROBE_SPEC, TuningQueries
 from tfrec.export.ranking import NEG_INF, RankingCore, sort_by
 from tfrec.export.reasons import Reasons
 from tfrec.export.retrieval import same_batch
+from tfrec.export.versioned import SignatureModule
 from tfrec.metrics.candidates import excludes_history
 from tfrec.models.ranking import RankingModel
 from tfrec.models.retrieval import TwoTowerModel
@@ -57,7 +58,7 @@ def brand_cap(brands: tf.Tensor, valid: tf.Tensor, max_per_brand: int) -> tf.Ten
                                                count < float(max_per_brand)))
 
 
-class PipelineModule(tf.Module):
+class PipelineModule(SignatureModule):
     """Serving graph: retrieval top-K -> ranker -> business rules -> top-k.
 
     Signatures `serving_default` (= `recommend`) and `search` (adds query [B], which must

@@ -25,6 +25,7 @@ from tfrec.models.catalog_index import (CatalogIndex, TuningQueries, choose_inde
                                         in_index_order)
 from tfrec.metrics.retrieval import embed_in_batches
 from tfrec.export.retrieval import same_batch
+from tfrec.export.versioned import SignatureModule
 from tfrec.models.ranking import RankingModel
 from tfrec.models.retrieval import TwoTowerModel
 from tfrec.models.embedding import tower_fn
@@ -75,7 +76,7 @@ def _in_stock(catalog: pd.DataFrame) -> Optional[np.ndarray]:
                      f"{column.dtype} with values like {column.iloc[0]!r}")
 
 
-class RankingCore(tf.Module):
+class RankingCore(SignatureModule):
     """What the ranker and pipeline exports share: towers, ranker, catalog tables.
 
     Both need candidate embeddings (for retrieval scores), titles and brands by catalog
@@ -184,7 +185,7 @@ def sort_by(scores: tf.Tensor, tensors: Dict[str, tf.Tensor]) -> Dict[str, tf.Te
     return {name: tf.gather(t, order, batch_dims=1) for name, t in tensors.items()}
 
 
-class RankerModule(tf.Module):
+class RankerModule(SignatureModule):
     """Serving graph of the ranker: request + candidate ids -> candidates re-ordered.
 
     `serving_default` inputs: query [B] (may be ""), user_id [B], history [B, H],

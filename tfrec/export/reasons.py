@@ -14,6 +14,7 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.export.ranking import RankingCore
+from tfrec.export.versioned import SignatureModule
 from tfrec.models.ranking import CANDIDATE_INPUTS, NUMERIC_GROUPS
 
 # Reason kinds, in the order their scores are stacked (query and profile are not scored).
@@ -59,7 +60,7 @@ def matched_words(query: tf.Tensor, titles: tf.Tensor) -> tf.Tensor:
     return tf.strings.strip(tf.strings.regex_replace(joined, " +", " "))
 
 
-class Reasons(tf.Module):
+class Reasons(SignatureModule):
     """Computes the reason of every shown item of a pipeline request.
 
     Args:

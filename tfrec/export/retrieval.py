@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tfrec.config import ExportConfig
 from tfrec.data.feature_spec import catalog_features
+from tfrec.export.versioned import SignatureModule
 from tfrec.features.quantize import (catalog_rows, check_precision, quantized_tables,
                                      track_quantized)
 from tfrec.models.catalog_index import (NPROBE_SPEC, CatalogIndex, TuningQueries,
@@ -40,7 +41,7 @@ def same_batch(reference: tf.Tensor, tensors: Dict[str, tf.Tensor]) -> list:
         for name, t in tensors.items()]
 
 
-class RetrievalModule(tf.Module):
+class RetrievalModule(SignatureModule):
     """Serving graph: towers + catalog embeddings + top-k (exact or IVF).
 
     With an IVF index, `recommend_nprobe` and `similar_items_nprobe` take one more input,

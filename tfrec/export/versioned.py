@@ -21,6 +21,27 @@ from tfrec.export.warmup import warmup_requests, write_warmup
 MAX_VERSION = 2 ** 63 - 1  # versions are int64 in TF Serving's protos
 
 
+class SignatureModule(tf.Module):
+    """A tf.Module saved for its signatures only, without its tf.function attributes.
+
+    `tf.saved_model.save` traces every tf.function attribute again (its cache key differs
+    inside a save) and stores those graphs beside the signatures': export then traces each
+    serving function twice and the file holds it twice. Serving (TF Serving, tfrec serve,
+    LiteRT conversion) reads `signatures` only, so the attributes stay out of the file.
+    """
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        if save_type != "savedmodel":
+            return super()._trackable_children(save_type, **kwargs)
+        # Trackable's own children (variables, tables, sub-modules): AutoTrackable's
+        # override is what adds, and traces, the function attributes.
+        children = tf.__internal__.tracking.Trackable._trackable_children(
+            self, save_type, **kwargs)
+        return {name: child for name, child in children.items()
+                if not isinstance(child, (tf.types.experimental.PolymorphicFunction,
+                                          tf.types.experimental.ConcreteFunction))}
+
+
 def version_of(name: str) -> Optional[int]:
     """The version a directory name stands for, as TF Serving reads it: ASCII digits within
     int64 (other names, e.g. `.tmp-*`, "١٢" or 20 digits, are not versions)."""

@@ -17,7 +17,7 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.export.retrieval import same_batch
-from tfrec.export.versioned import save_versioned
+from tfrec.export.versioned import SignatureModule, save_versioned
 from tfrec.models.catalog_index import NPROBE_SPEC
 from tfrec.search.pipeline import MAX_QUERY_CHARS, SearchPipeline
 
@@ -31,7 +31,7 @@ EMPTY_QUERY = "query {} is empty (blank or whitespace only); search needs query 
 OUTPUTS = ("product_ids", "titles", "scores", "dense_scores", "bm25_scores", "hybrid_scores")
 
 
-class SearchModule(tf.Module):
+class SearchModule(SignatureModule):
     """Serving graph of a SearchPipeline.
 
     `serving_default` input: query [B] string. Outputs, all [B, num_results] in final
