@@ -26,8 +26,8 @@ class SignatureModule(tf.Module):
 
     `tf.saved_model.save` traces every tf.function attribute again (its cache key differs
     inside a save) and stores those graphs beside the signatures': export then traces each
-    serving function twice and the file holds it twice. Serving (TF Serving, tfrec serve,
-    LiteRT conversion) reads `signatures` only, so the attributes stay out of the file.
+    serving function twice and the file holds it twice. Serving (TF Serving, tfrec serve)
+    reads `signatures` only, so the attributes stay out of the file.
     """
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):

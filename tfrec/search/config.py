@@ -148,8 +148,8 @@ class SearchConfig:
     feedback_extra: int = 0
     feedback_extras: Tuple[int, ...] = (0, 10, 25, 50)
     # Where the feedback query finds them: 0, a second pass over the catalog (or index);
-    # N > candidates, the first dense pass's top N only (one catalog pass per query; at 1,000 the
-    # same Home Depot validation NDCG@10 / Recall@100 as the second pass).
+    # N > candidates, the first dense pass's top N only (one catalog pass per query; at
+    # 1,000 the same Home Depot validation NDCG@10 / Recall@100 as the second pass).
     feedback_pool: int = 1000
     speller: bool = True  # correct words the catalog never uses (added to the BM25 query)
     # The speller also splits fused words into two catalog words ("lawnmower") and joins
