@@ -53,10 +53,7 @@ def check_feedback(weights: Sequence[Any], keep: Any, top: Any,
                    candidates: Optional[int] = None) -> None:
     """Raises a ValueError unless every weight is a finite number >= 0, keep / top are
     integers >= 1, every extra an integer >= 0 and the pool 0 or an integer above
-    `candidates` (`what` prefixes the field names in the message).
-
-    A pool of at most `candidates` rows holds only the dense list itself, so the feedback
-    query could never find a new product there."""
+    `candidates` (`check_feedback_pool`; `what` prefixes the field names in the message)."""
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) \
                 or not math.isfinite(w) or w < 0:
@@ -69,6 +66,14 @@ def check_feedback(weights: Sequence[Any], keep: Any, top: Any,
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{what}_extra(s) must be integers >= 0 (0 = none), "
                              f"got {value!r}")
+    check_feedback_pool(pool, candidates, what)
+
+
+def check_feedback_pool(pool: Any, candidates: Optional[int] = None,
+                        what: str = "feedback") -> None:
+    """Raises a ValueError unless the pool is 0 or an integer above `candidates`: a pool
+    of at most `candidates` rows holds only the dense list itself, so the feedback query
+    could never find a new product there."""
     if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
         raise ValueError(f"{what}_pool must be an integer >= 0 (0 = a second pass over the "
                          f"catalog), got {pool!r}")

@@ -23,7 +23,7 @@ from tfrec.models.catalog_index import IndexChoice
 from tfrec.models.ivf import IvfIndex
 from tfrec.models.lists import masked_zscore
 from tfrec.search.category import QueryCategoryHead
-from tfrec.search.config import check_feedback, check_hybrid_weights
+from tfrec.search.config import check_feedback, check_feedback_pool, check_hybrid_weights
 from tfrec.search.feedback import feedback_centroid, feedback_query, feedback_scores
 from tfrec.search.model import SearchTwoTower
 from tfrec.search.ranker import FEATURES, LEGACY_FEATURES, SearchRanker, candidate_features
@@ -437,7 +437,7 @@ class SearchPipeline(tf.Module):
         if weight is not None:
             self.feedback_weight = float(weight)
         if pool is not None:
-            check_feedback((), 1, 1, pool=pool, candidates=self.candidates)
+            check_feedback_pool(pool, self.candidates)
             self.feedback_pool = int(pool)
         try:
             yield
