@@ -35,17 +35,23 @@ Distillation task (Home Depot, same data): per seed, the full search pipeline tr
 --student-layers student (`tfrec.search.distill`); rows teacher / student: test NDCG@10
 of the two-tower, hybrid and two-tower+ranker stages, the share of the teacher's gain over
 BM25 the student keeps, and batch-1 ms of the query tower (query vector + catalog top-100)
-and of the whole `search` call, with the student/teacher ratio.
+and of the whole `search` call, with the student/teacher ratio. Then teacher and students
+as search SavedModels with the product vectors stored in each --search-precisions
+(`search.precision`): test NDCG@10 / Recall@100 of the loaded signature's lists, top-10
+overlap with the same model's float32 export, size on disk, fresh-process RSS, batch-1
+p50 / p99 ms of the signature (--requests calls after --warmup, test queries rotating).
 
 Usage: python bench/compression.py [--tasks recommendation,ranker,search,distill]
        [--world small] [--seeds 0] [--search-seeds 0,1,2]
        [--precisions float32 bfloat16 int8] [--teacher-precisions float32 bfloat16 int8]
        [--student-layers 2 0] [--distill-lr 0=1e-3]
+       [--search-precisions float32 bfloat16 int8]
 
 Smoke mode (--smoke; tests/test_bench_smoke.py runs it): the tiny world, one seed, one
 epoch, 100 users, 20 timed calls, the retrieval SavedModel in float32 and int8, the
 teacher pipeline in float32 and one distilled student (T=5) only (`--precisions`,
-`--teacher-precisions`: each export costs ~10-20 s), no RSS processes; search
+`--teacher-precisions`, `--search-precisions`: each export costs ~10-20 s), no RSS
+processes; search
 on the first 200 Home Depot queries with a tiny random BERT (skipped without the file),
 a search teacher without cross-fitted ranker lists, distilled into the word bag only.
 Same code and tables; the figures mean nothing.
@@ -78,6 +84,7 @@ SMOKE = dict(world="tiny", seeds=[0], epochs=1, users=100, warmup=3, requests=20
              ranker_epochs=1, rec_ranker_epochs=1, temperatures=[5.0], rss=False,
              latency_queries=3,
              precisions=["float32", "int8"], teacher_precisions=["float32"],
+             search_precisions=["float32", "int8"],
              labels_student=False)
 K = 10
 # The ranker's student: one cross layer, one narrow deep layer, narrower text pieces.
@@ -468,15 +475,72 @@ def distill_seed(seed: int, args, workdir: str) -> dict:
     if not (args.reuse_teachers and os.path.isdir(os.path.join(teacher_dir, "search", "model"))):
         train_search(cfg, teacher_dir,
                      log_dir=os.path.join(workdir, "logs", f"teacher_{seed}"))
-    out = {}
+    out, saved = {}, {}
+    if args.search_precisions:
+        pipeline, data = teacher_pipeline(teacher_dir)
+        saved["teacher"] = saved_search_rows(pipeline, data, args, os.path.join(
+            workdir, f"saved_{seed}", "teacher"))
+        del pipeline
     for layers in args.student_layers:
         settings = DistillConfig(layers=layers, epochs=args.distill_epochs,
                                  title_queries=args.title_queries, seed=seed,
                                  lr=args.distill_lr.get(layers, DistillConfig.lr))
         out[layers] = distill_search(teacher_dir, os.path.join(
             workdir, f"student_{seed}_{layers}"), settings, latency_queries=args.latency_queries)
-        out[layers].pop("pipeline")
+        pipeline = out[layers].pop("pipeline")
+        if args.search_precisions:
+            saved[student_label(layers)] = saved_search_rows(
+                pipeline, data, args, os.path.join(workdir, f"saved_{seed}", f"s{layers}"))
+    return out, saved
+
+
+def saved_search_rows(pipeline, data, args, root: str) -> dict:
+    """Per --search-precisions: the pipeline exported as the search SavedModel with its
+    product vectors in that precision, loaded back in this process: test NDCG@10 and
+    Recall@100 of the signature's lists, top-10 overlap with the float32 export, size on
+    disk, fresh-process RSS, batch-1 p50 / p99 ms."""
+    import tensorflow_text  # noqa: F401  (the exported preprocessor's ops)
+    from tfrec.search.export import export_search
+    from tfrec.search.metrics import catalog_search_metrics, query_gains
+
+    test = data.splits["test"]
+    queries = sorted(test["query"].unique())
+    gains = query_gains(test, data.row_of, queries)
+    timed_queries = queries[:max(args.latency_queries, 1)]
+    out, reference = {}, None
+    for precision in args.search_precisions:
+        path = export_search(pipeline, os.path.join(root, precision), num_results=100,
+                             precision=precision)
+        fn = tf.saved_model.load(path).signatures["serving_default"]
+        ids = np.concatenate([fn(query=tf.constant(queries[i:i + 64]))["product_ids"].numpy()
+                              for i in range(0, len(queries), 64)]).astype(str)
+        ranked = np.array([[data.row_of.get(p, -1) for p in row] for row in ids])
+        metrics = catalog_search_metrics(ranked, gains).summary()
+        reference = ids if reference is None else reference
+        p50, p99 = timed(lambda q: fn(query=tf.constant([q])), timed_queries, args.warmup,
+                         args.requests)
+        out[precision] = {
+            "ndcg": metrics["ndcg@10"], "recall": metrics["recall@100"],
+            "overlap": float(np.mean([len(set(a[:K]) & set(b[:K]) - {""}) / K
+                                      for a, b in zip(reference, ids)])),
+            "mb": dir_mb(path), "rss": loaded_rss_mb("savedmodel", path), "p50": p50,
+            "p99": p99}
+        del fn
     return out
+
+
+def teacher_pipeline(teacher_dir: str):
+    """(pipeline, data) of a trained search run, as `tfrec search index` loads it."""
+    from tfrec.search.config import SearchConfig
+    from tfrec.search.index import load_search_pipeline, resolve_search_run
+    from tfrec.search.train import load_search_data
+
+    run = resolve_search_run(teacher_dir)
+    cfg = SearchConfig.from_yaml(os.path.join(run, "model", "config.yaml"))
+    data = load_search_data(cfg)
+    pipeline, _ = load_search_pipeline(run, data.catalog,
+                                       cache_dir=os.path.join(teacher_dir, "cache"))
+    return pipeline, data
 
 
 def student_label(layers: int) -> str:
@@ -494,8 +558,11 @@ def distill_table(args) -> None:
         return
     seeds, workdir = setup
     runs = []  # per seed: {layers: distill result}
+    saved = []  # per seed: {model: {precision: SavedModel figures}}
     for seed in seeds:
-        runs.append(distill_seed(seed, args, workdir))
+        run, saved_rows = distill_seed(seed, args, workdir)
+        runs.append(run)
+        saved.append(saved_rows)
         for layers, result in runs[-1].items():
             print(f"distill seed {seed}, {student_label(layers)}: kept gain "
                   f"{result['kept_gain_over_bm25']}, {result['total_s']:.0f} s", flush=True)
@@ -542,6 +609,35 @@ def distill_table(args) -> None:
               f"{bm25.mean():.4f}; kept gain = (student - BM25) / (teacher - BM25), the "
               f"teacher as it serves; 'no fb products': without the feedback query's "
               f"products)"))
+    if args.search_precisions:
+        saved_search_table(saved, seeds, args)
+
+
+def saved_search_table(saved: list, seeds: list, args) -> None:
+    """The search SavedModels of teacher and students per product-vector precision,
+    means over seeds; ratios against the teacher's float32 export of the same seed."""
+    ref = args.search_precisions[0]
+    rows = []
+    for model in saved[0]:
+        for precision in args.search_precisions:
+            runs = [s[model][precision] for s in saved]
+            teacher = [s["teacher"][ref] for s in saved]
+
+            def mean(key, of=runs):
+                return float(np.mean([r[key] for r in of]))
+
+            rows.append([f"{model} {precision}", f"{mean('ndcg'):.4f}",
+                         f"{mean('recall'):.4f}", f"{mean('overlap'):.3f}",
+                         f"{mean('mb'):.1f}", ratio(mean("mb"), mean("mb", teacher)),
+                         f"{mean('rss'):.0f}", f"{mean('p50'):.2f}", f"{mean('p99'):.2f}",
+                         ratio(mean("p50"), mean("p50", teacher))])
+    print()
+    print(format_table(
+        ["search SavedModel", "test NDCG@10", "Recall@100", "top-10 overlap", "size MB",
+         "size vs teacher", "RSS MB", "p50 ms", "p99 ms", "p50 vs teacher"], rows,
+        title=f"Home Depot search SavedModels, seeds {seeds}: product vectors stored in "
+              f"{', '.join(args.search_precisions)} (`search.precision`); overlap with the "
+              f"same model's {ref} export; batch-1 signature calls in-process"))
 
 
 def main(argv=None) -> None:
@@ -592,6 +688,11 @@ def main(argv=None) -> None:
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS,
                         default=list(PRECISIONS),
                         help="the retrieval SavedModel's exports (float32 first: the reference)")
+    parser.add_argument("--search-precisions", nargs="*", choices=PRECISIONS,
+                        default=list(PRECISIONS),
+                        help="distill task: export teacher and students as search "
+                             "SavedModels with the product vectors in these precisions "
+                             "(float32 first; none: no SavedModel table)")
     parser.add_argument("--teacher-precisions", nargs="+", choices=PRECISIONS,
                         default=list(PRECISIONS),
                         help="the teacher pipeline's exports (float32 first: the reference)")
@@ -606,7 +707,8 @@ def main(argv=None) -> None:
     except ValueError:
         parser.error(f"--distill-lr: LAYERS=LR pairs, e.g. 0=1e-3, got {args.distill_lr}")
     for flag, values in (("--precisions", args.precisions),
-                         ("--teacher-precisions", args.teacher_precisions)):
+                         ("--teacher-precisions", args.teacher_precisions),
+                         ("--search-precisions", args.search_precisions or ["float32"])):
         if values[0] != "float32":
             parser.error(f"{flag}: float32 first (the reference), got {values}")
     tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}

@@ -132,7 +132,8 @@ BENCHES: Dict[str, Expect] = {
          # Home Depot tables (or their skip line without the file)
          r"(LoRA r=4 \(query, value\)\s{2,}\S|search table skipped)",
          r"(top-1 blocks\s{2,}\S|search table skipped)",
-         r"(student, word bag\s{2,}\S|distillation table skipped)"]),
+         r"(student, word bag\s{2,}\S|distillation table skipped)",
+         r"(student, word bag int8\s{2,}\S|distillation table skipped)"]),
     "explanations": Expect(
         [("seed", "cited by", "pairs", "share", "cited drop", "other drop"),
          ("seed", "K", "without", "with reasons", "ratio")],

@@ -52,6 +52,11 @@ def test_bfloat16_and_bad_precisions():
     table = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
     q = QuantizedTable(table, "bfloat16")
     np.testing.assert_allclose(q.gather(tf.range(8)).numpy(), table, atol=1e-2)
+    # Scored in bfloat16: within its rounding of the queries and rows (8 bits).
+    queries = np.linspace(-2, 2, 24, dtype=np.float32).reshape(3, 8)
+    scores = q.scores(queries)
+    assert scores.dtype == tf.float32
+    np.testing.assert_allclose(scores.numpy(), queries @ table.T, atol=0.03)
     with pytest.raises(ValueError, match="'int8' or 'bfloat16'"):
         QuantizedTable(table, "int4")
     with pytest.raises(ValueError, match=r"\[rows, dim\]"):

@@ -153,6 +153,18 @@ FRESH_PROCESS = textwrap.dedent(r"""
 """)
 
 
+def _fresh_answers(path: str, queries: list, tmp_path) -> dict:
+    """What FRESH_PROCESS prints for the export at `path`: a new Python process with
+    TensorFlow and TF Text only (no tfrec, no legacy-Keras switch)."""
+    spec = tmp_path / "request.json"
+    spec.write_text(json.dumps([path, queries]))
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(spec)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
 def test_export_reloads_in_a_fresh_process_with_the_same_answers(search_run, search_export,
                                                                   tmp_path):
     path = search_export["path"]
@@ -165,13 +177,7 @@ def test_export_reloads_in_a_fresh_process_with_the_same_answers(search_run, sea
     assert card["num_results"] == NUM_RESULTS and card["ranker"] is True
 
     queries = _queries(search_run)
-    spec = tmp_path / "request.json"
-    spec.write_text(json.dumps([path, queries]))
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(spec)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fresh = json.loads(proc.stdout.split("RESULT", 1)[1])
+    fresh = _fresh_answers(path, queries, tmp_path)
     assert fresh["modules"] == [], "the fresh process must need TensorFlow (+ TF Text) only"
     assert fresh["inputs"] == {"query": ["string", [None]]}
     assert not {"PyFunc", "EagerPyFunc", "PyFuncStateless"} & set(fresh["ops"])
@@ -194,6 +200,67 @@ def test_export_reloads_in_a_fresh_process_with_the_same_answers(search_run, sea
         np.testing.assert_allclose(np.array(got[name]), want[name].numpy(), rtol=1e-4,
                                    atol=1e-4, err_msg=name)
     assert all(len(ids) == NUM_RESULTS and ids[0] for ids in got["product_ids"])
+
+
+def _shared_within(got: dict, want: dict, queries: list, atol: float) -> int:
+    """Products both answers list for a query; asserts their dense scores agree within
+    `atol` and their BM25 scores exactly (text, not vectors). Returns their count."""
+    want_scores = {(q, i): (dense, bm25) for q, (ids, dense_row, bm25_row) in enumerate(
+        zip(want["product_ids"].numpy().astype(str), want["dense_scores"].numpy(),
+            want["bm25_scores"].numpy())) for i, dense, bm25 in zip(ids, dense_row, bm25_row)}
+    shared = 0
+    for q, ids in enumerate(np.asarray(got["product_ids"]).astype(str)):
+        assert len(ids) == NUM_RESULTS and ids[0], (queries[q], ids)
+        for i, dense, bm25 in zip(ids, np.asarray(got["dense_scores"])[q],
+                                  np.asarray(got["bm25_scores"])[q]):
+            if (q, i) in want_scores:
+                shared += 1
+                assert abs(dense - want_scores[q, i][0]) <= atol, (queries[q], i, dense)
+                assert bm25 == pytest.approx(want_scores[q, i][1], rel=1e-5)
+    return shared
+
+
+@pytest.mark.parametrize("precision, atol", [("bfloat16", 0.01), ("int8", 0.02)])
+def test_export_stores_the_product_vectors_in_lower_precision(search_run, tmp_path, precision,
+                                                              atol):
+    """bfloat16 / int8 product vectors: the float32 table leaves the SavedModel, and a
+    fresh process answers within the rounding of the float32 pipeline's dense scores
+    (exact search here; through an IVF index in process)."""
+    from tfrec.search.config import SearchConfig
+    from tfrec.search.export import SearchModule, export_search
+
+    pipeline = search_run.pipeline
+    queries = _queries(search_run)[:2] + sorted(search_run.data.splits["test"]["query"].unique(
+        ))[:10] + ["台灯 lampe été", "Bürostuhl ergonomisch 椅子"]
+    path = export_search(pipeline, str(tmp_path), num_results=NUM_RESULTS, precision=precision)
+    assert isinstance(pipeline.product_vectors, tf.Variable)  # the pipeline keeps float32
+    with open(os.path.join(path, "assets.extra", "tfrec_model.json")) as f:
+        assert json.load(f)["product_vector_precision"] == precision
+    n, d = pipeline.product_vectors.shape
+    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    assert sorted(dtypes[k].name for k, shape in shapes.items() if shape == [n, d]) == [
+        precision]
+
+    got = _fresh_answers(path, queries, tmp_path)["result"]
+    want = pipeline.search(tf.constant(queries), num_results=NUM_RESULTS)
+    # Near-ties of the tiny ranker may swap a product in or out; most lists stay.
+    assert _shared_within(got, want, queries, atol) >= 0.9 * NUM_RESULTS * len(queries)
+    try:
+        pipeline.set_index(_ivf_choice(pipeline, 8, nprobe=8))
+        module = SearchModule(pipeline, num_results=NUM_RESULTS, precision=precision)
+        signature = module.signatures()["serving_default"]
+        assert [v.dtype.name for v in signature.variables if v.shape == (n, d)] == [precision]
+        ivf = signature(query=tf.constant(queries))
+        assert _shared_within(ivf, want, queries, atol) >= 0.9 * NUM_RESULTS * len(queries)
+    finally:
+        pipeline.set_index(None)
+
+    with pytest.raises(ValueError, match="unknown precision 'float16'"):
+        export_search(pipeline, str(tmp_path / "bad"), precision="float16")
+    assert not os.path.exists(tmp_path / "bad")
+    with pytest.raises(ValueError, match="search.precision must be one of"):
+        SearchConfig(precision="int4").check()
 
 
 def test_grpc_search_round_trip_and_bad_requests(search_served, search_run):
@@ -851,7 +918,7 @@ def test_search_index_serves_a_new_product_table_without_retraining(search_run, 
         proc = subprocess.run(
             [sys.executable, "-m", "tfrec", "search", "index", "--run", search_workdir,
              "--catalog", str(path), "--export-base", str(base), "--results", str(union),
-             "--cache-dir", str(tmp_path / "cache")],
+             "--cache-dir", str(tmp_path / "cache"), "--precision", "int8"],
             capture_output=True, text=True, timeout=600, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"indexed {len(products)} products" in proc.stdout
@@ -859,6 +926,8 @@ def test_search_index_serves_a_new_product_table_without_retraining(search_run, 
         assert glob.glob(str(tmp_path / "cache" / "text_vectors_*.keys.npy"))
         wait_for(lambda: 2 in [v for v, state in client.status("search")
                                if state == "AVAILABLE"], timeout=60)
+        with open(base / "search" / "2" / "assets.extra" / "tfrec_model.json") as f:
+            assert json.load(f)["product_vector_precision"] == "int8"
         for product, title in NEW_PRODUCTS.items():
             rows = client.catalog_search(title, model="search")
             assert NUM_RESULTS < len(rows) <= union

@@ -86,10 +86,18 @@ class QuantizedTable(tf.Module):
         return rows * tf.expand_dims(tf.gather(self.scale.value(), ids), -1)
 
     def scores(self, queries: tf.Tensor) -> tf.Tensor:
-        """queries [B, D] @ table^T -> [B, N] float32 (scale applied per column)."""
+        """queries [B, D] @ table^T -> [B, N] float32 (scale applied per column).
+
+        bfloat16 multiplies in bfloat16 (queries rounded to it): a float32 copy of the
+        table per call costs ~4x the float32 matmul (41k x 384, batch 1), a bfloat16
+        matmul ~0.65x on CPUs with native bfloat16. int8 has no fast matmul in core TF.
+        """
+        if self.scale is None:
+            return tf.cast(tf.matmul(tf.cast(queries, tf.bfloat16), self.values,
+                                     transpose_b=True), tf.float32)
         scores = tf.matmul(tf.cast(queries, tf.float32), tf.cast(self.values, tf.float32),
                            transpose_b=True)
-        return scores if self.scale is None else scores * self.scale[tf.newaxis, :]
+        return scores * self.scale[tf.newaxis, :]
 
     def nbytes(self) -> int:
         n, d = self.values.shape
@@ -177,6 +185,14 @@ def track_quantized(module: tf.Module, models: Dict[str, tf.keras.layers.Layer],
                         if isinstance(value, tf.saved_model.experimental.TrackableResource)]
     module.kept_modules = list(keep)
     return tables
+
+
+def table_scores(table, queries: tf.Tensor) -> tf.Tensor:
+    """queries [B, D] against every row of a float table variable or a QuantizedTable,
+    [B, N] float32."""
+    if isinstance(table, QuantizedTable):
+        return table.scores(queries)
+    return tf.matmul(queries, table, transpose_b=True)
 
 
 def catalog_rows(table, ids: tf.Tensor) -> tf.Tensor:

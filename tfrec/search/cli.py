@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from tfrec.config import parse_assignment, set_field
+from tfrec.config import EXPORT_PRECISIONS, parse_assignment, set_field
 from tfrec.search.config import SearchConfig
 
 DEFAULT_WORKDIR = os.path.join("work", "search")
@@ -98,6 +98,9 @@ def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int,
                    help="IVF lists probed per query (default: the run's; 0: tuned on the "
                         "run's validation queries to index_target_recall)")
+    p.add_argument("--precision", choices=EXPORT_PRECISIONS,
+                   help="storage of the exported product vectors (default: the run's "
+                        "search.precision)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -121,6 +124,9 @@ def add_distill_command(sub) -> None:
     p.add_argument("--export-base", dest="export_base",
                    help="export root (default <workdir>/export)")
     p.add_argument("--model-name", dest="model_name", default="search")
+    p.add_argument("--precision", choices=EXPORT_PRECISIONS,
+                   help="storage of the exported product vectors (default: the teacher "
+                        "run's search.precision)")
     p.add_argument("--no-export", action="store_true", dest="no_export")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -220,6 +226,7 @@ def _train(args: argparse.Namespace) -> int:
     if not args.no_export:
         path = export_search(run.pipeline, export_base, model_name=args.model_name,
                              version=args.version, num_results=cfg.results,
+                             precision=cfg.precision,
                              card={"metrics": run.metrics, "judgments": cfg.judgments,
                                    "seed": cfg.seed, "config": dataclasses.asdict(
                                        tuned_config(cfg, run.pipeline))})
@@ -276,6 +283,7 @@ def _distill(args: argparse.Namespace) -> int:
 
         path = export_search(result["pipeline"], args.export_base or
                              os.path.join(args.workdir, "export"), model_name=args.model_name,
+                             precision=args.precision or result["precision"],
                              card={"metrics": result["student"]["metrics"],
                                    "distilled_from": result["teacher_run"]})
     figures = {k: v for k, v in result.items() if k != "pipeline"}
@@ -307,7 +315,7 @@ def _index(args: argparse.Namespace) -> int:
 
     run_dir = resolve_search_run(args.run)
     products = read_products(args.catalog)  # bad tables fail before TensorFlow work
-    overrides = {k: getattr(args, k) for k in ("index", "nlist", "nprobe")
+    overrides = {k: getattr(args, k) for k in ("index", "nlist", "nprobe", "precision")
                  if getattr(args, k) is not None}
     pipeline, cfg = load_search_pipeline(run_dir, products, cache_dir=args.cache_dir,
                                          overrides=overrides)
@@ -315,7 +323,7 @@ def _index(args: argparse.Namespace) -> int:
     export_base = args.export_base or os.path.join(workdir, "export")
     results = args.results or cfg.results
     path = export_search(pipeline, export_base, model_name=args.model_name,
-                         version=args.version, num_results=results,
+                         version=args.version, num_results=results, precision=cfg.precision,
                          card={"run": os.path.abspath(run_dir),
                                "catalog": os.path.abspath(args.catalog),
                                "config": dataclasses.asdict(cfg)})

@@ -14,7 +14,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
 
-from tfrec.config import ExportConfig, plain, read_yaml_mapping, set_field
+from tfrec.config import (EXPORT_PRECISIONS, ExportConfig, plain, read_yaml_mapping,
+                          set_field)
 from tfrec.features.analyzers import check_analyzer, check_bm25
 
 
@@ -191,6 +192,9 @@ class SearchConfig:
     nprobe: int = 0
     index_target_recall: float = 0.98
     index_recall_floor: float = 0.9
+    # Storage of the exported product vectors, EXPORT_PRECISIONS: float32 | bfloat16
+    # (half the bytes, scored in bfloat16) | int8 (a quarter, a float32 scale per product).
+    precision: str = "float32"
     embed_batch_size: int = 128
     # Encoder matmuls for the frozen title vectors: auto (bfloat16 on CPUs that multiply
     # it natively, else float32) | float32 | bfloat16 (cosine to float32 > 0.999).
@@ -218,6 +222,9 @@ class SearchConfig:
         check_analyzer(self.lexical_analyzer, "search.lexical_analyzer")
         check_analyzer(self.word_analyzer, "search.word_analyzer")
         check_bm25(self.bm25_k1, self.bm25_b, "search.bm25_")
+        if self.precision not in EXPORT_PRECISIONS:
+            raise ValueError(f"search.precision must be one of {list(EXPORT_PRECISIONS)}, "
+                             f"got {self.precision!r}")
 
     def index_settings(self) -> ExportConfig:
         """The index fields as the ExportConfig `tfrec.models.catalog_index` reads."""

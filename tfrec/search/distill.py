@@ -299,7 +299,8 @@ def distill_search(run: str, workdir: str, settings: Optional[DistillConfig] = N
                     categories=getattr(pipeline, "saved_categories", None))
     result = {"teacher": teacher, "student": student, "val_ndcg@10": history,
               "settings": dataclasses.asdict(settings), "student_encoder": encoder_path,
-              "teacher_run": os.path.abspath(run), "distill_queries": len(queries),
+              "teacher_run": os.path.abspath(run), "precision": student_cfg.precision,
+              "distill_queries": len(queries),
               "train_s": train_s, "total_s": time.perf_counter() - start,
               "kept_gain_over_bm25": kept_gain(teacher["metrics"], student["metrics"])}
     if "metrics_no_feedback_products" in student:

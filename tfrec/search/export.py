@@ -9,6 +9,7 @@ for debugging and logging. What the exported model answers is what
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Dict, Optional
@@ -18,6 +19,7 @@ import tensorflow as tf
 
 from tfrec.export.retrieval import same_batch
 from tfrec.export.versioned import SignatureModule, save_versioned
+from tfrec.features.quantize import QuantizedTable, check_precision
 from tfrec.models.catalog_index import NPROBE_SPEC
 from tfrec.search.pipeline import MAX_QUERY_CHARS, SearchPipeline
 
@@ -51,15 +53,25 @@ class SearchModule(SignatureModule):
     ranker, product vectors, ids and titles), so training state such as optimizer slots
     stays out of the SavedModel.
 
+    The product vectors, the part that grows with the catalog (1.5 GB of float32 at 1M
+    products x 384), can be stored in bfloat16 or int8 (a float32 scale per product);
+    the graph scores queries against that copy (`QuantizedTable.scores`).
+
     Args:
       pipeline: trained SearchPipeline (its product vectors current).
       num_results: products returned per query, >= 1.
+      precision: storage of the product vectors, one of EXPORT_PRECISIONS.
+
+    Raises:
+      ValueError: a bad num_results or precision, or a pipeline without word lookup.
     """
 
-    def __init__(self, pipeline: SearchPipeline, num_results: int = 10):
+    def __init__(self, pipeline: SearchPipeline, num_results: int = 10,
+                 precision: str = "float32"):
         super().__init__(name="tfrec_search")
         if not isinstance(num_results, int) or isinstance(num_results, bool) or num_results < 1:
             raise ValueError(f"num_results must be an integer >= 1, got {num_results!r}")
+        self.precision = check_precision(precision)
         two_tower = pipeline.two_tower
         if two_tower.word_lookup is None:
             raise ValueError("the pipeline's two-tower has no word lookup (set_word_lookup); "
@@ -77,6 +89,9 @@ class SearchModule(SignatureModule):
         self.speller = pipeline.speller
         self.ranker = pipeline.ranker
         self.product_vectors = pipeline.product_vectors
+        if precision != "float32":
+            self.product_vectors = QuantizedTable(pipeline.product_vectors.numpy(), precision,
+                                                  name=f"product_vectors_{precision}")
         self.product_ids = pipeline.product_ids
         self.titles = pipeline.titles
         self.title_terms = pipeline.title_terms
@@ -122,13 +137,17 @@ class SearchModule(SignatureModule):
         return self._search(query)
 
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
-        out = {"serving_default": self.search.get_concrete_function()}
-        if self.ivf is not None:
-            out["search_nprobe"] = self.search_nprobe.get_concrete_function()
+        stored = (contextlib.nullcontext() if self.precision == "float32"
+                  else self._pipeline.stored_vectors(self.product_vectors))
+        with stored:
+            out = {"serving_default": self.search.get_concrete_function()}
+            if self.ivf is not None:
+                out["search_nprobe"] = self.search_nprobe.get_concrete_function()
         return out
 
 
-def search_card(pipeline: SearchPipeline, num_results: int, **extra: Any) -> Dict[str, Any]:
+def search_card(pipeline: SearchPipeline, num_results: int, precision: str = "float32",
+                **extra: Any) -> Dict[str, Any]:
     """The JSON model card of a search export (assets.extra/tfrec_model.json)."""
     encoder = pipeline.two_tower.query_encoder
     return {"model": "catalog_search",
@@ -151,6 +170,7 @@ def search_card(pipeline: SearchPipeline, num_results: int, **extra: Any) -> Dic
                 "categories": pipeline.category_head.num_categories,
                 "filter": pipeline.category_filter},
             "num_results": int(num_results), "max_query_chars": MAX_QUERY_CHARS,
+            "product_vector_precision": precision,
             # The BERT preprocessor tokenises with TF Text ops (stock TF Serving links them).
             "needs_tensorflow_text": True,
             "retrieval_index": pipeline.index_card,
@@ -160,7 +180,7 @@ def search_card(pipeline: SearchPipeline, num_results: int, **extra: Any) -> Dic
 
 def export_search(pipeline: SearchPipeline, base_dir: str, model_name: str = SEARCH_NAME,
                   version: Optional[int] = None, num_results: int = 10,
-                  card: Optional[Dict[str, Any]] = None) -> str:
+                  card: Optional[Dict[str, Any]] = None, precision: str = "float32") -> str:
     """Exports `pipeline` as `<base_dir>/<model_name>/<version>/`, atomically.
 
     Args:
@@ -170,15 +190,19 @@ def export_search(pipeline: SearchPipeline, base_dir: str, model_name: str = SEA
       version: explicit version (refuses to overwrite); default the next integer.
       num_results: products returned per query.
       card: extra model-card fields, e.g. {"metrics": run.metrics, "config": ...}.
+      precision: storage of the product vectors (`SearchModule`).
 
     Returns:
       The version directory.
+
+    Raises:
+      ValueError: a bad num_results or precision (before anything is written).
     """
     from tfrec.export.exporter import _signatures_only
 
-    module = SearchModule(pipeline, num_results=num_results)
+    module = SearchModule(pipeline, num_results=num_results, precision=precision)
     signatures = module.signatures()
-    extra = search_card(pipeline, num_results, **(card or {}))
+    extra = search_card(pipeline, num_results, precision, **(card or {}))
     with _signatures_only():
         return save_versioned(module, signatures, os.fspath(base_dir), model_name, version,
                               extra_files={"tfrec_model.json": extra})

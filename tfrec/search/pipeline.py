@@ -17,7 +17,7 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.features.lexical import LexicalIndex
-from tfrec.features.quantize import catalog_rows, dense_reads
+from tfrec.features.quantize import QuantizedTable, catalog_rows, dense_reads, table_scores
 from tfrec.features.speller import Speller
 from tfrec.models.catalog_index import IndexChoice
 from tfrec.models.ivf import IvfIndex
@@ -253,7 +253,7 @@ class SearchPipeline(tf.Module):
         z-scores the hybrid fuses (dense_z, bm25_z), query_vectors and corrections."""
         read = self.read_queries(queries)
         q = self.two_tower.query_vectors(read["dense"], training=False)
-        dense = tf.matmul(q, self.product_vectors, transpose_b=True)
+        dense = table_scores(self.product_vectors, q)
         bm25, coverage = self.lexical.scores_and_coverage(read["lexical"])
         dense_z, bm25_z = masked_zscore(dense), masked_zscore(bm25)
         return {"query_vectors": q, "dense": dense, "bm25": bm25, "coverage": coverage,
@@ -270,7 +270,7 @@ class SearchPipeline(tf.Module):
         their dense scores and catalog z-scores, [B, M] each."""
         k = min(count or self.candidates, self.num_products)
         if self.ivf is None:
-            dense = tf.matmul(q, self.product_vectors, transpose_b=True)  # [B, N]
+            dense = table_scores(self.product_vectors, q)  # [B, N]
             candidates = dense
             if keep is not None:
                 candidates = tf.where(keep(tf.range(self.num_products)), dense, -1e9)
@@ -443,6 +443,20 @@ class SearchPipeline(tf.Module):
             yield
         finally:
             self.feedback_extra, self.feedback_weight, self.feedback_pool = saved
+
+    @contextlib.contextmanager
+    def stored_vectors(self, table: QuantizedTable) -> Iterator[None]:
+        """Graphs traced in the block read the product vectors from `table` (a
+        lower-precision copy, for an export) instead of the float32 variable."""
+        if tuple(table.shape) != tuple(self.product_vectors.shape):
+            raise ValueError(f"stored vectors of shape {tuple(table.shape)} do not match the "
+                             f"product vectors {tuple(self.product_vectors.shape)}")
+        variable = self.product_vectors
+        object.__setattr__(self, "product_vectors", table)  # tracking stays unchanged
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "product_vectors", variable)
 
     @property
     def list_width(self) -> int:
