@@ -503,9 +503,9 @@ def saved_search_rows(pipeline, data, args, root: str) -> dict:
     from tfrec.search.export import export_search
     from tfrec.search.metrics import catalog_search_metrics, query_gains
 
-    test = data.splits["test"]
+    test, row_of = data.splits["test"], data.row_of  # a property: built on each read
     queries = sorted(test["query"].unique())
-    gains = query_gains(test, data.row_of, queries)
+    gains = query_gains(test, row_of, queries)
     timed_queries = queries[:max(args.latency_queries, 1)]
     out, reference = {}, None
     for precision in args.search_precisions:
@@ -514,7 +514,7 @@ def saved_search_rows(pipeline, data, args, root: str) -> dict:
         fn = tf.saved_model.load(path).signatures["serving_default"]
         ids = np.concatenate([fn(query=tf.constant(queries[i:i + 64]))["product_ids"].numpy()
                               for i in range(0, len(queries), 64)]).astype(str)
-        ranked = np.array([[data.row_of.get(p, -1) for p in row] for row in ids])
+        ranked = np.array([[row_of.get(p, -1) for p in row] for row in ids])
         metrics = catalog_search_metrics(ranked, gains).summary()
         reference = ids if reference is None else reference
         p50, p99 = timed(lambda q: fn(query=tf.constant([q])), timed_queries, args.warmup,

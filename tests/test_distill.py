@@ -154,8 +154,9 @@ def test_word_bag_starts_from_the_teachers_one_word_queries(teacher, tmp_path):
     np.testing.assert_array_equal(again(queries).numpy(), bag(queries).numpy())
 
 
-def test_word_bag_student_reloads_exports_and_serves_unicode(bag_distilled):
+def test_word_bag_student_reloads_exports_and_serves_unicode(bag_distilled, tmp_path):
     from tfrec.search.config import SearchConfig
+    from tfrec.search.export import export_search
     from tfrec.search.index import load_search_pipeline
     from tfrec.search.train import load_search_data
     from tfrec.search.word_bag import WordBagEncoder
@@ -191,6 +192,23 @@ def test_word_bag_student_reloads_exports_and_serves_unicode(bag_distilled):
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = json.loads(proc.stdout.strip().splitlines()[-1])
     assert served == [[x.decode() for x in row] for row in want["product_ids"].numpy()]
+
+    # int8 storage: the bag's piece and word tables and the product vectors leave the
+    # SavedModel as float32; a fresh process answers within the rounding.
+    path = export_search(reloaded, str(tmp_path / "int8"), num_results=5, precision="int8")
+    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+    dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
+    bag = reloaded.two_tower.query_encoder
+    for table in (bag.pieces, bag.word_vectors, reloaded.product_vectors):
+        assert sorted(dtypes[k].name for k, shape in shapes.items()
+                      if shape == table.shape.as_list()) == ["int8"], table.name
+    proc = subprocess.run([sys.executable, "-c", code, path, json.dumps(queries)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = json.loads(proc.stdout.strip().splitlines()[-1])
+    kept = sum(len(set(a) & {x.decode() for x in b})
+               for a, b in zip(served, want["product_ids"].numpy()))
+    assert kept >= 0.8 * 5 * len(queries), (served, want["product_ids"])
 
 
 def test_search_train_refuses_a_word_bag_config(tiny_encoder, tmp_path):

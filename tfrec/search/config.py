@@ -192,8 +192,9 @@ class SearchConfig:
     nprobe: int = 0
     index_target_recall: float = 0.98
     index_recall_floor: float = 0.9
-    # Storage of the exported product vectors, EXPORT_PRECISIONS: float32 | bfloat16
-    # (half the bytes, scored in bfloat16) | int8 (a quarter, a float32 scale per product).
+    # Storage of the exported product vectors (and a word bag student's tables),
+    # EXPORT_PRECISIONS: float32 | bfloat16 (half the bytes, scored in bfloat16) | int8
+    # (a quarter, a float32 scale per row).
     precision: str = "float32"
     embed_batch_size: int = 128
     # Encoder matmuls for the frozen title vectors: auto (bfloat16 on CPUs that multiply

@@ -19,9 +19,10 @@ import tensorflow as tf
 
 from tfrec.export.retrieval import same_batch
 from tfrec.export.versioned import SignatureModule, save_versioned
-from tfrec.features.quantize import QuantizedTable, check_precision
+from tfrec.features.quantize import QuantizedTable, check_precision, quantized_tables
 from tfrec.models.catalog_index import NPROBE_SPEC
 from tfrec.search.pipeline import MAX_QUERY_CHARS, SearchPipeline
+from tfrec.search.word_bag import WordBagEncoder
 
 __all__ = ["SearchModule", "export_search", "SEARCH_NAME", "QUERY_SPEC", "EMPTY_QUERY",
            "OUTPUTS"]
@@ -55,7 +56,8 @@ class SearchModule(SignatureModule):
 
     The product vectors, the part that grows with the catalog (1.5 GB of float32 at 1M
     products x 384), can be stored in bfloat16 or int8 (a float32 scale per product);
-    the graph scores queries against that copy (`QuantizedTable.scores`).
+    the graph scores queries against that copy (`QuantizedTable.scores`). So are a word
+    bag query encoder's piece and word tables (a BERT encoder stays float32).
 
     Args:
       pipeline: trained SearchPipeline (its product vectors current).
@@ -81,7 +83,18 @@ class SearchModule(SignatureModule):
         object.__setattr__(self, "_pipeline", pipeline)
         self.num_results = int(num_results)
         self.num_products = pipeline.num_products
-        self.query_encoder = two_tower.query_encoder
+        encoder = two_tower.query_encoder
+        tables: Dict[int, QuantizedTable] = {}  # float table key -> stored copy
+        if precision != "float32" and isinstance(encoder, WordBagEncoder):
+            # The bag's tables are the query side's bulk: stored like the product vectors,
+            # with the float layer untracked (the tokenizer and word keys tracked instead).
+            tables = encoder.stored_tables(precision)
+            object.__setattr__(self, "query_encoder", encoder)
+            self.query_tables = list(tables.values())
+            self.query_state = encoder.serving_state()
+        else:
+            self.query_encoder = encoder
+        object.__setattr__(self, "_tables", tables)
         self.query_adapter = two_tower.query_adapter
         self.words = two_tower.words
         self.word_lookup = two_tower.word_lookup
@@ -139,7 +152,7 @@ class SearchModule(SignatureModule):
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
         stored = (contextlib.nullcontext() if self.precision == "float32"
                   else self._pipeline.stored_vectors(self.product_vectors))
-        with stored:
+        with stored, quantized_tables(self._tables):
             out = {"serving_default": self.search.get_concrete_function()}
             if self.ivf is not None:
                 out["search_nprobe"] = self.search_nprobe.get_concrete_function()

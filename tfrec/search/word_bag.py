@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -19,6 +19,7 @@ import tensorflow as tf
 import tensorflow_hub as hub
 import tensorflow_text  # noqa: F401  (ops of the preprocessor SavedModel)
 
+from tfrec.features.quantize import QuantizedTable, gather_rows, lookup_table, table_key
 from tfrec.models.text_match import _load_preprocessor
 from tfrec.text.embedding import mean_pool
 from tfrec.text.hub_export import ENCODER_KIND, read_export_info, vocab_path
@@ -121,11 +122,22 @@ class WordBagEncoder(tf.keras.layers.Layer):
             teacher, [(i,) for i in range(self.vocab_size)], special.cls, special.sep))
         self.set_words(words, teacher_word_vectors(teacher, words, special.cls, special.sep))
 
+    def stored_tables(self, precision: str) -> Dict[int, QuantizedTable]:
+        """The piece and word tables in `precision` ("int8" / "bfloat16"), keyed by
+        `table_key`: graphs traced inside `quantized_tables(<them>)` read these copies."""
+        return {table_key(t): QuantizedTable(t.numpy(), precision, name=f"{name}_{precision}")
+                for name, t in (("pieces", self.pieces), ("word_vectors", self.word_vectors))}
+
+    def serving_state(self) -> List[tf.Module]:
+        """What an export with `stored_tables` tracks instead of this layer: the tokenizer
+        (its vocabulary table) and the word keys."""
+        return [self._preprocessor, self.tokenize, self.word_keys]
+
     def call(self, queries: tf.Tensor, training: Optional[bool] = None) -> tf.Tensor:
         pieces = tf.cast(self.tokenize(queries), tf.int64)[:, :self.seq_length - 2]
-        # tf.gather's gradients are IndexedSlices: a step touches only the query's rows.
+        # Row gathers' gradients are IndexedSlices: a step touches only the query's rows.
         piece_mean = tf.reduce_mean(tf.ragged.map_flat_values(
-            lambda ids: tf.gather(self.pieces, ids), pieces), axis=2)  # [B, (W), H]
+            lambda ids: gather_rows(lookup_table(self.pieces), ids), pieces), axis=2)
         count = pieces.row_lengths(axis=2).flat_values  # pieces per word
         short = pieces.to_tensor(default_value=-1, shape=[None, None, self.max_word_pieces])
         scale = tf.constant([(self.vocab_size + 1) ** j for j in range(self.max_word_pieces)],
@@ -136,7 +148,8 @@ class WordBagEncoder(tf.keras.layers.Layer):
                           tf.shape(self.word_keys, tf.int64)[0] - 1)
         known = tf.logical_and(tf.equal(tf.gather(self.word_keys, slot), keys),
                                tf.logical_and(count >= 2, count <= self.max_word_pieces))
-        vectors = tf.where(known[:, tf.newaxis], tf.gather(self.word_vectors, slot),
+        vectors = tf.where(known[:, tf.newaxis],
+                           gather_rows(lookup_table(self.word_vectors), slot),
                            piece_mean.flat_values)
         words = piece_mean.with_flat_values(vectors)  # [B, (W), H]
         mask = tf.ones_like(words.flat_values[:, :1])
