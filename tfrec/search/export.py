@@ -62,7 +62,8 @@ class SearchModule(SignatureModule):
     Args:
       pipeline: trained SearchPipeline (its product vectors current).
       num_results: products returned per query, >= 1.
-      precision: storage of the product vectors, one of EXPORT_PRECISIONS.
+      precision: storage of the product vectors (and a word bag's tables), one of
+        EXPORT_PRECISIONS.
 
     Raises:
       ValueError: a bad num_results or precision, or a pipeline without word lookup.
@@ -203,7 +204,7 @@ def export_search(pipeline: SearchPipeline, base_dir: str, model_name: str = SEA
       version: explicit version (refuses to overwrite); default the next integer.
       num_results: products returned per query.
       card: extra model-card fields, e.g. {"metrics": run.metrics, "config": ...}.
-      precision: storage of the product vectors (`SearchModule`).
+      precision: storage of the product vectors and a word bag's tables (`SearchModule`).
 
     Returns:
       The version directory.
