@@ -188,22 +188,25 @@ def track_quantized(module: tf.Module, models: Dict[str, tf.keras.layers.Layer],
 
 
 def table_scores(table, queries: tf.Tensor) -> tf.Tensor:
-    """queries [B, D] against every row of a float table variable or a QuantizedTable,
-    [B, N] float32."""
+    """queries [B, D] against every row of a float table variable or a QuantizedTable
+    (its quantized copy inside `quantized_tables`), [B, N] float32."""
+    table = lookup_table(table)
     if isinstance(table, QuantizedTable):
         return table.scores(queries)
     return tf.matmul(queries, table, transpose_b=True)
 
 
 def catalog_rows(table, ids: tf.Tensor) -> tf.Tensor:
-    """Rows `ids` of a serving-time catalog table (float variable or QuantizedTable)
-    that is also read whole, e.g. by an exact top-k matmul.
+    """Rows `ids` of a serving-time catalog table (float variable or QuantizedTable;
+    its quantized copy inside `quantized_tables`) that is also read whole, e.g. by an
+    exact top-k matmul.
 
     A gather on the variable itself (ResourceGather) puts it in copy-on-read mode for
     good, after which every whole read copies the table (~45 ms per call for 41k x 384
     floats); gathering from one read of it keeps whole reads free. Not for trained
     tables: their sparse updates would make that read copy on every step.
     """
+    table = lookup_table(table)
     if isinstance(table, QuantizedTable):
         return table.gather(ids)
     return tf.gather(tf.convert_to_tensor(table), ids)  # a variable: one whole read

@@ -19,7 +19,7 @@ import tfrec  # noqa: F401
 import tensorflow as tf
 
 from tfrec.config import ExportConfig
-from tfrec.features.quantize import QuantizedTable, check_precision
+from tfrec.features.quantize import QuantizedTable, check_precision, table_scores
 from tfrec.models.ivf import IvfIndex, IvfPlan, build_ivf, default_nlist
 
 __all__ = ["INDEX_KINDS", "IndexChoice", "CatalogIndex", "IndexSearch", "TuningQueries",
@@ -277,10 +277,7 @@ class CatalogIndex(tf.Module):
           scores [B, width] (-inf past the results) and rows [B, width] (-1 there).
         """
         if self.ivf is None or exact:
-            if isinstance(self.item_embeddings, QuantizedTable):
-                scores = self.item_embeddings.scores(queries)  # [B, N]
-            else:
-                scores = tf.matmul(queries, self.item_embeddings, transpose_b=True)
+            scores = table_scores(self.item_embeddings, queries)  # [B, N]
             if eligible is not None:
                 scores = tf.where(eligible[tf.newaxis, :], scores, NEG_INF)
             if blocked is not None:

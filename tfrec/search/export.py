@@ -9,7 +9,6 @@ for debugging and logging. What the exported model answers is what
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from typing import Any, Dict, Optional
@@ -19,7 +18,8 @@ import tensorflow as tf
 
 from tfrec.export.retrieval import same_batch
 from tfrec.export.versioned import SignatureModule, save_versioned
-from tfrec.features.quantize import QuantizedTable, check_precision, quantized_tables
+from tfrec.features.quantize import (QuantizedTable, check_precision, quantized_tables,
+                                     table_key)
 from tfrec.models.catalog_index import NPROBE_SPEC
 from tfrec.search.pipeline import MAX_QUERY_CHARS, SearchPipeline
 from tfrec.search.word_bag import WordBagEncoder
@@ -74,7 +74,7 @@ class SearchModule(SignatureModule):
         super().__init__(name="tfrec_search")
         if not isinstance(num_results, int) or isinstance(num_results, bool) or num_results < 1:
             raise ValueError(f"num_results must be an integer >= 1, got {num_results!r}")
-        self.precision = check_precision(precision)
+        check_precision(precision)
         two_tower = pipeline.two_tower
         if two_tower.word_lookup is None:
             raise ValueError("the pipeline's two-tower has no word lookup (set_word_lookup); "
@@ -95,7 +95,6 @@ class SearchModule(SignatureModule):
             self.query_state = encoder.serving_state()
         else:
             self.query_encoder = encoder
-        object.__setattr__(self, "_tables", tables)
         self.query_adapter = two_tower.query_adapter
         self.words = two_tower.words
         self.word_lookup = two_tower.word_lookup
@@ -106,6 +105,8 @@ class SearchModule(SignatureModule):
         if precision != "float32":
             self.product_vectors = QuantizedTable(pipeline.product_vectors.numpy(), precision,
                                                   name=f"product_vectors_{precision}")
+            tables[table_key(pipeline.product_vectors)] = self.product_vectors
+        object.__setattr__(self, "_tables", tables)  # read while tracing `signatures`
         self.product_ids = pipeline.product_ids
         self.titles = pipeline.titles
         self.title_terms = pipeline.title_terms
@@ -151,9 +152,7 @@ class SearchModule(SignatureModule):
         return self._search(query)
 
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
-        stored = (contextlib.nullcontext() if self.precision == "float32"
-                  else self._pipeline.stored_vectors(self.product_vectors))
-        with stored, quantized_tables(self._tables):
+        with quantized_tables(self._tables):
             out = {"serving_default": self.search.get_concrete_function()}
             if self.ivf is not None:
                 out["search_nprobe"] = self.search_nprobe.get_concrete_function()

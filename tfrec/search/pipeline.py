@@ -17,7 +17,7 @@ import tfrec  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfrec.features.lexical import LexicalIndex
-from tfrec.features.quantize import QuantizedTable, catalog_rows, dense_reads, table_scores
+from tfrec.features.quantize import catalog_rows, dense_reads, table_scores
 from tfrec.features.speller import Speller
 from tfrec.models.catalog_index import IndexChoice
 from tfrec.models.ivf import IvfIndex
@@ -443,20 +443,6 @@ class SearchPipeline(tf.Module):
             yield
         finally:
             self.feedback_extra, self.feedback_weight, self.feedback_pool = saved
-
-    @contextlib.contextmanager
-    def stored_vectors(self, table: QuantizedTable) -> Iterator[None]:
-        """Graphs traced in the block read the product vectors from `table` (a
-        lower-precision copy, for an export) instead of the float32 variable."""
-        if tuple(table.shape) != tuple(self.product_vectors.shape):
-            raise ValueError(f"stored vectors of shape {tuple(table.shape)} do not match the "
-                             f"product vectors {tuple(self.product_vectors.shape)}")
-        variable = self.product_vectors
-        object.__setattr__(self, "product_vectors", table)  # tracking stays unchanged
-        try:
-            yield
-        finally:
-            object.__setattr__(self, "product_vectors", variable)
 
     @property
     def list_width(self) -> int:
