@@ -162,6 +162,8 @@ def test_a_backup_of_another_configuration_is_set_aside(tmp_path, caplog):
     backup = tmp_path / "backup"
     same = config_fingerprint(RankingConfig())
     assert same == config_fingerprint(RankingConfig(epochs=9)), "more epochs still resume"
+    assert same == config_fingerprint(RankingConfig(patience=2, max_candidates=50)), \
+        "another stopping rule or serving limit still resumes"
     other = config_fingerprint(RankingConfig(text_mode="fast"))
     BackupAndRestore(str(backup), same)
     (backup / "chief").mkdir()

@@ -108,7 +108,12 @@ class BackupAndRestore(tf.keras.callbacks.BackupAndRestore):
             tf.distribute.OneDeviceStrategy,)
 
 
-def config_fingerprint(*sections: object, ignore: Sequence[str] = ("epochs",)) -> str:
+# Fields a resumed run may change: they shape neither the weights nor the optimizer
+# state a backup holds (how long to train, when to stop, a serving-time limit).
+RESUMABLE_FIELDS = ("epochs", "patience", "max_candidates")
+
+
+def config_fingerprint(*sections: object, ignore: Sequence[str] = RESUMABLE_FIELDS) -> str:
     """Stable hash of config dataclasses, leaving out fields a resumed run may change."""
     raw = [{k: v for k, v in dataclasses.asdict(s).items() if k not in ignore}
            for s in sections]
