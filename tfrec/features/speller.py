@@ -256,17 +256,22 @@ class Speller(tf.Module):
                     & (lengths >= o.min_length) & (lengths <= o.max_length))
         at = tf.where(eligible)  # [U, 1]
         unknown, unknown_lengths = tf.gather_nd(words, at), tf.gather_nd(lengths, at)
-        fixed = self._correct_unknown(unknown, unknown_lengths)
-        if o.compounds:  # no word within reach: maybe two fused ("lawnmower")
-            fixed = tf.where(tf.equal(fixed, unknown),
-                             self._split_compounds(unknown, unknown_lengths), fixed)
-        words = tf.tensor_scatter_nd_update(words, at, fixed)
+
+        def correct() -> tf.Tensor:
+            fixed = self._correct_unknown(unknown, unknown_lengths)
+            if o.compounds:  # no word within reach: maybe two fused ("lawnmower")
+                fixed = tf.where(tf.equal(fixed, unknown),
+                                 self._split_compounds(unknown, unknown_lengths), fixed)
+            return tf.tensor_scatter_nd_update(words, at, fixed)
+
+        # Most queries are all catalog words: their batch skips the ~60 correction ops.
+        words = tf.cond(tf.size(at) > 0, correct, lambda: words)
         if not o.cjk:
             return words
         runs = tf.where(tf.less(self._known.lookup(words), 0)
                         & tf.strings.regex_full_match(words, _CJK_RUN))
-        return tf.tensor_scatter_nd_update(words, runs,
-                                           self._correct_cjk(tf.gather_nd(words, runs)))
+        return tf.cond(tf.size(runs) > 0, lambda: tf.tensor_scatter_nd_update(
+            words, runs, self._correct_cjk(tf.gather_nd(words, runs))), lambda: words)
 
     def _correct_cjk(self, runs: tf.Tensor) -> tf.Tensor:
         """[R] CJK runs -> [R] runs with each unsupported character replaced when the

@@ -227,16 +227,19 @@ class SearchPipeline(tf.Module):
 
     def corrections(self, queries: tf.Tensor) -> tf.Tensor:
         """[B] corrected words of each query, space-joined ("" if none or no speller)."""
-        queries = self.clean_queries(queries)
+        return self._corrections(self.clean_queries(queries))
+
+    def _corrections(self, cleaned: tf.Tensor) -> tf.Tensor:
+        """`corrections` of queries already cleaned (`clean_queries`)."""
         if self.speller is None:
-            return tf.fill(tf.shape(queries), "")
-        return self.speller.corrections(queries)
+            return tf.fill(tf.shape(cleaned), "")
+        return self.speller.corrections(cleaned)
 
     def read_queries(self, queries: tf.Tensor) -> Dict[str, tf.Tensor]:
         """How the pipeline reads [B] raw queries: {"lexical": cleaned query + corrections
         (what BM25 scores), "dense": what the query tower reads, "corrections"}."""
         queries = self.clean_queries(queries)
-        corrections = self.corrections(queries)
+        corrections = self._corrections(queries)
         # The typed words stay: a wrong correction costs precision, not the match.
         lexical = tf.where(tf.equal(corrections, ""), queries,
                            tf.strings.join([queries, corrections], separator=" "))
