@@ -264,7 +264,7 @@ class Speller(tf.Module):
                                  self._split_compounds(unknown, unknown_lengths), fixed)
             return tf.tensor_scatter_nd_update(words, at, fixed)
 
-        # Most queries are all catalog words: their batch skips the ~60 correction ops.
+        # Most queries are all catalog words: their batch skips the correction graph.
         words = tf.cond(tf.size(at) > 0, correct, lambda: words)
         if not o.cjk:
             return words
