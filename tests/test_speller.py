@@ -107,7 +107,7 @@ def test_graph_batch_shapes_and_empty_batch(speller):
     fn = tf.function(speller.corrections, input_signature=[tf.TensorSpec([None], tf.string)])
     assert fn(tf.constant([], tf.string)).shape == (0,)
     assert [c.decode() for c in fn(tf.constant(["toliet", "toilet"])).numpy()] == ["toilet", ""]
-    # A batch with nothing to correct skips the correction ops (graph branches).
+    # Graph branches: nothing to correct (both skipped), a CJK run only (its branch alone).
     assert fn(tf.constant(["toilet seat", "蓝牙"])).numpy().tolist() == [b"", b""]
     assert [c.decode() for c in fn(tf.constant(["无线耳饥", "toilet"])).numpy()] == ["无线耳机", ""]
 
