@@ -993,6 +993,10 @@ def test_cli_search_index_errors_exit_2(search_workdir, tmp_path, capsys):
                  "--index", "ivf", "--nlist", "8", "--nprobe", "9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tfrec: error:") and "nprobe (9) must be <= nlist (8)" in err
+    assert main(["search", "index", "--run", search_workdir, "--catalog", str(good),
+                 "--coarse-dims", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tfrec: error:") and "coarse_dims must be an integer >= 0" in err
 
 
 def test_search_warm_start_grows_vocabularies(search_run, search_workdir, tiny_encoder,
@@ -1173,3 +1177,90 @@ def test_ivf_tuning_takes_a_seeded_sample_of_many_validation_queries():
     assert picked == sorted(picked) and set(picked) <= set(many)
     assert picked != many[:MAX_TUNING_QUERIES] and picked[-1] > many[MAX_TUNING_QUERIES]
     assert tuning_sample(many, seed=0) == picked != tuning_sample(many, seed=1)
+
+
+def test_search_coarse_first_pass_rescored_exactly(search_run, search_workdir, tmp_path):
+    """A first pass on a few principal components, its shortlist re-scored with the whole
+    vectors: a shortlist of the whole catalog answers as exact search (the z-scores from
+    the catalog's moments), a short one loses products; the export stores the coarse
+    table (in the export's precision) and a fresh process answers as the pipeline."""
+    from tfrec.search.export import SearchModule, export_search
+    from tfrec.search.index import index_pipeline, load_search_pipeline
+
+    pipeline = search_run.pipeline
+    n, k = pipeline.num_products, pipeline.candidates
+    queries = _queries(search_run) + sorted(search_run.data.splits["test"]["query"].unique(
+        ))[:13] + ["台灯 lampe été"]
+    exact = pipeline.retrieve(tf.constant(queries))
+    want = pipeline.search(tf.constant(queries), num_results=NUM_RESULTS)
+    try:
+        pipeline.set_coarse(2, shortlist=n)
+        assert pipeline.index_card == {"index": "exact",
+                                       "coarse": {"dims": 2, "shortlist": n}}
+        full = pipeline.retrieve(tf.constant(queries))
+        for name in ("rows", "valid"):
+            np.testing.assert_array_equal(full[name].numpy(), exact[name].numpy(), name)
+        for name in ("dense", "hybrid", "features"):
+            np.testing.assert_allclose(full[name].numpy(), exact[name].numpy(), rtol=1e-4,
+                                       atol=1e-4, err_msg=name)
+        path = export_search(pipeline, str(tmp_path), num_results=NUM_RESULTS)
+        with open(os.path.join(path, "assets.extra", "tfrec_model.json")) as f:
+            assert json.load(f)["retrieval_index"]["coarse"] == {"dims": 2, "shortlist": n}
+        got = _fresh_answers(path, queries, tmp_path)["result"]
+        assert got["product_ids"] == want["product_ids"].numpy().astype(str).tolist()
+        np.testing.assert_allclose(got["hybrid_scores"], want["hybrid_scores"].numpy(),
+                                   rtol=1e-4, atol=1e-4)
+
+        pipeline.set_coarse(1, shortlist=k)
+        with pipeline.feedback_settings(extra=0):  # else the feedback pool is the shortlist
+            short = pipeline.retrieve(tf.constant(queries))["rows"].numpy()
+        kept = [len(set(a[:k]) & set(b[:k])) for a, b in zip(short, exact["rows"].numpy())]
+        assert 0 < sum(kept) < k * len(kept)  # one component: some of the top lost
+        module = SearchModule(pipeline, num_results=NUM_RESULTS, precision="int8")
+        signature = module.signatures()["serving_default"]
+        assert [v.dtype.name for v in signature.variables if v.shape == (n, 1)] == ["int8"]
+        assert signature(query=tf.constant(queries))["product_ids"].shape == (
+            len(queries), NUM_RESULTS)
+        with pytest.raises(ValueError, match="coarse dims must be an integer in"):
+            pipeline.set_coarse(pipeline.two_tower.dim)
+        with pytest.raises(ValueError, match="shortlist must be an integer >= candidates"):
+            pipeline.set_coarse(1, shortlist=k - 1)
+        with pytest.raises(ValueError, match="set_coarse\\(0\\) before an IVF index"):
+            pipeline.set_index(_ivf_choice(pipeline, 8, nprobe=8))
+    finally:
+        pipeline.set_coarse(0)
+    assert pipeline.index_card == {"index": "exact"}
+
+    products = search_run.data.catalog[["product_id", "title"]]
+    loaded, cfg = load_search_pipeline(search_workdir, products, overrides={
+        "coarse_dims": 2, "coarse_shortlist": 50, "coarse_min_items": 0,
+        "index_target_recall": 0.0})
+    card = loaded.index_card["coarse"]
+    assert card["dims"] == 2 and card["shortlist"] == 50
+    assert card["source"] == "validation queries" and card["tuning_queries"] > 0
+    assert 0 < card["recall_vs_exact"]["2"]["recall@100"] <= 1
+    # A recall target: the width doubles until it is reached (exact search if never).
+    strict = dataclasses.replace(cfg, index_target_recall=0.999)
+    card = index_pipeline(loaded, strict, loaded.tuning_queries)
+    tried = card.get("coarse", card.get("coarse_tried"))["recall_vs_exact"]
+    assert [int(d) for d in tried] == [2 * 2 ** i for i in range(len(tried))]
+    assert all(r["recall@100"] < 0.999 for r in list(tried.values())[:-1])
+    assert (card["coarse"]["dims"] == int(list(tried)[-1]) if "coarse" in card
+            else loaded.coarse_dims == 0 and list(tried.values())[-1]["recall@100"] < 0.999)
+    # The default: no first pass on a catalog below coarse_min_items products.
+    assert index_pipeline(loaded, dataclasses.replace(cfg, coarse_min_items=20_000)) == {
+        "index": "exact"}
+    loaded.set_coarse(2, shortlist=50)
+    loaded.refresh_product_vectors()  # the components follow the vectors
+    np.testing.assert_allclose(
+        loaded.coarse_vectors.numpy(),
+        (loaded.product_vectors.numpy() - loaded.dense_mean.numpy())
+        @ loaded.coarse_basis.numpy(), atol=1e-4)
+    for bad, message in (({"coarse_dims": -1}, "coarse_dims must be an integer >= 0"),
+                         ({"coarse_dims": 2, "coarse_shortlist": 5},
+                          "coarse_shortlist must be an integer >= search.candidates"),
+                         ({"coarse_min_items": -5}, "coarse_min_items must be an integer")):
+        with pytest.raises(ValueError, match=message):
+            index_pipeline(loaded, dataclasses.replace(cfg, **bad))
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(cfg, **bad).check()

@@ -98,6 +98,10 @@ def add_search_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int,
                    help="IVF lists probed per query (default: the run's; 0: tuned on the "
                         "run's validation queries to index_target_recall)")
+    p.add_argument("--coarse-dims", dest="coarse_dims", type=int,
+                   help="exact top-k's first pass on this many principal components, its "
+                        "shortlist re-scored (default: the run's coarse_dims; 0: one exact "
+                        "pass)")
     p.add_argument("--precision", choices=EXPORT_PRECISIONS,
                    help="storage of the exported product vectors (default: the run's "
                         "search.precision)")
@@ -315,8 +319,8 @@ def _index(args: argparse.Namespace) -> int:
 
     run_dir = resolve_search_run(args.run)
     products = read_products(args.catalog)  # bad tables fail before TensorFlow work
-    overrides = {k: getattr(args, k) for k in ("index", "nlist", "nprobe", "precision")
-                 if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("index", "nlist", "nprobe", "coarse_dims",
+                                               "precision") if getattr(args, k) is not None}
     pipeline, cfg = load_search_pipeline(run_dir, products, cache_dir=args.cache_dir,
                                          overrides=overrides)
     workdir = os.path.dirname(os.path.abspath(run_dir))
@@ -331,6 +335,11 @@ def _index(args: argparse.Namespace) -> int:
     how = (f"IVF {card['nlist']} lists, nprobe {card['nprobe']}, recall@100 vs exact "
            f"{card['recall_vs_exact']['recall@100']:.3f} on {card['recall_vs_exact']['source']}"
            if card.get("index") == "ivf" else "exact top-k")
+    if "coarse" in card:
+        coarse = card["coarse"]
+        how += (f", first pass on {coarse['dims']} components, recall@100 vs exact "
+                f"{coarse['recall_vs_exact'][str(coarse['dims'])]['recall@100']:.3f} on "
+                f"{coarse['source']}")
     print(f"indexed {len(products)} products ({how}); exported {path}")
     return 0
 

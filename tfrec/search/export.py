@@ -56,8 +56,9 @@ class SearchModule(SignatureModule):
 
     The product vectors, the part that grows with the catalog (1.5 GB of float32 at 1M
     products x 384), can be stored in bfloat16 or int8 (a float32 scale per product);
-    the graph scores queries against that copy (`QuantizedTable.scores`). So are a word
-    bag query encoder's piece and word tables (a BERT encoder stays float32).
+    the graph scores queries against that copy (`QuantizedTable.scores`). So are a coarse
+    first pass's table (`SearchPipeline.set_coarse`) and a word bag query encoder's piece
+    and word tables (a BERT encoder stays float32).
 
     Args:
       pipeline: trained SearchPipeline (its product vectors current).
@@ -115,8 +116,17 @@ class SearchModule(SignatureModule):
             self.product_categories = pipeline.product_categories
             self.category_names = pipeline.category_names
         self.ivf = pipeline.ivf
-        if pipeline.ivf is not None:
+        if pipeline.ivf is not None or pipeline.coarse_dims:
             self.dense_mean, self.dense_cov = pipeline.dense_mean, pipeline.dense_cov
+        if pipeline.coarse_dims:  # the first pass's table, stored as the product vectors
+            self.coarse_basis = pipeline.coarse_basis
+            self.coarse_vectors = pipeline.coarse_vectors
+            if precision != "float32":
+                self.coarse_vectors = QuantizedTable(pipeline.coarse_vectors.numpy(),
+                                                     precision,
+                                                     name=f"coarse_vectors_{precision}")
+                tables[table_key(pipeline.coarse_vectors)] = self.coarse_vectors
+        if pipeline.ivf is not None:
             self.search_nprobe = tf.function(self._search, autograph=False,
                                              input_signature=[QUERY_SPEC, NPROBE_SPEC])
 

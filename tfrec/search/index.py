@@ -27,9 +27,9 @@ from tfrec.config import set_field
 from tfrec.data.schema import SchemaError
 from tfrec.features.lexical import LexicalIndex
 from tfrec.models.catalog_index import (TuningQueries, check_index_settings, choose_index,
-                                        wants_ivf)
+                                        exact_top_k, wants_ivf)
 from tfrec.search.category import CatalogCategories, QueryCategoryHead
-from tfrec.search.config import SearchConfig
+from tfrec.search.config import SearchConfig, check_coarse
 from tfrec.search.model import SearchTwoTower, catalog_word_ids, query_encoder_of
 from tfrec.search.pipeline import SearchPipeline
 from tfrec.search.ranker import LEGACY_FEATURES, SearchRanker
@@ -96,7 +96,8 @@ def tuning_sample(queries: Sequence[str], seed: int) -> List[str]:
 def index_pipeline(pipeline: SearchPipeline, cfg: SearchConfig,
                    queries: Sequence[str] = ()) -> Dict:
     """Builds the dense retriever's index the config asks for over the current product
-    vectors (exact, or IVF with nprobe tuned on `queries`) and sets it on `pipeline`.
+    vectors (exact, IVF with nprobe tuned on `queries`, or exact with a coarse first pass
+    whose recall vs exact is measured on them) and sets it on `pipeline`.
 
     Args:
       pipeline: product vectors final (refresh drops nothing after this; it refuses).
@@ -113,14 +114,63 @@ def index_pipeline(pipeline: SearchPipeline, cfg: SearchConfig,
     """
     settings = cfg.index_settings()
     check_index_settings(settings)
+    check_coarse(cfg.coarse_dims, cfg.coarse_shortlist, cfg.candidates, cfg.coarse_min_items)
+    pipeline.set_coarse(0)
     pipeline.set_index(None)
+    queries = tuning_sample(queries, cfg.seed)
     if wants_ivf(settings, pipeline.num_products):
-        queries = tuning_sample(queries, cfg.seed)
         tuning = (TuningQueries(query_vectors(pipeline, queries), source="validation queries")
                   if queries else None)
         pipeline.set_index(choose_index(pipeline.product_vectors.numpy(), tuning, settings,
                                         seed=cfg.seed))
+    elif (0 < cfg.coarse_dims < pipeline.two_tower.dim
+          and pipeline.num_products >= max(cfg.coarse_min_items, cfg.coarse_shortlist)):
+        tune_coarse(pipeline, cfg, queries)
     return pipeline.index_card
+
+
+def tune_coarse(pipeline: SearchPipeline, cfg: SearchConfig, queries: Sequence[str]) -> Dict:
+    """Sets the coarse first pass (`SearchPipeline.set_coarse`) at `cfg.coarse_dims`,
+    doubled until its recall@100 against exact search on `queries` reaches
+    `cfg.index_target_recall` (exact search if no width below the vectors' does).
+
+    Returns:
+      The card entry (also `pipeline.index_card["coarse"]`): dims, shortlist, recall
+      by dims tried, the queries measured on (none: the catalog's first 1,000 vectors
+      stand in, and the card says so).
+    """
+    k = min(100, pipeline.num_products)
+    if queries:
+        vectors, source = query_vectors(pipeline, queries), "validation queries"
+    else:
+        vectors = pipeline.product_vectors[:1000].numpy()
+        source = "catalog items (no validation queries)"
+    truth = exact_top_k(vectors, pipeline.product_vectors.numpy(), k)
+    tried, dims = {}, cfg.coarse_dims
+    while dims < pipeline.two_tower.dim:
+        pipeline.set_coarse(dims, cfg.coarse_shortlist)
+        rows = tf.function(lambda q: pipeline.dense_rows(q, k))
+        found = np.concatenate([rows(tf.constant(vectors[i:i + 64])).numpy()
+                                for i in range(0, len(vectors), 64)])
+        tried[str(dims)] = {f"recall@{c}": round(float(np.mean(
+            [len(set(f[:c]) & set(t[:c])) / c for f, t in zip(found, truth)])), 4)
+            for c in sorted({min(10, k), k})}
+        if tried[str(dims)][f"recall@{k}"] >= cfg.index_target_recall:
+            break
+        dims *= 2
+    else:
+        pipeline.set_coarse(0)
+        log.warning("coarse first pass below recall@100 %.3f vs exact at every width tried "
+                    "(%s): exact search", cfg.index_target_recall, tried)
+    card = {"recall_vs_exact": tried, "tuning_queries": len(vectors), "source": source}
+    if pipeline.coarse_dims:
+        log.info("coarse first pass on %d of %d dims, shortlist %d: %s vs exact (%d %s)",
+                 pipeline.coarse_dims, pipeline.two_tower.dim, pipeline.coarse_shortlist,
+                 tried[str(dims)], len(vectors), source)
+        pipeline.index_card["coarse"].update(card)
+    else:
+        pipeline.index_card["coarse_tried"] = card
+    return card
 
 
 def tuned_config(cfg: SearchConfig, pipeline: SearchPipeline) -> SearchConfig:
@@ -306,6 +356,7 @@ def load_search_pipeline(run_dir: str, products: pd.DataFrame,
     for key, value in (overrides or {}).items():
         set_field(cfg, key, value, prefix="search")
     check_index_settings(cfg.index_settings())
+    check_coarse(cfg.coarse_dims, cfg.coarse_shortlist, cfg.candidates, cfg.coarse_min_items)
     with open(os.path.join(model_dir, META_FILE), encoding="utf-8") as f:
         meta = json.load(f)
     titles = products["title"].astype(str).tolist()

@@ -72,7 +72,8 @@ class SearchPipeline(tf.Module):
         (no second pass; the moved query stays close to the first).
 
     A query-category classifier is attached after training with `set_query_categories`,
-    an IVF index over the final product vectors with `set_index`.
+    an IVF index over the final product vectors with `set_index`, a first pass on their
+    principal components with `set_coarse`.
     """
 
     def __init__(self, two_tower: SearchTwoTower, lexical: LexicalIndex,
@@ -122,6 +123,7 @@ class SearchPipeline(tf.Module):
         self.category_filter = 0.0
         self.ivf: Optional[IvfIndex] = None
         self.index_card: Dict = {"index": "exact"}
+        self.coarse_dims, self.coarse_shortlist = 0, 0
         if refresh:
             self.refresh_product_vectors()
 
@@ -189,10 +191,65 @@ class SearchPipeline(tf.Module):
         if len(choice.plan.order) != self.num_products:
             raise ValueError(f"the IVF plan covers {len(choice.plan.order)} products, the "
                              f"pipeline has {self.num_products}")
+        if self.coarse_dims:
+            raise ValueError("set_coarse(0) before an IVF index: the first pass is one or "
+                             "the other")
         self.ivf = IvfIndex(choice.plan, choice.nprobe, catalog_rows=True)
+        self._set_moments()
+
+    def _set_moments(self) -> np.ndarray:
+        """Stores the product vectors' mean and covariance (the dense z-score without a
+        [B, N] pass); returns the covariance."""
         mean, cov = _moments(self.product_vectors)
         self.dense_mean = tf.Variable(mean, trainable=False, name="dense_mean")
         self.dense_cov = tf.Variable(cov, trainable=False, name="dense_cov")
+        return cov
+
+    def set_coarse(self, dims: int, shortlist: int = 1000) -> None:
+        """Dense retrieval in two steps: every product scored on the `dims` leading
+        principal components of the product vectors, then the best `shortlist` of those
+        re-scored with the whole vectors (0 dims: one exact pass).
+
+        The catalog pass reads dims / H of the table (memory-bound at batch 1); ranking
+        by the leading components keeps what separates products. The hybrid's catalog
+        z-score stays exact (from the mean and covariance, as with an IVF index).
+
+        Raises:
+          ValueError: dims outside [0, H), a shortlist below `candidates`, or an IVF
+            index set.
+        """
+        width = int(self.product_vectors.shape[1])
+        if isinstance(dims, bool) or not isinstance(dims, int) or not 0 <= dims < width:
+            raise ValueError(f"coarse dims must be an integer in [0, {width}) (the product "
+                             f"vectors' width; 0: off), got {dims!r}")
+        if dims and self.ivf is not None:
+            raise ValueError("the pipeline has an IVF index; set_index(None) before a "
+                             "coarse first pass")
+        if dims and (isinstance(shortlist, bool) or not isinstance(shortlist, int)
+                     or shortlist < self.candidates):
+            raise ValueError(f"the coarse shortlist must be an integer >= candidates "
+                             f"({self.candidates}), got {shortlist!r}")
+        self.coarse_dims = int(dims)
+        self.coarse_shortlist = int(min(shortlist, self.num_products)) if dims else 0
+        if self.ivf is None:  # an IVF index keeps its card
+            self.index_card = {"index": "exact"}
+        if dims:
+            self._project()
+            self.index_card["coarse"] = {"dims": self.coarse_dims,
+                                         "shortlist": self.coarse_shortlist}
+
+    def _project(self, chunk: int = 65536) -> None:
+        """Fills the coarse basis [H, dims] (top eigenvectors of the covariance) and the
+        catalog's centred coordinates on it [N, dims], a chunk at a time."""
+        cov = self._set_moments()
+        _, eigenvectors = np.linalg.eigh(cov.astype(np.float64))
+        basis = eigenvectors[:, ::-1][:, :self.coarse_dims].astype(np.float32)
+        mean = self.dense_mean.numpy()
+        parts = [(self.product_vectors[s:s + chunk].numpy() - mean) @ basis
+                 for s in range(0, self.num_products, chunk)]
+        self.coarse_basis = tf.Variable(basis, trainable=False, name="coarse_basis")
+        self.coarse_vectors = tf.Variable(np.concatenate(parts), trainable=False,
+                                          name="coarse_vectors")
 
     def refresh_product_vectors(self, batch_size: int = 8192) -> None:
         """Re-embeds the catalog with the two-tower's current weights, a slice at a time
@@ -210,6 +267,8 @@ class SearchPipeline(tf.Module):
             self.product_vectors.scatter_update(tf.IndexedSlices(
                 self.two_tower.product_vectors(rows, training=False), rows))
         dense_reads(self.product_vectors)  # else every exact top-k copies the table
+        if self.coarse_dims:
+            self._project()  # the components of the new vectors
 
     @staticmethod
     def clean_queries(queries: tf.Tensor) -> tf.Tensor:
@@ -267,22 +326,39 @@ class SearchPipeline(tf.Module):
         return fuse_hybrid(dense_z, bm25_z, self.hybrid_weight)
 
     def _dense_top(self, q: tf.Tensor, keep, nprobe: Optional[tf.Tensor],
-                   count: Optional[int] = None):
+                   count: Optional[int] = None, pool: int = 0):
         """Each query's `count` (default `candidates`) best dense scores and rows (-1 /
         -inf past the products found), with fn(rows [B, M], their vectors [B, M, H]) ->
-        their dense scores and catalog z-scores, [B, M] each."""
+        their dense scores and catalog z-scores, [B, M] each; and with `pool` > 0 the
+        same pass's best `pool` (scores, rows [B, P] in any order, their vectors
+        [B, P, H] when the pass gathered them, else None), else None."""
         k = min(count or self.candidates, self.num_products)
+        if self.coarse_dims and self.ivf is None:
+            return self._coarse_top(q, keep, k, pool)
+        width = max(k, min(pool, self.num_products))
         if self.ivf is None:
             dense = table_scores(self.product_vectors, q)  # [B, N]
             candidates = dense
             if keep is not None:
                 candidates = tf.where(keep(tf.range(self.num_products)), dense, -1e9)
-            top, rows = tf.math.top_k(candidates, k)
+            top, rows = tf.math.top_k(candidates, width)
             z = masked_zscore(dense)
-            return top, rows, lambda r, vectors: (tf.gather(dense, r, batch_dims=1),
-                                                  tf.gather(z, r, batch_dims=1))
-        top, rows = self.ivf.search(q, self.product_vectors, k, nprobe, keep=keep)
-        rows = tf.cast(rows, tf.int32)
+
+            def scores(r, vectors):
+                return tf.gather(dense, r, batch_dims=1), tf.gather(z, r, batch_dims=1)
+        else:
+            top, rows = self.ivf.search(q, self.product_vectors, width, nprobe, keep=keep)
+            rows, scores = tf.cast(rows, tf.int32), self._z_of_moments(q)
+        return top[:, :k], rows[:, :k], scores, (top, rows, None) if pool else None
+
+    def dense_rows(self, query_vectors: tf.Tensor, count: int) -> tf.Tensor:
+        """[B, count] catalog rows of the dense retriever's list for query vectors, by the
+        first pass set (exact, IVF at its own nprobe, or coarse; -1 past those found)."""
+        return self._dense_top(query_vectors, None, None, count)[1]
+
+    def _z_of_moments(self, q: tf.Tensor):
+        """fn(rows, vectors) -> dense scores and their catalog z-scores from the stored
+        moments (exact without scoring the catalog)."""
         mean = tf.linalg.matvec(q, self.dense_mean)[:, tf.newaxis]  # [B, 1]
         std = tf.sqrt(tf.reduce_sum(tf.matmul(q, self.dense_cov) * q, axis=1) + 1e-9)
 
@@ -290,7 +366,29 @@ class SearchPipeline(tf.Module):
             dense = tf.reduce_sum(vectors * q[:, tf.newaxis], -1)
             return dense, (dense - mean) / std[:, tf.newaxis]
 
-        return top, rows, scores
+        return scores
+
+    def _coarse_top(self, q: tf.Tensor, keep, k: int, pool: int = 0):
+        """`_dense_top` through the coarse pass (`set_coarse`): the shortlist's exact
+        scores; the pool (best `pool` of the shortlist) keeps its gathered vectors."""
+        coarse = table_scores(self.coarse_vectors, tf.matmul(q, self.coarse_basis))
+        if keep is not None:
+            coarse = tf.where(keep(tf.range(self.num_products)), coarse, -1e9)
+        width = min(max(k, pool, self.coarse_shortlist), self.num_products)
+        _, short = tf.math.top_k(coarse, width)
+        vectors = catalog_rows(self.product_vectors, short)  # [B, S, H]
+        exact = tf.reduce_sum(vectors * q[:, tf.newaxis], -1)
+        if keep is not None:
+            exact = tf.where(keep(short), exact, -1e9)
+        top, order = tf.math.top_k(exact, k)
+        longer = None
+        if pool and min(pool, self.num_products) < width:
+            best, picked = tf.math.top_k(exact, min(pool, self.num_products))
+            longer = (best, tf.gather(short, picked, batch_dims=1),
+                      tf.gather(vectors, picked, batch_dims=1))
+        elif pool:
+            longer = (exact, short, vectors)  # the whole shortlist, unsorted
+        return top, tf.gather(short, order, batch_dims=1), self._z_of_moments(q), longer
 
     def retrieve(self, queries: tf.Tensor, nprobe: Optional[tf.Tensor] = None,
                  extra: Optional[int] = None) -> Dict[str, tf.Tensor]:
@@ -314,14 +412,9 @@ class SearchPipeline(tf.Module):
             probs = self.category_probs(q)
             if self.category_filter > 0:
                 keep = self._category_keep(probs)
-        pool = None
-        if extra > 0 and self.feedback_pool > 0:  # one dense pass, longer
-            dense_top, dense_rows, dense_of = self._dense_top(
-                q, keep, nprobe, max(self.feedback_pool, k))
-            pool = dense_top, dense_rows
-            dense_top, dense_rows = dense_top[:, :k], dense_rows[:, :k]
-        else:
-            dense_top, dense_rows, dense_of = self._dense_top(q, keep, nprobe)
+        # With a feedback pool: one dense pass, longer (its best `feedback_pool` kept).
+        dense_top, dense_rows, dense_of, pool = self._dense_top(
+            q, keep, nprobe, pool=self.feedback_pool if extra > 0 else 0)
         bm25_all = bm25 if keep is None else tf.where(
             keep(tf.range(self.num_products)), bm25, -1e9)
         bm25_top, bm25_rows = tf.math.top_k(bm25_all, k)
@@ -381,25 +474,26 @@ class SearchPipeline(tf.Module):
     def _feedback_rows(self, q: tf.Tensor, rows: tf.Tensor, valid: tf.Tensor,
                        hybrid: tf.Tensor, vectors: tf.Tensor, keep,
                        nprobe: Optional[tf.Tensor], extra: int,
-                       pool: Optional[Tuple[tf.Tensor, tf.Tensor]] = None) -> tf.Tensor:
+                       pool: Optional[Tuple[tf.Tensor, tf.Tensor, Optional[tf.Tensor]]] = None
+                       ) -> tf.Tensor:
         """[B, extra] rows the feedback query ranks highest among products in neither
         list (-1 past those found), by the same exact or IVF search as the first list,
         or among the `pool` products only.
 
         Args:
           rows: [B, C] the union's rows, -1 in invalid slots.
-          pool: the first dense pass's longer list (scores, rows [B, P]); None: search
-            the catalog again.
+          pool: the first dense pass's longer list (scores, rows [B, P], their vectors
+            [B, P, H] or None: gathered here); None: search the catalog again.
         """
         fq = feedback_query(q, feedback_centroid(hybrid, vectors, valid, self.feedback_top))
         width = min(extra + 2 * self.candidates, self.num_products)  # the union is <= 2k
         if pool is None:
-            top, found, _ = self._dense_top(fq, keep, nprobe, width)
+            top, found, _, _ = self._dense_top(fq, keep, nprobe, width)
         else:
-            pool_top, pool_rows = pool
-            scores = tf.reduce_sum(
-                catalog_rows(self.product_vectors, tf.maximum(pool_rows, 0))
-                * fq[:, tf.newaxis], axis=-1)
+            pool_top, pool_rows, pool_vectors = pool
+            if pool_vectors is None:
+                pool_vectors = catalog_rows(self.product_vectors, tf.maximum(pool_rows, 0))
+            scores = tf.reduce_sum(pool_vectors * fq[:, tf.newaxis], axis=-1)
             scores = tf.where(tf.logical_and(pool_rows >= 0, pool_top > -1e8), scores, -1e9)
             top, order = tf.math.top_k(scores, tf.minimum(width, tf.shape(pool_rows)[1]))
             found = tf.gather(pool_rows, order, batch_dims=1)
