@@ -23,7 +23,8 @@ from tfrec.features.quantize import QuantizedTable, check_precision, table_score
 from tfrec.models.ivf import IvfIndex, IvfPlan, build_ivf, default_nlist
 
 __all__ = ["INDEX_KINDS", "IndexChoice", "CatalogIndex", "IndexSearch", "TuningQueries",
-           "check_index_settings", "choose_index", "exact_top_k", "wants_ivf"]
+           "check_index_settings", "choose_index", "exact_top_k", "topk_overlap",
+           "wants_ivf"]
 
 INDEX_KINDS = ("exact", "ivf", "auto")
 NEG_INF = float("-inf")
@@ -97,7 +98,9 @@ def nprobe_ladder(nlist: int) -> list:
     return steps + [nlist]
 
 
-def _overlap(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+def topk_overlap(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean share of each query's true top-k (rows [Q, >= k], -1 ignored) in its found
+    top-k: an index's recall@k against exact search."""
     k = min(k, truth.shape[1])
     hits = [len(set(f[:k]) & set(t[:k]) - {-1}) / max(1, len(set(t[:k]) - {-1}))
             for f, t in zip(found, truth)]
@@ -189,7 +192,7 @@ def choose_index(embeddings: np.ndarray, tuning: Optional[TuningQueries], cfg: E
     candidates = [cfg.nprobe] if cfg.nprobe else nprobe_ladder(nlist)
     for nprobe in candidates:
         found = _search(index, tuning.embeddings, blocked, truth.shape[1], nprobe)[1]
-        ladder[nprobe] = {f"recall@{c}": round(_overlap(found, truth, c), 4)
+        ladder[nprobe] = {f"recall@{c}": round(topk_overlap(found, truth, c), 4)
                           for c in (10, 100) if c <= truth.shape[1]}
         if ladder[nprobe]["recall@100"] >= cfg.index_target_recall:
             break

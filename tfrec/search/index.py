@@ -27,7 +27,7 @@ from tfrec.config import set_field
 from tfrec.data.schema import SchemaError
 from tfrec.features.lexical import LexicalIndex
 from tfrec.models.catalog_index import (TuningQueries, check_index_settings, choose_index,
-                                        exact_top_k, wants_ivf)
+                                        exact_top_k, topk_overlap, wants_ivf)
 from tfrec.search.category import CatalogCategories, QueryCategoryHead
 from tfrec.search.config import SearchConfig, check_coarse
 from tfrec.search.model import SearchTwoTower, catalog_word_ids, query_encoder_of
@@ -152,9 +152,8 @@ def tune_coarse(pipeline: SearchPipeline, cfg: SearchConfig, queries: Sequence[s
         rows = tf.function(lambda q: pipeline.dense_rows(q, k))
         found = np.concatenate([rows(tf.constant(vectors[i:i + 64])).numpy()
                                 for i in range(0, len(vectors), 64)])
-        tried[str(dims)] = {f"recall@{c}": round(float(np.mean(
-            [len(set(f[:c]) & set(t[:c])) / c for f, t in zip(found, truth)])), 4)
-            for c in sorted({min(10, k), k})}
+        tried[str(dims)] = {f"recall@{c}": round(topk_overlap(found, truth, c), 4)
+                            for c in sorted({min(10, k), k})}
         if tried[str(dims)][f"recall@{k}"] >= cfg.index_target_recall:
             break
         dims *= 2
