@@ -1,13 +1,33 @@
 """Shared pytest fixtures."""
 
+import os
+
 import pytest
 
 import tfrec  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any TensorFlow import)
+import tensorflow as tf
 from tfrec.data.synthetic import World, generate_world
 
 from tests.helpers import small_run_config
 
 TINY_SEED = 42
+
+# Grappler rewrites every function graph on its first call; with the suite's tiny models
+# that is about a sixth of an in-process test's time, and no assertion depends on it. The
+# processes the tests start (CLI runs, fresh-process loads, servers) keep it, as a user's
+# would; TFREC_TEST_GRAPPLER=1 keeps it here too; `graph_optimizer` turns it on for a test.
+GRAPPLER = os.environ.get("TFREC_TEST_GRAPPLER") == "1"
+tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not GRAPPLER})
+
+
+@pytest.fixture
+def graph_optimizer():
+    """TensorFlow's graph optimizer on for one test (one that checks a graph rewrite)."""
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not GRAPPLER})
 
 
 @pytest.fixture(scope="session")

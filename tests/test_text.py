@@ -352,8 +352,11 @@ def test_batches_in_flight_give_the_same_vectors_as_one_at_a_time(tiny_encoder):
 
 
 def test_bfloat16_vectors_stay_close_and_the_rewrite_stays_inside_the_encoder(
-        tiny_encoder, tmp_path):
-    """bfloat16 matmuls for frozen text vectors; graphs built afterwards stay float32."""
+        tiny_encoder, tmp_path, graph_optimizer):
+    """bfloat16 matmuls for frozen text vectors; graphs built afterwards stay float32.
+
+    The bfloat16 rewrite is a graph-optimizer pass: on here (off for the rest of the suite).
+    """
     from tfrec.text.embedding import (SentenceEncoder, bfloat16_pays, cached_sentence_vectors,
                                       resolve_precision)
 
