@@ -19,7 +19,7 @@ import pytest
 
 from tfrec.training.cluster import LocalCluster, parse_cluster, tf_config
 
-EPOCHS = 5
+EPOCHS = 3  # the kill lands in epoch 2: one epoch backed up, one or two left to resume
 
 
 def _start(tmp_path, world_dir, run, log_name, *flags):
