@@ -1241,6 +1241,12 @@ def test_search_coarse_first_pass_rescored_exactly(search_run, search_workdir, t
     assert card["dims"] == 2 and card["shortlist"] == 50
     assert card["source"] == "validation queries" and card["tuning_queries"] > 0
     assert 0 < card["recall_vs_exact"]["2"]["recall@100"] <= 1
+    # Below 100 products, recall@100 is of the whole top (`tfrec search index` prints it).
+    small, _ = load_search_pipeline(search_workdir, products.head(60), overrides={
+        "coarse_dims": 2, "coarse_shortlist": 50, "coarse_min_items": 0,
+        "index_target_recall": 0.0})
+    assert sorted(small.index_card["coarse"]["recall_vs_exact"]["2"]) == [
+        "recall@10", "recall@100"]
     # A recall target: the width doubles until it is reached (exact search if never).
     strict = dataclasses.replace(cfg, index_target_recall=0.999)
     card = index_pipeline(loaded, strict, loaded.tuning_queries)
