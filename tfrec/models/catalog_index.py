@@ -23,8 +23,8 @@ from tfrec.features.quantize import QuantizedTable, check_precision, table_score
 from tfrec.models.ivf import IvfIndex, IvfPlan, build_ivf, default_nlist
 
 __all__ = ["INDEX_KINDS", "IndexChoice", "CatalogIndex", "IndexSearch", "TuningQueries",
-           "check_index_settings", "choose_index", "exact_top_k", "topk_overlap",
-           "wants_ivf"]
+           "check_index_settings", "choose_index", "exact_top_k", "recall_vs_exact",
+           "topk_overlap", "wants_ivf"]
 
 INDEX_KINDS = ("exact", "ivf", "auto")
 NEG_INF = float("-inf")
@@ -105,6 +105,12 @@ def topk_overlap(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     hits = [len(set(f[:k]) & set(t[:k]) - {-1}) / max(1, len(set(t[:k]) - {-1}))
             for f, t in zip(found, truth)]
     return float(np.mean(hits))
+
+
+def recall_vs_exact(found: np.ndarray, truth: np.ndarray) -> Dict[str, float]:
+    """recall@10 and recall@100 of `found` against exact search's `truth` (rounded), as
+    index cards record them; below 100 items, of the whole top (what top-100 returns)."""
+    return {f"recall@{k}": round(topk_overlap(found, truth, k), 4) for k in (10, 100)}
 
 
 def _positions(order: np.ndarray) -> np.ndarray:
@@ -192,9 +198,7 @@ def choose_index(embeddings: np.ndarray, tuning: Optional[TuningQueries], cfg: E
     candidates = [cfg.nprobe] if cfg.nprobe else nprobe_ladder(nlist)
     for nprobe in candidates:
         found = _search(index, tuning.embeddings, blocked, truth.shape[1], nprobe)[1]
-        # recall@100 of a catalog below 100 items: of its whole top (what top-100 returns)
-        ladder[nprobe] = {f"recall@{c}": round(topk_overlap(found, truth, c), 4)
-                          for c in (10, 100)}
+        ladder[nprobe] = recall_vs_exact(found, truth)
         if ladder[nprobe]["recall@100"] >= cfg.index_target_recall:
             break
     del index

@@ -27,7 +27,7 @@ from tfrec.config import set_field
 from tfrec.data.schema import SchemaError
 from tfrec.features.lexical import LexicalIndex
 from tfrec.models.catalog_index import (TuningQueries, check_index_settings, choose_index,
-                                        exact_top_k, topk_overlap, wants_ivf)
+                                        exact_top_k, recall_vs_exact, wants_ivf)
 from tfrec.search.category import CatalogCategories, QueryCategoryHead
 from tfrec.search.config import SearchConfig, check_coarse
 from tfrec.search.model import SearchTwoTower, catalog_word_ids, query_encoder_of
@@ -152,9 +152,7 @@ def tune_coarse(pipeline: SearchPipeline, cfg: SearchConfig, queries: Sequence[s
         rows = tf.function(lambda q: pipeline.dense_rows(q, k))
         found = np.concatenate([rows(tf.constant(vectors[i:i + 64])).numpy()
                                 for i in range(0, len(vectors), 64)])
-        # recall@100 of a catalog below 100 products: of its whole top (what top-100 returns)
-        tried[str(dims)] = {f"recall@{c}": round(topk_overlap(found, truth, c), 4)
-                            for c in (10, 100)}
+        tried[str(dims)] = recall_vs_exact(found, truth)
         if tried[str(dims)]["recall@100"] >= cfg.index_target_recall:
             break
         dims *= 2
