@@ -13,7 +13,7 @@ from tests.helpers import small_run_config
 TINY_SEED = 42
 
 # Grappler rewrites every function graph on its first call; with the suite's tiny models
-# that is about a sixth of an in-process test's time, and no assertion depends on it. The
+# that is about a sixth of an in-process test's time; only a test of a rewrite needs it. The
 # processes the tests start (CLI runs, fresh-process loads, servers) keep it, as a user's
 # would; TFREC_TEST_GRAPPLER=1 keeps it here too; `graph_optimizer` turns it on for a test.
 GRAPPLER = os.environ.get("TFREC_TEST_GRAPPLER") == "1"
