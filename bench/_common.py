@@ -3,8 +3,10 @@ the `--smoke` quick mode (tiny settings, data-absent skips, a tiny random BERT).
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,6 +129,16 @@ def run_child(cmd: List[str], env: Dict[str, str], sample_tree: bool = False,
                 "own_peak_mb": peak[1], "child_peak_mb": peak[2],
                 "dir_peak_mb": max(peak[3:], default=0.0),
                 "stdout": out.read().decode()}
+
+
+def work_dir(given: Optional[str], prefix: str) -> str:
+    """The work directory the user gave (kept), or a new temporary one removed when the
+    process exits, so repeated runs do not fill /tmp."""
+    if given:
+        return given
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def dir_mb(path: str) -> float:

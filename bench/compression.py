@@ -73,7 +73,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (dir_mb, format_table, machine_line, parse_smoke_args, ratio,  # noqa: E402
-                     world_config)
+                     work_dir, world_config)
 from _common import first_queries, time_calls, tiny_bert  # noqa: E402
 from tfrec import workflow  # noqa: E402
 from tfrec.features.quantize import PRECISIONS  # noqa: E402
@@ -411,7 +411,7 @@ def home_depot_seeds(args, table: str):
               f"{homedepot_path(args.data_dir)!r}")
         return None
     seeds = [int(x) for x in args.search_seeds.split(",") if x.strip()]
-    return seeds, args.workdir or tempfile.mkdtemp(prefix=f"tfrec-compression-{table}-")
+    return seeds, work_dir(args.workdir, f"tfrec-compression-{table}-")
 
 
 def search_table(args) -> None:

@@ -25,14 +25,14 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 from typing import Dict, List
 
 import tfrec  # noqa: F401  (before TensorFlow: selects tf_keras)
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import format_table, machine_line, parse_smoke_args, ratio, tiny_bert  # noqa: E402
+from _common import (format_table, machine_line, parse_smoke_args, ratio, tiny_bert,  # noqa: E402
+                     work_dir)
 
 from tfrec.search.config import SearchConfig  # noqa: E402
 from tfrec.search.train import (build_pipeline, evaluate_stages, load_search_data,  # noqa: E402
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None)
     args = parse_smoke_args(parser, argv, {"world": "tiny", "langs": "en", "seeds": "0",
                                            "ranker_epochs": 2})
-    workdir = args.workdir or tempfile.mkdtemp(prefix="tfrec-query-category-")
+    workdir = work_dir(args.workdir, "tfrec-query-category-")
     print(machine_line())
     rows: List[List[object]] = []
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

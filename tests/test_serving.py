@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 import uuid
 
@@ -196,9 +195,9 @@ def request_inputs(k=5, hour=9, history=("I001", "I002", ""), batch=1):
 # -- fixtures ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served():
+def served(tmp_path_factory):
     """A server on a free port with version 1 of MODEL, and a client to it."""
-    base = tempfile.mkdtemp(prefix="tfrec-serving-")
+    base = str(tmp_path_factory.mktemp("serving"))
     export_version(os.path.join(base, MODEL), 1, seed=1)
     server = ModelServer({MODEL: os.path.join(base, MODEL)}, port=0, poll_seconds=0.2).start()
     client = PredictClient(server.address, timeout=20.0)
@@ -649,7 +648,7 @@ def test_version_directories_that_are_not_int64_are_ignored(tmp_path):
     assert list_versions(base) == [1, 2] and next_version(base) == 3
 
 
-def test_server_rejects_busy_port(served):
+def test_server_rejects_busy_port(served, tmp_path):
     server, _ = served
     other = ModelServer({MODEL: server.managers[MODEL].base_path}, port=server.port,
                         poll_seconds=0)
@@ -657,7 +656,7 @@ def test_server_rejects_busy_port(served):
         other.start()
     # The port is checked before any model loads: a base path with no version at all
     # still fails on the port, at once.
-    empty = tempfile.mkdtemp(prefix="tfrec-empty-")
+    empty = str(tmp_path)
     late = ModelServer({MODEL: empty}, port=server.port, poll_seconds=0)
     with pytest.raises(OSError, match="cannot bind"):
         late.start()
