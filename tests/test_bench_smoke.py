@@ -214,6 +214,22 @@ def test_every_bench_has_a_smoke_test():
     assert scripts == set(BENCHES)
 
 
+def test_work_dir_keeps_the_given_one_and_removes_its_own_at_exit(tmp_path):
+    """bench/_common.work_dir: a given --workdir stays; a temporary one (~25 MB per
+    compression smoke) is gone once the bench process exits, so runs do not fill /tmp."""
+    script = ("import os, sys; sys.path.insert(0, 'bench'); from _common import work_dir; "
+              "mine = work_dir(None, 'tfrec-work-dir-test-'); "
+              "open(os.path.join(mine, 'f'), 'w').close(); "
+              "print(mine, work_dir(sys.argv[1], 'unused-'))")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    mine, given = proc.stdout.split()
+    assert given == str(tmp_path) and tmp_path.is_dir()
+    assert os.path.basename(mine).startswith("tfrec-work-dir-test-")
+    assert not os.path.exists(mine)
+
+
 @pytest.mark.parametrize("name", sorted(BENCHES))
 def test_bench_smoke(name, smoke_runs):
     expect = BENCHES[name]
