@@ -1249,7 +1249,9 @@ def test_search_coarse_first_pass_rescored_exactly(search_run, search_workdir, t
         "recall@10", "recall@100"]
     # A recall target: the width doubles until it is reached (exact search if never).
     strict = dataclasses.replace(cfg, index_target_recall=0.999)
+    moments = loaded.dense_cov
     card = index_pipeline(loaded, strict, loaded.tuning_queries)
+    assert loaded.dense_cov is moments  # one table's moments serve every width tried
     tried = card.get("coarse", card.get("coarse_tried"))["recall_vs_exact"]
     assert [int(d) for d in tried] == [2 * 2 ** i for i in range(len(tried))]
     assert all(r["recall@100"] < 0.999 for r in list(tried.values())[:-1])
@@ -1258,6 +1260,15 @@ def test_search_coarse_first_pass_rescored_exactly(search_run, search_workdir, t
     # The default: no first pass on a catalog below coarse_min_items products.
     assert index_pipeline(loaded, dataclasses.replace(cfg, coarse_min_items=20_000)) == {
         "index": "exact"}
+    # New product vectors get their own moments (the hybrid's z-score, the components).
+    kernel = loaded.two_tower.product_adapter.kernel
+    kernel.assign(tf.random.stateless_normal(kernel.shape, seed=[1, 2]) * 0.1)
+    loaded.set_coarse(2, shortlist=50)
+    loaded.refresh_product_vectors()
+    vectors = loaded.product_vectors.numpy().astype(np.float64)
+    np.testing.assert_allclose(loaded.dense_mean.numpy(), vectors.mean(0), atol=1e-5)
+    np.testing.assert_allclose(loaded.dense_cov.numpy(), np.cov(vectors.T, bias=True),
+                               atol=1e-5)
     loaded.set_coarse(2, shortlist=50)
     loaded.refresh_product_vectors()  # the components follow the vectors
     np.testing.assert_allclose(

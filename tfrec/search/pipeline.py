@@ -116,6 +116,9 @@ class SearchPipeline(tf.Module):
         self.product_vectors = tf.Variable(
             tf.zeros([self.num_products, two_tower.title_vectors.shape[1]]), trainable=False,
             name="product_vectors")
+        # Whether dense_mean / dense_cov describe the current product vectors: index tuning
+        # sets several coarse widths or IVF plans on one table, each needing the moments.
+        self._moments_current = False
         self.title_terms = tf.Variable(lexical.document_terms(), trainable=False,
                                        name="title_terms")
         self.dense_corrections = bool(dense_corrections)
@@ -199,10 +202,13 @@ class SearchPipeline(tf.Module):
 
     def _set_moments(self) -> np.ndarray:
         """Stores the product vectors' mean and covariance (the dense z-score without a
-        [B, N] pass); returns the covariance."""
+        [B, N] pass), once per product table; returns the covariance."""
+        if self._moments_current:
+            return self.dense_cov.numpy()
         mean, cov = _moments(self.product_vectors)
         self.dense_mean = tf.Variable(mean, trainable=False, name="dense_mean")
         self.dense_cov = tf.Variable(cov, trainable=False, name="dense_cov")
+        self._moments_current = True
         return cov
 
     def set_coarse(self, dims: int, shortlist: int = 1000) -> None:
@@ -261,6 +267,7 @@ class SearchPipeline(tf.Module):
         if self.ivf is not None:
             raise ValueError("the IVF index was built on the current product vectors; "
                              "set_index(None) before refreshing them, then index again")
+        self._moments_current = False
         for start in range(0, self.num_products, batch_size):
             rows = tf.range(start, min(start + batch_size, self.num_products))
             # scatter_update, not a slice assign: distributed (mirrored) variables take it.
