@@ -34,8 +34,9 @@ Distillation task (Home Depot, same data): per seed, the full search pipeline tr
 (`train_search`, MiniLM query tower fine-tuned: the teacher) and distilled into a
 --student-layers student (`tfrec.search.distill`); rows teacher / student: test NDCG@10
 of the two-tower, hybrid and two-tower+ranker stages, the share of the teacher's gain over
-BM25 the student keeps, and batch-1 ms of the query tower (query vector + catalog top-100)
-and of the whole `search` call, with the student/teacher ratio. Then teacher and students
+BM25 the student keeps, and batch-1 ms of the query tower (query vector + catalog top-100
+by the pipeline's first pass: exact, coarse or IVF) and of the whole `search` call, with
+the student/teacher ratio. Then teacher and students
 as search SavedModels with the product vectors stored in each --search-precisions
 (`search.precision`): test NDCG@10 / Recall@100 of the loaded signature's lists, top-10
 overlap with the same model's float32 export, size on disk, fresh-process RSS, batch-1

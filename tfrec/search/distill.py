@@ -167,11 +167,10 @@ def _side(pipeline: SearchPipeline, split, row_of, timed: Sequence[str]) -> Dict
 
 
 def query_latency_ms(pipeline: SearchPipeline, queries: Sequence[str]) -> Dict[str, float]:
-    """Median batch-1 ms of the query tower (vectors + catalog top-100) and of `search`."""
+    """Median batch-1 ms of the query tower (vectors + the catalog top-100 by the first
+    pass `search` uses: exact, coarse or IVF) and of `search`."""
     fns = {"query_tower": tf.function(
-               lambda q: tf.math.top_k(tf.matmul(pipeline.query_vectors(q),
-                                                 pipeline.product_vectors,
-                                                 transpose_b=True), 100)),
+               lambda q: pipeline.dense_rows(pipeline.query_vectors(q), 100)),
            "search": tf.function(lambda q: pipeline.search(q, 10))}
     return batch1_latency_ms(fns, queries)
 
