@@ -405,7 +405,7 @@ def test_cli_search_train_prints_the_table_and_exports(tiny_encoder, search_run,
         feedback[1]), out
     assert card["feedback"]["extra"] == card["config"]["feedback_extra"] == int(
         feedback[2]), out
-    assert card["feedback"]["pool"] == card["config"]["feedback_pool"] == 1000
+    assert card["feedback"]["pool"] == card["config"]["feedback_pool"] == 500
     assert glob.glob(str(tmp_path / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
 
 
@@ -1013,7 +1013,8 @@ def test_search_warm_start_grows_vocabularies(search_run, search_workdir, tiny_e
 
     world = generate_world("tiny", seed=7)
     judgments = judgments_from_events(world.events, world.catalog)
-    cfg = _tiny_config(tiny_encoder)
+    # The session run covers the cross-fitting and the feedback grid.
+    cfg = _tiny_config(tiny_encoder, ranker_folds=0, feedback_extras=())
     cfg.seed = 7
     data = SearchData(judgments, product_catalog(judgments),
                       split_by_query(judgments, cfg.split, seed=cfg.seed))

@@ -167,8 +167,8 @@ class SearchConfig:
     feedback_extras: Tuple[int, ...] = (0, 10, 25, 50)
     # Where the feedback query finds them: 0, a second pass over the catalog (or index);
     # N > candidates, the first dense pass's top N only (one catalog pass per query; at
-    # 1,000 the same Home Depot validation NDCG@10 / Recall@100 as the second pass).
-    feedback_pool: int = 1000
+    # 500-1,000 the same Home Depot validation NDCG@10 / Recall@100 as the second pass).
+    feedback_pool: int = 500
     speller: bool = True  # correct words the catalog never uses (added to the BM25 query)
     # The speller also splits fused words into two catalog words ("lawnmower") and joins
     # typed pairs the catalog writes as one ("out door" -> "outdoor").
@@ -207,10 +207,10 @@ class SearchConfig:
     # > 0 (from coarse_min_items products; an IVF index replaces it): the dense pass scores
     # the catalog on this many leading principal components of the product vectors (doubled
     # until recall@100 vs exact on validation queries reaches index_target_recall), then
-    # re-scores its best `coarse_shortlist` with the whole vectors (Home Depot: 0.995 at 96
-    # of MiniLM's 384, the same validation NDCG@10; 0: one exact pass).
+    # re-scores its best `coarse_shortlist` with the whole vectors (Home Depot: 0.984-0.987
+    # at 96 of MiniLM's 384 and 500, the same validation NDCG@10; 0: one exact pass).
     coarse_dims: int = 96
-    coarse_shortlist: int = 1000
+    coarse_shortlist: int = 500
     coarse_min_items: int = 20_000
     # Storage of the exported product vectors (and a word bag student's tables),
     # EXPORT_PRECISIONS: float32 | bfloat16 (half the bytes, scored in bfloat16) | int8

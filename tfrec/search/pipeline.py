@@ -211,7 +211,7 @@ class SearchPipeline(tf.Module):
         self._moments_current = True
         return cov
 
-    def set_coarse(self, dims: int, shortlist: int = 1000) -> None:
+    def set_coarse(self, dims: int, shortlist: int = 500) -> None:
         """Dense retrieval in two steps: every product scored on the `dims` leading
         principal components of the product vectors, then the best `shortlist` of those
         re-scored with the whole vectors (0 dims: one exact pass).
