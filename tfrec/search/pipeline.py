@@ -23,7 +23,8 @@ from tfrec.models.catalog_index import IndexChoice
 from tfrec.models.ivf import IvfIndex
 from tfrec.models.lists import masked_zscore
 from tfrec.search.category import QueryCategoryHead
-from tfrec.search.config import check_feedback, check_feedback_pool, check_hybrid_weights
+from tfrec.search.config import (SearchConfig, check_feedback, check_feedback_pool,
+                                 check_hybrid_weights)
 from tfrec.search.feedback import feedback_centroid, feedback_query, feedback_scores
 from tfrec.search.model import SearchTwoTower
 from tfrec.search.ranker import FEATURES, LEGACY_FEATURES, SearchRanker, candidate_features
@@ -211,7 +212,7 @@ class SearchPipeline(tf.Module):
         self._moments_current = True
         return cov
 
-    def set_coarse(self, dims: int, shortlist: int = 500) -> None:
+    def set_coarse(self, dims: int, shortlist: int = SearchConfig.coarse_shortlist) -> None:
         """Dense retrieval in two steps: every product scored on the `dims` leading
         principal components of the product vectors, then the best `shortlist` of those
         re-scored with the whole vectors (0 dims: one exact pass).
